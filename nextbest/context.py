@@ -1,0 +1,424 @@
+"""The customer context: what is known about a customer at decision time.
+
+Two forms, one meaning:
+
+* :class:`CustomerContext` (pydantic) is what a caller sends for one customer; it is validated
+  field by field (``age`` in 0..120, ``aum_cny`` not negative, channel names that exist ...).
+* :class:`ContextBatch` is the columnar form of N customers at one instant ``now``: one numpy
+  array per column of :data:`CONTEXT_COLUMNS`. The rule engine and the feature encoder read
+  only this form; the simulator builds it directly from its state arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from functools import lru_cache
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from nextbest.catalog import ActionCatalog
+
+RISK_TOLERANCES = ("C1", "C2", "C3", "C4", "C5")
+INCOME_BANDS = ("low", "middle", "high", "very_high")
+LIFECYCLE_STAGES = ("new", "growth", "mature", "decline")
+DEFAULT_TIMEZONE = "Asia/Shanghai"
+
+
+class ContactHistory(BaseModel):
+    """Summary of recent contacts with the customer, per channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contacts_7d: dict[str, int] = Field(default_factory=dict)
+    """Contacts per channel over the last 7 days (channels not listed: 0)."""
+    contacts_30d: dict[str, int] = Field(default_factory=dict)
+    """Contacts per channel over the last 30 days (channels not listed: 0)."""
+    last_contact_at: datetime | None = None
+    """Time of the last contact on any channel (timezone-aware), None if never contacted."""
+
+    @field_validator("contacts_7d", "contacts_30d")
+    @classmethod
+    def _counts(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        for channel, count in value.items():
+            if count < 0:
+                raise ValueError(f"count for {channel!r} must not be negative, got {count}")
+        _check_channels(value.keys(), info)
+        return value
+
+    @field_validator("last_contact_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return _require_aware(value)
+
+    @model_validator(mode="after")
+    def _windows(self) -> ContactHistory:
+        for channel, count in self.contacts_7d.items():
+            if count > self.contacts_30d.get(channel, 0):
+                raise ValueError(
+                    f"contacts_7d[{channel!r}]={count} exceeds contacts_30d "
+                    f"({self.contacts_30d.get(channel, 0)}): the 7-day window is inside the 30-day one"
+                )
+        return self
+
+
+class BehaviourEvents(BaseModel):
+    """Recent behaviour signals that trigger or shape marketing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mortgage_page_views_7d: int = Field(default=0, ge=0)
+    """Views of the mortgage page in the last 7 days."""
+    days_to_product_maturity: int | None = Field(default=None, ge=0)
+    """Days until a held product matures (None: nothing maturing)."""
+    days_since_last_login: int | None = Field(default=None, ge=0)
+    """Days since the last app login (None: never logged in)."""
+
+
+class CustomerContext(BaseModel):
+    """One customer at decision time.
+
+    Channel and offer names are checked against the catalogue when one is passed in the
+    validation context (``model_validate(data, context={"catalog": catalog})``), as
+    :func:`parse_customer` does.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: str = Field(min_length=1, max_length=128)
+    """The bank's customer identifier; pseudonymised before anything is logged."""
+    age: int = Field(ge=0, le=120)
+    aum_cny: float = Field(ge=0, allow_inf_nan=False)
+    """Assets under management, CNY."""
+    income_band: Literal["low", "middle", "high", "very_high"]
+    risk_tolerance: Literal["C1", "C2", "C3", "C4", "C5"] | None = None
+    """Assessed risk tolerance, None if never assessed."""
+    risk_assessed_on: date | None = None
+    """Date of the risk assessment; required with ``risk_tolerance``."""
+    lifecycle_stage: Literal["new", "growth", "mature", "decline"]
+    tenure_months: int = Field(ge=0, le=1500)
+    app_logins_30d: int = Field(ge=0, le=10_000)
+    holdings: list[str] = Field(default_factory=list)
+    """Offer names the customer already holds."""
+    consented_channels: list[str] = Field(default_factory=list)
+    """Channels the customer has consented to be contacted on (PIPL)."""
+    opt_outs: list[str] = Field(default_factory=list)
+    """Channels the customer has opted out of (honoured at once)."""
+    opted_out_all: bool = False
+    """The customer opted out of all marketing."""
+    litigation: bool = False
+    dishonest_debtor: bool = False
+    last_complaint_at: datetime | None = None
+    contact_history: ContactHistory = Field(default_factory=ContactHistory)
+    timezone: str = DEFAULT_TIMEZONE
+    """IANA time zone of the customer (quiet hours and timing are in local time)."""
+    events: BehaviourEvents = Field(default_factory=BehaviourEvents)
+
+    @field_validator("consented_channels", "opt_outs")
+    @classmethod
+    def _channels(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        _check_channels(value, info)
+        return value
+
+    @field_validator("holdings")
+    @classmethod
+    def _offers(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        catalog = (info.context or {}).get("catalog")
+        if catalog is not None:
+            unknown = [o for o in value if o not in catalog.offer_names]
+            if unknown:
+                raise ValueError(f"unknown offer {unknown[0]!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        _zone(value)
+        return value
+
+    @field_validator("last_complaint_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return _require_aware(value)
+
+    @model_validator(mode="after")
+    def _assessment(self) -> CustomerContext:
+        if self.risk_tolerance is not None and self.risk_assessed_on is None:
+            raise ValueError("risk_assessed_on is required when risk_tolerance is set")
+        if self.risk_tolerance is None and self.risk_assessed_on is not None:
+            raise ValueError("risk_assessed_on is given but risk_tolerance is missing")
+        return self
+
+
+def _check_channels(names: Any, info: ValidationInfo) -> None:
+    catalog = (info.context or {}).get("catalog")
+    if catalog is None:
+        return
+    unknown = [c for c in names if c not in catalog.channel_names]
+    if unknown:
+        raise ValueError(f"unknown channel {unknown[0]!r}; known: {list(catalog.channel_names)}")
+
+
+def _require_aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError("must include a time zone offset (for example 2026-01-31T09:00:00+08:00)")
+    return value
+
+
+@lru_cache(maxsize=1024)
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+def parse_customer(data: Mapping[str, Any], catalog: ActionCatalog) -> CustomerContext:
+    """Validate a raw mapping as a :class:`CustomerContext`, names checked against ``catalog``.
+
+    Raises
+    ------
+    pydantic.ValidationError
+        With one entry per offending field.
+    """
+    return CustomerContext.model_validate(data, context={"catalog": catalog})
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnSpec:
+    """One column of a :class:`ContextBatch`."""
+
+    dtype: type
+    axis: Literal["scalar", "channel", "offer"]
+    """``scalar``: shape (N,); ``channel``: (N, n_channels); ``offer``: (N, n_offers)."""
+    description: str
+
+
+CONTEXT_COLUMNS: dict[str, ColumnSpec] = {
+    "age": ColumnSpec(np.float32, "scalar", "age in years"),
+    "aum_cny": ColumnSpec(np.float64, "scalar", "assets under management, CNY"),
+    "income_band": ColumnSpec(np.int8, "scalar", "index into INCOME_BANDS"),
+    "risk_tolerance": ColumnSpec(np.int8, "scalar", "1..5 for C1..C5, 0 if never assessed"),
+    "risk_assessment_age_days": ColumnSpec(
+        np.float32, "scalar", "days since the risk assessment, inf if never assessed"
+    ),
+    "lifecycle_stage": ColumnSpec(np.int8, "scalar", "index into LIFECYCLE_STAGES"),
+    "tenure_months": ColumnSpec(np.float32, "scalar", "months since the customer joined"),
+    "app_logins_30d": ColumnSpec(np.float32, "scalar", "app logins over the last 30 days"),
+    "litigation": ColumnSpec(np.bool_, "scalar", "customer is in litigation"),
+    "dishonest_debtor": ColumnSpec(np.bool_, "scalar", "customer is on the dishonest-debtor list"),
+    "opted_out_all": ColumnSpec(np.bool_, "scalar", "customer opted out of all marketing"),
+    "days_since_complaint": ColumnSpec(
+        np.float32, "scalar", "days since last complaint, inf if none"
+    ),
+    "hours_since_last_contact": ColumnSpec(
+        np.float32, "scalar", "hours since the last contact on any channel, inf if none"
+    ),
+    "local_hour": ColumnSpec(np.int8, "scalar", "hour of day 0..23 in the customer's time zone"),
+    "local_weekday": ColumnSpec(
+        np.int8, "scalar", "weekday 0=Monday..6 in the customer's time zone"
+    ),
+    "mortgage_page_views_7d": ColumnSpec(np.float32, "scalar", "mortgage-page views, last 7 days"),
+    "days_to_product_maturity": ColumnSpec(
+        np.float32, "scalar", "days until a held product matures, inf if none"
+    ),
+    "days_since_last_login": ColumnSpec(
+        np.float32, "scalar", "days since last app login, inf if never"
+    ),
+    "contacts_7d_total": ColumnSpec(np.float32, "scalar", "contacts on all channels, last 7 days"),
+    "contacts_30d_total": ColumnSpec(
+        np.float32, "scalar", "contacts on all channels, last 30 days"
+    ),
+    "consent": ColumnSpec(np.bool_, "channel", "customer consented to the channel"),
+    "opt_out": ColumnSpec(np.bool_, "channel", "customer opted out of the channel"),
+    "contacts_7d": ColumnSpec(np.float32, "channel", "contacts on the channel, last 7 days"),
+    "contacts_30d": ColumnSpec(np.float32, "channel", "contacts on the channel, last 30 days"),
+    "holds": ColumnSpec(np.bool_, "offer", "customer holds the offer's product"),
+}
+"""The columns of a :class:`ContextBatch`; compliance rules may name the scalar and channel ones."""
+
+
+class ContextBatch:
+    """N customers at one instant, as columns (see :data:`CONTEXT_COLUMNS` for names and shapes).
+
+    Construct with :meth:`from_columns` (arrays) or :meth:`from_contexts` (pydantic contexts).
+    Arrays are read-only views; the batch is immutable.
+    """
+
+    __slots__ = ("_columns", "n", "n_channels", "n_offers")
+
+    def __init__(self, columns: dict[str, np.ndarray], n_channels: int, n_offers: int) -> None:
+        self._columns = columns
+        self.n_channels = n_channels
+        self.n_offers = n_offers
+        self.n = len(columns["age"])
+
+    @classmethod
+    def from_columns(cls, catalog: ActionCatalog, **columns: np.ndarray) -> ContextBatch:
+        """Build a batch from arrays, checking names, shapes and values.
+
+        Raises
+        ------
+        ValueError
+            For a missing or unknown column, a wrong shape, or an impossible value
+            (negative AUM, age outside 0..120, risk tolerance outside 0..5, hours outside 0..23).
+        """
+        missing = [name for name in CONTEXT_COLUMNS if name not in columns]
+        if missing:
+            raise ValueError(f"ContextBatch: missing column(s) {missing}")
+        unknown = [name for name in columns if name not in CONTEXT_COLUMNS]
+        if unknown:
+            raise ValueError(f"ContextBatch: unknown column(s) {unknown}")
+        n = len(np.asarray(columns["age"]))
+        width = {"scalar": None, "channel": catalog.n_channels, "offer": catalog.n_offers}
+        out: dict[str, np.ndarray] = {}
+        for name, spec in CONTEXT_COLUMNS.items():
+            arr = np.ascontiguousarray(columns[name], dtype=spec.dtype)
+            expected = (n,) if width[spec.axis] is None else (n, width[spec.axis])
+            if arr.shape != expected:
+                raise ValueError(
+                    f"ContextBatch: column {name!r} has shape {arr.shape}, expected {expected}"
+                )
+            arr.flags.writeable = False
+            out[name] = arr
+        _check_ranges(out)
+        return cls(out, catalog.n_channels, catalog.n_offers)
+
+    @classmethod
+    def from_contexts(
+        cls, contexts: Sequence[CustomerContext], catalog: ActionCatalog, now: datetime
+    ) -> ContextBatch:
+        """Columnar form of validated contexts at instant ``now`` (timezone-aware).
+
+        Raises
+        ------
+        ValueError
+            If ``now`` has no time zone, or a context names a channel or offer the catalogue
+            does not have.
+        """
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        n = len(contexts)
+        ch = {name: i for i, name in enumerate(catalog.channel_names)}
+        of = {name: i for i, name in enumerate(catalog.offer_names)}
+        cols: dict[str, np.ndarray] = {
+            name: np.zeros(
+                (n,)
+                if s.axis == "scalar"
+                else (n, catalog.n_channels if s.axis == "channel" else catalog.n_offers),
+                s.dtype,
+            )
+            for name, s in CONTEXT_COLUMNS.items()
+        }
+        now_utc = now.astimezone(UTC)
+        for i, c in enumerate(contexts):
+            local = now_utc.astimezone(_zone(c.timezone))
+            cols["age"][i] = c.age
+            cols["aum_cny"][i] = c.aum_cny
+            cols["income_band"][i] = INCOME_BANDS.index(c.income_band)
+            if c.risk_tolerance is not None and c.risk_assessed_on is not None:
+                cols["risk_tolerance"][i] = RISK_TOLERANCES.index(c.risk_tolerance) + 1
+                cols["risk_assessment_age_days"][i] = (local.date() - c.risk_assessed_on).days
+            else:
+                cols["risk_assessment_age_days"][i] = np.inf
+            cols["lifecycle_stage"][i] = LIFECYCLE_STAGES.index(c.lifecycle_stage)
+            cols["tenure_months"][i] = c.tenure_months
+            cols["app_logins_30d"][i] = c.app_logins_30d
+            cols["litigation"][i] = c.litigation
+            cols["dishonest_debtor"][i] = c.dishonest_debtor
+            cols["opted_out_all"][i] = c.opted_out_all
+            cols["days_since_complaint"][i] = _elapsed(now_utc, c.last_complaint_at, 86400.0)
+            history = c.contact_history
+            cols["hours_since_last_contact"][i] = _elapsed(now_utc, history.last_contact_at, 3600.0)
+            cols["local_hour"][i] = local.hour
+            cols["local_weekday"][i] = local.weekday()
+            ev = c.events
+            cols["mortgage_page_views_7d"][i] = ev.mortgage_page_views_7d
+            cols["days_to_product_maturity"][i] = (
+                np.inf if ev.days_to_product_maturity is None else ev.days_to_product_maturity
+            )
+            cols["days_since_last_login"][i] = (
+                np.inf if ev.days_since_last_login is None else ev.days_since_last_login
+            )
+            try:
+                for name in c.consented_channels:
+                    cols["consent"][i, ch[name]] = True
+                for name in c.opt_outs:
+                    cols["opt_out"][i, ch[name]] = True
+                for name, count in history.contacts_7d.items():
+                    cols["contacts_7d"][i, ch[name]] = count
+                for name, count in history.contacts_30d.items():
+                    cols["contacts_30d"][i, ch[name]] = count
+                for name in c.holdings:
+                    cols["holds"][i, of[name]] = True
+            except KeyError as exc:
+                raise ValueError(f"context {i}: unknown channel or offer {exc.args[0]!r}") from None
+        cols["contacts_7d_total"] = cols["contacts_7d"].sum(axis=1)
+        cols["contacts_30d_total"] = cols["contacts_30d"].sum(axis=1)
+        return cls.from_columns(catalog, **cols)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._columns[name]
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        """All columns (read-only arrays), by name."""
+        return dict(self._columns)
+
+    def take(self, index: np.ndarray | Sequence[int] | slice) -> ContextBatch:
+        """The sub-batch of the given customers (rows)."""
+        cols = {name: np.ascontiguousarray(arr[index]) for name, arr in self._columns.items()}
+        for arr in cols.values():
+            arr.flags.writeable = False
+        return ContextBatch(cols, self.n_channels, self.n_offers)
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Customer ``i`` as plain Python values: floats/ints/bools, tuples for per-channel
+        and per-offer columns. This is the input of the single-customer rule path."""
+        out: dict[str, Any] = {}
+        for name, arr in self._columns.items():
+            value = arr[i]
+            out[name] = tuple(value.tolist()) if value.ndim else value.item()
+        return out
+
+
+def _elapsed(now_utc: datetime, then: datetime | None, unit_s: float) -> float:
+    if then is None:
+        return float("inf")
+    return max(0.0, (now_utc - then).total_seconds() / unit_s)
+
+
+def _check_ranges(cols: dict[str, np.ndarray]) -> None:
+    checks = [
+        ("age", 0, 120),
+        ("aum_cny", 0, np.inf),
+        ("risk_tolerance", 0, 5),
+        ("income_band", 0, len(INCOME_BANDS) - 1),
+        ("lifecycle_stage", 0, len(LIFECYCLE_STAGES) - 1),
+        ("local_hour", 0, 23),
+        ("local_weekday", 0, 6),
+        ("contacts_7d", 0, np.inf),
+        ("contacts_30d", 0, np.inf),
+        ("hours_since_last_contact", 0, np.inf),
+        ("days_since_complaint", 0, np.inf),
+        ("risk_assessment_age_days", 0, np.inf),
+    ]
+    for name, lo, hi in checks:
+        arr = cols[name]
+        if arr.size == 0:
+            continue
+        bad = np.isnan(arr) if arr.dtype.kind == "f" else np.zeros(arr.shape, bool)
+        bad |= (arr < lo) | (arr > hi)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            raise ValueError(
+                f"ContextBatch: column {name!r} has value {arr[tuple(where)]!r} at {where.tolist()}, "
+                f"outside [{lo}, {hi}]"
+            )
