@@ -24,8 +24,8 @@ def random_context_batch(catalog: ActionCatalog, n: int, rng: np.random.Generato
         The only source of randomness.
     """
     c, o = catalog.n_channels, catalog.n_offers
-    contacts_30d = rng.poisson(1.2, (n, c)).astype(np.float32)
-    contacts_7d = np.minimum(rng.poisson(0.6, (n, c)), contacts_30d).astype(np.float32)
+    contacts_30d = rng.poisson(0.7, (n, c)).astype(np.float32)
+    contacts_7d = np.minimum(rng.poisson(0.3, (n, c)), contacts_30d).astype(np.float32)
     assessed = rng.random(n) < 0.8
     risk = np.where(assessed, rng.integers(1, 6, n), 0)
     assessment_age = np.where(assessed, rng.integers(0, 500, n), np.inf)

@@ -76,6 +76,11 @@ class Condition:
         """Whether the condition holds, shape ``(n_keys, n_actions)`` bool."""
         raise NotImplementedError
 
+    def scaled_key_fn(self, stride: int) -> Callable[[dict[str, Any]], int]:
+        """``row -> stride * key_of(row)`` as one fast closure (the single-customer path)."""
+        key_of = self.key_of
+        return lambda row: stride * key_of(row)
+
     def holds(self, row: dict[str, Any], action_id: int) -> bool:
         """Reference semantics for one customer and one action."""
         raise NotImplementedError
@@ -128,6 +133,13 @@ class CustomerCondition(Condition):
     def holds(self, row: dict[str, Any], action_id: int) -> bool:
         return bool(compare(self.op, row[self.column], self.value))
 
+    def scaled_key_fn(self, stride: int) -> Callable[[dict[str, Any]], int]:
+        column, value = self.column, self.value
+        if self.op in ORDERING_OPS:
+            fn = ORDERING_OPS[self.op]
+            return lambda row: stride if fn(row[column], value) else 0
+        return super().scaled_key_fn(stride)
+
 
 @dataclass(eq=False)
 class ChannelCondition(Condition):
@@ -163,6 +175,13 @@ class ChannelCondition(Condition):
             if fn(left, right):
                 key |= 1 << c
         return key
+
+    def scaled_key_fn(self, stride: int) -> Callable[[dict[str, Any]], int]:
+        fn, column = ORDERING_OPS[self.op], self.column
+        scaled = tuple((right, stride << c) for c, right in enumerate(self.per_channel))
+        return lambda row: sum(
+            bit for left, (right, bit) in zip(row[column], scaled, strict=True) if fn(left, right)
+        )
 
     def table(self) -> np.ndarray:
         keys = np.arange(self.n_keys)[:, None]
@@ -255,6 +274,9 @@ class ContactHourCondition(Condition):
 
     def key_of(self, row: dict[str, Any]) -> int:
         return int(row["local_hour"])
+
+    def scaled_key_fn(self, stride: int) -> Callable[[dict[str, Any]], int]:
+        return lambda row: stride * row["local_hour"]
 
     def _holds_at(self, local_hour: int, hours: tuple[int, ...] | None) -> bool:
         if hours is None:

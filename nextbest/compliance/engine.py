@@ -105,6 +105,17 @@ class RuleEngine:
         self._groups = self._build_groups(self._compiled)
         codes = [np.where(c.table, c.rule.index, ALLOWED).astype(np.uint8) for c in self._compiled]
         self._offsets = np.cumsum([0] + [c.n_keys for c in self._compiled])[:-1].tolist()
+        self._row_plan = [
+            (
+                offset,
+                [
+                    cond.scaled_key_fn(stride)
+                    for cond, stride in zip(c.rule.conditions, c.strides, strict=True)
+                    if cond.n_keys > 1
+                ],
+            )
+            for offset, c in zip(self._offsets, self._compiled, strict=True)
+        ]
         self._stacked = (
             np.concatenate(codes, axis=0)
             if codes

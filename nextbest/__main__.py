@@ -1,0 +1,5 @@
+"""``python -m nextbest``: the command line."""
+
+from nextbest.cli import main
+
+main()

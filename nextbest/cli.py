@@ -1,0 +1,172 @@
+"""The ``nextbest`` command line: the one module that wires the rooms together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nextbest.catalog import DEFAULT_CATALOG_DIR, ActionCatalog, load_catalog
+from nextbest.compliance import DEFAULT_RULES_PATH, RuleEngine, RuleSet, load_rules
+from nextbest.config_loading import ConfigError
+from nextbest.features import ContextEncoder
+from nextbest.segments import VALUE_TIERS, value_tier
+from nextbest.synthetic import random_context_batch
+
+app = typer.Typer(
+    name="nextbest",
+    help="Next-best-action for retail-bank marketing: channel, offer and timing under compliance.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+CatalogOption = Annotated[
+    Path, typer.Option("--catalog", help="Directory with channels.yaml, offers.yaml, timing.yaml.")
+]
+RulesOption = Annotated[Path, typer.Option("--rules", help="Compliance rule-set YAML file.")]
+
+
+def _load(catalog_dir: Path, rules_path: Path) -> tuple[ActionCatalog, RuleSet]:
+    try:
+        catalog = load_catalog(catalog_dir)
+        return catalog, load_rules(rules_path, catalog)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/] {exc}")
+        raise typer.Exit(code=2) from None
+
+
+@app.command()
+def check(
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+    rules_path: RulesOption = DEFAULT_RULES_PATH,
+) -> None:
+    """Validate the catalogue and rule set; print their versions (exit 2 on a bad config)."""
+    catalog, ruleset = _load(catalog_dir, rules_path)
+    RuleEngine(ruleset)
+    encoder = ContextEncoder(catalog)
+    console.print(f"catalogue  {catalog.n_actions} actions, version {catalog.version}")
+    console.print(f"rule set   {ruleset.name!r}, {len(ruleset)} rules, version {ruleset.version}")
+    console.print(f"features   {encoder.n_features} context features, spec {encoder.spec.version}")
+
+
+@app.command()
+def catalog(
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+) -> None:
+    """Print the action catalogue: offers with their risk level, eligibility and channels."""
+    try:
+        cat = load_catalog(catalog_dir)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/] {exc}")
+        raise typer.Exit(code=2) from None
+    table = Table(title=f"{cat.n_actions} actions (catalogue {cat.version})")
+    for col in ("offer", "family", "risk", "min AUM", "ages", "value CNY", "channels", "ids"):
+        table.add_column(col)
+    for i, offer in enumerate(cat.offers):
+        ids = np.flatnonzero(cat.offer_index == i)
+        table.add_row(
+            offer.name,
+            offer.family,
+            f"R{offer.risk_level}" if offer.risk_level else "-",
+            f"{offer.min_aum_cny:,.0f}",
+            f"{offer.min_age}-{offer.max_age}",
+            f"{offer.value_cny:,.0f}",
+            ", ".join(offer.channels),
+            f"{ids.min()}-{ids.max()}",
+        )
+    console.print(table)
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(min=1, help="Sample population size.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed of the sample population.")] = 7,
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+    rules_path: RulesOption = DEFAULT_RULES_PATH,
+) -> None:
+    """Run what exists end to end: load catalogue and rules, score a sample population
+    against the rules, and show what is allowed and why not."""
+    cat, ruleset = _load(catalog_dir, rules_path)
+    engine = RuleEngine(ruleset)
+    console.rule("[bold]nextbest demo: compliance over a sample population")
+    console.print(
+        f"catalogue {cat.version}: {cat.n_actions} actions; "
+        f"rule set {ruleset.name!r} {ruleset.version}: {len(ruleset)} rules"
+    )
+    batch = random_context_batch(cat, customers, np.random.default_rng(seed))
+    verdict = engine.evaluate(batch)
+    features = ContextEncoder(cat).encode(batch)
+    console.print(
+        f"{customers:,} customers x {cat.n_actions} actions; "
+        f"{verdict.allowed.mean():.1%} of pairs allowed; "
+        f"features {features.shape}"
+    )
+
+    counts = verdict.block_counts()
+    customers_hit = {
+        rule_id: int((verdict.blocked_by == i).any(axis=1).sum())
+        for i, rule_id in enumerate(verdict.rule_ids)
+    }
+    table = Table(title="Why actions were blocked (first blocking rule per pair)")
+    table.add_column("rule")
+    table.add_column("blocked pairs", justify="right")
+    table.add_column("share of pairs", justify="right")
+    table.add_column("customers affected", justify="right")
+    total = verdict.blocked_by.size
+    for rule in ruleset.rules:
+        table.add_row(
+            rule.id,
+            f"{counts[rule.id]:,}",
+            f"{counts[rule.id] / total:.1%}",
+            f"{customers_hit[rule.id]:,}",
+        )
+    console.print(table)
+
+    tiers = value_tier(batch["aum_cny"])
+    by_tier = Table(title="Allowed contact actions per customer, by value tier")
+    by_tier.add_column("tier")
+    by_tier.add_column("customers", justify="right")
+    by_tier.add_column("mean allowed", justify="right")
+    by_tier.add_column("only 'wait' allowed", justify="right")
+    contact_allowed = verdict.allowed[:, 1:].sum(axis=1)
+    for t, name in enumerate(VALUE_TIERS):
+        sel = tiers == t
+        if sel.any():
+            by_tier.add_row(
+                name,
+                f"{sel.sum():,}",
+                f"{contact_allowed[sel].mean():.1f}",
+                f"{(contact_allowed[sel] == 0).mean():.1%}",
+            )
+    console.print(by_tier)
+
+    console.rule("[bold]three customers explained")
+    for i in range(3):
+        row = batch.row(i)
+        allowed_ids = np.flatnonzero(verdict.allowed[i])
+        sample = ", ".join(cat.actions[a].name for a in allowed_ids[1:4]) or "(only no_contact)"
+        console.print(
+            f"customer {i}: age {row['age']:.0f}, AUM {row['aum_cny']:,.0f} CNY, "
+            f"tolerance C{row['risk_tolerance'] or '-'}: "
+            f"{len(allowed_ids)} allowed, e.g. {sample}"
+        )
+        for name in (
+            "app_push:wealth_r5:now",
+            "sms:consumer_loan:now",
+            "relationship_manager:family_trust:morning",
+        ):
+            a = cat.action_id(name)
+            why = engine.explain_row(row, a)
+            console.print(
+                f"    {name}: " + ("allowed" if not why else "blocked by " + ", ".join(why))
+            )
+
+
+def main() -> None:
+    """Entry point for ``python -m nextbest``."""
+    app()

@@ -1,0 +1,283 @@
+"""The logged-decision record: one schema for simulated logs, served decisions and training.
+
+Each row is one decision: the context features the policy saw, the actions the rules allowed
+(``candidate_actions``), the chosen ``action`` with its propensity ``pscore``, the full
+``action_dist`` over the catalogue when known, the outcome (filled in when it arrives), and
+the versions of model, rule set, catalogue and feature spec. Files are Parquet; a directory
+of part files is one log. Readers validate before anyone trains on a file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_ID = "nextbest.decision-log/1"
+
+DECISION_SCHEMA = pa.schema(
+    [
+        pa.field("decision_id", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("customer_key", pa.string(), nullable=False),
+        pa.field("context", pa.list_(pa.float32()), nullable=False),
+        pa.field("candidate_actions", pa.list_(pa.int32()), nullable=False),
+        pa.field("action", pa.int32(), nullable=False),
+        pa.field("pscore", pa.float64()),
+        pa.field("action_dist", pa.list_(pa.float32())),
+        pa.field("reward", pa.float64()),
+        pa.field("converted", pa.bool_()),
+        pa.field("complaint", pa.bool_()),
+        pa.field("opted_out", pa.bool_()),
+        pa.field("value_cny", pa.float64()),
+        pa.field("reward_at", pa.timestamp("us", tz="UTC")),
+        pa.field("campaign_id", pa.string()),
+        pa.field("policy", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("ruleset_version", pa.string(), nullable=False),
+        pa.field("catalog_version", pa.string(), nullable=False),
+        pa.field("feature_spec_version", pa.string(), nullable=False),
+    ],
+    metadata={"schema": SCHEMA_ID},
+)
+"""Arrow schema of a decision log. ``pscore`` may be null only for logs without propensities."""
+
+REQUIRED_COLUMNS = tuple(f.name for f in DECISION_SCHEMA if not f.nullable)
+PSCORE_ATOL = 1e-4
+
+
+class DecisionLogError(ValueError):
+    """A decision log that cannot be used: names the source, the column, the row and why."""
+
+    def __init__(self, source: str, column: str, reason: str, row: int | None = None) -> None:
+        self.source, self.column, self.reason, self.row = source, column, reason, row
+        where = f" row {row}" if row is not None else ""
+        super().__init__(f"{source}: column {column!r}{where}: {reason}")
+
+
+def decisions_table(columns: dict[str, object]) -> pa.Table:
+    """Build a decision table from column arrays (missing nullable columns become nulls).
+
+    Raises
+    ------
+    DecisionLogError
+        If a required column is missing or columns have different lengths.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DecisionLogError("<columns>", missing[0], "required column is missing")
+    unknown = [c for c in columns if c not in DECISION_SCHEMA.names]
+    if unknown:
+        raise DecisionLogError("<columns>", unknown[0], "not a column of the decision schema")
+    lengths = {name: len(values) for name, values in columns.items()}  # type: ignore[arg-type]
+    n = lengths["decision_id"]
+    for name, length in lengths.items():
+        if length != n:
+            raise DecisionLogError("<columns>", name, f"has {length} rows but decision_id has {n}")
+    arrays = []
+    for field in DECISION_SCHEMA:
+        if field.name in columns:
+            try:
+                arrays.append(pa.array(columns[field.name], type=field.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+                raise DecisionLogError("<columns>", field.name, f"cannot convert: {exc}") from None
+        else:
+            arrays.append(pa.nulls(n, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=DECISION_SCHEMA)
+
+
+def validate_decisions(
+    table: pa.Table,
+    n_actions: int | None = None,
+    n_features: int | None = None,
+    source: str = "<table>",
+) -> pa.Table:
+    """Check a decision table against the schema and its invariants; return it in schema order.
+
+    Checks: required columns present and non-null, types castable to the schema, unique
+    ``decision_id``, ``0 < pscore <= 1``, ``action`` within the catalogue and among the
+    row's ``candidate_actions``, ``action_dist`` of length ``n_actions`` summing to 1 and
+    agreeing with ``pscore``, and one context width.
+
+    Raises
+    ------
+    DecisionLogError
+    """
+    for field in DECISION_SCHEMA:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise DecisionLogError(source, field.name, "required column is missing")
+            table = table.append_column(field, pa.nulls(table.num_rows, type=field.type))
+    table = table.select(DECISION_SCHEMA.names)
+    try:
+        table = table.cast(DECISION_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError):
+        for field in DECISION_SCHEMA:
+            try:
+                table.column(field.name).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+                raise DecisionLogError(
+                    source, field.name, f"cannot be read as {field.type}: {exc}"
+                ) from None
+        raise
+    for name in REQUIRED_COLUMNS:
+        nulls = table.column(name).null_count
+        if nulls:
+            row = _first(pc.is_null(table.column(name)))
+            raise DecisionLogError(source, name, "must not be null", row)
+    n = table.num_rows
+    if n == 0:
+        return table
+
+    ids = table.column("decision_id")
+    if pc.count_distinct(ids).as_py() != n:
+        counts = pc.value_counts(ids)
+        dup = next(v["values"].as_py() for v in counts if v["counts"].as_py() > 1)
+        raise DecisionLogError(source, "decision_id", f"duplicate decision id {dup!r}")
+
+    action = table.column("action").to_numpy()
+    if n_actions is not None:
+        bad = (action < 0) | (action >= n_actions)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DecisionLogError(
+                source,
+                "action",
+                f"action id {action[row]} is outside the catalogue (0..{n_actions - 1})",
+                row,
+            )
+
+    pscore_col = table.column("pscore")
+    pscore = pscore_col.to_numpy(zero_copy_only=False).astype(np.float64)
+    has_pscore = ~np.isnan(pscore) if pscore_col.null_count < n else np.zeros(n, bool)
+    bad = has_pscore & ~((pscore > 0) & (pscore <= 1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DecisionLogError(source, "pscore", f"must be in (0, 1], got {pscore[row]}", row)
+
+    cand = pa.chunked_array(table.column("candidate_actions").chunks).combine_chunks()
+    lengths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
+    if (lengths == 0).any():
+        row = int(np.flatnonzero(lengths == 0)[0])
+        raise DecisionLogError(source, "candidate_actions", "must not be empty", row)
+    values = pc.list_flatten(cand).to_numpy()
+    owner = np.repeat(np.arange(n), lengths)
+    chosen_listed = np.bincount(owner, weights=values == action[owner], minlength=n) > 0
+    if not chosen_listed.all():
+        row = int(np.flatnonzero(~chosen_listed)[0])
+        raise DecisionLogError(
+            source, "action", f"action {action[row]} is not among the row's candidate_actions", row
+        )
+
+    context = pa.chunked_array(table.column("context").chunks).combine_chunks()
+    widths = pc.list_value_length(context).to_numpy(zero_copy_only=False)
+    expected = n_features if n_features is not None else int(widths[0])
+    if (widths != expected).any():
+        row = int(np.flatnonzero(widths != expected)[0])
+        raise DecisionLogError(
+            source, "context", f"has {widths[row]} features, expected {expected}", row
+        )
+
+    dist_col = pa.chunked_array(table.column("action_dist").chunks).combine_chunks()
+    if dist_col.null_count < n:
+        _check_action_dist(dist_col, action, pscore, has_pscore, n_actions, source)
+    return table
+
+
+def _check_action_dist(
+    dist: pa.Array,
+    action: np.ndarray,
+    pscore: np.ndarray,
+    has_pscore: np.ndarray,
+    n_actions: int | None,
+    source: str,
+) -> None:
+    present = ~dist.is_null().to_numpy(zero_copy_only=False)
+    widths = pc.list_value_length(dist).to_numpy(zero_copy_only=False)
+    width = n_actions if n_actions is not None else int(widths[present][0])
+    bad = present & (widths != width)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DecisionLogError(
+            source, "action_dist", f"has {widths[row]} entries, expected {width}", row
+        )
+    rows = np.flatnonzero(present)
+    matrix = pc.list_flatten(dist.filter(pa.array(present))).to_numpy().reshape(len(rows), width)
+    sums = matrix.sum(axis=1)
+    bad_sum = np.abs(sums - 1.0) > 1e-3
+    if bad_sum.any() or (matrix < 0).any():
+        row = int(rows[np.flatnonzero(bad_sum | (matrix < 0).any(axis=1))[0]])
+        raise DecisionLogError(source, "action_dist", "must be non-negative and sum to 1", row)
+    chosen_p = matrix[np.arange(len(rows)), action[rows]]
+    mismatch = has_pscore[rows] & (np.abs(chosen_p - pscore[rows]) > PSCORE_ATOL)
+    if mismatch.any():
+        row = int(rows[np.flatnonzero(mismatch)[0]])
+        raise DecisionLogError(
+            source,
+            "pscore",
+            f"{pscore[row]} differs from action_dist[action] = "
+            f"{matrix[np.flatnonzero(rows == row)[0], action[row]]}",
+            row,
+        )
+
+
+def _first(mask: pa.ChunkedArray) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+def write_decisions(table: pa.Table, path: str | Path) -> Path:
+    """Write decisions as Parquet; atomic (a reader never sees a half-written file).
+
+    ``path`` ending in ``.parquet`` is written as one file; otherwise ``path`` is a log
+    directory and a new part file is added to it (existing parts are never touched).
+    Returns the file written.
+    """
+    table = validate_decisions(table)
+    path = Path(path)
+    if path.suffix == ".parquet":
+        target = path
+        target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        target = path / f"part-{uuid.uuid4().hex}.parquet"
+    tmp = target.with_name(f".{target.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, target)
+    return target
+
+
+def read_decisions(
+    path: str | Path, n_actions: int | None = None, n_features: int | None = None
+) -> pa.Table:
+    """Read and validate a decision log: one Parquet file or a directory of part files.
+
+    Raises
+    ------
+    DecisionLogError
+        If the file is missing, unreadable, or fails :func:`validate_decisions`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            raise DecisionLogError(str(path), "*", "directory holds no .parquet files")
+    elif path.exists():
+        files = [path]
+    else:
+        raise DecisionLogError(str(path), "*", "no such file or directory")
+    tables = []
+    for file in files:
+        try:
+            part = pq.read_table(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DecisionLogError(str(file), "*", f"not a readable Parquet file: {exc}") from None
+        tables.append(validate_decisions(part, n_actions, n_features, source=str(file)))
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if len(tables) > 1:
+        validate_decisions(table, n_actions, n_features, source=str(path))
+    return table

@@ -1,0 +1,124 @@
+"""The logged-decision schema: round trip, and a table of bad logs refused with reasons."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nextbest.decision_log import (
+    DecisionLogError,
+    decisions_table,
+    read_decisions,
+    validate_decisions,
+    write_decisions,
+)
+
+N_ACTIONS = 4
+
+
+def good_columns(n: int = 6) -> dict[str, list]:
+    return {
+        "decision_id": [f"d{i}" for i in range(n)],
+        "timestamp": [dt.datetime(2026, 11, 1, 9, tzinfo=dt.UTC)] * n,
+        "customer_key": [f"cust_{i:024x}" for i in range(n)],
+        "context": [[0.5, -1.0, 2.0]] * n,
+        "candidate_actions": [[0, 1, 3]] * n,
+        "action": [1, 3, 0, 1, 3, 0][:n],
+        "pscore": [0.5, 0.25, 0.25, 0.5, 0.25, 0.25][:n],
+        "action_dist": [[0.25, 0.5, 0.0, 0.25]] * n,
+        "reward": [1.0, None, 0.0, 2.5, None, 0.0][:n],
+        "policy": ["playbook"] * n,
+        "model_version": ["playbook-1"] * n,
+        "ruleset_version": ["r1"] * n,
+        "catalog_version": ["c1"] * n,
+        "feature_spec_version": ["f1"] * n,
+    }
+
+
+def test_write_read_decisions_round_trip(tmp_path: Path) -> None:
+    table = decisions_table(good_columns())
+    write_decisions(table, tmp_path / "log")
+    write_decisions(
+        decisions_table({**good_columns(), "decision_id": list("abcdef")}), tmp_path / "log"
+    )
+    back = read_decisions(tmp_path / "log", n_actions=N_ACTIONS, n_features=3)
+    assert back.num_rows == 12
+    assert sorted(back.column("decision_id").to_pylist())[:2] == ["a", "b"]
+    assert back.schema.field("pscore").type == pa.float64()
+
+
+def test_read_decisions_without_pscore_is_allowed(tmp_path: Path) -> None:
+    cols = good_columns()
+    cols["pscore"] = [None] * 6
+    cols["action_dist"] = [None] * 6
+    path = write_decisions(decisions_table(cols), tmp_path / "nops.parquet")
+    assert read_decisions(path).column("pscore").null_count == 6
+
+
+BAD_LOGS = [
+    ({"pscore": [0.0, 0.25, 0.25, 0.5, 0.25, 0.25]}, "pscore", r"must be in \(0, 1\]"),
+    ({"pscore": [1.5, 0.25, 0.25, 0.5, 0.25, 0.25]}, "pscore", r"must be in \(0, 1\]"),
+    ({"action": [7, 3, 0, 1, 3, 0]}, "action", "outside the catalogue"),
+    ({"action": [2, 3, 0, 1, 3, 0]}, "action", "not among the row's candidate_actions"),
+    ({"decision_id": ["d0", "d0", "d2", "d3", "d4", "d5"]}, "decision_id", "duplicate"),
+    ({"context": [[0.5]] + [[0.5, -1.0, 2.0]] * 5}, "context", "expected 3"),
+    ({"action_dist": [[0.5, 0.5, 0.5, 0.5]] * 6}, "action_dist", "sum to 1"),
+    ({"action_dist": [[0.25, 0.5, 0.25]] * 6}, "action_dist", "expected 4"),
+    ({"pscore": [0.4, 0.25, 0.25, 0.5, 0.25, 0.25]}, "pscore", "differs from action_dist"),
+    ({"candidate_actions": [[]] + [[0, 1, 3]] * 5}, "candidate_actions", "must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("override", "column", "reason"), BAD_LOGS)
+def test_validate_decisions_bad_log_refused(override: dict, column: str, reason: str) -> None:
+    table = decisions_table({**good_columns(), **override})
+    with pytest.raises(DecisionLogError, match=reason) as info:
+        validate_decisions(table, n_actions=N_ACTIONS, n_features=3)
+    assert info.value.column == column
+
+
+def test_decisions_table_columns_of_different_lengths_refused() -> None:
+    cols = good_columns()
+    cols["action"] = [1, 3]
+    with pytest.raises(DecisionLogError, match="has 2 rows but decision_id has 6"):
+        decisions_table(cols)
+
+
+def test_read_decisions_missing_required_column_refused(tmp_path: Path) -> None:
+    table = decisions_table(good_columns()).drop_columns(["action"])
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(DecisionLogError, match="required column is missing") as info:
+        read_decisions(tmp_path / "bad.parquet")
+    assert info.value.column == "action"
+    assert str(tmp_path / "bad.parquet") in str(info.value)
+
+
+def test_read_decisions_wrong_type_refused(tmp_path: Path) -> None:
+    table = decisions_table(good_columns())
+    table = table.set_column(table.schema.get_field_index("action"), "action", pa.array(["x"] * 6))
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(DecisionLogError, match="cannot be read as int32") as info:
+        read_decisions(tmp_path / "bad.parquet")
+    assert info.value.column == "action"
+
+
+def test_read_decisions_not_parquet_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DecisionLogError, match="not a readable Parquet file"):
+        read_decisions(tmp_path / "junk.parquet")
+    with pytest.raises(DecisionLogError, match="no such file"):
+        read_decisions(tmp_path / "missing.parquet")
+
+
+def test_write_decisions_bad_table_leaves_existing_parts_intact(tmp_path: Path) -> None:
+    first = write_decisions(decisions_table(good_columns()), tmp_path / "log")
+    before = first.read_bytes()
+    bad = decisions_table({**good_columns(), "pscore": [2.0] * 6})
+    with pytest.raises(DecisionLogError):
+        write_decisions(bad, tmp_path / "log")
+    assert first.read_bytes() == before
+    assert [p.name for p in (tmp_path / "log").iterdir()] == [first.name]

@@ -1,0 +1,80 @@
+"""The feature encoder: shapes, names, determinism, version, and meaning of key columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nextbest.catalog import load_catalog
+from nextbest.features import ContextEncoder, action_feature_names, action_features
+from nextbest.synthetic import random_context_batch
+
+
+@pytest.fixture(scope="module")
+def encoder() -> ContextEncoder:
+    return ContextEncoder(load_catalog())
+
+
+def test_encode_context_shape_matches_spec(encoder: ContextEncoder) -> None:
+    batch = random_context_batch(encoder.catalog, 500, np.random.default_rng(1))
+    x = encoder.encode(batch)
+    assert x.shape == (500, encoder.spec.n_context)
+    assert x.dtype == np.float32
+    assert np.isfinite(x).all()
+    assert len(set(encoder.spec.context_names)) == encoder.spec.n_context
+
+
+def test_encode_context_batch_equals_rows(encoder: ContextEncoder) -> None:
+    batch = random_context_batch(encoder.catalog, 64, np.random.default_rng(2))
+    full = encoder.encode(batch)
+    for i in (0, 17, 63):
+        np.testing.assert_array_equal(encoder.encode(batch.take([i]))[0], full[i])
+
+
+def test_encode_context_columns_carry_their_meaning(encoder: ContextEncoder) -> None:
+    batch = random_context_batch(encoder.catalog, 300, np.random.default_rng(3))
+    x = encoder.encode(batch)
+    names = encoder.spec.context_names
+    hnw = x[:, names.index("value_tier=hnw")] == 1.0
+    assert np.array_equal(hnw, batch["aum_cny"] >= 6_000_000)
+    sms = encoder.catalog.channel_names.index("sms")
+    assert np.array_equal(x[:, names.index("consent=sms")] == 1.0, batch["consent"][:, sms])
+    unassessed = x[:, names.index("risk_tolerance=unassessed")] == 1.0
+    assert np.array_equal(unassessed, batch["risk_tolerance"] == 0)
+    one_hot = [n for n in names if n.startswith("lifecycle=")]
+    assert np.all(x[:, [names.index(n) for n in one_hot]].sum(axis=1) == 1.0)
+
+
+def test_spec_version_is_stable_and_tracks_catalogue(encoder: ContextEncoder, tmp_path) -> None:
+    assert ContextEncoder(load_catalog()).spec.version == encoder.spec.version
+    import shutil
+
+    from nextbest.catalog import DEFAULT_CATALOG_DIR
+
+    shutil.copytree(DEFAULT_CATALOG_DIR, tmp_path / "catalog")
+    offers = tmp_path / "catalog" / "offers.yaml"
+    offers.write_text(
+        offers.read_text()
+        + "  - name: gold_savings\n    family: deposit\n    value_cny: 50\n"
+        + "    channels: [app_push]\n"
+    )
+    other = ContextEncoder(load_catalog(tmp_path / "catalog"))
+    assert other.spec.version != encoder.spec.version
+    assert "holds=gold_savings" in other.spec.context_names
+
+
+def test_action_features_one_hot_matches_catalogue() -> None:
+    catalog = load_catalog()
+    feats = action_features(catalog)
+    names = action_feature_names(catalog)
+    assert feats.shape == (catalog.n_actions, len(names))
+    assert feats[0, names.index("no_contact")] == 1.0
+    assert feats[0].sum() == 1.0
+    a = catalog.action_id("sms:consumer_loan:evening")
+    assert feats[a, names.index("channel=sms")] == 1.0
+    assert feats[a, names.index("offer=consumer_loan")] == 1.0
+    assert feats[a, names.index("timing=evening")] == 1.0
+    assert feats[a, names.index("credit")] == 1.0
+    r5 = catalog.action_id("app_push:wealth_r5:now")
+    assert feats[r5, names.index("risk_level_scaled")] == pytest.approx(1.0)
+    assert len({tuple(row) for row in feats}) == catalog.n_actions

@@ -1,0 +1,43 @@
+"""The command line: --help everywhere, the demo runs, bad configs exit 2 with a reason."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nextbest.catalog import DEFAULT_CATALOG_DIR
+from nextbest.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["catalog"], ["demo"]])
+def test_help_every_subcommand(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+
+
+def test_demo_small_population_shows_rules() -> None:
+    result = runner.invoke(app, ["demo", "--customers", "300", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "suitability_risk" in result.output
+    assert "300 customers x 361 actions" in result.output
+
+
+def test_check_bad_catalog_exits_2_naming_file_and_key(tmp_path: Path) -> None:
+    shutil.copytree(DEFAULT_CATALOG_DIR, tmp_path / "catalog")
+    offers = tmp_path / "catalog" / "offers.yaml"
+    offers.write_text(offers.read_text().replace("risk_level: R5", "risk_level: R7"))
+    result = runner.invoke(app, ["check", "--catalog", str(tmp_path / "catalog")])
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert "offers.yaml" in flat and "risk_level" in flat and "R7" in flat
+
+
+def test_demo_negative_customers_refused() -> None:
+    result = runner.invoke(app, ["demo", "--customers", "-5"])
+    assert result.exit_code == 2
