@@ -65,11 +65,14 @@ class TimingSlot(StrictModel):
     def _window(self) -> TimingSlot:
         if (self.start_hour is None) != (self.end_hour is None):
             raise ValueError("start_hour and end_hour must be given together")
-        if self.start_hour is not None and self.end_hour is not None:
-            if self.end_hour <= self.start_hour:
-                raise ValueError(
-                    f"end_hour ({self.end_hour}) must be after start_hour ({self.start_hour})"
-                )
+        if (
+            self.start_hour is not None
+            and self.end_hour is not None
+            and self.end_hour <= self.start_hour
+        ):
+            raise ValueError(
+                f"end_hour ({self.end_hour}) must be after start_hour ({self.start_hour})"
+            )
         return self
 
     @property

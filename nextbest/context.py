@@ -61,7 +61,8 @@ class ContactHistory(BaseModel):
             if count > self.contacts_30d.get(channel, 0):
                 raise ValueError(
                     f"contacts_7d[{channel!r}]={count} exceeds contacts_30d "
-                    f"({self.contacts_30d.get(channel, 0)}): the 7-day window is inside the 30-day one"
+                    f"({self.contacts_30d.get(channel, 0)}): "
+                    "the 7-day window is inside the 30-day one"
                 )
         return self
 
@@ -419,6 +420,6 @@ def _check_ranges(cols: dict[str, np.ndarray]) -> None:
         if bad.any():
             where = np.argwhere(bad)[0]
             raise ValueError(
-                f"ContextBatch: column {name!r} has value {arr[tuple(where)]!r} at {where.tolist()}, "
-                f"outside [{lo}, {hi}]"
+                f"ContextBatch: column {name!r} has value {arr[tuple(where)]!r} "
+                f"at {where.tolist()}, outside [{lo}, {hi}]"
             )
