@@ -177,11 +177,25 @@ class ChannelCondition(Condition):
         return key
 
     def scaled_key_fn(self, stride: int) -> Callable[[dict[str, Any]], int]:
+        # Per-channel tuples repeat across customers (consent patterns, small counts): cache.
         fn, column = ORDERING_OPS[self.op], self.column
         scaled = tuple((right, stride << c) for c, right in enumerate(self.per_channel))
-        return lambda row: sum(
-            bit for left, (right, bit) in zip(row[column], scaled, strict=True) if fn(left, right)
-        )
+        cache: dict[tuple[Any, ...], int] = {}
+
+        def key(row: dict[str, Any]) -> int:
+            values = row[column]
+            found = cache.get(values)
+            if found is None:
+                found = sum(
+                    bit
+                    for left, (right, bit) in zip(values, scaled, strict=True)
+                    if fn(left, right)
+                )
+                if len(cache) < 4096:
+                    cache[values] = found
+            return found
+
+        return key
 
     def table(self) -> np.ndarray:
         keys = np.arange(self.n_keys)[:, None]

@@ -16,7 +16,9 @@ array and reads one row per rule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,8 @@ from nextbest.config_loading import ConfigError
 from nextbest.context import ContextBatch
 
 ALLOWED = np.uint8(255)
+FUSED_MAX_KEYS = 4096
+"""Largest joint table (rows) the single-customer path fuses rules into."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,24 +107,42 @@ class RuleEngine:
         self.version = ruleset.version
         self._compiled = [self._compile(rule) for rule in ruleset.rules]
         self._groups = self._build_groups(self._compiled)
-        codes = [np.where(c.table, c.rule.index, ALLOWED).astype(np.uint8) for c in self._compiled]
-        self._offsets = np.cumsum([0] + [c.n_keys for c in self._compiled])[:-1].tolist()
-        self._row_plan = [
-            (
-                offset,
-                [
-                    cond.scaled_key_fn(stride)
-                    for cond, stride in zip(c.rule.conditions, c.strides, strict=True)
+        self._row_plan, self._fused = self._build_row_plan(self._compiled)
+
+    def _build_row_plan(
+        self, compiled: list[_CompiledRule]
+    ) -> tuple[list[tuple[int, list[Callable[[dict[str, Any]], int]]]], np.ndarray]:
+        """Fuse consecutive rules into joint code tables of at most FUSED_MAX_KEYS rows, so
+        the single-customer path reads a few rows instead of one per rule."""
+        fused: list[list[_CompiledRule]] = []
+        for rule in compiled:
+            if fused and prod(m.n_keys for m in fused[-1]) * rule.n_keys <= FUSED_MAX_KEYS:
+                fused[-1].append(rule)
+            else:
+                fused.append([rule])
+        plan: list[tuple[int, list[Callable[[dict[str, Any]], int]]]] = []
+        tables: list[np.ndarray] = []
+        offset = 0
+        for members in fused:
+            table = np.full((1, self.n_actions), ALLOWED, np.uint8)
+            parts: list[Callable[[dict[str, Any]], int]] = []
+            member_stride = 1
+            for m in members:
+                codes = np.where(m.table, m.rule.index, ALLOWED).astype(np.uint8)
+                # joint index = k_m * member_stride + (index over the earlier members)
+                table = np.minimum(table[None, :, :], codes[:, None, :]).reshape(-1, self.n_actions)
+                parts.extend(
+                    cond.scaled_key_fn(stride * member_stride)
+                    for cond, stride in zip(m.rule.conditions, m.strides, strict=True)
                     if cond.n_keys > 1
-                ],
-            )
-            for offset, c in zip(self._offsets, self._compiled, strict=True)
-        ]
-        self._stacked = (
-            np.concatenate(codes, axis=0)
-            if codes
-            else np.full((1, self.n_actions), ALLOWED, np.uint8)
-        )
+                )
+                member_stride *= m.n_keys
+            plan.append((offset, parts))
+            tables.append(table)
+            offset += len(table)
+        if not tables:
+            tables.append(np.full((1, self.n_actions), ALLOWED, np.uint8))
+        return plan, np.ascontiguousarray(np.concatenate(tables, axis=0))
 
     def _compile(self, rule: Rule) -> _CompiledRule:
         strides: list[int] = []
@@ -213,10 +235,12 @@ class RuleEngine:
     def evaluate_row(self, row: dict[str, Any]) -> np.ndarray:
         """The single-customer path: ``blocked_by`` of shape ``(A,)`` for one customer given
         as :meth:`ContextBatch.row` (what the scoring service calls per request)."""
-        rows = [
-            offset + c.key_of(row) for offset, c in zip(self._offsets, self._compiled, strict=True)
-        ]
-        return self._stacked[rows].min(axis=0)
+        rows = []
+        for offset, parts in self._row_plan:
+            for part in parts:
+                offset += part(row)
+            rows.append(offset)
+        return np.minimum.reduce(self._fused[rows], axis=0)
 
     def explain_row(self, row: dict[str, Any], action_id: int) -> list[str]:
         """Every rule (not only the first) that blocks ``action_id`` for one customer."""
