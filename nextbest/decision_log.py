@@ -2,9 +2,11 @@
 
 Each row is one decision: the context features the policy saw, the actions the rules allowed
 (``candidate_actions``), the chosen ``action`` with its propensity ``pscore``, the full
-``action_dist`` over the catalogue when known, the outcome (filled in when it arrives), and
-the versions of model, rule set, catalogue and feature spec. Files are Parquet; a directory
-of part files is one log. Readers validate before anyone trains on a file.
+``action_dist`` (the probability of each candidate, aligned with ``candidate_actions``:
+actions the rules blocked have probability 0 and are not stored) when known, the outcome
+(filled in when it arrives), and the versions of model, rule set, catalogue and feature
+spec. Files are Parquet; a directory of part files is one log. Readers validate before
+anyone trains on a file.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ def validate_decisions(
 
     Checks: required columns present and non-null, types castable to the schema, unique
     ``decision_id``, ``0 < pscore <= 1``, ``action`` within the catalogue and among the
-    row's ``candidate_actions``, ``action_dist`` of length ``n_actions`` summing to 1 and
-    agreeing with ``pscore``, and one context width.
+    row's ``candidate_actions``, ``action_dist`` aligned with ``candidate_actions``, summing
+    to 1 and agreeing with ``pscore``, and one context width.
 
     Raises
     ------
@@ -185,44 +187,52 @@ def validate_decisions(
 
     dist_col = pa.chunked_array(table.column("action_dist").chunks).combine_chunks()
     if dist_col.null_count < n:
-        _check_action_dist(dist_col, action, pscore, has_pscore, n_actions, source)
+        _check_action_dist(dist_col, cand, action, pscore, has_pscore, source)
     return table
 
 
 def _check_action_dist(
     dist: pa.Array,
+    cand: pa.Array,
     action: np.ndarray,
     pscore: np.ndarray,
     has_pscore: np.ndarray,
-    n_actions: int | None,
     source: str,
 ) -> None:
     present = ~dist.is_null().to_numpy(zero_copy_only=False)
     widths = pc.list_value_length(dist).to_numpy(zero_copy_only=False)
-    width = n_actions if n_actions is not None else int(widths[present][0])
-    bad = present & (widths != width)
+    cand_widths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
+    bad = present & (widths != cand_widths)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DecisionLogError(
-            source, "action_dist", f"has {widths[row]} entries, expected {width}", row
+            source,
+            "action_dist",
+            f"has {widths[row]} entries but candidate_actions has {cand_widths[row]}",
+            row,
         )
     rows = np.flatnonzero(present)
-    matrix = pc.list_flatten(dist.filter(pa.array(present))).to_numpy().reshape(len(rows), width)
-    sums = matrix.sum(axis=1)
-    bad_sum = np.abs(sums - 1.0) > 1e-3
-    if bad_sum.any() or (matrix < 0).any():
-        row = int(rows[np.flatnonzero(bad_sum | (matrix < 0).any(axis=1))[0]])
+    keep = pa.array(present)
+    probs = pc.list_flatten(dist.filter(keep)).to_numpy().astype(np.float64)
+    ids = pc.list_flatten(cand.filter(keep)).to_numpy()
+    owner = np.repeat(np.arange(len(rows)), cand_widths[rows])
+    sums = np.bincount(owner, weights=probs, minlength=len(rows))
+    negative = np.bincount(owner, weights=probs < 0, minlength=len(rows)) > 0
+    bad_rows = (np.abs(sums - 1.0) > 1e-3) | negative
+    if bad_rows.any():
+        row = int(rows[np.flatnonzero(bad_rows)[0]])
         raise DecisionLogError(source, "action_dist", "must be non-negative and sum to 1", row)
-    chosen_p = matrix[np.arange(len(rows)), action[rows]]
+    chosen = ids == action[rows][owner]
+    chosen_p = np.bincount(owner, weights=np.where(chosen, probs, 0.0), minlength=len(rows))
     mismatch = has_pscore[rows] & (np.abs(chosen_p - pscore[rows]) > PSCORE_ATOL)
     if mismatch.any():
-        row = int(rows[np.flatnonzero(mismatch)[0]])
+        i = int(np.flatnonzero(mismatch)[0])
         raise DecisionLogError(
             source,
             "pscore",
-            f"{pscore[row]} differs from action_dist[action] = "
-            f"{matrix[np.flatnonzero(rows == row)[0], action[row]]}",
-            row,
+            f"{pscore[rows[i]]} differs from the action_dist entry of the chosen action "
+            f"({chosen_p[i]:.6g})",
+            int(rows[i]),
         )
 
 

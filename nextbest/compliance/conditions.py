@@ -50,6 +50,12 @@ def compare(op: str, left: Any, right: Any) -> Any:
     raise ValueError(f"operator {op!r} does not apply here")
 
 
+def _wide(column: np.ndarray) -> np.ndarray:
+    """Float columns compared in float64, as the scalar paths do (numpy 2 would otherwise
+    compare a float32 column with a Python float threshold in float32)."""
+    return column.astype(np.float64) if column.dtype.kind == "f" else column
+
+
 def in_hour_window(hour: int, window: tuple[int, int]) -> bool:
     """True when ``hour`` lies in ``[start, end)``, wrapping past midnight (``(21, 8)``)."""
     start, end = window
@@ -122,7 +128,7 @@ class CustomerCondition(Condition):
     n_keys: int = 2
 
     def keys(self, batch: ContextBatch) -> np.ndarray:
-        return np.asarray(compare(self.op, batch[self.column], self.value), np.int64)
+        return np.asarray(compare(self.op, _wide(batch[self.column]), self.value), np.int64)
 
     def key_of(self, row: dict[str, Any]) -> int:
         return int(bool(compare(self.op, row[self.column], self.value)))
@@ -165,7 +171,7 @@ class ChannelCondition(Condition):
         self._rhs = np.asarray(self.per_channel)
 
     def keys(self, batch: ContextBatch) -> np.ndarray:
-        bits = compare(self.op, batch[self.column], self._rhs[None, :])
+        bits = compare(self.op, _wide(batch[self.column]), self._rhs[None, :])
         return bits.astype(np.int64) @ self._weights
 
     def key_of(self, row: dict[str, Any]) -> int:

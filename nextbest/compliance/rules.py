@@ -168,7 +168,13 @@ def load_rules(path: str | Path, catalog: ActionCatalog) -> RuleSet:
 def rules_from_yaml(text: str, catalog: ActionCatalog, source: str = "<string>") -> RuleSet:
     """Parse a rule set from YAML text (tests, notebooks)."""
     try:
-        spec = RuleSetFile.model_validate(yaml.safe_load(text))
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "", f"malformed YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", f"top level must be a mapping, got {type(data).__name__}")
+    try:
+        spec = RuleSetFile.model_validate(data)
     except ValidationError as exc:
         raise config_error_from_validation(source, exc) from None
     return RuleSet(spec, catalog, source)
@@ -223,7 +229,7 @@ def _parse(expr: str, rule: RuleSpec, catalog: ActionCatalog, source: str, key: 
                 raise fail("compare an action attribute with a customer column or a value")
             column = _customer_column(rref[2], fail, scalar_only=True)
             return _cross(expr, values, column, op, action_first=True, fail=fail)
-        value = _normalise(lname, rvalue, op, fail, side="action")
+        value = _normalise(lname, rvalue, op, fail, side="action", catalog=catalog)
         return ActionCondition(expr, values, op, value)
 
     # lkind == "customer"
@@ -241,7 +247,7 @@ def _parse(expr: str, rule: RuleSpec, catalog: ActionCatalog, source: str, key: 
             raise fail(f"per-channel column {column!r} takes {list(ORDERING_OPS)}")
         per_channel = _per_channel(rvalue, catalog, fail)
         return ChannelCondition(expr, column, op, per_channel, catalog.channel_index)
-    value = _normalise(column, rvalue, op, fail, side="customer")
+    value = _normalise(column, rvalue, op, fail, side="customer", catalog=catalog)
     return CustomerCondition(expr, column, op, value, catalog.n_actions)
 
 
@@ -274,18 +280,33 @@ def _cross(
     return CrossCondition(expr, values, column, op, action_first)
 
 
-def _normalise(name: str, value: Any, op: str, fail: Any, side: str) -> Any:
-    """Map vocabulary literals (R3, C2, growth ...) to the numbers columns and attributes hold."""
+def _normalise(name: str, value: Any, op: str, fail: Any, side: str, catalog: ActionCatalog) -> Any:
+    """Map vocabulary literals (R3, C2, growth ...) to the numbers columns and attributes hold,
+    and refuse names the catalogue does not have (a typo would silently exempt a channel)."""
+    if value is None:
+        raise fail("the right-hand side needs a value, got null")
     if op in MEMBERSHIP_OPS:
         if not isinstance(value, list):
             raise fail(f"{op} needs a list on the right, got {value!r}")
-        return [_normalise_one(name, v, fail, side) for v in value]
+        return [_normalise_one(name, v, fail, side, catalog) for v in value]
     if isinstance(value, list | dict):
         raise fail(f"{op} needs a single value on the right, got {value!r}")
-    return _normalise_one(name, value, fail, side)
+    return _normalise_one(name, value, fail, side, catalog)
 
 
-def _normalise_one(name: str, value: Any, fail: Any, side: str) -> Any:
+def _normalise_one(name: str, value: Any, fail: Any, side: str, catalog: ActionCatalog) -> Any:
+    if value is None:
+        raise fail("null is not a value a rule can compare with")
+    if side == "action" and name in ("channel", "offer", "timing", "family"):
+        known = {
+            "channel": catalog.channel_names,
+            "offer": catalog.offer_names,
+            "timing": catalog.timing_names,
+            "family": tuple(sorted({o.family for o in catalog.offers})),
+        }[name]
+        if value not in known:
+            raise fail(f"unknown {name} {value!r}; known: {list(known)}")
+        return value
     if side == "action" and name == "risk_level" and isinstance(value, str):
         if value not in RISK_LEVELS:
             raise fail(f"risk level must be one of R1..R5, got {value!r}")

@@ -29,7 +29,7 @@ def good_columns(n: int = 6) -> dict[str, list]:
         "candidate_actions": [[0, 1, 3]] * n,
         "action": [1, 3, 0, 1, 3, 0][:n],
         "pscore": [0.5, 0.25, 0.25, 0.5, 0.25, 0.25][:n],
-        "action_dist": [[0.25, 0.5, 0.0, 0.25]] * n,
+        "action_dist": [[0.25, 0.5, 0.25]] * n,
         "reward": [1.0, None, 0.0, 2.5, None, 0.0][:n],
         "policy": ["playbook"] * n,
         "model_version": ["playbook-1"] * n,
@@ -66,9 +66,10 @@ BAD_LOGS = [
     ({"action": [2, 3, 0, 1, 3, 0]}, "action", "not among the row's candidate_actions"),
     ({"decision_id": ["d0", "d0", "d2", "d3", "d4", "d5"]}, "decision_id", "duplicate"),
     ({"context": [[0.5]] + [[0.5, -1.0, 2.0]] * 5}, "context", "expected 3"),
-    ({"action_dist": [[0.5, 0.5, 0.5, 0.5]] * 6}, "action_dist", "sum to 1"),
-    ({"action_dist": [[0.25, 0.5, 0.25]] * 6}, "action_dist", "expected 4"),
-    ({"pscore": [0.4, 0.25, 0.25, 0.5, 0.25, 0.25]}, "pscore", "differs from action_dist"),
+    ({"action_dist": [[0.5, 0.5, 0.5]] * 6}, "action_dist", "sum to 1"),
+    ({"action_dist": [[-0.5, 1.0, 0.5]] * 6}, "action_dist", "non-negative"),
+    ({"action_dist": [[0.5, 0.5]] * 6}, "action_dist", "candidate_actions has 3"),
+    ({"pscore": [0.4, 0.25, 0.25, 0.5, 0.25, 0.25]}, "pscore", "differs from the action_dist"),
     ({"candidate_actions": [[]] + [[0, 1, 3]] * 5}, "candidate_actions", "must not be empty"),
 ]
 
