@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+console = Console(soft_wrap=True)
 
 CatalogOption = Annotated[
     Path, typer.Option("--catalog", help="Directory with channels.yaml, offers.yaml, timing.yaml.")

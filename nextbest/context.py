@@ -277,6 +277,7 @@ class ContextBatch:
         n = len(np.asarray(columns["age"]))
         width = {"scalar": None, "channel": catalog.n_channels, "offer": catalog.n_offers}
         out: dict[str, np.ndarray] = {}
+        _check_ranges({name: np.asarray(columns[name]) for name in _RANGES})
         for name, spec in CONTEXT_COLUMNS.items():
             arr = np.ascontiguousarray(columns[name], dtype=spec.dtype)
             expected = (n,) if width[spec.axis] is None else (n, width[spec.axis])
@@ -286,7 +287,6 @@ class ContextBatch:
                 )
             arr.flags.writeable = False
             out[name] = arr
-        _check_ranges(out)
         return cls(out, catalog.n_channels, catalog.n_offers)
 
     @classmethod
@@ -323,7 +323,10 @@ class ContextBatch:
             cols["income_band"][i] = INCOME_BANDS.index(c.income_band)
             if c.risk_tolerance is not None and c.risk_assessed_on is not None:
                 cols["risk_tolerance"][i] = RISK_TOLERANCES.index(c.risk_tolerance) + 1
-                cols["risk_assessment_age_days"][i] = (local.date() - c.risk_assessed_on).days
+                # an assessment dated "tomorrow" in the customer's zone is a fresh one
+                cols["risk_assessment_age_days"][i] = max(
+                    0, (local.date() - c.risk_assessed_on).days
+                )
             else:
                 cols["risk_assessment_age_days"][i] = np.inf
             cols["lifecycle_stage"][i] = LIFECYCLE_STAGES.index(c.lifecycle_stage)
@@ -396,30 +399,42 @@ def _elapsed(now_utc: datetime, then: datetime | None, unit_s: float) -> float:
     return max(0.0, (now_utc - then).total_seconds() / unit_s)
 
 
+_RANGES: dict[str, tuple[float, float]] = {
+    "age": (0, 120),
+    "aum_cny": (0, np.inf),
+    "risk_tolerance": (0, 5),
+    "income_band": (0, len(INCOME_BANDS) - 1),
+    "lifecycle_stage": (0, len(LIFECYCLE_STAGES) - 1),
+    "local_hour": (0, 23),
+    "local_weekday": (0, 6),
+    "contacts_7d": (0, np.inf),
+    "contacts_30d": (0, np.inf),
+    "contacts_7d_total": (0, np.inf),
+    "contacts_30d_total": (0, np.inf),
+    "hours_since_last_contact": (0, np.inf),
+    "days_since_complaint": (0, np.inf),
+    "risk_assessment_age_days": (0, np.inf),
+    "tenure_months": (0, np.inf),
+    "app_logins_30d": (0, np.inf),
+    "mortgage_page_views_7d": (0, np.inf),
+    "days_to_product_maturity": (0, np.inf),
+    "days_since_last_login": (0, np.inf),
+}
+"""Valid range of each numeric column, checked on the raw values before any cast."""
+
+
 def _check_ranges(cols: dict[str, np.ndarray]) -> None:
-    checks = [
-        ("age", 0, 120),
-        ("aum_cny", 0, np.inf),
-        ("risk_tolerance", 0, 5),
-        ("income_band", 0, len(INCOME_BANDS) - 1),
-        ("lifecycle_stage", 0, len(LIFECYCLE_STAGES) - 1),
-        ("local_hour", 0, 23),
-        ("local_weekday", 0, 6),
-        ("contacts_7d", 0, np.inf),
-        ("contacts_30d", 0, np.inf),
-        ("hours_since_last_contact", 0, np.inf),
-        ("days_since_complaint", 0, np.inf),
-        ("risk_assessment_age_days", 0, np.inf),
-    ]
-    for name, lo, hi in checks:
+    for name, (lo, hi) in _RANGES.items():
         arr = cols[name]
         if arr.size == 0:
             continue
-        bad = np.isnan(arr) if arr.dtype.kind == "f" else np.zeros(arr.shape, bool)
-        bad |= (arr < lo) | (arr > hi)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"ContextBatch: column {name!r} must be numeric, got {arr.dtype}")
+        wide = arr.astype(np.float64)
+        bad = np.isnan(wide) | (wide < lo) | (wide > hi)
         if bad.any():
             where = np.argwhere(bad)[0]
             raise ValueError(
-                f"ContextBatch: column {name!r} has value {arr[tuple(where)]!r} "
+                f"ContextBatch: column {name!r} has value {float(wide[tuple(where)])!r} "
                 f"at {where.tolist()}, outside [{lo}, {hi}]"
             )

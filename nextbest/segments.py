@@ -32,3 +32,21 @@ def digital_activity(app_logins_30d: np.ndarray) -> np.ndarray:
     return np.searchsorted(DIGITAL_ACTIVITY_BOUNDS_LOGINS, app_logins_30d, side="right").astype(
         np.int8
     )
+
+
+BEHAVIOURAL_SEGMENTS = ("potential", "active", "dormant")
+DORMANT_AFTER_DAYS = 60.0
+"""No app login for 2 months: the brief's churn-warning trigger, used here for dormancy."""
+
+
+def behavioural_segment(
+    aum_cny: np.ndarray, days_since_last_login: np.ndarray, lifecycle_stage: np.ndarray
+) -> np.ndarray:
+    """Index into :data:`BEHAVIOURAL_SEGMENTS`, shape ``(N,)`` int8.
+
+    Dormant: no login for 60+ days or in the decline lifecycle stage (index 3); potential:
+    AUM of 1,000,000 CNY or more (asset growth); active: everyone else (cross-sell).
+    """
+    dormant = (days_since_last_login > DORMANT_AFTER_DAYS) | (lifecycle_stage == 3)
+    potential = aum_cny >= VALUE_TIER_BOUNDS_CNY[0]
+    return np.where(dormant, 2, np.where(potential, 0, 1)).astype(np.int8)

@@ -302,8 +302,8 @@ class ContactHourCondition(Condition):
         if hours is None:
             return False
         candidates = hours or (local_hour,)
-        inside = any(in_hour_window(h, self.window) for h in candidates)
-        return inside if self.op == "in_window" else not inside
+        want_inside = self.op == "in_window"
+        return any(in_hour_window(h, self.window) == want_inside for h in candidates)
 
     def table(self) -> np.ndarray:
         return np.array(
