@@ -291,3 +291,54 @@ def read_decisions(
     if len(tables) > 1:
         validate_decisions(table, n_actions, n_features, source=str(path))
     return table
+
+
+class DecisionLogWriter:
+    """Streams validated decision batches into one new Parquet part file of a log directory.
+
+    The part is written under a hidden temporary name and renamed into place by
+    :meth:`close`, so readers never see a half-written file and existing parts are never
+    touched. Use as a context manager; on an exception the temporary file is removed.
+    """
+
+    def __init__(self, directory: str | Path, n_actions: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.n_actions = n_actions
+        self.path = self.directory / f"part-{uuid.uuid4().hex}.parquet"
+        self._tmp = self.directory / f".{self.path.name}.tmp"
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Validate ``table`` and append it as a row group."""
+        table = validate_decisions(table, self.n_actions, source=str(self.path))
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, DECISION_SCHEMA, compression="zstd")
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> Path | None:
+        """Finish the part file and move it into place; None if nothing was written."""
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the unfinished part file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> DecisionLogWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

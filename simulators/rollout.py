@@ -1,0 +1,233 @@
+"""Running a logging policy in the batch simulator: decision logs and KPIs per segment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+
+from nextbest.decision_log import DECISION_SCHEMA, DecisionLogWriter
+from nextbest.features import ContextEncoder
+from nextbest.privacy import pseudonymise
+from nextbest.segments import BEHAVIOURAL_SEGMENTS, behavioural_segment
+from simulators.policies import EpsilonGreedyDecision
+from simulators.world import BatchSimulator, StepResult
+
+SIMULATION_KEY = b"nextbest-simulation-pseudonym-key"
+"""Key for the pseudonyms of simulated customers (they are not real people)."""
+
+
+class Policy:
+    """What the rollout needs of a policy (see :mod:`simulators.policies`)."""
+
+    name: str
+
+    def decide(self, batch, allowed, rng) -> EpsilonGreedyDecision:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class SegmentKpis:
+    """Running totals per behavioural segment (at decision time)."""
+
+    decisions: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+    contacts: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+    conversions: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+    complaints: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+    opt_outs: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+    reward: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+
+    def add(self, segment: np.ndarray, result: StepResult) -> None:
+        k = len(BEHAVIOURAL_SEGMENTS)
+        contact = result.actions > 0
+        self.decisions += np.bincount(segment, minlength=k)
+        self.contacts += np.bincount(segment, weights=contact, minlength=k)
+        self.conversions += np.bincount(segment, weights=result.converted, minlength=k)
+        self.complaints += np.bincount(segment, weights=result.complaint, minlength=k)
+        self.opt_outs += np.bincount(segment, weights=result.opted_out, minlength=k)
+        self.reward += np.bincount(segment, weights=result.reward, minlength=k)
+
+
+@dataclass
+class RolloutSummary:
+    """KPIs of a run, per behavioural segment and overall."""
+
+    policy: str
+    customers: int
+    days: int
+    kpis: SegmentKpis
+    initial_segment_sizes: np.ndarray
+    churned_by_initial_segment: np.ndarray
+    rows_logged: int = 0
+
+    def table(self) -> list[dict[str, float | str]]:
+        """One dict per segment plus ``all``: contact rate (contacts per decision), conversion
+        and complaint and opt-out rates per contact, monthly churn, value per customer."""
+        rows = []
+        k = self.kpis
+        months = self.days / 30.0
+        names = [*BEHAVIOURAL_SEGMENTS, "all"]
+        for i, name in enumerate(names):
+            sel = slice(None) if name == "all" else slice(i, i + 1)
+            decisions = k.decisions[sel].sum()
+            contacts = k.contacts[sel].sum()
+            size = self.initial_segment_sizes[sel].sum()
+            rows.append(
+                {
+                    "segment": name,
+                    "customers": int(size),
+                    "decisions": int(decisions),
+                    "contact_rate": _ratio(contacts, decisions),
+                    "conversion_per_contact": _ratio(k.conversions[sel].sum(), contacts),
+                    "complaints_per_contact": _ratio(k.complaints[sel].sum(), contacts),
+                    "opt_outs_per_contact": _ratio(k.opt_outs[sel].sum(), contacts),
+                    "monthly_churn": _ratio(
+                        self.churned_by_initial_segment[sel].sum(), size * months
+                    ),
+                    "value_per_customer": _ratio(k.reward[sel].sum(), size),
+                }
+            )
+        return rows
+
+    def overall(self) -> dict[str, float | str]:
+        return self.table()[-1]
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else 0.0
+
+
+def run_policy(
+    sim: BatchSimulator,
+    policy: Policy,
+    days: int,
+    rng: np.random.Generator,
+    log_dir: str | None = None,
+    on_day: Callable[[int], None] | None = None,
+) -> RolloutSummary:
+    """Run ``policy`` for ``days`` days; optionally log every decision to ``log_dir``.
+
+    Each logged row carries the encoded context, the allowed candidates, the chosen action,
+    its ``pscore`` and the full action distribution over the candidates, and the outcome.
+    """
+    if days <= 0:
+        raise ValueError(f"days must be positive, got {days}")
+    catalog = sim.catalog
+    encoder = ContextEncoder(catalog) if log_dir else None
+    keys = (
+        np.array([pseudonymise(f"SIM-{i:09d}", SIMULATION_KEY) for i in range(sim.n)], object)
+        if log_dir
+        else None
+    )
+    pop = sim.pop
+    initial = behavioural_segment(pop.aum_cny, pop.days_since_last_login, pop.lifecycle_stage)
+    active_before = pop.active.copy()
+    kpis = SegmentKpis()
+    writer = DecisionLogWriter(log_dir, catalog.n_actions) if log_dir else None
+    model_version = f"{policy.name}-eps{getattr(policy, 'epsilon', 1.0):g}"
+    try:
+        for _ in range(days):
+            customers = sim.decision_customers()
+            batch = sim.context(customers)
+            allowed = sim.allowed(customers, batch)
+            decision = policy.decide(batch, allowed, rng)
+            segment = behavioural_segment(
+                batch["aum_cny"], batch["days_since_last_login"], batch["lifecycle_stage"]
+            ).astype(np.int64)
+            if writer is not None and encoder is not None and keys is not None:
+                hour = batch["local_hour"].astype(np.int64)
+                day, timestamp0 = sim.day, sim.now
+                result = sim.step(customers, decision.action, allowed)
+                writer.write(
+                    _decision_rows(
+                        sim,
+                        encoder,
+                        keys,
+                        customers,
+                        batch,
+                        decision,
+                        result,
+                        day,
+                        [timestamp0 + timedelta(hours=int(h)) for h in hour],
+                        model_version,
+                        policy.name,
+                    )
+                )
+            else:
+                result = sim.step(customers, decision.action, allowed)
+            kpis.add(segment, result)
+            if on_day is not None:
+                on_day(sim.day)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    rows = 0
+    if writer is not None:
+        rows = writer.rows
+        writer.close()
+    churned = active_before & ~pop.active
+    k = len(BEHAVIOURAL_SEGMENTS)
+    return RolloutSummary(
+        policy=policy.name,
+        customers=sim.n,
+        days=days,
+        kpis=kpis,
+        initial_segment_sizes=np.bincount(initial, minlength=k).astype(float),
+        churned_by_initial_segment=np.bincount(initial, weights=churned, minlength=k),
+        rows_logged=rows,
+    )
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(values, type_.value_type)
+    )
+
+
+def _decision_rows(
+    sim: BatchSimulator,
+    encoder: ContextEncoder,
+    keys: np.ndarray,
+    customers: np.ndarray,
+    batch,
+    decision: EpsilonGreedyDecision,
+    result: StepResult,
+    day: int,
+    timestamps: list,
+    model_version: str,
+    policy_name: str,
+) -> pa.Table:
+    n = len(customers)
+    features = encoder.encode(batch)
+    width = features.shape[1]
+    ctx_offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
+    offsets, candidates, probs = decision.candidate_distribution()
+    contact = result.actions > 0
+    ts = pa.array(timestamps, pa.timestamp("us", tz="UTC"))
+    columns = {
+        "decision_id": pa.array([f"sim-d{day:04d}-c{c:09d}" for c in customers]),
+        "timestamp": ts,
+        "customer_key": pa.array(keys[customers], pa.string()),
+        "context": _list_array(ctx_offsets, features.ravel(), pa.list_(pa.float32())),
+        "candidate_actions": _list_array(offsets, candidates, pa.list_(pa.int32())),
+        "action": pa.array(result.actions, pa.int32()),
+        "pscore": pa.array(decision.pscore, pa.float64()),
+        "action_dist": _list_array(offsets, probs, pa.list_(pa.float32())),
+        "reward": pa.array(result.reward, pa.float64()),
+        "converted": pa.array(result.converted),
+        "complaint": pa.array(result.complaint & contact),
+        "opted_out": pa.array(result.opted_out & contact),
+        "value_cny": pa.array(result.value_cny, pa.float64()),
+        "reward_at": ts,
+        "campaign_id": pa.nulls(n, pa.string()),
+        "policy": pa.array([policy_name] * n, pa.string()),
+        "model_version": pa.array([model_version] * n, pa.string()),
+        "ruleset_version": pa.array([sim.engine.version] * n, pa.string()),
+        "catalog_version": pa.array([sim.catalog.version] * n, pa.string()),
+        "feature_spec_version": pa.array([encoder.spec.version] * n, pa.string()),
+    }
+    return pa.Table.from_arrays(list(columns.values()), schema=DECISION_SCHEMA)
