@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -165,6 +167,109 @@ def demo(
             console.print(
                 f"    {name}: " + ("allowed" if not why else "blocked by " + ", ".join(why))
             )
+
+
+SCENARIOS_DIR = DEFAULT_CATALOG_DIR.parent / "scenarios"
+
+
+class PolicyName(StrEnum):
+    playbook = "playbook"
+    uniform = "uniform"
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[
+        Path, typer.Option(help="Scenario YAML (population and behaviour).")
+    ] = SCENARIOS_DIR / "retail_bank.yaml",
+    customers: Annotated[int, typer.Option(min=1, help="Population size.")] = 100_000,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Days to simulate.")] = 90,
+    policy: Annotated[PolicyName, typer.Option(help="Logging policy.")] = PolicyName.playbook,
+    epsilon: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Exploration rate of the playbook.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same run).")] = 7,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the decision log (Parquet) and KPIs.")
+    ] = None,
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+    rules_path: RulesOption = DEFAULT_RULES_PATH,
+) -> None:
+    """Simulate customer journeys under a logging policy; log decisions and print KPIs."""
+    from rich.progress import Progress
+
+    from simulators.policies import PlaybookPolicy, UniformPolicy
+    from simulators.rollout import run_policy
+    from simulators.scenario import load_scenario
+    from simulators.world import BatchSimulator
+
+    cat, ruleset = _load(catalog_dir, rules_path)
+    try:
+        world = load_scenario(scenario, cat)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/] {exc}")
+        raise typer.Exit(code=2) from None
+    if out is not None and out.exists() and any(out.glob("*.parquet")):
+        console.print(
+            f"[bold red]refused[/] {out} already holds a decision log; choose a new --out"
+        )
+        raise typer.Exit(code=2)
+    engine = RuleEngine(ruleset)
+    sim = BatchSimulator(world, cat, engine, customers, seed=seed)
+    chosen = PlaybookPolicy(cat, epsilon) if policy == PolicyName.playbook else UniformPolicy(cat)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"simulating {customers:,} customers", total=days)
+        summary = run_policy(
+            sim,
+            chosen,
+            days,
+            np.random.default_rng(seed + 1),
+            log_dir=str(out) if out is not None else None,
+            on_day=lambda _day: progress.advance(task),
+        )
+    rows = summary.table()
+    table = Table(title=f"{world.name}: {policy.value} (epsilon {epsilon:g}), {days} days")
+    headers = {
+        "segment": "segment",
+        "customers": "customers",
+        "decisions": "decisions",
+        "contact_rate": "contact",
+        "conversion_per_contact": "conv/contact",
+        "complaints_per_contact": "compl/contact",
+        "opt_outs_per_contact": "opt-out/contact",
+        "monthly_churn": "churn/month",
+        "value_per_customer": "value/cust",
+    }
+    for key, label in headers.items():
+        table.add_column(label, justify="left" if key == "segment" else "right")
+    for row in rows:
+        table.add_row(*[_fmt(row[key]) for key in headers])
+    console.print(table, width=max(console.width, 130))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kpis.json").write_text(
+            json.dumps(
+                {
+                    "scenario": world.name,
+                    "policy": policy.value,
+                    "epsilon": epsilon,
+                    "seed": seed,
+                    "customers": customers,
+                    "days": days,
+                    "segments": rows,
+                },
+                indent=2,
+            )
+        )
+        console.print(f"logged {summary.rows_logged:,} decisions to {out}")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2%}" if abs(value) < 1 else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
 
 
 def main() -> None:
