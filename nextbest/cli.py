@@ -243,8 +243,8 @@ def simulate(
     for key, label in headers.items():
         table.add_column(label, justify="left" if key == "segment" else "right")
     for row in rows:
-        table.add_row(*[_fmt(row[key]) for key in headers])
-    console.print(table, width=max(console.width, 130))
+        table.add_row(*[_fmt(key, row[key]) for key in headers])
+    Console(width=max(console.width, 130)).print(table)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "kpis.json").write_text(
@@ -264,9 +264,9 @@ def simulate(
         console.print(f"logged {summary.rows_logged:,} decisions to {out}")
 
 
-def _fmt(value: object) -> str:
+def _fmt(key: str, value: object) -> str:
     if isinstance(value, float):
-        return f"{value:.2%}" if abs(value) < 1 else f"{value:,.2f}"
+        return f"{value:,.2f}" if key == "value_per_customer" else f"{value:.2%}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
