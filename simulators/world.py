@@ -54,8 +54,11 @@ class BatchSimulator:
     scenario, catalog, engine
         The world, the action catalogue and the compliance rules.
     n_customers : int
-    seed : int
+    seed : int or numpy.random.Generator
         The only source of randomness: the same seed gives the same trajectories.
+    decide_every_day : bool
+        Every active customer has a decision point every day (the one-customer environment),
+        instead of the scenario's cadence and triggers.
     """
 
     def __init__(
@@ -64,8 +67,9 @@ class BatchSimulator:
         catalog: ActionCatalog,
         engine: RuleEngine,
         n_customers: int,
-        seed: int,
+        seed: int | np.random.Generator,
         start: datetime = DEFAULT_START,
+        decide_every_day: bool = False,
     ) -> None:
         if n_customers <= 0:
             raise ValueError(f"n_customers must be positive, got {n_customers}")
@@ -74,7 +78,8 @@ class BatchSimulator:
         self.scenario = scenario
         self.catalog = catalog
         self.engine = engine
-        self.rng = np.random.default_rng(seed)
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        self.decide_every_day = decide_every_day
         self.pop: Population = sample_population(scenario, catalog, n_customers, self.rng)
         self.model = ResponseModel.build(scenario, catalog)
         self.start = start
@@ -367,4 +372,6 @@ class BatchSimulator:
             | (p.days_since_last_login == 60)
         )
         due = rng.random(n, dtype=np.float32) < beh.decision_rate
+        if self.decide_every_day:
+            due[:] = True
         self._deciders = np.flatnonzero(p.active & (due | triggered))
