@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,16 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(soft_wrap=True)
+
+SCENARIOS_DIR = DEFAULT_CATALOG_DIR.parent / "scenarios"
+
+
+class PolicyName(StrEnum):
+    """Logging policies the simulator can run."""
+
+    playbook = "playbook"
+    uniform = "uniform"
+
 
 CatalogOption = Annotated[
     Path, typer.Option("--catalog", help="Directory with channels.yaml, offers.yaml, timing.yaml.")
@@ -86,16 +97,38 @@ def catalog(
 
 @app.command()
 def demo(
-    customers: Annotated[int, typer.Option(min=1, help="Sample population size.")] = 20_000,
-    seed: Annotated[int, typer.Option(help="Random seed of the sample population.")] = 7,
+    customers: Annotated[int, typer.Option(min=1, help="Customers in the simulation.")] = 5_000,
+    days: Annotated[int, typer.Option(min=1, max=365, help="Days to simulate.")] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    out: Annotated[Path, typer.Option(help="Where the demo writes its run folders.")] = Path(
+        "data/demo"
+    ),
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
     rules_path: RulesOption = DEFAULT_RULES_PATH,
 ) -> None:
-    """Run what exists end to end: load catalogue and rules, score a sample population
-    against the rules, and show what is allowed and why not."""
+    """Run what exists end to end: simulate a small population under the bank's playbook
+    (logging every decision), then show what the compliance rules allow and why not."""
+    run_dir = out / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
+    console.rule("[bold]nextbest demo 1/2: simulate the playbook")
+    simulate(
+        scenario=SCENARIOS_DIR / "retail_bank.yaml",
+        customers=customers,
+        days=days,
+        policy=PolicyName.playbook,
+        epsilon=0.1,
+        seed=seed,
+        out=run_dir / "logs",
+        catalog_dir=catalog_dir,
+        rules_path=rules_path,
+    )
+    rules_demo(customers=customers, seed=seed, catalog_dir=catalog_dir, rules_path=rules_path)
+
+
+def rules_demo(customers: int, seed: int, catalog_dir: Path, rules_path: Path) -> None:
+    """Score a random sample population against the rules; print what is blocked and why."""
     cat, ruleset = _load(catalog_dir, rules_path)
     engine = RuleEngine(ruleset)
-    console.rule("[bold]nextbest demo: compliance over a sample population")
+    console.rule("[bold]nextbest demo 2/2: compliance over a sample population")
     console.print(
         f"catalogue {cat.version}: {cat.n_actions} actions; "
         f"rule set {ruleset.name!r} {ruleset.version}: {len(ruleset)} rules"
@@ -167,14 +200,6 @@ def demo(
             console.print(
                 f"    {name}: " + ("allowed" if not why else "blocked by " + ", ".join(why))
             )
-
-
-SCENARIOS_DIR = DEFAULT_CATALOG_DIR.parent / "scenarios"
-
-
-class PolicyName(StrEnum):
-    playbook = "playbook"
-    uniform = "uniform"
 
 
 @app.command()

@@ -21,11 +21,16 @@ def test_help_every_subcommand(command: list[str]) -> None:
     assert "Usage" in result.output
 
 
-def test_demo_small_population_shows_rules() -> None:
-    result = runner.invoke(app, ["demo", "--customers", "300", "--seed", "3"])
+def test_demo_small_population_simulates_and_shows_rules(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["demo", "--customers", "300", "--days", "3", "--seed", "3", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     assert "suitability_risk" in result.output
     assert "300 customers x 361 actions" in result.output
+    (run,) = tmp_path.iterdir()
+    assert list((run / "logs").glob("part-*.parquet"))
+    assert (run / "logs" / "kpis.json").exists()
 
 
 def test_check_bad_catalog_exits_2_naming_file_and_key(tmp_path: Path) -> None:
