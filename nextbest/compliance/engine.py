@@ -92,8 +92,52 @@ class _Group:
     action_class: np.ndarray
     """(A,) int: class of each action."""
     n_classes: int
-    members: list[tuple[_CompiledRule, np.ndarray]]
-    """Each rule with its (n_keys, n_classes) uint8 code table (rule index or ALLOWED)."""
+    members: list[_FusedRules]
+    """Rules fused into joint code tables over the group's classes."""
+
+
+@dataclass(eq=False)
+class _FusedRules:
+    """Consecutive rules sharing one joint code table.
+
+    The joint key is ``sum(key_m * strides[m])``; ``table[joint_key, column]`` is the lowest
+    index of the member rules that block the column (or ALLOWED).
+    """
+
+    members: list[_CompiledRule]
+    strides: list[int]
+    table: np.ndarray
+
+    def keys(self, batch: ContextBatch) -> np.ndarray:
+        key = np.zeros(batch.n, np.int64)
+        for member, stride in zip(self.members, self.strides, strict=True):
+            if member.n_keys > 1:
+                key += member.keys(batch) * stride
+        return key
+
+
+def _fuse(rules: list[_CompiledRule], columns: np.ndarray) -> list[_FusedRules]:
+    """Fuse consecutive rules into joint code tables of at most FUSED_MAX_KEYS rows over the
+    given action ``columns`` (one representative action per class)."""
+    chunks: list[list[_CompiledRule]] = []
+    for rule in rules:
+        if chunks and prod(m.n_keys for m in chunks[-1]) * rule.n_keys <= FUSED_MAX_KEYS:
+            chunks[-1].append(rule)
+        else:
+            chunks.append([rule])
+    fused: list[_FusedRules] = []
+    for chunk in chunks:
+        table = np.full((1, len(columns)), ALLOWED, np.uint8)
+        strides: list[int] = []
+        stride = 1
+        for m in chunk:
+            codes = np.where(m.table[:, columns], m.rule.index, ALLOWED).astype(np.uint8)
+            # joint index = k_m * stride + (index over the earlier members)
+            table = np.minimum(table[None, :, :], codes[:, None, :]).reshape(-1, len(columns))
+            strides.append(stride)
+            stride *= m.n_keys
+        fused.append(_FusedRules(chunk, strides, np.ascontiguousarray(table)))
+    return fused
 
 
 class RuleEngine:
@@ -112,34 +156,21 @@ class RuleEngine:
     def _build_row_plan(
         self, compiled: list[_CompiledRule]
     ) -> tuple[list[tuple[int, list[Callable[[dict[str, Any]], int]]]], np.ndarray]:
-        """Fuse consecutive rules into joint code tables of at most FUSED_MAX_KEYS rows, so
-        the single-customer path reads a few rows instead of one per rule."""
-        fused: list[list[_CompiledRule]] = []
-        for rule in compiled:
-            if fused and prod(m.n_keys for m in fused[-1]) * rule.n_keys <= FUSED_MAX_KEYS:
-                fused[-1].append(rule)
-            else:
-                fused.append([rule])
+        """The single-customer path reads one row per fused table instead of one per rule."""
         plan: list[tuple[int, list[Callable[[dict[str, Any]], int]]]] = []
         tables: list[np.ndarray] = []
         offset = 0
-        for members in fused:
-            table = np.full((1, self.n_actions), ALLOWED, np.uint8)
-            parts: list[Callable[[dict[str, Any]], int]] = []
-            member_stride = 1
-            for m in members:
-                codes = np.where(m.table, m.rule.index, ALLOWED).astype(np.uint8)
-                # joint index = k_m * member_stride + (index over the earlier members)
-                table = np.minimum(table[None, :, :], codes[:, None, :]).reshape(-1, self.n_actions)
-                parts.extend(
-                    cond.scaled_key_fn(stride * member_stride)
-                    for cond, stride in zip(m.rule.conditions, m.strides, strict=True)
-                    if cond.n_keys > 1
-                )
-                member_stride *= m.n_keys
+        columns = np.arange(self.n_actions)
+        for fused in _fuse(compiled, columns):
+            parts = [
+                cond.scaled_key_fn(stride * member_stride)
+                for m, member_stride in zip(fused.members, fused.strides, strict=True)
+                for cond, stride in zip(m.rule.conditions, m.strides, strict=True)
+                if cond.n_keys > 1
+            ]
             plan.append((offset, parts))
-            tables.append(table)
-            offset += len(table)
+            tables.append(fused.table)
+            offset += len(fused.table)
         if not tables:
             tables.append(np.full((1, self.n_actions), ALLOWED, np.uint8))
         return plan, np.ascontiguousarray(np.concatenate(tables, axis=0))
@@ -184,11 +215,7 @@ class RuleEngine:
         groups: list[_Group] = []
         for g_inv, n_classes, members in partitions:
             representative = np.array([np.flatnonzero(g_inv == k)[0] for k in range(n_classes)])
-            tables = [
-                (m, np.where(m.table[:, representative], m.rule.index, ALLOWED).astype(np.uint8))
-                for m in members
-            ]
-            groups.append(_Group(g_inv, n_classes, tables))
+            groups.append(_Group(g_inv, n_classes, _fuse(members, representative)))
         return groups
 
     def evaluate(self, batch: ContextBatch) -> Verdict:
@@ -212,8 +239,9 @@ class RuleEngine:
         out: np.ndarray | None = None
         for group in self._groups:
             codes: np.ndarray | None = None
-            for member, table in group.members:
-                rule_codes = table[member.keys(batch)] if member.n_keys > 1 else table[:1]
+            for fused in group.members:
+                table = fused.table
+                rule_codes = table[fused.keys(batch)] if len(table) > 1 else table[:1]
                 if codes is None:
                     codes = np.broadcast_to(rule_codes, (batch.n, group.n_classes)).copy()
                 else:
