@@ -120,6 +120,15 @@ class PlaybookPolicy:
         self.catalog = catalog
         self.epsilon = epsilon
         self._table = self._build_table()
+        # Per profile, the playbook's actions in preference order, padded with no-contact
+        # (always allowed), so the greedy action is the first allowed entry of a short list.
+        order = [
+            np.flatnonzero(row > 0)[np.argsort(-row[row > 0], kind="stable")] for row in self._table
+        ]
+        width = max(len(o) for o in order) + 1
+        self._preferences = np.zeros((len(order), width), np.int64)
+        for i, o in enumerate(order):
+            self._preferences[i, : len(o)] = o
 
     def _offers_for(
         self, segment: str, stage: str, trigger: str, hnw: bool
@@ -221,9 +230,9 @@ class PlaybookPolicy:
 
     def greedy(self, batch: ContextBatch, allowed: np.ndarray) -> np.ndarray:
         """The playbook's first allowed preference per customer (no contact if none)."""
-        scores = self._table[self.profiles(batch)]
-        scores[~allowed] = -np.inf
-        return scores.argmax(axis=1)
+        prefs = self._preferences[self.profiles(batch)]
+        ok = np.take_along_axis(allowed, prefs, axis=1)
+        return prefs[np.arange(len(prefs)), ok.argmax(axis=1)]
 
     def decide(
         self, batch: ContextBatch, allowed: np.ndarray, rng: np.random.Generator

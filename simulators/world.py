@@ -102,6 +102,9 @@ class BatchSimulator:
             for i, ch in enumerate(catalog.channels)
             if ch.daily_capacity is not None
         }
+        self._channel_columns = {
+            i: np.flatnonzero(catalog.channel_index == i) for i in range(catalog.n_channels)
+        }
         self.capacity_rule_ids = tuple(
             f"capacity_{catalog.channel_names[i]}" for i in self._capacity
         )
@@ -167,19 +170,22 @@ class BatchSimulator:
         code (``len(rules) + k`` for the k-th capacity channel) or ``ALLOWED``.
 
         Capacity: a channel with a daily capacity (relationship managers) is open today to the
-        ``K`` deciding customers with the highest AUM, ``K`` scaled from the bank's capacity
-        to this population's size.
+        ``K`` deciding customers with the highest AUM (ties in any order), ``K`` scaled from
+        the bank's capacity to this population's size.
         """
         codes = self.engine.blocked_by(batch)
         n_rules = len(self.engine.rule_ids)
         for k, (channel, capacity) in enumerate(self._capacity.items()):
             if capacity >= len(customers):
                 continue
-            order = np.argsort(-batch["aum_cny"], kind="stable")
-            closed = order[capacity:]
-            cols = np.flatnonzero(self.catalog.channel_index == channel)
-            sub = codes[np.ix_(closed, cols)]
-            codes[np.ix_(closed, cols)] = np.where(sub == ALLOWED, n_rules + k, sub)
+            closed = np.ones(len(customers), bool)
+            closed[np.argpartition(-batch["aum_cny"], capacity)[:capacity] if capacity else []] = (
+                False
+            )
+            cols = self._channel_columns[channel]
+            block = codes[:, cols]
+            block[closed] = np.where(block[closed] == ALLOWED, np.uint8(n_rules + k), block[closed])
+            codes[:, cols] = block
         return codes
 
     def allowed(self, customers: np.ndarray, batch: ContextBatch) -> np.ndarray:
