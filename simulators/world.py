@@ -184,7 +184,7 @@ class BatchSimulator:
             )
             cols = self._channel_columns[channel]
             block = codes[:, cols]
-            block[closed] = np.where(block[closed] == ALLOWED, np.uint8(n_rules + k), block[closed])
+            np.copyto(block, np.uint8(n_rules + k), where=(block == ALLOWED) & closed[:, None])
             codes[:, cols] = block
         return codes
 
