@@ -27,6 +27,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compliance.py
+	$(BIN)/python benchmarks/simulator.py --full
 
 clean:
 	rm -rf $(VENV) build *.egg-info
