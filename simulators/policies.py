@@ -9,12 +9,16 @@ only ever puts probability on allowed actions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nextbest.catalog import NO_CONTACT_ID, ActionCatalog
 from nextbest.context import ContextBatch
 from nextbest.segments import BEHAVIOURAL_SEGMENTS, LIFE_STAGES, behavioural_segment, life_stage
+
+if TYPE_CHECKING:
+    from simulators.world import BatchSimulator
 
 NOT_IN_PLAYBOOK = -1e9
 
@@ -239,3 +243,32 @@ class PlaybookPolicy:
     ) -> EpsilonGreedyDecision:
         """Decisions for the customers of ``batch``, given their allowed mask ``(n, A)``."""
         return epsilon_greedy(allowed, self.greedy(batch, allowed), self.epsilon, rng)
+
+
+class MyopicOraclePolicy:
+    """The best allowed action by exact expected immediate reward (ground truth).
+
+    Reads the simulator's hidden state, so it is a yardstick for regret, not a policy a bank
+    could run. Deterministic (``epsilon`` 0 by default).
+    """
+
+    name = "myopic_oracle"
+
+    def __init__(self, sim: BatchSimulator, epsilon: float = 0.0) -> None:
+        self.sim = sim
+        self.epsilon = epsilon
+
+    def expected_rewards(self, customers: np.ndarray) -> np.ndarray:
+        """Exact expected reward of every action, float32 ``(n, A)``."""
+        actions = np.arange(self.sim.catalog.n_actions)[None, :]
+        return self.sim.expected_outcome(customers[:, None], actions).expected_reward
+
+    def decide(
+        self, batch: ContextBatch, allowed: np.ndarray, rng: np.random.Generator
+    ) -> EpsilonGreedyDecision:
+        """Decisions for today's deciders (``batch`` must be their context)."""
+        customers = self.sim.decision_customers()
+        if len(customers) != batch.n:
+            raise ValueError("the oracle decides for the simulator's decision customers only")
+        values = np.where(allowed, self.expected_rewards(customers), -np.inf)
+        return epsilon_greedy(allowed, values.argmax(axis=1), self.epsilon, rng)
