@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -138,8 +137,7 @@ def run_policy(
                 batch["aum_cny"], batch["days_since_last_login"], batch["lifecycle_stage"]
             ).astype(np.int64)
             if writer is not None and encoder is not None and keys is not None:
-                hour = batch["local_hour"].astype(np.int64)
-                day, timestamp0 = sim.day, sim.now
+                day, timestamps = sim.day, sim.decision_time_us(customers)
                 result = sim.step(customers, decision.action, allowed)
                 writer.write(
                     _decision_rows(
@@ -151,7 +149,7 @@ def run_policy(
                         decision,
                         result,
                         day,
-                        [timestamp0 + timedelta(hours=int(h)) for h in hour],
+                        timestamps,
                         model_version,
                         policy.name,
                     )
@@ -197,7 +195,7 @@ def _decision_rows(
     decision: EpsilonGreedyDecision,
     result: StepResult,
     day: int,
-    timestamps: list,
+    timestamps_us: np.ndarray,
     model_version: str,
     policy_name: str,
 ) -> pa.Table:
@@ -207,9 +205,11 @@ def _decision_rows(
     ctx_offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)
     offsets, candidates, probs = decision.candidate_distribution()
     contact = result.actions > 0
-    ts = pa.array(timestamps, pa.timestamp("us", tz="UTC"))
+    ts = pa.array(timestamps_us.astype(np.int64), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
     columns = {
-        "decision_id": pa.array([f"sim-d{day:04d}-c{c:09d}" for c in customers]),
+        "decision_id": pa.array(
+            np.char.add(f"sim-d{day:04d}-c", np.char.zfill(customers.astype("U9"), 9))
+        ),
         "timestamp": ts,
         "customer_key": pa.array(keys[customers], pa.string()),
         "context": _list_array(ctx_offsets, features.ravel(), pa.list_(pa.float32())),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -73,7 +74,8 @@ class PopulationSpec(StrictModel):
     dishonest_debtor_rate: Probability
     holding_rates: dict[str, Probability]
     maturing_product_rate: Probability
-    timezones: dict[str, Probability]
+    timezone: str
+    """IANA zone of the simulated customers (one zone per scenario)."""
 
     @field_validator("life_stages")
     @classmethod
@@ -105,10 +107,13 @@ class PopulationSpec(StrictModel):
                 raise ValueError(f"{stage}: {exc}") from None
         return value
 
-    @field_validator("timezones")
+    @field_validator("timezone")
     @classmethod
-    def _zones(cls, value: dict[str, float]) -> dict[str, float]:
-        _sum_to_one(list(value.values()))
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
         return value
 
     @field_validator("consent_rates")

@@ -11,7 +11,8 @@ outcomes from the exact response model, applies them, and advances every custome
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from simulators.population import CONTACT_WINDOW_DAYS, Population, sample_popula
 from simulators.response import Outcome, ResponseModel, outcome_probabilities
 from simulators.scenario import Scenario
 
-DEFAULT_START = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
+DEFAULT_START = datetime(2026, 1, 5)  # a Monday, local midnight in the scenario's zone
 DECLINE_AFTER_DAYS = 180.0
 
 
@@ -82,6 +83,9 @@ class BatchSimulator:
         self.decide_every_day = decide_every_day
         self.pop: Population = sample_population(scenario, catalog, n_customers, self.rng)
         self.model = ResponseModel.build(scenario, catalog)
+        if start.tzinfo is not None:
+            raise ValueError("start is a naive local date-time in the scenario's time zone")
+        self.zone = ZoneInfo(scenario.population.timezone)
         self.start = start
         self.day = 0
         beh = scenario.behaviour
@@ -117,8 +121,13 @@ class BatchSimulator:
 
     @property
     def now(self) -> datetime:
-        """Start of the current simulated day."""
-        return self.start.fromtimestamp(self.start.timestamp() + self.day * 86400, UTC)
+        """Local midnight starting the current simulated day, timezone-aware."""
+        return (self.start + timedelta(days=self.day)).replace(tzinfo=self.zone)
+
+    def decision_time_us(self, customers: np.ndarray) -> np.ndarray:
+        """UTC time of each customer's decision today, microseconds since the epoch (n,)."""
+        midnight_us = int(self.now.astimezone(UTC).timestamp()) * 1_000_000
+        return midnight_us + self.hour[customers].astype(np.int64) * 3_600_000_000
 
     @property
     def weekday(self) -> int:
