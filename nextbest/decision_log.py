@@ -12,6 +12,8 @@ anyone trains on a file.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import uuid
 from pathlib import Path
 
@@ -50,6 +52,18 @@ DECISION_SCHEMA = pa.schema(
 """Arrow schema of a decision log. ``pscore`` may be null only for logs without propensities."""
 
 REQUIRED_COLUMNS = tuple(f.name for f in DECISION_SCHEMA if not f.nullable)
+PARQUET_OPTIONS: dict[str, object] = {
+    "compression": "zstd",
+    # dictionary encoding pays only for the repetitive strings; it slows the float lists
+    "use_dictionary": [
+        "policy",
+        "model_version",
+        "ruleset_version",
+        "catalog_version",
+        "feature_spec_version",
+        "campaign_id",
+    ],
+}
 PSCORE_ATOL = 1e-4
 
 
@@ -256,7 +270,7 @@ def write_decisions(table: pa.Table, path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         target = path / f"part-{uuid.uuid4().hex}.parquet"
     tmp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, **PARQUET_OPTIONS)
     os.replace(tmp, target)
     return target
 
@@ -294,44 +308,97 @@ def read_decisions(
 
 
 class DecisionLogWriter:
-    """Streams validated decision batches into one new Parquet part file of a log directory.
+    """Streams decision batches into one new Parquet part file of a log directory.
 
     The part is written under a hidden temporary name and renamed into place by
     :meth:`close`, so readers never see a half-written file and existing parts are never
-    touched. Use as a context manager; on an exception the temporary file is removed.
+    touched. Compression and file writing run on a background thread (pyarrow releases the
+    GIL), with at most ``queue_size`` batches waiting, so a producer such as the simulator
+    keeps working meanwhile. Use as a context manager; on an exception the temporary file is
+    removed.
+
+    Parameters
+    ----------
+    directory : path
+        Log directory (created if missing).
+    n_actions : int, optional
+        Catalogue size, for validation.
+    validate : bool
+        Validate each batch before queueing it (``read_decisions`` validates again on read).
     """
 
-    def __init__(self, directory: str | Path, n_actions: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        n_actions: int | None = None,
+        validate: bool = True,
+        queue_size: int = 2,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.n_actions = n_actions
+        self.validate = validate
         self.path = self.directory / f"part-{uuid.uuid4().hex}.parquet"
         self._tmp = self.directory / f".{self.path.name}.tmp"
-        self._writer: pq.ParquetWriter | None = None
+        self._writer = pq.ParquetWriter(self._tmp, DECISION_SCHEMA, **PARQUET_OPTIONS)
+        self._queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="decision-log-writer", daemon=True)
+        self._thread.start()
+        self._closed = False
         self.rows = 0
 
+    def _drain(self) -> None:
+        while True:
+            table = self._queue.get()
+            if table is None:
+                return
+            if self._error is None:
+                try:
+                    self._writer.write_table(table)
+                except BaseException as exc:  # surfaced to the producer on its next call
+                    self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise DecisionLogError(str(self.path), "*", f"writing failed: {self._error}")
+
     def write(self, table: pa.Table) -> None:
-        """Validate ``table`` and append it as a row group."""
-        table = validate_decisions(table, self.n_actions, source=str(self.path))
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._tmp, DECISION_SCHEMA, compression="zstd")
-        self._writer.write_table(table)
+        """Queue ``table`` (validated first when ``validate``) to be appended as a row group."""
+        if self._closed:
+            raise RuntimeError("the writer is closed")
+        self._raise_pending()
+        if self.validate:
+            table = validate_decisions(table, self.n_actions, source=str(self.path))
+        elif table.schema != DECISION_SCHEMA:
+            table = table.cast(DECISION_SCHEMA)
+        self._queue.put(table)
         self.rows += table.num_rows
 
-    def close(self) -> Path | None:
-        """Finish the part file and move it into place; None if nothing was written."""
-        if self._writer is None:
-            return None
+    def _finish(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
         self._writer.close()
-        self._writer = None
+
+    def close(self) -> Path | None:
+        """Finish the part file and move it into place; None (and no file) if no rows."""
+        if self._closed:
+            return self.path if self.path.exists() else None
+        self._finish()
+        if self._error is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._raise_pending()
+        if self.rows == 0:
+            self._tmp.unlink(missing_ok=True)
+            return None
         os.replace(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         """Drop the unfinished part file."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if not self._closed:
+            self._finish()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> DecisionLogWriter:

@@ -1,14 +1,14 @@
 """Personal data protection: pseudonymous customer keys and masking of sensitive numbers.
 
 Raw customer identifiers are never written to logs, metrics or decision files: they are
-replaced by a keyed hash (HMAC-SHA256), so records of one customer can be joined without the
-identifier being visible ("usable but not visible"). The key is a secret of the deployment.
+replaced by a keyed hash (BLAKE2b in its keyed MAC mode), so records of one customer can be
+joined without the identifier being visible ("usable but not visible"). The key is a
+secret of the deployment.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 
 PSEUDONYM_PREFIX = "cust_"
 PSEUDONYM_HEX_CHARS = 24
@@ -20,7 +20,7 @@ def pseudonymise(customer_id: str, key: bytes) -> str:
     Returns
     -------
     str
-        ``cust_`` followed by 24 hex characters (96 bits of HMAC-SHA256).
+        ``cust_`` followed by 24 hex characters (a 96-bit keyed BLAKE2b MAC).
 
     Raises
     ------
@@ -30,8 +30,10 @@ def pseudonymise(customer_id: str, key: bytes) -> str:
     """
     if len(key) < 16:
         raise ValueError("pseudonymisation key must be at least 16 bytes")
-    digest = hmac.new(key, customer_id.encode("utf-8"), hashlib.sha256).hexdigest()
-    return PSEUDONYM_PREFIX + digest[:PSEUDONYM_HEX_CHARS]
+    digest = hashlib.blake2b(
+        customer_id.encode("utf-8"), key=key[:64], digest_size=PSEUDONYM_HEX_CHARS // 2
+    ).hexdigest()
+    return PSEUDONYM_PREFIX + digest
 
 
 def mask_number(value: str, keep_last: int = 4) -> str:

@@ -53,10 +53,14 @@ class EpsilonGreedyDecision:
     def candidate_distribution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The full distribution in the logged form: ``(offsets (n+1,), candidates, probs)``,
         candidates in id order per customer and probabilities aligned with them."""
-        rows, cols = np.nonzero(self.allowed)
+        n, n_actions = self.allowed.shape
         k = self.n_allowed
+        flat = np.flatnonzero(self.allowed)  # row-major: grouped by customer, ids ascending
+        rows = np.repeat(np.arange(n), k)
+        cols = flat - rows * n_actions
         offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
-        probs = self.epsilon / k[rows] + (1.0 - self.epsilon) * (cols == self.greedy[rows])
+        probs = np.repeat((self.epsilon / k).astype(np.float32), k)
+        probs[cols == np.repeat(self.greedy, k)] += np.float32(1.0 - self.epsilon)
         return offsets, cols.astype(np.int32), probs.astype(np.float32)
 
 

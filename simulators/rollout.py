@@ -125,7 +125,8 @@ def run_policy(
     initial = behavioural_segment(pop.aum_cny, pop.days_since_last_login, pop.lifecycle_stage)
     active_before = pop.active.copy()
     kpis = SegmentKpis()
-    writer = DecisionLogWriter(log_dir, catalog.n_actions) if log_dir else None
+    # The simulator builds its rows from validated parts; read_decisions checks the file.
+    writer = DecisionLogWriter(log_dir, catalog.n_actions, validate=False) if log_dir else None
     model_version = f"{policy.name}-eps{getattr(policy, 'epsilon', 1.0):g}"
     try:
         for _ in range(days):
