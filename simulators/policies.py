@@ -54,14 +54,14 @@ class EpsilonGreedyDecision:
         """The full distribution in the logged form: ``(offsets (n+1,), candidates, probs)``,
         candidates in id order per customer and probabilities aligned with them."""
         n, n_actions = self.allowed.shape
-        k = self.n_allowed
+        k = np.count_nonzero(self.allowed, axis=1)
         flat = np.flatnonzero(self.allowed)  # row-major: grouped by customer, ids ascending
-        rows = np.repeat(np.arange(n), k)
-        cols = flat - rows * n_actions
+        cols = (flat % n_actions).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
         probs = np.repeat((self.epsilon / k).astype(np.float32), k)
-        probs[cols == np.repeat(self.greedy, k)] += np.float32(1.0 - self.epsilon)
-        return offsets, cols.astype(np.int32), probs.astype(np.float32)
+        greedy_at = np.searchsorted(flat, np.arange(n) * n_actions + self.greedy)
+        probs[greedy_at] += np.float32(1.0 - self.epsilon)
+        return offsets, cols, probs
 
 
 def epsilon_greedy(
