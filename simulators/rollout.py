@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from nextbest.decision_log import DECISION_SCHEMA, DecisionLogWriter
 from nextbest.features import ContextEncoder
@@ -117,7 +118,7 @@ def run_policy(
     catalog = sim.catalog
     encoder = ContextEncoder(catalog) if log_dir else None
     keys = (
-        np.array([pseudonymise(f"SIM-{i:09d}", SIMULATION_KEY) for i in range(sim.n)], object)
+        pa.array([pseudonymise(f"SIM-{i:09d}", SIMULATION_KEY) for i in range(sim.n)], pa.string())
         if log_dir
         else None
     )
@@ -190,7 +191,7 @@ def _list_array(offsets: np.ndarray, values: np.ndarray, type_: pa.DataType) -> 
 def _decision_rows(
     sim: BatchSimulator,
     encoder: ContextEncoder,
-    keys: np.ndarray,
+    keys: pa.Array,
     customers: np.ndarray,
     batch,
     decision: EpsilonGreedyDecision,
@@ -208,11 +209,13 @@ def _decision_rows(
     contact = result.actions > 0
     ts = pa.array(timestamps_us.astype(np.int64), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
     columns = {
-        "decision_id": pa.array(
-            np.char.add(f"sim-d{day:04d}-c", np.char.zfill(customers.astype("U9"), 9))
+        "decision_id": pc.binary_join_element_wise(
+            f"sim-d{day:04d}-c",
+            pc.utf8_lpad(pc.cast(pa.array(customers), pa.string()), 9, "0"),
+            "",
         ),
         "timestamp": ts,
-        "customer_key": pa.array(keys[customers], pa.string()),
+        "customer_key": keys.take(pa.array(customers)),
         "context": _list_array(ctx_offsets, features.ravel(), pa.list_(pa.float32())),
         "candidate_actions": _list_array(offsets, candidates, pa.list_(pa.int32())),
         "action": pa.array(result.actions, pa.int32()),
@@ -225,10 +228,10 @@ def _decision_rows(
         "value_cny": pa.array(result.value_cny, pa.float64()),
         "reward_at": ts,
         "campaign_id": pa.nulls(n, pa.string()),
-        "policy": pa.array([policy_name] * n, pa.string()),
-        "model_version": pa.array([model_version] * n, pa.string()),
-        "ruleset_version": pa.array([sim.engine.version] * n, pa.string()),
-        "catalog_version": pa.array([sim.catalog.version] * n, pa.string()),
-        "feature_spec_version": pa.array([encoder.spec.version] * n, pa.string()),
+        "policy": pa.repeat(policy_name, n),
+        "model_version": pa.repeat(model_version, n),
+        "ruleset_version": pa.repeat(sim.engine.version, n),
+        "catalog_version": pa.repeat(sim.catalog.version, n),
+        "feature_spec_version": pa.repeat(encoder.spec.version, n),
     }
     return pa.Table.from_arrays(list(columns.values()), schema=DECISION_SCHEMA)
