@@ -56,7 +56,7 @@ class EpsilonGreedyDecision:
         n, n_actions = self.allowed.shape
         k = np.count_nonzero(self.allowed, axis=1)
         flat = np.flatnonzero(self.allowed)  # row-major: grouped by customer, ids ascending
-        cols = (flat % n_actions).astype(np.int32)
+        cols = (flat - np.repeat(np.arange(n) * n_actions, k)).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
         probs = np.repeat((self.epsilon / k).astype(np.float32), k)
         greedy_at = np.searchsorted(flat, np.arange(n) * n_actions + self.greedy)
