@@ -7,9 +7,11 @@ oracles and evaluators, so there is one response model and no sampling noise in 
 Funnel for action ``a = (channel c, offer o, timing t)`` and customer ``i``::
 
     deliver  = deliver[c] * (app user, for app push)
-    open     = min(1, open[c] * affinity[i, c] * timing(i, t) / (1 + drop * fatigue[i]))
+    open     = min(1, open[c] * affinity[i, c] * adoption(i, c) * timing(i, t)
+                      / (1 + drop * fatigue[i]))
     click    = click[c]
-    convert  = min(1, need[i, o] * held[i, o] * triggers(i, o) * human_boost[c, o])
+    convert  = min(1, need[i, o] * held[i, o] * triggers(i, o) * adoption(i, o)
+                      * human_boost[c, o])
     P(conversion) = deliver * open * click * convert
     P(complaint)  = deliver * min(1, complaint[c] * (1 + k * sens[i] * fatigue[i]) * off_hours)
     P(opt-out)    = deliver * min(1, opt_out[c] * (1 + k * sens[i] * fatigue[i]))
@@ -50,6 +52,9 @@ class ResponseModel:
     mortgage_offer: int  # offer index of the mortgage rate offer, -1 if absent
     renewal_offers: np.ndarray  # (O,) bool: wealth and deposit offers
     winback_offers: np.ndarray  # (O,) bool
+    activation_offers: np.ndarray  # (O,) bool: e-channel activation
+    app_open_factor: np.ndarray  # (4,) by adoption stage
+    activation_need_factor: np.ndarray  # (4,) by adoption stage
     channel_index: np.ndarray  # (A,) -1 for no contact
     offer_index: np.ndarray  # (A,)
     timing_index: np.ndarray  # (A,)
@@ -94,11 +99,29 @@ class ResponseModel:
                 [o.family in ("investment", "deposit") for o in catalog.offers], bool
             ),
             winback_offers=np.array([o.name == "winback_perk" for o in catalog.offers], bool),
+            activation_offers=np.array(
+                [o.name == "echannel_activation" for o in catalog.offers], bool
+            ),
+            app_open_factor=np.array(beh.adoption.app_open_factor, np.float32),
+            activation_need_factor=np.array(beh.adoption.activation_need_factor, np.float32),
             channel_index=catalog.channel_index.astype(np.int64),
             offer_index=catalog.offer_index.astype(np.int64),
             timing_index=catalog.timing_index.astype(np.int64),
             scenario=scenario,
         )
+
+
+ADOPTION_STAGES = ("never", "lapsed", "occasional", "frequent")
+
+
+def adoption_stage(days_since_last_login: np.ndarray, app_logins_30d: np.ndarray) -> np.ndarray:
+    """E-channel adoption stage, index into :data:`ADOPTION_STAGES`, int64 of the input shape:
+    never signed in (no login ever), lapsed (none for 30+ days), occasional, frequent (4+)."""
+    return np.where(
+        np.isinf(days_since_last_login),
+        0,
+        np.where(days_since_last_login > 30, 1, np.where(app_logins_30d >= 4, 3, 2)),
+    )
 
 
 @dataclass(frozen=True)
@@ -152,9 +175,11 @@ def outcome_probabilities(
     preferred = pop.preferred_hour[customers].astype(np.int16)
 
     deliver = model.deliver[ch]
+    stage = adoption_stage(pop.days_since_last_login[customers], pop.app_logins_30d[customers])
+    is_push = ch == model.app_push
     if beh.app_push_needs_app_user and model.app_push >= 0:
-        app_user = pop.days_since_last_login[customers] <= 30
-        deliver = np.where((ch == model.app_push) & ~app_user, np.float32(0.02), deliver)
+        app_user = stage >= 2
+        deliver = np.where(is_push & ~app_user, np.float32(0.02), deliver)
 
     start, end = model.slot_start[ts], model.slot_end[ts]
     immediate = start < 0
@@ -170,10 +195,12 @@ def outcome_probabilities(
     )
     off_hours = immediate & ((now_hour >= QUIET_START) | (now_hour < QUIET_END))
     timing = np.where(off_hours, timing * np.float32(beh.timing.now_off_hours_factor), timing)
+    adoption = np.where(is_push, model.app_open_factor[stage], np.float32(1.0))
     p_open = np.minimum(
         1.0,
         model.open[ch]
         * pop.affinity[customers, ch]
+        * adoption
         * timing
         / (1.0 + np.float32(beh.fatigue.response_drop) * fatigue),
     )
@@ -193,6 +220,7 @@ def outcome_probabilities(
     need = np.where(
         model.renewal_offers[of] & maturing, need * np.float32(trig.maturity_renewal_boost), need
     )
+    need = np.where(model.activation_offers[of], need * model.activation_need_factor[stage], need)
     dormant = pop.days_since_last_login[customers] > 60
     need = np.where(
         model.winback_offers[of] & dormant, need * np.float32(trig.dormant_winback_boost), need

@@ -147,6 +147,13 @@ class FunnelSpec(StrictModel):
     click: Probability
 
 
+class AdoptionSpec(StrictModel):
+    """Effects of the e-channel adoption stage (never, lapsed, occasional, frequent)."""
+
+    app_open_factor: tuple[NonNegative, NonNegative, NonNegative, NonNegative]
+    activation_need_factor: tuple[NonNegative, NonNegative, NonNegative, NonNegative]
+
+
 class TimingSpec(StrictModel):
     preferred_window_boost: Positive
     off_window_factor: Positive
@@ -212,6 +219,7 @@ class BehaviourSpec(StrictModel):
     channel_funnel: dict[str, FunnelSpec]
     human_channel_boost: dict[str, Positive]
     app_push_needs_app_user: bool
+    adoption: AdoptionSpec
     timing: TimingSpec
     triggers: TriggerSpec
     fatigue: FatigueSpec
