@@ -20,19 +20,9 @@ import time
 import numpy as np
 
 from nextbest.catalog import load_catalog
-from nextbest.compliance import ALLOWED, DEFAULT_RULES_PATH, RuleEngine, RuleSet, load_rules
+from nextbest.compliance import DEFAULT_RULES_PATH, RuleEngine, load_rules
+from nextbest.compliance.reference import reference_blocked_by
 from nextbest.synthetic import random_context_batch
-
-
-def naive_blocked_by(ruleset: RuleSet, row: dict, n_actions: int) -> list[int]:
-    """First blocking rule per action for one customer, by plain loops (the baseline)."""
-    out = [int(ALLOWED)] * n_actions
-    for action in range(1, n_actions):
-        for rule in ruleset.rules:
-            if all(cond.holds(row, action) for cond in rule.conditions):
-                out[action] = rule.index
-                break
-    return out
 
 
 def main() -> None:
@@ -60,10 +50,10 @@ def main() -> None:
 
     rows = [batch.row(i) for i in range(args.naive_sample)]
     start = time.perf_counter()
-    naive = [naive_blocked_by(ruleset, row, catalog.n_actions) for row in rows]
+    naive = [reference_blocked_by(ruleset, row) for row in rows]
     naive_sample_s = time.perf_counter() - start
     naive_s = naive_sample_s * args.customers / args.naive_sample
-    if not np.array_equal(np.array(naive, np.uint8), verdict.blocked_by[: args.naive_sample]):
+    if not np.array_equal(np.array(naive), verdict.blocked_by[: args.naive_sample]):
         raise SystemExit("engine and naive loop disagree: benchmark void")
 
     single_rows = [batch.row(i) for i in range(20_000)]

@@ -317,7 +317,10 @@ def _normalise_one(name: str, value: Any, fail: Any, side: str, catalog: ActionC
             raise fail(f"{name} must be one of {list(vocabulary)}, got {value!r}")
         return vocabulary.index(value)
     if side == "customer" and isinstance(value, str):
-        raise fail(f"customer column {name!r} is numeric; got the string {value!r}")
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise fail(f"customer column {name!r} is numeric; got the string {value!r}") from None
     return value
 
 

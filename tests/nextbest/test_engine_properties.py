@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nextbest.catalog import NO_CONTACT_ID, ActionCatalog, load_catalog
-from nextbest.compliance import ALLOWED, RuleEngine, RuleSet, rules_from_yaml
+from nextbest.compliance import RuleEngine, RuleSet, rules_from_yaml
+from nextbest.compliance.reference import reference_blocked_by
 from nextbest.context import (
     CONTEXT_COLUMNS,
     INCOME_BANDS,
@@ -130,18 +131,6 @@ def rule_blocks(ruleset: RuleSet, row: dict[str, Any]) -> np.ndarray:
     for rule in ruleset.rules:
         for a in range(1, n_actions):
             out[rule.index, a] = all(cond.holds(row, a) for cond in rule.conditions)
-    return out
-
-
-def reference_blocked_by(ruleset: RuleSet, row: dict[str, Any]) -> np.ndarray:
-    """Reference ``blocked_by`` of shape ``(A,)``: first blocking rule, ALLOWED if none."""
-    n_actions = ruleset.catalog.n_actions
-    out = np.full(n_actions, ALLOWED, np.uint8)
-    for a in range(1, n_actions):
-        for rule in ruleset.rules:
-            if all(cond.holds(row, a) for cond in rule.conditions):
-                out[a] = rule.index
-                break
     return out
 
 
