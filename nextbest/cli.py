@@ -11,6 +11,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR, ActionCatalog, load_catalog
@@ -49,7 +50,7 @@ def _load(catalog_dir: Path, rules_path: Path) -> tuple[ActionCatalog, RuleSet]:
         catalog = load_catalog(catalog_dir)
         return catalog, load_rules(rules_path, catalog)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {exc}")
+        console.print(f"[bold red]config error[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
 
 
@@ -75,7 +76,7 @@ def catalog(
     try:
         cat = load_catalog(catalog_dir)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {exc}")
+        console.print(f"[bold red]config error[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     table = Table(title=f"{cat.n_actions} actions (catalogue {cat.version})")
     for col in ("offer", "family", "risk", "min AUM", "ages", "value CNY", "channels", "ids"):
@@ -232,11 +233,12 @@ def simulate(
     try:
         world = load_scenario(scenario, cat)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {exc}")
+        console.print(f"[bold red]config error[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     if out is not None and out.exists() and any(out.glob("*.parquet")):
         console.print(
-            f"[bold red]refused[/] {out} already holds a decision log; choose a new --out"
+            f"[bold red]refused[/] {escape(str(out))} already holds a decision log; "
+            "choose a new --out"
         )
         raise typer.Exit(code=2)
     engine = RuleEngine(ruleset)
@@ -277,7 +279,7 @@ def simulate(
                 {
                     "scenario": world.name,
                     "policy": policy.value,
-                    "epsilon": epsilon,
+                    "epsilon": epsilon if policy == PolicyName.playbook else 1.0,
                     "seed": seed,
                     "customers": customers,
                     "days": days,

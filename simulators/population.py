@@ -65,6 +65,12 @@ class Population:
         return Population(**{f.name: getattr(self, f.name).copy() for f in fields(self)})
 
 
+def _probabilities(values: list[float]) -> np.ndarray:
+    """Shares as probabilities; the config allows a rounding slack numpy's sampler does not."""
+    p = np.asarray(values, np.float64)
+    return p / p.sum()
+
+
 def sample_population(
     scenario: Scenario, catalog: ActionCatalog, n: int, rng: np.random.Generator
 ) -> Population:
@@ -80,16 +86,22 @@ def sample_population(
     beh = scenario.behaviour
     c, o = catalog.n_channels, catalog.n_offers
     stage_specs = [pop.life_stages[s] for s in LIFE_STAGES]
-    stage = rng.choice(len(LIFE_STAGES), size=n, p=[s.share for s in stage_specs]).astype(np.int8)
+    stage = rng.choice(
+        len(LIFE_STAGES), size=n, p=_probabilities([s.share for s in stage_specs])
+    ).astype(np.int8)
     lo = np.array([s.age[0] for s in stage_specs], np.float64)[stage]
     hi = np.array([s.age[1] for s in stage_specs], np.float64)[stage]
     age = np.floor(rng.uniform(lo, hi)).astype(np.float32)
 
     income = rng.choice(
-        len(INCOME_BANDS), size=n, p=[pop.income_band_shares[b] for b in INCOME_BANDS]
+        len(INCOME_BANDS),
+        size=n,
+        p=_probabilities([pop.income_band_shares[b] for b in INCOME_BANDS]),
     ).astype(np.int8)
     lifecycle = rng.choice(
-        len(LIFECYCLE_STAGES), size=n, p=[pop.lifecycle_shares[s] for s in LIFECYCLE_STAGES]
+        len(LIFECYCLE_STAGES),
+        size=n,
+        p=_probabilities([pop.lifecycle_shares[s] for s in LIFECYCLE_STAGES]),
     ).astype(np.int8)
     tenure_lo = np.array([0, 6, 24, 12], np.float32)[lifecycle]
     tenure_hi = np.array([6, 24, 180, 180], np.float32)[lifecycle]
@@ -110,7 +122,7 @@ def sample_population(
     ).astype(np.float32)
 
     assessed = rng.random(n) < pop.assessed_share
-    shares = np.array([pop.risk_tolerance_shares[s] for s in LIFE_STAGES])
+    shares = np.array([_probabilities(list(pop.risk_tolerance_shares[s])) for s in LIFE_STAGES])
     cum = np.cumsum(shares, axis=1)[stage]
     tolerance = (rng.random(n)[:, None] > cum).sum(axis=1) + 1
     tolerance = np.where(assessed, np.minimum(tolerance, 5), 0).astype(np.int8)

@@ -243,13 +243,14 @@ def outcome_probabilities(
     convert = np.where(contact, convert, zero)
     complaint = np.where(contact, complaint, zero)
     opt_out = np.where(contact, opt_out, zero)
-    cost = np.where(contact, model.cost[ch], zero)
-    value = np.where(contact, model.value[of], zero)
+    shape = convert.shape
+    cost = np.broadcast_to(np.where(contact, model.cost[ch], zero), shape)
+    value = np.broadcast_to(np.where(contact, model.value[of], zero), shape)
     expected = (
         convert * value - cost - np.float32(model.scenario.reward.complaint_penalty_cny) * complaint
     )
     return Outcome(
-        deliver=np.where(contact, deliver, zero),
+        deliver=np.broadcast_to(np.where(contact, deliver, zero), shape),
         convert=convert,
         complaint=complaint,
         opt_out=opt_out,

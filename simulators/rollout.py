@@ -129,6 +129,8 @@ def run_policy(
     # The simulator builds its rows from validated parts; read_decisions checks the file.
     writer = DecisionLogWriter(log_dir, catalog.n_actions, validate=False) if log_dir else None
     model_version = f"{policy.name}-eps{getattr(policy, 'epsilon', 1.0):g}"
+    id_rng = np.random.default_rng(rng.integers(2**63))
+    run_id = f"sim{id_rng.integers(16**8):08x}"
     try:
         for _ in range(days):
             customers = sim.decision_customers()
@@ -154,6 +156,8 @@ def run_policy(
                         timestamps,
                         model_version,
                         policy.name,
+                        run_id,
+                        id_rng,
                     )
                 )
             else:
@@ -200,7 +204,12 @@ def _decision_rows(
     timestamps_us: np.ndarray,
     model_version: str,
     policy_name: str,
+    run_id: str,
+    id_rng: np.random.Generator,
 ) -> pa.Table:
+    """One day's decisions as a table in the decision schema. Decision ids are
+    ``<run>-d<day>-<k>`` with ``k`` a random permutation of the day's rows, so an id reveals
+    nothing about which customer it belongs to."""
     n = len(customers)
     features = encoder.encode(batch)
     width = features.shape[1]
@@ -210,8 +219,8 @@ def _decision_rows(
     ts = pa.array(timestamps_us.astype(np.int64), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
     columns = {
         "decision_id": pc.binary_join_element_wise(
-            f"sim-d{day:04d}-c",
-            pc.utf8_lpad(pc.cast(pa.array(customers), pa.string()), 9, "0"),
+            f"{run_id}-d{day:04d}-",
+            pc.cast(pa.array(id_rng.permutation(n)), pa.string()),
             "",
         ),
         "timestamp": ts,

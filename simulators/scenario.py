@@ -209,6 +209,16 @@ class EventSpec(StrictModel):
     mortgage_views_per_day: dict[str, NonNegative]
     new_maturity_per_day: Probability
 
+    @field_validator("mortgage_views_per_day")
+    @classmethod
+    def _stages(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = [k for k in value if k not in LIFE_STAGES]
+        if unknown:
+            raise ValueError(f"unknown life stage {unknown[0]!r}; expected {list(LIFE_STAGES)}")
+        if sorted(value) != sorted(LIFE_STAGES):
+            raise ValueError(f"needs exactly the life stages {list(LIFE_STAGES)}")
+        return value
+
 
 class BehaviourSpec(StrictModel):
     channel_affinity: dict[str, dict[str, Positive]]
@@ -298,9 +308,13 @@ def load_scenario(path: str | Path, catalog: ActionCatalog) -> Scenario:
     context = {"channels": set(catalog.channel_names), "offers": set(catalog.offer_names)}
     scenario = load_model(path, Scenario, context=context)
     families = {o.family for o in catalog.offers}
-    unknown = [f for f in scenario.behaviour.human_channel_boost if f not in families]
-    if unknown:
-        raise ConfigError(
-            path, "behaviour.human_channel_boost", f"unknown offer family {unknown[0]!r}"
-        )
+    for key, table in (
+        ("behaviour.human_channel_boost", scenario.behaviour.human_channel_boost),
+        ("reward.aum_gain_cny", scenario.reward.aum_gain_cny),
+    ):
+        unknown = [f for f in table if f not in families]
+        if unknown:
+            raise ConfigError(
+                path, key, f"unknown offer family {unknown[0]!r}; known: {sorted(families)}"
+            )
     return scenario

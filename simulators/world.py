@@ -102,7 +102,7 @@ class BatchSimulator:
         self._aum_gain = np.array([gains.get(o.family, 0.0) for o in catalog.offers])
         self._renewal = self.model.renewal_offers
         self._capacity = {
-            i: int(ch.daily_capacity * n_customers / scenario.bank_customers)
+            i: ch.daily_capacity * n_customers / scenario.bank_customers
             for i, ch in enumerate(catalog.channels)
             if ch.daily_capacity is not None
         }
@@ -179,23 +179,42 @@ class BatchSimulator:
         code (``len(rules) + k`` for the k-th capacity channel) or ``ALLOWED``.
 
         Capacity: a channel with a daily capacity (relationship managers) is open today to the
-        ``K`` deciding customers with the highest AUM (ties in any order), ``K`` scaled from
-        the bank's capacity to this population's size.
+        ``K`` customers of ``customers`` with the highest AUM among those the rules allow on
+        that channel. ``K`` is the bank's capacity scaled to this population's size, rounded
+        up or down at random each day so that small populations keep the expected capacity.
         """
         codes = self.engine.blocked_by(batch)
         n_rules = len(self.engine.rule_ids)
-        for k, (channel, capacity) in enumerate(self._capacity.items()):
-            if capacity >= len(customers):
-                continue
-            closed = np.ones(len(customers), bool)
-            closed[np.argpartition(-batch["aum_cny"], capacity)[:capacity] if capacity else []] = (
-                False
-            )
+        for k, (channel, capacity) in enumerate(self._capacity_today.items()):
             cols = self._channel_columns[channel]
             block = codes[:, cols]
+            open_by_rules = (block == ALLOWED).any(axis=1)
+            if open_by_rules.sum() <= capacity:
+                continue
+            candidates = np.flatnonzero(open_by_rules)
+            aum = batch["aum_cny"][candidates]
+            keep = candidates[np.argpartition(-aum, capacity)[:capacity]] if capacity else []
+            closed = open_by_rules.copy()
+            closed[keep] = False
             np.copyto(block, np.uint8(n_rules + k), where=(block == ALLOWED) & closed[:, None])
             codes[:, cols] = block
+        if customers is self._deciders or np.array_equal(customers, self._deciders):
+            self._todays_codes = codes.copy()
         return codes
+
+    @property
+    def capacity_today(self) -> dict[str, int]:
+        """Today's slots per capacity-limited channel, by channel name."""
+        names = self.catalog.channel_names
+        return {names[c]: k for c, k in self._capacity_today.items()}
+
+    def todays_blocked_by(self) -> np.ndarray:
+        """:meth:`blocked_by` for today's decision customers (cached for the day)."""
+        if self._todays_codes is None:
+            deciders = self._deciders
+            self.blocked_by(deciders, self.context(deciders))
+        assert self._todays_codes is not None
+        return self._todays_codes
 
     def allowed(self, customers: np.ndarray, batch: ContextBatch) -> np.ndarray:
         """bool ``(n, A)``: what the rules and today's capacity allow."""
@@ -210,7 +229,9 @@ class BatchSimulator:
         return outcome_probabilities(self.model, self.pop, customers, actions, self.hour)
 
     # -- one day ------------------------------------------------------------------------
-    def step(self, customers: np.ndarray, actions: np.ndarray, allowed: np.ndarray) -> StepResult:
+    def step(
+        self, customers: np.ndarray, actions: np.ndarray, allowed: np.ndarray | None = None
+    ) -> StepResult:
         """Apply today's decisions, then advance every customer one day.
 
         Parameters
@@ -220,8 +241,9 @@ class BatchSimulator:
             are not contacted).
         actions : int array (n,)
             Chosen action ids.
-        allowed : bool array (n, A)
-            The mask the actions were chosen under (from :meth:`allowed`).
+        allowed : bool array (n, A), optional
+            The mask the policy chose under. Only documentation: every action is checked
+            against the simulator's own rules and capacity for today, whatever it says.
 
         Raises
         ------
@@ -236,7 +258,7 @@ class BatchSimulator:
             raise ValueError(f"actions has shape {actions.shape}, expected {customers.shape}")
         if len(actions) and (actions.min() < 0 or actions.max() >= self.catalog.n_actions):
             raise ValueError("action id outside the catalogue")
-        ok = allowed[np.arange(len(actions)), actions]
+        ok = self.todays_blocked_by()[np.arange(len(actions)), actions] == ALLOWED
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
             raise ComplianceViolationError(
@@ -384,9 +406,14 @@ class BatchSimulator:
         triggered = (
             (p.mortgage_page_views_7d >= trig.mortgage_views_threshold)
             | (p.days_to_product_maturity <= 7)
-            | (p.days_since_last_login == 60)
+            | ((p.days_since_last_login >= 60) & (p.days_since_last_login < 61))
         )
         due = rng.random(n, dtype=np.float32) < beh.decision_rate
         if self.decide_every_day:
             due[:] = True
         self._deciders = np.flatnonzero(p.active & (due | triggered))
+        self._todays_codes: np.ndarray | None = None
+        self._capacity_today = {
+            channel: int(expected) + int(rng.random() < expected - int(expected))
+            for channel, expected in self._capacity.items()
+        }

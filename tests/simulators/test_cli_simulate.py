@@ -102,11 +102,6 @@ def test_simulate_missing_scenario_exits_2(tmp_path: Path) -> None:
     assert f"{path}: file not found" in _flat(result.output)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cli prints config errors through rich markup without escaping: a path "
-    "containing '[word]' loses that part ('/data/[prod]/x.yaml' is shown as '/data//x.yaml')",
-)
 def test_simulate_bad_scenario_path_with_brackets_shown_verbatim(tmp_path: Path) -> None:
     path = _bad_scenario(tmp_path / "[prod]")
     result = runner.invoke(app, [*SMALL_RUN, "--scenario", str(path)])

@@ -111,12 +111,6 @@ def test_run_policy_log_customer_keys_pseudonymous(logged_run) -> None:
     assert not any(b"SIM-" in v for v in metadata.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG rollout decision_id 'sim-dDDDD-cNNNNNNNNN' embeds the raw customer index, so "
-    "the raw id 'SIM-NNNNNNNNN' is recoverable from every row and the pseudonymous "
-    "customer_key is defeated",
-)
 def test_run_policy_log_decision_id_hides_customer(logged_run) -> None:
     _, _, table, _ = logged_run
     ids = table.column("decision_id").to_pylist()

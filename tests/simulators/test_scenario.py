@@ -327,12 +327,6 @@ def test_load_scenario_float_rounded_shares_load_and_sample(
     assert np.bincount(pop.income_band, minlength=4)[3] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG scenario.SHARE_TOLERANCE (1e-6) is looser than numpy Generator.choice's check "
-    "(~1.5e-8): shares accepted at load crash sample_population with 'Probabilities do not "
-    "sum to 1'",
-)
 def test_sample_population_shares_accepted_at_load_sample(
     catalog: ActionCatalog, tmp_path: Path
 ) -> None:
@@ -342,11 +336,6 @@ def test_sample_population_shares_accepted_at_load_sample(
     assert pop.n == 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG behaviour.events.mortgage_views_per_day is not checked against the life "
-    "stages: a misspelt stage loads and BatchSimulator later fails with KeyError",
-)
 def test_load_scenario_mortgage_views_unknown_stage_raises(
     catalog: ActionCatalog, tmp_path: Path
 ) -> None:
@@ -356,11 +345,6 @@ def test_load_scenario_mortgage_views_unknown_stage_raises(
     assert info.value.key == "behaviour.events.mortgage_views_per_day"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG reward.aum_gain_cny keys are not checked against the catalogue's offer "
-    "families: a misspelt family loads and silently gives conversions no AUM gain",
-)
 def test_load_scenario_aum_gain_unknown_family_raises(
     catalog: ActionCatalog, tmp_path: Path
 ) -> None:
