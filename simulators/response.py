@@ -130,7 +130,12 @@ class Outcome:
     (customers, actions) given to :func:`outcome_probabilities`."""
 
     deliver: np.ndarray
+    opened: np.ndarray
+    """P(delivered and opened)."""
+    clicked: np.ndarray
+    """P(delivered, opened and clicked)."""
     convert: np.ndarray
+    """P(delivered, opened, clicked and converted)."""
     complaint: np.ndarray
     opt_out: np.ndarray
     cost: np.ndarray
@@ -226,7 +231,9 @@ def outcome_probabilities(
         model.winback_offers[of] & dormant, need * np.float32(trig.dormant_winback_boost), need
     )
     p_convert_click = np.minimum(1.0, need * model.human_boost[ch, of])
-    convert = deliver * p_open * model.click[ch] * p_convert_click
+    opened = deliver * p_open
+    clicked = opened * model.click[ch]
+    convert = clicked * p_convert_click
 
     pressure = 1.0 + sensitivity * fatigue
     complaint = deliver * np.minimum(
@@ -251,6 +258,8 @@ def outcome_probabilities(
     )
     return Outcome(
         deliver=np.broadcast_to(np.where(contact, deliver, zero), shape),
+        opened=np.broadcast_to(np.where(contact, opened, zero), shape),
+        clicked=np.broadcast_to(np.where(contact, clicked, zero), shape),
         convert=convert,
         complaint=complaint,
         opt_out=opt_out,

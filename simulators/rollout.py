@@ -35,6 +35,8 @@ class SegmentKpis:
 
     decisions: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
     contacts: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+    opens: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
+    clicks: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
     conversions: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
     complaints: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
     opt_outs: np.ndarray = field(default_factory=lambda: np.zeros(len(BEHAVIOURAL_SEGMENTS)))
@@ -45,6 +47,8 @@ class SegmentKpis:
         contact = result.actions > 0
         self.decisions += np.bincount(segment, minlength=k)
         self.contacts += np.bincount(segment, weights=contact, minlength=k)
+        self.opens += np.bincount(segment, weights=result.opened, minlength=k)
+        self.clicks += np.bincount(segment, weights=result.clicked, minlength=k)
         self.conversions += np.bincount(segment, weights=result.converted, minlength=k)
         self.complaints += np.bincount(segment, weights=result.complaint, minlength=k)
         self.opt_outs += np.bincount(segment, weights=result.opted_out, minlength=k)
@@ -81,6 +85,8 @@ class RolloutSummary:
                     "customers": int(size),
                     "decisions": int(decisions),
                     "contact_rate": _ratio(contacts, decisions),
+                    "opens_per_contact": _ratio(k.opens[sel].sum(), contacts),
+                    "clicks_per_contact": _ratio(k.clicks[sel].sum(), contacts),
                     "conversion_per_contact": _ratio(k.conversions[sel].sum(), contacts),
                     "complaints_per_contact": _ratio(k.complaints[sel].sum(), contacts),
                     "opt_outs_per_contact": _ratio(k.opt_outs[sel].sum(), contacts),

@@ -27,6 +27,11 @@ DEFAULT_START = datetime(2026, 1, 5)  # a Monday, local midnight in the scenario
 DECLINE_AFTER_DAYS = 180.0
 
 
+def _given(joint: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """P(stage | previous stage) from the two unconditional probabilities (0 where 0)."""
+    return np.divide(joint, prior, out=np.zeros(joint.shape, np.float32), where=prior > 0)
+
+
 class ComplianceViolationError(RuntimeError):
     """A policy chose an action the rules block. The simulator never substitutes one."""
 
@@ -37,6 +42,9 @@ class StepResult:
 
     customers: np.ndarray
     actions: np.ndarray
+    delivered: np.ndarray
+    opened: np.ndarray
+    clicked: np.ndarray
     reward: np.ndarray
     converted: np.ndarray
     complaint: np.ndarray
@@ -266,10 +274,14 @@ class BatchSimulator:
                 f"customer #{customers[i]} is blocked by the rules"
             )
         outcome = self.expected_outcome(customers, actions)
-        u = self.rng.random((3, len(actions)), dtype=np.float32)
-        converted = u[0] < outcome.convert
-        complaint = u[1] < outcome.complaint
-        opted_out = u[2] < outcome.opt_out
+        # the funnel, stage by stage: each stage given the one before
+        u = self.rng.random((6, len(actions)), dtype=np.float32)
+        delivered = u[0] < outcome.deliver
+        opened = delivered & (u[1] < _given(outcome.opened, outcome.deliver))
+        clicked = opened & (u[2] < _given(outcome.clicked, outcome.opened))
+        converted = clicked & (u[3] < _given(outcome.convert, outcome.clicked))
+        complaint = delivered & (u[4] < _given(outcome.complaint, outcome.deliver))
+        opted_out = delivered & (u[5] < _given(outcome.opt_out, outcome.deliver))
         value = np.where(converted, outcome.value, np.float32(0.0))
         penalty = np.float32(self.scenario.reward.complaint_penalty_cny)
         reward = value - outcome.cost - penalty * complaint
@@ -278,6 +290,9 @@ class BatchSimulator:
         return StepResult(
             customers=customers,
             actions=actions,
+            delivered=delivered,
+            opened=opened,
+            clicked=clicked,
             reward=reward.astype(np.float64),
             converted=converted,
             complaint=complaint,
