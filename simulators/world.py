@@ -183,8 +183,8 @@ class BatchSimulator:
         )
 
     def blocked_by(self, customers: np.ndarray, batch: ContextBatch) -> np.ndarray:
-        """Blocking code per (customer, action), uint8 ``(n, A)``: a rule index, a capacity
-        code (``len(rules) + k`` for the k-th capacity channel) or ``ALLOWED``.
+        """Blocking code per (customer, action), uint8 ``(n, A)``, read-only: a rule index, a
+        capacity code (``len(rules) + k`` for the k-th capacity channel) or ``ALLOWED``.
 
         Capacity: a channel with a daily capacity (relationship managers) is open today to the
         ``K`` customers of ``customers`` with the highest AUM among those the rules allow on
@@ -195,7 +195,7 @@ class BatchSimulator:
         n_rules = len(self.engine.rule_ids)
         for k, (channel, capacity) in enumerate(self._capacity_today.items()):
             cols = self._channel_columns[channel]
-            block = codes[:, cols]
+            block = np.take(codes, cols, axis=1)
             open_by_rules = (block == ALLOWED).any(axis=1)
             if open_by_rules.sum() <= capacity:
                 continue
@@ -206,8 +206,9 @@ class BatchSimulator:
             closed[keep] = False
             np.copyto(block, np.uint8(n_rules + k), where=(block == ALLOWED) & closed[:, None])
             codes[:, cols] = block
+        codes.flags.writeable = False  # shared with the day's cache: nobody may edit it
         if customers is self._deciders or np.array_equal(customers, self._deciders):
-            self._todays_codes = codes.copy()
+            self._todays_codes = codes
         return codes
 
     @property
