@@ -291,6 +291,70 @@ def simulate(
         console.print(f"logged {summary.rows_logged:,} decisions to {out}")
 
 
+@app.command()
+def evaluate(
+    logs: Annotated[
+        Path, typer.Option(help="Decision log: a .parquet file, a directory of parts, or .csv.")
+    ],
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(help="Target policy to evaluate (repeatable): logging, uniform, no_contact."),
+    ] = None,
+    alpha: Annotated[float, typer.Option(min=0.001, max=0.5, help="1 - confidence level.")] = 0.05,
+    bootstrap: Annotated[int, typer.Option(min=10, help="Bootstrap resamples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+) -> None:
+    """Off-policy evaluation of target policies on a decision log (IPS and SNIPS with
+    bootstrap intervals); prints the OPE table."""
+    from nextbest.decision_log import DecisionLogError
+    from training.evaluation import BASELINE_POLICIES, baseline_action_dist, ope_table
+    from training.logged_data import load_logged_bandit
+    from training.ope import OpeInputError
+
+    try:
+        cat = load_catalog(catalog_dir)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    names = policy or list(BASELINE_POLICIES)
+    unknown = [p for p in names if p not in BASELINE_POLICIES]
+    if unknown:
+        console.print(
+            f"[bold red]bad --policy[/] {escape(unknown[0])!r}: known {list(BASELINE_POLICIES)}"
+        )
+        raise typer.Exit(code=2)
+    try:
+        log = load_logged_bandit(logs, cat.n_actions)
+        if log.catalog_version != cat.version:
+            raise DecisionLogError(
+                str(logs),
+                "catalog_version",
+                f"the log was made with catalogue {log.catalog_version}, this is {cat.version}",
+            )
+        dists = {name: baseline_action_dist(name, log) for name in names}
+        rows = ope_table(log, dists, alpha=alpha, n_bootstrap_samples=bootstrap, seed=seed)
+    except (DecisionLogError, OpeInputError, ValueError) as exc:
+        console.print(f"[bold red]cannot evaluate[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    level = f"{100 * (1 - alpha):g}%"
+    table = Table(
+        title=f"Off-policy evaluation: {log.n_rounds:,} logged decisions, "
+        f"mean logged reward {log.reward.mean():.4f}"
+    )
+    for col in ("policy", "estimator", "value", f"{level} lower", f"{level} upper"):
+        table.add_column(col, justify="left" if col in ("policy", "estimator") else "right")
+    for row in rows:
+        table.add_row(
+            str(row["policy"]),
+            str(row["estimator"]),
+            f"{row['value']:.4f}",
+            f"{row['lower']:.4f}",
+            f"{row['upper']:.4f}",
+        )
+    Console(width=max(console.width, 100)).print(table)
+
+
 def _fmt(key: str, value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.2f}" if key == "value_per_customer" else f"{value:.2%}"

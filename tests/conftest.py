@@ -1,4 +1,4 @@
-"""Session fixtures shared by the domain-core tests: the default catalogue, rules and engine."""
+"""Session fixtures shared by all tests: the default catalogue, rules, engine and scenario."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 
 from nextbest.catalog import ActionCatalog, load_catalog
 from nextbest.compliance import DEFAULT_RULES_PATH, RuleEngine, RuleSet, load_rules
+from simulators.scenario import DEFAULT_SCENARIO, Scenario, load_scenario
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,9 @@ def ruleset(catalog: ActionCatalog) -> RuleSet:
 def engine(ruleset: RuleSet) -> RuleEngine:
     """The rule engine over the default rules."""
     return RuleEngine(ruleset)
+
+
+@pytest.fixture(scope="session")
+def scenario(catalog: ActionCatalog) -> Scenario:
+    """``configs/scenarios/retail_bank.yaml`` bound to the default catalogue."""
+    return load_scenario(DEFAULT_SCENARIO, catalog)

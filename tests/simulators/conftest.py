@@ -1,4 +1,4 @@
-"""Fixtures for the simulator tests: the default scenario and a simulator factory."""
+"""Fixtures for the simulator tests: a simulator factory."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import pytest
 
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
-from simulators.scenario import DEFAULT_SCENARIO, Scenario, load_scenario
+from simulators.scenario import Scenario
 from simulators.world import BatchSimulator
-
-
-@pytest.fixture(scope="session")
-def scenario(catalog: ActionCatalog) -> Scenario:
-    """``configs/scenarios/retail_bank.yaml`` bound to the default catalogue."""
-    return load_scenario(DEFAULT_SCENARIO, catalog)
 
 
 @pytest.fixture

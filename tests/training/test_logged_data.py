@@ -1,0 +1,171 @@
+"""Decision logs as OPE arrays: Parquet and CSV, bad files, and honest estimates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from typer.testing import CliRunner
+
+from nextbest.catalog import ActionCatalog
+from nextbest.cli import app
+from nextbest.compliance import RuleEngine
+from nextbest.decision_log import DecisionLogError, read_decisions
+from simulators.policies import PlaybookPolicy
+from simulators.rollout import run_policy
+from simulators.scenario import Scenario
+from simulators.world import BatchSimulator
+from training.evaluation import baseline_action_dist, ope_table
+from training.logged_data import load_logged_bandit
+from training.ope import InverseProbabilityWeighting, OpeInputError
+
+LIST_COLUMNS = ("context", "candidate_actions", "action_dist")
+
+
+@pytest.fixture(scope="module")
+def sim_log(tmp_path_factory, catalog: ActionCatalog, engine: RuleEngine, scenario: Scenario):
+    out = tmp_path_factory.mktemp("log")
+    sim = BatchSimulator(scenario, catalog, engine, 3000, seed=3)
+    run_policy(sim, PlaybookPolicy(catalog, 0.2), 6, np.random.default_rng(4), log_dir=str(out))
+    return out
+
+
+def to_csv(table: pa.Table, path: Path) -> Path:
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name in LIST_COLUMNS:
+            column = pa.array(
+                [None if v is None else " ".join(repr(x) for x in v) for v in column.to_pylist()],
+                pa.string(),
+            )
+        columns[name] = column
+    pacsv.write_csv(pa.table(columns), path)
+    return path
+
+
+def test_load_logged_bandit_parquet_arrays(sim_log, catalog: ActionCatalog) -> None:
+    log = load_logged_bandit(sim_log, catalog.n_actions)
+    n = log.n_rounds
+    assert n > 1000
+    assert log.context.shape[0] == n and log.context.dtype == np.float32
+    assert log.candidates.shape == (n, catalog.n_actions)
+    assert log.candidates[np.arange(n), log.action].all()
+    assert log.candidates[:, 0].all()
+    np.testing.assert_allclose(log.logging_dist.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(log.logging_dist[np.arange(n), log.action], log.pscore, atol=1e-6)
+    assert (log.logging_dist[~log.candidates] == 0).all()
+
+
+def test_load_logged_bandit_csv_equals_parquet(sim_log, catalog, tmp_path: Path) -> None:
+    table = read_decisions(sim_log).slice(0, 300)
+    log_pq = load_logged_bandit(sim_log, catalog.n_actions)
+    log_csv = load_logged_bandit(to_csv(table, tmp_path / "log.csv"), catalog.n_actions)
+    assert log_csv.n_rounds == 300
+    np.testing.assert_allclose(log_csv.context, log_pq.context[:300])
+    np.testing.assert_array_equal(log_csv.candidates, log_pq.candidates[:300])
+    np.testing.assert_allclose(log_csv.logging_dist, log_pq.logging_dist[:300], atol=1e-7)
+    np.testing.assert_array_equal(log_csv.action, log_pq.action[:300])
+
+
+def test_read_csv_decisions_non_numeric_list_refused(sim_log, catalog, tmp_path: Path) -> None:
+    table = read_decisions(sim_log).slice(0, 5)
+    path = to_csv(table, tmp_path / "log.csv")
+    text = path.read_text().splitlines()
+    header = text[0].split(",")
+    cells = text[1].split(",")
+    cells[header.index('"candidate_actions"')] = '"0 seven 12"'
+    text[1] = ",".join(cells)
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(DecisionLogError, match="space-separated numbers") as info:
+        load_logged_bandit(path, catalog.n_actions)
+    assert info.value.column == "candidate_actions"
+
+
+def test_load_logged_bandit_missing_reward_refused(sim_log, catalog, tmp_path: Path) -> None:
+    table = read_decisions(sim_log).slice(0, 20)
+    rewards = table.column("reward").to_pylist()
+    rewards[3] = None
+    table = table.set_column(
+        table.schema.get_field_index("reward"), "reward", pa.array(rewards, pa.float64())
+    )
+    path = to_csv(table, tmp_path / "log.csv")
+    with pytest.raises(DecisionLogError, match="1 of 20 decisions have no outcome"):
+        load_logged_bandit(path, catalog.n_actions)
+    assert load_logged_bandit(path, catalog.n_actions, require_reward=False).n_rounds == 20
+
+
+def test_ope_without_pscore_points_to_dm(sim_log, catalog, tmp_path: Path) -> None:
+    table = read_decisions(sim_log).slice(0, 50)
+    for name in ("pscore", "action_dist"):
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.nulls(50, table.schema.field(name).type)
+        )
+    log = load_logged_bandit(to_csv(table, tmp_path / "log.csv"), catalog.n_actions)
+    assert log.pscore is None
+    with pytest.raises(OpeInputError, match="use DirectMethod"):
+        ope_table(log, {"uniform": baseline_action_dist("uniform", log)})
+
+
+def test_ope_table_on_policy_ips_equals_mean_reward(sim_log, catalog) -> None:
+    log = load_logged_bandit(sim_log, catalog.n_actions)
+    rows = ope_table(log, {"logging": baseline_action_dist("logging", log)}, n_bootstrap_samples=50)
+    ips = next(r for r in rows if r["estimator"] == "ips")
+    assert ips["value"] == pytest.approx(log.reward.mean(), rel=1e-4)
+
+
+def test_ope_table_blocked_action_policy_refused(sim_log, catalog) -> None:
+    log = load_logged_bandit(sim_log, catalog.n_actions)
+    dist = np.zeros(log.candidates.shape)
+    blocked = np.argmin(log.candidates, axis=1)
+    dist[np.arange(log.n_rounds), blocked] = 1.0
+    with pytest.raises(ValueError, match="actions the rules blocked"):
+        ope_table(log, {"rogue": dist})
+
+
+def test_ips_estimate_covers_ground_truth(catalog, engine, scenario, tmp_path: Path) -> None:
+    """The IPS value of 'uniform over allowed' from a playbook log, against the exact
+    expected reward of that policy on the same logged rounds (simulator ground truth)."""
+    sim = BatchSimulator(scenario, catalog, engine, 20_000, seed=11)
+    rng = np.random.default_rng(12)
+    policy = PlaybookPolicy(catalog, 0.3)
+    truths, rewards, actions, pscores, dists = [], [], [], [], []
+    for _ in range(5):
+        customers = sim.decision_customers()
+        batch = sim.context(customers)
+        allowed = sim.allowed(customers, batch)
+        decision = policy.decide(batch, allowed, rng)
+        expected = sim.expected_outcome(customers[:, None], np.arange(catalog.n_actions)[None, :])
+        uniform = allowed / allowed.sum(axis=1, keepdims=True)
+        truths.append((uniform * expected.expected_reward).sum(axis=1))
+        result = sim.step(customers, decision.action, allowed)
+        rewards.append(result.reward)
+        actions.append(decision.action)
+        pscores.append(decision.pscore)
+        dists.append(uniform)
+    truth = float(np.concatenate(truths).mean())
+    args = (
+        np.concatenate(rewards),
+        np.concatenate(actions),
+        np.concatenate(dists),
+        np.concatenate(pscores),
+    )
+    est = InverseProbabilityWeighting()
+    value = est.estimate_policy_value(*args)
+    interval = est.estimate_interval(*args, n_bootstrap_samples=300, random_state=0)
+    assert interval["lower"] <= truth <= interval["upper"], (value, truth, interval)
+
+
+def test_evaluate_cli_prints_ope_table(sim_log) -> None:
+    result = CliRunner().invoke(app, ["evaluate", "--logs", str(sim_log), "--bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    assert "logging" in result.output and "uniform" in result.output and "snips" in result.output
+
+
+def test_evaluate_cli_missing_log_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["evaluate", "--logs", str(tmp_path / "nope.parquet")])
+    assert result.exit_code == 2
+    assert "no such file" in result.output

@@ -1,0 +1,102 @@
+"""Off-policy evaluation of target policies on a decision log: the OPE table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from training.logged_data import LoggedBandit
+from training.ope import ESTIMATORS, OffPolicyEstimator
+
+BASELINE_POLICIES = ("logging", "uniform", "no_contact")
+"""Target policies every log can be evaluated against without a model."""
+
+
+def baseline_action_dist(name: str, log: LoggedBandit) -> np.ndarray:
+    """Action distribution of a baseline policy over the log's rounds, float64 (n, A).
+
+    ``logging``: the logged distribution (an on-policy check: IPS must match the mean reward);
+    ``uniform``: every allowed action equally; ``no_contact``: always wait (action 0).
+    """
+    if name == "logging":
+        if log.logging_dist is None:
+            raise ValueError("the log has no `action_dist`: the logging policy is unknown")
+        return log.logging_dist.astype(np.float64)
+    if name == "uniform":
+        return log.candidates / log.candidates.sum(axis=1, keepdims=True)
+    if name == "no_contact":
+        dist = np.zeros(log.candidates.shape)
+        dist[:, 0] = 1.0
+        return dist
+    raise ValueError(f"unknown baseline policy {name!r}; known: {list(BASELINE_POLICIES)}")
+
+
+def ope_table(
+    log: LoggedBandit,
+    policies: Mapping[str, np.ndarray],
+    estimators: Mapping[str, OffPolicyEstimator] | None = None,
+    estimated_rewards: np.ndarray | None = None,
+    alpha: float = 0.05,
+    n_bootstrap_samples: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, float | str]]:
+    """Value of each target policy by each estimator, with bootstrap intervals.
+
+    Parameters
+    ----------
+    log : LoggedBandit
+    policies : mapping of name -> action_dist (n, A)
+        Target policies. Probability on an action the rules blocked for that round is
+        refused (a policy may only choose allowed actions).
+    estimators : mapping of name -> estimator, optional
+        Default: IPS and SNIPS, plus DM, DR and Switch-DR when ``estimated_rewards`` is given.
+    estimated_rewards : (n, A), optional
+        A reward model's predictions for every round and action.
+
+    Returns
+    -------
+    list of dict
+        ``policy, estimator, value, lower, upper`` per pair.
+    """
+    if estimators is None:
+        names = ["ips", "snips"] + (
+            ["dm", "dr", "switch-dr"] if estimated_rewards is not None else []
+        )
+        estimators = {
+            name: ESTIMATORS[name](lambda_=100.0) if name == "switch-dr" else ESTIMATORS[name]()
+            for name in names
+        }
+    rows: list[dict[str, float | str]] = []
+    for policy_name, dist in policies.items():
+        blocked_mass = (dist * ~log.candidates).sum(axis=1)
+        if (blocked_mass > 1e-9).any():
+            i = int(np.flatnonzero(blocked_mass > 1e-9)[0])
+            raise ValueError(
+                f"policy {policy_name!r} puts probability {blocked_mass[i]:.3g} on actions the "
+                f"rules blocked (round {i})"
+            )
+        for est_name, est in estimators.items():
+            interval = est.estimate_interval(
+                log.reward,
+                log.action,
+                dist,
+                log.pscore,
+                estimated_rewards,
+                alpha=alpha,
+                n_bootstrap_samples=n_bootstrap_samples,
+                random_state=seed,
+            )
+            value = est.estimate_policy_value(
+                log.reward, log.action, dist, log.pscore, estimated_rewards
+            )
+            rows.append(
+                {
+                    "policy": policy_name,
+                    "estimator": est_name,
+                    "value": value,
+                    "lower": interval["lower"],
+                    "upper": interval["upper"],
+                }
+            )
+    return rows

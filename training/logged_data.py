@@ -1,0 +1,186 @@
+"""A decision log as arrays for off-policy evaluation and training.
+
+Reads the logged-decision schema (``nextbest.decision_log``) from Parquet (a file or a
+directory of parts) or from CSV. CSV is for logs brought from elsewhere: one row per decision
+with the schema's column names; list columns (``context``, ``candidate_actions``,
+``action_dist``) are space-separated numbers; ``timestamp`` is ISO 8601 with an offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from nextbest.decision_log import (
+    DECISION_SCHEMA,
+    DecisionLogError,
+    read_decisions,
+    validate_decisions,
+)
+
+LIST_COLUMNS = {"context": np.float32, "candidate_actions": np.int32, "action_dist": np.float32}
+
+
+@dataclass(frozen=True)
+class LoggedBandit:
+    """Arrays of a decision log, in the OPE vocabulary.
+
+    Attributes
+    ----------
+    context : float32 (n, F)
+    action : int64 (n,)
+    reward : float64 (n,)
+    pscore : float64 (n,) or None when the log has no propensities
+    candidates : bool (n, A), the actions the rules allowed
+    logging_dist : float32 (n, A) or None, the logging policy's full distribution
+    feature_spec_version, ruleset_version, catalog_version : str
+    """
+
+    context: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    pscore: np.ndarray | None
+    candidates: np.ndarray
+    logging_dist: np.ndarray | None
+    feature_spec_version: str
+    ruleset_version: str
+    catalog_version: str
+
+    @property
+    def n_rounds(self) -> int:
+        return len(self.action)
+
+    @property
+    def n_actions(self) -> int:
+        return self.candidates.shape[1]
+
+
+def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Table:
+    """Read a CSV decision log into the decision schema and validate it.
+
+    Raises
+    ------
+    DecisionLogError
+        Naming the file, the column and the reason (unparseable numbers in a list column,
+        missing columns, and every check of ``validate_decisions``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DecisionLogError(str(path), "*", "no such file")
+    try:
+        raw = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in LIST_COLUMNS},
+                strings_can_be_null=True,
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DecisionLogError(str(path), "*", f"not a readable CSV file: {exc}") from None
+    columns = {}
+    for name in raw.column_names:
+        column = raw.column(name)
+        if name in LIST_COLUMNS:
+            column = _parse_list_column(column, name, LIST_COLUMNS[name], str(path))
+        columns[name] = column
+    table = pa.table(columns)
+    return validate_decisions(table, n_actions, source=str(path))
+
+
+def _parse_list_column(column: pa.ChunkedArray, name: str, dtype: type, source: str) -> pa.Array:
+    """``"0 5 17"`` -> ``[0, 5, 17]``; an empty cell -> null."""
+    tokens = pc.split_pattern_regex(pc.utf8_trim_whitespace(column), r"\s+")
+    try:
+        return pc.cast(tokens, pa.list_(pa.from_numpy_dtype(dtype)))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DecisionLogError(
+            source, name, f"entries must be space-separated numbers: {exc}"
+        ) from None
+
+
+def load_logged_bandit(
+    path: str | Path, n_actions: int, require_reward: bool = True
+) -> LoggedBandit:
+    """Load a decision log (``.csv``, ``.parquet`` or a directory of parts) as arrays.
+
+    Parameters
+    ----------
+    path : path
+    n_actions : int
+        Catalogue size (the width of ``candidates`` and ``logging_dist``).
+    require_reward : bool
+        Refuse logs with decisions whose outcome has not arrived (null ``reward``).
+
+    Raises
+    ------
+    DecisionLogError
+    """
+    path = Path(path)
+    table = (
+        read_csv_decisions(path, n_actions)
+        if path.suffix == ".csv"
+        else read_decisions(path, n_actions=n_actions)
+    )
+    source = str(path)
+    n = table.num_rows
+    if n == 0:
+        raise DecisionLogError(source, "*", "the log holds no decisions")
+    reward_col = table.column("reward")
+    if reward_col.null_count and require_reward:
+        raise DecisionLogError(
+            source,
+            "reward",
+            f"{reward_col.null_count} of {n} decisions have no outcome yet; evaluate "
+            "after the attribution window, or drop them",
+        )
+    for name in ("feature_spec_version", "ruleset_version", "catalog_version"):
+        if pc.count_distinct(table.column(name)).as_py() > 1:
+            raise DecisionLogError(
+                source, name, "mixes several versions: evaluate each version separately"
+            )
+    context = _dense_list(table.column("context"), np.float32)
+    action = table.column("action").to_numpy().astype(np.int64)
+    reward = reward_col.to_numpy(zero_copy_only=False).astype(np.float64)
+    pscore_col = table.column("pscore")
+    pscore = (
+        None
+        if pscore_col.null_count == n
+        else pscore_col.to_numpy(zero_copy_only=False).astype(np.float64)
+    )
+    cand = pa.chunked_array(table.column("candidate_actions").chunks).combine_chunks()
+    widths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(n), widths)
+    ids = pc.list_flatten(cand).to_numpy()
+    candidates = np.zeros((n, n_actions), bool)
+    candidates[rows, ids] = True
+    dist_col = pa.chunked_array(table.column("action_dist").chunks).combine_chunks()
+    logging_dist = None
+    if dist_col.null_count == 0:
+        logging_dist = np.zeros((n, n_actions), np.float32)
+        logging_dist[rows, ids] = pc.list_flatten(dist_col).to_numpy()
+    return LoggedBandit(
+        context=context,
+        action=action,
+        reward=reward,
+        pscore=pscore,
+        candidates=candidates,
+        logging_dist=logging_dist,
+        feature_spec_version=table.column("feature_spec_version")[0].as_py(),
+        ruleset_version=table.column("ruleset_version")[0].as_py(),
+        catalog_version=table.column("catalog_version")[0].as_py(),
+    )
+
+
+def _dense_list(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
+    array = pa.chunked_array(column.chunks).combine_chunks()
+    n = len(array)
+    values = pc.list_flatten(array).to_numpy().astype(dtype)
+    return values.reshape(n, -1) if n else values.reshape(0, 0)
+
+
+__all__ = ["DECISION_SCHEMA", "LoggedBandit", "load_logged_bandit", "read_csv_decisions"]
