@@ -355,6 +355,87 @@ def evaluate(
     Console(width=max(console.width, 100)).print(table)
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option(help="Training config YAML.")] = DEFAULT_CATALOG_DIR.parent
+    / "training"
+    / "neural_bandit.yaml",
+    logs: Annotated[
+        Path | None, typer.Option(help="Decision log to learn from (overrides data.logs).")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (overrides tracking.uri).")
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs (overrides neural_bandit.epochs).")
+    ] = None,
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+) -> None:
+    """Train a policy on a decision log, evaluate it off-policy on held-out decisions, export
+    it to ONNX, and track the run in MLflow (registered with the alias 'challenger')."""
+    from nextbest.decision_log import DecisionLogError
+    from training.config import load_training_config
+    from training.ope import OpeInputError
+    from training.train import run_training
+
+    try:
+        cat = load_catalog(catalog_dir)
+        cfg = load_training_config(config)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    updates: dict[str, object] = {}
+    if logs is not None:
+        updates["data"] = cfg.data.model_copy(update={"logs": logs})
+    if tracking_uri is not None:
+        updates["tracking"] = cfg.tracking.model_copy(update={"uri": tracking_uri})
+    if epochs is not None:
+        updates["neural_bandit"] = cfg.neural_bandit.model_copy(update={"epochs": epochs})
+    cfg = cfg.model_copy(update=updates)
+    try:
+        result = run_training(cfg, cat)
+    except (DecisionLogError, OpeInputError, ValueError) as exc:
+        console.print(f"[bold red]cannot train[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    table = Table(title=f"Held-out off-policy evaluation (run {result.run_id[:8]})")
+    for col in ("policy", "estimator", "value", "lower", "upper"):
+        table.add_column(col, justify="left" if col in ("policy", "estimator") else "right")
+    for row in result.ope:
+        table.add_row(
+            str(row["policy"]),
+            str(row["estimator"]),
+            f"{row['value']:.4f}",
+            f"{row['lower']:.4f}",
+            f"{row['upper']:.4f}",
+        )
+    Console(width=max(console.width, 100)).print(table)
+    console.print(
+        f"compliance: {result.violations} chosen actions blocked by a rule; "
+        f"registered {cfg.tracking.registered_model} v{result.model_version} as "
+        f"{result.model_uri}; ONNX at {result.onnx_path}"
+    )
+    if result.violations:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def promote(
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI.")] = "sqlite:///mlflow.db",
+    model: Annotated[str, typer.Option(help="Registered model name.")] = "nextbest",
+) -> None:
+    """Move the 'champion' alias to the challenger only if the challenger's DR lower bound
+    beats the champion's DR value (exit 1 when it does not)."""
+    import mlflow
+
+    from training.tracking import promote as promote_model
+
+    mlflow.set_tracking_uri(tracking_uri)
+    promoted, reason = promote_model(model)
+    console.print(("[bold green]promoted[/] " if promoted else "[bold yellow]kept[/] ") + reason)
+    if not promoted:
+        raise typer.Exit(code=1)
+
+
 def _fmt(key: str, value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.2f}" if key == "value_per_customer" else f"{value:.2%}"

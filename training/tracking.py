@@ -1,0 +1,104 @@
+"""MLflow tracking: the run of a training job, its artifacts and the model registry.
+
+Metric keys are namespaced: ``losses/...`` per epoch, ``ope/<policy>/<estimator>/...``,
+``compliance/...``. Models are registered under one name with aliases: ``challenger`` for
+every new model, ``champion`` for the one the service loads (moved by :func:`promote`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import onnx
+from mlflow import MlflowClient
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PROMOTION_METRIC = "ope/model/dr/lower"
+"""The challenger's DR lower bound must beat the champion's DR value to be promoted."""
+CHAMPION_METRIC = "ope/model/dr/value"
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """SHA-256 over the bytes of a log file or of every file of a log directory."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if file.name.startswith(".") or file.suffix not in (".parquet", ".csv"):
+            continue
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested config -> ``{"a.b.c": value}`` for ``mlflow.log_params``."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    return {prefix: value}
+
+
+def register_onnx(onnx_path: Path, registered_model: str, spec_path: Path) -> tuple[str, str]:
+    """Log the ONNX model (with its feature spec) in the active run, register it and give it
+    the ``challenger`` alias. Returns (model version, model URI)."""
+    info = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)), name="model", registered_model_name=registered_model
+    )
+    mlflow.log_artifact(str(spec_path), artifact_path="model_spec")
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(registered_model, CHALLENGER, version)
+    return version, f"models:/{registered_model}@{CHALLENGER}"
+
+
+def promote(registered_model: str) -> tuple[bool, str]:
+    """Move ``champion`` to the challenger if its OPE lower bound beats the champion's value.
+
+    Returns
+    -------
+    (promoted, reason)
+    """
+    client = MlflowClient()
+    try:
+        challenger = client.get_model_version_by_alias(registered_model, CHALLENGER)
+    except mlflow.exceptions.MlflowException:
+        return False, f"model {registered_model!r} has no {CHALLENGER!r} version"
+    lower = _run_metric(client, challenger.run_id, PROMOTION_METRIC)
+    if lower is None:
+        return False, f"the challenger's run has no {PROMOTION_METRIC!r} metric"
+    try:
+        champion = client.get_model_version_by_alias(registered_model, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        champion = None
+    if champion is not None:
+        if champion.version == challenger.version:
+            return False, f"version {challenger.version} is already the champion"
+        value = _run_metric(client, champion.run_id, CHAMPION_METRIC)
+        if value is not None and not lower > value:
+            return False, (
+                f"challenger v{challenger.version} DR lower bound {lower:.4f} does not beat "
+                f"champion v{champion.version} DR value {value:.4f}"
+            )
+    client.set_registered_model_alias(registered_model, CHAMPION, challenger.version)
+    before = "no champion" if champion is None else f"champion v{champion.version}"
+    return True, f"promoted v{challenger.version} (DR lower bound {lower:.4f}) over {before}"
+
+
+def _run_metric(client: MlflowClient, run_id: str | None, key: str) -> float | None:
+    if run_id is None:
+        return None
+    return client.get_run(run_id).data.metrics.get(key)
+
+
+def log_json(data: Any, name: str) -> None:
+    """Log a JSON artifact of the active run."""
+    mlflow.log_text(json.dumps(data, indent=2, default=str), name)
