@@ -104,13 +104,17 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its run folders.")] = Path(
         "data/demo"
     ),
+    tracking_uri: Annotated[
+        str, typer.Option(help="MLflow tracking URI for the demo's training run.")
+    ] = "sqlite:///mlflow.db",
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
     rules_path: RulesOption = DEFAULT_RULES_PATH,
 ) -> None:
-    """Run what exists end to end: simulate a small population under the bank's playbook
-    (logging every decision), then show what the compliance rules allow and why not."""
+    """Run the loop end to end: simulate a small population under the bank's playbook
+    (logging every decision), train a neural bandit on the log, evaluate it off-policy and
+    register it in MLflow, then show what the compliance rules allow and why not."""
     run_dir = out / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
-    console.rule("[bold]nextbest demo 1/2: simulate the playbook")
+    console.rule("[bold]nextbest demo 1/3: simulate the playbook")
     simulate(
         scenario=SCENARIOS_DIR / "retail_bank.yaml",
         customers=customers,
@@ -122,6 +126,15 @@ def demo(
         catalog_dir=catalog_dir,
         rules_path=rules_path,
     )
+    console.rule("[bold]nextbest demo 2/3: train, evaluate off-policy, register in MLflow")
+    train(
+        config=DEFAULT_CATALOG_DIR.parent / "training" / "neural_bandit.yaml",
+        logs=run_dir / "logs",
+        tracking_uri=tracking_uri,
+        epochs=3,
+        export_dir=run_dir / "models",
+        catalog_dir=catalog_dir,
+    )
     rules_demo(customers=customers, seed=seed, catalog_dir=catalog_dir, rules_path=rules_path)
 
 
@@ -129,7 +142,7 @@ def rules_demo(customers: int, seed: int, catalog_dir: Path, rules_path: Path) -
     """Score a random sample population against the rules; print what is blocked and why."""
     cat, ruleset = _load(catalog_dir, rules_path)
     engine = RuleEngine(ruleset)
-    console.rule("[bold]nextbest demo 2/2: compliance over a sample population")
+    console.rule("[bold]nextbest demo 3/3: compliance over a sample population")
     console.print(
         f"catalogue {cat.version}: {cat.n_actions} actions; "
         f"rule set {ruleset.name!r} {ruleset.version}: {len(ruleset)} rules"
@@ -369,6 +382,9 @@ def train(
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Epochs (overrides neural_bandit.epochs).")
     ] = None,
+    export_dir: Annotated[
+        Path | None, typer.Option(help="Where the ONNX model goes (overrides export.dir).")
+    ] = None,
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
 ) -> None:
     """Train a policy on a decision log, evaluate it off-policy on held-out decisions, export
@@ -389,6 +405,8 @@ def train(
         updates["data"] = cfg.data.model_copy(update={"logs": logs})
     if tracking_uri is not None:
         updates["tracking"] = cfg.tracking.model_copy(update={"uri": tracking_uri})
+    if export_dir is not None:
+        updates["export"] = cfg.export.model_copy(update={"dir": export_dir})
     if epochs is not None:
         updates["neural_bandit"] = cfg.neural_bandit.model_copy(update={"epochs": epochs})
     cfg = cfg.model_copy(update=updates)

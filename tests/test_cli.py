@@ -23,12 +23,26 @@ def test_help_every_subcommand(command: list[str]) -> None:
 
 def test_demo_small_population_simulates_and_shows_rules(tmp_path: Path) -> None:
     result = runner.invoke(
-        app, ["demo", "--customers", "300", "--days", "3", "--seed", "3", "--out", str(tmp_path)]
+        app,
+        [
+            "demo",
+            "--customers",
+            "300",
+            "--days",
+            "3",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "suitability_risk" in result.output
     assert "300 customers x 361 actions" in result.output
-    (run,) = tmp_path.iterdir()
+    assert "registered nextbest v1" in " ".join(result.output.split())
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert list((run / "logs").glob("part-*.parquet"))
     assert (run / "logs" / "kpis.json").exists()
 

@@ -1,0 +1,114 @@
+"""nextbest train and promote end to end on a small simulated log, with a local MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from nextbest.cli import app
+from simulators.policies import PlaybookPolicy
+from simulators.rollout import run_policy
+from simulators.world import BatchSimulator
+from training.onnx_export import OnnxScorer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sim_log(tmp_path_factory, catalog, engine, scenario) -> Path:
+    out = tmp_path_factory.mktemp("trainlog")
+    sim = BatchSimulator(scenario, catalog, engine, 3000, seed=31)
+    run_policy(sim, PlaybookPolicy(catalog, 0.3), 6, np.random.default_rng(32), log_dir=str(out))
+    return out
+
+
+def write_config(tmp_path: Path, logs: Path, **overrides: str) -> Path:
+    text = f"""
+learner: neural_bandit
+data: {{logs: {logs}, holdout_share: 0.3}}
+neural_bandit: {{hidden: 16, embedding: 8, epochs: 2, batch_size: 1024}}
+evaluation: {{bootstrap: 50}}
+tracking: {{uri: "sqlite:///{tmp_path}/mlflow.db", experiment: test}}
+export: {{dir: {tmp_path}/models}}
+"""
+    for old, new in overrides.items():
+        text = text.replace(old, new)
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(sim_log, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow")
+    result = runner.invoke(app, ["train", "--config", str(write_config(tmp, sim_log))])
+    return tmp, result
+
+
+def test_train_registers_challenger_with_artifacts(trained_run) -> None:
+    tmp, result = trained_run
+    assert result.exit_code == 0, result.output
+    assert "0 chosen actions blocked by a rule" in result.output
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("nextbest", "challenger")
+    run = client.get_run(version.run_id)
+    metrics = run.data.metrics
+    assert metrics["compliance/blocked_actions_chosen"] == 0
+    assert "losses/train_mse_scaled" in metrics
+    for key in ("ope/model/dr/value", "ope/model/dr/lower", "ope/logging/ips/value"):
+        assert np.isfinite(metrics[key]), key
+    assert run.data.params["neural_bandit.epochs"] == "2"
+    assert len(run.data.tags["data.fingerprint"]) == 16
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "ope_table.json", "model_card.md", "plots", "model_spec"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/value_with_intervals.png" in plots
+    assert "plots/action_mix_by_segment.png" in plots
+
+
+def test_train_onnx_file_scores_catalogue(trained_run, catalog) -> None:
+    tmp, _ = trained_run
+    (model_file,) = (tmp / "models").glob("*.onnx")
+    scorer = OnnxScorer(model_file)
+    scores = scorer.scores(np.zeros((3, len(scorer.spec["context_names"])), np.float32))
+    assert scores.shape == (3, catalog.n_actions)
+
+
+def test_promote_first_challenger_then_keeps_champion(trained_run) -> None:
+    tmp, _ = trained_run
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    first = runner.invoke(app, ["promote", "--tracking-uri", uri])
+    assert first.exit_code == 0, first.output
+    assert "promoted" in first.output
+    again = runner.invoke(app, ["promote", "--tracking-uri", uri])
+    assert again.exit_code == 1
+    assert "already the champion" in again.output
+
+
+def test_promote_unknown_model_kept(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["promote", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--model", "nope"]
+    )
+    assert result.exit_code == 1
+    assert "no 'challenger' version" in result.output
+
+
+def test_train_bad_config_exits_2_naming_key(sim_log, tmp_path: Path) -> None:
+    path = write_config(tmp_path, sim_log, **{"epochs: 2": "epochs: -1"})
+    result = runner.invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert "neural_bandit.epochs" in flat
+
+
+def test_train_missing_log_exits_2(tmp_path: Path) -> None:
+    path = write_config(tmp_path, tmp_path / "missing")
+    result = runner.invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "no such file" in result.output
