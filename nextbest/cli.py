@@ -350,11 +350,18 @@ def evaluate(
     except (DecisionLogError, OpeInputError, ValueError) as exc:
         console.print(f"[bold red]cannot evaluate[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    level = f"{100 * (1 - alpha):g}%"
-    table = Table(
-        title=f"Off-policy evaluation: {log.n_rounds:,} logged decisions, "
-        f"mean logged reward {log.reward.mean():.4f}"
+    _print_ope_table(
+        f"Off-policy evaluation: {log.n_rounds:,} logged decisions, "
+        f"mean logged reward {log.reward.mean():.4f}",
+        rows,
+        alpha,
     )
+
+
+def _print_ope_table(title: str, rows: list[dict[str, float | str]], alpha: float) -> None:
+    """The OPE table: policy, estimator, value and interval bounds."""
+    level = f"{100 * (1 - alpha):g}%"
+    table = Table(title=title)
     for col in ("policy", "estimator", "value", f"{level} lower", f"{level} upper"):
         table.add_column(col, justify="left" if col in ("policy", "estimator") else "right")
     for row in rows:
@@ -415,18 +422,11 @@ def train(
     except (DecisionLogError, OpeInputError, ValueError) as exc:
         console.print(f"[bold red]cannot train[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    table = Table(title=f"Held-out off-policy evaluation (run {result.run_id[:8]})")
-    for col in ("policy", "estimator", "value", "lower", "upper"):
-        table.add_column(col, justify="left" if col in ("policy", "estimator") else "right")
-    for row in result.ope:
-        table.add_row(
-            str(row["policy"]),
-            str(row["estimator"]),
-            f"{row['value']:.4f}",
-            f"{row['lower']:.4f}",
-            f"{row['upper']:.4f}",
-        )
-    Console(width=max(console.width, 100)).print(table)
+    _print_ope_table(
+        f"Held-out off-policy evaluation (run {result.run_id[:8]})",
+        result.ope,
+        cfg.evaluation.alpha,
+    )
     console.print(
         f"compliance: {result.violations} chosen actions blocked by a rule; "
         f"registered {cfg.tracking.registered_model} v{result.model_version} as "
