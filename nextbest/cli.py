@@ -345,6 +345,8 @@ def evaluate(
                 "catalog_version",
                 f"the log was made with catalogue {log.catalog_version}, this is {cat.version}",
             )
+        if not policy and log.logging_dist is None:
+            names = [name for name in names if name != "logging"]  # no logged distribution
         dists = {name: baseline_action_dist(name, log) for name in names}
         rows = ope_table(log, dists, alpha=alpha, n_bootstrap_samples=bootstrap, seed=seed)
     except (DecisionLogError, OpeInputError, ValueError) as exc:
@@ -368,11 +370,14 @@ def _print_ope_table(title: str, rows: list[dict[str, float | str]], alpha: floa
         table.add_row(
             str(row["policy"]),
             str(row["estimator"]),
-            f"{row['value']:.4f}",
-            f"{row['lower']:.4f}",
-            f"{row['upper']:.4f}",
+            *(_number(row[key]) for key in ("value", "lower", "upper")),
         )
     Console(width=max(console.width, 100)).print(table)
+
+
+def _number(value: object) -> str:
+    number = float(value)  # type: ignore[arg-type]
+    return "undefined" if np.isnan(number) else f"{number:.4f}"
 
 
 @app.command()

@@ -183,6 +183,16 @@ def validate_decisions(
         raise DecisionLogError(source, "candidate_actions", "must not be empty", row)
     values = pc.list_flatten(cand).to_numpy()
     owner = np.repeat(np.arange(n), lengths)
+    if n_actions is not None:
+        outside = (values < 0) | (values >= n_actions)
+        if outside.any():
+            row = int(owner[np.flatnonzero(outside)[0]])
+            raise DecisionLogError(
+                source,
+                "candidate_actions",
+                f"action id {values[outside][0]} is outside the catalogue (0..{n_actions - 1})",
+                row,
+            )
     chosen_listed = np.bincount(owner, weights=values == action[owner], minlength=n) > 0
     if not chosen_listed.all():
         row = int(np.flatnonzero(~chosen_listed)[0])

@@ -22,7 +22,9 @@ def baseline_action_dist(name: str, log: LoggedBandit) -> np.ndarray:
     if name == "logging":
         if log.logging_dist is None:
             raise ValueError("the log has no `action_dist`: the logging policy is unknown")
-        return log.logging_dist.astype(np.float64)
+        dist = log.logging_dist.astype(np.float64)
+        # logs may round probabilities (the reader accepts sums within 1e-3 of 1)
+        return dist / dist.sum(axis=1, keepdims=True)
     if name == "uniform":
         return log.candidates / log.candidates.sum(axis=1, keepdims=True)
     if name == "no_contact":
@@ -57,7 +59,8 @@ def ope_table(
     Returns
     -------
     list of dict
-        ``policy, estimator, value, lower, upper`` per pair.
+        ``policy, estimator, value, lower, upper`` per pair; NaN values with a ``note`` where
+        the estimator is undefined for that policy (SNIPS with no overlap at all).
     """
     if estimators is None:
         names = ["ips", "snips"] + (
@@ -77,6 +80,20 @@ def ope_table(
                 f"rules blocked (round {i})"
             )
         for est_name, est in estimators.items():
+            if est_name == "snips" and log.pscore is not None:
+                weights = dist[np.arange(log.n_rounds), log.action] / log.pscore
+                if weights.sum() == 0:
+                    rows.append(
+                        {
+                            "policy": policy_name,
+                            "estimator": est_name,
+                            "value": float("nan"),
+                            "lower": float("nan"),
+                            "upper": float("nan"),
+                            "note": "undefined: the policy never chose a logged action",
+                        }
+                    )
+                    continue
             interval = est.estimate_interval(
                 log.reward,
                 log.action,

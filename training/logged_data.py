@@ -156,6 +156,14 @@ def load_logged_bandit(
     widths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
     rows = np.repeat(np.arange(n), widths)
     ids = pc.list_flatten(cand).to_numpy()
+    outside = (ids < 0) | (ids >= n_actions)
+    if outside.any():  # read_decisions checks this too; CSV and Parquet both pass here
+        raise DecisionLogError(
+            source,
+            "candidate_actions",
+            f"action id {ids[outside][0]} is outside the catalogue (0..{n_actions - 1})",
+            int(rows[np.flatnonzero(outside)[0]]),
+        )
     candidates = np.zeros((n, n_actions), bool)
     candidates[rows, ids] = True
     dist_col = pa.chunked_array(table.column("action_dist").chunks).combine_chunks()

@@ -26,11 +26,14 @@ CHAMPION_METRIC = "ope/model/dr/value"
 def data_fingerprint(path: str | Path) -> str:
     """SHA-256 over the bytes of a log file or of every file of a log directory."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # a directory is read as its visible .parquet parts; a named file is read whatever its name
+    files = (
+        sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+        if path.is_dir()
+        else [path]
+    )
     digest = hashlib.sha256()
     for file in files:
-        if file.name.startswith(".") or file.suffix not in (".parquet", ".csv"):
-            continue
         digest.update(file.name.encode())
         with file.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

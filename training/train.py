@@ -127,6 +127,8 @@ def run_training(config: TrainingConfig, catalog: ActionCatalog) -> TrainResult:
             seed=config.evaluation.seed,
         )
         for row in rows:
+            if "note" in row:
+                continue  # undefined estimate: nothing to log as a metric
             key = f"ope/{row['policy']}/{row['estimator']}"
             mlflow.log_metrics(
                 {

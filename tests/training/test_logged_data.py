@@ -169,3 +169,83 @@ def test_evaluate_cli_missing_log_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "--logs", str(tmp_path / "nope.parquet")])
     assert result.exit_code == 2
     assert "no such file" in result.output
+
+
+def _small_log(tmp_path: Path, catalog, candidates, dist, action, pscore) -> Path:
+    """A valid 4-decimal log written through the schema, for edge cases."""
+    from datetime import UTC, datetime
+
+    from nextbest.decision_log import decisions_table, write_decisions
+
+    n = len(action)
+    table = decisions_table(
+        {
+            "decision_id": [f"d{i}" for i in range(n)],
+            "timestamp": [datetime(2026, 1, 5, tzinfo=UTC)] * n,
+            "customer_key": ["cust_x"] * n,
+            "context": [[0.0, 1.0]] * n,
+            "candidate_actions": candidates,
+            "action": action,
+            "pscore": pscore,
+            "action_dist": dist,
+            "reward": [1.0, 0.0, 2.0, 0.0][:n],
+            "policy": ["p"] * n,
+            "model_version": ["m"] * n,
+            "ruleset_version": ["r"] * n,
+            "catalog_version": [catalog.version] * n,
+            "feature_spec_version": ["f"] * n,
+        }
+    )
+    return write_decisions(table, tmp_path / "log.parquet")
+
+
+@pytest.mark.parametrize("bad_id", [-1, 10_000])
+def test_load_logged_bandit_candidate_outside_catalogue_refused(
+    tmp_path: Path, catalog, bad_id: int
+) -> None:
+    path = _small_log(tmp_path, catalog, [[0, bad_id]] * 2, [[0.5, 0.5]] * 2, [0, 0], [0.5] * 2)
+    with pytest.raises(DecisionLogError, match="outside the catalogue") as info:
+        load_logged_bandit(path, catalog.n_actions)
+    assert info.value.column == "candidate_actions"
+
+
+def test_ope_table_rounded_logging_dist_accepted(tmp_path: Path, catalog) -> None:
+    path = _small_log(
+        tmp_path, catalog, [[0, 1, 2]] * 3, [[0.3333] * 3] * 3, [0, 1, 2], [0.3333] * 3
+    )
+    log = load_logged_bandit(path, catalog.n_actions)
+    rows = ope_table(log, {"logging": baseline_action_dist("logging", log)}, n_bootstrap_samples=20)
+    assert all(np.isfinite(r["value"]) for r in rows)
+
+
+def test_ope_table_snips_without_overlap_is_marked_undefined(tmp_path: Path, catalog) -> None:
+    path = _small_log(
+        tmp_path, catalog, [[0, 1, 2]] * 4, [[0.0, 0.5, 0.5]] * 4, [1, 2, 1, 2], [0.5] * 4
+    )
+    log = load_logged_bandit(path, catalog.n_actions)
+    rows = ope_table(
+        log, {"no_contact": baseline_action_dist("no_contact", log)}, n_bootstrap_samples=20
+    )
+    snips = next(r for r in rows if r["estimator"] == "snips")
+    ips = next(r for r in rows if r["estimator"] == "ips")
+    assert np.isnan(snips["value"]) and "undefined" in snips["note"]
+    assert ips["value"] == 0.0
+
+
+def test_evaluate_cli_log_without_action_dist_evaluates_the_rest(tmp_path: Path, catalog) -> None:
+    path = _small_log(tmp_path, catalog, [[0, 1, 2]] * 4, [None] * 4, [1, 2, 1, 2], [0.5] * 4)
+    result = CliRunner().invoke(app, ["evaluate", "--logs", str(path), "--bootstrap", "20"])
+    assert result.exit_code == 0, result.output
+    assert "uniform" in result.output and "logging" not in result.output
+
+
+def test_data_fingerprint_any_file_name(tmp_path: Path, sim_log) -> None:
+    from training.tracking import data_fingerprint
+
+    (part,) = sorted(sim_log.glob("*.parquet"))[:1]
+    a = tmp_path / "a.pq"
+    a.write_bytes(part.read_bytes())
+    b = tmp_path / "b.pq"
+    b.write_bytes(part.read_bytes() + b"x")
+    assert data_fingerprint(a) != data_fingerprint(b)
+    assert data_fingerprint(sim_log) == data_fingerprint(sim_log)

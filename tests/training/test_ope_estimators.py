@@ -210,3 +210,12 @@ def test_bootstrap_interval_seeded_is_reproducible() -> None:
 def test_bootstrap_interval_bad_settings_refused(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         bootstrap_interval(np.ones(5), **kwargs)
+
+
+def test_snips_without_overlap_refused(log) -> None:
+    dist = np.zeros_like(log["target"])
+    dist[np.arange(len(dist)), (log["action"] + 1) % dist.shape[1]] = 1.0
+    with pytest.raises(OpeInputError, match="SNIPS is undefined"):
+        SelfNormalizedInverseProbabilityWeighting().estimate_policy_value(
+            log["reward"], log["action"], dist, log["pscore"]
+        )
