@@ -252,6 +252,10 @@ class ActionCatalog:
         except KeyError:
             raise KeyError(f"unknown action {name!r}") from None
 
+    def has_action(self, name: str) -> bool:
+        """True when the catalogue has an action of this name."""
+        return name in self._by_name
+
     def channel(self, name: str) -> Channel:
         return self.channels[self.channel_names.index(name)]
 

@@ -9,6 +9,7 @@ only ever puts probability on allowed actions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,9 +36,10 @@ class EpsilonGreedyDecision:
     epsilon: float
     action: np.ndarray
 
-    @property
+    @cached_property
     def n_allowed(self) -> np.ndarray:
-        return self.allowed.sum(axis=1)
+        """Allowed actions per customer, int ``(n,)``."""
+        return np.count_nonzero(self.allowed, axis=1)
 
     def probability(self, actions: np.ndarray) -> np.ndarray:
         """Probability of ``actions`` (int ``(n,)``) under the decision rule, float64 ``(n,)``."""
@@ -54,7 +56,7 @@ class EpsilonGreedyDecision:
         """The full distribution in the logged form: ``(offsets (n+1,), candidates, probs)``,
         candidates in id order per customer and probabilities aligned with them."""
         n, n_actions = self.allowed.shape
-        k = np.count_nonzero(self.allowed, axis=1)
+        k = self.n_allowed
         flat = np.flatnonzero(self.allowed)  # row-major: grouped by customer, ids ascending
         cols = (flat - np.repeat(np.arange(n) * n_actions, k)).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum(k)]).astype(np.int32)
@@ -127,12 +129,10 @@ class PlaybookPolicy:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
         self.catalog = catalog
         self.epsilon = epsilon
-        self._table = self._build_table()
+        table = self._build_table()
         # Per profile, the playbook's actions in preference order, padded with no-contact
         # (always allowed), so the greedy action is the first allowed entry of a short list.
-        order = [
-            np.flatnonzero(row > 0)[np.argsort(-row[row > 0], kind="stable")] for row in self._table
-        ]
+        order = [np.flatnonzero(row > 0)[np.argsort(-row[row > 0], kind="stable")] for row in table]
         width = max(len(o) for o in order) + 1
         self._preferences = np.zeros((len(order), width), np.int64)
         for i, o in enumerate(order):
@@ -205,7 +205,7 @@ class PlaybookPolicy:
                                 for channel in channels:
                                     for t_rank, slot in enumerate(timing_order[stage]):
                                         name = f"{channel}:{offer}:{slot}"
-                                        if name in cat._by_name:
+                                        if cat.has_action(name):
                                             a = cat.action_id(name)
                                             row[a] = max(row[a], 1e6 - rank * 10 - t_rank)
                                     rank += 1

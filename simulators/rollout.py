@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from nextbest.context import ContextBatch
 from nextbest.decision_log import DECISION_SCHEMA, DecisionLogWriter
 from nextbest.features import ContextEncoder
 from nextbest.privacy import pseudonymise
@@ -20,13 +22,14 @@ SIMULATION_KEY = b"nextbest-simulation-pseudonym-key"
 """Key for the pseudonyms of simulated customers (they are not real people)."""
 
 
-class Policy:
+class Policy(Protocol):
     """What the rollout needs of a policy (see :mod:`simulators.policies`)."""
 
     name: str
 
-    def decide(self, batch, allowed, rng) -> EpsilonGreedyDecision:  # pragma: no cover
-        raise NotImplementedError
+    def decide(
+        self, batch: ContextBatch, allowed: np.ndarray, rng: np.random.Generator
+    ) -> EpsilonGreedyDecision: ...
 
 
 @dataclass

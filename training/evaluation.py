@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from training.logged_data import LoggedBandit
-from training.ope import ESTIMATORS, OffPolicyEstimator
+from training.ope import ESTIMATORS, OffPolicyEstimator, bootstrap_interval
+from training.ope.inputs import UndefinedEstimateError
 
 BASELINE_POLICIES = ("logging", "uniform", "no_contact")
 """Target policies every log can be evaluated against without a model."""
@@ -80,38 +81,20 @@ def ope_table(
                 f"rules blocked (round {i})"
             )
         for est_name, est in estimators.items():
-            if est_name == "snips" and log.pscore is not None:
-                weights = dist[np.arange(log.n_rounds), log.action] / log.pscore
-                if weights.sum() == 0:
-                    rows.append(
-                        {
-                            "policy": policy_name,
-                            "estimator": est_name,
-                            "value": float("nan"),
-                            "lower": float("nan"),
-                            "upper": float("nan"),
-                            "note": "undefined: the policy never chose a logged action",
-                        }
-                    )
-                    continue
-            interval = est.estimate_interval(
-                log.reward,
-                log.action,
-                dist,
-                log.pscore,
-                estimated_rewards,
-                alpha=alpha,
-                n_bootstrap_samples=n_bootstrap_samples,
-                random_state=seed,
-            )
-            value = est.estimate_policy_value(
-                log.reward, log.action, dist, log.pscore, estimated_rewards
-            )
+            row: dict[str, float | str] = {"policy": policy_name, "estimator": est_name}
+            try:
+                rounds = est.estimate_round_rewards(
+                    log.reward, log.action, dist, log.pscore, estimated_rewards
+                )
+            except UndefinedEstimateError as exc:
+                nan = float("nan")
+                rows.append({**row, "value": nan, "lower": nan, "upper": nan, "note": str(exc)})
+                continue
+            interval = bootstrap_interval(rounds, alpha, n_bootstrap_samples, seed)
             rows.append(
                 {
-                    "policy": policy_name,
-                    "estimator": est_name,
-                    "value": value,
+                    **row,
+                    "value": float(rounds.mean()),
                     "lower": interval["lower"],
                     "upper": interval["upper"],
                 }

@@ -8,7 +8,6 @@ every new model, ``champion`` for the one the service loads (moved by :func:`pro
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +99,3 @@ def _run_metric(client: MlflowClient, run_id: str | None, key: str) -> float | N
     if run_id is None:
         return None
     return client.get_run(run_id).data.metrics.get(key)
-
-
-def log_json(data: Any, name: str) -> None:
-    """Log a JSON artifact of the active run."""
-    mlflow.log_text(json.dumps(data, indent=2, default=str), name)

@@ -23,7 +23,7 @@ from training.neural_bandit import (
     train_reward_model,
 )
 from training.onnx_export import export_reward_model, spec_path
-from training.tracking import data_fingerprint, flatten, log_json, register_onnx
+from training.tracking import data_fingerprint, flatten, register_onnx
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def run_training(config: TrainingConfig, catalog: ActionCatalog) -> TrainResult:
                 "features.version": encoder.spec.version,
             }
         )
-        log_json(config.model_dump(mode="json"), "config.json")
+        mlflow.log_dict(config.model_dump(mode="json"), "config.json")
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
@@ -137,7 +137,7 @@ def run_training(config: TrainingConfig, catalog: ActionCatalog) -> TrainResult:
                     f"{key}/upper": row["upper"],
                 }
             )
-        log_json(rows, "ope_table.json")
+        mlflow.log_dict(rows, "ope_table.json")
         mlflow.log_metric("eval/holdout_mean_reward", float(holdout.reward.mean()))
         _log_plots(rows, history.epochs, holdout, chosen, catalog, encoder)
 

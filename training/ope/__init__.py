@@ -10,7 +10,7 @@ from training.ope.estimators import (
     SelfNormalizedInverseProbabilityWeighting,
     SwitchDoublyRobust,
 )
-from training.ope.inputs import OpeInputError, check_ope_inputs
+from training.ope.inputs import OpeInputError, UndefinedEstimateError, check_ope_inputs
 
 __all__ = [
     "ESTIMATORS",
@@ -21,6 +21,7 @@ __all__ = [
     "OpeInputError",
     "SelfNormalizedInverseProbabilityWeighting",
     "SwitchDoublyRobust",
+    "UndefinedEstimateError",
     "bootstrap_interval",
     "check_ope_inputs",
 ]

@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from training.ope.bootstrap import bootstrap_interval
-from training.ope.inputs import OpeInputError, check_ope_inputs
+from training.ope.inputs import UndefinedEstimateError, check_ope_inputs
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class SelfNormalizedInverseProbabilityWeighting(InverseProbabilityWeighting):
     def _round_rewards(self, reward, action, dist, pscore, q_hat, position) -> np.ndarray:
         weights = self._weights(action, dist, pscore, position)
         if weights.sum() == 0:
-            raise OpeInputError(
+            raise UndefinedEstimateError(
                 "SNIPS is undefined: the evaluation policy gives zero probability to every "
                 "logged action (use IPS, whose estimate is then 0)"
             )

@@ -21,6 +21,11 @@ class OpeInputError(ValueError):
     """Inputs an estimator cannot use; the message names the array and the reason."""
 
 
+class UndefinedEstimateError(OpeInputError):
+    """Valid inputs on which an estimator has no value (SNIPS when no logged action has
+    probability under the evaluation policy)."""
+
+
 def _fail(message: str) -> OpeInputError:
     return OpeInputError(message)
 
