@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,serve,dev]'
 	# obp 0.5.7 (the OPE reference for the parity tests) declares torch==1.12 and
 	# Python < 3.11, but its estimators run on this stack: install it without its pins.
 	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python obp==0.5.7
