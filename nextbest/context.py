@@ -78,6 +78,23 @@ class BehaviourEvents(BaseModel):
     """Days until a held product matures (None: nothing maturing)."""
     days_since_last_login: int | None = Field(default=None, ge=0)
     """Days since the last app login (None: never logged in)."""
+    offer_views_30d: dict[str, int] = Field(default_factory=dict)
+    """Product-page views per offer over the last 30 days (offers not listed: 0)."""
+    usual_login_hour: int | None = Field(default=None, ge=0, le=23)
+    """Local hour at which the customer usually logs in to the app (None: unknown)."""
+
+    @field_validator("offer_views_30d")
+    @classmethod
+    def _views(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        for offer, count in value.items():
+            if count < 0:
+                raise ValueError(f"views of {offer!r} must not be negative, got {count}")
+        catalog = (info.context or {}).get("catalog")
+        if catalog is not None:
+            unknown = [o for o in value if o not in catalog.offer_names]
+            if unknown:
+                raise ValueError(f"unknown offer {unknown[0]!r}")
+        return value
 
 
 class CustomerContext(BaseModel):
@@ -230,6 +247,9 @@ CONTEXT_COLUMNS: dict[str, ColumnSpec] = {
     "days_since_last_login": ColumnSpec(
         np.float32, "scalar", "days since last app login, inf if never"
     ),
+    "usual_login_hour": ColumnSpec(
+        np.int8, "scalar", "usual local app-login hour 0..23, -1 if unknown"
+    ),
     "contacts_7d_total": ColumnSpec(np.float32, "scalar", "contacts on all channels, last 7 days"),
     "contacts_30d_total": ColumnSpec(
         np.float32, "scalar", "contacts on all channels, last 30 days"
@@ -239,6 +259,9 @@ CONTEXT_COLUMNS: dict[str, ColumnSpec] = {
     "contacts_7d": ColumnSpec(np.float32, "channel", "contacts on the channel, last 7 days"),
     "contacts_30d": ColumnSpec(np.float32, "channel", "contacts on the channel, last 30 days"),
     "holds": ColumnSpec(np.bool_, "offer", "customer holds the offer's product"),
+    "offer_views_30d": ColumnSpec(
+        np.float32, "offer", "product-page views of the offer, last 30 days"
+    ),
 }
 """The columns of a :class:`ContextBatch`; compliance rules may name the scalar and channel ones."""
 
@@ -348,6 +371,9 @@ class ContextBatch:
             cols["days_since_last_login"][i] = (
                 np.inf if ev.days_since_last_login is None else ev.days_since_last_login
             )
+            cols["usual_login_hour"][i] = (
+                -1 if ev.usual_login_hour is None else ev.usual_login_hour
+            )
             try:
                 for name in c.consented_channels:
                     cols["consent"][i, ch[name]] = True
@@ -359,6 +385,8 @@ class ContextBatch:
                     cols["contacts_30d"][i, ch[name]] = count
                 for name in c.holdings:
                     cols["holds"][i, of[name]] = True
+                for name, count in ev.offer_views_30d.items():
+                    cols["offer_views_30d"][i, of[name]] = count
             except KeyError as exc:
                 raise ValueError(f"context {i}: unknown channel or offer {exc.args[0]!r}") from None
         cols["contacts_7d_total"] = cols["contacts_7d"].sum(axis=1)
@@ -419,6 +447,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "mortgage_page_views_7d": (0, np.inf),
     "days_to_product_maturity": (0, np.inf),
     "days_since_last_login": (0, np.inf),
+    "usual_login_hour": (-1, 23),
+    "offer_views_30d": (0, np.inf),
 }
 """Valid range of each numeric column, checked on the raw values before any cast."""
 

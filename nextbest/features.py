@@ -33,7 +33,7 @@ from nextbest.segments import (
     value_tier,
 )
 
-ENCODER_REVISION = 1
+ENCODER_REVISION = 2
 """Bump when the encoding of an existing feature changes meaning."""
 ASSESSMENT_VALID_DAYS = 365.0
 
@@ -142,6 +142,15 @@ class ContextEncoder:
             (tuple(f"log_contacts_7d={c}" for c in ch), lambda b: np.log1p(b["contacts_7d"])),
             (tuple(f"log_contacts_30d={c}" for c in ch), lambda b: np.log1p(b["contacts_30d"])),
             (tuple(f"holds={o}" for o in of), lambda b: b["holds"]),
+            (
+                tuple(f"log_offer_views_30d={o}" for o in of),
+                lambda b: np.log1p(b["offer_views_30d"]) / 2.0,
+            ),
+            ("login_hour_known", lambda b: b["usual_login_hour"] >= 0),
+            (
+                tuple(f"login_hour_fits={t}" for t in catalog.timing_names),
+                self._login_hour_fits,
+            ),
         ]
         names: list[str] = []
         self._slices: list[slice] = []
@@ -154,6 +163,20 @@ class ContextEncoder:
     @property
     def n_features(self) -> int:
         return self.spec.n_context
+
+    def _login_hour_fits(self, batch: ContextBatch) -> np.ndarray:
+        """Whether the usual login hour falls in each timing slot, bool ``(N, T)``.
+
+        A windowed slot fits when the hour is inside its window; the immediate slot fits when
+        the hour is within one hour of the local decision hour. Unknown hours fit nothing.
+        """
+        usual = batch["usual_login_hour"].astype(np.int16)[:, None]
+        now = batch["local_hour"].astype(np.int16)[:, None]
+        slots = self.catalog.timing
+        start = np.array([-1 if t.start_hour is None else t.start_hour for t in slots])[None, :]
+        end = np.array([-1 if t.end_hour is None else t.end_hour for t in slots])[None, :]
+        fits = np.where(start < 0, np.abs(now - usual) <= 1, (usual >= start) & (usual < end))
+        return fits & (usual >= 0)
 
     def encode(self, batch: ContextBatch) -> np.ndarray:
         """Context features.

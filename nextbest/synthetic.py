@@ -59,4 +59,6 @@ def random_context_batch(catalog: ActionCatalog, n: int, rng: np.random.Generato
         contacts_7d=contacts_7d,
         contacts_30d=contacts_30d,
         holds=rng.random((n, o)) < 0.1,
+        offer_views_30d=rng.poisson(1.0, (n, o)),
+        usual_login_hour=np.where(rng.random(n) < 0.8, rng.integers(0, 24, n), -1),
     )

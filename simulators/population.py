@@ -14,7 +14,7 @@ import numpy as np
 from nextbest.catalog import ActionCatalog
 from nextbest.context import INCOME_BANDS, LIFECYCLE_STAGES
 from nextbest.segments import LIFE_STAGES
-from simulators.scenario import Scenario
+from simulators.scenario import Scenario, SignalSpec
 
 CONTACT_WINDOW_DAYS = 30
 
@@ -38,6 +38,8 @@ class Population:
     days_since_complaint: np.ndarray  # (N,) float32, inf = never
     last_contact_hour: np.ndarray  # (N,) float64, simulation hour of the last contact, -inf
     mortgage_page_views_7d: np.ndarray  # (N,) float32
+    offer_views_30d: np.ndarray  # (N, O) float32 product-page views per offer, last 30 days
+    usual_login_hour: np.ndarray  # (N,) int8 usual local app-login hour, -1 without logins
     days_to_product_maturity: np.ndarray  # (N,) float32, inf = nothing maturing
     days_since_last_login: np.ndarray  # (N,) float32, inf = never
     consent: np.ndarray  # (N, C) bool
@@ -158,6 +160,7 @@ def sample_population(
         beh.fatigue.sensitivity_spread * rng.standard_normal(n)
         - beh.fatigue.sensitivity_spread**2 / 2
     ).astype(np.float32)
+    views, login_hour = _observed_signals(beh.signals, need, need_mean, logins, preferred, rng)
 
     return Population(
         age=age,
@@ -174,6 +177,8 @@ def sample_population(
         days_since_complaint=np.full(n, np.inf, np.float32),
         last_contact_hour=np.full(n, -np.inf),
         mortgage_page_views_7d=np.zeros(n, np.float32),
+        offer_views_30d=views,
+        usual_login_hour=login_hour,
         days_to_product_maturity=maturity,
         days_since_last_login=since_login,
         consent=consent,
@@ -191,3 +196,32 @@ def sample_population(
         days_since_conversion=np.full(n, np.inf, np.float32),
         active=np.ones(n, bool),
     )
+
+
+def _observed_signals(
+    signals: SignalSpec,
+    need: np.ndarray,
+    need_mean: np.ndarray,
+    logins: np.ndarray,
+    preferred: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What analytics record of the latent need and reading hour.
+
+    Product-page views per offer are Poisson with a mean proportional to the customer's need
+    relative to their life stage's mean need (customers browse what they want); customers
+    without app logins browse less. The usual app-login hour is the reading hour plus noise,
+    unknown (-1) for customers who never log in.
+
+    Returns
+    -------
+    views : float32 ``(N, O)``
+    login_hour : int8 ``(N,)``
+    """
+    app_user = logins > 0
+    rate = signals.offer_views_per_30d * need / np.maximum(need_mean, 1e-9)
+    rate = rate * np.where(app_user, 1.0, signals.offline_view_factor)[:, None]
+    views = rng.poisson(rate).astype(np.float32)
+    noisy = np.round(preferred + signals.login_hour_noise_sd * rng.standard_normal(len(logins)))
+    login_hour = np.where(app_user, np.clip(noisy, 0, 23), -1).astype(np.int8)
+    return views, login_hour

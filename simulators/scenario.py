@@ -220,6 +220,17 @@ class EventSpec(StrictModel):
         return value
 
 
+class SignalSpec(StrictModel):
+    """Observable traces of latent traits, as a bank's app and web analytics record them."""
+
+    offer_views_per_30d: NonNegative
+    """Mean product-page views per offer over 30 days at average need (views scale with need)."""
+    offline_view_factor: Probability
+    """View-rate multiplier for customers without app logins (web and branch kiosks only)."""
+    login_hour_noise_sd: NonNegative
+    """Hours of noise between the usual app-login hour and the hour messages get read."""
+
+
 class BehaviourSpec(StrictModel):
     channel_affinity: dict[str, dict[str, Positive]]
     affinity_spread: NonNegative
@@ -237,6 +248,7 @@ class BehaviourSpec(StrictModel):
     opt_out: IncidentSpec
     churn: ChurnSpec
     events: EventSpec
+    signals: SignalSpec
     decision_rate: Probability
     decision_hours: tuple[int, int]
 

@@ -180,6 +180,8 @@ class BatchSimulator:
             contacts_7d=c7,
             contacts_30d=c30,
             holds=p.holds[customers],
+            offer_views_30d=p.offer_views_30d[customers],
+            usual_login_hour=p.usual_login_hour[customers],
         )
 
     def blocked_by(self, customers: np.ndarray, batch: ContextBatch) -> np.ndarray:

@@ -95,6 +95,8 @@ def edge_customer(draw: st.DrawFn, n_channels: int, n_offers: int) -> dict[str, 
         "contacts_7d": c7,
         "contacts_30d": c30,
         "holds": draw(st.lists(st.booleans(), min_size=n_offers, max_size=n_offers)),
+        "offer_views_30d": draw(st.lists(st.integers(0, 9), min_size=n_offers, max_size=n_offers)),
+        "usual_login_hour": draw(st.integers(-1, 23)),
     }
 
 
