@@ -237,10 +237,8 @@ def simulate(
     """Simulate customer journeys under a logging policy; log decisions and print KPIs."""
     from rich.progress import Progress
 
-    from simulators.policies import PlaybookPolicy, UniformPolicy
-    from simulators.rollout import run_policy
+    from simulators.ground_truth import SimulationRecipe, simulate_log
     from simulators.scenario import load_scenario
-    from simulators.world import BatchSimulator
 
     cat, ruleset = _load(catalog_dir, rules_path)
     try:
@@ -255,17 +253,13 @@ def simulate(
         )
         raise typer.Exit(code=2)
     engine = RuleEngine(ruleset)
-    sim = BatchSimulator(world, cat, engine, customers, seed=seed)
-    chosen = PlaybookPolicy(cat, epsilon) if policy == PolicyName.playbook else UniformPolicy(cat)
+    recipe = SimulationRecipe.create(
+        scenario, customers, days, policy.value, epsilon, seed, cat, engine
+    )
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"simulating {customers:,} customers", total=days)
-        summary = run_policy(
-            sim,
-            chosen,
-            days,
-            np.random.default_rng(seed + 1),
-            log_dir=str(out) if out is not None else None,
-            on_day=lambda _day: progress.advance(task),
+        summary = simulate_log(
+            recipe, cat, engine, out, on_day=lambda _day: progress.advance(task)
         )
     rows = summary.table()
     table = Table(title=f"{world.name}: {policy.value} (epsilon {epsilon:g}), {days} days")
@@ -398,16 +392,18 @@ def train(
         Path | None, typer.Option(help="Where the ONNX model goes (overrides export.dir).")
     ] = None,
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+    rules_path: RulesOption = DEFAULT_RULES_PATH,
 ) -> None:
-    """Train a policy on a decision log, evaluate it off-policy on held-out decisions, export
-    it to ONNX, and track the run in MLflow (registered with the alias 'challenger')."""
+    """Train a policy on a decision log, evaluate it off-policy on held-out decisions (and
+    against the simulator's ground truth for simulated logs), export it to ONNX, and track
+    the run in MLflow (registered with the alias 'challenger')."""
     from nextbest.decision_log import DecisionLogError
     from training.config import load_training_config
     from training.ope import OpeInputError
     from training.train import run_training
 
+    cat, ruleset = _load(catalog_dir, rules_path)
     try:
-        cat = load_catalog(catalog_dir)
         cfg = load_training_config(config)
     except ConfigError as exc:
         console.print(f"[bold red]config error[/] {escape(str(exc))}")
@@ -423,7 +419,7 @@ def train(
         updates["neural_bandit"] = cfg.neural_bandit.model_copy(update={"epochs": epochs})
     cfg = cfg.model_copy(update=updates)
     try:
-        result = run_training(cfg, cat)
+        result = run_training(cfg, cat, RuleEngine(ruleset))
     except (DecisionLogError, OpeInputError, ValueError) as exc:
         console.print(f"[bold red]cannot train[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
@@ -432,6 +428,20 @@ def train(
         result.ope,
         cfg.evaluation.alpha,
     )
+    if result.truth is not None:
+        truth = Table(title="Ground truth on the same held-out decisions (simulator replay)")
+        for header in ("policy", "value", "regret", "of oracle", "complaints", "contact"):
+            truth.add_column(header, justify="left" if header == "policy" else "right")
+        for row in result.truth:
+            truth.add_row(
+                str(row["policy"]),
+                _number(row["value"]),
+                _number(row["regret"]),
+                f"{float(row['oracle_ratio']):.1%}",
+                f"{float(row.get('complaint_rate', float('nan'))):.4%}",
+                f"{float(row.get('contact_rate', float('nan'))):.1%}",
+            )
+        console.print(truth)
     console.print(
         f"compliance: {result.violations} chosen actions blocked by a rule; "
         f"registered {cfg.tracking.registered_model} v{result.model_version} as "

@@ -116,11 +116,14 @@ def run_policy(
     rng: np.random.Generator,
     log_dir: str | None = None,
     on_day: Callable[[int], None] | None = None,
+    on_decide: Callable[[np.ndarray, ContextBatch, np.ndarray], None] | None = None,
 ) -> RolloutSummary:
     """Run ``policy`` for ``days`` days; optionally log every decision to ``log_dir``.
 
     Each logged row carries the encoded context, the allowed candidates, the chosen action,
     its ``pscore`` and the full action distribution over the candidates, and the outcome.
+    ``on_decide(customers, batch, allowed)`` sees each day's decision points before the
+    simulator steps (the state the decisions were made in), in log-row order.
     """
     if days <= 0:
         raise ValueError(f"days must be positive, got {days}")
@@ -146,6 +149,8 @@ def run_policy(
             batch = sim.context(customers)
             allowed = sim.allowed(customers, batch)
             decision = policy.decide(batch, allowed, rng)
+            if on_decide is not None:
+                on_decide(customers, batch, allowed)
             segment = behavioural_segment(
                 batch["aum_cny"], batch["days_since_last_login"], batch["lifecycle_stage"]
             ).astype(np.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from nextbest.config_loading import StrictModel, load_model
 
@@ -19,14 +19,38 @@ class DataSpec(StrictModel):
 
 
 class NeuralBanditSpec(StrictModel):
+    """The PyTorch neural bandit (see ``training.neural_bandit.NeuralBanditConfig``)."""
+
     hidden: int = Field(default=128, ge=1)
     embedding: int = Field(default=64, ge=1)
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=4096, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
-    loss: Literal["direct", "ips"] = "ips"
+    target: Literal["reward", "outcomes"] = "reward"
+    """``reward``: regress the logged reward; ``outcomes``: conversion and complaint heads
+    priced with the catalogue's economics."""
+    loss: Literal["direct", "ips", "dr"] = "direct"
     ips_clip: float = Field(default=50.0, ge=1)
+    dr_warmup_epochs: int = Field(default=2, ge=0)
+    """First-stage (direct) epochs of the ``dr`` loss."""
+    warm_start_epochs: int = Field(default=0, ge=0)
+    """Behaviour-cloning epochs on the logging policy's choices before learning rewards."""
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _dr_epochs(self) -> NeuralBanditSpec:
+        if self.loss == "dr" and self.dr_warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"dr_warmup_epochs ({self.dr_warmup_epochs}) must be below epochs ({self.epochs})"
+            )
+        return self
+
+
+class RewardSpec(StrictModel):
+    """How the log's reward is made (the simulator's and the bank's economics)."""
+
+    complaint_penalty_cny: float = Field(default=300.0, ge=0)
+    """CNY charged per complaint in the logged reward."""
 
 
 class PolicySpec(StrictModel):
@@ -38,6 +62,9 @@ class EvaluationSpec(StrictModel):
     alpha: float = Field(default=0.05, gt=0, lt=1)
     bootstrap: int = Field(default=500, ge=10)
     seed: int = 0
+    ground_truth: bool = True
+    """For simulated logs (with ``simulation.json``): replay the simulator and log every
+    policy's true value next to its estimates."""
 
 
 class TrackingSpec(StrictModel):
@@ -55,6 +82,7 @@ class TrainingConfig(StrictModel):
 
     learner: Literal["neural_bandit"]
     data: DataSpec
+    reward: RewardSpec = RewardSpec()
     neural_bandit: NeuralBanditSpec = NeuralBanditSpec()
     policy: PolicySpec = PolicySpec()
     evaluation: EvaluationSpec = EvaluationSpec()

@@ -39,6 +39,8 @@ class LoggedBandit:
     candidates : bool (n, A), the actions the rules allowed
     logging_dist : float32 (n, A) or None, the logging policy's full distribution
     feature_spec_version, ruleset_version, catalog_version : str
+    customer_key : object (n,) or None, the pseudonymised customer of each decision
+    converted, complaint : bool (n,) or None, the logged outcome events when recorded
     """
 
     context: np.ndarray
@@ -50,6 +52,30 @@ class LoggedBandit:
     feature_spec_version: str
     ruleset_version: str
     catalog_version: str
+    customer_key: np.ndarray | None = None
+    converted: np.ndarray | None = None
+    complaint: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray) -> LoggedBandit:
+        """The sub-log of the given rows (bool mask or indices)."""
+
+        def pick(arr: np.ndarray | None) -> np.ndarray | None:
+            return None if arr is None else arr[rows]
+
+        return LoggedBandit(
+            context=self.context[rows],
+            action=self.action[rows],
+            reward=self.reward[rows],
+            pscore=pick(self.pscore),
+            candidates=self.candidates[rows],
+            logging_dist=pick(self.logging_dist),
+            feature_spec_version=self.feature_spec_version,
+            ruleset_version=self.ruleset_version,
+            catalog_version=self.catalog_version,
+            customer_key=pick(self.customer_key),
+            converted=pick(self.converted),
+            complaint=pick(self.complaint),
+        )
 
     @property
     def n_rounds(self) -> int:
@@ -181,7 +207,17 @@ def load_logged_bandit(
         feature_spec_version=table.column("feature_spec_version")[0].as_py(),
         ruleset_version=table.column("ruleset_version")[0].as_py(),
         catalog_version=table.column("catalog_version")[0].as_py(),
+        customer_key=table.column("customer_key").to_numpy(zero_copy_only=False),
+        converted=_events(table.column("converted")),
+        complaint=_events(table.column("complaint")),
     )
+
+
+def _events(column: pa.ChunkedArray) -> np.ndarray | None:
+    """A bool outcome column as an array, None unless every decision has it."""
+    if column.null_count:
+        return None
+    return column.to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _dense_list(column: pa.ChunkedArray, dtype: type) -> np.ndarray:

@@ -11,6 +11,7 @@ chose more often). Acting: argmax or softmax over the actions the rules allow.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -19,7 +20,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from nextbest.catalog import ActionCatalog
 from training.logged_data import LoggedBandit
+
+
+@dataclass(frozen=True)
+class Economics:
+    """What a decision earns, per action: ``reward = value * converted - cost - penalty *
+    complaint``, the decision-log reward (values from the catalogue)."""
+
+    value: np.ndarray
+    """float ``(A,)``: value of a conversion of the action's offer, CNY (0 for no contact)."""
+    cost: np.ndarray
+    """float ``(A,)``: cost of the action's contact, CNY."""
+    complaint_penalty: float
+    """CNY charged per complaint."""
+
+    @classmethod
+    def from_catalog(cls, catalog: ActionCatalog, complaint_penalty: float) -> Economics:
+        value = np.array([v or 0.0 for v in catalog.attribute("value_cny")], np.float32)
+        cost = np.array([v or 0.0 for v in catalog.attribute("cost_cny")], np.float32)
+        return cls(value, cost, float(complaint_penalty))
+
+    def residual(self, log: LoggedBandit) -> float:
+        """Mean absolute gap between the logged reward and these economics applied to the
+        logged outcome events (0 when the log's rewards follow them); NaN without events."""
+        if log.converted is None or log.complaint is None:
+            return float("nan")
+        implied = (
+            self.value[log.action] * log.converted
+            - self.cost[log.action]
+            - self.complaint_penalty * log.complaint
+        )
+        return float(np.abs(implied - log.reward).mean())
 
 
 @dataclass(frozen=True)
@@ -34,10 +67,20 @@ class NeuralBanditConfig:
     batch_size: int = 4096
     learning_rate: float = 3e-3
     weight_decay: float = 1e-6
-    loss: Literal["direct", "ips"] = "direct"
-    """``direct``: plain regression; ``ips``: importance-weighted by the logging pscore."""
+    target: Literal["reward", "outcomes"] = "reward"
+    """``reward``: regress the logged reward; ``outcomes``: classify conversion and complaint
+    and price them with the catalogue's economics (needs the log's outcome events and
+    ``economics``; the training config's default)."""
+    loss: Literal["direct", "ips", "dr"] = "direct"
+    """``direct``: unweighted; ``ips``: importance-weighted by ``1 / pscore``; ``dr``: after
+    ``dr_warmup_epochs`` direct epochs, regress doubly-robust pseudo-outcomes over every
+    allowed action."""
     ips_clip: float = 50.0
-    """Largest importance weight (``ips`` loss)."""
+    """Largest importance weight (``ips`` and ``dr`` losses)."""
+    dr_warmup_epochs: int = 2
+    """Direct epochs that fit the first-stage model of the ``dr`` loss."""
+    warm_start_epochs: int = 0
+    """Behaviour-cloning epochs first: learn to rank the logging policy's choice on top."""
     seed: int = 0
     threads: int = 2
     """Torch intra-op threads."""
@@ -46,50 +89,94 @@ class NeuralBanditConfig:
         for name in ("hidden", "embedding", "epochs", "batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
+        for name in ("dr_warmup_epochs", "warm_start_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must not be negative, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate}")
-        if self.loss not in ("direct", "ips"):
-            raise ValueError(f"`loss` must be 'direct' or 'ips', got {self.loss!r}")
+        if self.loss not in ("direct", "ips", "dr"):
+            raise ValueError(f"`loss` must be 'direct', 'ips' or 'dr', got {self.loss!r}")
+        if self.target not in ("reward", "outcomes"):
+            raise ValueError(f"`target` must be 'reward' or 'outcomes', got {self.target!r}")
         if not self.ips_clip >= 1:
             raise ValueError(f"`ips_clip` must be at least 1, got {self.ips_clip}")
+        if self.loss == "dr" and self.dr_warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"`dr_warmup_epochs` ({self.dr_warmup_epochs}) must be below `epochs` "
+                f"({self.epochs}): the dr loss needs epochs after the warm-up"
+            )
 
 
 class RewardModel(nn.Module):
-    """Scores every action for a batch of contexts: ``(B, F) -> (B, A)``, reward units."""
+    """Scores every action for a batch of contexts: ``(B, F) -> (B, A)``, reward units.
+
+    Each head scores ``<f_h(x), e_ha + P_h x_a> + b_ha``. Without ``economics`` one head
+    predicts the (scaled) reward. With ``economics`` two heads give the logits of conversion
+    and complaint, and the score is their priced sum: a product-form (funnel) model of
+    conversion, which the additive reward regression cannot represent.
+    """
 
     def __init__(
-        self, n_context: int, action_features: np.ndarray, hidden: int, embedding: int
+        self,
+        n_context: int,
+        action_features: np.ndarray,
+        hidden: int,
+        embedding: int,
+        economics: Economics | None = None,
     ) -> None:
         super().__init__()
         n_actions, n_action_features = action_features.shape
+        self.heads = 1 if economics is None else 2
+        self.embedding = embedding
+        width = embedding * self.heads
         self.context_net = nn.Sequential(
-            nn.Linear(n_context, hidden), nn.ReLU(), nn.Linear(hidden, embedding)
+            nn.Linear(n_context, hidden), nn.ReLU(), nn.Linear(hidden, width)
         )
-        self.action_embedding = nn.Embedding(n_actions, embedding)
+        self.action_embedding = nn.Embedding(n_actions, width)
         nn.init.normal_(self.action_embedding.weight, std=0.01)
-        self.action_projection = nn.Linear(n_action_features, embedding, bias=False)
-        self.action_bias = nn.Parameter(torch.zeros(n_actions))
+        self.action_projection = nn.Linear(n_action_features, width, bias=False)
+        self.action_bias = nn.Parameter(torch.zeros(self.heads, n_actions))
         self.register_buffer(
             "action_features", torch.as_tensor(action_features, dtype=torch.float32)
         )
         self.register_buffer("reward_scale", torch.ones(()))
+        self.priced = economics is not None
+        value = np.zeros(n_actions) if economics is None else economics.value
+        cost = np.zeros(n_actions) if economics is None else economics.cost
+        self.register_buffer("value", torch.as_tensor(value, dtype=torch.float32))
+        self.register_buffer("cost", torch.as_tensor(cost, dtype=torch.float32))
+        penalty = 0.0 if economics is None else economics.complaint_penalty
+        self.register_buffer("complaint_penalty", torch.tensor(float(penalty)))
 
     def action_vectors(self) -> torch.Tensor:
-        """Representation of every action, ``(A, E)``."""
+        """Representation of every action, ``(A, H * E)``."""
         return self.action_embedding.weight + self.action_projection(self.action_features)
+
+    def head_logits(self, context: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs for every action, ``(B, H, A)``."""
+        hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
+        vectors = self.action_vectors().reshape(-1, self.heads, self.embedding)
+        return torch.einsum("bhe,ahe->bha", hidden, vectors) + self.action_bias
+
+    def price(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head outputs ``(..., H, A)`` -> expected reward ``(..., A)`` in CNY."""
+        if not self.priced:
+            return logits[..., 0, :] * self.reward_scale
+        convert, complaint = torch.sigmoid(logits[..., 0, :]), torch.sigmoid(logits[..., 1, :])
+        return convert * self.value - self.cost - self.complaint_penalty * complaint
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """Predicted reward of every action, ``(B, A)``."""
-        hidden = self.context_net(context)
-        return (hidden @ self.action_vectors().T + self.action_bias) * self.reward_scale
+        return self.price(self.head_logits(context))
 
-    def logged_scores(self, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Predicted reward of the logged actions only, ``(B,)``, in scaled units."""
-        hidden = self.context_net(context)
+    def logged_outputs(self, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Head outputs for the logged actions only, ``(B, H)``."""
+        hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
         vectors = self.action_embedding(action) + self.action_projection(
             self.action_features[action]
         )
-        return (hidden * vectors).sum(dim=1) + self.action_bias[action]
+        vectors = vectors.reshape(-1, self.heads, self.embedding)
+        return (hidden * vectors).sum(dim=2) + self.action_bias[:, action].T
 
 
 @dataclass
@@ -104,6 +191,7 @@ def train_reward_model(
     action_features: np.ndarray,
     config: NeuralBanditConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    economics: Economics | None = None,
 ) -> tuple[RewardModel, TrainingHistory]:
     """Fit a :class:`RewardModel` on a decision log.
 
@@ -115,16 +203,27 @@ def train_reward_model(
     config : NeuralBanditConfig
     on_epoch : callable, optional
         Called with the epoch index and its metrics.
+    economics : Economics, required when ``config.target == "outcomes"``
 
     Raises
     ------
     ValueError
-        If ``config.loss == "ips"`` and the log has no propensities.
+        If the loss needs ``pscore`` and the log has none, or the target needs outcome events
+        (or economics) the caller did not provide.
     """
-    if config.loss == "ips" and log.pscore is None:
+    if config.loss in ("ips", "dr") and log.pscore is None:
         raise ValueError(
-            "the ips loss needs `pscore`; this log has none: use loss 'direct' or log propensities"
+            f"the {config.loss} loss needs `pscore`; this log has none: use loss 'direct' or "
+            "log propensities"
         )
+    if config.target == "outcomes":
+        if economics is None:
+            raise ValueError("target 'outcomes' needs the economics (values and costs)")
+        if log.converted is None or log.complaint is None:
+            raise ValueError(
+                "target 'outcomes' needs the `converted` and `complaint` columns on every "
+                "decision; this log lacks them: use target 'reward'"
+            )
     if action_features.shape[0] != log.n_actions:
         raise ValueError(
             f"action_features has {action_features.shape[0]} actions, the log {log.n_actions}"
@@ -132,42 +231,127 @@ def train_reward_model(
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     generator = np.random.default_rng(config.seed)
-    model = RewardModel(log.context.shape[1], action_features, config.hidden, config.embedding)
+    priced = economics if config.target == "outcomes" else None
+    model = RewardModel(
+        log.context.shape[1], action_features, config.hidden, config.embedding, priced
+    )
     scale = float(np.std(log.reward)) or 1.0
-    model.reward_scale.fill_(scale)
+    model.reward_scale.fill_(1.0 if priced is not None else scale)
     context = torch.from_numpy(np.ascontiguousarray(log.context, np.float32))
     action = torch.from_numpy(log.action)
-    target = torch.from_numpy((log.reward / scale).astype(np.float32))
-    if config.loss == "ips":
+    if priced is not None:
+        assert log.converted is not None and log.complaint is not None
+        target = torch.from_numpy(np.stack([log.converted, log.complaint], 1).astype(np.float32))
+    else:
+        target = torch.from_numpy((log.reward / scale).astype(np.float32))[:, None]
+    if config.loss == "direct":
+        weight = torch.ones(log.n_rounds)
+    else:
         assert log.pscore is not None
         w = np.minimum(1.0 / log.pscore, config.ips_clip)
         weight = torch.from_numpy((w / w.mean()).astype(np.float32))
-    else:
-        weight = torch.ones(log.n_rounds)
+    allowed = torch.from_numpy(np.ascontiguousarray(log.candidates))
     optimiser = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     history = TrainingHistory([])
     n = log.n_rounds
-    for epoch in range(config.epochs):
+    total_epochs = config.warm_start_epochs + config.epochs
+    first_stage: RewardModel | None = None
+    for epoch in range(total_epochs):
+        phase = _phase(config, epoch)
+        if phase == "dr" and first_stage is None:
+            first_stage = copy.deepcopy(model).eval()
         order = torch.from_numpy(generator.permutation(n))
         total, seen = 0.0, 0
         model.train()
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
-            pred = model.logged_scores(context[idx], action[idx])
-            loss = (weight[idx] * (pred - target[idx]) ** 2).mean()
+            if phase == "clone":
+                loss = _cloning_loss(model, context[idx], action[idx], allowed[idx])
+            elif phase == "dr":
+                assert first_stage is not None
+                loss = _dr_loss(
+                    model,
+                    first_stage,
+                    context[idx],
+                    action[idx],
+                    allowed[idx],
+                    target[idx],
+                    weight[idx],
+                )
+            else:
+                w = torch.ones(len(idx)) if phase == "direct" else weight[idx]
+                out = model.logged_outputs(context[idx], action[idx])
+                if priced is not None:
+                    per_head = nn.functional.binary_cross_entropy_with_logits(
+                        out, target[idx], reduction="none"
+                    )
+                else:
+                    per_head = (out - target[idx]) ** 2
+                loss = (w[:, None] * per_head).sum(dim=1).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        metrics = {"losses/train_mse_scaled": total / seen, "charts/epoch": float(epoch)}
+        metrics = {f"losses/{phase}": total / seen, "charts/epoch": float(epoch)}
         history.epochs.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     model.eval()
     return model, history
+
+
+def _phase(config: NeuralBanditConfig, epoch: int) -> str:
+    """Which loss an epoch uses: ``clone``, ``direct``, ``ips`` or ``dr``."""
+    if epoch < config.warm_start_epochs:
+        return "clone"
+    fitted = epoch - config.warm_start_epochs
+    if config.loss == "dr":
+        return "direct" if fitted < config.dr_warmup_epochs else "dr"
+    return config.loss
+
+
+def _cloning_loss(
+    model: RewardModel, context: torch.Tensor, action: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the logged action under a softmax of the scores over allowed actions
+    (behaviour cloning: the logging policy's choice ranked first)."""
+    scores = model(context) / model.reward_scale.clamp(min=1e-6)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return nn.functional.cross_entropy(scores, action)
+
+
+def _dr_loss(
+    model: RewardModel,
+    first_stage: RewardModel,
+    context: torch.Tensor,
+    action: torch.Tensor,
+    allowed: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """Squared error to doubly-robust pseudo-outcomes over every allowed action.
+
+    For each head, ``y_hat(x, a) + 1[a = a_i] w_i (y_i - y_hat(x, a_i))`` with ``y_hat`` the
+    first-stage model (probabilities for priced heads) and ``w_i`` the clipped, normalised
+    importance weight: unbiased where the first stage is wrong and the propensities right.
+    """
+
+    def outputs(m: RewardModel) -> torch.Tensor:
+        logits = m.head_logits(context)
+        return torch.sigmoid(logits) if m.priced else logits
+
+    with torch.no_grad():
+        base = outputs(first_stage)
+        rows = torch.arange(len(action))
+        logged = base[rows, :, action]
+        pseudo = base.clone()
+        pseudo[rows, :, action] = logged + weight[:, None] * (target - logged)
+    pred = outputs(model)
+    err = ((pred - pseudo) ** 2).sum(dim=1) * allowed
+    return err.sum(dim=1).mean() / allowed.float().sum(dim=1).mean()
 
 
 def predict_rewards(model: RewardModel, context: np.ndarray, batch_size: int = 65536) -> np.ndarray:

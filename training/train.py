@@ -3,19 +3,24 @@ decisions, export it to ONNX and track everything in MLflow."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
 from nextbest.catalog import ActionCatalog
-from nextbest.features import ContextEncoder, action_features
+from nextbest.compliance import RuleEngine
+from nextbest.features import ContextEncoder, FeatureSpec, action_features
+from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import TrainingConfig
 from training.evaluation import baseline_action_dist, ope_table
 from training.logged_data import LoggedBandit, load_logged_bandit
 from training.neural_bandit import (
+    Economics,
     NeuralBanditConfig,
     greedy_policy,
     predict_rewards,
@@ -24,6 +29,17 @@ from training.neural_bandit import (
 )
 from training.onnx_export import export_reward_model, spec_path
 from training.tracking import data_fingerprint, flatten, register_onnx
+
+
+@dataclass(frozen=True)
+class FittedModel:
+    """A trained scoring model: ``scores(context (n, F)) -> (n, A)`` and its ONNX export."""
+
+    kind: str
+    scores: Callable[[np.ndarray], np.ndarray]
+    export: Callable[[Path, FeatureSpec], Path]
+    history: list[dict[str, float]]
+    params: dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -36,33 +52,71 @@ class TrainResult:
     onnx_path: Path
     ope: list[dict[str, float | str]]
     violations: int
+    truth: list[dict[str, float | str]] | None = None
+    """Ground-truth value of each policy on the held-out decisions (simulated logs only)."""
 
 
 def split_log(
     log: LoggedBandit, holdout_share: float, seed: int
-) -> tuple[LoggedBandit, LoggedBandit]:
-    """Random split of the decisions into (train, holdout)."""
-    rng = np.random.default_rng(seed)
-    holdout = rng.random(log.n_rounds) < holdout_share
+) -> tuple[LoggedBandit, LoggedBandit, np.ndarray]:
+    """Split into (train, holdout, holdout mask ``(n,)``).
+
+    By customer when the log names them (a customer's decisions are all on one side, so
+    the holdout measures fresh customers); otherwise by decision.
+    """
+    if log.customer_key is not None:
+        salt = str(seed).encode()
+        unit = np.array(
+            [
+                int.from_bytes(hashlib.blake2b(str(k).encode(), key=salt, digest_size=8).digest())
+                for k in log.customer_key
+            ],
+            np.uint64,
+        ) / np.float64(2**64)
+        holdout = unit < holdout_share
+    else:
+        holdout = np.random.default_rng(seed).random(log.n_rounds) < holdout_share
     if holdout.all() or not holdout.any():
         raise ValueError("the log is too small to hold out decisions for evaluation")
-
-    def part(mask: np.ndarray) -> LoggedBandit:
-        return replace(
-            log,
-            context=log.context[mask],
-            action=log.action[mask],
-            reward=log.reward[mask],
-            pscore=None if log.pscore is None else log.pscore[mask],
-            candidates=log.candidates[mask],
-            logging_dist=None if log.logging_dist is None else log.logging_dist[mask],
-        )
-
-    return part(~holdout), part(holdout)
+    return log.take(~holdout), log.take(holdout), holdout
 
 
-def run_training(config: TrainingConfig, catalog: ActionCatalog) -> TrainResult:
+def target_distribution(
+    config: TrainingConfig, scores: np.ndarray, allowed: np.ndarray
+) -> np.ndarray:
+    """The acting policy's distribution over actions, float64 ``(n, A)`` (0 where blocked)."""
+    if config.policy.kind == "greedy":
+        return greedy_policy(scores, allowed)
+    return softmax_policy(scores, allowed, config.policy.temperature)
+
+
+def fit_model(
+    config: TrainingConfig,
+    train: LoggedBandit,
+    catalog: ActionCatalog,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FittedModel:
+    """Train the configured learner on ``train``."""
+    economics = Economics.from_catalog(catalog, config.reward.complaint_penalty_cny)
+    spec = config.neural_bandit
+    nb = NeuralBanditConfig(**spec.model_dump())
+    model, history = train_reward_model(train, action_features(catalog), nb, on_epoch, economics)
+    return FittedModel(
+        kind="neural_bandit",
+        scores=lambda context: predict_rewards(model, context),
+        export=lambda path, feature_spec: export_reward_model(model, path, feature_spec),
+        history=history.epochs,
+        params=spec.model_dump(),
+    )
+
+
+def run_training(
+    config: TrainingConfig, catalog: ActionCatalog, engine: RuleEngine | None = None
+) -> TrainResult:
     """Train, evaluate, export and register; returns the run and model identifiers.
+
+    ``engine`` (the rule set the log was made under) enables the ground-truth replay of
+    simulated logs; without it, or for logs without a simulation recipe, the run has OPE only.
 
     Raises
     ------
@@ -81,34 +135,36 @@ def run_training(config: TrainingConfig, catalog: ActionCatalog) -> TrainResult:
             f"{config.data.logs}: features {log.feature_spec_version}, this encoder is "
             f"{encoder.spec.version}"
         )
-    train, holdout = split_log(log, config.data.holdout_share, config.data.split_seed)
-    nb = NeuralBanditConfig(**config.neural_bandit.model_dump())
+    recipe = read_recipe(config.data.logs) if config.evaluation.ground_truth else None
+    train, holdout, holdout_rows = split_log(log, config.data.holdout_share, config.data.split_seed)
 
     mlflow.set_tracking_uri(config.tracking.uri)
     mlflow.set_experiment(config.tracking.experiment)
-    with mlflow.start_run(run_name=f"{config.learner}-{config.neural_bandit.loss}") as run:
+    with mlflow.start_run(run_name=f"{config.learner}") as run:
         mlflow.log_params(flatten("", config.model_dump(mode="json")))
         mlflow.set_tags(
             {
                 "data.fingerprint": data_fingerprint(config.data.logs),
                 "data.rounds": str(log.n_rounds),
+                "data.simulated": str(recipe is not None).lower(),
                 "catalog.version": catalog.version,
                 "ruleset.version": log.ruleset_version,
                 "features.version": encoder.spec.version,
             }
         )
         mlflow.log_dict(config.model_dump(mode="json"), "config.json")
+        economics = Economics.from_catalog(catalog, config.reward.complaint_penalty_cny)
+        residual = economics.residual(log)
+        if np.isfinite(residual):
+            mlflow.log_metric("data/reward_economics_residual", residual)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             mlflow.log_metrics(metrics, step=epoch)
 
-        model, history = train_reward_model(train, action_features(catalog), nb, on_epoch)
+        fitted = fit_model(config, train, catalog, on_epoch)
 
-        scores = predict_rewards(model, holdout.context)
-        if config.policy.kind == "greedy":
-            target = greedy_policy(scores, holdout.candidates)
-        else:
-            target = softmax_policy(scores, holdout.candidates, config.policy.temperature)
+        scores = fitted.scores(holdout.context)
+        target = target_distribution(config, scores, holdout.candidates)
         chosen = target.argmax(axis=1)
         violations = int((~holdout.candidates[np.arange(holdout.n_rounds), chosen]).sum())
         violations += int((target * ~holdout.candidates).sum() > 1e-9)
@@ -118,6 +174,7 @@ def run_training(config: TrainingConfig, catalog: ActionCatalog) -> TrainResult:
         if holdout.logging_dist is not None:
             policies["logging"] = baseline_action_dist("logging", holdout)
         policies["uniform"] = baseline_action_dist("uniform", holdout)
+        policies["no_contact"] = baseline_action_dist("no_contact", holdout)
         rows = ope_table(
             holdout,
             policies,
@@ -139,29 +196,86 @@ def run_training(config: TrainingConfig, catalog: ActionCatalog) -> TrainResult:
             )
         mlflow.log_dict(rows, "ope_table.json")
         mlflow.log_metric("eval/holdout_mean_reward", float(holdout.reward.mean()))
-        _log_plots(rows, history.epochs, holdout, chosen, catalog, encoder)
 
-        onnx_path = export_reward_model(
-            model, Path(config.export.dir) / f"{run.info.run_id}.onnx", encoder.spec
-        )
+        truth: TruthTable | None = None
+        if recipe is not None and engine is not None:
+            truth = _ground_truth(config, recipe, catalog, engine, log, holdout_rows, fitted)
+            for row in truth.summary():
+                name = row["policy"]
+                mlflow.log_metrics(
+                    {
+                        f"truth/{name}/{k}": float(v)
+                        for k, v in row.items()
+                        if k != "policy" and np.isfinite(float(v))
+                    }
+                )
+            mlflow.log_dict(truth.summary(), "ground_truth.json")
+            mlflow.log_dict(truth.by_segment(), "ground_truth_by_segment.json")
+        _log_plots(rows, truth, fitted.history, holdout, chosen, catalog, encoder)
+
+        onnx_path = fitted.export(Path(config.export.dir) / f"{run.info.run_id}.onnx", encoder.spec)
         version, uri = register_onnx(
             onnx_path, config.tracking.registered_model, spec_path(onnx_path)
         )
         mlflow.log_text(
-            _model_card(config, log, holdout, rows, violations, version, catalog, encoder),
+            _model_card(
+                config, fitted, log, holdout, rows, truth, violations, version, catalog, encoder
+            ),
             "model_card.md",
         )
-    return TrainResult(run.info.run_id, version, uri, onnx_path, rows, violations)
+    return TrainResult(
+        run.info.run_id,
+        version,
+        uri,
+        onnx_path,
+        rows,
+        violations,
+        None if truth is None else truth.summary(),
+    )
 
 
-def _log_plots(rows, epochs, holdout, chosen, catalog, encoder) -> None:
+def _ground_truth(
+    config: TrainingConfig,
+    recipe,
+    catalog: ActionCatalog,
+    engine: RuleEngine,
+    log: LoggedBandit,
+    holdout_rows: np.ndarray,
+    fitted: FittedModel,
+) -> TruthTable:
+    """Exact value of the model and the baselines on the held-out decisions (replay)."""
+    n_actions = catalog.n_actions
+    logging_dist = log.logging_dist
+
+    def model(rows: np.ndarray, context: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        return target_distribution(config, fitted.scores(context), allowed)
+
+    def uniform(rows: np.ndarray, context: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        return allowed / allowed.sum(axis=1, keepdims=True)
+
+    def no_contact(rows: np.ndarray, context: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(rows), n_actions))
+        out[:, 0] = 1.0
+        return out
+
+    policies = {"model": model}
+    if logging_dist is not None:
+        policies["logging"] = lambda rows, context, allowed: logging_dist[rows]
+    policies["uniform"] = uniform
+    policies["no_contact"] = no_contact
+    return replay_truth(recipe, catalog, engine, holdout_rows, policies, log.context)
+
+
+def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: plots go to files
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    dr = [r for r in rows if r["estimator"] == "dr"] or [r for r in rows if r["estimator"] == "ips"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    dr = [r for r in rows if r["estimator"] == "dr" and "note" not in r] or [
+        r for r in rows if r["estimator"] == "ips" and "note" not in r
+    ]
     names = [str(r["policy"]) for r in dr]
     values = np.array([float(r["value"]) for r in dr])
     err = np.array(
@@ -170,17 +284,41 @@ def _log_plots(rows, epochs, holdout, chosen, catalog, encoder) -> None:
             [float(r["upper"]) - v for v, r in zip(values, dr, strict=True)],
         ]
     )
-    ax.bar(names, values, yerr=err, capsize=6, color=["#2a6f97", "#999999", "#cccccc"][: len(dr)])
+    x = np.arange(len(names))
+    ax.bar(
+        x,
+        values,
+        yerr=err,
+        capsize=6,
+        color="#2a6f97",
+        alpha=0.8,
+        label=f"{dr[0]['estimator'] if dr else ''} estimate, 95% interval",
+    )
+    if truth is not None:
+        true = {str(r["policy"]): float(r["value"]) for r in truth.summary()}
+        ax.scatter(
+            x,
+            [true.get(n, np.nan) for n in names],
+            color="#d62828",
+            zorder=3,
+            label="ground truth (simulator)",
+        )
+        ax.axhline(true["myopic_oracle"], color="#555555", ls="--", label="myopic oracle")
+    ax.set_xticks(x, names)
     ax.set_ylabel("value per decision (CNY)")
-    ax.set_title(f"Off-policy value ({dr[0]['estimator'] if dr else ''}, held-out decisions)")
+    ax.set_title("Policy value on held-out decisions: model vs playbook (logging) and oracle")
+    ax.legend(fontsize=7)
     mlflow.log_figure(fig, "plots/value_with_intervals.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([e["losses/train_mse_scaled"] for e in epochs], marker="o")
+    for key in sorted({k for e in epochs for k in e if k.startswith("losses/")}):
+        steps = [i for i, e in enumerate(epochs) if key in e]
+        ax.plot(steps, [epochs[i][key] for i in steps], marker="o", label=key)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("weighted MSE (scaled)")
-    ax.set_title("Learning curve")
+    ax.set_ylabel("training loss")
+    ax.set_title("Learning curves")
+    ax.legend(fontsize=7)
     mlflow.log_figure(fig, "plots/learning_curve.png")
     plt.close(fig)
 
@@ -207,28 +345,43 @@ def _log_plots(rows, epochs, holdout, chosen, catalog, encoder) -> None:
     plt.close(fig)
 
 
-def _model_card(config, log, holdout, rows, violations, version, catalog, encoder) -> str:
+def _model_card(
+    config, fitted, log, holdout, rows, truth, violations, version, catalog, encoder
+) -> str:
     table = "\n".join(
         f"| {r['policy']} | {r['estimator']} | {r['value']:.4f} | {r['lower']:.4f} "
         f"| {r['upper']:.4f} |"
         for r in rows
+        if "note" not in r
     )
+    if truth is None:
+        truth_section = "Not available: the log has no simulation recipe (real traffic)."
+    else:
+        truth_section = (
+            "Exact expected reward per decision from a replay of the simulator, on the same "
+            "held-out decisions:\n\n| policy | value | regret to oracle | complaint rate |\n"
+            "|---|---|---|---|\n"
+            + "\n".join(
+                f"| {r['policy']} | {r['value']:.4f} | {r['regret']:.4f} "
+                f"| {r.get('complaint_rate', float('nan')):.5f} |"
+                for r in truth.summary()
+            )
+        )
     return f"""# Model card: {config.tracking.registered_model} v{version}
 
 ## What it is
-A {config.learner} reward model (PyTorch, exported to ONNX) scoring every one of the
-{catalog.n_actions} catalogue actions for a customer context; the policy acts
-**{config.policy.kind}** over the actions the compliance rules allow. The rules are applied
-by the rule engine, not by the model.
+A {fitted.kind} model (exported to ONNX) scoring every one of the {catalog.n_actions}
+catalogue actions for a customer context; the policy acts **{config.policy.kind}** over the
+actions the compliance rules allow. The rules are applied by the rule engine, not by the model.
 
 ## Data
 - Log: `{config.data.logs}` ({log.n_rounds:,} decisions; {holdout.n_rounds:,} held out for
-  evaluation).
+  evaluation, split by customer when the log names customers).
 - Catalogue `{catalog.version}`, rule set `{log.ruleset_version}`,
   features `{encoder.spec.version}`.
 
 ## Training
-`{json.dumps(config.neural_bandit.model_dump())}`
+`{json.dumps(fitted.params)}`
 
 ## Off-policy evaluation on held-out decisions
 {100 * (1 - config.evaluation.alpha):g}% bootstrap intervals.
@@ -236,6 +389,9 @@ by the rule engine, not by the model.
 | policy | estimator | value | lower | upper |
 |---|---|---|---|---|
 {table}
+
+## Ground truth
+{truth_section}
 
 ## Compliance
 Chosen actions that a rule blocks on the held-out decisions: **{violations}** (must be 0).

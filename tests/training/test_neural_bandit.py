@@ -40,7 +40,7 @@ def trained(log, catalog: ActionCatalog):
 
 def test_train_reward_model_loss_decreases(trained) -> None:
     _, history = trained
-    losses = [e["losses/train_mse_scaled"] for e in history.epochs]
+    losses = [e["losses/direct"] for e in history.epochs]
     assert len(losses) == 4
     assert losses[-1] < losses[0]
 

@@ -1,0 +1,322 @@
+"""Ground truth for simulated decision logs: the exact value of any policy on logged decisions.
+
+A simulated log is reproducible: ``nextbest simulate`` writes its :class:`SimulationRecipe`
+(``simulation.json``) beside the Parquet parts, and the same recipe replays the same
+trajectories (same seed, same logging policy). :func:`replay_truth` replays a log and, at
+each selected decision point, in the very state the decision was made in, computes the exact
+expected outcome of every catalogue action; any target policy's distribution over actions then
+gives its true value on those decisions, next to what off-policy estimators say about it.
+
+Values are per decision: the expected immediate reward (CNY) of the policy's action
+distribution, the quantity OPE estimates. The myopic oracle takes the best allowed action by
+that same expected reward.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from nextbest.catalog import ActionCatalog
+from nextbest.compliance import RuleEngine
+from nextbest.config_loading import StrictModel, content_hash, load_model
+from nextbest.context import ContextBatch
+from nextbest.features import ContextEncoder
+from nextbest.segments import BEHAVIOURAL_SEGMENTS, behavioural_segment
+from simulators.policies import PlaybookPolicy, UniformPolicy
+from simulators.rollout import Policy, RolloutSummary, run_policy
+from simulators.scenario import load_scenario
+from simulators.world import BatchSimulator
+
+RECIPE_FILE = "simulation.json"
+ORACLE = "myopic_oracle"
+CHUNK_ROWS = 8192
+"""Decision points per ground-truth chunk (bounds memory: ~10 arrays of (chunk, A) floats)."""
+
+TargetPolicy = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``policy(rows, context, allowed) -> dist``: log row indices int ``(m,)``, encoded contexts
+float32 ``(m, F)``, allowed bool ``(m, A)`` -> action distribution float ``(m, A)``."""
+
+
+class SimulationRecipe(StrictModel):
+    """Everything needed to replay a simulated decision log exactly."""
+
+    scenario: Path
+    """Scenario YAML the log was simulated from."""
+    scenario_hash: str
+    """Content hash of the scenario file (a changed file cannot replay the log)."""
+    customers: int = Field(ge=1)
+    days: int = Field(ge=1)
+    policy: Literal["playbook", "uniform"]
+    epsilon: float = Field(ge=0.0, le=1.0)
+    seed: int
+    catalog_version: str
+    ruleset_version: str
+
+    @classmethod
+    def create(
+        cls,
+        scenario: Path,
+        customers: int,
+        days: int,
+        policy: Literal["playbook", "uniform"],
+        epsilon: float,
+        seed: int,
+        catalog: ActionCatalog,
+        engine: RuleEngine,
+    ) -> SimulationRecipe:
+        """A recipe for a new run (hashes the scenario file now)."""
+        return cls(
+            scenario=scenario.resolve(),
+            scenario_hash=content_hash(scenario.read_text()),
+            customers=customers,
+            days=days,
+            policy=policy,
+            epsilon=epsilon,
+            seed=seed,
+            catalog_version=catalog.version,
+            ruleset_version=engine.ruleset.version,
+        )
+
+    def simulator(self, catalog: ActionCatalog, engine: RuleEngine) -> BatchSimulator:
+        """A fresh simulator at day 0 of this recipe.
+
+        Raises
+        ------
+        ValueError
+            When the scenario file, catalogue or rule set changed since the log was made.
+        """
+        if not self.scenario.exists():
+            raise ValueError(f"{RECIPE_FILE}: scenario {self.scenario} no longer exists")
+        if content_hash(self.scenario.read_text()) != self.scenario_hash:
+            raise ValueError(f"{RECIPE_FILE}: scenario {self.scenario} changed since the run")
+        if catalog.version != self.catalog_version:
+            raise ValueError(f"{RECIPE_FILE}: made with catalogue {self.catalog_version}")
+        if engine.ruleset.version != self.ruleset_version:
+            raise ValueError(f"{RECIPE_FILE}: made with rule set {self.ruleset_version}")
+        world = load_scenario(self.scenario, catalog)
+        return BatchSimulator(world, catalog, engine, self.customers, seed=self.seed)
+
+    def logging_policy(self, catalog: ActionCatalog) -> Policy:
+        """The policy that made the log."""
+        if self.policy == "playbook":
+            return PlaybookPolicy(catalog, self.epsilon)
+        return UniformPolicy(catalog)
+
+    def policy_rng(self) -> np.random.Generator:
+        """The logging policy's random stream (separate from the world's)."""
+        return np.random.default_rng(self.seed + 1)
+
+
+def write_recipe(recipe: SimulationRecipe, log_dir: str | Path) -> Path:
+    """Store ``recipe`` in ``log_dir``; returns the file."""
+    path = Path(log_dir) / RECIPE_FILE
+    path.write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    return path
+
+
+def read_recipe(log_path: str | Path) -> SimulationRecipe | None:
+    """The recipe of a simulated log directory, None for a log without one (real traffic)."""
+    log_path = Path(log_path)
+    path = (log_path if log_path.is_dir() else log_path.parent) / RECIPE_FILE
+    if not path.exists():
+        return None
+    return load_model(path, SimulationRecipe)
+
+
+def simulate_log(
+    recipe: SimulationRecipe,
+    catalog: ActionCatalog,
+    engine: RuleEngine,
+    log_dir: str | Path | None,
+    on_day: Callable[[int], None] | None = None,
+) -> RolloutSummary:
+    """Run ``recipe``, logging to ``log_dir`` (with the recipe) when given."""
+    sim = recipe.simulator(catalog, engine)
+    summary = run_policy(
+        sim,
+        recipe.logging_policy(catalog),
+        recipe.days,
+        recipe.policy_rng(),
+        log_dir=None if log_dir is None else str(log_dir),
+        on_day=on_day,
+    )
+    if log_dir is not None:
+        write_recipe(recipe, log_dir)
+    return summary
+
+
+@dataclass(frozen=True)
+class TruthTable:
+    """Exact per-decision outcomes of several policies on the same logged decision points.
+
+    Attributes
+    ----------
+    policies : names, in column order
+    value, complaint, conversion, contact : float64 ``(m, P)``
+        Expected reward (CNY), complaint probability, conversion probability and contact
+        probability of each policy at each decision point.
+    oracle_value : float64 ``(m,)``, the best allowed expected reward
+    segment : int ``(m,)``, index into ``BEHAVIOURAL_SEGMENTS``
+    blocked_mass : float64 ``(P,)``, total probability each policy put on blocked actions
+    """
+
+    policies: tuple[str, ...]
+    value: np.ndarray
+    complaint: np.ndarray
+    conversion: np.ndarray
+    contact: np.ndarray
+    oracle_value: np.ndarray
+    segment: np.ndarray
+    blocked_mass: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.oracle_value)
+
+    def summary(self) -> list[dict[str, float | str]]:
+        """One row per policy (and the oracle): value, regret, rates, per decision."""
+        oracle = float(self.oracle_value.mean())
+        rows: list[dict[str, float | str]] = []
+        for j, name in enumerate(self.policies):
+            value = float(self.value[:, j].mean())
+            rows.append(
+                {
+                    "policy": name,
+                    "value": value,
+                    "regret": oracle - value,
+                    "oracle_ratio": value / oracle if oracle else float("nan"),
+                    "complaint_rate": float(self.complaint[:, j].mean()),
+                    "conversion_rate": float(self.conversion[:, j].mean()),
+                    "contact_rate": float(self.contact[:, j].mean()),
+                    "blocked_mass": float(self.blocked_mass[j]),
+                }
+            )
+        rows.append({"policy": ORACLE, "value": oracle, "regret": 0.0, "oracle_ratio": 1.0})
+        return rows
+
+    def by_segment(self) -> list[dict[str, float | str]]:
+        """KPIs per behavioural segment and policy (segments with decisions only)."""
+        rows: list[dict[str, float | str]] = []
+        for s, segment in enumerate(BEHAVIOURAL_SEGMENTS):
+            sel = self.segment == s
+            if not sel.any():
+                continue
+            oracle = float(self.oracle_value[sel].mean())
+            for j, name in enumerate(self.policies):
+                value = float(self.value[sel, j].mean())
+                rows.append(
+                    {
+                        "segment": segment,
+                        "policy": name,
+                        "decisions": int(sel.sum()),
+                        "value": value,
+                        "regret": oracle - value,
+                        "complaint_rate": float(self.complaint[sel, j].mean()),
+                        "conversion_rate": float(self.conversion[sel, j].mean()),
+                        "contact_rate": float(self.contact[sel, j].mean()),
+                    }
+                )
+        return rows
+
+
+def replay_truth(
+    recipe: SimulationRecipe,
+    catalog: ActionCatalog,
+    engine: RuleEngine,
+    rows: np.ndarray,
+    policies: Mapping[str, TargetPolicy],
+    logged_context: np.ndarray | None = None,
+) -> TruthTable:
+    """Replay the log of ``recipe`` and score ``policies`` exactly at the selected rows.
+
+    Parameters
+    ----------
+    rows : bool ``(n_log,)``
+        Which log rows (decisions, in log order) to evaluate.
+    policies : name -> :data:`TargetPolicy`
+    logged_context : float32 ``(n_log, F)``, optional
+        The log's encoded contexts; when given, every replayed context is checked against
+        it, so a log that does not match its recipe is refused rather than misjudged.
+
+    Raises
+    ------
+    ValueError
+        When the replay does not reproduce the log (row count or contexts differ).
+    """
+    rows = np.asarray(rows, bool)
+    sim = recipe.simulator(catalog, engine)
+    encoder = ContextEncoder(catalog)
+    names = tuple(policies)
+    all_actions = np.arange(catalog.n_actions)[None, :]
+    contact_action = catalog.channel_index >= 0
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("value", "complaint", "conversion", "contact", "oracle", "segment")
+    }
+    blocked = np.zeros(len(names))
+    offset = 0
+
+    def collect(customers: np.ndarray, batch: ContextBatch, allowed: np.ndarray) -> None:
+        nonlocal offset
+        start, offset = offset, offset + len(customers)
+        if offset > len(rows):
+            raise ValueError(f"replay made more decisions than the log's {len(rows)} rows")
+        picked = np.flatnonzero(rows[start:offset])
+        for lo in range(0, len(picked), CHUNK_ROWS):
+            local = picked[lo : lo + CHUNK_ROWS]
+            sub = batch.take(local)
+            context = encoder.encode(sub)
+            log_rows = start + local
+            if logged_context is not None and not np.allclose(
+                context, logged_context[log_rows], atol=1e-5
+            ):
+                raise ValueError(
+                    "the replayed contexts differ from the logged ones: the log does not "
+                    "match its simulation recipe"
+                )
+            mask = allowed[local]
+            outcome = sim.expected_outcome(customers[local][:, None], all_actions)
+            q = outcome.expected_reward.astype(np.float64)
+            cols = {k: np.empty((len(local), len(names))) for k in parts if k not in ("oracle",)}
+            for j, name in enumerate(names):
+                dist = np.asarray(policies[name](log_rows, context, mask), np.float64)
+                blocked[j] += float(dist[~mask].sum())
+                cols["value"][:, j] = (dist * q).sum(axis=1)
+                cols["complaint"][:, j] = (dist * outcome.complaint).sum(axis=1)
+                cols["conversion"][:, j] = (dist * outcome.convert).sum(axis=1)
+                cols["contact"][:, j] = dist[:, contact_action].sum(axis=1)
+            for k in ("value", "complaint", "conversion", "contact"):
+                parts[k].append(cols[k])
+            parts["oracle"].append(np.where(mask, q, -np.inf).max(axis=1))
+            parts["segment"].append(
+                behavioural_segment(
+                    sub["aum_cny"], sub["days_since_last_login"], sub["lifecycle_stage"]
+                ).astype(np.int64)
+            )
+
+    run_policy(
+        sim, recipe.logging_policy(catalog), recipe.days, recipe.policy_rng(), on_decide=collect
+    )
+    if offset != len(rows):
+        raise ValueError(f"replay made {offset} decisions, the log has {len(rows)} rows")
+    width = len(names)
+
+    def stack(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        return np.concatenate(parts[key]) if parts[key] else np.empty(shape)
+
+    return TruthTable(
+        policies=names,
+        value=stack("value", (0, width)),
+        complaint=stack("complaint", (0, width)),
+        conversion=stack("conversion", (0, width)),
+        contact=stack("contact", (0, width)),
+        oracle_value=stack("oracle", (0,)),
+        segment=stack("segment", (0,)).astype(np.int64),
+        blocked_mass=blocked,
+    )
