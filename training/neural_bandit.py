@@ -35,12 +35,14 @@ class Economics:
     """float ``(A,)``: cost of the action's contact, CNY."""
     complaint_penalty: float
     """CNY charged per complaint."""
+    contact: np.ndarray
+    """bool ``(A,)``: the action contacts the customer (no contact has no outcome at all)."""
 
     @classmethod
     def from_catalog(cls, catalog: ActionCatalog, complaint_penalty: float) -> Economics:
         value = np.array([v or 0.0 for v in catalog.attribute("value_cny")], np.float32)
         cost = np.array([v or 0.0 for v in catalog.attribute("cost_cny")], np.float32)
-        return cls(value, cost, float(complaint_penalty))
+        return cls(value, cost, float(complaint_penalty), catalog.channel_index >= 0)
 
     def residual(self, log: LoggedBandit) -> float:
         """Mean absolute gap between the logged reward and these economics applied to the
@@ -146,6 +148,9 @@ class RewardModel(nn.Module):
         self.register_buffer("value", torch.as_tensor(value, dtype=torch.float32))
         self.register_buffer("cost", torch.as_tensor(cost, dtype=torch.float32))
         penalty = 0.0 if economics is None else economics.complaint_penalty
+        contact = np.ones(n_actions, bool) if economics is None else economics.contact
+        # no contact can neither convert nor cause a complaint: its priced score is exactly 0
+        self.register_buffer("contact", torch.as_tensor(contact, dtype=torch.float32))
         self.register_buffer("complaint_penalty", torch.tensor(float(penalty)))
 
     def action_vectors(self) -> torch.Tensor:
@@ -163,7 +168,8 @@ class RewardModel(nn.Module):
         if not self.priced:
             return logits[..., 0, :] * self.reward_scale
         convert, complaint = torch.sigmoid(logits[..., 0, :]), torch.sigmoid(logits[..., 1, :])
-        return convert * self.value - self.cost - self.complaint_penalty * complaint
+        outcome = convert * self.value - self.complaint_penalty * complaint
+        return outcome * self.contact - self.cost
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """Predicted reward of every action, ``(B, A)``."""

@@ -15,6 +15,7 @@ from simulators.rollout import run_policy
 from simulators.world import BatchSimulator
 from training.logged_data import load_logged_bandit
 from training.neural_bandit import (
+    Economics,
     NeuralBanditConfig,
     greedy_policy,
     predict_rewards,
@@ -100,3 +101,70 @@ def test_export_onnx_scores_match_torch(trained, catalog, tmp_path: Path) -> Non
         greedy_policy(onnx_scores, allowed).argmax(axis=1),
         greedy_policy(torch_scores, allowed).argmax(axis=1),
     )
+
+
+def test_economics_reproduce_the_logged_reward(log, catalog) -> None:
+    economics = Economics.from_catalog(catalog, complaint_penalty=300.0)
+    assert economics.residual(log) < 1e-3
+    assert Economics.from_catalog(catalog, complaint_penalty=0.0).residual(log) > 1e-3 or (
+        not log.complaint.any()
+    )
+
+
+def test_train_reward_model_outcomes_target_scores_in_cny(log, catalog) -> None:
+    economics = Economics.from_catalog(catalog, 300.0)
+    config = NeuralBanditConfig(
+        epochs=2, batch_size=2048, hidden=16, embedding=8, target="outcomes", seed=1
+    )
+    model, history = train_reward_model(log, action_features(catalog), config, None, economics)
+    scores = predict_rewards(model, log.context[:200])
+    # priced heads: a contact can earn at most its offer's value and lose at least its cost
+    upper = economics.value - economics.cost
+    lower = -economics.cost - economics.complaint_penalty
+    assert (scores <= upper + 1e-3).all() and (scores >= lower - 1e-3).all()
+    np.testing.assert_allclose(scores[:, 0], 0.0, atol=1e-6)  # no contact earns nothing
+    assert [set(e) & {"losses/direct"} for e in history.epochs] == [{"losses/direct"}] * 2
+
+
+def test_train_reward_model_outcomes_without_economics_refused(log, catalog) -> None:
+    with pytest.raises(ValueError, match="economics"):
+        train_reward_model(log, action_features(catalog), NeuralBanditConfig(target="outcomes"))
+
+
+def test_train_reward_model_phases_warm_start_then_dr(log, catalog) -> None:
+    config = NeuralBanditConfig(
+        epochs=3,
+        batch_size=4096,
+        hidden=16,
+        embedding=8,
+        loss="dr",
+        dr_warmup_epochs=1,
+        warm_start_epochs=2,
+        seed=2,
+    )
+    _, history = train_reward_model(log, action_features(catalog), config)
+    phases = [next(k for k in e if k.startswith("losses/")) for e in history.epochs]
+    assert phases == ["losses/clone"] * 2 + ["losses/direct"] + ["losses/dr"] * 2
+
+
+def test_warm_start_clones_the_playbook(log, catalog) -> None:
+    """Behaviour cloning alone makes the greedy policy agree with the logged choices far more
+    often than chance among the allowed actions."""
+    config = NeuralBanditConfig(
+        epochs=1, batch_size=2048, hidden=32, embedding=16, warm_start_epochs=4, seed=4
+    )
+    half = log.n_rounds // 2
+    head = log.take(np.arange(half, log.n_rounds))
+
+    def agreement(warm_start_epochs: int) -> float:
+        cfg = NeuralBanditConfig(**{**config.__dict__, "warm_start_epochs": warm_start_epochs})
+        model, _ = train_reward_model(log.take(np.arange(half)), action_features(catalog), cfg)
+        scores = predict_rewards(model, head.context)
+        chosen = greedy_policy(scores, head.candidates).argmax(axis=1)
+        return float((chosen == head.action).mean())
+
+    # one direct epoch follows the cloning; the playbook's choices still dominate
+    chance = float((1.0 / head.candidates.sum(axis=1)).mean())
+    cloned = agreement(4)
+    assert cloned > 3 * chance
+    assert cloned > agreement(0) + 0.05
