@@ -106,6 +106,24 @@ BAD_CUSTOMERS = [
         "greater than or equal to 0",
         id="negative_event_count",
     ),
+    pytest.param(
+        {"events": {"offer_views_30d": {"bitcoin": 2}}},
+        ("events", "offer_views_30d"),
+        "unknown offer 'bitcoin'",
+        id="views_of_unknown_offer",
+    ),
+    pytest.param(
+        {"events": {"offer_views_30d": {"fund_sip": -3}}},
+        ("events", "offer_views_30d"),
+        "must not be negative",
+        id="negative_offer_views",
+    ),
+    pytest.param(
+        {"events": {"usual_login_hour": 24}},
+        ("events", "usual_login_hour"),
+        "less than or equal to 23",
+        id="login_hour_24",
+    ),
 ]
 
 

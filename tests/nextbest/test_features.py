@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nextbest.catalog import load_catalog
+from nextbest.context import ContextBatch
 from nextbest.features import ContextEncoder, action_feature_names, action_features
 from nextbest.synthetic import random_context_batch
 
@@ -78,3 +79,36 @@ def test_action_features_one_hot_matches_catalogue() -> None:
     r5 = catalog.action_id("app_push:wealth_r5:now")
     assert feats[r5, names.index("risk_level_scaled")] == pytest.approx(1.0)
     assert len({tuple(row) for row in feats}) == catalog.n_actions
+
+
+def test_encode_login_hour_fits_slot_windows(encoder: ContextEncoder) -> None:
+    """``login_hour_fits=<slot>``: the usual login hour inside a slot's window, or within one
+    hour of now for the immediate slot; an unknown hour fits nothing."""
+    catalog = encoder.catalog
+    batch = random_context_batch(catalog, 4, np.random.default_rng(5))
+    cols = dict(batch.columns)
+    cols["usual_login_hour"] = np.array([9, 20, -1, 14], np.int8)
+    cols["local_hour"] = np.array([3, 3, 3, 13], np.int8)
+    x = encoder.encode(ContextBatch.from_columns(catalog, **cols))
+    names = encoder.spec.context_names
+    fits = {
+        slot.name: x[:, names.index(f"login_hour_fits={slot.name}")].tolist()
+        for slot in catalog.timing
+    }
+    assert fits["morning"] == [1.0, 0.0, 0.0, 0.0]
+    assert fits["evening"] == [0.0, 1.0, 0.0, 0.0]
+    assert fits["now"] == [0.0, 0.0, 0.0, 1.0]
+    assert x[:, names.index("login_hour_known")].tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_encode_offer_views_log_scaled_per_offer(encoder: ContextEncoder) -> None:
+    """``log_offer_views_30d=<offer>`` is log1p(views) / 2, in its offer's column only."""
+    catalog = encoder.catalog
+    batch = random_context_batch(catalog, 3, np.random.default_rng(6))
+    cols = dict(batch.columns)
+    views = np.zeros((3, catalog.n_offers), np.int32)
+    views[1, 0] = 3
+    cols["offer_views_30d"] = views
+    x = encoder.encode(ContextBatch.from_columns(catalog, **cols))
+    column = encoder.spec.context_names.index(f"log_offer_views_30d={catalog.offer_names[0]}")
+    np.testing.assert_allclose(x[:, column], [0.0, np.log1p(3.0) / 2.0, 0.0], rtol=1e-6)
