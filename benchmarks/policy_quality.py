@@ -118,6 +118,14 @@ def main() -> None:
         "dr_rel_error <= 0.05": figures["dr_rel_error"] <= 0.05,
         "ci_covers": figures["ci_covers"],
     }
+    for row in result.ope:
+        if row["policy"] in ("model", "logging"):
+            print(
+                f"ope {row['policy']:>8} {row['estimator']:>9} {float(row['value']):9.4f} "
+                f"[{float(row['lower']):9.4f}, {float(row['upper']):9.4f}]"
+            )
+    for row in result.truth:
+        print(f"truth {row['policy']:>14} {float(row['value']):9.4f}")
     for name, met in targets.items():
         print(f"{'met ' if met else 'MISS'}  {name}")
     print(json.dumps(figures))

@@ -65,6 +65,16 @@ class EvaluationSpec(StrictModel):
     ground_truth: bool = True
     """For simulated logs (with ``simulation.json``): replay the simulator and log every
     policy's true value next to its estimates."""
+    crossfit_folds: int = Field(default=2, ge=0)
+    """DM and DR use a reward model cross-fitted on the held-out decisions in this many folds
+    (by customer), independent of the policy's own scores, which are optimistic about the
+    actions they pick; 0 uses the policy's scores."""
+
+    @model_validator(mode="after")
+    def _folds(self) -> EvaluationSpec:
+        if self.crossfit_folds == 1:
+            raise ValueError("crossfit_folds must be 0 (off) or at least 2, got 1")
+        return self
 
 
 class TrackingSpec(StrictModel):

@@ -1,0 +1,81 @@
+"""Cross-fitted reward estimates for DM and DR: no decision is scored by a model that saw its
+customer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import training.train as train_module
+from training.config import EvaluationSpec, TrainingConfig
+from training.logged_data import LoggedBandit
+
+
+def _log(n: int, n_actions: int = 5) -> LoggedBandit:
+    rng = np.random.default_rng(0)
+    return LoggedBandit(
+        context=rng.normal(size=(n, 3)).astype(np.float32),
+        action=rng.integers(0, n_actions, n),
+        reward=rng.normal(size=n),
+        pscore=np.full(n, 1.0 / n_actions),
+        candidates=np.ones((n, n_actions), bool),
+        logging_dist=None,
+        feature_spec_version="t",
+        ruleset_version="t",
+        catalog_version="t",
+        customer_key=np.array([f"cust_{i % 40}" for i in range(n)], object),
+    )
+
+
+@dataclass
+class _Recorder:
+    seen: list[set[str]]
+
+    def __call__(self, config, part: LoggedBandit, catalog, on_epoch=None):
+        self.seen.append(set(part.customer_key))
+        customers = set(part.customer_key)
+
+        def scores(context: np.ndarray) -> np.ndarray:
+            return np.full((len(context), 5), float(len(customers)))
+
+        return train_module.FittedModel("fake", scores, lambda p, s: p, [], {})
+
+
+def _config(folds: int) -> TrainingConfig:
+    return TrainingConfig.model_validate(
+        {
+            "learner": "neural_bandit",
+            "data": {"logs": "unused"},
+            "evaluation": {"crossfit_folds": folds},
+        }
+    )
+
+
+def test_crossfit_rewards_never_score_a_customer_seen_in_fitting(monkeypatch) -> None:
+    log = _log(400)
+    recorder = _Recorder([])
+    monkeypatch.setattr(train_module, "fit_model", recorder)
+    out = train_module.crossfit_rewards(_config(3), log, None, np.zeros((400, 5)))
+    assert len(recorder.seen) == 3
+    fold = train_module._fold_of(log, 3, 0)
+    for k, seen in enumerate(recorder.seen):
+        scored = set(log.customer_key[fold == k])
+        assert scored and not (scored & seen)
+        np.testing.assert_array_equal(out[fold == k], len(seen))
+    # every customer is in exactly one fold
+    for key in set(log.customer_key):
+        assert len(set(fold[log.customer_key == key])) == 1
+
+
+def test_crossfit_rewards_off_uses_policy_scores() -> None:
+    scores = np.arange(20, dtype=np.float32).reshape(4, 5)
+    out = train_module.crossfit_rewards(_config(0), _log(4), None, scores)
+    np.testing.assert_array_equal(out, scores)
+    assert out.dtype == np.float64
+
+
+def test_crossfit_one_fold_refused() -> None:
+    with pytest.raises(ValueError, match="crossfit_folds"):
+        EvaluationSpec(crossfit_folds=1)
