@@ -56,6 +56,9 @@ class RewardSpec(StrictModel):
 class PolicySpec(StrictModel):
     kind: Literal["greedy", "softmax"] = "greedy"
     temperature: float = Field(default=1.0, gt=0)
+    max_complaint_ratio: float | None = Field(default=None, gt=0)
+    """Bound on the policy's predicted complaint rate, as a multiple of the logging policy's:
+    a shadow price on complaints is raised until it holds (needs outcome heads). None: off."""
 
 
 class EvaluationSpec(StrictModel):
@@ -98,6 +101,16 @@ class TrainingConfig(StrictModel):
     evaluation: EvaluationSpec = EvaluationSpec()
     tracking: TrackingSpec = TrackingSpec()
     export: ExportSpec = ExportSpec()
+
+    @model_validator(mode="after")
+    def _complaint_guard(self) -> TrainingConfig:
+        guarded = self.policy.max_complaint_ratio is not None
+        if guarded and (self.learner != "neural_bandit" or self.neural_bandit.target != "outcomes"):
+            raise ValueError(
+                "policy.max_complaint_ratio needs complaint predictions: learner neural_bandit "
+                "with neural_bandit.target 'outcomes'"
+            )
+        return self
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:

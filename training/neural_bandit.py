@@ -391,3 +391,61 @@ def softmax_policy(scores: np.ndarray, allowed: np.ndarray, temperature: float) 
 def config_dict(config: NeuralBanditConfig) -> dict[str, object]:
     """The config as a flat dict (for run tracking)."""
     return asdict(config)
+
+
+def predict_complaints(
+    model: RewardModel, context: np.ndarray, batch_size: int = 65536
+) -> np.ndarray:
+    """Predicted complaint probability of every action, float32 ``(n, A)`` (priced models)."""
+    if not model.priced:
+        raise ValueError("complaint probabilities need the outcome heads (target: outcomes)")
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(context), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(context[start : start + batch_size]))
+            logits = model.head_logits(chunk)[:, 1, :]
+            out.append((torch.sigmoid(logits) * model.contact).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.action_bias.shape[0]), np.float32)
+
+
+def guard_complaints(
+    model: RewardModel,
+    log: LoggedBandit,
+    max_ratio: float,
+    sample: int = 50_000,
+    seed: int = 0,
+) -> float:
+    """Raise the price the greedy policy puts on a complaint until its predicted complaint
+    rate is at most ``max_ratio`` times the logging policy's, on (a sample of) ``log``.
+
+    The shadow price is added to the model's complaint penalty in place, so scoring and the
+    ONNX export act on it; the reward the model predicts for OPE is unchanged in meaning only
+    when the price is 0. Both rates are the model's predictions: the logging policy's at its
+    logged actions, the greedy policy's at its own choices.
+
+    Returns
+    -------
+    float
+        The added price in CNY per complaint (0 when the policy already meets the bound).
+    """
+    rows = np.random.default_rng(seed).permutation(log.n_rounds)[:sample]
+    context, allowed = log.context[rows], log.candidates[rows]
+    complaints = predict_complaints(model, context)
+    limit = max_ratio * float(complaints[np.arange(len(rows)), log.action[rows]].mean())
+    base = float(model.complaint_penalty)
+
+    def rate(extra: float) -> float:
+        scores = predict_rewards(model, context) - extra * complaints
+        chosen = np.where(allowed, scores, -np.inf).argmax(axis=1)
+        return float(complaints[np.arange(len(rows)), chosen].mean())
+
+    if rate(0.0) <= limit:
+        return 0.0
+    low, high = 0.0, max(base, 100.0)
+    while rate(high) > limit and high < 1e7:
+        low, high = high, high * 4
+    for _ in range(30):
+        mid = 0.5 * (low + high)
+        low, high = (low, mid) if rate(mid) <= limit else (mid, high)
+    model.complaint_penalty.fill_(base + high)
+    return high

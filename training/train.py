@@ -23,6 +23,7 @@ from training.neural_bandit import (
     Economics,
     NeuralBanditConfig,
     greedy_policy,
+    guard_complaints,
     predict_rewards,
     softmax_policy,
     train_reward_model,
@@ -87,18 +88,27 @@ def fit_model(
     train: LoggedBandit,
     catalog: ActionCatalog,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    acting: bool = True,
 ) -> FittedModel:
-    """Train the configured learner on ``train``."""
+    """Train the configured learner on ``train``.
+
+    ``acting=False`` fits a pure reward model (no acting adjustments such as the complaint
+    shadow price), for off-policy evaluation."""
     economics = Economics.from_catalog(catalog, config.reward.complaint_penalty_cny)
     spec = config.neural_bandit
     nb = NeuralBanditConfig(**spec.model_dump())
     model, history = train_reward_model(train, action_features(catalog), nb, on_epoch, economics)
+    params: dict[str, object] = spec.model_dump()
+    if acting and config.policy.max_complaint_ratio is not None:
+        params["complaint_shadow_price_cny"] = guard_complaints(
+            model, train, config.policy.max_complaint_ratio, seed=spec.seed
+        )
     return FittedModel(
         kind="neural_bandit",
         scores=lambda context: predict_rewards(model, context),
         export=lambda path, feature_spec: export_reward_model(model, path, feature_spec),
         history=history.epochs,
-        params=spec.model_dump(),
+        params=params,
     )
 
 
@@ -121,7 +131,8 @@ def crossfit_rewards(
         rows = fold == k
         if rows.all() or not rows.any():
             raise ValueError(f"too few held-out customers for {folds} cross-fitting folds")
-        out[rows] = fit_model(config, holdout.take(~rows), catalog).scores(holdout.context[rows])
+        fitted = fit_model(config, holdout.take(~rows), catalog, acting=False)
+        out[rows] = fitted.scores(holdout.context[rows])
     return out
 
 

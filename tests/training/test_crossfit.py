@@ -33,7 +33,8 @@ def _log(n: int, n_actions: int = 5) -> LoggedBandit:
 class _Recorder:
     seen: list[set[str]]
 
-    def __call__(self, config, part: LoggedBandit, catalog, on_epoch=None):
+    def __call__(self, config, part: LoggedBandit, catalog, on_epoch=None, acting=True):
+        assert not acting
         self.seen.append(set(part.customer_key))
         customers = set(part.customer_key)
 

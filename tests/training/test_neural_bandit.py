@@ -18,6 +18,8 @@ from training.neural_bandit import (
     Economics,
     NeuralBanditConfig,
     greedy_policy,
+    guard_complaints,
+    predict_complaints,
     predict_rewards,
     softmax_policy,
     train_reward_model,
@@ -168,3 +170,32 @@ def test_warm_start_clones_the_playbook(log, catalog) -> None:
     cloned = agreement(4)
     assert cloned > 3 * chance
     assert cloned > agreement(0) + 0.05
+
+
+def test_guard_complaints_bounds_predicted_complaint_rate(log, catalog) -> None:
+    economics = Economics.from_catalog(catalog, 300.0)
+    config = NeuralBanditConfig(
+        epochs=2, batch_size=2048, hidden=16, embedding=8, target="outcomes", seed=6
+    )
+    model, _ = train_reward_model(log, action_features(catalog), config, None, economics)
+    complaints = predict_complaints(model, log.context)
+    logged = float(complaints[np.arange(log.n_rounds), log.action].mean())
+
+    def greedy_rate() -> float:
+        chosen = greedy_policy(predict_rewards(model, log.context), log.candidates).argmax(axis=1)
+        return float(complaints[np.arange(log.n_rounds), chosen].mean())
+
+    assert guard_complaints(model, log, max_ratio=1e6) == 0.0
+    before = greedy_rate()
+    assert before > 0.0
+    ratio = 0.5 * before / logged  # binds: half the unguarded policy's complaint rate
+    price = guard_complaints(model, log, max_ratio=ratio, sample=log.n_rounds)
+    assert price > 0.0
+    assert float(model.complaint_penalty) == pytest.approx(300.0 + price)
+    assert greedy_rate() <= ratio * logged + 1e-9
+
+
+def test_predict_complaints_needs_outcome_heads(trained) -> None:
+    model, _ = trained
+    with pytest.raises(ValueError, match="outcome heads"):
+        predict_complaints(model, np.zeros((1, model.context_net[0].in_features), np.float32))
