@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sqlite3
 import threading
 import uuid
 from pathlib import Path
@@ -288,7 +289,8 @@ def write_decisions(table: pa.Table, path: str | Path) -> Path:
 def read_decisions(
     path: str | Path, n_actions: int | None = None, n_features: int | None = None
 ) -> pa.Table:
-    """Read and validate a decision log: one Parquet file or a directory of part files.
+    """Read and validate a decision log: one Parquet file, a directory of part files, or the
+    service's decision journal (``journal.db``, or a state directory holding one).
 
     Raises
     ------
@@ -296,6 +298,16 @@ def read_decisions(
         If the file is missing, unreadable, or fails :func:`validate_decisions`.
     """
     path = Path(path)
+    # imported here: the journal module builds on this one
+    from nextbest.decision_journal import journal_file, read_journal
+
+    journal = journal_file(path)
+    if journal is not None:
+        try:
+            table = read_journal(journal)
+        except sqlite3.Error as exc:
+            raise DecisionLogError(str(journal), "*", f"not a readable journal: {exc}") from None
+        return validate_decisions(table, n_actions, n_features, source=str(journal))
     if path.is_dir():
         files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
         if not files:

@@ -1,0 +1,1155 @@
+"""The decision journal: the service's durable, append-only log of decisions and rewards.
+
+One SQLite database file (``<state_dir>/journal.db``) in WAL mode, shared by every worker
+process of the service and read directly by training (:func:`read_journal`, and through it
+:func:`nextbest.decision_log.read_decisions`), so served decisions become training data
+without an export step.
+
+Tables (times are integer microseconds since the epoch, UTC; arrays are little-endian blobs):
+
+``decisions``
+    One row per decision, never updated: ``seq`` (commit order), ``decision_id`` (unique),
+    ``timestamp_us``, ``customer_key`` (pseudonymised by the caller), ``context`` (float32
+    ``(F,)``), ``candidate_actions`` (int32), ``action``, ``pscore``, ``action_dist`` (float32,
+    aligned with ``candidate_actions``, or null), ``campaign_id``, ``version_id``.
+``versions``
+    What served the decisions: ``policy``, ``model_version``, ``ruleset_version``,
+    ``catalog_version``, ``feature_spec_version``, once per combination (a handful of rows;
+    storing them once keeps every decision row short, which is most of the append and read
+    speed).
+``rewards``
+    At most one row per decision (its ``decision_id`` and ``seq``): ``converted``,
+    ``complaint``, ``opted_out``, ``value_cny``, ``reward`` (see :func:`reward_cny`),
+    ``reward_at_us`` (when the outcome happened, as the caller gave it, or null),
+    ``received_at_us``, ``late`` (outside the attribution window).
+``decision_log`` (a view)
+    Everything joined, one row per decision, for ad-hoc SQL.
+
+Writes go through a :class:`GroupCommitWriter`: a background thread owns the connection,
+takes whatever has queued up while the previous transaction committed, and commits it as
+one transaction. A write's future resolves only after its transaction committed, so a
+caller that acknowledges after the future never acknowledges a decision that could be lost.
+
+Durability: in WAL mode a committed transaction is in the operating system's page cache
+when ``COMMIT`` returns. ``synchronous=NORMAL`` (the default) does not fsync the WAL on
+each commit: an acknowledged decision survives the death of the process (SIGKILL, crash,
+OOM kill), but the last transactions before a power loss or kernel crash may be lost
+(the database itself stays consistent). ``synchronous=FULL`` fsyncs the WAL on every commit
+and survives power loss too, at the cost of one fsync per group (milliseconds on most
+disks; group commit amortises it over everything queued meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise, repeat
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from nextbest.catalog import ActionCatalog
+from nextbest.decision_log import DECISION_SCHEMA
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILENAME = "journal.db"
+"""Name of the journal inside a service state directory."""
+JOURNAL_SCHEMA_ID = "nextbest.decision-journal/1"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+Synchronous = Literal["NORMAL", "FULL"]
+
+T = TypeVar("T")
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def epoch_us(moment: datetime) -> int:
+    """Microseconds since the epoch (UTC) of a timezone-aware ``moment``, exactly.
+
+    Raises
+    ------
+    ValueError
+        If ``moment`` has no time zone.
+    """
+    if moment.tzinfo is None:
+        raise ValueError(f"{moment} must include a time zone")
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def from_epoch_us(us: int) -> datetime:
+    """The UTC datetime of ``us`` microseconds since the epoch (inverse of :func:`epoch_us`)."""
+    return EPOCH + timedelta(microseconds=us)
+
+
+# --------------------------------------------------------------------------- SQLite plumbing
+
+
+def open_sqlite(
+    path: str | Path,
+    synchronous: Synchronous = "NORMAL",
+    busy_timeout_ms: int = 10_000,
+    read_only: bool = False,
+) -> sqlite3.Connection:
+    """Open a SQLite database in WAL mode for one thread, in autocommit mode.
+
+    Transactions are explicit (``BEGIN IMMEDIATE`` ... ``COMMIT``); ``busy_timeout_ms`` is
+    how long a writer waits for another process's write transaction before failing.
+
+    Parameters
+    ----------
+    path : path
+        Database file (created, with its directory, unless ``read_only``).
+    synchronous : {"NORMAL", "FULL"}
+        ``NORMAL``: durable against process death; ``FULL``: also against power loss.
+    busy_timeout_ms : int
+    read_only : bool
+        Refuse writes on this connection (a reader must not create a missing file).
+    """
+    if synchronous not in ("NORMAL", "FULL"):
+        raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+    path = Path(path)
+    if read_only:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such database file")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if read_only:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        # the mode is stored in the file: a no-op after the first opener set it
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            conn.close()
+            raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: bulk appends touch the id index
+    return conn
+
+
+@dataclass(slots=True)
+class _Job(Generic[T]):
+    apply: Callable[[sqlite3.Connection], T]
+    rows: int
+    future: Future[T]
+
+
+class GroupCommitWriter:
+    """A background thread that owns one SQLite connection and commits jobs in groups.
+
+    :meth:`submit` queues a job (a function of the connection) and returns a future at
+    once. The thread takes the first waiting job plus everything queued behind it (up to
+    ``max_group_rows``), runs them in one ``BEGIN IMMEDIATE`` transaction, each inside its own
+    savepoint, commits, and only then resolves the futures: with the job's return value, or
+    with the exception it raised (its savepoint rolled back, the rest of the group
+    unaffected). If the commit fails, every future of the group gets the error. A lone job
+    is committed as soon as the thread is free: there is no waiting to fill a group, so
+    latency at low load is one transaction, and throughput under load grows with the group.
+
+    Checkpoints (copying the WAL back into the database file, with an fsync) run on a
+    second thread with its own connection, at most every ``checkpoint_interval_s``, so the
+    writer thread never pays for them between two commits.
+
+    Parameters
+    ----------
+    path : path
+        Database file.
+    schema : sequence of str
+        Idempotent DDL statements (``CREATE TABLE IF NOT EXISTS`` ...) run once at start.
+    synchronous : {"NORMAL", "FULL"}
+        See the module docstring for the durability trade-off.
+    busy_timeout_ms : int
+        Wait for other processes' write transactions before failing.
+    max_group_rows : int
+        Stop adding jobs to a group once it holds this many rows (keeps transactions short,
+        so other processes writing the same file are not locked out for long).
+    checkpoint_interval_s : float
+        Delay between a commit and the checkpoint that follows it (commits meanwhile share it).
+    name : str
+        Thread name (shows in logs and debuggers).
+
+    Raises
+    ------
+    sqlite3.Error
+        From the constructor, if the database cannot be opened or the schema not created.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        schema: Sequence[str] = (),
+        synchronous: Synchronous = "NORMAL",
+        busy_timeout_ms: int = 10_000,
+        max_group_rows: int = 50_000,
+        checkpoint_interval_s: float = 0.2,
+        name: str = "sqlite-group-commit",
+    ) -> None:
+        if max_group_rows < 1:
+            raise ValueError(f"max_group_rows must be positive, got {max_group_rows}")
+        self.path = Path(path)
+        self.synchronous: Synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
+        self.max_group_rows = max_group_rows
+        self._schema = tuple(schema)
+        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._started = Future[None]()
+        self.commits = 0
+        """Transactions committed so far (for metrics and tests)."""
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._committed = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._started.result()  # re-raises an open or schema error here
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, name=f"{name}-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    # -- producer side
+
+    def submit(self, apply: Callable[[sqlite3.Connection], T], rows: int = 1) -> Future[T]:
+        """Queue ``apply(connection)`` to run in the next group; its future resolves after
+        the commit.
+
+        Parameters
+        ----------
+        apply : callable
+            Runs on the writer thread inside a transaction; must not commit or roll back.
+        rows : int
+            Rows the job writes (counts towards ``max_group_rows``).
+
+        Raises
+        ------
+        RuntimeError
+            If the writer is closed.
+        """
+        job = _Job(apply, max(1, rows), Future[T]())
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.path}: the writer is closed")
+            self._queue.put(job)
+        return job.future
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything submitted before this call is committed."""
+        self.submit(lambda _conn: None).result(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Commit everything queued, stop the thread and close the connection (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout)
+        self._stopping.set()
+        self._committed.set()
+        self._checkpointer.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> GroupCommitWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writer thread
+
+    def _run(self) -> None:
+        try:
+            conn = open_sqlite(self.path, self.synchronous, self.busy_timeout_ms)
+            try:
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpoint thread's job
+                if self._schema:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for statement in self._schema:
+                        conn.execute(statement)
+                    conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException as exc:
+            self._closed = True
+            self._started.set_exception(exc)
+            return
+        self._started.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                group, stop = self._take_group()
+                if group:
+                    self._commit(conn, group)
+        finally:
+            conn.close()
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """After the thread stopped: refuse new jobs and fail any still queued."""
+        with self._lock:
+            self._closed = True
+        stopped = RuntimeError(f"{self.path}: the writer thread has stopped")
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(stopped)
+
+    def _checkpoints(self) -> None:
+        conn = open_sqlite(self.path, self.synchronous, self.busy_timeout_ms)
+        try:
+            while not self._stopping.is_set():
+                self._committed.wait()
+                self._stopping.wait(self.checkpoint_interval_s)  # let commits accumulate
+                self._committed.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # the next one retries; the WAL only grows
+                    log.warning("%s: checkpoint failed: %s", self.path, exc)
+        finally:
+            conn.close()
+
+    def _take_group(self) -> tuple[list[_Job[Any]], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        group, rows = [first], first.rows
+        while rows < self.max_group_rows:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return group, True
+            group.append(job)
+            rows += job.rows
+        return group, False
+
+    def _commit(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
+        done: list[tuple[_Job[Any], Any]] = []
+        failed: list[tuple[_Job[Any], BaseException]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in group:
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # cancelled before it ran
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.apply(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    failed.append((job, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    done.append((job, result))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("%s: transaction of %d jobs failed: %s", self.path, len(group), exc)
+            for job in group:
+                if job.future.running():
+                    job.future.set_exception(exc)
+                elif not job.future.done() and job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(exc)  # never reached (BEGIN failed)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.commits += 1
+        self._committed.set()
+        for job, result in done:
+            job.future.set_result(result)
+        for job, error in failed:
+            job.future.set_exception(error)
+
+
+# --------------------------------------------------------------------------- reward
+
+
+def reward_cny(
+    value_cny: np.ndarray | float,
+    contact_cost_cny: np.ndarray | float,
+    complaint: np.ndarray | bool,
+    complaint_penalty_cny: float,
+) -> np.ndarray:
+    """The logged reward of a decision, in CNY: the bank's economics of one contact.
+
+    ``reward = value_cny - contact_cost_cny - complaint_penalty_cny * complaint``
+
+    the value of the conversion (0 without one), minus the cost of the contact on its
+    channel (0 for no contact), minus the price of a complaint. This is the reward the
+    simulator logs (``simulators/world.py``), so served and simulated logs mean the same.
+
+    Parameters
+    ----------
+    value_cny : float array ``(n,)`` or scalar
+    contact_cost_cny : float array ``(n,)`` or scalar
+    complaint : bool array ``(n,)`` or scalar
+    complaint_penalty_cny : float
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, the broadcast shape of the inputs.
+    """
+    return (
+        np.asarray(value_cny, np.float64)
+        - np.asarray(contact_cost_cny, np.float64)
+        - float(complaint_penalty_cny) * np.asarray(complaint, np.float64)
+    )
+
+
+@dataclass(frozen=True)
+class RewardRule:
+    """How the journal turns a reported outcome into a reward, and when it is late.
+
+    Parameters
+    ----------
+    complaint_penalty_cny : float
+        CNY charged per complaint (``RewardSpec.complaint_penalty_cny`` in training).
+    contact_cost_cny : float array ``(n_actions,)``
+        Cost of each action's contact (0 for no contact); :meth:`from_catalog` builds it.
+    attribution_window : timedelta
+        An outcome later than this after the decision is stored but flagged ``late``.
+    """
+
+    complaint_penalty_cny: float
+    contact_cost_cny: np.ndarray
+    attribution_window: timedelta = timedelta(days=30)
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.complaint_penalty_cny) or self.complaint_penalty_cny < 0:
+            raise ValueError(
+                f"complaint_penalty_cny must be finite and >= 0, got {self.complaint_penalty_cny}"
+            )
+        cost = np.asarray(self.contact_cost_cny, np.float64)
+        if cost.ndim != 1 or not np.isfinite(cost).all() or (cost < 0).any():
+            raise ValueError("contact_cost_cny must be a 1-d array of finite costs >= 0")
+        if self.attribution_window <= timedelta(0):
+            raise ValueError(f"attribution_window must be positive, got {self.attribution_window}")
+        object.__setattr__(self, "contact_cost_cny", cost)
+
+    @classmethod
+    def from_catalog(
+        cls,
+        catalog: ActionCatalog,
+        complaint_penalty_cny: float,
+        attribution_window: timedelta = timedelta(days=30),
+    ) -> RewardRule:
+        """The rule with each action's contact cost taken from its channel in ``catalog``."""
+        cost = np.array([c or 0.0 for c in catalog.attribute("cost_cny")], np.float64)
+        return cls(complaint_penalty_cny, cost, attribution_window)
+
+
+@dataclass(frozen=True)
+class RewardOutcome:
+    """The outcome of a decision as reported by the marketing platform.
+
+    ``reward_at`` is when the outcome happened (timezone-aware); None means "now", the
+    time the journal receives it.
+    """
+
+    converted: bool
+    complaint: bool
+    opted_out: bool
+    value_cny: float
+    reward_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.value_cny):
+            raise ValueError(f"value_cny must be finite, got {self.value_cny}")
+        if self.reward_at is not None and self.reward_at.tzinfo is None:
+            raise ValueError("reward_at must include a time zone")
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """What the journal holds for a decision's reward after :meth:`JournalWriter.submit_reward`.
+
+    ``duplicate`` is True when the same outcome had been recorded before (the stored one is
+    returned and nothing is written).
+    """
+
+    decision_id: str
+    outcome: RewardOutcome
+    reward: float
+    received_at: datetime
+    late: bool
+    duplicate: bool
+
+
+class UnknownDecisionError(LookupError):
+    """A reward names a decision id the journal does not hold (HTTP 404)."""
+
+    def __init__(self, decision_id: str) -> None:
+        self.decision_id = decision_id
+        super().__init__(f"no decision with id {decision_id!r} in the journal")
+
+
+class RewardConflictError(ValueError):
+    """A second, different outcome for a decision whose reward is already recorded (HTTP 409).
+
+    ``fields`` names what differs; ``stored`` is the outcome kept.
+    """
+
+    def __init__(self, decision_id: str, fields: list[str], stored: RewardOutcome) -> None:
+        self.decision_id, self.fields, self.stored = decision_id, fields, stored
+        super().__init__(
+            f"decision {decision_id!r} already has a different outcome recorded "
+            f"({', '.join(fields)} differ); rewards are recorded once and never changed"
+        )
+
+
+class RewardTimeError(ValueError):
+    """An outcome dated before its decision (HTTP 400/422)."""
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class DecisionBatch:
+    """``n`` decisions as arrays, the input of :meth:`JournalWriter.submit`.
+
+    Variable-length lists (candidates, action distribution) are flat arrays cut by
+    ``candidate_offsets``, as in Arrow: the candidates of row ``i`` are
+    ``candidate_actions[candidate_offsets[i]:candidate_offsets[i + 1]]``. The versions and the
+    policy are one value per batch (a batch is served by one model). Arrays are read when the
+    writer thread gets to the batch: do not modify them until the future resolves.
+
+    Parameters
+    ----------
+    decision_id : sequence of str ``(n,)``
+    timestamp_us : int64 ``(n,)`` or int
+        Decision time, microseconds since the epoch (UTC); one int for the whole batch.
+    customer_key : sequence of str ``(n,)``
+        Pseudonymised keys (:func:`nextbest.privacy.pseudonymise`), never raw identifiers.
+    context : float32 ``(n, F)``
+        Encoded features the policy saw.
+    candidate_offsets : int ``(n + 1,)``
+        Starts of each row's candidates in ``candidate_actions``; ``[0, ..., total]``.
+    candidate_actions : int32 ``(total,)``
+        Allowed action ids of every row.
+    action : int32 ``(n,)``
+    pscore : float64 ``(n,)`` or None
+        Propensity of the chosen action.
+    action_dist : float32 ``(total,)`` or None
+        Probability of each candidate, aligned with ``candidate_actions``.
+    campaign_id : str, sequence of str ``(n,)`` or None
+    policy, model_version, ruleset_version, catalog_version, feature_spec_version : str
+    """
+
+    decision_id: Sequence[str]
+    timestamp_us: np.ndarray | int
+    customer_key: Sequence[str]
+    context: np.ndarray
+    candidate_offsets: np.ndarray
+    candidate_actions: np.ndarray
+    action: np.ndarray
+    pscore: np.ndarray | None
+    action_dist: np.ndarray | None
+    policy: str
+    model_version: str
+    ruleset_version: str
+    catalog_version: str
+    feature_spec_version: str
+    campaign_id: str | Sequence[str | None] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.decision_id)
+        context = np.asarray(self.context)
+        if context.ndim != 2 or len(context) != n:
+            raise ValueError(f"context must have shape (n={n}, F), got {context.shape}")
+        offsets = np.asarray(self.candidate_offsets)
+        total = len(self.candidate_actions)
+        if (
+            offsets.shape != (n + 1,)
+            or offsets[0] != 0
+            or offsets[-1] != total
+            or (np.diff(offsets) <= 0).any()
+        ):
+            raise ValueError(
+                f"candidate_offsets must be increasing, shape ({n + 1},), from 0 to "
+                f"len(candidate_actions)={total}, with no empty row"
+            )
+        lengths = {
+            "customer_key": len(self.customer_key),
+            "action": len(self.action),
+        }
+        if self.pscore is not None:
+            lengths["pscore"] = len(self.pscore)
+        if np.ndim(self.timestamp_us):
+            lengths["timestamp_us"] = len(np.asarray(self.timestamp_us))
+        if self.campaign_id is not None and not isinstance(self.campaign_id, str):
+            lengths["campaign_id"] = len(self.campaign_id)
+        for name, length in lengths.items():
+            if length != n:
+                raise ValueError(f"{name} has {length} rows but decision_id has {n}")
+        if self.action_dist is not None and len(self.action_dist) != total:
+            raise ValueError(
+                f"action_dist has {len(self.action_dist)} entries but candidate_actions {total}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.decision_id)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> DecisionBatch:
+        """The decisions of a table in :data:`~nextbest.decision_log.DECISION_SCHEMA`
+        (outcome columns ignored; one value of each version column expected)."""
+        versions = {}
+        for name in (
+            "policy",
+            "model_version",
+            "ruleset_version",
+            "catalog_version",
+            "feature_spec_version",
+        ):
+            values = table.column(name).unique().to_pylist()
+            if len(values) > 1:
+                raise ValueError(f"{name} must have one value per batch, got {values[:3]}")
+            versions[name] = values[0] if values else ""
+        cand = table.column("candidate_actions").combine_chunks()
+        context = table.column("context").combine_chunks()
+        dist = table.column("action_dist").combine_chunks()
+        n = table.num_rows
+        ts = table.column("timestamp").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        pscore = table.column("pscore")
+        return cls(
+            decision_id=table.column("decision_id").to_pylist(),
+            timestamp_us=ts.to_numpy(),
+            customer_key=table.column("customer_key").to_pylist(),
+            context=context.flatten().to_numpy().reshape(n, -1) if n else np.zeros((0, 0)),
+            candidate_offsets=_list_offsets(cand),
+            candidate_actions=cand.flatten().to_numpy(),
+            action=table.column("action").to_numpy(),
+            pscore=None if pscore.null_count == n else pscore.to_numpy(),
+            action_dist=dist.flatten().to_numpy() if n and dist.null_count == 0 else None,
+            campaign_id=table.column("campaign_id").to_pylist(),
+            **versions,
+        )
+
+
+def _list_offsets(array: pa.Array) -> np.ndarray:
+    offsets = array.offsets.to_numpy()
+    return offsets - offsets[0]
+
+
+def new_decision_ids(n: int) -> list[str]:
+    """``n`` unique, time-ordered decision ids: 32 hex characters, UUIDv7-like (48 bits of
+    milliseconds, then 76 random bits).
+
+    Time-ordered ids keep appends to the journal's id index local (random ids scatter them
+    over the whole index); they reveal nothing about the customer.
+    """
+    ms = time.time_ns() // 1_000_000
+    head = f"{ms & 0xFFFF_FFFF_FFFF:012x}7"
+    tails = os.urandom(10 * n).hex()
+    return [head + tails[20 * i : 20 * i + 19] for i in range(n)]
+
+
+VERSION_FIELDS = (
+    "policy",
+    "model_version",
+    "ruleset_version",
+    "catalog_version",
+    "feature_spec_version",
+)
+"""What served a decision; stored once per combination in ``versions``."""
+
+JOURNAL_DDL = (
+    "CREATE TABLE IF NOT EXISTS journal_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    f"INSERT OR IGNORE INTO journal_meta VALUES ('schema', '{JOURNAL_SCHEMA_ID}')",
+    """CREATE TABLE IF NOT EXISTS versions (
+        version_id INTEGER PRIMARY KEY,
+        policy TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        ruleset_version TEXT NOT NULL,
+        catalog_version TEXT NOT NULL,
+        feature_spec_version TEXT NOT NULL,
+        UNIQUE (policy, model_version, ruleset_version, catalog_version, feature_spec_version)
+    )""",
+    """CREATE TABLE IF NOT EXISTS decisions (
+        seq INTEGER PRIMARY KEY,
+        decision_id TEXT NOT NULL UNIQUE,
+        timestamp_us INTEGER NOT NULL,
+        customer_key TEXT NOT NULL,
+        context BLOB NOT NULL,
+        candidate_actions BLOB NOT NULL,
+        action INTEGER NOT NULL,
+        pscore REAL,
+        action_dist BLOB,
+        campaign_id TEXT,
+        version_id INTEGER NOT NULL REFERENCES versions (version_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS rewards (
+        decision_id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL UNIQUE,
+        converted INTEGER NOT NULL,
+        complaint INTEGER NOT NULL,
+        opted_out INTEGER NOT NULL,
+        value_cny REAL NOT NULL,
+        reward REAL NOT NULL,
+        reward_at_us INTEGER,
+        received_at_us INTEGER NOT NULL,
+        late INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE VIEW IF NOT EXISTS decision_log AS
+        SELECT d.seq, d.decision_id, d.timestamp_us, d.customer_key, d.context,
+            d.candidate_actions, d.action, d.pscore, d.action_dist, d.campaign_id,
+            v.policy, v.model_version, v.ruleset_version, v.catalog_version,
+            v.feature_spec_version, r.converted, r.complaint, r.opted_out, r.value_cny,
+            r.reward, r.reward_at_us, r.received_at_us, r.late
+        FROM decisions d JOIN versions v USING (version_id)
+        LEFT JOIN rewards r USING (seq)""",
+)
+"""The journal's tables (idempotent DDL)."""
+
+
+def _cut(raw: bytes, offsets: list[int]) -> list[bytes]:
+    """Slice a flat little-endian buffer into one blob per row (``offsets`` in bytes)."""
+    return [raw[a:b] for a, b in pairwise(offsets)]
+
+
+def _decision_rows(batch: DecisionBatch, version_id: int) -> Iterable[tuple[Any, ...]]:
+    n = len(batch)
+    context = np.ascontiguousarray(batch.context, "<f4")
+    width = context.shape[1] * 4
+    ctx_raw = context.tobytes()
+    contexts = [ctx_raw[i * width : (i + 1) * width] for i in range(n)]
+    byte_offsets = (np.asarray(batch.candidate_offsets, np.int64) * 4).tolist()
+    candidates = _cut(np.ascontiguousarray(batch.candidate_actions, "<i4").tobytes(), byte_offsets)
+    dists: Iterable[bytes | None] = (
+        _cut(np.ascontiguousarray(batch.action_dist, "<f4").tobytes(), byte_offsets)
+        if batch.action_dist is not None
+        else [None] * n
+    )
+    ts = batch.timestamp_us
+    stamps: Iterable[int] = (
+        np.asarray(ts, np.int64).tolist() if np.ndim(ts) else [int(ts)] * n  # type: ignore[arg-type]
+    )
+    pscores: Iterable[float | None] = (
+        np.asarray(batch.pscore, np.float64).tolist() if batch.pscore is not None else [None] * n
+    )
+    campaigns: Iterable[str | None] = (
+        [batch.campaign_id] * n
+        if batch.campaign_id is None or isinstance(batch.campaign_id, str)
+        else batch.campaign_id
+    )
+    return zip(
+        batch.decision_id,
+        stamps,
+        batch.customer_key,
+        contexts,
+        candidates,
+        np.asarray(batch.action, np.int64).tolist(),
+        pscores,
+        dists,
+        campaigns,
+        repeat(version_id, n),
+        strict=True,
+    )
+
+
+class JournalWriter:
+    """Appends decisions and records rewards in a journal file, off the request path.
+
+    Several processes may open writers on the same file (each with its own thread and
+    connection); SQLite serialises their transactions. Every write returns a
+    :class:`concurrent.futures.Future` resolved after its transaction committed; from
+    asyncio, ``await asyncio.wrap_future(future)``.
+
+    Parameters
+    ----------
+    path : path
+        The journal file, or a state directory (the file is ``journal.db`` inside it).
+    reward_rule : RewardRule
+        Turns outcomes into rewards and flags late ones.
+    synchronous : {"NORMAL", "FULL"}
+        ``NORMAL``: acknowledged writes survive a killed process; ``FULL``: also power loss
+        (one fsync per committed group). See the module docstring.
+    busy_timeout_ms : int
+    max_group_rows : int
+        Decisions per transaction at most (a bigger submitted batch is one transaction).
+
+    Examples
+    --------
+    >>> writer = JournalWriter(state_dir, RewardRule.from_catalog(catalog, 300.0))
+    >>> await asyncio.wrap_future(writer.submit(batch))      # doctest: +SKIP
+    >>> writer.close()                                       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        reward_rule: RewardRule,
+        synchronous: Synchronous = "NORMAL",
+        busy_timeout_ms: int = 10_000,
+        max_group_rows: int = 50_000,
+    ) -> None:
+        path = Path(path)
+        self.path = path / JOURNAL_FILENAME if path.is_dir() else path
+        self.reward_rule = reward_rule
+        self._writer = GroupCommitWriter(
+            self.path,
+            JOURNAL_DDL,
+            synchronous=synchronous,
+            busy_timeout_ms=busy_timeout_ms,
+            max_group_rows=max_group_rows,
+            name="decision-journal",
+        )
+
+    def submit(self, decisions: DecisionBatch) -> Future[int]:
+        """Queue a batch of decisions; the future gives the number of rows once committed.
+
+        The future fails with :class:`sqlite3.IntegrityError` if a decision id is already
+        in the journal (then none of the batch is written).
+        """
+        insert = (
+            "INSERT INTO decisions (decision_id, timestamp_us, customer_key, context, "
+            "candidate_actions, action, pscore, action_dist, campaign_id, version_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        served_by = tuple(getattr(decisions, name) for name in VERSION_FIELDS)
+
+        def append(conn: sqlite3.Connection) -> int:
+            conn.executemany(insert, _decision_rows(decisions, self._version_id(conn, served_by)))
+            return len(decisions)
+
+        return self._writer.submit(append, rows=len(decisions))
+
+    @staticmethod
+    def _version_id(conn: sqlite3.Connection, served_by: tuple[str, ...]) -> int:
+        """Id of the versions row of ``served_by``, inserted if new (on the writer thread).
+
+        Not cached across transactions: a rolled-back job would leave a stale id behind, and
+        the two indexed statements cost microseconds.
+        """
+        conn.execute(
+            f"INSERT OR IGNORE INTO versions ({', '.join(VERSION_FIELDS)}) VALUES (?, ?, ?, ?, ?)",
+            served_by,
+        )
+        where = " AND ".join(f"{name} = ?" for name in VERSION_FIELDS)
+        (version_id,) = conn.execute(
+            f"SELECT version_id FROM versions WHERE {where}", served_by
+        ).fetchone()
+        return int(version_id)
+
+    def submit_reward(
+        self, decision_id: str, outcome: RewardOutcome, received_at: datetime | None = None
+    ) -> Future[RewardResult]:
+        """Queue the outcome of a decision; the future gives the stored :class:`RewardResult`.
+
+        Idempotent per decision id: the same outcome again resolves to the stored result
+        with ``duplicate=True``. The future fails with :class:`UnknownDecisionError` (no such
+        decision), :class:`RewardConflictError` (a different outcome is already recorded) or
+        :class:`RewardTimeError` (the outcome predates the decision). An outcome later than
+        the attribution window after the decision is stored with ``late=True``.
+        """
+        received_us = epoch_us(received_at or datetime.now(UTC))
+        given_at_us = None if outcome.reward_at is None else epoch_us(outcome.reward_at)
+        rule = self.reward_rule
+
+        def record(conn: sqlite3.Connection) -> RewardResult:
+            found = conn.execute(
+                "SELECT seq, timestamp_us, action FROM decisions WHERE decision_id = ?",
+                (decision_id,),
+            ).fetchone()
+            if found is None:
+                raise UnknownDecisionError(decision_id)
+            seq, decided_us, action = found
+            stored = conn.execute(
+                "SELECT converted, complaint, opted_out, value_cny, reward, reward_at_us, "
+                "received_at_us, late FROM rewards WHERE decision_id = ?",
+                (decision_id,),
+            ).fetchone()
+            if stored is not None:
+                return _repeat(decision_id, outcome, given_at_us, stored)
+            happened_us = received_us if given_at_us is None else given_at_us
+            if happened_us < decided_us:
+                raise RewardTimeError(
+                    f"the outcome of decision {decision_id!r} is dated "
+                    f"{from_epoch_us(happened_us).isoformat()}, before the decision "
+                    f"({from_epoch_us(decided_us).isoformat()})"
+                )
+            late = happened_us - decided_us > rule.attribution_window // timedelta(microseconds=1)
+            cost = rule.contact_cost_cny[action] if 0 <= action < len(rule.contact_cost_cny) else 0
+            value = float(
+                reward_cny(outcome.value_cny, cost, outcome.complaint, rule.complaint_penalty_cny)
+            )
+            conn.execute(
+                "INSERT INTO rewards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    decision_id,
+                    seq,
+                    outcome.converted,
+                    outcome.complaint,
+                    outcome.opted_out,
+                    float(outcome.value_cny),
+                    value,
+                    given_at_us,
+                    received_us,
+                    late,
+                ),
+            )
+            return RewardResult(
+                decision_id, outcome, value, from_epoch_us(received_us), bool(late), duplicate=False
+            )
+
+        return self._writer.submit(record)
+
+    def record_reward(
+        self,
+        decision_id: str,
+        outcome: RewardOutcome,
+        received_at: datetime | None = None,
+        timeout: float | None = None,
+    ) -> RewardResult:
+        """Blocking form of :meth:`submit_reward` (raises its errors)."""
+        return self.submit_reward(decision_id, outcome, received_at).result(timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything submitted so far is committed."""
+        self._writer.flush(timeout)
+
+    def close(self) -> None:
+        """Commit everything queued and close (idempotent)."""
+        self._writer.close()
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed by this writer."""
+        return self._writer.commits
+
+    def __enter__(self) -> JournalWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _repeat(
+    decision_id: str, outcome: RewardOutcome, given_at_us: int | None, stored: tuple[Any, ...]
+) -> RewardResult:
+    converted, complaint, opted_out, value_cny, reward, at_us, received_us, late = stored
+    kept = RewardOutcome(
+        bool(converted),
+        bool(complaint),
+        bool(opted_out),
+        value_cny,
+        None if at_us is None else from_epoch_us(at_us),
+    )
+    differs = [
+        name
+        for name, old, new in (
+            ("converted", kept.converted, outcome.converted),
+            ("complaint", kept.complaint, outcome.complaint),
+            ("opted_out", kept.opted_out, outcome.opted_out),
+            ("value_cny", kept.value_cny, float(outcome.value_cny)),
+            ("reward_at", at_us, given_at_us),
+        )
+        if old != new
+    ]
+    if differs:
+        raise RewardConflictError(decision_id, differs, kept)
+    return RewardResult(decision_id, kept, reward, from_epoch_us(received_us), bool(late), True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def journal_file(path: str | Path) -> Path | None:
+    """The journal database at ``path`` (a journal file, or a directory holding
+    ``journal.db``), or None if ``path`` is not a journal."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / JOURNAL_FILENAME
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        return path if handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC else None
+
+
+_READ_CHUNK = 100_000
+
+
+def read_journal(
+    path: str | Path, include_late: bool = True, rewarded_only: bool = False
+) -> pa.Table:
+    """The journal's decisions, each with its reward, as a table in ``DECISION_SCHEMA``.
+
+    Rows are in commit order. Outcome columns are null for decisions without a reward;
+    ``reward_at`` is when the outcome happened, or when it was received if the caller did
+    not say. Reads one consistent snapshot while writers keep appending. Decisions,
+    versions and rewards are read by three scans (no per-row join) and the blobs become
+    Arrow list arrays through one buffer each.
+
+    Parameters
+    ----------
+    path : path
+        Journal file or state directory.
+    include_late : bool
+        Keep outcomes that arrived after the attribution window (False: their outcome
+        columns are null, as if they had not arrived).
+    rewarded_only : bool
+        Only decisions whose outcome is known (after ``include_late``).
+
+    Returns
+    -------
+    pyarrow.Table
+        ``DECISION_SCHEMA``, one row per decision; not validated (``read_decisions``
+        validates).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a journal.
+    """
+    file = journal_file(path)
+    if file is None:
+        raise FileNotFoundError(f"{path}: not a decision journal (no {JOURNAL_FILENAME})")
+    conn = open_sqlite(file, read_only=True)
+    try:
+        conn.execute("BEGIN")  # one snapshot for the three scans
+        versions = conn.execute(
+            f"SELECT version_id, {', '.join(VERSION_FIELDS)} FROM versions ORDER BY version_id"
+        ).fetchall()
+        cursor = conn.execute(
+            "SELECT seq, decision_id, timestamp_us, customer_key, context, candidate_actions, "
+            "action, pscore, action_dist, campaign_id, version_id FROM decisions ORDER BY seq"
+        )
+        chunks = []
+        while rows := cursor.fetchmany(_READ_CHUNK):
+            chunks.append(_decision_chunk(rows))
+        rewards = conn.execute(
+            "SELECT seq, reward, converted, complaint, opted_out, value_cny, "
+            "coalesce(reward_at_us, received_at_us), late FROM rewards ORDER BY seq"
+        ).fetchall()
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    if not chunks:
+        return DECISION_SCHEMA.empty_table()
+    seq = np.concatenate([c[0] for c in chunks])
+    # chunked columns: no copy of the big list columns
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {
+        name: pa.chunked_array([c[1][name] for c in chunks]) for name in chunks[0][1]
+    }
+    version_ids = np.array([v[0] for v in versions], np.int64)
+    row_version = np.searchsorted(version_ids, columns.pop("version_id").to_numpy())
+    for i, name in enumerate(VERSION_FIELDS, start=1):
+        columns[name] = pa.array([v[i] for v in versions], pa.string()).take(row_version)
+    columns.update(_reward_columns(rewards, seq, include_late))
+    table = pa.Table.from_arrays([columns[f.name] for f in DECISION_SCHEMA], schema=DECISION_SCHEMA)
+    if rewarded_only:
+        table = table.filter(table.column("reward").is_valid())
+    return table
+
+
+def _blob_list(blobs: Sequence[bytes | None], dtype: str, arrow_type: pa.DataType) -> pa.Array:
+    """Blobs of little-endian numbers -> an Arrow list array (null blob -> null list)."""
+    itemsize = np.dtype(dtype).itemsize
+    mask = None
+    if None in blobs:
+        mask = pa.array([b is None for b in blobs], pa.bool_())
+        blobs = [b or b"" for b in blobs]
+    lengths = np.fromiter(map(len, blobs), np.int64, len(blobs)) // itemsize  # type: ignore[arg-type]
+    offsets = np.zeros(len(blobs) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.frombuffer(b"".join(blobs), dtype)  # type: ignore[arg-type]
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values, arrow_type.value_type), mask=mask
+    )
+
+
+def _decision_chunk(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, dict[str, pa.Array]]:
+    """Rows of the decisions scan -> (seq ``(m,)``, Arrow columns by schema name)."""
+    (seq, ids, stamps, keys, contexts, cands, actions, pscores, dists, campaigns, versions) = zip(
+        *rows, strict=True
+    )
+    return np.array(seq, np.int64), {
+        "decision_id": pa.array(ids, pa.string()),
+        "timestamp": pa.array(np.array(stamps, np.int64), pa.timestamp("us", tz="UTC")),
+        "customer_key": pa.array(keys, pa.string()),
+        "context": _blob_list(contexts, "<f4", pa.list_(pa.float32())),
+        "candidate_actions": _blob_list(cands, "<i4", pa.list_(pa.int32())),
+        "action": pa.array(np.array(actions, np.int32)),
+        "pscore": pa.array(pscores, pa.float64()),
+        "action_dist": _blob_list(dists, "<f4", pa.list_(pa.float32())),
+        "campaign_id": pa.array(campaigns, pa.string()),
+        "version_id": pa.array(np.array(versions, np.int64)),
+    }
+
+
+def _reward_columns(
+    rewards: list[tuple[Any, ...]], seq: np.ndarray, include_late: bool
+) -> dict[str, pa.Array]:
+    """Outcome columns aligned with the decisions ``seq`` ``(n,)`` (null where none)."""
+    n = len(seq)
+    m = len(rewards)
+    cols = list(zip(*rewards, strict=True)) if m else [()] * 8
+    r_seq = np.array(cols[0], np.int64)
+    keep = np.ones(m, bool) if include_late else ~np.array(cols[7], bool)
+    row = np.searchsorted(seq, r_seq)
+    found = (row < n) & (seq[np.minimum(row, n - 1)] == r_seq) & keep
+    row = row[found]
+    valid = np.zeros(n, bool)
+    valid[row] = True
+    out: dict[str, pa.Array] = {}
+    types = {
+        "reward": np.float64,
+        "converted": np.bool_,
+        "complaint": np.bool_,
+        "opted_out": np.bool_,
+        "value_cny": np.float64,
+        "reward_at": np.int64,
+    }
+    for i, (name, dtype) in enumerate(types.items(), start=1):
+        values = np.zeros(n, dtype)
+        values[row] = np.array(cols[i], dtype)[found]
+        out[name] = pa.array(values, mask=~valid)
+    out["reward_at"] = out["reward_at"].cast(pa.timestamp("us", tz="UTC"))
+    return out
+
+
+__all__ = [
+    "JOURNAL_DDL",
+    "JOURNAL_FILENAME",
+    "DecisionBatch",
+    "GroupCommitWriter",
+    "JournalWriter",
+    "RewardConflictError",
+    "RewardOutcome",
+    "RewardResult",
+    "RewardRule",
+    "RewardTimeError",
+    "UnknownDecisionError",
+    "epoch_us",
+    "from_epoch_us",
+    "journal_file",
+    "new_decision_ids",
+    "open_sqlite",
+    "read_journal",
+    "reward_cny",
+]
