@@ -101,6 +101,7 @@ def open_sqlite(
     synchronous: Synchronous = "NORMAL",
     busy_timeout_ms: int = 10_000,
     read_only: bool = False,
+    check_same_thread: bool = True,
 ) -> sqlite3.Connection:
     """Open a SQLite database in WAL mode for one thread, in autocommit mode.
 
@@ -116,6 +117,8 @@ def open_sqlite(
     busy_timeout_ms : int
     read_only : bool
         Refuse writes on this connection (a reader must not create a missing file).
+    check_same_thread : bool
+        Refuse use from another thread (False lets an owner close a thread's connection).
     """
     if synchronous not in ("NORMAL", "FULL"):
         raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
@@ -125,7 +128,7 @@ def open_sqlite(
             raise FileNotFoundError(f"{path}: no such database file")
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     if read_only:
         conn.execute("PRAGMA query_only = ON")

@@ -1,0 +1,555 @@
+"""Contact history shared across requests and workers, so caps and minimum gaps hold.
+
+The service records every contact it recommends (kind ``recommended``, keyed by the
+decision id) and every contact reported delivered (kind ``delivered``: keyed by the decision
+id it fulfils, which upgrades the recommendation in place, or by the platform's own message
+id for contacts made outside the service). One contact is one row, whatever its kind, so a
+recommendation that is later reported delivered is counted once.
+
+Before the rule engine runs, the API asks the store for the contacts of the request's
+customers over the longest window (one query per batch) and merges them into the history
+the request brought (:func:`merge_into_batch` for a whole :class:`ContextBatch`,
+:func:`merge_contact_history` for one :class:`ContactHistory`). The merge rule, written once
+in :func:`merge_contact_counts`:
+
+* The request's history is the caller's view, complete up to its ``last_contact_at`` (the
+  *horizon*). A stored contact after the horizon cannot be in it, so it is **added**. A
+  stored contact at or before the horizon may already be counted by the caller, so per
+  channel and window the larger of the two counts is kept (**maximum**). Adding those too
+  would count twice every contact the caller learned of from the same delivery report.
+* A request without ``last_contact_at`` has no horizon: every stored contact is added (a
+  caller that sends counts without a last-contact time may be counted twice, which errs on
+  the side of contacting less, never more).
+* The last contact is the later of the two; recommendations count as contacts (the
+  service cannot know the platform did not send them) unless ``count_recommended=False``.
+
+The merged counts can still undercount only if the caller omits contacts older than its own
+last contact that the service never saw; no store can know about those.
+
+:class:`SqliteContactStore` keeps the rows in a SQLite file in WAL mode shared by every
+worker; writes go through the same group-commit writer thread as the decision journal
+(:class:`nextbest.decision_journal.GroupCommitWriter`). Rows older than the retention (the
+longest window) are pruned. A Redis or PostgreSQL store implements :class:`ContactStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from nextbest.catalog import ActionCatalog
+from nextbest.context import ContactHistory, ContextBatch
+from nextbest.decision_journal import (
+    GroupCommitWriter,
+    Synchronous,
+    epoch_us,
+    from_epoch_us,
+    open_sqlite,
+)
+
+CONTACTS_FILENAME = "contacts.db"
+"""Name of the contact store inside a service state directory."""
+ContactKind = Literal["recommended", "delivered"]
+CONTACT_KINDS: tuple[ContactKind, ...] = ("recommended", "delivered")
+"""Stored as their index: a later kind replaces an earlier one for the same contact id."""
+WINDOWS: dict[str, timedelta] = {
+    "contacts_7d": timedelta(days=7),
+    "contacts_30d": timedelta(days=30),
+}
+"""The rolling windows of :class:`~nextbest.context.ContactHistory`."""
+LONGEST_WINDOW = max(WINDOWS.values())
+HORIZON_SLACK_US = 1_000_000
+"""A stored contact up to 1 s after the caller's last contact is taken as that same contact
+(the batch form carries the last contact as float32 hours since ``now``)."""
+_US_PER_HOUR = 3_600_000_000
+
+
+@dataclass(frozen=True)
+class ContactBatch:
+    """``n`` contacts to record, as arrays.
+
+    Parameters
+    ----------
+    contact_id : sequence of str ``(n,)``
+        The decision id for a recommendation, and for a delivery of a recommended contact;
+        the platform's message id for a contact made outside the service.
+    customer_key : sequence of str ``(n,)``
+        Pseudonymised customer keys (never raw identifiers).
+    channel : sequence of str ``(n,)``
+    offer : sequence of str or None ``(n,)``
+    at_us : int64 ``(n,)`` or int
+        When the contact happens, microseconds since the epoch (UTC).
+    kind : {"recommended", "delivered"}
+    """
+
+    contact_id: Sequence[str]
+    customer_key: Sequence[str]
+    channel: Sequence[str]
+    offer: Sequence[str | None]
+    at_us: np.ndarray | int
+    kind: ContactKind
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTACT_KINDS:
+            raise ValueError(f"kind must be one of {CONTACT_KINDS}, got {self.kind!r}")
+        n = len(self.contact_id)
+        lengths = {
+            "customer_key": len(self.customer_key),
+            "channel": len(self.channel),
+            "offer": len(self.offer),
+        }
+        if np.ndim(self.at_us):
+            lengths["at_us"] = len(np.asarray(self.at_us))
+        for name, length in lengths.items():
+            if length != n:
+                raise ValueError(f"{name} has {length} rows but contact_id has {n}")
+
+    def __len__(self) -> int:
+        return len(self.contact_id)
+
+    @classmethod
+    def recommended(
+        cls,
+        decision_id: Sequence[str],
+        customer_key: Sequence[str],
+        action: np.ndarray,
+        catalog: ActionCatalog,
+        at: datetime,
+    ) -> ContactBatch:
+        """The contacts of chosen actions (no-contact decisions are not contacts).
+
+        Parameters
+        ----------
+        decision_id, customer_key : sequence of str ``(n,)``
+        action : int ``(n,)``
+            Chosen action ids.
+        catalog : ActionCatalog
+        at : datetime
+            Decision time (timezone-aware).
+        """
+        action = np.asarray(action)
+        channel_index = catalog.channel_index[action]
+        rows = np.flatnonzero(channel_index >= 0)
+        channels = np.array(catalog.channel_names, dtype=object)
+        offers = np.array(catalog.offer_names, dtype=object)
+        return cls(
+            contact_id=[decision_id[i] for i in rows],
+            customer_key=[customer_key[i] for i in rows],
+            channel=channels[channel_index[rows]].tolist(),
+            offer=offers[catalog.offer_index[action[rows]]].tolist(),
+            at_us=epoch_us(at),
+            kind="recommended",
+        )
+
+
+@dataclass(frozen=True)
+class ContactEvents:
+    """The stored contacts of ``n`` queried customers, as ``m`` events.
+
+    Attributes
+    ----------
+    n : int
+        Customers queried.
+    row : int64 ``(m,)``
+        Index of the event's customer among the queried keys.
+    channel : int64 ``(m,)``
+        Index of the channel in the store's ``channels``.
+    at_us : int64 ``(m,)``
+        Contact time, microseconds since the epoch (UTC).
+    delivered : bool ``(m,)``
+        Reported delivered (False: recommended by the service).
+    """
+
+    n: int
+    row: np.ndarray
+    channel: np.ndarray
+    at_us: np.ndarray
+    delivered: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> ContactEvents:
+        """No stored contact for any of ``n`` customers."""
+        none = np.zeros(0, np.int64)
+        return cls(n, none, none, none, np.zeros(0, bool))
+
+
+@runtime_checkable
+class ContactStore(Protocol):
+    """Where contact history lives; every worker of the service shares one.
+
+    ``record`` and ``prune`` return futures resolved once the write is durable (await them
+    with ``asyncio.wrap_future`` before answering, so the next request, on any worker, sees
+    the contact). ``contacts`` is one round trip for a whole batch of customers.
+    """
+
+    channels: tuple[str, ...]
+    """Channel names; :attr:`ContactEvents.channel` indexes this."""
+
+    def record(self, contacts: ContactBatch) -> Future[int]:
+        """Store contacts (idempotent per contact id); the future gives the rows written."""
+        ...
+
+    def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
+        """Stored contacts of ``customer_keys`` ``(n,)`` later than ``since_us``."""
+        ...
+
+    def prune(self, before_us: int) -> Future[int]:
+        """Delete contacts older than ``before_us``; the future gives the rows deleted."""
+        ...
+
+    def close(self) -> None:
+        """Flush pending writes and release resources."""
+        ...
+
+
+def merge_contact_counts(
+    contacts_7d: np.ndarray,
+    contacts_30d: np.ndarray,
+    horizon_us: np.ndarray,
+    events: ContactEvents,
+    now_us: int,
+    count_recommended: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge stored contacts into request-supplied counts (the rule of the module docstring).
+
+    ``merged[w] = max(request[w], stored_known[w]) + stored_after[w]`` per customer, channel
+    and window ``w``, where ``stored_known`` are stored contacts at or before the customer's
+    horizon (plus :data:`HORIZON_SLACK_US`) and ``stored_after`` those later.
+
+    Parameters
+    ----------
+    contacts_7d, contacts_30d : float ``(n, C)``
+        The request's counts.
+    horizon_us : float64 ``(n,)``
+        The request's last contact, microseconds since the epoch; ``-inf`` if none.
+    events : ContactEvents
+        Stored contacts of the same ``n`` customers.
+    now_us : int
+        Decision time, microseconds since the epoch.
+    count_recommended : bool
+        Count recommendations not (yet) reported delivered.
+
+    Returns
+    -------
+    contacts_7d, contacts_30d : float32 ``(n, C)``
+    stored_last_us : float64 ``(n,)``
+        Latest counted stored contact, ``-inf`` if none.
+    """
+    n, c = np.shape(contacts_30d)
+    if events.n != n:
+        raise ValueError(f"events are for {events.n} customers, the counts for {n}")
+    keep = np.ones(len(events.row), bool) if count_recommended else events.delivered.copy()
+    row, channel, at = events.row[keep], events.channel[keep], events.at_us[keep]
+    after = at > np.asarray(horizon_us, np.float64)[row] + HORIZON_SLACK_US
+    cell = row * c + channel
+    merged = []
+    for request, window in (
+        (contacts_7d, WINDOWS["contacts_7d"]),
+        (contacts_30d, WINDOWS["contacts_30d"]),
+    ):
+        inside = at > now_us - window // timedelta(microseconds=1)
+        known = np.bincount(cell[inside & ~after], minlength=n * c).reshape(n, c)
+        extra = np.bincount(cell[inside & after], minlength=n * c).reshape(n, c)
+        merged.append((np.maximum(request, known) + extra).astype(np.float32))
+    stored_last = np.full(n, -np.inf)
+    np.maximum.at(stored_last, row, at.astype(np.float64))
+    return merged[0], merged[1], stored_last
+
+
+def merge_into_batch(
+    batch: ContextBatch,
+    events: ContactEvents,
+    now: datetime,
+    catalog: ActionCatalog,
+    count_recommended: bool = True,
+) -> ContextBatch:
+    """The batch with stored contacts merged into its contact columns.
+
+    Updates ``contacts_7d``, ``contacts_30d`` (``(n, C)``), their totals and
+    ``hours_since_last_contact`` ``(n,)``; the request's last contact is
+    ``now - hours_since_last_contact``.
+
+    Parameters
+    ----------
+    batch : ContextBatch
+        ``n`` customers as the request described them, at ``now``.
+    events : ContactEvents
+        From :meth:`ContactStore.contacts` for the same customers, in the same order, with
+        channels in catalogue order.
+    now : datetime
+    catalog : ActionCatalog
+    count_recommended : bool
+    """
+    now_us = epoch_us(now)
+    hours = batch["hours_since_last_contact"].astype(np.float64)
+    known = np.isfinite(hours)
+    horizon = np.where(known, now_us - np.where(known, hours, 0.0) * _US_PER_HOUR, -np.inf)
+    c7, c30, stored_last = merge_contact_counts(
+        batch["contacts_7d"], batch["contacts_30d"], horizon, events, now_us, count_recommended
+    )
+    stored_hours = np.where(
+        np.isfinite(stored_last),
+        np.maximum(0.0, (now_us - stored_last) / _US_PER_HOUR),
+        np.inf,
+    )
+    columns = batch.columns
+    columns.update(
+        contacts_7d=c7,
+        contacts_30d=c30,
+        contacts_7d_total=c7.sum(axis=1),
+        contacts_30d_total=c30.sum(axis=1),
+        hours_since_last_contact=np.minimum(hours, stored_hours),
+    )
+    return ContextBatch.from_columns(catalog, **columns)
+
+
+def merge_contact_history(
+    history: ContactHistory,
+    events: ContactEvents,
+    row: int,
+    channels: Sequence[str],
+    now: datetime,
+    count_recommended: bool = True,
+) -> ContactHistory:
+    """One customer's request-supplied history merged with its stored contacts.
+
+    Parameters
+    ----------
+    history : ContactHistory
+        From the request.
+    events : ContactEvents
+        From :meth:`ContactStore.contacts`; the customer is ``row`` among the queried keys.
+    row : int
+    channels : sequence of str
+        The store's channels (``events.channel`` indexes them).
+    now : datetime
+    count_recommended : bool
+    """
+    index = {name: i for i, name in enumerate(channels)}
+    request = np.zeros((2, 1, len(channels)), np.float32)
+    for w, counts in enumerate((history.contacts_7d, history.contacts_30d)):
+        for name, count in counts.items():
+            request[w, 0, index[name]] = count
+    mine = events.row == row
+    one = ContactEvents(
+        1,
+        np.zeros(int(mine.sum()), np.int64),
+        events.channel[mine],
+        events.at_us[mine],
+        events.delivered[mine],
+    )
+    last = history.last_contact_at
+    horizon = np.array([-np.inf if last is None else float(epoch_us(last))])
+    c7, c30, stored_last = merge_contact_counts(
+        request[0], request[1], horizon, one, epoch_us(now), count_recommended
+    )
+    if np.isfinite(stored_last[0]):
+        stored_at = from_epoch_us(int(stored_last[0]))
+        last = stored_at if last is None else max(last, stored_at)
+    return ContactHistory(
+        contacts_7d={name: int(c7[0, i]) for name, i in index.items() if c7[0, i]},
+        contacts_30d={name: int(c30[0, i]) for name, i in index.items() if c30[0, i]},
+        last_contact_at=last,
+    )
+
+
+CONTACTS_DDL = (
+    """CREATE TABLE IF NOT EXISTS contacts (
+        contact_id TEXT PRIMARY KEY,
+        customer_key TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        offer TEXT,
+        at_us INTEGER NOT NULL,
+        kind INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS contacts_by_customer ON contacts (customer_key, at_us)",
+    "CREATE INDEX IF NOT EXISTS contacts_by_time ON contacts (at_us)",
+)
+"""The store's table (idempotent DDL): one row per contact, ``kind`` 0 recommended,
+1 delivered; ``at_us`` microseconds since the epoch (UTC)."""
+
+_UPSERT = (
+    "INSERT INTO contacts (contact_id, customer_key, channel, offer, at_us, kind) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (contact_id) DO UPDATE SET "
+    "customer_key = excluded.customer_key, channel = excluded.channel, "
+    "offer = excluded.offer, at_us = excluded.at_us, kind = excluded.kind "
+    "WHERE excluded.kind > contacts.kind"
+)
+_QUERY = (
+    "SELECT k.key, ch.key, c.at_us, c.kind "
+    "FROM json_each(?1) AS k "
+    "JOIN contacts AS c ON c.customer_key = k.value AND c.at_us > ?3 "
+    "JOIN json_each(?2) AS ch ON ch.value = c.channel"
+)
+
+
+class SqliteContactStore:
+    """:class:`ContactStore` in a SQLite file (WAL) shared by the workers of one host.
+
+    Parameters
+    ----------
+    path : path
+        The database file, or a state directory (``contacts.db`` inside it).
+    channels : sequence of str
+        Channel names in catalogue order (``catalog.channel_names``).
+    retention : timedelta
+        Contacts older than this are pruned; at least the longest window (30 days).
+    prune_every : timedelta
+        :meth:`record` also prunes when the last prune is older than this.
+    synchronous : {"NORMAL", "FULL"}
+        See :mod:`nextbest.decision_journal`.
+    busy_timeout_ms : int
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        channels: Sequence[str],
+        retention: timedelta = LONGEST_WINDOW,
+        prune_every: timedelta = timedelta(hours=1),
+        synchronous: Synchronous = "NORMAL",
+        busy_timeout_ms: int = 10_000,
+    ) -> None:
+        if retention < LONGEST_WINDOW:
+            raise ValueError(
+                f"retention ({retention}) must cover the longest window ({LONGEST_WINDOW})"
+            )
+        path = Path(path)
+        self.path = path / CONTACTS_FILENAME if path.is_dir() else path
+        self.channels = tuple(channels)
+        self.retention = retention
+        self.prune_every = prune_every
+        self._channels_json = json.dumps(self.channels)
+        self._writer = GroupCommitWriter(
+            self.path,
+            CONTACTS_DDL,
+            synchronous=synchronous,
+            busy_timeout_ms=busy_timeout_ms,
+            name="contact-store",
+        )
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._last_prune = -np.inf
+
+    def record(self, contacts: ContactBatch) -> Future[int]:
+        """Store contacts; idempotent per contact id, a delivery replaces a recommendation.
+
+        Also prunes, at most every ``prune_every``, contacts older than the retention.
+        """
+        n = len(contacts)
+        kind = CONTACT_KINDS.index(contacts.kind)
+        at = contacts.at_us
+        stamps = np.asarray(at, np.int64).tolist() if np.ndim(at) else [int(at)] * n
+        rows = list(
+            zip(
+                contacts.contact_id,
+                contacts.customer_key,
+                contacts.channel,
+                contacts.offer,
+                stamps,
+                [kind] * n,
+                strict=True,
+            )
+        )
+        now = time.time()
+        if now - self._last_prune > self.prune_every.total_seconds():
+            self._last_prune = now
+            before = int(now * 1e6) - self.retention // timedelta(microseconds=1)
+            self.prune(before)
+
+        def upsert(conn: sqlite3.Connection) -> int:
+            conn.executemany(_UPSERT, rows)
+            return n
+
+        return self._writer.submit(upsert, rows=n)
+
+    def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
+        """Stored contacts of ``customer_keys`` ``(n,)`` after ``since_us``, in one query.
+
+        Sees every write committed so far, by any process. Contacts on channels not in
+        ``channels`` (a catalogue that dropped one) are left out.
+        """
+        n = len(customer_keys)
+        if n == 0:
+            return ContactEvents.empty(0)
+        rows = (
+            self._reader()
+            .execute(_QUERY, (json.dumps(list(customer_keys)), self._channels_json, int(since_us)))
+            .fetchall()
+        )
+        if not rows:
+            return ContactEvents.empty(n)
+        arr = np.array(rows, np.int64)
+        return ContactEvents(n, arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3] == 1)
+
+    def history(self, customer_keys: Sequence[str], now: datetime) -> ContactEvents:
+        """Stored contacts of ``customer_keys`` within the longest window before ``now``."""
+        return self.contacts(customer_keys, epoch_us(now - LONGEST_WINDOW))
+
+    def prune(self, before_us: int) -> Future[int]:
+        """Delete contacts older than ``before_us``; the future gives the rows deleted."""
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM contacts WHERE at_us < ?", (int(before_us),)).rowcount
+
+        return self._writer.submit(delete)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every write submitted so far is committed."""
+        self._writer.flush(timeout)
+
+    def close(self) -> None:
+        """Commit pending writes and close every connection (idempotent)."""
+        self._writer.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # one read connection per thread (sqlite3 connections are not thread-safe)
+            conn = open_sqlite(
+                self.path,
+                busy_timeout_ms=self._busy_timeout_ms,
+                read_only=True,
+                check_same_thread=False,
+            )
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def __enter__(self) -> SqliteContactStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "CONTACTS_FILENAME",
+    "CONTACT_KINDS",
+    "LONGEST_WINDOW",
+    "WINDOWS",
+    "ContactBatch",
+    "ContactEvents",
+    "ContactStore",
+    "SqliteContactStore",
+    "merge_contact_counts",
+    "merge_contact_history",
+    "merge_into_batch",
+]

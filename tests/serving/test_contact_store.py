@@ -1,0 +1,409 @@
+"""The contact store: caps and gaps hold across workers, the merge rule, pruning."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nextbest.catalog import ActionCatalog
+from nextbest.compliance import RuleEngine
+from nextbest.context import ContactHistory, ContextBatch, parse_customer
+from nextbest.decision_journal import epoch_us
+from serving.contact_store import (
+    ContactBatch,
+    ContactEvents,
+    ContactStore,
+    SqliteContactStore,
+    merge_contact_counts,
+    merge_contact_history,
+    merge_into_batch,
+)
+
+NOW = datetime(2026, 1, 5, 4, 0, tzinfo=UTC)  # 12:00 in Asia/Shanghai, outside quiet hours
+CHANNELS = ("app_push", "sms", "wechat", "outbound_call", "relationship_manager", "branch_invite")
+
+
+def ago(days: float = 0.0, hours: float = 0.0) -> datetime:
+    return NOW - timedelta(days=days, hours=hours)
+
+
+def customer(catalog: ActionCatalog, history: dict[str, Any] | None = None) -> Any:
+    """A customer every rule lets through on every channel, with ``history``."""
+    return parse_customer(
+        {
+            "customer_id": "c-1",
+            "age": 40,
+            "aum_cny": 10_000_000.0,
+            "income_band": "high",
+            "risk_tolerance": "C5",
+            "risk_assessed_on": "2025-12-20",
+            "lifecycle_stage": "mature",
+            "tenure_months": 60,
+            "app_logins_30d": 12,
+            "consented_channels": list(catalog.channel_names),
+            "contact_history": history or {},
+        },
+        catalog,
+    )
+
+
+def contacts(
+    ids: list[str],
+    channel: str,
+    at: datetime | list[datetime],
+    key: str = "cust_a",
+    kind: str = "recommended",
+) -> ContactBatch:
+    stamps = [at] * len(ids) if isinstance(at, datetime) else at
+    return ContactBatch(
+        contact_id=ids,
+        customer_key=[key] * len(ids),
+        channel=[channel] * len(ids),
+        offer=[None] * len(ids),
+        at_us=np.array([epoch_us(t) for t in stamps]),
+        kind=kind,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path, catalog: ActionCatalog) -> Iterator[SqliteContactStore]:
+    with SqliteContactStore(tmp_path, catalog.channel_names) as s:
+        yield s
+
+
+def test_sqlite_contact_store_is_a_contact_store(store: SqliteContactStore) -> None:
+    assert isinstance(store, ContactStore)
+    assert store.channels == CHANNELS
+
+
+def _blocking_rules(
+    engine: RuleEngine, catalog: ActionCatalog, batch: ContextBatch, channel: str
+) -> set[str | None]:
+    verdict = engine.evaluate(batch)
+    return {verdict.blocking_rule(0, a.id) for a in catalog.actions if a.channel == channel}
+
+
+def test_channel_cap_holds_across_two_store_instances(
+    tmp_path: Path, catalog: ActionCatalog, engine: RuleEngine
+) -> None:
+    with (
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_1,
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_2,
+    ):
+        # sms cap is 2 a week; the two contacts are 3 and 4 days old (no gap rule fires)
+        worker_1.record(contacts(["d1"], "sms", ago(days=3))).result()
+        worker_1.record(contacts(["d2"], "sms", ago(days=4))).result()
+        batch = ContextBatch.from_contexts([customer(catalog)], catalog, NOW)
+
+        before = _blocking_rules(engine, catalog, batch, "sms")
+        events = worker_2.history(["cust_a"], NOW)
+        after = _blocking_rules(
+            engine, catalog, merge_into_batch(batch, events, NOW, catalog), "sms"
+        )
+
+    assert before == {None}
+    assert after == {"contact_cap_channel_7d"}
+
+
+def test_minimum_gap_holds_across_two_store_instances(
+    tmp_path: Path, catalog: ActionCatalog, engine: RuleEngine
+) -> None:
+    with (
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_1,
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_2,
+    ):
+        worker_1.record(contacts(["d1"], "app_push", ago(hours=2))).result()
+        batch = ContextBatch.from_contexts([customer(catalog)], catalog, NOW)
+        merged = merge_into_batch(batch, worker_2.history(["cust_a"], NOW), NOW, catalog)
+
+    assert merged["hours_since_last_contact"][0] == pytest.approx(2.0)
+    assert _blocking_rules(engine, catalog, merged, "wechat") == {"min_contact_gap"}
+    assert engine.allowed_mask(merged)[0].sum() == 1  # only no-contact is left
+
+
+def test_contacts_one_query_for_a_batch(store: SqliteContactStore) -> None:
+    keys = [f"cust_{i}" for i in range(500)]
+    store.record(
+        ContactBatch(keys, keys, ["sms"] * 500, [None] * 500, epoch_us(ago(days=1)), "delivered")
+    ).result()
+    statements: list[str] = []
+    store._reader().set_trace_callback(statements.append)
+
+    events = store.history(keys[::-1], NOW)
+
+    assert sum(s.lstrip().upper().startswith("SELECT") for s in statements) == 1
+    assert events.n == 500
+    np.testing.assert_array_equal(np.sort(events.row), np.arange(500))
+    assert (events.channel == CHANNELS.index("sms")).all()
+    assert events.delivered.all()
+
+
+def test_contacts_of_unknown_customers_and_old_contacts_are_empty(
+    store: SqliteContactStore,
+) -> None:
+    store.record(contacts(["old"], "sms", ago(days=31))).result()
+    events = store.history(["cust_a", "cust_b"], NOW)
+    assert events.n == 2
+    assert len(events.row) == 0
+    assert store.history([], NOW).n == 0
+
+
+def test_delivery_replaces_its_recommendation(store: SqliteContactStore) -> None:
+    store.record(contacts(["d1"], "sms", ago(days=2))).result()
+    store.record(contacts(["d1"], "sms", ago(days=1), kind="delivered")).result()
+    store.record(contacts(["d1"], "sms", ago(days=3))).result()  # a retried recommendation
+
+    events = store.history(["cust_a"], NOW)
+
+    assert len(events.row) == 1
+    assert events.delivered[0]
+    assert events.at_us[0] == epoch_us(ago(days=1))
+
+
+def test_contacts_on_channels_the_store_does_not_know_are_left_out(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    with SqliteContactStore(tmp_path, ["fax", *catalog.channel_names]) as old:
+        old.record(contacts(["d1"], "fax", ago(days=1))).result()
+        old.record(contacts(["d2"], "sms", ago(days=1))).result()
+    with SqliteContactStore(tmp_path, catalog.channel_names) as store:
+        events = store.history(["cust_a"], NOW)
+    assert events.channel.tolist() == [CHANNELS.index("sms")]
+
+
+def test_recommended_contacts_of_decisions_skip_no_contact(catalog: ActionCatalog) -> None:
+    sms = next(a for a in catalog.actions if a.channel == "sms")
+    batch = ContactBatch.recommended(
+        ["d0", "d1", "d2"], ["k0", "k1", "k2"], np.array([0, sms.id, 0]), catalog, NOW
+    )
+    assert list(batch.contact_id) == ["d1"]
+    assert list(batch.channel) == ["sms"]
+    assert list(batch.offer) == [sms.offer]
+    assert batch.kind == "recommended"
+
+
+def test_contact_batch_bad_arrays_refused() -> None:
+    with pytest.raises(ValueError, match="channel has 1 rows"):
+        ContactBatch(["a", "b"], ["k", "k"], ["sms"], [None, None], 0, "delivered")
+    with pytest.raises(ValueError, match="kind"):
+        ContactBatch(["a"], ["k"], ["sms"], [None], 0, "sent")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the merge rule
+
+
+def _events(*contacts_: tuple[str, datetime, bool]) -> ContactEvents:
+    """Stored contacts of one customer: (channel, at, delivered)."""
+    m = len(contacts_)
+    return ContactEvents(
+        1,
+        np.zeros(m, np.int64),
+        np.array([CHANNELS.index(c) for c, _, _ in contacts_], np.int64),
+        np.array([epoch_us(t) for _, t, _ in contacts_], np.int64),
+        np.array([d for _, _, d in contacts_], bool),
+    )
+
+
+MERGES = [
+    # (request history, stored contacts, count_recommended, sms 7d, sms 30d, last contact)
+    pytest.param({}, [], True, 0, 0, None, id="nothing"),
+    pytest.param(
+        {},
+        [("sms", ago(days=1), True), ("sms", ago(days=10), False)],
+        True,
+        1,
+        2,
+        ago(days=1),
+        id="stored-only, by window",
+    ),
+    pytest.param(
+        {"contacts_7d": {"sms": 1}, "contacts_30d": {"sms": 1}, "last_contact_at": ago(days=2)},
+        [("sms", ago(days=2), True)],
+        True,
+        1,
+        1,
+        ago(days=2),
+        id="the same contact in both: counted once",
+    ),
+    pytest.param(
+        {"contacts_7d": {"sms": 1}, "contacts_30d": {"sms": 1}, "last_contact_at": ago(days=2)},
+        [("sms", ago(days=1), False)],
+        True,
+        2,
+        2,
+        ago(days=1),
+        id="stored after the caller's last contact: added",
+    ),
+    pytest.param(
+        {"contacts_7d": {"sms": 1}, "contacts_30d": {"sms": 3}, "last_contact_at": ago(days=2)},
+        [("sms", ago(days=5), True), ("sms", ago(days=6), True)],
+        True,
+        2,
+        3,
+        ago(days=2),
+        id="stored before the caller's last contact: maximum",
+    ),
+    pytest.param(
+        {"contacts_7d": {"sms": 1}, "contacts_30d": {"sms": 1}},
+        [("sms", ago(days=1), True)],
+        True,
+        2,
+        2,
+        ago(days=1),
+        id="counts without a last contact: added (errs towards fewer contacts)",
+    ),
+    pytest.param(
+        {},
+        [("sms", ago(days=1), False), ("sms", ago(days=3), True)],
+        False,
+        1,
+        1,
+        ago(days=3),
+        id="recommendations not counted when asked",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_history", "stored", "count_recommended", "sms_7d", "sms_30d", "last"), MERGES
+)
+def test_merge_contact_history(
+    request_history: dict[str, Any],
+    stored: list[tuple[str, datetime, bool]],
+    count_recommended: bool,
+    sms_7d: int,
+    sms_30d: int,
+    last: datetime | None,
+) -> None:
+    merged = merge_contact_history(
+        ContactHistory(**request_history), _events(*stored), 0, CHANNELS, NOW, count_recommended
+    )
+    assert merged.contacts_7d.get("sms", 0) == sms_7d
+    assert merged.contacts_30d.get("sms", 0) == sms_30d
+    assert merged.last_contact_at == last
+
+
+@pytest.mark.parametrize(
+    ("request_history", "stored", "count_recommended", "sms_7d", "sms_30d", "last"), MERGES
+)
+def test_merge_into_batch_follows_the_same_rule(
+    catalog: ActionCatalog,
+    request_history: dict[str, Any],
+    stored: list[tuple[str, datetime, bool]],
+    count_recommended: bool,
+    sms_7d: int,
+    sms_30d: int,
+    last: datetime | None,
+) -> None:
+    history = {**request_history}
+    if "last_contact_at" in history:
+        history["last_contact_at"] = history["last_contact_at"].isoformat()
+    batch = ContextBatch.from_contexts([customer(catalog, history)], catalog, NOW)
+
+    merged = merge_into_batch(batch, _events(*stored), NOW, catalog, count_recommended)
+
+    sms = CHANNELS.index("sms")
+    assert merged["contacts_7d"][0, sms] == sms_7d
+    assert merged["contacts_30d"][0, sms] == sms_30d
+    assert merged["contacts_7d_total"][0] == sms_7d
+    expected_hours = np.inf if last is None else (NOW - last) / timedelta(hours=1)
+    assert merged["hours_since_last_contact"][0] == pytest.approx(expected_hours, rel=1e-5)
+
+
+def test_merge_into_batch_random_customers_agrees_with_one_at_a_time(
+    catalog: ActionCatalog,
+) -> None:
+    rng = np.random.default_rng(7)
+    n, m = 40, 300
+    events = ContactEvents(
+        n,
+        rng.integers(0, n, m),
+        rng.integers(0, len(CHANNELS), m),
+        np.array([epoch_us(ago(days=d)) for d in rng.uniform(0, 29, m)]),
+        rng.random(m) < 0.5,
+    )
+    histories = []
+    for i in range(n):
+        c30 = {ch: int(k) for ch, k in zip(CHANNELS, rng.integers(0, 3, 6), strict=True) if k}
+        c7 = {ch: min(k, int(rng.integers(0, 2))) for ch, k in c30.items()}
+        last = ago(days=float(rng.uniform(0, 20))) if i % 3 else None
+        histories.append(
+            {
+                "contacts_7d": c7,
+                "contacts_30d": c30,
+                "last_contact_at": None if last is None else last.isoformat(),
+            }
+        )
+    batch = ContextBatch.from_contexts([customer(catalog, h) for h in histories], catalog, NOW)
+
+    merged = merge_into_batch(batch, events, NOW, catalog)
+
+    for i, history in enumerate(histories):
+        one = merge_contact_history(ContactHistory(**history), events, i, CHANNELS, NOW)
+        expected = ContextBatch.from_contexts(
+            [customer(catalog, one.model_dump(mode="json"))], catalog, NOW
+        )
+        for column in ("contacts_7d", "contacts_30d", "contacts_30d_total"):
+            np.testing.assert_array_equal(merged[column][i], expected[column][0])
+        np.testing.assert_allclose(
+            merged["hours_since_last_contact"][i],
+            expected["hours_since_last_contact"][0],
+            rtol=1e-5,
+        )
+
+
+def test_merge_contact_counts_events_of_another_batch_refused() -> None:
+    with pytest.raises(ValueError, match="events are for 2 customers"):
+        merge_contact_counts(
+            np.zeros((1, 6)),
+            np.zeros((1, 6)),
+            np.array([-np.inf]),
+            ContactEvents.empty(2),
+            epoch_us(NOW),
+        )
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def test_prune_deletes_only_contacts_older_than_the_cut(store: SqliteContactStore) -> None:
+    store.record(contacts(["old1", "old2"], "sms", ago(days=40))).result()
+    store.record(contacts(["new"], "sms", ago(days=29))).result()
+
+    deleted = store.prune(epoch_us(ago(days=30))).result()
+
+    assert deleted == 2
+    assert len(store.contacts(["cust_a"], 0).row) == 1
+
+
+def test_record_prunes_rows_past_the_retention(tmp_path: Path, catalog: ActionCatalog) -> None:
+    long_ago = datetime.now(UTC) - timedelta(days=45)
+    with SqliteContactStore(tmp_path, catalog.channel_names, prune_every=timedelta(0)) as store:
+        store.record(contacts(["old"], "sms", long_ago)).result()
+        store.record(contacts(["new"], "sms", datetime.now(UTC))).result()
+        store.flush()
+        assert store.contacts(["cust_a"], 0).row.tolist() == [0]
+
+
+def test_retention_shorter_than_the_longest_window_refused(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    with pytest.raises(ValueError, match="longest window"):
+        SqliteContactStore(tmp_path, catalog.channel_names, retention=timedelta(days=7))
+
+
+def test_contact_store_writes_survive_reopen(tmp_path: Path, catalog: ActionCatalog) -> None:
+    with SqliteContactStore(tmp_path, catalog.channel_names) as store:
+        future = store.record(contacts(["d1", "d2"], "wechat", ago(days=1)))
+    assert future.result() == 2
+    with SqliteContactStore(tmp_path, catalog.channel_names) as store:
+        assert len(store.history(["cust_a"], NOW).row) == 2
+    conn = sqlite3.connect(tmp_path / "contacts.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
