@@ -258,9 +258,7 @@ def simulate(
     )
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"simulating {customers:,} customers", total=days)
-        summary = simulate_log(
-            recipe, cat, engine, out, on_day=lambda _day: progress.advance(task)
-        )
+        summary = simulate_log(recipe, cat, engine, out, on_day=lambda _day: progress.advance(task))
     rows = summary.table()
     table = Table(title=f"{world.name}: {policy.value} (epsilon {epsilon:g}), {days} days")
     headers = {
@@ -310,13 +308,26 @@ def evaluate(
     alpha: Annotated[float, typer.Option(min=0.001, max=0.5, help="1 - confidence level.")] = 0.05,
     bootstrap: Annotated[int, typer.Option(min=10, help="Bootstrap resamples.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Also evaluate a model acting greedily over the allowed actions: an .onnx "
+            "file or models:/<name>@<alias> (DM, DR and Switch-DR then use its scores)."
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str, typer.Option(help="MLflow tracking URI for models:/ URIs.")
+    ] = "sqlite:///mlflow.db",
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
 ) -> None:
     """Off-policy evaluation of target policies on a decision log (IPS and SNIPS with
-    bootstrap intervals); prints the OPE table."""
+    bootstrap intervals, and DM/DR/Switch-DR for a --model); prints the OPE table."""
     from nextbest.decision_log import DecisionLogError
+    from nextbest.model_source import ModelSourceError, resolve_model
+    from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
     from training.evaluation import BASELINE_POLICIES, baseline_action_dist, ope_table
     from training.logged_data import load_logged_bandit
+    from training.neural_bandit import greedy_policy
     from training.ope import OpeInputError
 
     try:
@@ -342,8 +353,26 @@ def evaluate(
         if not policy and log.logging_dist is None:
             names = [name for name in names if name != "logging"]  # no logged distribution
         dists = {name: baseline_action_dist(name, log) for name in names}
-        rows = ope_table(log, dists, alpha=alpha, n_bootstrap_samples=bootstrap, seed=seed)
-    except (DecisionLogError, OpeInputError, ValueError) as exc:
+        scores = None
+        if model is not None:
+            resolved = resolve_model(model, tracking_uri)
+            scorer = OnnxScorer(resolved.path)
+            if scorer.spec_version != log.feature_spec_version:
+                raise ModelSpecError(
+                    f"model {model!r} reads features {scorer.spec_version}, the log has "
+                    f"{log.feature_spec_version}"
+                )
+            scores = scorer.scores(log.context).astype(np.float64)
+            dists = {f"model {resolved.version}": greedy_policy(scores, log.candidates), **dists}
+        rows = ope_table(
+            log,
+            dists,
+            estimated_rewards=scores,
+            alpha=alpha,
+            n_bootstrap_samples=bootstrap,
+            seed=seed,
+        )
+    except (DecisionLogError, OpeInputError, ModelSourceError, ValueError) as exc:
         console.print(f"[bold red]cannot evaluate[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     _print_ope_table(
@@ -449,6 +478,68 @@ def train(
     )
     if result.violations:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def export(
+    model: Annotated[
+        str, typer.Option(help="An .onnx file or models:/<name>@<alias> (or /<version>).")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the .onnx file (spec beside it).")],
+    tracking_uri: Annotated[
+        str, typer.Option(help="MLflow tracking URI for models:/ URIs.")
+    ] = "sqlite:///mlflow.db",
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+) -> None:
+    """Export a scoring model for deployment: fetch it (from the registry or a file), check
+    it reads this catalogue's features and scores every action in ONNX Runtime, and write
+    the .onnx file with its feature spec beside it (for a service without registry access)."""
+    import json
+
+    import onnx
+
+    from nextbest.features import ContextEncoder
+    from nextbest.model_source import ModelSourceError, resolve_model
+    from nextbest.onnx_scoring import ModelSpecError, OnnxScorer, spec_path
+    from nextbest.synthetic import random_context_batch
+
+    try:
+        cat = load_catalog(catalog_dir)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    if out.suffix != ".onnx":
+        console.print(f"[bold red]bad --out[/] {escape(str(out))}: must end in .onnx")
+        raise typer.Exit(code=2)
+    encoder = ContextEncoder(cat)
+    try:
+        resolved = resolve_model(model, tracking_uri)
+        scorer = OnnxScorer(resolved.path)
+        if scorer.spec_version != encoder.spec.version:
+            raise ModelSpecError(
+                f"model {model!r} reads features {scorer.spec_version}; this catalogue and "
+                f"encoder make {encoder.spec.version}: retrain on a log of this catalogue"
+            )
+        probe = encoder.encode(random_context_batch(cat, 1000, np.random.default_rng(0)))
+        scores = scorer.scores(probe)
+        if scores.shape != (1000, cat.n_actions) or not np.isfinite(scores).all():
+            raise ModelSpecError(
+                f"model {model!r} gives scores of shape {scores.shape} (finite: "
+                f"{bool(np.isfinite(scores).all())}), expected (1000, {cat.n_actions}) finite"
+            )
+    except (ModelSourceError, ModelSpecError) as exc:
+        console.print(f"[bold red]cannot export[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".onnx.partial")
+    # one self-contained file: registry artifacts may keep weights in external data files
+    onnx.save(onnx.load(str(resolved.path)), str(partial))
+    partial.replace(out)  # atomic: a service watching the path never reads half a file
+    spec_path(out).write_text(json.dumps(scorer.spec, indent=2))
+    console.print(
+        f"exported {escape(resolved.version)} ({scorer.model_kind}, features "
+        f"{scorer.spec_version}, {cat.n_actions} actions) to {out}"
+    )
 
 
 @app.command()

@@ -54,7 +54,10 @@ def register_onnx(onnx_path: Path, registered_model: str, spec_path: Path) -> tu
     """Log the ONNX model (with its feature spec) in the active run, register it and give it
     the ``challenger`` alias. Returns (model version, model URI)."""
     info = mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)), name="model", registered_model_name=registered_model
+        onnx.load(str(onnx_path)),
+        name="model",
+        registered_model_name=registered_model,
+        save_as_external_data=False,  # one self-contained .onnx file for the service
     )
     mlflow.log_artifact(str(spec_path), artifact_path="model_spec")
     version = str(info.registered_model_version)

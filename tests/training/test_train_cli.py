@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -164,3 +165,83 @@ def test_train_replay_refuses_log_that_differs_from_recipe(
     result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, copy))])
     assert result.exit_code == 2
     assert "does not match its simulation recipe" in " ".join(result.output.split())
+
+
+def test_evaluate_registered_model_prints_dr_row(trained_run, sim_log) -> None:
+    tmp, result = trained_run
+    assert result.exit_code == 0, result.output
+    out = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--logs",
+            str(sim_log),
+            "--model",
+            "models:/nextbest@challenger",
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            "--bootstrap",
+            "20",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert re.search(r"model nextbest/\d+", out.output), out.output
+    for estimator in ("ips", "snips", "dm", "dr", "switch-dr"):
+        assert estimator in out.output
+
+
+def test_evaluate_unknown_alias_names_it(trained_run, sim_log) -> None:
+    tmp, _ = trained_run
+    out = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--logs",
+            str(sim_log),
+            "--model",
+            "models:/nextbest@nosuchalias",
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+        ],
+    )
+    assert out.exit_code == 2
+    assert "nosuchalias" in out.output
+
+
+def test_export_registered_model_scores_like_the_run(trained_run, tmp_path: Path) -> None:
+    tmp, result = trained_run
+    assert result.exit_code == 0, result.output
+    target = tmp_path / "deploy" / "model.onnx"
+    out = runner.invoke(
+        app,
+        [
+            "export",
+            "--model",
+            "models:/nextbest@challenger",
+            "--out",
+            str(target),
+            "--tracking-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "deploy" / "model.spec.json").exists()
+    exported = OnnxScorer(target)
+    original = OnnxScorer(next((tmp / "models").glob("*.onnx")))
+    context = np.random.default_rng(0).normal(size=(64, len(exported.spec["context_names"])))
+    np.testing.assert_array_equal(exported.scores(context), original.scores(context))
+
+
+def test_export_model_of_another_feature_spec_refused(tmp_path: Path, catalog) -> None:
+    from nextbest.features import ContextEncoder
+    from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
+
+    spec = ContextEncoder(catalog).spec
+    stale = type(spec)(spec.context_names[:-1], spec.action_names, spec.catalog_version)
+    weights = np.zeros((stale.n_context, catalog.n_actions), np.float32)
+    model = linear_scoring_model(weights, np.zeros(catalog.n_actions, np.float32), stale, "test")
+    path = save_scoring_model(model, tmp_path / "stale.onnx", stale, "test")
+    out = runner.invoke(app, ["export", "--model", str(path), "--out", str(tmp_path / "x.onnx")])
+    assert out.exit_code == 2
+    assert "reads features" in out.output
+    assert not (tmp_path / "x.onnx").exists()

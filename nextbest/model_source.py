@@ -1,0 +1,123 @@
+"""Where a scoring model comes from: a local ONNX file or the MLflow model registry.
+
+One resolver for everything that loads a model (``nextbest evaluate --model``, ``nextbest
+export`` and the scoring service): ``models:/<name>@<alias>``, ``models:/<name>/<version>``
+and ``runs:/<run id>/<path>`` are downloaded from the tracking server given (MLflow is
+imported only then); anything else is a path to an ``.onnx`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
+_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+
+
+class ModelSourceError(ValueError):
+    """A model URI that cannot be resolved to an ONNX file (names the URI and the reason)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI pinned to one ONNX file."""
+
+    uri: str
+    """What the caller asked for (``models:/nextbest@champion`` or a path)."""
+    path: Path
+    """The local ``.onnx`` file."""
+    version: str
+    """``<name>/<version>`` for registry models, ``file:<sha256 prefix>`` for local files."""
+
+
+def is_registry_uri(uri: str) -> bool:
+    """Whether ``uri`` names a model in an MLflow tracking server."""
+    return uri.startswith(REGISTRY_SCHEMES)
+
+
+def resolve_model(
+    uri: str, tracking_uri: str | None = None, download_dir: str | Path | None = None
+) -> ResolvedModel:
+    """Pin ``uri`` to a local ONNX file.
+
+    An alias is resolved to its version first, so the file and the version reported belong
+    together even if the alias moves during the download.
+
+    Raises
+    ------
+    ModelSourceError
+        Unknown model, alias or version, an unreachable tracking server, a missing file, or
+        an artifact without exactly one ``.onnx`` file.
+    """
+    if not is_registry_uri(uri):
+        path = Path(uri)
+        if not path.is_file():
+            raise ModelSourceError(f"model {uri!r}: no such file")
+        return ResolvedModel(uri, path, f"file:{_file_digest(path)}")
+    import mlflow
+    from mlflow import MlflowClient
+
+    # the registry lives with the tracking store given (not a process-wide registry URI)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        pinned, version = _pin(client, uri)
+        if pinned.startswith("models:/"):
+            # the artifact location itself: models:/ downloads consult the process-wide
+            # registry URI, not the one given here
+            name, number = pinned.removeprefix("models:/").split("/")
+            pinned = client.get_model_version_download_uri(name, number)
+        target = Path(download_dir or tempfile.mkdtemp(prefix="nextbest-model-"))
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=pinned, dst_path=str(target), tracking_uri=tracking_uri
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise ModelSourceError(f"model {uri!r}: {exc.message}") from exc
+    local_path = Path(local)
+    files = [local_path] if local_path.is_file() else sorted(local_path.rglob("*.onnx"))
+    if len(files) != 1 or files[0].suffix != ".onnx":
+        raise ModelSourceError(
+            f"model {uri!r}: expected one .onnx file in the artifact, found {len(files)}"
+        )
+    return ResolvedModel(uri, files[0], version)
+
+
+def registry_version(uri: str, tracking_uri: str | None = None) -> str:
+    """The ``<name>/<version>`` a registry URI points at now (cheap: no download)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        return _pin(client, uri)[1]
+    except mlflow.exceptions.MlflowException as exc:
+        raise ModelSourceError(f"model {uri!r}: {exc.message}") from exc
+
+
+def _pin(client, uri: str) -> tuple[str, str]:
+    """(download URI with an explicit version, ``<name>/<version>``)."""
+    alias = _ALIAS.match(uri)
+    if alias:
+        mv = client.get_model_version_by_alias(alias["name"], alias["alias"])
+        return f"models:/{alias['name']}/{mv.version}", f"{alias['name']}/{mv.version}"
+    exact = _VERSION.match(uri)
+    if exact:
+        mv = client.get_model_version(exact["name"], exact["version"])
+        return uri, f"{exact['name']}/{mv.version}"
+    if uri.startswith("runs:/"):
+        return uri, uri.removeprefix("runs:/").split("/", 1)[0]
+    raise ModelSourceError(
+        f"model {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or runs:/..."
+    )
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
