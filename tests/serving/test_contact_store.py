@@ -382,6 +382,17 @@ def test_prune_deletes_only_contacts_older_than_the_cut(store: SqliteContactStor
     assert len(store.contacts(["cust_a"], 0).row) == 1
 
 
+def test_prune_walks_the_table_in_chunks(
+    store: SqliteContactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serving.contact_store._PRUNE_CHUNK_ROWS", 3)
+    stamps = [ago(days=40 if i % 2 else 1) for i in range(11)]
+    store.record(contacts([f"d{i}" for i in range(11)], "sms", stamps)).result()
+
+    assert store.prune(epoch_us(ago(days=30))).result() == 5
+    assert len(store.contacts(["cust_a"], 0).row) == 6
+
+
 def test_record_prunes_rows_past_the_retention(tmp_path: Path, catalog: ActionCatalog) -> None:
     long_ago = datetime.now(UTC) - timedelta(days=45)
     with SqliteContactStore(tmp_path, catalog.channel_names, prune_every=timedelta(0)) as store:
