@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from nextbest.config_loading import StrictModel, load_model
 
@@ -44,6 +44,78 @@ class NeuralBanditSpec(StrictModel):
                 f"dr_warmup_epochs ({self.dr_warmup_epochs}) must be below epochs ({self.epochs})"
             )
         return self
+
+
+VW_SHARED_NAMESPACE = "x"
+"""VW namespace of the customer-context features (the shared line of each decision)."""
+VW_ACTION_NAMESPACES = {
+    "c": "channel one-hot",
+    "o": "offer one-hot",
+    "t": "timing-slot one-hot",
+    "p": "no-contact flag and offer/channel attributes (risk, credit, HNW, log value, log cost)",
+    "a": "action identity (one feature per catalogue id)",
+}
+"""VW namespaces of the per-action features (one ADF line per allowed action)."""
+
+
+class VwBanditSpec(StrictModel):
+    """The Vowpal Wabbit ``--cb_explore_adf`` learner (see ``training.vw_bandit``).
+
+    Every decision is a multi-line ADF example: a shared line with the context features in
+    namespace ``x`` and one line per allowed action with its features in namespaces ``c``
+    (channel), ``o`` (offer), ``t`` (timing), ``p`` (attributes) and ``a`` (identity).
+    """
+
+    exploration: Literal["epsilon", "squarecb", "bag", "softmax"] = "epsilon"
+    """VW's exploration over the allowed actions when it acts itself; ``bag`` also changes
+    learning (bootstrapped models, the exported score is their mean)."""
+    epsilon: float = Field(default=0.05, ge=0.0, le=1.0)
+    """``--epsilon``: uniform exploration share (``epsilon`` and ``bag``)."""
+    gamma_scale: float = Field(default=10.0, gt=0.0)
+    """``--gamma_scale`` of ``squarecb`` (larger: greedier)."""
+    bag: int = Field(default=5, ge=2)
+    """``--bag``: number of bootstrapped models (``bag``)."""
+    softmax_lambda: float = Field(default=1.0, gt=0.0)
+    """``--lambda`` of ``softmax`` (inverse temperature over VW's costs)."""
+    cb_type: Literal["mtr", "ips", "dr", "dm"] = "mtr"
+    """``--cb_type``: ``mtr``, ``ips`` and ``dr`` weight by the logged propensity (``pscore``);
+    ``dm`` regresses the logged cost unweighted and needs no propensities."""
+    learning_rate: float = Field(default=0.5, gt=0.0)
+    """``-l``: VW's learning rate (adaptive, normalised updates)."""
+    power_t: float = Field(default=0.5, ge=0.0)
+    """``--power_t``: decay exponent of the learning rate."""
+    l2: float = Field(default=0.0, ge=0.0)
+    """``--l2``: L2 regularisation per example."""
+    passes: int = Field(default=1, ge=1)
+    """``--passes`` over the training log (more than 1 uses a VW cache file, holdout off)."""
+    bits: int = Field(default=18, ge=10, le=28)
+    """``-b``: log2 of the weight-table size; features and interactions are hashed into it."""
+    interactions: tuple[str, ...] = ("xc", "xo", "xt", "xp")
+    """``-q`` pairs of namespaces; each must keep the score linear in the context: context
+    (``x``) with an action namespace, or two different action namespaces."""
+    constant: bool = True
+    """Learn a constant (bias) feature; False passes ``--noconstant``."""
+    cost_scale_cny: float | None = Field(default=None, gt=0.0)
+    """CNY per unit of VW cost (``cost = -reward / cost_scale_cny``); None: the standard
+    deviation of the training rewards. Scores are returned in CNY either way."""
+    seed: int = 0
+    """``--random_seed`` (bag's bootstrap draws)."""
+
+    @field_validator("interactions")
+    @classmethod
+    def _linear_interactions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = {VW_SHARED_NAMESPACE, *VW_ACTION_NAMESPACES}
+        for pair in value:
+            if len(pair) != 2 or not set(pair) <= known:
+                raise ValueError(
+                    f"{pair!r} must be two namespace letters from {''.join(sorted(known))}"
+                )
+            if pair[0] == pair[1]:
+                raise ValueError(f"{pair!r} pairs a namespace with itself")
+        pairs = [frozenset(p) for p in value]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"lists an interaction twice: {list(value)}")
+        return value
 
 
 class RewardSpec(StrictModel):
@@ -93,10 +165,12 @@ class ExportSpec(StrictModel):
 class TrainingConfig(StrictModel):
     """A training job: data, learner, acting policy, evaluation, tracking, export."""
 
-    learner: Literal["neural_bandit"]
+    learner: Literal["neural_bandit", "vw_bandit"]
+    """Which learner the job trains: its section (``neural_bandit`` or ``vw_bandit``) applies."""
     data: DataSpec
     reward: RewardSpec = RewardSpec()
     neural_bandit: NeuralBanditSpec = NeuralBanditSpec()
+    vw_bandit: VwBanditSpec = VwBanditSpec()
     policy: PolicySpec = PolicySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     tracking: TrackingSpec = TrackingSpec()
