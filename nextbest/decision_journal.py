@@ -618,6 +618,46 @@ class DecisionBatch:
         return len(self.decision_id)
 
     @classmethod
+    def from_mask(
+        cls,
+        allowed: np.ndarray,
+        action_dist: np.ndarray | None,
+        action: np.ndarray,
+        **fields: Any,
+    ) -> DecisionBatch:
+        """Decisions from dense per-action arrays, as a scorer produces them.
+
+        Parameters
+        ----------
+        allowed : bool ``(n, A)``
+            Actions the rules allowed (the candidates); every row needs one.
+        action_dist : float ``(n, A)`` or None
+            Probability of each action (0 where not allowed); only allowed entries are kept.
+        action : int ``(n,)``
+            Chosen actions.
+        **fields
+            The other fields of :class:`DecisionBatch` (``pscore`` defaults to the chosen
+            action's probability when ``action_dist`` is given).
+        """
+        allowed = np.asarray(allowed, bool)
+        rows, candidates = np.nonzero(allowed)
+        offsets = np.zeros(len(allowed) + 1, np.int64)
+        np.cumsum(allowed.sum(axis=1), out=offsets[1:])
+        dist = None
+        if action_dist is not None:
+            dist = np.asarray(action_dist, np.float32)[rows, candidates]
+            fields.setdefault(
+                "pscore", np.asarray(action_dist, np.float64)[np.arange(len(action)), action]
+            )
+        return cls(
+            candidate_offsets=offsets,
+            candidate_actions=candidates.astype(np.int32),
+            action=np.asarray(action, np.int32),
+            action_dist=dist,
+            **{"pscore": None, **fields},
+        )
+
+    @classmethod
     def from_table(cls, table: pa.Table) -> DecisionBatch:
         """The decisions of a table in :data:`~nextbest.decision_log.DECISION_SCHEMA`
         (outcome columns ignored; one value of each version column expected)."""
@@ -798,9 +838,10 @@ class JournalWriter:
 
     Examples
     --------
-    >>> writer = JournalWriter(state_dir, RewardRule.from_catalog(catalog, 300.0))
-    >>> await asyncio.wrap_future(writer.submit(batch))      # doctest: +SKIP
-    >>> writer.close()                                       # doctest: +SKIP
+    In an asyncio handler, acknowledge only once the decisions are durable::
+
+        writer = JournalWriter(state_dir, RewardRule.from_catalog(catalog, 300.0))
+        await asyncio.wrap_future(writer.submit(batch))
     """
 
     def __init__(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -82,7 +83,7 @@ def make_batch(
 
 
 @pytest.fixture
-def journal(tmp_path: Path) -> JournalWriter:
+def journal(tmp_path: Path) -> Iterator[JournalWriter]:
     writer = JournalWriter(tmp_path, RULE)
     yield writer
     writer.close()
@@ -320,6 +321,32 @@ def test_decision_batch_bad_arrays_refused(override: dict, match: str) -> None:
     fields = {name: getattr(good, name) for name in good.__dataclass_fields__}
     with pytest.raises(ValueError, match=match):
         DecisionBatch(**{**fields, **override})
+
+
+def test_decision_batch_from_mask_keeps_allowed_actions(journal: JournalWriter) -> None:
+    allowed = np.array([[True, False, True, False, False], [False, True, True, True, False]])
+    dist = np.array([[0.25, 0, 0.75, 0, 0], [0, 0.5, 0.25, 0.25, 0]])
+    batch = DecisionBatch.from_mask(
+        allowed,
+        dist,
+        np.array([2, 1]),
+        decision_id=["a", "b"],
+        timestamp_us=epoch_us(T0),
+        customer_key=["k1", "k2"],
+        context=np.zeros((2, N_FEATURES), np.float32),
+        policy="p",
+        model_version="m",
+        ruleset_version="r",
+        catalog_version="c",
+        feature_spec_version="f",
+    )
+    journal.submit(batch).result()
+
+    table = validate_decisions(read_journal(journal.path), n_actions=N_ACTIONS)
+
+    assert table.column("candidate_actions").to_pylist() == [[0, 2], [1, 2, 3]]
+    assert table.column("action_dist").to_pylist() == [[0.25, 0.75], [0.5, 0.25, 0.25]]
+    assert table.column("pscore").to_pylist() == [0.75, 0.5]
 
 
 def test_submit_duplicate_decision_id_fails_only_its_batch(journal: JournalWriter) -> None:
