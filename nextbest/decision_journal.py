@@ -37,6 +37,10 @@ OOM kill), but the last transactions before a power loss or kernel crash may be 
 (the database itself stays consistent). ``synchronous=FULL`` fsyncs the WAL on every commit
 and survives power loss too, at the cost of one fsync per group (milliseconds on most
 disks; group commit amortises it over everything queued meanwhile).
+
+Committed data lives partly in ``journal.db-wal`` until the next checkpoint: copy a live
+journal with ``sqlite3 journal.db ".backup copy.db"``, not ``cp journal.db``. Open writers
+after the worker processes are forked, never before (a connection must not cross a fork).
 """
 
 from __future__ import annotations
@@ -662,13 +666,7 @@ class DecisionBatch:
         """The decisions of a table in :data:`~nextbest.decision_log.DECISION_SCHEMA`
         (outcome columns ignored; one value of each version column expected)."""
         versions = {}
-        for name in (
-            "policy",
-            "model_version",
-            "ruleset_version",
-            "catalog_version",
-            "feature_spec_version",
-        ):
+        for name in VERSION_FIELDS:
             values = table.column(name).unique().to_pylist()
             if len(values) > 1:
                 raise ValueError(f"{name} must have one value per batch, got {values[:3]}")
