@@ -30,6 +30,8 @@ from training.neural_bandit import (
 )
 from training.onnx_export import export_reward_model, spec_path
 from training.tracking import data_fingerprint, flatten, register_onnx
+from training.vw_bandit import MODEL_KIND as VW_MODEL_KIND
+from training.vw_bandit import check_vw_inputs, train_vw_bandit, vw_arguments
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def fit_model(
 
     ``acting=False`` fits a pure reward model (no acting adjustments such as the complaint
     shadow price), for off-policy evaluation."""
+    if config.learner == "vw_bandit":
+        return _fit_vw_bandit(config, train, catalog, on_epoch)
     economics = Economics.from_catalog(catalog, config.reward.complaint_penalty_cny)
     spec = config.neural_bandit
     nb = NeuralBanditConfig(**spec.model_dump())
@@ -108,6 +112,27 @@ def fit_model(
         scores=lambda context: predict_rewards(model, context),
         export=lambda path, feature_spec: export_reward_model(model, path, feature_spec),
         history=history.epochs,
+        params=params,
+    )
+
+
+def _fit_vw_bandit(
+    config: TrainingConfig,
+    train: LoggedBandit,
+    catalog: ActionCatalog,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> FittedModel:
+    """The Vowpal Wabbit learner: scores are its weights read out as a linear model (CNY)."""
+    spec = config.vw_bandit
+    model = train_vw_bandit(train, catalog, spec, on_epoch)
+    params: dict[str, object] = spec.model_dump(mode="json")
+    params["cost_scale_cny"] = model.cost_scale
+    params["vw_arguments"] = " ".join(vw_arguments(spec))
+    return FittedModel(
+        kind=VW_MODEL_KIND,
+        scores=model.scores,
+        export=model.export,
+        history=model.history,
         params=params,
     )
 
@@ -182,6 +207,8 @@ def run_training(
             f"{config.data.logs}: features {log.feature_spec_version}, this encoder is "
             f"{encoder.spec.version}"
         )
+    if config.learner == "vw_bandit":
+        check_vw_inputs(log, catalog, config.vw_bandit)  # refuse before a run is opened
     recipe = read_recipe(config.data.logs) if config.evaluation.ground_truth else None
     train, holdout, holdout_rows = split_log(log, config.data.holdout_share, config.data.split_seed)
 
