@@ -431,6 +431,24 @@ def test_group_commit_writer_close_flushes_and_refuses_more(tmp_path: Path) -> N
     writer.close()  # idempotent
 
 
+def test_group_commit_writer_waits_for_another_writer_then_gives_up(tmp_path: Path) -> None:
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    with GroupCommitWriter(tmp_path / "g.db", schema, busy_timeout_ms=300) as writer:
+        other = open_sqlite(tmp_path / "g.db", check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        waiting = writer.submit(lambda c: c.execute("INSERT INTO t VALUES (1)").rowcount)
+        threading.Timer(0.1, lambda: other.execute("COMMIT")).start()
+        assert waiting.result(10) == 1
+
+        other.execute("BEGIN IMMEDIATE")
+        refused = writer.submit(lambda c: c.execute("INSERT INTO t VALUES (2)").rowcount)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            refused.result(10)
+        other.execute("ROLLBACK")
+        other.close()
+        assert writer.submit(lambda c: c.execute("SELECT x FROM t").fetchall()).result() == [(1,)]
+
+
 def test_group_commit_writer_bad_schema_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         GroupCommitWriter(tmp_path / "g.db", ["CREATE TABLE"])
