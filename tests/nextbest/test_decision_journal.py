@@ -38,7 +38,12 @@ from nextbest.decision_journal import (
     read_journal,
     reward_cny,
 )
-from nextbest.decision_log import DECISION_SCHEMA, read_decisions, validate_decisions
+from nextbest.decision_log import (
+    DECISION_SCHEMA,
+    DecisionLogError,
+    read_decisions,
+    validate_decisions,
+)
 
 N_ACTIONS = 5
 N_FEATURES = 3
@@ -178,6 +183,14 @@ def test_journal_file_recognises_only_sqlite_journals(tmp_path: Path) -> None:
     assert journal_file(tmp_path) == tmp_path / JOURNAL_FILENAME
     with pytest.raises(FileNotFoundError, match="not a decision journal"):
         read_journal(tmp_path / "log.parquet")
+
+
+def test_read_decisions_other_sqlite_file_refused(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "mlflow.db")
+    conn.execute("CREATE TABLE runs (x INTEGER)")
+    conn.close()
+    with pytest.raises(DecisionLogError, match="not a readable journal"):
+        read_decisions(tmp_path / "mlflow.db")
 
 
 # --------------------------------------------------------------------------- rewards
