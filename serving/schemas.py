@@ -1,0 +1,337 @@
+"""Request and response bodies of the scoring API (the OpenAPI schema is built from these).
+
+Request bodies are validated once, from the raw JSON, with the catalogue in the validation
+context (so channel and offer names are checked in the same pass): see
+:func:`serving.routes.decisions.parse_body`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nextbest.context import CustomerContext
+
+DECISION_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+EXAMPLE_CUSTOMER: dict[str, Any] = {
+    "customer_id": "c-0001",
+    "age": 34,
+    "aum_cny": 250000.0,
+    "income_band": "middle",
+    "risk_tolerance": "C3",
+    "risk_assessed_on": "2025-11-02",
+    "lifecycle_stage": "growth",
+    "tenure_months": 20,
+    "app_logins_30d": 9,
+    "holdings": ["fund_sip"],
+    "consented_channels": ["app_push", "sms", "wechat"],
+    "opt_outs": [],
+    "contact_history": {
+        "contacts_7d": {"app_push": 1},
+        "contacts_30d": {"app_push": 2, "sms": 1},
+        "last_contact_at": "2026-01-03T19:30:00+08:00",
+    },
+    "timezone": "Asia/Shanghai",
+    "events": {"mortgage_page_views_7d": 0, "offer_views_30d": {"wealth_r2": 3}},
+}
+
+
+class _Options(BaseModel):
+    """What a caller may ask of a decision, beside the customer."""
+
+    candidates: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
+    """Action ids to choose among (``channel:offer:timing`` or ``no_contact``); default all.
+    No-contact is always a candidate. Unknown ids: HTTP 400."""
+    channels: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    """Channels the platform can use for this call; default all. Unknown names: HTTP 400."""
+    campaign_id: str | None = Field(default=None, min_length=1, max_length=64)
+    """A known campaign (its offers limit the candidates); unknown campaigns: HTTP 400."""
+    k: int = Field(default=3, ge=1, le=50)
+    """Number of ranked allowed actions wanted."""
+
+
+class DecisionRequest(_Options):
+    """One customer to decide for."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer": EXAMPLE_CUSTOMER,
+                    "campaign_id": "friday_wealth_day",
+                    "k": 3,
+                    "explain": True,
+                }
+            ]
+        },
+    )
+
+    customer: CustomerContext
+    explain: bool = False
+    """Also return every blocked action with the rule that blocked it."""
+
+
+class BatchDecisionRequest(_Options):
+    """Many customers (a whole campaign) under the same options."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customers": [EXAMPLE_CUSTOMER, {**EXAMPLE_CUSTOMER, "customer_id": "c-0002"}],
+                    "campaign_id": "always_on",
+                    "k": 2,
+                }
+            ]
+        },
+    )
+
+    customers: list[CustomerContext] = Field(min_length=1)
+    """The customers; more than the service's ``max_batch`` (10,000 by default): HTTP 413."""
+
+
+class RankedAction(BaseModel):
+    """An allowed action with its model score."""
+
+    action: str
+    """Action id: ``channel:offer:timing`` or ``no_contact``."""
+    action_index: int
+    """Position of the action in the catalogue (the model's output index)."""
+    channel: str | None
+    offer: str | None
+    timing: str | None
+    score: float
+    """Model score (higher is better)."""
+
+
+class ChosenAction(RankedAction):
+    """The action to take, drawn by the exploration policy."""
+
+    propensity: float = Field(ge=0.0, le=1.0)
+    """Probability that the exploration policy chose this action (logged for learning)."""
+
+
+class BlockedAction(BaseModel):
+    """An action the compliance rules block for this customer."""
+
+    action: str
+    rule: str
+    """Id of the first rule (in rule-set order) that blocks it."""
+
+
+class DecisionResponse(BaseModel):
+    """The decision for one customer."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "decision_id": "019440f3a2c07b1e4a9c2d5e8f0a1b2c",
+                    "chosen": {
+                        "action": "app_push:wealth_r2:evening",
+                        "action_index": 57,
+                        "channel": "app_push",
+                        "offer": "wealth_r2",
+                        "timing": "evening",
+                        "score": 1.82,
+                        "propensity": 0.9625,
+                    },
+                    "ranked": [
+                        {
+                            "action": "app_push:wealth_r2:evening",
+                            "action_index": 57,
+                            "channel": "app_push",
+                            "offer": "wealth_r2",
+                            "timing": "evening",
+                            "score": 1.82,
+                        }
+                    ],
+                    "exploration": "epsilon_greedy",
+                    "model_version": "nextbest/3",
+                    "ruleset_version": "5f2a9c1d0e3b",
+                    "catalog_version": "a1b2c3d4e5f6",
+                    "blocked": [{"action": "sms:wealth_r5:now", "rule": "suitability"}],
+                }
+            ]
+        }
+    )
+
+    decision_id: str = Field(pattern=DECISION_ID_PATTERN)
+    """Quote it when reporting the outcome (``POST /v1/rewards``) or the delivery."""
+    chosen: ChosenAction
+    ranked: list[RankedAction]
+    """The best allowed actions by score, at most ``k``."""
+    exploration: Literal["epsilon_greedy", "softmax"]
+    model_version: str
+    ruleset_version: str
+    catalog_version: str
+    blocked: list[BlockedAction] | None = None
+    """Every blocked action and its rule, when the request asked to ``explain``."""
+
+
+class BatchDecision(BaseModel):
+    """The decision for one customer of a batch (same order as the request)."""
+
+    decision_id: str
+    action: str
+    """The chosen action (drawn by the exploration policy)."""
+    propensity: float
+    ranked: list[str]
+    """The best allowed actions by score, at most ``k``."""
+    scores: list[float]
+    """Model scores of ``ranked``."""
+
+
+class BatchDecisionResponse(BaseModel):
+    """Decisions for every customer of a batch."""
+
+    decisions: list[BatchDecision]
+    exploration: Literal["epsilon_greedy", "softmax"]
+    model_version: str
+    ruleset_version: str
+    catalog_version: str
+
+
+class RewardRequest(BaseModel):
+    """The outcome of a decision, reported by the marketing platform."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "decision_id": "019440f3a2c07b1e4a9c2d5e8f0a1b2c",
+                    "converted": True,
+                    "value_cny": 300.0,
+                    "occurred_at": "2026-01-06T20:15:00+08:00",
+                }
+            ]
+        },
+    )
+
+    decision_id: str = Field(pattern=DECISION_ID_PATTERN)
+    converted: bool = False
+    complaint: bool = False
+    opted_out: bool = False
+    value_cny: float = Field(default=0.0, ge=-1e12, le=1e12, allow_inf_nan=False)
+    """Value of the conversion to the bank, CNY (0 without one)."""
+    occurred_at: datetime | None = None
+    """When the outcome happened (with a time zone); default: when it is received."""
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must include a time zone offset (for example +08:00)")
+        return value
+
+
+class RewardResponse(BaseModel):
+    """The reward stored for a decision."""
+
+    decision_id: str
+    reward: float
+    """``value_cny - contact cost - complaint penalty``, CNY."""
+    late: bool
+    """The outcome came after the attribution window; stored, but flagged."""
+    duplicate: bool
+    """The same outcome had been recorded before; nothing was written."""
+    received_at: datetime
+
+
+class DeliveryRequest(BaseModel):
+    """A contact the platform made, so caps and minimum gaps count it on every worker."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer_id": "c-0001",
+                    "decision_id": "019440f3a2c07b1e4a9c2d5e8f0a1b2c",
+                    "channel": "app_push",
+                    "offer": "wealth_r2",
+                    "delivered_at": "2026-01-06T19:05:00+08:00",
+                }
+            ]
+        },
+    )
+
+    customer_id: str = Field(min_length=1, max_length=128)
+    """The bank's customer identifier (pseudonymised before it is stored)."""
+    decision_id: str | None = Field(default=None, pattern=DECISION_ID_PATTERN)
+    """The decision the contact fulfils; None for a contact made outside the service."""
+    message_id: str | None = Field(default=None, min_length=1, max_length=128)
+    """The platform's id of a contact made outside the service (required without
+    ``decision_id``)."""
+    channel: str = Field(min_length=1, max_length=64)
+    offer: str | None = Field(default=None, min_length=1, max_length=64)
+    delivered_at: datetime
+
+    @field_validator("delivered_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("must include a time zone offset (for example +08:00)")
+        return value
+
+
+class DeliveryResponse(BaseModel):
+    """The contact recorded."""
+
+    contact_id: str
+    recorded: bool
+
+
+class Health(BaseModel):
+    """Liveness: the process answers."""
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """Readiness: a model is loaded and the stores are open."""
+
+    ready: bool
+    model_uri: str
+    model_version: str | None
+    """Version serving now (``<name>/<version>`` or ``file:<sha256 prefix>``)."""
+    loaded_at: datetime | None
+    last_error: str | None
+    """The last failed load or reload (the previous model keeps serving)."""
+    ruleset_version: str
+    catalog_version: str
+
+
+class ReloadResponse(BaseModel):
+    """Outcome of a model reload."""
+
+    model_version: str | None
+    changed: bool
+    last_error: str | None
+
+
+class ErrorResponse(BaseModel):
+    """An error with a human-readable reason."""
+
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    """One schema violation."""
+
+    loc: list[str | int]
+    """Where: ``["body", "customer", "age"]``."""
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """HTTP 422: every schema violation, each with the field named."""
+
+    detail: list[ValidationIssue]

@@ -1,0 +1,117 @@
+"""The scoring service's settings: one pydantic-settings class, read once at start-up.
+
+Every field can be set from the environment with the ``NEXTBEST_`` prefix
+(``NEXTBEST_ENVIRONMENT=production``, ``NEXTBEST_MODEL_URI=models:/nextbest@champion``,
+``NEXTBEST_PSEUDONYMISATION_KEY=...``). Outside the ``local`` environment the settings refuse
+the defaults that are only safe on a developer's machine: the public development
+pseudonymisation key, a service without API keys, and the interactive API docs.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nextbest.catalog import DEFAULT_CATALOG_DIR
+from nextbest.compliance import DEFAULT_RULES_PATH
+
+DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
+"""The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
+DEFAULT_CAMPAIGNS_PATH = DEFAULT_CATALOG_DIR.parent / "serving" / "campaigns.yaml"
+
+Environment = Literal["local", "staging", "production"]
+ExplorationKind = Literal["epsilon_greedy", "softmax"]
+
+
+class UnsafeSettingsError(ValueError):
+    """Settings that are only acceptable in the ``local`` environment, used elsewhere."""
+
+
+class Settings(BaseSettings):
+    """Configuration of the scoring service (``nextbest serve``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NEXTBEST_", extra="forbid", frozen=True, validate_default=True
+    )
+
+    environment: Environment = "local"
+    """``local`` allows the development defaults; ``staging`` and ``production`` refuse them."""
+    model_uri: str = "models:/nextbest@champion"
+    """The scoring model: ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or an
+    ``.onnx`` file."""
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking server holding the model registry (for ``models:/`` URIs)."""
+    catalog_dir: Path = DEFAULT_CATALOG_DIR
+    """Directory with ``channels.yaml``, ``offers.yaml`` and ``timing.yaml``."""
+    rules_path: Path = DEFAULT_RULES_PATH
+    """Compliance rule-set YAML file."""
+    campaigns_path: Path | None = DEFAULT_CAMPAIGNS_PATH
+    """YAML list of known campaigns (a request naming another campaign gets 400); None
+    accepts any campaign id."""
+    state_dir: Path = Path("data/serving")
+    """Where the decision journal (``journal.db``) and contact store (``contacts.db``) live;
+    shared by every worker."""
+    exploration: ExplorationKind = "epsilon_greedy"
+    """How the served action is drawn from the allowed ranked actions."""
+    epsilon: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Exploration rate of epsilon-greedy."""
+    temperature: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    """Temperature of softmax exploration (score units)."""
+    attribution_window: timedelta = Field(default=timedelta(days=30), gt=timedelta(0))
+    """A reward later than this after its decision is stored but flagged late."""
+    complaint_penalty_cny: float = Field(default=300.0, ge=0.0, allow_inf_nan=False)
+    """Price of a complaint in the logged reward (as in training's reward spec)."""
+    count_recommended: bool = True
+    """Count recommended (not yet reported delivered) contacts towards caps and gaps."""
+    max_batch: int = Field(default=10_000, ge=1, le=100_000)
+    """Customers per batch request at most (more: HTTP 413)."""
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Request bodies larger than this are refused with HTTP 413 before they are read."""
+    api_keys_file: Path | None = None
+    """JSON file of hashed API keys (``python -m serving.security create``); None disables
+    authentication, which only the ``local`` environment allows."""
+    pseudonymisation_key: SecretStr = SecretStr(DEV_PSEUDONYMISATION_KEY)
+    """Secret key of the customer pseudonyms in every log and metric (at least 16 bytes)."""
+    docs: bool = True
+    """Serve the interactive API docs (``/docs``, ``/redoc``); the schema stays at
+    ``/openapi.json``."""
+    reload_poll_seconds: float = Field(default=30.0, ge=0.0)
+    """How often the model alias (or file) is checked for a new version; 0 disables."""
+    journal_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    """``NORMAL``: acknowledged decisions survive a killed process; ``FULL``: also power loss."""
+    onnx_threads: int = Field(default=1, ge=1, le=64)
+    """ONNX Runtime intra-op threads per worker."""
+    seed: int | None = None
+    """Seed of the exploration draws (None: from the operating system)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _safe_outside_local(self) -> Settings:
+        key = self.pseudonymisation_key.get_secret_value().encode("utf-8")
+        if len(key) < 16:
+            raise UnsafeSettingsError(
+                "pseudonymisation_key must be at least 16 bytes (NEXTBEST_PSEUDONYMISATION_KEY)"
+            )
+        if self.environment == "local":
+            return self
+        unsafe = []
+        if key == DEV_PSEUDONYMISATION_KEY.encode():
+            unsafe.append("pseudonymisation_key is the public development key")
+        if self.api_keys_file is None:
+            unsafe.append("api_keys_file is not set (the API would be open)")
+        if self.docs:
+            unsafe.append("docs are enabled (set NEXTBEST_DOCS=false)")
+        if unsafe:
+            raise UnsafeSettingsError(
+                f"refusing to start in environment {self.environment!r}: " + "; ".join(unsafe)
+            )
+        return self
+
+    @property
+    def pseudonym_key(self) -> bytes:
+        """The pseudonymisation key as bytes (for :func:`nextbest.privacy.pseudonymise`)."""
+        return self.pseudonymisation_key.get_secret_value().encode("utf-8")
