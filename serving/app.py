@@ -1,0 +1,139 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Nothing heavy happens at import: the catalogue, rules, model, journal and contact store are
+built in the lifespan (:meth:`ScoringService.start`), once per worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
+
+from serving.metrics import RequestMetrics
+from serving.middleware import BodySizeLimit
+from serving.routes import contacts, decisions, health, rewards
+from serving.schemas import BatchDecisionRequest, DecisionRequest, DeliveryRequest, RewardRequest
+from serving.service import ScoringService
+from serving.settings import Settings
+
+log = logging.getLogger("nextbest.serving")
+
+RAW_BODY_MODELS = (DecisionRequest, BatchDecisionRequest, RewardRequest, DeliveryRequest)
+"""Request bodies validated from raw JSON by the routes (documented in the schema here)."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The scoring API for ``settings`` (default: from the ``NEXTBEST_`` environment)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await asyncio.to_thread(ScoringService.start, settings)
+        app.state.service = service
+        loop = asyncio.get_running_loop()
+        sighup = _install_sighup(loop, service)
+        watcher = (
+            asyncio.create_task(_watch_model(service, settings.reload_poll_seconds))
+            if settings.reload_poll_seconds > 0
+            else None
+        )
+        log.info(
+            "serving model %s (rules %s, catalogue %s)",
+            service.readiness().model_version,
+            service.rules.version,
+            service.catalog.version,
+        )
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await asyncio.to_thread(service.close)
+
+    app = FastAPI(
+        title="nextbest scoring API",
+        version="1.0.0",
+        summary="Next-best-action decisions for retail-bank marketing, under compliance rules.",
+        description=(
+            "Ranks the channel x offer x timing actions the compliance rules allow for a "
+            "customer, draws the action to take with logged propensity, journals every "
+            "decision, and records outcomes. Customer ids are pseudonymised before anything "
+            "is logged."
+        ),
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+    )
+    for module in (decisions, rewards, contacts, health):
+        app.include_router(module.router)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    # outermost first: metrics see the 413s of the size limit too
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each offending field; the offending values are not echoed back (they may
+    be personal data)."""
+    assert isinstance(exc, RequestValidationError)
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies the routes validate from raw JSON."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            description=app.description,
+            routes=app.routes,
+        )
+        _, defs = models_json_schema(
+            [(m, "validation") for m in RAW_BODY_MODELS],
+            ref_template="#/components/schemas/{model}",
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _install_sighup(loop: asyncio.AbstractEventLoop, service: ScoringService) -> bool:
+    """SIGHUP reloads the model (in a thread: the loop keeps serving meanwhile)."""
+
+    def reload() -> None:
+        loop.run_in_executor(None, service.reload_model)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+        return False
+    return True
+
+
+async def _watch_model(service: ScoringService, every_s: float) -> None:
+    """Reload when the registry alias (or the file) points at a new version."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if await asyncio.to_thread(service.models.changed):
+                await asyncio.to_thread(service.reload_model)
+        except Exception:  # the watcher must outlive a registry that is briefly down
+            log.exception("model watch failed; the current model keeps serving")

@@ -1,0 +1,86 @@
+"""FastAPI dependencies, as ``Annotated`` aliases the routes declare their parameters with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ValidationError
+
+from serving.security import API_KEY_HEADER, AuthError, Principal, Scope
+from serving.service import ScoringService
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+_api_key_header = APIKeyHeader(
+    name=API_KEY_HEADER,
+    auto_error=False,
+    description="An API key (`python -m serving.security create`), with the route's scope.",
+)
+
+
+def get_service(request: Request) -> ScoringService:
+    """The service the lifespan built (catalogue, rules, model, journal, contact store)."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[ScoringService, Depends(get_service)]
+
+
+def require(scope: Scope) -> Callable[..., Principal]:
+    """A dependency checking the caller's API key carries ``scope`` (401/403 otherwise)."""
+
+    def check(
+        service: ServiceDep,
+        key: Annotated[str | None, Security(_api_key_header)],
+    ) -> Principal:
+        try:
+            return service.api_keys.authenticate(key, scope)
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": "ApiKey"} if exc.status_code == 401 else None
+            raise HTTPException(exc.status_code, exc.detail, headers=headers) from None
+
+    check.__name__ = f"require_{scope}"
+    return check
+
+
+DecideKey = Annotated[Principal, Depends(require("decide"))]
+RewardKey = Annotated[Principal, Depends(require("reward"))]
+MetricsKey = Annotated[Principal, Depends(require("metrics"))]
+AdminKey = Annotated[Principal, Depends(require("admin"))]
+
+
+def parse_body(model: type[ModelT], body: bytes, context: dict[str, Any] | None = None) -> ModelT:
+    """Validate a raw JSON body as ``model`` in one pass (JSON parsing included, in
+    pydantic-core), with ``context`` (the catalogue, so names are checked in the same pass).
+
+    Raises
+    ------
+    fastapi.exceptions.RequestValidationError
+        HTTP 422, one entry per violation, located under ``body``.
+    """
+    try:
+        return model.model_validate_json(body, context=context)
+    except ValidationError as exc:
+        errors = [
+            {"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        raise RequestValidationError(errors) from None
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a route's JSON body as ``model`` (for routes that read
+    the raw body and validate it with :func:`parse_body`); :func:`serving.app.create_app`
+    adds the model to the schema's components."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }

@@ -1,0 +1,55 @@
+"""``POST /v1/decisions`` and ``POST /v1/decisions/batch``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from serving.deps import DecideKey, ServiceDep, json_body, parse_body
+from serving.schemas import (
+    BatchDecisionRequest,
+    BatchDecisionResponse,
+    DecisionRequest,
+    DecisionResponse,
+    ErrorResponse,
+    ValidationErrorResponse,
+)
+
+router = APIRouter(prefix="/v1/decisions", tags=["decisions"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "Unknown action id, channel or campaign."},
+    401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
+    403: {"model": ErrorResponse, "description": "The API key lacks the `decide` scope."},
+    413: {"model": ErrorResponse, "description": "Body or batch too large."},
+    422: {"model": ValidationErrorResponse, "description": "Schema violations, fields named."},
+}
+
+
+@router.post(
+    "",
+    response_model=DecisionResponse,
+    responses=_ERRORS,
+    openapi_extra=json_body(DecisionRequest),
+    summary="Decide the next best action for one customer",
+)
+async def decide(request: Request, service: ServiceDep, _key: DecideKey) -> DecisionResponse:
+    """Rank the actions the compliance rules allow for the customer by model score, draw the
+    action to take with the configured exploration (its propensity is returned and logged),
+    and journal the decision before answering. With ``explain``, every blocked action is
+    listed with the rule that blocked it."""
+    body = parse_body(DecisionRequest, await request.body(), {"catalog": service.catalog})
+    return await service.decide(body)
+
+
+@router.post(
+    "/batch",
+    response_model=BatchDecisionResponse,
+    responses=_ERRORS,
+    openapi_extra=json_body(BatchDecisionRequest),
+    summary="Decide for up to 10,000 customers in one call",
+)
+async def decide_batch(request: Request, service: ServiceDep, _key: DecideKey) -> Response:
+    """The same decision for every customer of a campaign, in request order; every decision
+    is journalled before the answer."""
+    body = parse_body(BatchDecisionRequest, await request.body(), {"catalog": service.catalog})
+    return Response(await service.decide_batch(body), media_type="application/json")

@@ -1,0 +1,464 @@
+"""The scoring service behind the routes: what happens between a parsed request and its answer.
+
+:meth:`ScoringService.start` builds the heavy objects once (catalogue, rule engine, model
+store, decision engine, decision journal, contact store, API keys); the FastAPI lifespan
+calls it. A decision request then runs, on the event loop:
+
+1. the customer id is pseudonymised (nothing downstream ever sees it in clear);
+2. stored contacts of the customer are read (one SQLite query) and merged into the history
+   the request brought, so caps and minimum gaps hold across requests and workers;
+3. the decision engine computes features, the rules mask over the full catalogue, the
+   model scores, the exploration draw and the ranking (numpy and ONNX Runtime, inline: a
+   thread hop would cost more than the work for one customer);
+4. the decision goes to the journal and the recommended contact to the contact store, and
+   the answer waits until both are committed (group commit on the writers' threads): an
+   acknowledged decision is never lost, and the next request on any worker sees the contact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from pydantic_core import to_json
+
+from nextbest.catalog import ActionCatalog, load_catalog
+from nextbest.compliance import ALLOWED, RuleEngine, load_rules
+from nextbest.context import ContextBatch
+from nextbest.decision_journal import (
+    DecisionBatch,
+    JournalWriter,
+    RewardConflictError,
+    RewardOutcome,
+    RewardRule,
+    RewardTimeError,
+    UnknownDecisionError,
+    epoch_us,
+    new_decision_ids,
+)
+from nextbest.privacy import pseudonymise
+from serving import metrics
+from serving.campaigns import Campaigns, load_campaigns
+from serving.contact_store import (
+    LONGEST_WINDOW,
+    ContactBatch,
+    ContactStore,
+    SqliteContactStore,
+    merge_contact_history,
+    merge_into_batch,
+)
+from serving.decision_engine import DecisionEngine
+from serving.model_store import ModelStore
+from serving.schemas import (
+    BatchDecisionRequest,
+    BlockedAction,
+    ChosenAction,
+    DecisionRequest,
+    DecisionResponse,
+    DeliveryRequest,
+    DeliveryResponse,
+    RankedAction,
+    Readiness,
+    ReloadResponse,
+    RewardRequest,
+    RewardResponse,
+)
+from serving.security import ApiKeys
+from serving.settings import Settings
+
+log = logging.getLogger("nextbest.serving")
+
+
+@dataclass(frozen=True, slots=True)
+class _ActionView:
+    """Per-action fields of the responses, computed once per catalogue."""
+
+    name: tuple[str, ...]
+    channel: tuple[str | None, ...]
+    offer: tuple[str | None, ...]
+    timing: tuple[str | None, ...]
+
+    @classmethod
+    def of(cls, catalog: ActionCatalog) -> _ActionView:
+        return cls(
+            tuple(a.name for a in catalog.actions),
+            tuple(a.channel for a in catalog.actions),
+            tuple(a.offer for a in catalog.actions),
+            tuple(a.timing for a in catalog.actions),
+        )
+
+    def ranked(self, action: int, score: float) -> RankedAction:
+        return RankedAction(
+            action=self.name[action],
+            action_index=action,
+            channel=self.channel[action],
+            offer=self.offer[action],
+            timing=self.timing[action],
+            score=score,
+        )
+
+
+class ScoringService:
+    """Everything a request needs, built once per worker process.
+
+    Use :meth:`start` (it loads configs, the model and opens the stores) and :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: ActionCatalog,
+        rules: RuleEngine,
+        campaigns: Campaigns,
+        models: ModelStore,
+        engine: DecisionEngine,
+        journal: JournalWriter,
+        contacts: ContactStore,
+        api_keys: ApiKeys,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.rules = rules
+        self.campaigns = campaigns
+        self.models = models
+        self.engine = engine
+        self.journal = journal
+        self.contacts = contacts
+        self.api_keys = api_keys
+        self._key = settings.pseudonym_key
+        self._view = _ActionView.of(catalog)
+        self._counters = metrics.DecisionCounters(catalog.channel_names, rules.rule_ids)
+        self._channel_of = {name: i for i, name in enumerate(catalog.channel_names)}
+        self._exploration = settings.exploration
+        self._model_version: str | None = None
+
+    @classmethod
+    def start(cls, settings: Settings) -> ScoringService:
+        """Load the catalogue, rules, campaigns, API keys and model; open the stores.
+
+        Raises
+        ------
+        nextbest.config_loading.ConfigError, serving.security.KeyFileError
+            A bad configuration, named with its file and key.
+        """
+        catalog = load_catalog(settings.catalog_dir)
+        rules = RuleEngine(load_rules(settings.rules_path, catalog))
+        campaigns = load_campaigns(settings.campaigns_path, catalog)
+        api_keys = ApiKeys.from_file(settings.api_keys_file)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        models = ModelStore(
+            settings.model_uri,
+            tracking_uri=settings.tracking_uri,
+            threads=settings.onnx_threads,
+        )
+        engine = DecisionEngine(
+            catalog,
+            rules,
+            models,
+            exploration=settings.exploration,
+            epsilon=settings.epsilon,
+            temperature=settings.temperature,
+            seed=settings.seed,
+        )
+        journal = JournalWriter(
+            settings.state_dir,
+            RewardRule.from_catalog(
+                catalog, settings.complaint_penalty_cny, settings.attribution_window
+            ),
+            synchronous=settings.journal_synchronous,
+        )
+        contacts = SqliteContactStore(
+            settings.state_dir, catalog.channel_names, synchronous=settings.journal_synchronous
+        )
+        service = cls(
+            settings, catalog, rules, campaigns, models, engine, journal, contacts, api_keys
+        )
+        service.note_model()
+        return service
+
+    def close(self) -> None:
+        """Commit everything queued and close the stores and the model watcher."""
+        self.models.close()
+        self.journal.close()
+        self.contacts.close()
+
+    # ------------------------------------------------------------------ decisions
+
+    def candidate_mask(
+        self,
+        candidates: list[str] | None,
+        channels: list[str] | None,
+        campaign_id: str | None,
+    ) -> np.ndarray | None:
+        """bool ``(A,)`` of the actions the request may get (None: all); HTTP 400 for an
+        unknown action id, channel or campaign."""
+        mask = None
+        if candidates is not None:
+            mask = self._candidates(tuple(candidates))
+        if channels is not None:
+            by_channel = self._channels(tuple(channels))
+            mask = by_channel if mask is None else mask & by_channel
+        if campaign_id is not None:
+            if campaign_id not in self.campaigns:
+                raise HTTPException(400, f"unknown campaign {campaign_id!r}")
+            by_campaign = self.campaigns.mask(campaign_id)
+            if by_campaign is not None:
+                mask = by_campaign if mask is None else mask & by_campaign
+        return mask
+
+    @lru_cache(maxsize=256)  # noqa: B019 - one service per process, lives as long as it
+    def _candidates(self, names: tuple[str, ...]) -> np.ndarray:
+        unknown = [n for n in names if not self.catalog.has_action(n)]
+        if unknown:
+            raise HTTPException(400, f"unknown action id {unknown[0]!r} in candidates")
+        mask = np.zeros(self.catalog.n_actions, bool)
+        mask[[self.catalog.action_id(n) for n in names]] = True
+        mask[0] = True  # waiting is always a candidate
+        return mask
+
+    @lru_cache(maxsize=256)  # noqa: B019
+    def _channels(self, names: tuple[str, ...]) -> np.ndarray:
+        unknown = [n for n in names if n not in self._channel_of]
+        if unknown:
+            raise HTTPException(
+                400, f"unknown channel {unknown[0]!r}; known: {list(self.catalog.channel_names)}"
+            )
+        index = [self._channel_of[n] for n in names]
+        return np.isin(self.catalog.channel_index, index) | (self.catalog.channel_index < 0)
+
+    async def decide(self, request: DecisionRequest) -> DecisionResponse:
+        """Decide for one customer; returns once the decision is durable in the journal."""
+        mask = self.candidate_mask(request.candidates, request.channels, request.campaign_id)
+        now = datetime.now(UTC)
+        customer = request.customer
+        key = pseudonymise(customer.customer_id, self._key)
+        events = self.contacts.contacts([key], epoch_us(now - LONGEST_WINDOW))
+        if len(events.row):
+            history = merge_contact_history(
+                customer.contact_history,
+                events,
+                0,
+                self.contacts.channels,
+                now,
+                self.settings.count_recommended,
+            )
+            customer = customer.model_copy(update={"contact_history": history})
+        batch = ContextBatch.from_contexts([customer], self.catalog, now)
+        result = self.engine.decide(batch, k=request.k, candidates=mask, explain=request.explain)
+        decision_ids = new_decision_ids(1)
+        await self._commit(result, decision_ids, [key], now, request.campaign_id, "single")
+        chosen = int(result.action[0])
+        view = self._view
+        ranked_ids = result.ranked[0]
+        ranked_scores = result.ranked_scores[0]
+        ranked = [
+            view.ranked(a, s)
+            for a, s in zip(ranked_ids.tolist(), ranked_scores.tolist(), strict=True)
+            if a >= 0
+        ]
+        blocked = None
+        if request.explain:
+            blocked = [
+                BlockedAction(action=view.name[a], rule=rule) for a, rule in result.blocked[0]
+            ]
+        return DecisionResponse(
+            decision_id=decision_ids[0],
+            chosen=ChosenAction(
+                action=view.name[chosen],
+                action_index=chosen,
+                channel=view.channel[chosen],
+                offer=view.offer[chosen],
+                timing=view.timing[chosen],
+                score=float(result.scores[0, chosen]),
+                propensity=float(result.pscore[0]),
+            ),
+            ranked=ranked,
+            exploration=self._exploration,
+            model_version=result.model_version,
+            ruleset_version=self.rules.version,
+            catalog_version=self.catalog.version,
+            blocked=blocked,
+        )
+
+    async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
+        """Decide for every customer of a batch; the JSON body of a
+        :class:`~serving.schemas.BatchDecisionResponse` (built without a Python object per
+        decision: a 10,000-customer batch would spend more time there than deciding)."""
+        n = len(request.customers)
+        if n > self.settings.max_batch:
+            raise HTTPException(
+                413, f"batch of {n} customers; at most {self.settings.max_batch} per request"
+            )
+        mask = self.candidate_mask(request.candidates, request.channels, request.campaign_id)
+        now = datetime.now(UTC)
+        key = self._key
+        keys = [pseudonymise(c.customer_id, key) for c in request.customers]
+        batch = ContextBatch.from_contexts(request.customers, self.catalog, now)
+        events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
+        if len(events.row):
+            batch = merge_into_batch(
+                batch, events, now, self.catalog, self.settings.count_recommended
+            )
+        result = self.engine.decide(batch, k=request.k, candidates=mask, explain=False)
+        decision_ids = new_decision_ids(n)
+        await self._commit(result, decision_ids, keys, now, request.campaign_id, "batch")
+        names = np.array(self._view.name, dtype=object)
+        ranked = result.ranked
+        valid = ranked >= 0
+        ranked_names = names[np.where(valid, ranked, 0)]
+        ranked_scores = np.round(result.ranked_scores.astype(np.float64), 6)
+        if valid.all():
+            ranked_lists = ranked_names.tolist()
+            score_lists = ranked_scores.tolist()
+        else:
+            ranked_lists = [r[v].tolist() for r, v in zip(ranked_names, valid, strict=True)]
+            score_lists = [s[v].tolist() for s, v in zip(ranked_scores, valid, strict=True)]
+        rows = [
+            {"decision_id": d, "action": a, "propensity": p, "ranked": r, "scores": s}
+            for d, a, p, r, s in zip(
+                decision_ids,
+                names[result.action].tolist(),
+                np.asarray(result.pscore, np.float64).tolist(),
+                ranked_lists,
+                score_lists,
+                strict=True,
+            )
+        ]
+        body: dict[str, Any] = {
+            "decisions": rows,
+            "exploration": self._exploration,
+            "model_version": result.model_version,
+            "ruleset_version": self.rules.version,
+            "catalog_version": self.catalog.version,
+        }
+        return to_json(body)
+
+    async def _commit(
+        self,
+        result: Any,
+        decision_ids: list[str],
+        keys: list[str],
+        now: datetime,
+        campaign_id: str | None,
+        endpoint: str,
+    ) -> None:
+        """Journal the decisions and record the recommended contacts; wait for both commits."""
+        now_us = epoch_us(now)
+        decisions = DecisionBatch.from_mask(
+            result.allowed,
+            result.action_dist,
+            result.action,
+            decision_id=decision_ids,
+            timestamp_us=now_us,
+            customer_key=keys,
+            context=result.features,
+            pscore=result.pscore,
+            campaign_id=campaign_id,
+            policy=self._exploration,
+            model_version=result.model_version,
+            ruleset_version=self.rules.version,
+            catalog_version=self.catalog.version,
+            feature_spec_version=result.feature_spec_version,
+        )
+        start = asyncio.get_running_loop().time()
+        journalled = asyncio.wrap_future(self.journal.submit(decisions))
+        contacts = ContactBatch.recommended(decision_ids, keys, result.action, self.catalog, now)
+        if len(contacts):
+            await asyncio.gather(journalled, asyncio.wrap_future(self.contacts.record(contacts)))
+        else:
+            await journalled
+        metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - start)
+        channel_index = self.catalog.channel_index[result.action].astype(np.int64)
+        codes = result.blocked_by
+        block_counts = np.bincount(codes[codes != ALLOWED], minlength=len(self.rules.rule_ids))
+        self._counters.observe(endpoint, channel_index, block_counts)
+
+    # ------------------------------------------------------------------ rewards, contacts
+
+    async def record_reward(self, request: RewardRequest) -> RewardResponse:
+        """Store the outcome of a decision (idempotent); 404 unknown decision, 409 a
+        different outcome already stored, 400 an outcome dated before its decision."""
+        outcome = RewardOutcome(
+            converted=request.converted,
+            complaint=request.complaint,
+            opted_out=request.opted_out,
+            value_cny=request.value_cny,
+            reward_at=request.occurred_at,
+        )
+        try:
+            result = await asyncio.wrap_future(
+                self.journal.submit_reward(request.decision_id, outcome)
+            )
+        except UnknownDecisionError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except RewardConflictError as exc:
+            raise HTTPException(409, str(exc)) from None
+        except RewardTimeError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return RewardResponse(
+            decision_id=result.decision_id,
+            reward=result.reward,
+            late=result.late,
+            duplicate=result.duplicate,
+            received_at=result.received_at,
+        )
+
+    async def record_delivery(self, request: DeliveryRequest) -> DeliveryResponse:
+        """Record a delivered contact (keyed by its decision id, or the platform's message
+        id); 400 for an unknown channel or offer."""
+        if request.channel not in self._channel_of:
+            raise HTTPException(400, f"unknown channel {request.channel!r}")
+        if request.offer is not None and request.offer not in self.catalog.offer_names:
+            raise HTTPException(400, f"unknown offer {request.offer!r}")
+        contact_id = request.decision_id or request.message_id
+        if contact_id is None:
+            raise HTTPException(400, "give decision_id or message_id")
+        contact = ContactBatch(
+            contact_id=[contact_id],
+            customer_key=[pseudonymise(request.customer_id, self._key)],
+            channel=[request.channel],
+            offer=[request.offer],
+            at_us=epoch_us(request.delivered_at),
+            kind="delivered",
+        )
+        written = await asyncio.wrap_future(self.contacts.record(contact))
+        return DeliveryResponse(contact_id=contact_id, recorded=bool(written))
+
+    # ------------------------------------------------------------------ model
+
+    def note_model(self) -> None:
+        """Publish the serving model's version in the metrics (after a load or reload)."""
+        version = self.models.status().model_version
+        metrics.set_model_version(version, self._model_version)
+        self._model_version = version
+
+    def readiness(self) -> Readiness:
+        """Whether a model is loaded, which one, and the last load error."""
+        status = self.models.status()
+        return Readiness(
+            ready=status.model_version is not None,
+            model_uri=self.settings.model_uri,
+            model_version=status.model_version,
+            loaded_at=status.loaded_at,
+            last_error=status.last_error,
+            ruleset_version=self.rules.version,
+            catalog_version=self.catalog.version,
+        )
+
+    def reload_model(self) -> ReloadResponse:
+        """Load the model again now (a broken file keeps the old model serving)."""
+        before = self.models.status().model_version
+        self.models.reload()
+        status = self.models.status()
+        self.note_model()
+        return ReloadResponse(
+            model_version=status.model_version,
+            changed=status.model_version != before,
+            last_error=status.last_error,
+        )
