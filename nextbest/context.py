@@ -89,11 +89,7 @@ class BehaviourEvents(BaseModel):
         for offer, count in value.items():
             if count < 0:
                 raise ValueError(f"views of {offer!r} must not be negative, got {count}")
-        catalog = (info.context or {}).get("catalog")
-        if catalog is not None:
-            unknown = [o for o in value if o not in catalog.offer_names]
-            if unknown:
-                raise ValueError(f"unknown offer {unknown[0]!r}")
+        _check_offers(value, info)
         return value
 
 
@@ -145,11 +141,7 @@ class CustomerContext(BaseModel):
     @field_validator("holdings")
     @classmethod
     def _offers(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        catalog = (info.context or {}).get("catalog")
-        if catalog is not None:
-            unknown = [o for o in value if o not in catalog.offer_names]
-            if unknown:
-                raise ValueError(f"unknown offer {unknown[0]!r}")
+        _check_offers(value, info)
         return value
 
     @field_validator("timezone")
@@ -179,6 +171,15 @@ def _check_channels(names: Any, info: ValidationInfo) -> None:
     unknown = [c for c in names if c not in catalog.channel_names]
     if unknown:
         raise ValueError(f"unknown channel {unknown[0]!r}; known: {list(catalog.channel_names)}")
+
+
+def _check_offers(names: Any, info: ValidationInfo) -> None:
+    catalog = (info.context or {}).get("catalog")
+    if catalog is None:
+        return
+    unknown = [o for o in names if o not in catalog.offer_names]
+    if unknown:
+        raise ValueError(f"unknown offer {unknown[0]!r}")
 
 
 def _require_aware(value: datetime | None) -> datetime | None:

@@ -167,23 +167,16 @@ def test_train_replay_refuses_log_that_differs_from_recipe(
     assert "does not match its simulation recipe" in " ".join(result.output.split())
 
 
+def _evaluate(tmp: Path, logs: Path, model: str):
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    args = ["--logs", str(logs), "--model", model, "--tracking-uri", uri, "--bootstrap", "20"]
+    return runner.invoke(app, ["evaluate", *args])
+
+
 def test_evaluate_registered_model_prints_dr_row(trained_run, sim_log) -> None:
     tmp, result = trained_run
     assert result.exit_code == 0, result.output
-    out = runner.invoke(
-        app,
-        [
-            "evaluate",
-            "--logs",
-            str(sim_log),
-            "--model",
-            "models:/nextbest@challenger",
-            "--tracking-uri",
-            f"sqlite:///{tmp}/mlflow.db",
-            "--bootstrap",
-            "20",
-        ],
-    )
+    out = _evaluate(tmp, sim_log, "models:/nextbest@challenger")
     assert out.exit_code == 0, out.output
     assert re.search(r"model nextbest/\d+", out.output), out.output
     for estimator in ("ips", "snips", "dm", "dr", "switch-dr"):
@@ -192,18 +185,7 @@ def test_evaluate_registered_model_prints_dr_row(trained_run, sim_log) -> None:
 
 def test_evaluate_unknown_alias_names_it(trained_run, sim_log) -> None:
     tmp, _ = trained_run
-    out = runner.invoke(
-        app,
-        [
-            "evaluate",
-            "--logs",
-            str(sim_log),
-            "--model",
-            "models:/nextbest@nosuchalias",
-            "--tracking-uri",
-            f"sqlite:///{tmp}/mlflow.db",
-        ],
-    )
+    out = _evaluate(tmp, sim_log, "models:/nextbest@nosuchalias")
     assert out.exit_code == 2
     assert "nosuchalias" in out.output
 
