@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo serve test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/nextbest demo
 
+# the scoring API on the registry's champion (NEXTBEST_* settings: serving/settings.py)
+serve: $(STAMP)
+	$(BIN)/nextbest serve
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
@@ -32,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compliance.py
 	$(BIN)/python benchmarks/simulator.py --full
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

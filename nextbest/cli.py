@@ -112,9 +112,10 @@ def demo(
 ) -> None:
     """Run the loop end to end: simulate a small population under the bank's playbook
     (logging every decision), train a neural bandit on the log, evaluate it off-policy and
-    register it in MLflow, then show what the compliance rules allow and why not."""
+    register it in MLflow, show what the compliance rules allow and why not, then start the
+    scoring service on the registered model, send it a few requests over HTTP and stop it."""
     run_dir = out / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
-    console.rule("[bold]nextbest demo 1/3: simulate the playbook")
+    console.rule("[bold]nextbest demo 1/4: simulate the playbook")
     simulate(
         scenario=SCENARIOS_DIR / "retail_bank.yaml",
         customers=customers,
@@ -126,7 +127,7 @@ def demo(
         catalog_dir=catalog_dir,
         rules_path=rules_path,
     )
-    console.rule("[bold]nextbest demo 2/3: train, evaluate off-policy, register in MLflow")
+    console.rule("[bold]nextbest demo 2/4: train, evaluate off-policy, register in MLflow")
     train(
         config=DEFAULT_CATALOG_DIR.parent / "training" / "neural_bandit.yaml",
         logs=run_dir / "logs",
@@ -136,13 +137,20 @@ def demo(
         catalog_dir=catalog_dir,
     )
     rules_demo(customers=customers, seed=seed, catalog_dir=catalog_dir, rules_path=rules_path)
+    serving_demo(
+        model="models:/nextbest@challenger",
+        tracking_uri=tracking_uri,
+        state_dir=run_dir / "serving",
+        catalog_dir=catalog_dir,
+        rules_path=rules_path,
+    )
 
 
 def rules_demo(customers: int, seed: int, catalog_dir: Path, rules_path: Path) -> None:
     """Score a random sample population against the rules; print what is blocked and why."""
     cat, ruleset = _load(catalog_dir, rules_path)
     engine = RuleEngine(ruleset)
-    console.rule("[bold]nextbest demo 3/3: compliance over a sample population")
+    console.rule("[bold]nextbest demo 3/4: compliance over a sample population")
     console.print(
         f"catalogue {cat.version}: {cat.n_actions} actions; "
         f"rule set {ruleset.name!r} {ruleset.version}: {len(ruleset)} rules"
@@ -214,6 +222,177 @@ def rules_demo(customers: int, seed: int, catalog_dir: Path, rules_path: Path) -
             console.print(
                 f"    {name}: " + ("allowed" if not why else "blocked by " + ", ".join(why))
             )
+
+
+def serving_demo(
+    model: str, tracking_uri: str, state_dir: Path, catalog_dir: Path, rules_path: Path
+) -> None:
+    """Start ``nextbest serve`` on ``model``, send it real HTTP requests, print the answers,
+    stop it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    console.rule("[bold]nextbest demo 4/4: the scoring service over HTTP")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "NEXTBEST_ENVIRONMENT": "local",
+        "NEXTBEST_STATE_DIR": str(state_dir),
+        "NEXTBEST_TRACKING_URI": tracking_uri,
+        "NEXTBEST_CATALOG_DIR": str(catalog_dir),
+        "NEXTBEST_RULES_PATH": str(rules_path),
+    }
+    command = [sys.executable, "-m", "nextbest", "serve", "--port", str(port), "--model", model]
+    console.print(f"$ nextbest serve --port {port} --model {model}")
+    server = subprocess.Popen(command, env=env)
+
+    def call(method: str, path: str, body: object | None = None) -> tuple[int, object]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                raw, status = resp.read(), resp.status
+        except urllib.error.HTTPError as err:
+            raw, status = err.read(), err.code
+        text = raw.decode()
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def show(method: str, path: str, body: object | None = None) -> object:
+        status, answer = call(method, path, body)
+        console.print(f"[bold]{method} {path}[/] -> {status}")
+        console.print_json(data=answer) if not isinstance(answer, str) else console.print(answer)
+        return answer
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                console.print("[bold red]the service exited before it was ready[/]")
+                raise typer.Exit(code=1)
+            try:
+                if call("GET", "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                console.print("[bold red]the service did not become ready in 120 s[/]")
+                raise typer.Exit(code=1)
+            time.sleep(0.2)
+        show("GET", "/readyz")
+        customer = {
+            "customer_id": "demo-customer-0001",
+            "age": 31,
+            "aum_cny": 180_000.0,
+            "income_band": "middle",
+            "risk_tolerance": "C3",
+            "risk_assessed_on": (datetime.now(UTC).date().replace(day=1)).isoformat(),
+            "lifecycle_stage": "growth",
+            "tenure_months": 18,
+            "app_logins_30d": 11,
+            "consented_channels": ["app_push", "sms", "wechat"],
+            "events": {"offer_views_30d": {"fund_sip": 4}, "usual_login_hour": 20},
+        }
+        decision = show(
+            "POST", "/v1/decisions", {"customer": customer, "k": 3, "campaign_id": "always_on"}
+        )
+        show(
+            "POST",
+            "/v1/decisions",
+            {
+                "customer": {
+                    **customer,
+                    "customer_id": "demo-customer-0002",
+                    "age": 67,
+                    "risk_tolerance": "C1",
+                },
+                "k": 2,
+                "explain": True,
+            },
+        )
+        show(
+            "POST",
+            "/v1/decisions/batch",
+            {
+                "customers": [{**customer, "customer_id": f"demo-batch-{i}"} for i in range(3)],
+                "k": 2,
+            },
+        )
+        if isinstance(decision, dict) and "decision_id" in decision:
+            reward = {"decision_id": decision["decision_id"], "converted": True, "value_cny": 300.0}
+            show("POST", "/v1/rewards", reward)
+            show("POST", "/v1/rewards", reward)
+        show("POST", "/v1/decisions", {"customer": {**customer, "age": -3}, "k": 0})
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        console.print(f"service stopped; its journal is {state_dir / 'journal.db'}")
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="An .onnx file or models:/<name>@<alias> (default: NEXTBEST_MODEL_URI, "
+            "else models:/nextbest@champion)."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+) -> None:
+    """Run the scoring API (uvicorn with uvloop and httptools). Settings come from the
+    NEXTBEST_* environment (see serving/settings.py); outside NEXTBEST_ENVIRONMENT=local the
+    unsafe development defaults are refused."""
+    import os
+    import shutil
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from serving.settings import Settings
+
+    if model is not None:
+        os.environ["NEXTBEST_MODEL_URI"] = model
+    try:
+        settings = Settings()  # validated here, once more in each worker
+    except ValidationError as exc:
+        console.print(f"[bold red]bad settings[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    if workers > 1:
+        # every worker writes its samples here; /metrics adds them up
+        metrics_dir = settings.state_dir / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
 
 
 @app.command()
