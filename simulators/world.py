@@ -19,6 +19,7 @@ import numpy as np
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import ALLOWED, RuleEngine
 from nextbest.context import ContextBatch
+from nextbest.decision_journal import reward_cny
 from simulators.population import CONTACT_WINDOW_DAYS, Population, sample_population
 from simulators.response import Outcome, ResponseModel, outcome_probabilities
 from simulators.scenario import Scenario
@@ -287,7 +288,7 @@ class BatchSimulator:
         opted_out = delivered & (u[5] < _given(outcome.opt_out, outcome.deliver))
         value = np.where(converted, outcome.value, np.float32(0.0))
         penalty = np.float32(self.scenario.reward.complaint_penalty_cny)
-        reward = value - outcome.cost - penalty * complaint
+        reward = reward_cny(value, outcome.cost, complaint, penalty)
         self._apply(customers, actions, converted, complaint, opted_out)
         churned = self._advance()
         return StepResult(

@@ -16,6 +16,9 @@ class DataSpec(StrictModel):
     holdout_share: float = Field(default=0.3, gt=0.0, lt=1.0)
     """Share of decisions kept out of training and used for off-policy evaluation."""
     split_seed: int = 0
+    drop_pending: bool = False
+    """Leave out decisions whose outcome has not arrived (a live service journal) instead of
+    refusing the log."""
 
 
 class NeuralBanditSpec(StrictModel):

@@ -130,7 +130,7 @@ def _parse_list_column(column: pa.ChunkedArray, name: str, dtype: type, source: 
 
 
 def load_logged_bandit(
-    path: str | Path, n_actions: int, require_reward: bool = True
+    path: str | Path, n_actions: int, require_reward: bool = True, drop_pending: bool = False
 ) -> LoggedBandit:
     """Load a decision log (``.csv``, ``.parquet`` or a directory of parts) as arrays.
 
@@ -141,6 +141,9 @@ def load_logged_bandit(
         Catalogue size (the width of ``candidates`` and ``logging_dist``).
     require_reward : bool
         Refuse logs with decisions whose outcome has not arrived (null ``reward``).
+    drop_pending : bool
+        Instead, leave those decisions out (a live service journal always has some); only
+        sound when callers report every outcome, converted or not, within the window.
 
     Raises
     ------
@@ -157,12 +160,17 @@ def load_logged_bandit(
     if n == 0:
         raise DecisionLogError(source, "*", "the log holds no decisions")
     reward_col = table.column("reward")
+    if reward_col.null_count and drop_pending:
+        table = table.filter(pc.is_valid(reward_col))
+        n, reward_col = table.num_rows, table.column("reward")
+        if n == 0:
+            raise DecisionLogError(source, "reward", "no decision has an outcome yet")
     if reward_col.null_count and require_reward:
         raise DecisionLogError(
             source,
             "reward",
             f"{reward_col.null_count} of {n} decisions have no outcome yet; evaluate "
-            "after the attribution window, or drop them",
+            "after the attribution window, or leave them out (data.drop_pending: true)",
         )
     for name in ("feature_spec_version", "ruleset_version", "catalog_version"):
         if pc.count_distinct(table.column(name)).as_py() > 1:

@@ -15,6 +15,8 @@ import mlflow
 import onnx
 from mlflow import MlflowClient
 
+from nextbest.decision_journal import journal_file, read_journal
+
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 PROMOTION_METRIC = "ope/model/dr/lower"
@@ -23,8 +25,20 @@ CHAMPION_METRIC = "ope/model/dr/value"
 
 
 def data_fingerprint(path: str | Path) -> str:
-    """SHA-256 over the bytes of a log file or of every file of a log directory."""
+    """SHA-256 over the bytes of a log file or of every file of a log directory; for a
+    service journal, over its decisions and outcomes as read (its files change under a
+    running service, and recent commits may still sit in the write-ahead log)."""
     path = Path(path)
+    journal = journal_file(path)
+    if journal is not None:
+        table = read_journal(journal).select(["decision_id", "action", "pscore", "reward"])
+        digest = hashlib.sha256()
+        for column in table.columns:
+            for chunk in column.chunks:
+                for buffer in chunk.buffers():
+                    if buffer is not None:
+                        digest.update(buffer)
+        return digest.hexdigest()[:16]
     # a directory is read as its visible .parquet parts; a named file is read whatever its name
     files = (
         sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))

@@ -196,7 +196,9 @@ def run_training(
         Bad logs or a log made with another catalogue or feature spec, before training.
     """
     encoder = ContextEncoder(catalog)
-    log = load_logged_bandit(config.data.logs, catalog.n_actions)
+    log = load_logged_bandit(
+        config.data.logs, catalog.n_actions, drop_pending=config.data.drop_pending
+    )
     if log.catalog_version != catalog.version:
         raise ValueError(
             f"{config.data.logs}: made with catalogue {log.catalog_version}, this is "

@@ -96,6 +96,11 @@ def test_load_logged_bandit_missing_reward_refused(sim_log, catalog, tmp_path: P
     with pytest.raises(DecisionLogError, match="1 of 20 decisions have no outcome"):
         load_logged_bandit(path, catalog.n_actions)
     assert load_logged_bandit(path, catalog.n_actions, require_reward=False).n_rounds == 20
+    kept = load_logged_bandit(path, catalog.n_actions, drop_pending=True)
+    assert kept.n_rounds == 19
+    np.testing.assert_array_equal(
+        kept.reward, np.delete(np.array(rewards[:3] + [0.0] + rewards[4:]), 3)
+    )
 
 
 def test_ope_without_pscore_points_to_dm(sim_log, catalog, tmp_path: Path) -> None:
