@@ -120,6 +120,14 @@ class VwBanditSpec(StrictModel):
             raise ValueError(f"lists an interaction twice: {list(value)}")
         return value
 
+    @model_validator(mode="after")
+    def _squarecb_mtr(self) -> VwBanditSpec:
+        if self.exploration == "squarecb" and self.cb_type != "mtr":
+            raise ValueError(
+                f"exploration 'squarecb' needs cb_type 'mtr' (VW has no other), got {self.cb_type!r}"
+            )
+        return self
+
 
 class RewardSpec(StrictModel):
     """How the log's reward is made (the simulator's and the bank's economics)."""

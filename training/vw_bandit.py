@@ -359,10 +359,10 @@ class VwBandit:
         return out
 
     def _cost_twin(self) -> vowpalwabbit.Workspace:
-        """A ``--cb_adf`` workspace with the same hashing and this model's weights."""
-        twin = vowpalwabbit.Workspace(
-            arg_list=["--cb_adf", "--quiet", *_feature_arguments(self.spec)]
-        )
+        """A ``--cb_adf`` workspace with the same hashing, weight layout (``cb_type dr``
+        interleaves two models) and this model's weights."""
+        args = ["--cb_adf", "--cb_type", self.spec.cb_type, *_feature_arguments(self.spec)]
+        twin = vowpalwabbit.Workspace(arg_list=[*args, "--quiet"])
         for index in range(self.workspace.num_weights()):
             twin.set_weight(index, 0, self.workspace.get_weight(index, 0))
         return twin
