@@ -124,7 +124,8 @@ class VwBanditSpec(StrictModel):
     def _squarecb_mtr(self) -> VwBanditSpec:
         if self.exploration == "squarecb" and self.cb_type != "mtr":
             raise ValueError(
-                f"exploration 'squarecb' needs cb_type 'mtr' (VW has no other), got {self.cb_type!r}"
+                "exploration 'squarecb' needs cb_type 'mtr' (VW has no other), "
+                f"got {self.cb_type!r}"
             )
         return self
 

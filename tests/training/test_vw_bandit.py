@@ -116,7 +116,7 @@ def test_write_vw_data_reads_back_through_vw_parser(planted, catalog, tmp_path: 
     blocks = [b.split("\n") for b in path.read_text().split("\n\n") if b]
     assert len(blocks) == rows.n_rounds
 
-    ws = vowpalwabbit.Workspace(arg_list=vw_arguments(VwBanditSpec()) + ["--quiet"])
+    ws = vowpalwabbit.Workspace(arg_list=[*vw_arguments(VwBanditSpec()), "--quiet"])
     x_space, a_space = ws.hash_space("x"), ws.hash_space("a")
     column = {ws.hash_feature(str(j), x_space): j for j in range(context.shape[1])}
     action_of = {ws.hash_feature(str(a), a_space): a for a in range(catalog.n_actions)}
@@ -130,7 +130,7 @@ def test_write_vw_data_reads_back_through_vw_parser(planted, catalog, tmp_path: 
         assert ids == list(np.flatnonzero(rows.candidates[i]))
         labels = {
             a: e.get_label(vowpalwabbit.LabelType.CONTEXTUAL_BANDIT).costs
-            for a, e in zip(ids, examples[1:])
+            for a, e in zip(ids, examples[1:], strict=True)
         }
         assert [a for a, costs in labels.items() if costs] == [rows.action[i]]
         (label,) = labels[int(rows.action[i])]
