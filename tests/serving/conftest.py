@@ -1,0 +1,91 @@
+"""Fixtures of the scoring-API tests: a small ONNX model, API keys, settings, a client."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from nextbest.catalog import ActionCatalog
+from nextbest.features import ContextEncoder
+from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
+from serving.app import create_app
+from serving.schemas import EXAMPLE_CUSTOMER
+from serving.security import create_api_key
+from serving.settings import Settings
+
+PSEUDONYM_KEY = "test-pseudonymisation-key-0123456789"
+
+
+def write_model(catalog: ActionCatalog, path: Path, seed: int = 0) -> Path:
+    """A linear scoring model over the catalogue's features, random weights of ``seed``."""
+    spec = ContextEncoder(catalog).spec
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0, 0.3, (spec.n_context, catalog.n_actions))
+    bias = rng.normal(0, 1.0, catalog.n_actions)
+    return save_scoring_model(
+        linear_scoring_model(weights, bias, spec, "test_linear"), path, spec, "test_linear"
+    )
+
+
+def customer(**overrides: Any) -> dict[str, Any]:
+    """The OpenAPI example customer, assessed 30 days ago and with no contact history (so
+    the answer does not depend on today's date), with ``overrides``."""
+    data = copy.deepcopy(EXAMPLE_CUSTOMER)
+    data["risk_assessed_on"] = (date.today() - timedelta(days=30)).isoformat()
+    data["contact_history"] = {}
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture(scope="session")
+def api_model(catalog: ActionCatalog, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small scoring model file (built with nextbest.onnx_scoring, no training)."""
+    return write_model(catalog, tmp_path_factory.mktemp("model") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def api_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A keys file and one clear key per scope (``decide``, ``reward``, ``metrics``,
+    ``admin``)."""
+    path = tmp_path_factory.mktemp("keys") / "api_keys.json"
+    keys = {
+        scope: create_api_key(path, f"test-{scope}", [scope])
+        for scope in ("decide", "reward", "metrics", "admin")
+    }
+    return path, keys
+
+
+@pytest.fixture
+def api_settings(
+    tmp_path: Path, api_model: Path, api_keys: tuple[Path, dict[str, str]]
+) -> Settings:
+    """Local settings over the test model, a fresh state directory and the test keys."""
+    return Settings(
+        environment="local",
+        model_uri=str(api_model),
+        state_dir=tmp_path / "state",
+        api_keys_file=api_keys[0],
+        pseudonymisation_key=PSEUDONYM_KEY,
+        reload_poll_seconds=0,
+        seed=0,
+    )
+
+
+@pytest.fixture
+def api_client(api_settings: Settings) -> Iterator[TestClient]:
+    """A client of the app (lifespan run: model loaded, stores open)."""
+    with TestClient(create_app(api_settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def auth(api_keys: tuple[Path, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Headers carrying the key of each scope: ``auth["decide"]``."""
+    return {scope: {"X-API-Key": key} for scope, key in api_keys[1].items()}

@@ -1,0 +1,198 @@
+"""POST /v1/decisions and /v1/decisions/batch: answers, bad input, compliance over HTTP."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+from conftest import customer
+from fastapi.testclient import TestClient
+
+from nextbest.catalog import ActionCatalog
+from nextbest.compliance import RuleEngine
+from nextbest.context import ContextBatch, parse_customer
+from serving.app import create_app
+from serving.settings import Settings
+
+
+def test_post_decision_returns_ranked_allowed_actions(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    response = api_client.post(
+        "/v1/decisions", json={"customer": customer(), "k": 3}, headers=auth["decide"]
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["decision_id"]) == 32
+    assert 1 <= len(body["ranked"]) <= 3
+    scores = [r["score"] for r in body["ranked"]]
+    assert scores == sorted(scores, reverse=True)
+    assert 0 < body["chosen"]["propensity"] <= 1
+    assert body["exploration"] == "epsilon_greedy"
+    assert body["model_version"].startswith("file:")
+    assert body["blocked"] is None
+
+
+def test_post_decision_explain_lists_blocked_actions_with_rules(
+    api_client: TestClient, auth: dict[str, dict[str, str]], catalog: ActionCatalog
+) -> None:
+    payload = {"customer": customer(risk_tolerance="C1"), "k": 50, "explain": True}
+    body = api_client.post("/v1/decisions", json=payload, headers=auth["decide"]).json()
+    blocked = {b["action"]: b["rule"] for b in body["blocked"]}
+    served = {r["action"] for r in body["ranked"]} | {body["chosen"]["action"]}
+    assert not served & set(blocked)
+    assert blocked["app_push:wealth_r5:now"] == "suitability_risk"
+    assert blocked["outbound_call:fund_sip:now"] == "consent"
+    assert len(blocked) + len(served) <= catalog.n_actions
+
+
+def test_post_decision_never_serves_a_blocked_action(
+    api_client: TestClient,
+    auth: dict[str, dict[str, str]],
+    catalog: ActionCatalog,
+    engine: RuleEngine,
+) -> None:
+    rng = np.random.default_rng(3)
+    channels = list(catalog.channel_names)
+    for i in range(60):
+        data = customer(
+            customer_id=f"never-blocked-{i}",
+            age=int(rng.integers(18, 90)),
+            aum_cny=float(np.exp(rng.uniform(5, 16))),
+            risk_tolerance=["C1", "C2", "C3", "C4", "C5"][i % 5],
+            consented_channels=[c for c in channels if rng.random() < 0.5],
+            opt_outs=[c for c in channels if rng.random() < 0.2],
+            litigation=bool(rng.random() < 0.2),
+            opted_out_all=bool(i % 17 == 0),
+            contact_history={},
+        )
+        response = api_client.post(
+            "/v1/decisions", json={"customer": data, "k": 50}, headers=auth["decide"]
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        batch = ContextBatch.from_contexts(
+            [parse_customer(data, catalog)], catalog, datetime.now(UTC)
+        )
+        allowed = engine.allowed_mask(batch)[0]
+        for action in [body["chosen"]] + body["ranked"]:
+            assert allowed[action["action_index"]], action["action"]
+
+
+def test_post_decision_schema_violation_names_fields(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    payload = {"customer": customer(age=-3, consented_channels=["carrier_pigeon"]), "k": 0}
+    response = api_client.post("/v1/decisions", json=payload, headers=auth["decide"])
+    assert response.status_code == 422
+    locs = {tuple(e["loc"]) for e in response.json()["detail"]}
+    assert ("body", "customer", "age") in locs
+    assert ("body", "customer", "consented_channels") in locs
+    assert ("body", "k") in locs
+    assert "c-0001" not in response.text  # offending values are not echoed back
+
+
+def test_post_decision_malformed_json_is_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    response = api_client.post(
+        "/v1/decisions",
+        content=b'{"customer": ',
+        headers={**auth["decide"], "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_post_decision_unknown_action_id_is_400(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    payload = {"customer": customer(), "candidates": ["sms:fund_sip:now", "sms:moon:now"]}
+    response = api_client.post("/v1/decisions", json=payload, headers=auth["decide"])
+    assert response.status_code == 400
+    assert "sms:moon:now" in response.json()["detail"]
+
+
+def test_post_decision_unknown_campaign_is_400(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    payload = {"customer": customer(), "campaign_id": "no_such_campaign"}
+    response = api_client.post("/v1/decisions", json=payload, headers=auth["decide"])
+    assert response.status_code == 400
+    assert "no_such_campaign" in response.json()["detail"]
+
+
+def test_post_decision_unknown_channel_option_is_400(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    payload = {"customer": customer(), "channels": ["fax"]}
+    response = api_client.post("/v1/decisions", json=payload, headers=auth["decide"])
+    assert response.status_code == 400
+
+
+def test_post_decision_candidates_campaign_and_channels_limit_the_answer(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    payload = {
+        "customer": customer(),
+        "campaign_id": "pension_drive",
+        "channels": ["app_push"],
+        "k": 50,
+    }
+    body = api_client.post("/v1/decisions", json=payload, headers=auth["decide"]).json()
+    for action in [body["chosen"], *body["ranked"]]:
+        assert action["action"] == "no_contact" or (
+            action["channel"] == "app_push"
+            and action["offer"] in {"personal_pension", "investor_education"}
+        )
+    only = {"customer": customer(), "candidates": ["app_push:fund_sip:now"], "k": 5}
+    body = api_client.post("/v1/decisions", json=only, headers=auth["decide"]).json()
+    assert {r["action"] for r in body["ranked"]} <= {"app_push:fund_sip:now", "no_contact"}
+
+
+def test_post_batch_decides_every_customer_in_order(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    customers = [customer(customer_id=f"batch-{i}", age=20 + i) for i in range(50)]
+    response = api_client.post(
+        "/v1/decisions/batch", json={"customers": customers, "k": 2}, headers=auth["decide"]
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["decisions"]) == 50
+    assert len({d["decision_id"] for d in body["decisions"]}) == 50
+    for d in body["decisions"]:
+        assert 1 <= len(d["ranked"]) <= 2
+        assert len(d["scores"]) == len(d["ranked"])
+        assert 0 < d["propensity"] <= 1
+
+
+def test_post_batch_oversized_is_413(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    settings = api_settings.model_copy(update={"max_batch": 5})
+    with TestClient(create_app(settings)) as client:
+        customers = [customer(customer_id=f"big-{i}") for i in range(6)]
+        response = client.post(
+            "/v1/decisions/batch", json={"customers": customers}, headers=auth["decide"]
+        )
+    assert response.status_code == 413
+
+
+def test_post_decision_oversized_body_is_413(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    settings = api_settings.model_copy(update={"max_body_bytes": 2048})
+    with TestClient(create_app(settings)) as client:
+        customers = [customer(customer_id=f"big-{i}") for i in range(20)]
+        declared = client.post(
+            "/v1/decisions/batch", json={"customers": customers}, headers=auth["decide"]
+        )
+        chunks = (part for part in [b'{"customers": [', b" " * 4096, b"]}"])
+        chunked = client.post(
+            "/v1/decisions/batch",
+            content=chunks,
+            headers={**auth["decide"], "Content-Type": "application/json"},
+        )
+    assert declared.status_code == 413
+    assert chunked.status_code == 413

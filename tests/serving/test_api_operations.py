@@ -1,0 +1,135 @@
+"""/readyz, /metrics, model hot-swap under load, and pseudonymised customer keys only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import customer, write_model
+from fastapi.testclient import TestClient
+
+from nextbest.catalog import ActionCatalog
+from serving.settings import Settings
+
+
+def test_get_readyz_reports_the_model(api_client: TestClient, api_settings: Settings) -> None:
+    body = api_client.get("/readyz").json()
+    assert body["ready"] is True
+    assert body["model_uri"] == api_settings.model_uri
+    assert body["model_version"].startswith("file:")
+    assert body["last_error"] is None
+
+
+def test_get_metrics_counts_requests_actions_and_blocks(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    for i in range(5):
+        payload = {"customer": customer(customer_id=f"m-{i}", risk_tolerance="C1")}
+        assert api_client.post("/v1/decisions", json=payload, headers=auth["decide"]).is_success
+    text = api_client.get("/metrics", headers=auth["metrics"]).text
+    assert 'nextbest_http_requests_total{method="POST",route="/v1/decisions",status="200"}' in text
+    assert "nextbest_http_request_duration_seconds_bucket" in text
+    assert 'nextbest_decisions_total{endpoint="single"} 5.0' in text
+    assert "nextbest_actions_served_total{channel=" in text
+    assert 'nextbest_blocked_actions_total{rule="suitability_risk"}' in text
+    assert 'nextbest_model_info{version="file:' in text
+
+
+def test_post_reload_swaps_the_model_without_failing_requests_in_flight(
+    api_client: TestClient,
+    api_settings: Settings,
+    auth: dict[str, dict[str, str]],
+    catalog: ActionCatalog,
+    tmp_path: Path,
+) -> None:
+    model = Path(api_settings.model_uri)
+    original = model.read_bytes()
+    before = api_client.get("/readyz").json()["model_version"]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            payload = {"customer": customer(customer_id=f"swap-{threading.get_ident()}-{i}")}
+            statuses.append(
+                api_client.post("/v1/decisions", json=payload, headers=auth["decide"]).status_code
+            )
+            i += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        fresh = write_model(catalog, tmp_path / "fresh.onnx", seed=1)
+        os.replace(fresh, model)  # atomic, as `nextbest export` writes it
+        swapped = api_client.post("/v1/admin/reload", headers=auth["admin"]).json()
+        assert swapped["changed"] is True and swapped["last_error"] is None
+        (tmp_path / "broken.onnx").write_bytes(b"not an onnx model")
+        os.replace(tmp_path / "broken.onnx", model)
+        broken = api_client.post("/v1/admin/reload", headers=auth["admin"]).json()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        model.write_bytes(original)
+    assert broken["changed"] is False and broken["last_error"]
+    ready = api_client.get("/readyz").json()
+    assert ready["ready"] is True
+    assert ready["model_version"] == swapped["model_version"] != before
+    assert ready["last_error"]
+    assert statuses and set(statuses) == {200}
+    after = api_client.post(
+        "/v1/decisions", json={"customer": customer()}, headers=auth["decide"]
+    ).json()
+    assert after["model_version"] == swapped["model_version"]
+
+
+def test_post_decision_logs_only_pseudonymised_keys(
+    api_client: TestClient,
+    api_settings: Settings,
+    auth: dict[str, dict[str, str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    raw = "RAW-CUSTOMER-ID-7f3e9a"
+    caplog.set_level(logging.DEBUG)
+    decision = api_client.post(
+        "/v1/decisions",
+        json={"customer": customer(customer_id=raw), "explain": True},
+        headers=auth["decide"],
+    ).json()
+    api_client.post(
+        "/v1/decisions/batch",
+        json={"customers": [customer(customer_id=raw), customer(customer_id=raw + "-2")]},
+        headers=auth["decide"],
+    )
+    api_client.post(
+        "/v1/rewards",
+        json={"decision_id": decision["decision_id"], "converted": True},
+        headers=auth["reward"],
+    )
+    api_client.post(
+        "/v1/deliveries",
+        json={
+            "customer_id": raw,
+            "decision_id": decision["decision_id"],
+            "channel": "app_push",
+            "delivered_at": "2030-01-01T00:00:00+00:00",
+        },
+        headers=auth["reward"],
+    )
+    api_client.post(
+        "/v1/decisions",
+        json={"customer": customer(customer_id=raw, age=-1)},
+        headers=auth["decide"],
+    )
+    metrics = api_client.get("/metrics", headers=auth["metrics"]).text
+    api_client.app.state.service.journal.flush()
+    stored = b"".join(p.read_bytes() for p in api_settings.state_dir.rglob("*") if p.is_file())
+    assert b"cust_" in stored  # the pseudonyms are there
+    assert raw.encode() not in stored
+    assert raw not in caplog.text
+    assert raw not in metrics

@@ -1,0 +1,124 @@
+"""POST /v1/rewards and /v1/deliveries: idempotent outcomes, late flags, contact history."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+from conftest import customer
+from fastapi.testclient import TestClient
+
+from serving.settings import Settings
+
+
+def _decide(client: TestClient, headers: dict[str, str], **overrides: object) -> dict:
+    response = client.post(
+        "/v1/decisions", json={"customer": customer(**overrides), "k": 3}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_post_reward_is_idempotent(
+    api_client: TestClient, api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    decision = _decide(api_client, auth["decide"])
+    reward = {"decision_id": decision["decision_id"], "converted": True, "value_cny": 300.0}
+    first = api_client.post("/v1/rewards", json=reward, headers=auth["reward"])
+    again = api_client.post("/v1/rewards", json=reward, headers=auth["reward"])
+    assert first.status_code == again.status_code == 200
+    assert first.json()["duplicate"] is False and again.json()["duplicate"] is True
+    assert first.json()["reward"] == again.json()["reward"]
+    assert first.json()["late"] is False
+    with sqlite3.connect(api_settings.state_dir / "journal.db") as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM rewards").fetchone()
+    assert rows == 1
+
+
+def test_post_reward_different_outcome_is_409(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    decision = _decide(api_client, auth["decide"])
+    reward = {"decision_id": decision["decision_id"], "converted": True, "value_cny": 300.0}
+    assert api_client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
+    changed = {**reward, "complaint": True}
+    response = api_client.post("/v1/rewards", json=changed, headers=auth["reward"])
+    assert response.status_code == 409
+    assert "complaint" in response.json()["detail"]
+
+
+def test_post_reward_unknown_decision_is_404(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    reward = {"decision_id": "0" * 32, "converted": False}
+    assert api_client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 404
+
+
+def test_post_reward_after_window_is_flagged_late(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    decision = _decide(api_client, auth["decide"])
+    later = (datetime.now(UTC) + timedelta(days=45)).isoformat()
+    reward = {"decision_id": decision["decision_id"], "converted": True, "occurred_at": later}
+    response = api_client.post("/v1/rewards", json=reward, headers=auth["reward"])
+    assert response.status_code == 200
+    assert response.json()["late"] is True
+
+
+def test_post_reward_before_decision_is_400(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    decision = _decide(api_client, auth["decide"])
+    earlier = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    reward = {"decision_id": decision["decision_id"], "occurred_at": earlier}
+    assert api_client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 400
+
+
+def test_post_reward_schema_violation_names_fields(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    reward = {"decision_id": "not-an-id", "value_cny": "lots", "occurred_at": "2026-01-01T00:00"}
+    response = api_client.post("/v1/rewards", json=reward, headers=auth["reward"])
+    assert response.status_code == 422
+    locs = {tuple(e["loc"]) for e in response.json()["detail"]}
+    assert {("body", "decision_id"), ("body", "value_cny"), ("body", "occurred_at")} <= locs
+
+
+def test_post_delivery_counts_towards_contact_caps(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    now = datetime.now(UTC)
+    for i in range(8):
+        delivery = {
+            "customer_id": "capped-customer",
+            "message_id": f"msg-{i}",
+            "channel": "app_push",
+            "offer": "market_report",
+            "delivered_at": (now - timedelta(hours=30 + i)).isoformat(),
+        }
+        response = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
+        assert response.status_code == 200, response.text
+    payload = {
+        "customer": customer(customer_id="capped-customer"),
+        "channels": ["app_push"],
+        "k": 50,
+        "explain": True,
+    }
+    body = api_client.post("/v1/decisions", json=payload, headers=auth["decide"]).json()
+    assert body["chosen"]["action"] == "no_contact"
+    rules = {b["rule"] for b in body["blocked"] if b["action"].startswith("app_push:")}
+    assert rules & {"contact_cap_channel_7d", "contact_cap_total_7d"}
+
+
+def test_post_delivery_unknown_channel_is_400(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    delivery = {
+        "customer_id": "c-1",
+        "message_id": "m-1",
+        "channel": "fax",
+        "delivered_at": datetime.now(UTC).isoformat(),
+    }
+    assert (
+        api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"]).status_code == 400
+    )

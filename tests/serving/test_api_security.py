@@ -1,0 +1,118 @@
+"""API keys (401/403), settings that refuse unsafe defaults outside local."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import customer
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from serving.app import create_app
+from serving.security import ApiKeys, AuthError, create_api_key
+from serving.settings import Settings
+
+
+def test_post_decision_without_key_is_401(api_client: TestClient) -> None:
+    response = api_client.post("/v1/decisions", json={"customer": customer()})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "ApiKey"
+
+
+def test_post_decision_unknown_key_is_401(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    forged = auth["decide"]["X-API-Key"][:-4] + "AAAA"
+    for key in (forged, "nbk_00000000_secret", "not-a-key"):
+        response = api_client.post(
+            "/v1/decisions", json={"customer": customer()}, headers={"X-API-Key": key}
+        )
+        assert response.status_code == 401
+
+
+def test_post_decision_wrong_scope_is_403(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    response = api_client.post(
+        "/v1/decisions", json={"customer": customer()}, headers=auth["reward"]
+    )
+    assert response.status_code == 403
+    assert "decide" in response.json()["detail"]
+
+
+def test_get_metrics_needs_metrics_scope(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    assert api_client.get("/metrics").status_code == 401
+    assert api_client.get("/metrics", headers=auth["decide"]).status_code == 403
+    assert api_client.get("/metrics", headers=auth["metrics"]).status_code == 200
+    assert api_client.get("/metrics", headers=auth["admin"]).status_code == 200
+
+
+def test_post_reload_needs_admin_scope(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    assert api_client.post("/v1/admin/reload", headers=auth["decide"]).status_code == 403
+    assert api_client.post("/v1/admin/reload", headers=auth["admin"]).status_code == 200
+
+
+def test_get_health_needs_no_key(api_client: TestClient) -> None:
+    assert api_client.get("/healthz").json() == {"status": "ok"}
+    assert api_client.get("/readyz").status_code == 200
+
+
+def test_create_key_stores_only_a_salted_hash(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    key = create_api_key(path, "platform", ["decide", "reward"])
+    text = path.read_text()
+    secret = key.split("_", 2)[2]
+    assert secret not in text and key not in text
+    assert (path.stat().st_mode & 0o777) == 0o600
+    entry = json.loads(text)["keys"][0]
+    assert set(entry) == {"key_id", "name", "salt", "sha256", "scopes", "created_at"}
+    keys = ApiKeys.from_file(path)
+    assert keys.authenticate(key, "reward").name == "platform"
+    with pytest.raises(AuthError) as denied:
+        keys.authenticate(key, "admin")
+    assert denied.value.status_code == 403
+
+
+def test_create_settings_outside_local_refuses_unsafe_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="public development key") as refused:
+        Settings(environment="production")
+    message = str(refused.value)
+    assert "api_keys_file" in message and "docs" in message
+    keys = tmp_path / "keys.json"
+    create_api_key(keys, "ops", ["admin"])
+    safe = Settings(
+        environment="production",
+        pseudonymisation_key="a-real-secret-from-the-vault-0123456789",
+        api_keys_file=keys,
+        docs=False,
+    )
+    assert safe.environment == "production"
+    with pytest.raises(ValidationError, match="at least 16 bytes"):
+        Settings(pseudonymisation_key="short")
+
+
+def test_create_settings_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEXTBEST_EPSILON", "0.2")
+    monkeypatch.setenv("NEXTBEST_EXPLORATION", "softmax")
+    settings = Settings()
+    assert settings.epsilon == 0.2 and settings.exploration == "softmax"
+
+
+def test_post_decision_local_without_keys_file_is_open(api_settings: Settings) -> None:
+    settings = api_settings.model_copy(update={"api_keys_file": None})
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/decisions", json={"customer": customer()})
+    assert response.status_code == 200
+
+
+def test_get_docs_off_when_disabled(api_settings: Settings) -> None:
+    settings = api_settings.model_copy(update={"docs": False})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/docs").status_code == 404
+        assert client.get("/openapi.json").status_code == 200
