@@ -9,10 +9,11 @@ Every logged decision becomes one multi-line ADF example in VW's text format::
     <blank line>
 
 Context feature ``j`` is feature ``j`` of namespace ``x`` (zeros are left out, as VW drops
-them). Action features are the columns of :func:`nextbest.features.action_features`, named by
-their column number, in namespaces ``c`` (channel), ``o`` (offer), ``t`` (timing), ``p`` (the
-no-contact flag and the offer/channel attributes) and ``a`` (the catalogue id). Only the
-allowed (candidate) actions of a decision are written. The label of the logged action is
+them, and so are values below :data:`FEATURE_FLOOR`). Action features are the columns of
+:func:`nextbest.features.action_features`, named by their column number, in namespaces ``c``
+(channel), ``o`` (offer), ``t`` (timing), ``p`` (the no-contact flag and the offer/channel
+attributes) and ``a`` (the catalogue id). Only the allowed (candidate) actions of a decision
+are written. The label of the logged action is
 ``action:cost:probability`` with ``cost = -reward / cost_scale`` (VW minimises cost; the scale
 keeps costs near unit size, which VW's adaptive learning rate expects) and ``probability`` the
 logged ``pscore`` (1 for ``cb_type dm`` on logs without propensities). VW ignores the action
@@ -58,6 +59,11 @@ PREDICTION_BOUND = 1e6
 """``--min_prediction``/``--max_prediction``, in cost units: no clipping in practice."""
 FNV_PRIME = np.uint64(16777619)
 """VW's quadratic-feature hash: ``index(u, v) = (FNV_PRIME * u) ^ v`` (feature indices)."""
+FEATURE_FLOOR = 1e-6
+"""Context values of smaller magnitude are written as 0 (left out). They are float noise
+(``sin(pi)`` is 1.2e-16) or decays to nothing, and VW's normalised updates give a feature
+seen only at magnitude ``m`` a weight of order ``1 / m``, which explodes at an ordinary value.
+The exported model still multiplies them by ordinary weights: a difference below 1e-6."""
 CHUNK_ROWS = 8192
 """Decisions formatted per vectorised chunk when writing a data file."""
 NEEDS_PSCORE = ("mtr", "ips", "dr")
@@ -182,6 +188,7 @@ def write_vw_data(
     ----------
     path : the file to (over)write.
     context : float32 ``(n, F)``
+        Values smaller than :data:`FEATURE_FLOOR` in magnitude are left out.
     candidates : bool ``(n, A)``, the allowed actions (one ADF line each).
     catalog : the action catalogue (``A`` actions).
     action, cost, probability : ``(n,)`` each, or all None for unlabelled examples
@@ -232,7 +239,7 @@ def _chunk_text(
     decision or per action.
     """
     n, n_actions = candidates.shape
-    row, col = np.nonzero(context)
+    row, col = np.nonzero(np.abs(context) >= FEATURE_FLOOR)
     value = pa.array(context[row, col].astype(np.float32))
     token = pc.if_else(
         pc.equal(value, 1.0),
