@@ -104,20 +104,9 @@ def vw_arguments(spec: VwBanditSpec) -> list[str]:
         args += ["--bag", str(spec.bag), "--epsilon", str(spec.epsilon)]
     else:
         args += ["--softmax", "--lambda", str(spec.softmax_lambda)]
-    return (
-        args
-        + _feature_arguments(spec)
-        + [
-            "-l",
-            str(spec.learning_rate),
-            "--power_t",
-            str(spec.power_t),
-            "--l2",
-            str(spec.l2),
-            "--random_seed",
-            str(spec.seed),
-        ]
-    )
+    learning = ["-l", str(spec.learning_rate), "--power_t", str(spec.power_t)]
+    learning += ["--l2", str(spec.l2), "--random_seed", str(spec.seed)]
+    return [*args, *_feature_arguments(spec), *learning]
 
 
 def _feature_arguments(spec: VwBanditSpec) -> list[str]:
