@@ -26,7 +26,6 @@ Measured, in the same run:
 The last line of output is the JSON of these figures.
 """
 
-from __future__ import annotations
 
 import argparse
 import json
@@ -44,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# this file is named like the serving package: keep its directory off the import path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
