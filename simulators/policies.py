@@ -16,6 +16,7 @@ import numpy as np
 
 from nextbest.catalog import NO_CONTACT_ID, ActionCatalog
 from nextbest.context import ContextBatch
+from nextbest.exploration import sample_epsilon_greedy
 from nextbest.segments import BEHAVIOURAL_SEGMENTS, LIFE_STAGES, behavioural_segment, life_stage
 
 if TYPE_CHECKING:
@@ -80,14 +81,7 @@ def epsilon_greedy(
     if not allowed[np.arange(n), greedy].all():
         bad = int(np.flatnonzero(~allowed[np.arange(n), greedy])[0])
         raise ValueError(f"greedy action {greedy[bad]} of row {bad} is blocked by the rules")
-    action = greedy.copy()
-    explore = np.flatnonzero(rng.random(n) < epsilon)
-    if len(explore):
-        sub = allowed[explore]
-        k = sub.sum(axis=1)
-        pick = (rng.random(len(explore)) * k).astype(np.int64)
-        cum = np.cumsum(sub, axis=1)
-        action[explore] = (cum <= pick[:, None]).sum(axis=1)
+    action = sample_epsilon_greedy(allowed, greedy, epsilon, rng)
     return EpsilonGreedyDecision(allowed, greedy, float(epsilon), action)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nextbest.catalog import ActionCatalog
+from nextbest.exploration import greedy_distribution, softmax_distribution
 from training.logged_data import LoggedBandit
 
 
@@ -372,20 +373,12 @@ def predict_rewards(model: RewardModel, context: np.ndarray, batch_size: int = 6
 
 def greedy_policy(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """One-hot action distribution on the best allowed action, float64 ``(n, A)``."""
-    masked = np.where(allowed, scores, -np.inf)
-    dist = np.zeros(scores.shape)
-    dist[np.arange(len(scores)), masked.argmax(axis=1)] = 1.0
-    return dist
+    return greedy_distribution(scores, allowed)
 
 
 def softmax_policy(scores: np.ndarray, allowed: np.ndarray, temperature: float) -> np.ndarray:
     """Softmax over the allowed actions, float64 ``(n, A)`` (blocked actions get 0)."""
-    if not temperature > 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}")
-    masked = np.where(allowed, np.asarray(scores, np.float64) / temperature, -np.inf)
-    masked -= masked.max(axis=1, keepdims=True)
-    weights = np.exp(masked)
-    return weights / weights.sum(axis=1, keepdims=True)
+    return softmax_distribution(scores, allowed, temperature)
 
 
 def config_dict(config: NeuralBanditConfig) -> dict[str, object]:

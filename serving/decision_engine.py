@@ -1,0 +1,193 @@
+"""The decision itself, in process: features, rules over the full catalogue, model scores,
+exploration and ranking, for one customer or a campaign's batch.
+
+Vectorised over customers; a single customer takes the rule engine's one-row path. The
+exploration distribution is the one logged (``pscore = action_dist[chosen]``), drawn from a
+generator the engine owns (seedable). Blocked actions have probability 0 and never rank.
+No contact (action 0) is always available: a customer every contact is blocked for, or
+whose candidate list the rules empty, gets no contact rather than a blocked action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nextbest.catalog import NO_CONTACT_ID, ActionCatalog
+from nextbest.compliance import ALLOWED, RuleEngine
+from nextbest.context import ContextBatch
+from nextbest.exploration import (
+    action_distribution,
+    epsilon_greedy_distribution,
+    sample_actions,
+    sample_epsilon_greedy,
+)
+from nextbest.features import ContextEncoder
+from serving.model_store import ModelStore
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """The decisions for n customers over A actions.
+
+    Attributes
+    ----------
+    features : float32 ``(n, F)``, the encoded contexts (logged with each decision)
+    blocked_by : uint8 ``(n, A)``, index of the first blocking rule, ALLOWED if none
+    allowed : bool ``(n, A)``, allowed by the rules and by the request's candidates
+    scores : float32 ``(n, A)``, the model's scores of every action
+    action : int64 ``(n,)``, the chosen action (drawn from ``action_dist``)
+    pscore : float64 ``(n,)``, probability the chosen action had
+    action_dist : float64 ``(n, A)``, the exploration distribution (0 where not allowed)
+    ranked : int64 ``(n, k)``, the best allowed actions by score, -1 padded
+    ranked_scores : float32 ``(n, k)``, their scores (undefined where ``ranked`` is -1)
+    blocked : list of lists of (action id, rule id) per customer, when explained, else None
+    model_version, feature_spec_version : str
+    """
+
+    features: np.ndarray
+    blocked_by: np.ndarray
+    allowed: np.ndarray
+    scores: np.ndarray
+    action: np.ndarray
+    pscore: np.ndarray
+    action_dist: np.ndarray
+    ranked: np.ndarray
+    ranked_scores: np.ndarray
+    blocked: list[list[tuple[int, str]]] | None
+    model_version: str
+    feature_spec_version: str
+
+
+class ModelNotReadyError(RuntimeError):
+    """No model is loaded yet (the service answers 503)."""
+
+
+class DecisionEngine:
+    """Decides for batches of customers with the store's current model.
+
+    Parameters
+    ----------
+    catalog, rules : the catalogue and the compiled rule set
+    models : the model store (its ``current`` model is read once per call)
+    exploration : ``epsilon_greedy`` or ``softmax`` (``greedy`` for no exploration)
+    epsilon, temperature : their parameters
+    seed : seed of the exploration draws (None: fresh entropy)
+    """
+
+    def __init__(
+        self,
+        catalog: ActionCatalog,
+        rules: RuleEngine,
+        models: ModelStore,
+        exploration: str = "epsilon_greedy",
+        epsilon: float = 0.05,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.rules = rules
+        self.models = models
+        self.encoder = ContextEncoder(catalog)
+        self.exploration = exploration
+        self.epsilon = epsilon
+        self.temperature = temperature
+        # validates the exploration settings once, at start-up
+        action_distribution(
+            np.zeros((1, 2)), np.ones((1, 2), bool), exploration, epsilon, temperature
+        )  # type: ignore[arg-type]
+        self.rng = np.random.default_rng(seed)
+        self._rule_ids = rules.rule_ids
+
+    def decide(
+        self,
+        batch: ContextBatch,
+        k: int = 3,
+        candidates: np.ndarray | None = None,
+        explain: bool = False,
+    ) -> Decisions:
+        """Decide for every customer of ``batch``.
+
+        Parameters
+        ----------
+        batch : ContextBatch of n customers
+        k : how many ranked actions to return per customer
+        candidates : bool ``(A,)`` or ``(n, A)``, optional
+            The actions the caller allows (a campaign's offers, a channel subset); the rules
+            still apply on top.
+        explain : also list every blocked action with the rule that blocked it
+
+        Raises
+        ------
+        ModelNotReadyError
+            When no model has been loaded.
+        """
+        model = self.models.current  # one read: a swap during this call does not affect it
+        if model is None:
+            raise ModelNotReadyError("no model loaded")
+        n, n_actions = batch.n, self.catalog.n_actions
+        features = self.encoder.encode(batch)
+        if n == 1:
+            blocked_by = self.rules.evaluate_row(batch.row(0))[None, :]
+        else:
+            blocked_by = self.rules.blocked_by(batch)
+        allowed = blocked_by == ALLOWED
+        if candidates is not None:
+            allowed = allowed & candidates
+        allowed[:, NO_CONTACT_ID] = True
+        scores = model.scorer.scores(features)
+        masked = np.where(allowed, scores, -np.inf)
+        ranked, ranked_scores = _top_k(masked, scores, max(1, min(k, n_actions)))
+        greedy = ranked[:, 0]  # no contact is always allowed: never -1
+        ranked, ranked_scores = ranked[:, :k], ranked_scores[:, :k]
+        if self.exploration == "epsilon_greedy":
+            dist = epsilon_greedy_distribution(scores, allowed, self.epsilon, greedy)
+            action = sample_epsilon_greedy(allowed, greedy, self.epsilon, self.rng)
+        else:
+            dist = action_distribution(
+                scores,
+                allowed,
+                self.exploration,  # type: ignore[arg-type]
+                self.epsilon,
+                self.temperature,
+            )
+            action = sample_actions(dist, self.rng)
+        pscore = dist[np.arange(n), action]
+        blocked = None
+        if explain:
+            blocked = [
+                [(int(a), self._rule_ids[blocked_by[i, a]]) for a in np.flatnonzero(row != ALLOWED)]
+                for i, row in enumerate(blocked_by)
+            ]
+        return Decisions(
+            features,
+            blocked_by,
+            allowed,
+            scores,
+            action,
+            pscore,
+            dist,
+            ranked,
+            ranked_scores,
+            blocked,
+            model.version,
+            model.spec_version,
+        )
+
+
+def _top_k(masked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best allowed actions per row, int64 ``(n, k)`` (-1 where fewer are allowed),
+    and their scores, float32 ``(n, k)``.
+
+    ``masked`` is float ``(n, A)`` with -inf on actions not allowed (consumed: overwritten).
+    k argmax passes: for the few actions a response ranks, cheaper than a partition.
+    """
+    n = len(masked)
+    rows = np.arange(n)
+    ranked = np.empty((n, k), np.int64)
+    for j in range(k):
+        best = masked.argmax(axis=1)
+        ranked[:, j] = np.where(np.isfinite(masked[rows, best]), best, -1)
+        masked[rows, best] = -np.inf
+    return ranked, np.take_along_axis(scores, np.maximum(ranked, 0), axis=1)

@@ -1,0 +1,158 @@
+"""The serving model: loaded from a local ONNX file or the MLflow registry, swapped atomically.
+
+A reload builds the new model completely (download, ONNX Runtime session, feature-spec check,
+a probe batch scored) before one reference assignment makes it current, so a request in
+flight keeps the model it started with and never sees half a swap. A model that fails any
+step is not installed: the old one keeps serving and the error is kept for ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from nextbest.model_source import (
+    ModelSourceError,
+    is_registry_uri,
+    registry_version,
+    resolve_model,
+)
+from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
+
+log = logging.getLogger(__name__)
+
+PROBE_ROWS = 8
+"""Contexts scored before a new model is installed (catches shape and runtime errors)."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model ready to score; immutable, so a request can hold it while a swap happens."""
+
+    scorer: OnnxScorer
+    version: str
+    """``<name>/<version>`` for registry models, ``file:<sha256 prefix>`` for files."""
+    uri: str
+    loaded_at: datetime
+
+    @property
+    def spec_version(self) -> str:
+        return self.scorer.spec_version
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What ``/readyz`` reports."""
+
+    model_version: str | None
+    loaded_at: datetime | None
+    last_error: str | None
+
+
+class ModelStore:
+    """Holds the current model of ``uri`` and reloads it on demand.
+
+    Parameters
+    ----------
+    uri : an ``.onnx`` path or ``models:/<name>@<alias>`` (or ``/<version>``)
+    tracking_uri : MLflow tracking URI for registry models
+    threads : ONNX Runtime intra-op threads per session
+    expected_spec_version : the feature-spec version the service's encoder produces; a model
+        trained on other features is refused
+    n_actions : the catalogue size; a model scoring another number of actions is refused
+
+    The first load happens in the constructor; when it fails the store is empty
+    (``current`` is None, ``status().last_error`` says why) and the service is not ready.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        tracking_uri: str | None = None,
+        threads: int = 1,
+        expected_spec_version: str | None = None,
+        n_actions: int | None = None,
+    ) -> None:
+        self.uri = uri
+        self.tracking_uri = tracking_uri
+        self.threads = threads
+        self.expected_spec_version = expected_spec_version
+        self.n_actions = n_actions
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self._reload_lock = threading.Lock()
+        self._file_stamp: tuple[int, int] | None = None
+        self.reload()
+
+    def reload(self) -> bool:
+        """Load ``uri`` again and install it; False (old model kept, error recorded) on
+        failure. Thread-safe: concurrent reloads run one after the other."""
+        with self._reload_lock:
+            try:
+                model = self._load()
+            except (ModelSourceError, ModelSpecError, OSError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.error("model %s not loaded, %s", self.uri, self.last_error)
+                return False
+            self.current = model  # one reference assignment: the atomic swap
+            self.last_error = None
+            log.info("serving model %s (features %s)", model.version, model.spec_version)
+            return True
+
+    def _load(self) -> LoadedModel:
+        stamp = None if is_registry_uri(self.uri) else _stamp(Path(self.uri))
+        resolved = resolve_model(self.uri, self.tracking_uri)
+        scorer = OnnxScorer(resolved.path, threads=self.threads)
+        if self.expected_spec_version is not None and (
+            scorer.spec_version != self.expected_spec_version
+        ):
+            raise ModelSpecError(
+                f"model {self.uri!r} was trained on features {scorer.spec_version}; this "
+                f"service encodes {self.expected_spec_version} (retrain or change the catalogue)"
+            )
+        n_context = len(scorer.spec["context_names"])
+        probe = np.zeros((PROBE_ROWS, n_context), np.float32)
+        try:
+            scores = scorer.scores(probe)
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            raise ModelSpecError(f"model {self.uri!r} fails on a probe batch: {exc}") from exc
+        wrong_width = self.n_actions is not None and scores.shape[1] != self.n_actions
+        if wrong_width or not np.isfinite(scores).all():
+            raise ModelSpecError(
+                f"model {self.uri!r} scores shape {scores.shape} (finite: "
+                f"{bool(np.isfinite(scores).all())}); the catalogue has {self.n_actions} actions"
+            )
+        self._file_stamp = stamp
+        return LoadedModel(scorer, resolved.version, self.uri, datetime.now(UTC))
+
+    def changed(self) -> bool:
+        """Whether ``uri`` now points at another model than the current one: the registry
+        alias moved, or the file was replaced. Cheap (no download); may raise
+        :class:`ModelSourceError` while the registry is unreachable."""
+        if is_registry_uri(self.uri):
+            version = registry_version(self.uri, self.tracking_uri)
+            return self.current is None or version != self.current.version
+        path = Path(self.uri)
+        return path.exists() and _stamp(path) != self._file_stamp
+
+    def status(self) -> ModelStatus:
+        model = self.current
+        return ModelStatus(
+            None if model is None else model.version,
+            None if model is None else model.loaded_at,
+            self.last_error,
+        )
+
+    def close(self) -> None:
+        """Nothing to release (sessions go with their last reference); kept for symmetry."""
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(mtime ns, size) of a model file: changes when a new file is moved into place."""
+    info = path.stat()
+    return info.st_mtime_ns, info.st_size

@@ -1,0 +1,138 @@
+"""Loading and hot-swapping the serving model: spec checks, broken files keep the old model,
+swaps are atomic under concurrent scoring, registry alias moves are noticed."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_decision_engine import write_model
+
+from nextbest.catalog import ActionCatalog
+from nextbest.features import ContextEncoder
+from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
+from nextbest.synthetic import random_context_batch
+from serving.decision_engine import DecisionEngine
+from serving.model_store import ModelStore
+
+
+def store_for(catalog: ActionCatalog, uri: str, **kwargs) -> ModelStore:
+    spec = ContextEncoder(catalog).spec
+    return ModelStore(
+        uri, expected_spec_version=spec.version, n_actions=catalog.n_actions, **kwargs
+    )
+
+
+def test_load_local_file_reports_version(catalog, tmp_path: Path) -> None:
+    store = store_for(catalog, str(write_model(catalog, tmp_path / "m.onnx")))
+    status = store.status()
+    assert status.model_version is not None and status.model_version.startswith("file:")
+    assert status.last_error is None and status.loaded_at is not None
+    assert not store.changed()
+
+
+def test_load_model_of_other_features_refused(catalog, tmp_path: Path) -> None:
+    spec = ContextEncoder(catalog).spec
+    stale = type(spec)(spec.context_names[:-1], spec.action_names, spec.catalog_version)
+    weights = np.zeros((stale.n_context, catalog.n_actions), np.float32)
+    model = linear_scoring_model(weights, np.zeros(catalog.n_actions, np.float32), stale, "t")
+    path = save_scoring_model(model, tmp_path / "stale.onnx", stale, "t")
+    store = store_for(catalog, str(path))
+    assert store.current is None
+    assert "trained on features" in store.status().last_error
+
+
+def test_load_model_of_other_catalogue_size_refused(catalog, tmp_path: Path) -> None:
+    path = write_model(catalog, tmp_path / "m.onnx")
+    spec = ContextEncoder(catalog).spec
+    store = ModelStore(
+        str(path), expected_spec_version=spec.version, n_actions=catalog.n_actions + 1
+    )
+    assert store.current is None
+    assert "actions" in store.status().last_error
+
+
+def test_reload_broken_file_keeps_old_model(catalog, tmp_path: Path) -> None:
+    path = write_model(catalog, tmp_path / "m.onnx")
+    store = store_for(catalog, str(path))
+    old = store.current
+    path.write_bytes(b"not an onnx model")
+    assert store.changed()
+    assert store.reload() is False
+    assert store.current is old
+    assert "cannot load ONNX model" in store.status().last_error
+    write_model(catalog, path, seed=1)
+    assert store.reload() is True
+    assert store.current is not old and store.status().last_error is None
+
+
+def test_reload_during_scoring_never_fails_a_request(catalog, engine, tmp_path: Path) -> None:
+    a = write_model(catalog, tmp_path / "a.onnx", seed=1)
+    b = write_model(catalog, tmp_path / "b.onnx", seed=2)
+    live = tmp_path / "live.onnx"
+    shutil.copyfile(a, live)
+    store = store_for(catalog, str(live))
+    versions = {store.current.version}
+    decider = DecisionEngine(catalog, engine, store, seed=0)
+    batch = random_context_batch(catalog, 50, np.random.default_rng(0))
+    errors: list[BaseException] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def score() -> None:
+        while not stop.is_set():
+            try:
+                seen.add(decider.decide(batch).model_version)
+            except BaseException as exc:  # any failure fails the test
+                errors.append(exc)
+
+    workers = [threading.Thread(target=score) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for i in range(20):
+        source = b if i % 2 == 0 else a
+        partial = tmp_path / "live.partial"
+        shutil.copyfile(source, partial)
+        partial.replace(live)  # how a deployment moves a new file into place
+        assert store.reload()
+        versions.add(store.current.version)
+    stop.set()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert len(versions) == 2 and seen <= versions
+
+
+def test_registry_alias_move_is_noticed_and_loaded(catalog, tmp_path: Path) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from nextbest.onnx_scoring import spec_path
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    for seed in (1, 2):
+        path = write_model(catalog, tmp_path / f"m{seed}.onnx", seed=seed)
+        with mlflow.start_run():
+            import onnx
+
+            mlflow.onnx.log_model(
+                onnx.load(str(path)),
+                name="model",
+                registered_model_name="nb",
+                save_as_external_data=False,
+            )
+            mlflow.log_artifact(str(spec_path(path)))
+    client.set_registered_model_alias("nb", "champion", "1")
+    store = store_for(catalog, "models:/nb@champion", tracking_uri=uri)
+    assert store.status().model_version == "nb/1"
+    assert not store.changed()
+    client.set_registered_model_alias("nb", "champion", "2")
+    assert store.changed()
+    assert store.reload()
+    assert store.status().model_version == "nb/2"
+    assert not store.changed()
