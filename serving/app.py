@@ -16,8 +16,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
+from starlette.requests import ClientDisconnect
 
 from serving.metrics import RequestMetrics
 from serving.middleware import BodySizeLimit
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (decisions, rewards, contacts, health):
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     # outermost first: metrics see the 413s of the size limit too
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
@@ -92,6 +94,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The caller hung up while sending its body: nothing was decided, nobody to answer."""
+    return Response(status_code=499)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from nextbest.decision_journal import (
     epoch_us,
     new_decision_ids,
 )
+from nextbest.features import ContextEncoder
 from nextbest.privacy import pseudonymise
 from serving import metrics
 from serving.campaigns import Campaigns, load_campaigns
@@ -156,6 +157,8 @@ class ScoringService:
             settings.model_uri,
             tracking_uri=settings.tracking_uri,
             threads=settings.onnx_threads,
+            expected_spec_version=ContextEncoder(catalog).spec.version,
+            n_actions=catalog.n_actions,
         )
         engine = DecisionEngine(
             catalog,
@@ -232,8 +235,14 @@ class ScoringService:
         index = [self._channel_of[n] for n in names]
         return np.isin(self.catalog.channel_index, index) | (self.catalog.channel_index < 0)
 
+    def _require_model(self) -> None:
+        """503 before any work when no model is loaded (the engine also refuses)."""
+        if self.models.current is None:
+            raise HTTPException(503, "no model loaded (see /readyz for the reason)")
+
     async def decide(self, request: DecisionRequest) -> DecisionResponse:
         """Decide for one customer; returns once the decision is durable in the journal."""
+        self._require_model()
         mask = self.candidate_mask(request.candidates, request.channels, request.campaign_id)
         now = datetime.now(UTC)
         customer = request.customer
@@ -290,6 +299,7 @@ class ScoringService:
         """Decide for every customer of a batch; the JSON body of a
         :class:`~serving.schemas.BatchDecisionResponse` (built without a Python object per
         decision: a 10,000-customer batch would spend more time there than deciding)."""
+        self._require_model()
         n = len(request.customers)
         if n > self.settings.max_batch:
             raise HTTPException(
