@@ -243,9 +243,10 @@ end
 
 
 def lua_script(directory: Path, key: str | None) -> Path:
-    """A wrk script posting the customer payload with a new customer id each request."""
+    """A wrk script posting the customer payload with a new customer id each request (ids
+    never repeat across runs: each script has its own prefix)."""
     marker = "@@ID@@"
-    body = json.dumps({"customer": customer(marker), "k": 3})
+    body = json.dumps({"customer": customer(f"{os.urandom(4).hex()}-{marker}"), "k": 3})
     pre, post = body.split(marker)
     auth = f'wrk.headers["X-API-Key"] = "{key}"' if key else ""
     path = directory / ("load_auth.lua" if key else "load.lua")

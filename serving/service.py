@@ -30,7 +30,7 @@ from pydantic_core import to_json
 
 from nextbest.catalog import ActionCatalog, load_catalog
 from nextbest.compliance import ALLOWED, RuleEngine, load_rules
-from nextbest.context import ContextBatch
+from nextbest.context import ContextBatch, CustomerContext
 from nextbest.decision_journal import (
     DecisionBatch,
     JournalWriter,
@@ -51,10 +51,9 @@ from serving.contact_store import (
     ContactBatch,
     ContactStore,
     SqliteContactStore,
-    merge_contact_history,
     merge_into_batch,
 )
-from serving.decision_engine import DecisionEngine
+from serving.decision_engine import DecisionEngine, Decisions
 from serving.model_store import ModelStore
 from serving.schemas import (
     BatchDecisionRequest,
@@ -105,6 +104,68 @@ class _ActionView:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """One single-customer request waiting to be decided with the others of its moment."""
+
+    customer: CustomerContext
+    key: str
+    """Pseudonymised customer key."""
+    mask: np.ndarray | None
+    k: int
+    explain: bool
+    campaign_id: str | None
+
+
+class _Coalescer:
+    """Decides the single-customer requests that arrive together as one batch.
+
+    The first request of a moment schedules a flush with ``call_soon``: every request the
+    event loop reaches before that callback joins the batch, so a lone request waits for
+    nothing, and under load the per-call costs (engine call, contact-store query, journal
+    and contact-store transactions) are paid once for many requests.
+    """
+
+    def __init__(self, service: ScoringService, max_batch: int = 256) -> None:
+        self._service = service
+        self._max_batch = max_batch
+        self._waiting: list[tuple[_Pending, asyncio.Future[tuple[Decisions, int, str]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def decide(self, pending: _Pending) -> tuple[Decisions, int, str]:
+        """The decisions of ``pending``'s batch, its row in them and its decision id."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Decisions, int, str]] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        self._waiting.append((pending, future))
+        return await future
+
+    def _flush(self) -> None:
+        while self._waiting:
+            group = self._waiting[: self._max_batch]
+            del self._waiting[: self._max_batch]
+            task = asyncio.get_running_loop().create_task(self._run(group))
+            self._tasks.add(task)  # keep a reference until done
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self, group: list[tuple[_Pending, asyncio.Future[tuple[Decisions, int, str]]]]
+    ) -> None:
+        try:
+            result, ids = await self._service.decide_many([p for p, _ in group])
+        except BaseException as exc:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for row, (_, future) in enumerate(group):
+            if not future.done():  # the caller may have gone
+                future.set_result((result, row, ids[row]))
+
+
 class ScoringService:
     """Everything a request needs, built once per worker process.
 
@@ -138,6 +199,7 @@ class ScoringService:
         self._channel_of = {name: i for i, name in enumerate(catalog.channel_names)}
         self._exploration = settings.exploration
         self._model_version: str | None = None
+        self._coalescer = _Coalescer(self)
 
     @classmethod
     def start(cls, settings: Settings) -> ScoringService:
@@ -241,51 +303,44 @@ class ScoringService:
             raise HTTPException(503, "no model loaded (see /readyz for the reason)")
 
     async def decide(self, request: DecisionRequest) -> DecisionResponse:
-        """Decide for one customer; returns once the decision is durable in the journal."""
+        """Decide for one customer; returns once the decision is durable in the journal.
+
+        Concurrent single-customer requests are decided together (see :class:`_Coalescer`):
+        one contact-store query, one engine call, one journal and one contact-store commit
+        for all of them, so the per-request cost is mostly HTTP.
+        """
         self._require_model()
         mask = self.candidate_mask(request.candidates, request.channels, request.campaign_id)
-        now = datetime.now(UTC)
-        customer = request.customer
-        key = pseudonymise(customer.customer_id, self._key)
-        events = self.contacts.contacts([key], epoch_us(now - LONGEST_WINDOW))
-        if len(events.row):
-            history = merge_contact_history(
-                customer.contact_history,
-                events,
-                0,
-                self.contacts.channels,
-                now,
-                self.settings.count_recommended,
-            )
-            customer = customer.model_copy(update={"contact_history": history})
-        batch = ContextBatch.from_contexts([customer], self.catalog, now)
-        result = self.engine.decide(batch, k=request.k, candidates=mask, explain=request.explain)
-        decision_ids = new_decision_ids(1)
-        await self._commit(result, decision_ids, [key], now, request.campaign_id, "single")
-        chosen = int(result.action[0])
+        key = pseudonymise(request.customer.customer_id, self._key)
+        result, row, decision_id = await self._coalescer.decide(
+            _Pending(request.customer, key, mask, request.k, request.explain, request.campaign_id)
+        )
+        chosen = int(result.action[row])
         view = self._view
-        ranked_ids = result.ranked[0]
-        ranked_scores = result.ranked_scores[0]
         ranked = [
             view.ranked(a, s)
-            for a, s in zip(ranked_ids.tolist(), ranked_scores.tolist(), strict=True)
+            for a, s in zip(
+                result.ranked[row, : request.k].tolist(),
+                result.ranked_scores[row, : request.k].tolist(),
+                strict=True,
+            )
             if a >= 0
         ]
         blocked = None
         if request.explain:
             blocked = [
-                BlockedAction(action=view.name[a], rule=rule) for a, rule in result.blocked[0]
+                BlockedAction(action=view.name[a], rule=rule) for a, rule in result.blocked[row]
             ]
         return DecisionResponse(
-            decision_id=decision_ids[0],
+            decision_id=decision_id,
             chosen=ChosenAction(
                 action=view.name[chosen],
                 action_index=chosen,
                 channel=view.channel[chosen],
                 offer=view.offer[chosen],
                 timing=view.timing[chosen],
-                score=float(result.scores[0, chosen]),
-                propensity=float(result.pscore[0]),
+                score=float(result.scores[row, chosen]),
+                propensity=float(result.pscore[row]),
             ),
             ranked=ranked,
             exploration=self._exploration,
@@ -294,6 +349,35 @@ class ScoringService:
             catalog_version=self.catalog.version,
             blocked=blocked,
         )
+
+    async def decide_many(self, pending: list[_Pending]) -> tuple[Decisions, list[str]]:
+        """Decide for customers of several requests at once: stored contacts merged, one
+        engine call, decisions journalled and contacts recorded (both committed)."""
+        now = datetime.now(UTC)
+        keys = [p.key for p in pending]
+        batch = ContextBatch.from_contexts([p.customer for p in pending], self.catalog, now)
+        events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
+        if len(events.row):
+            batch = merge_into_batch(
+                batch, events, now, self.catalog, self.settings.count_recommended
+            )
+        masks = [p.mask for p in pending]
+        candidates = None
+        if any(m is not None for m in masks):
+            candidates = np.ones((len(pending), self.catalog.n_actions), bool)
+            for i, m in enumerate(masks):
+                if m is not None:
+                    candidates[i] = m
+        result = self.engine.decide(
+            batch,
+            k=max(p.k for p in pending),
+            candidates=candidates,
+            explain=any(p.explain for p in pending),
+        )
+        decision_ids = new_decision_ids(len(pending))
+        campaigns = [p.campaign_id for p in pending]
+        await self._commit(result, decision_ids, keys, now, campaigns, "single")
+        return result, decision_ids
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
         """Decide for every customer of a batch; the JSON body of a
@@ -351,11 +435,11 @@ class ScoringService:
 
     async def _commit(
         self,
-        result: Any,
+        result: Decisions,
         decision_ids: list[str],
         keys: list[str],
         now: datetime,
-        campaign_id: str | None,
+        campaign_id: str | list[str | None] | None,
         endpoint: str,
     ) -> None:
         """Journal the decisions and record the recommended contacts; wait for both commits."""
