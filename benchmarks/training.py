@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1_000_000)
     parser.add_argument("--vw-customers", type=int, default=24000)
     parser.add_argument("--vw-days", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     catalog = load_catalog()
     vw_per_s, cli_per_s, _ = vw_throughput(catalog, args.vw_customers, args.vw_days, args.repeats)
