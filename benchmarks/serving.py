@@ -86,12 +86,11 @@ def build_model(path: Path) -> Path:
 
 def inproc_decision_us(model: Path, n: int = 5000) -> float:
     """Median microseconds of one customer through the decision engine."""
-    from serving.decision_engine import DecisionEngine
-    from serving.model_store import ModelStore
-
     from nextbest.catalog import load_catalog
     from nextbest.compliance import DEFAULT_RULES_PATH, RuleEngine, load_rules
     from nextbest.context import ContextBatch, parse_customer
+    from serving.decision_engine import DecisionEngine
+    from serving.model_store import ModelStore
 
     catalog = load_catalog()
     rules = RuleEngine(load_rules(DEFAULT_RULES_PATH, catalog))

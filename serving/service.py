@@ -53,7 +53,7 @@ from serving.contact_store import (
     SqliteContactStore,
     merge_into_batch,
 )
-from serving.decision_engine import DecisionEngine, Decisions
+from serving.decision_engine import DecisionEngine, Decisions, ModelNotReadyError
 from serving.model_store import ModelStore
 from serving.schemas import (
     BatchDecisionRequest,
@@ -368,7 +368,7 @@ class ScoringService:
             for i, m in enumerate(masks):
                 if m is not None:
                     candidates[i] = m
-        result = self.engine.decide(
+        result = self._engine_decide(
             batch,
             k=max(p.k for p in pending),
             candidates=candidates,
@@ -399,7 +399,7 @@ class ScoringService:
             batch = merge_into_batch(
                 batch, events, now, self.catalog, self.settings.count_recommended
             )
-        result = self.engine.decide(batch, k=request.k, candidates=mask, explain=False)
+        result = self._engine_decide(batch, k=request.k, candidates=mask, explain=False)
         decision_ids = new_decision_ids(n)
         await self._commit(result, decision_ids, keys, now, request.campaign_id, "batch")
         names = np.array(self._view.name, dtype=object)
@@ -432,6 +432,15 @@ class ScoringService:
             "catalog_version": self.catalog.version,
         }
         return to_json(body)
+
+    def _engine_decide(
+        self, batch: ContextBatch, k: int, candidates: np.ndarray | None, explain: bool
+    ) -> Decisions:
+        """The engine's decisions; 503 if the model went away meanwhile."""
+        try:
+            return self.engine.decide(batch, k=k, candidates=candidates, explain=explain)
+        except ModelNotReadyError:
+            raise HTTPException(503, "no model loaded (see /readyz for the reason)") from None
 
     async def _commit(
         self,
