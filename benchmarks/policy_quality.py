@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument(
         "--scenario", type=Path, default=ROOT / "configs/scenarios/retail_bank.yaml"
     )
-    parser.add_argument("--config", type=Path, default=ROOT / "configs/training/neural_bandit.yaml")
+    parser.add_argument(
+        "--config", type=Path, default=ROOT / "configs/training/neural_bandit_outcomes.yaml"
+    )
     parser.add_argument("--decisions", type=int, default=500_000)
     parser.add_argument("--days", type=int, default=36)
     parser.add_argument("--seed", type=int, default=7)
