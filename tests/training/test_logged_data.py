@@ -99,7 +99,7 @@ def test_load_logged_bandit_missing_reward_refused(sim_log, catalog, tmp_path: P
     kept = load_logged_bandit(path, catalog.n_actions, drop_pending=True)
     assert kept.n_rounds == 19
     np.testing.assert_array_equal(
-        kept.reward, np.delete(np.array(rewards[:3] + [0.0] + rewards[4:]), 3)
+        kept.reward, np.delete(np.array([*rewards[:3], 0.0, *rewards[4:]]), 3)
     )
 
 
