@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, Security
@@ -22,7 +22,7 @@ _api_key_header = APIKeyHeader(
 )
 
 
-def get_service(request: Request) -> ScoringService:
+async def get_service(request: Request) -> ScoringService:
     """The service the lifespan built (catalogue, rules, model, journal, contact store)."""
     return request.app.state.service
 
@@ -30,10 +30,13 @@ def get_service(request: Request) -> ScoringService:
 ServiceDep = Annotated[ScoringService, Depends(get_service)]
 
 
-def require(scope: Scope) -> Callable[..., Principal]:
-    """A dependency checking the caller's API key carries ``scope`` (401/403 otherwise)."""
+def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
+    """A dependency checking the caller's API key carries ``scope`` (401/403 otherwise).
 
-    def check(
+    Dependencies are ``async``: FastAPI runs plain functions in a thread pool, a thread hop
+    per dependency per request (the check itself takes a microsecond)."""
+
+    async def check(
         service: ServiceDep,
         key: Annotated[str | None, Security(_api_key_header)],
     ) -> Principal:
