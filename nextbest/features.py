@@ -90,6 +90,14 @@ class ContextEncoder:
 
     def __init__(self, catalog: ActionCatalog) -> None:
         self.catalog = catalog
+        slots = catalog.timing
+        # timing-slot windows (start -1: the immediate slot), (1, T), built once
+        self._slot_start = np.array([-1 if t.start_hour is None else t.start_hour for t in slots])[
+            None, :
+        ]
+        self._slot_end = np.array([-1 if t.end_hour is None else t.end_hour for t in slots])[
+            None, :
+        ]
         ch, of = catalog.channel_names, catalog.offer_names
         self._blocks: list[Block] = [
             ("age_scaled", lambda b: (b["age"] - 45.0) / 15.0),
@@ -172,9 +180,7 @@ class ContextEncoder:
         """
         usual = batch["usual_login_hour"].astype(np.int16)[:, None]
         now = batch["local_hour"].astype(np.int16)[:, None]
-        slots = self.catalog.timing
-        start = np.array([-1 if t.start_hour is None else t.start_hour for t in slots])[None, :]
-        end = np.array([-1 if t.end_hour is None else t.end_hour for t in slots])[None, :]
+        start, end = self._slot_start, self._slot_end
         fits = np.where(start < 0, np.abs(now - usual) <= 1, (usual >= start) & (usual < end))
         return fits & (usual >= 0)
 
