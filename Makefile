@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compliance.py
 	$(BIN)/python benchmarks/simulator.py --full
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/policy_quality.py --scenario configs/scenarios/retail_bank.yaml
+	$(BIN)/python benchmarks/policy_quality.py --scenario configs/scenarios/digital_bank.yaml
 	$(BIN)/python benchmarks/serving.py
 
 clean:
