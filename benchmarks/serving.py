@@ -26,7 +26,6 @@ Measured, in the same run:
 The last line of output is the JSON of these figures.
 """
 
-
 import argparse
 import json
 import os

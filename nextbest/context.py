@@ -372,9 +372,7 @@ class ContextBatch:
             cols["days_since_last_login"][i] = (
                 np.inf if ev.days_since_last_login is None else ev.days_since_last_login
             )
-            cols["usual_login_hour"][i] = (
-                -1 if ev.usual_login_hour is None else ev.usual_login_hour
-            )
+            cols["usual_login_hour"][i] = -1 if ev.usual_login_hour is None else ev.usual_login_hour
             try:
                 for name in c.consented_channels:
                     cols["consent"][i, ch[name]] = True
