@@ -71,10 +71,16 @@ class FeatureSpec:
         return out
 
 
+_IDENTITY = {width: np.eye(width, dtype=np.float32) for width in range(1, 17)}
+"""Identity matrices by width: a one-hot block is one row gather from them."""
+
+
 def _one_hot(index: np.ndarray, width: int) -> np.ndarray:
-    out = np.zeros((len(index), width), np.float32)
-    out[np.arange(len(index)), index.astype(np.int64)] = 1.0
-    return out
+    """float32 ``(n, width)`` with a 1 at ``index`` (int ``(n,)``) in each row."""
+    identity = _IDENTITY.get(width)
+    if identity is None:
+        identity = np.eye(width, dtype=np.float32)
+    return identity[index]
 
 
 def _decay(elapsed: np.ndarray, scale: float) -> np.ndarray:
@@ -200,7 +206,10 @@ class ContextEncoder:
         out = np.empty((batch.n, self.n_features), np.float32)
         for (_, fn), cols in zip(self._blocks, self._slices, strict=True):
             values = fn(batch)
-            out[:, cols] = values.reshape(batch.n, -1) if values.ndim > 1 else values[:, None]
+            if values.ndim > 1:
+                out[:, cols] = values
+            else:
+                out[:, cols.start] = values
         return out
 
 
