@@ -413,11 +413,10 @@ class ContextBatch:
     def row(self, i: int) -> dict[str, Any]:
         """Customer ``i`` as plain Python values: floats/ints/bools, tuples for per-channel
         and per-offer columns. This is the input of the single-customer rule path."""
-        out: dict[str, Any] = {}
-        for name, arr in self._columns.items():
-            value = arr[i]
-            out[name] = tuple(value.tolist()) if value.ndim else value.item()
-        return out
+        return {
+            name: arr.item(i) if arr.ndim == 1 else tuple(arr[i].tolist())
+            for name, arr in self._columns.items()
+        }
 
 
 def _elapsed(now_utc: datetime, then: datetime | None, unit_s: float) -> float:

@@ -38,6 +38,10 @@ def epsilon_greedy_distribution(
         raise ValueError(f"`epsilon` must be in [0, 1], got {epsilon}")
     if greedy is None:
         greedy = np.where(allowed, scores, -np.inf).argmax(axis=1)
+    if len(allowed) == 1:  # one customer (a scoring request): scalar count and index
+        dist = allowed * (epsilon / np.count_nonzero(allowed))
+        dist[0, int(greedy[0])] += 1.0 - epsilon
+        return dist
     dist = allowed * (epsilon / np.count_nonzero(allowed, axis=1))[:, None]
     dist[np.arange(len(dist)), greedy] += 1.0 - epsilon
     return dist

@@ -10,7 +10,6 @@ not trained on.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -24,13 +23,23 @@ from nextbest.context import (
     RISK_TOLERANCES,
     ContextBatch,
 )
+from nextbest.feature_transforms import (
+    Decay,
+    HourInWindows,
+    OneHot,
+    Periodic,
+    Row,
+    Scaled,
+    Threshold,
+    Transform,
+)
 from nextbest.segments import (
     DIGITAL_ACTIVITY,
+    DIGITAL_ACTIVITY_BOUNDS_LOGINS,
+    LIFE_STAGE_BOUNDS_AGE,
     LIFE_STAGES,
+    VALUE_TIER_BOUNDS_CNY,
     VALUE_TIERS,
-    digital_activity,
-    life_stage,
-    value_tier,
 )
 
 ENCODER_REVISION = 2
@@ -71,124 +80,97 @@ class FeatureSpec:
         return out
 
 
-_IDENTITY = {width: np.eye(width, dtype=np.float32) for width in range(1, 17)}
-"""Identity matrices by width: a one-hot block is one row gather from them."""
-
-
-def _one_hot(index: np.ndarray, width: int) -> np.ndarray:
-    """float32 ``(n, width)`` with a 1 at ``index`` (int ``(n,)``) in each row."""
-    identity = _IDENTITY.get(width)
-    if identity is None:
-        identity = np.eye(width, dtype=np.float32)
-    return identity[index]
-
-
-def _decay(elapsed: np.ndarray, scale: float) -> np.ndarray:
-    """exp(-elapsed / scale): 1 just now, 0 for never (inf)."""
-    return np.exp(-np.asarray(elapsed, np.float32) / np.float32(scale))
-
-
-Block = tuple[str | tuple[str, ...], Callable[[ContextBatch], np.ndarray]]
+Feature = tuple[str | tuple[str, ...], Transform]
+"""A feature block: its column name (or names, one per column of the block) and transform."""
 
 
 class ContextEncoder:
-    """Encodes a :class:`ContextBatch` as float32 features ``(N, F)``."""
+    """Encodes a :class:`ContextBatch` as float32 features ``(N, F)``, or one customer's row
+    as ``(F,)``: the blocks are declared once as transforms, computed by either path."""
 
     def __init__(self, catalog: ActionCatalog) -> None:
         self.catalog = catalog
         slots = catalog.timing
-        # timing-slot windows (start -1: the immediate slot), (1, T), built once
-        self._slot_start = np.array([-1 if t.start_hour is None else t.start_hour for t in slots])[
-            None, :
-        ]
-        self._slot_end = np.array([-1 if t.end_hour is None else t.end_hour for t in slots])[
-            None, :
-        ]
         ch, of = catalog.channel_names, catalog.offer_names
-        self._blocks: list[Block] = [
-            ("age_scaled", lambda b: (b["age"] - 45.0) / 15.0),
-            ("log_aum", lambda b: (np.log1p(b["aum_cny"]) - 11.0) / 3.0),
+        self._features: list[Feature] = [
+            ("age_scaled", Scaled("age", shift=45.0, scale=15.0)),
+            ("log_aum", Scaled("aum_cny", shift=11.0, scale=3.0, log=True)),
             (
                 tuple(f"value_tier={t}" for t in VALUE_TIERS),
-                lambda b: _one_hot(value_tier(b["aum_cny"]), len(VALUE_TIERS)),
+                OneHot("aum_cny", len(VALUE_TIERS), VALUE_TIER_BOUNDS_CNY),
             ),
             (
                 tuple(f"life_stage={s}" for s in LIFE_STAGES),
-                lambda b: _one_hot(life_stage(b["age"]), len(LIFE_STAGES)),
+                OneHot("age", len(LIFE_STAGES), LIFE_STAGE_BOUNDS_AGE),
             ),
             (
                 tuple(f"income_band={s}" for s in INCOME_BANDS),
-                lambda b: _one_hot(b["income_band"], len(INCOME_BANDS)),
+                OneHot("income_band", len(INCOME_BANDS)),
             ),
             (
                 ("risk_tolerance=unassessed", *(f"risk_tolerance={r}" for r in RISK_TOLERANCES)),
-                lambda b: _one_hot(b["risk_tolerance"], len(RISK_TOLERANCES) + 1),
+                OneHot("risk_tolerance", len(RISK_TOLERANCES) + 1),
             ),
             (
                 "risk_assessment_valid",
-                lambda b: b["risk_assessment_age_days"] <= ASSESSMENT_VALID_DAYS,
+                Threshold("risk_assessment_age_days", "at_most", ASSESSMENT_VALID_DAYS),
             ),
             (
                 tuple(f"lifecycle={s}" for s in LIFECYCLE_STAGES),
-                lambda b: _one_hot(b["lifecycle_stage"], len(LIFECYCLE_STAGES)),
+                OneHot("lifecycle_stage", len(LIFECYCLE_STAGES)),
             ),
-            ("log_tenure_months", lambda b: np.log1p(b["tenure_months"]) / 5.0),
-            ("log_app_logins_30d", lambda b: np.log1p(b["app_logins_30d"]) / 3.0),
+            ("log_tenure_months", Scaled("tenure_months", scale=5.0, log=True)),
+            ("log_app_logins_30d", Scaled("app_logins_30d", scale=3.0, log=True)),
             (
                 tuple(f"digital_activity={d}" for d in DIGITAL_ACTIVITY),
-                lambda b: _one_hot(digital_activity(b["app_logins_30d"]), len(DIGITAL_ACTIVITY)),
+                OneHot("app_logins_30d", len(DIGITAL_ACTIVITY), DIGITAL_ACTIVITY_BOUNDS_LOGINS),
             ),
-            ("opted_out_all", lambda b: b["opted_out_all"]),
-            ("litigation", lambda b: b["litigation"]),
-            ("dishonest_debtor", lambda b: b["dishonest_debtor"]),
-            ("complaint_recency", lambda b: _decay(b["days_since_complaint"], 30.0)),
-            ("contact_recency", lambda b: _decay(b["hours_since_last_contact"], 168.0)),
-            ("hour_sin", lambda b: np.sin(b["local_hour"] * (2 * np.pi / 24))),
-            ("hour_cos", lambda b: np.cos(b["local_hour"] * (2 * np.pi / 24))),
-            ("weekend", lambda b: b["local_weekday"] >= 5),
-            ("log_mortgage_views_7d", lambda b: np.log1p(b["mortgage_page_views_7d"])),
-            ("maturity_soon", lambda b: _decay(b["days_to_product_maturity"], 30.0)),
-            ("login_staleness", lambda b: np.minimum(b["days_since_last_login"], 365.0) / 365.0),
-            ("log_contacts_7d_total", lambda b: np.log1p(b["contacts_7d_total"])),
-            ("log_contacts_30d_total", lambda b: np.log1p(b["contacts_30d_total"])),
-            (tuple(f"consent={c}" for c in ch), lambda b: b["consent"]),
-            (tuple(f"opt_out={c}" for c in ch), lambda b: b["opt_out"]),
-            (tuple(f"log_contacts_7d={c}" for c in ch), lambda b: np.log1p(b["contacts_7d"])),
-            (tuple(f"log_contacts_30d={c}" for c in ch), lambda b: np.log1p(b["contacts_30d"])),
-            (tuple(f"holds={o}" for o in of), lambda b: b["holds"]),
+            ("opted_out_all", Scaled("opted_out_all")),
+            ("litigation", Scaled("litigation")),
+            ("dishonest_debtor", Scaled("dishonest_debtor")),
+            ("complaint_recency", Decay("days_since_complaint", 30.0)),
+            ("contact_recency", Decay("hours_since_last_contact", 168.0)),
+            ("hour_sin", Periodic("local_hour", 24.0, "sin")),
+            ("hour_cos", Periodic("local_hour", 24.0, "cos")),
+            ("weekend", Threshold("local_weekday", "at_least", 5)),
+            ("log_mortgage_views_7d", Scaled("mortgage_page_views_7d", log=True)),
+            ("maturity_soon", Decay("days_to_product_maturity", 30.0)),
+            ("login_staleness", Scaled("days_since_last_login", scale=365.0, cap=365.0)),
+            ("log_contacts_7d_total", Scaled("contacts_7d_total", log=True)),
+            ("log_contacts_30d_total", Scaled("contacts_30d_total", log=True)),
+            (tuple(f"consent={c}" for c in ch), Scaled("consent")),
+            (tuple(f"opt_out={c}" for c in ch), Scaled("opt_out")),
+            (tuple(f"log_contacts_7d={c}" for c in ch), Scaled("contacts_7d", log=True)),
+            (tuple(f"log_contacts_30d={c}" for c in ch), Scaled("contacts_30d", log=True)),
+            (tuple(f"holds={o}" for o in of), Scaled("holds")),
             (
                 tuple(f"log_offer_views_30d={o}" for o in of),
-                lambda b: np.log1p(b["offer_views_30d"]) / 2.0,
+                Scaled("offer_views_30d", scale=2.0, log=True),
             ),
-            ("login_hour_known", lambda b: b["usual_login_hour"] >= 0),
+            ("login_hour_known", Threshold("usual_login_hour", "at_least", 0)),
             (
                 tuple(f"login_hour_fits={t}" for t in catalog.timing_names),
-                self._login_hour_fits,
+                # windowed slots by their hours; the immediate slot (-1): within an hour of now
+                HourInWindows(
+                    "usual_login_hour",
+                    "local_hour",
+                    tuple(-1 if t.start_hour is None else t.start_hour for t in slots),
+                    tuple(-1 if t.end_hour is None else t.end_hour for t in slots),
+                ),
             ),
         ]
         names: list[str] = []
         self._slices: list[slice] = []
-        for name, _ in self._blocks:
+        for name, _ in self._features:
             width = 1 if isinstance(name, str) else len(name)
             self._slices.append(slice(len(names), len(names) + width))
             names.extend([name] if isinstance(name, str) else name)
+        self._scalar_steps = tuple(transform.scalar for _, transform in self._features)
         self.spec = FeatureSpec(tuple(names), action_feature_names(catalog), catalog.version)
 
     @property
     def n_features(self) -> int:
         return self.spec.n_context
-
-    def _login_hour_fits(self, batch: ContextBatch) -> np.ndarray:
-        """Whether the usual login hour falls in each timing slot, bool ``(N, T)``.
-
-        A windowed slot fits when the hour is inside its window; the immediate slot fits when
-        the hour is within one hour of the local decision hour. Unknown hours fit nothing.
-        """
-        usual = batch["usual_login_hour"].astype(np.int16)[:, None]
-        now = batch["local_hour"].astype(np.int16)[:, None]
-        start, end = self._slot_start, self._slot_end
-        fits = np.where(start < 0, np.abs(now - usual) <= 1, (usual >= start) & (usual < end))
-        return fits & (usual >= 0)
 
     def encode(self, batch: ContextBatch) -> np.ndarray:
         """Context features.
@@ -204,13 +186,26 @@ class ContextEncoder:
             ``F = spec.n_context``; column names in ``spec.context_names``.
         """
         out = np.empty((batch.n, self.n_features), np.float32)
-        for (_, fn), cols in zip(self._blocks, self._slices, strict=True):
-            values = fn(batch)
+        for (_, transform), cols in zip(self._features, self._slices, strict=True):
+            values = transform.vector(batch)
             if values.ndim > 1:
                 out[:, cols] = values
             else:
                 out[:, cols.start] = values
         return out
+
+    def encode_row(self, row: Row) -> np.ndarray:
+        """Context features of one customer, float32 ``(F,)``, equal to ``encode`` of a
+        one-customer batch (within float32 rounding: this path computes in float64).
+
+        Parameters
+        ----------
+        row : the customer as :meth:`ContextBatch.row` gives it
+        """
+        out: list[float] = []
+        for step in self._scalar_steps:
+            step(row, out)
+        return np.array(out, np.float32)
 
 
 def action_feature_names(catalog: ActionCatalog) -> tuple[str, ...]:

@@ -127,14 +127,16 @@ class DecisionEngine:
         if model is None:
             raise ModelNotReadyError("no model loaded")
         n, n_actions = batch.n, self.catalog.n_actions
-        features = self.encoder.encode(batch)
-        if n == 1:
-            blocked_by = self.rules.evaluate_row(batch.row(0))[None, :]
+        if n == 1:  # one customer: rules and features from one row of Python values
+            row = batch.row(0)
+            blocked_by = self.rules.evaluate_row(row)[None, :]
+            features = self.encoder.encode_row(row)[None, :]
         else:
             blocked_by = self.rules.blocked_by(batch)
+            features = self.encoder.encode(batch)
         allowed = blocked_by == ALLOWED
         if candidates is not None:
-            allowed = allowed & candidates
+            allowed &= candidates
         allowed[:, NO_CONTACT_ID] = True
         scores = model.scorer.scores(features)
         masked = np.where(allowed, scores, -np.inf)
@@ -181,13 +183,23 @@ def _top_k(masked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, 
     and their scores, float32 ``(n, k)``.
 
     ``masked`` is float ``(n, A)`` with -inf on actions not allowed (consumed: overwritten).
-    k argmax passes: for the few actions a response ranks, cheaper than a partition.
+    k argmax passes (ties: the lowest id first): for the few actions a response ranks,
+    cheaper than a partition.
     """
     n = len(masked)
-    if n == 1:  # one customer: one sort of A scores beats k passes of array calls
-        order = np.argsort(-masked[0], kind="stable")[:k]
-        ranked = np.where(np.isfinite(masked[0, order]), order, -1)[None, :]
-        return ranked, scores[0, np.maximum(ranked[0], 0)][None, :]
+    if n == 1:  # one customer: plain Python around k argmax calls over A scores
+        line, scored = masked[0], scores[0]
+        ranked_one, top_scores = [], []
+        for _ in range(k):
+            best = int(line.argmax())
+            if line[best] == -np.inf:
+                ranked_one.append(-1)
+                top_scores.append(scored[0])
+                continue
+            ranked_one.append(best)
+            top_scores.append(scored[best])
+            line[best] = -np.inf
+        return np.array([ranked_one], np.int64), np.array([top_scores], np.float32)
     rows = np.arange(n)
     ranked = np.empty((n, k), np.int64)
     for j in range(k):

@@ -32,6 +32,35 @@ def test_encode_context_batch_equals_rows(encoder: ContextEncoder) -> None:
         np.testing.assert_array_equal(encoder.encode(batch.take([i]))[0], full[i])
 
 
+def test_encode_row_equals_batch_encoding(encoder: ContextEncoder) -> None:
+    """The one-customer path (Python floats) gives the batch path's features within 1e-6,
+    on random customers and on every segment boundary (a value equal to a bound belongs to
+    the bucket above), unknown login hours, never-seen events (inf) and capped staleness."""
+    catalog = encoder.catalog
+    batch = random_context_batch(catalog, 3000, np.random.default_rng(12))
+    cols = dict(batch.columns)
+    edges = {
+        "aum_cny": [1_000_000.0, 6_000_000.0, 999_999.99, 0.0],
+        "age": [35, 55, 34, 120],
+        "app_logins_30d": [2, 4, 0, 10_000],
+        "days_since_last_login": [365, 366, np.inf, 0],
+        "usual_login_hour": [-1, 0, 23, 12],
+        "risk_assessment_age_days": [365, 366, np.inf, 0],
+    }
+    for name, values in edges.items():
+        column = np.array(cols[name])
+        column[: len(values)] = values
+        cols[name] = column
+    batch = ContextBatch.from_columns(catalog, **cols)
+    full = encoder.encode(batch)
+    rows = np.stack([encoder.encode_row(batch.row(i)) for i in range(batch.n)])
+    assert rows.dtype == np.float32 and rows.shape == full.shape
+    np.testing.assert_allclose(rows, full, rtol=1e-6, atol=1e-6)
+    names = encoder.spec.context_names
+    tiers = rows[:3, [names.index(f"value_tier={t}") for t in ("mass", "potential", "hnw")]]
+    np.testing.assert_array_equal(tiers, [[0, 1, 0], [0, 0, 1], [1, 0, 0]])
+
+
 def test_encode_context_columns_carry_their_meaning(encoder: ContextEncoder) -> None:
     batch = random_context_batch(encoder.catalog, 300, np.random.default_rng(3))
     x = encoder.encode(batch)
