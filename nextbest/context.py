@@ -390,7 +390,12 @@ class ContextBatch:
                 raise ValueError(f"context {i}: unknown channel or offer {exc.args[0]!r}") from None
         cols["contacts_7d_total"] = cols["contacts_7d"].sum(axis=1)
         cols["contacts_30d_total"] = cols["contacts_30d"].sum(axis=1)
-        return cls.from_columns(catalog, **cols)
+        # every value comes from a validated context (pydantic checked the ranges; elapsed
+        # times are clamped at 0) into arrays of the right dtype and shape: the checks of
+        # from_columns would cost more than building the columns for a single customer
+        for arr in cols.values():
+            arr.flags.writeable = False
+        return cls(cols, catalog.n_channels, catalog.n_offers)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._columns[name]

@@ -140,16 +140,16 @@ class ContactBatch:
         at : datetime
             Decision time (timezone-aware).
         """
-        action = np.asarray(action)
-        channel_index = catalog.channel_index[action]
-        rows = np.flatnonzero(channel_index >= 0)
-        channels = np.array(catalog.channel_names, dtype=object)
-        offers = np.array(catalog.offer_names, dtype=object)
+        actions = np.asarray(action).tolist()
+        channel_index = catalog.channel_index[actions].tolist()
+        offer_index = catalog.offer_index[actions].tolist()
+        rows = [i for i, c in enumerate(channel_index) if c >= 0]
+        channels, offers = catalog.channel_names, catalog.offer_names
         return cls(
             contact_id=[decision_id[i] for i in rows],
             customer_key=[customer_key[i] for i in rows],
-            channel=channels[channel_index[rows]].tolist(),
-            offer=offers[catalog.offer_index[action[rows]]].tolist(),
+            channel=[channels[channel_index[i]] for i in rows],
+            offer=[offers[offer_index[i]] for i in rows],
             at_us=epoch_us(at),
             kind="recommended",
         )
@@ -198,8 +198,11 @@ class ContactStore(Protocol):
     channels: tuple[str, ...]
     """Channel names; :attr:`ContactEvents.channel` indexes this."""
 
-    def record(self, contacts: ContactBatch) -> Future[int]:
-        """Store contacts (idempotent per contact id); the future gives the rows written."""
+    def record(self, contacts: ContactBatch, inline: bool = False) -> Future[int]:
+        """Store contacts (idempotent per contact id); the future gives the rows written.
+
+        ``inline``: a hint that the caller would rather have a small write done on its own
+        thread when that cannot block (the future is then resolved on return)."""
         ...
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
@@ -463,10 +466,12 @@ class SqliteContactStore:
         self._readers_lock = threading.Lock()
         self._last_prune = -np.inf
 
-    def record(self, contacts: ContactBatch) -> Future[int]:
+    def record(self, contacts: ContactBatch, inline: bool = False) -> Future[int]:
         """Store contacts; idempotent per contact id, a delivery replaces a recommendation.
 
         Also prunes, at most every ``prune_every``, contacts older than the retention.
+        ``inline``: commit on the calling thread when the writer is idle (see
+        :meth:`~nextbest.decision_journal.GroupCommitWriter.submit_inline`).
         """
         n = len(contacts)
         kind = CONTACT_KINDS.index(contacts.kind)
@@ -493,7 +498,8 @@ class SqliteContactStore:
             conn.executemany(_UPSERT, rows)
             return n
 
-        return self._writer.submit(upsert, rows=n)
+        submit = self._writer.submit_inline if inline else self._writer.submit
+        return submit(upsert, rows=n)
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
         """Stored contacts of ``customer_keys`` ``(n,)`` after ``since_us``, in one query.

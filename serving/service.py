@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import HTTPException
@@ -73,6 +74,19 @@ from serving.security import ApiKeys
 from serving.settings import Settings
 
 log = logging.getLogger("nextbest.serving")
+T = TypeVar("T")
+
+
+INLINE_COMMIT_ROWS = 64
+"""Decisions of one call at most for which the stores may commit on the event loop (a few
+tens of microseconds); bigger writes always go to the writers' threads."""
+
+
+async def _committed(future: Future[T]) -> T:
+    """The result of a store write, awaited only if it is not already committed."""
+    if future.done():
+        return future.result()
+    return await asyncio.wrap_future(future)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,12 +484,15 @@ class ScoringService:
             feature_spec_version=result.feature_spec_version,
         )
         start = asyncio.get_running_loop().time()
-        journalled = asyncio.wrap_future(self.journal.submit(decisions))
+        # small writes commit inline when the writers are idle (no thread hand-off); under
+        # load they queue and commit in groups on the writers' threads
+        inline = len(decision_ids) <= INLINE_COMMIT_ROWS
+        journalled = self.journal.submit(decisions, inline=inline)
         contacts = ContactBatch.recommended(decision_ids, keys, result.action, self.catalog, now)
-        if len(contacts):
-            await asyncio.gather(journalled, asyncio.wrap_future(self.contacts.record(contacts)))
-        else:
-            await journalled
+        recorded = self.contacts.record(contacts, inline=inline) if len(contacts) else None
+        await _committed(journalled)
+        if recorded is not None:
+            await _committed(recorded)
         metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - start)
         channel_index = self.catalog.channel_index[result.action].astype(np.int64)
         codes = result.blocked_by
