@@ -256,9 +256,7 @@ class GroupCommitWriter:
             self._queue.put(job)
         return job.future
 
-    def submit_inline(
-        self, apply: Callable[[sqlite3.Connection], T], rows: int = 1
-    ) -> Future[T]:
+    def submit_inline(self, apply: Callable[[sqlite3.Connection], T], rows: int = 1) -> Future[T]:
         """Like :meth:`submit`, but commit ``apply`` on the calling thread at once when that
         cannot wait: the writer is idle (nothing queued, no transaction running) and no other
         process holds the write lock. The returned future is then already resolved, after
