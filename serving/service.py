@@ -316,6 +316,11 @@ class ScoringService:
         if self.models.current is None:
             raise HTTPException(503, "no model loaded (see /readyz for the reason)")
 
+    async def decide_json(self, request: DecisionRequest) -> bytes:
+        """:meth:`decide`, answered as the JSON body of its :class:`DecisionResponse`."""
+        response = await self.decide(request)
+        return DecisionResponse.__pydantic_serializer__.to_json(response)
+
     async def decide(self, request: DecisionRequest) -> DecisionResponse:
         """Decide for one customer; returns once the decision is durable in the journal.
 

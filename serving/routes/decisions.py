@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from serving.deps import DecideKey, ServiceDep, json_body, parse_body
+from serving.deps import api_key_security, authorize, json_body, parse_body
 from serving.schemas import (
     BatchDecisionRequest,
     BatchDecisionResponse,
@@ -29,27 +29,29 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     "",
     response_model=DecisionResponse,
     responses=_ERRORS,
-    openapi_extra=json_body(DecisionRequest),
+    openapi_extra=json_body(DecisionRequest) | api_key_security(),
     summary="Decide the next best action for one customer",
 )
-async def decide(request: Request, service: ServiceDep, _key: DecideKey) -> DecisionResponse:
+async def decide(request: Request) -> Response:
     """Rank the actions the compliance rules allow for the customer by model score, draw the
     action to take with the configured exploration (its propensity is returned and logged),
     and journal the decision before answering. With ``explain``, every blocked action is
     listed with the rule that blocked it."""
+    service = authorize(request, "decide")
     body = parse_body(DecisionRequest, await request.body(), {"catalog": service.catalog})
-    return await service.decide(body)
+    return Response(await service.decide_json(body), media_type="application/json")
 
 
 @router.post(
     "/batch",
     response_model=BatchDecisionResponse,
     responses=_ERRORS,
-    openapi_extra=json_body(BatchDecisionRequest),
+    openapi_extra=json_body(BatchDecisionRequest) | api_key_security(),
     summary="Decide for up to 10,000 customers in one call",
 )
-async def decide_batch(request: Request, service: ServiceDep, _key: DecideKey) -> Response:
+async def decide_batch(request: Request) -> Response:
     """The same decision for every customer of a campaign, in request order; every decision
     is journalled before the answer."""
+    service = authorize(request, "decide")
     body = parse_body(BatchDecisionRequest, await request.body(), {"catalog": service.catalog})
     return Response(await service.decide_batch(body), media_type="application/json")

@@ -116,3 +116,12 @@ def test_get_docs_off_when_disabled(api_settings: Settings) -> None:
     with TestClient(create_app(settings)) as client:
         assert client.get("/docs").status_code == 404
         assert client.get("/openapi.json").status_code == 200
+
+
+def test_get_openapi_declares_the_api_key_on_every_keyed_route(api_settings: Settings) -> None:
+    with TestClient(create_app(api_settings)) as client:
+        schema = client.get("/openapi.json").json()
+    scheme = schema["components"]["securitySchemes"]["APIKeyHeader"]
+    assert scheme == {"type": "apiKey", "in": "header", "name": "X-API-Key", **scheme}
+    for path in ("/v1/decisions", "/v1/decisions/batch", "/v1/rewards"):
+        assert schema["paths"][path]["post"]["security"] == [{"APIKeyHeader": []}], path
