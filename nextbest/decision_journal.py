@@ -948,6 +948,8 @@ class JournalWriter:
             max_group_rows=max_group_rows,
             name="decision-journal",
         )
+        self._version_ids: dict[tuple[str, ...], int] = {}
+        """Ids of the versions rows committed so far, by served-by tuple."""
 
     def submit(self, decisions: DecisionBatch, inline: bool = False) -> Future[int]:
         """Queue a batch of decisions; the future gives the number of rows once committed.
@@ -963,20 +965,31 @@ class JournalWriter:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         served_by = tuple(getattr(decisions, name) for name in VERSION_FIELDS)
+        known = self._version_ids.get(served_by)
+        used: list[int] = []
 
         def append(conn: sqlite3.Connection) -> int:
-            conn.executemany(insert, _decision_rows(decisions, self._version_id(conn, served_by)))
+            version_id = known if known is not None else self._version_id(conn, served_by)
+            conn.executemany(insert, _decision_rows(decisions, version_id))
+            used.append(version_id)
             return len(decisions)
 
+        def remember(future: Future[int]) -> None:
+            # only a committed versions row is known for good (a rolled-back one is not)
+            if known is None and used and not future.cancelled() and future.exception() is None:
+                self._version_ids[served_by] = used[0]
+
         submit = self._writer.submit_inline if inline else self._writer.submit
-        return submit(append, rows=len(decisions))
+        future = submit(append, rows=len(decisions))
+        future.add_done_callback(remember)
+        return future
 
     @staticmethod
     def _version_id(conn: sqlite3.Connection, served_by: tuple[str, ...]) -> int:
         """Id of the versions row of ``served_by``, inserted if new (on the writer thread).
 
-        Not cached across transactions: a rolled-back job would leave a stale id behind, and
-        the two indexed statements cost microseconds.
+        :meth:`submit` remembers the ids of committed rows (they never change, in any
+        process), so this runs once per model and rule-set version and writer.
         """
         conn.execute(
             f"INSERT OR IGNORE INTO versions ({', '.join(VERSION_FIELDS)}) VALUES (?, ?, ?, ?, ?)",

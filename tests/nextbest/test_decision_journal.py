@@ -137,6 +137,22 @@ def test_read_journal_two_model_versions_keep_their_rows(journal: JournalWriter)
     ]
 
 
+def test_submit_failed_batch_of_a_new_version_leaves_no_stale_version(
+    journal: JournalWriter,
+) -> None:
+    journal.submit(make_batch(["a"], model_version="m1")).result()
+    # the first batch of m2 rolls back (duplicate id): its versions row goes with it
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.submit(make_batch(["a"], model_version="m2")).result()
+    journal.submit(make_batch(["b"], model_version="m2")).result()
+    journal.submit(make_batch(["c"], model_version="m2"), inline=True).result()
+    journal.submit(make_batch(["d"], model_version="m1"), inline=True).result()
+
+    table = read_journal(journal.path)
+    assert table.column("decision_id").to_pylist() == ["a", "b", "c", "d"]
+    assert table.column("model_version").to_pylist() == ["m1", "m2", "m2", "m1"]
+
+
 def test_read_journal_empty_journal_has_the_schema(journal: JournalWriter) -> None:
     journal.flush()
     table = read_journal(journal.path)
