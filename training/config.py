@@ -39,9 +39,18 @@ class NeuralBanditSpec(StrictModel):
     warm_start_epochs: int = Field(default=0, ge=0)
     """Behaviour-cloning epochs on the logging policy's choices before learning rewards."""
     seed: int = 0
+    architecture: Literal["embedding", "factorised"] = "embedding"
+    """``embedding``: context vector dotted with action embeddings; ``factorised``: one
+    context-dependent term per channel, offer, timing ... summed per action."""
+    pair_terms: bool = False
+    """``factorised`` only: also a term per co-occurring factor pair (channel x offer ...)."""
+    depth: int = Field(default=1, ge=1)
+    """Hidden layers of the context MLP."""
 
     @model_validator(mode="after")
     def _dr_epochs(self) -> NeuralBanditSpec:
+        if self.pair_terms and self.architecture != "factorised":
+            raise ValueError("pair_terms needs architecture 'factorised'")
         if self.loss == "dr" and self.dr_warmup_epochs >= self.epochs:
             raise ValueError(
                 f"dr_warmup_epochs ({self.dr_warmup_epochs}) must be below epochs ({self.epochs})"

@@ -1,9 +1,18 @@
-"""A PyTorch neural bandit: a reward model over (context, action) with action embeddings.
+"""A PyTorch neural bandit: a reward model over (context, action).
 
-``RewardModel(context)`` scores every catalogue action, float ``(B, A)``, in reward units:
-``score[b, a] = <f(context_b), e_a + P x_a> + bias_a`` where ``f`` is an MLP over the context
-features, ``e_a`` a learned embedding of action ``a`` and ``x_a`` its catalogue features
-(channel, offer, timing, risk ...). Trained on a decision log by regression on the logged
+``RewardModel(context)`` scores every catalogue action, float ``(B, A)``, in reward units. Two
+architectures (``NeuralBanditConfig.architecture``):
+
+* ``embedding``: ``score[b, a] = <f(context_b), e_a + P x_a> + bias_a`` where ``f`` is an MLP
+  over the context features, ``e_a`` a learned embedding of action ``a`` and ``x_a`` its
+  catalogue features (channel, offer, timing, risk ...).
+* ``factorised``: ``score[b, a] = sum_k g_k(context_b) [a has factor k] + bias_a``, one
+  context-dependent term per action factor (the indicator columns of the action features:
+  channel, offer, timing, credit ...; with ``pair_terms`` also every co-occurring pair, such as
+  channel x offer). A funnel ``P = deliver(channel) * open(channel, timing) * convert(offer)``
+  is a sum of such terms in log space, and every term learns from all the actions sharing it.
+
+Trained on a decision log by regression on the logged
 action's reward, unweighted (``direct``) or importance-weighted (``ips``: weights
 ``min(1 / pscore, clip)``, normalised to mean 1, which corrects for what the logging policy
 chose more often). Acting: argmax or softmax over the actions the rules allow.
@@ -58,6 +67,10 @@ class Economics:
         return float(np.abs(implied - log.reward).mean())
 
 
+ARCHITECTURES = ("embedding", "factorised")
+"""Reward-model architectures of the neural bandit."""
+
+
 @dataclass(frozen=True)
 class NeuralBanditConfig:
     """Hyperparameters of the neural bandit."""
@@ -87,9 +100,25 @@ class NeuralBanditConfig:
     seed: int = 0
     threads: int = 2
     """Torch intra-op threads."""
+    architecture: Literal["embedding", "factorised"] = "embedding"
+    """``embedding``: context vector dotted with action embeddings; ``factorised``: one
+    context-dependent term per action factor (channel, offer, timing ...), summed per action
+    (see the module docstring)."""
+    pair_terms: bool = False
+    """``factorised`` only: add a term for every co-occurring pair of action factors
+    (channel x offer, channel x timing, offer x timing ...)."""
+    depth: int = 1
+    """Hidden layers (of width ``hidden``) of the context MLP."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "embedding", "epochs", "batch_size", "threads"):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"`architecture` must be one of {', '.join(map(repr, ARCHITECTURES))}, "
+                f"got {self.architecture!r}"
+            )
+        if self.pair_terms and self.architecture != "factorised":
+            raise ValueError("`pair_terms` needs architecture 'factorised'")
+        for name in ("hidden", "embedding", "epochs", "batch_size", "threads", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
         for name in ("dr_warmup_epochs", "warm_start_epochs"):
@@ -110,13 +139,47 @@ class NeuralBanditConfig:
             )
 
 
+def action_factors(action_features: np.ndarray, pair_terms: bool = False) -> np.ndarray:
+    """Membership of every action in every factor, float32 ``(K, A)`` of 0/1.
+
+    The factors are the indicator (0/1) columns of the action features that some action has
+    (no contact, each channel, offer and timing slot, credit, HNW), then with ``pair_terms``
+    every pair of them that some action has both of; a factor with the same members as an
+    earlier one is left out.
+    """
+    n_actions, n_features = action_features.shape
+    singles = [
+        action_features[:, j] > 0.5
+        for j in range(n_features)
+        if np.isin(action_features[:, j], (0.0, 1.0)).all() and action_features[:, j].any()
+    ]
+    terms = list(singles)
+    if pair_terms:
+        for i, first in enumerate(singles):
+            for second in singles[i + 1 :]:
+                if (both := first & second).any():
+                    terms.append(both)
+    seen: set[bytes] = set()
+    kept = []
+    for members in terms:
+        key = np.packbits(members).tobytes()
+        if key not in seen:
+            seen.add(key)
+            kept.append(members)
+    if not kept:
+        return np.zeros((0, n_actions), np.float32)
+    return np.stack(kept).astype(np.float32)
+
+
 class RewardModel(nn.Module):
     """Scores every action for a batch of contexts: ``(B, F) -> (B, A)``, reward units.
 
-    Each head scores ``<f_h(x), e_ha + P_h x_a> + b_ha``. Without ``economics`` one head
-    predicts the (scaled) reward. With ``economics`` two heads give the logits of conversion
-    and complaint, and the score is their priced sum: a product-form (funnel) model of
-    conversion, which the additive reward regression cannot represent.
+    Each head scores ``<f_h(x), e_ha + P_h x_a> + b_ha`` (architecture ``embedding``) or
+    ``sum_k g_hk(x) M_ka + b_ha`` with ``M`` the :func:`action_factors` (``factorised``).
+    Without ``economics`` one head predicts the (scaled) reward. With ``economics`` two heads
+    give the logits of conversion and complaint, and the score is their priced sum: a
+    product-form (funnel) model of conversion, which the additive reward regression cannot
+    represent.
     """
 
     def __init__(
@@ -126,18 +189,34 @@ class RewardModel(nn.Module):
         hidden: int,
         embedding: int,
         economics: Economics | None = None,
+        architecture: str = "embedding",
+        pair_terms: bool = False,
+        depth: int = 1,
     ) -> None:
         super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"`architecture` must be one of {', '.join(map(repr, ARCHITECTURES))}, "
+                f"got {architecture!r}"
+            )
         n_actions, n_action_features = action_features.shape
         self.heads = 1 if economics is None else 2
         self.embedding = embedding
-        width = embedding * self.heads
-        self.context_net = nn.Sequential(
-            nn.Linear(n_context, hidden), nn.ReLU(), nn.Linear(hidden, width)
-        )
-        self.action_embedding = nn.Embedding(n_actions, width)
-        nn.init.normal_(self.action_embedding.weight, std=0.01)
-        self.action_projection = nn.Linear(n_action_features, width, bias=False)
+        self.architecture = architecture
+        layers: list[nn.Module] = [nn.Linear(n_context, hidden), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+        if architecture == "embedding":
+            width = embedding * self.heads
+            self.context_net = nn.Sequential(*layers, nn.Linear(hidden, width))
+            self.action_embedding = nn.Embedding(n_actions, width)
+            nn.init.normal_(self.action_embedding.weight, std=0.01)
+            self.action_projection = nn.Linear(n_action_features, width, bias=False)
+        else:
+            factors = action_factors(action_features, pair_terms)
+            self.n_terms = factors.shape[0]
+            self.context_net = nn.Sequential(*layers, nn.Linear(hidden, self.heads * self.n_terms))
+            self.register_buffer("factors", torch.as_tensor(factors))
         self.action_bias = nn.Parameter(torch.zeros(self.heads, n_actions))
         self.register_buffer(
             "action_features", torch.as_tensor(action_features, dtype=torch.float32)
@@ -155,11 +234,14 @@ class RewardModel(nn.Module):
         self.register_buffer("complaint_penalty", torch.tensor(float(penalty)))
 
     def action_vectors(self) -> torch.Tensor:
-        """Representation of every action, ``(A, H * E)``."""
+        """Representation of every action, ``(A, H * E)`` (architecture ``embedding``)."""
         return self.action_embedding.weight + self.action_projection(self.action_features)
 
     def head_logits(self, context: torch.Tensor) -> torch.Tensor:
         """Raw head outputs for every action, ``(B, H, A)``."""
+        if self.architecture == "factorised":
+            terms = self.context_net(context).reshape(-1, self.heads, self.n_terms)
+            return terms @ self.factors + self.action_bias
         hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
         vectors = self.action_vectors().reshape(-1, self.heads, self.embedding)
         return torch.einsum("bhe,ahe->bha", hidden, vectors) + self.action_bias
@@ -178,12 +260,17 @@ class RewardModel(nn.Module):
 
     def logged_outputs(self, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Head outputs for the logged actions only, ``(B, H)``."""
+        bias = self.action_bias[:, action].T
+        if self.architecture == "factorised":
+            terms = self.context_net(context).reshape(-1, self.heads, self.n_terms)
+            members = self.factors[:, action].T  # (B, K)
+            return (terms * members[:, None, :]).sum(dim=2) + bias
         hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
         vectors = self.action_embedding(action) + self.action_projection(
             self.action_features[action]
         )
         vectors = vectors.reshape(-1, self.heads, self.embedding)
-        return (hidden * vectors).sum(dim=2) + self.action_bias[:, action].T
+        return (hidden * vectors).sum(dim=2) + bias
 
 
 @dataclass
@@ -240,7 +327,14 @@ def train_reward_model(
     generator = np.random.default_rng(config.seed)
     priced = economics if config.target == "outcomes" else None
     model = RewardModel(
-        log.context.shape[1], action_features, config.hidden, config.embedding, priced
+        log.context.shape[1],
+        action_features,
+        config.hidden,
+        config.embedding,
+        priced,
+        architecture=config.architecture,
+        pair_terms=config.pair_terms,
+        depth=config.depth,
     )
     scale = float(np.std(log.reward)) or 1.0
     model.reward_scale.fill_(1.0 if priced is not None else scale)
