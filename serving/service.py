@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -87,6 +88,26 @@ async def _committed(future: Future[T]) -> T:
     if future.done():
         return future.result()
     return await asyncio.wrap_future(future)
+
+
+@dataclass(frozen=True, slots=True)
+class _Writes:
+    """The store writes of one call's decisions, under way."""
+
+    journalled: Future[int]
+    recorded: Future[int] | None
+    started: float
+    """Event-loop time of the submission."""
+    count: Callable[[], None]
+    """Counts the decisions in the metrics (once they are committed: served)."""
+
+    async def wait(self) -> None:
+        """Return once both writes are committed (raise if one failed)."""
+        await _committed(self.journalled)
+        if self.recorded is not None:
+            await _committed(self.recorded)
+        metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - self.started)
+        self.count()
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,7 +441,8 @@ class ScoringService:
             )
         result = self._engine_decide(batch, k=request.k, candidates=mask, explain=False)
         decision_ids = new_decision_ids(n)
-        await self._commit(result, decision_ids, keys, now, request.campaign_id, "batch")
+        writes = self._submit(result, decision_ids, keys, now, request.campaign_id, "batch")
+        # the answer is built while the writers commit, and sent only once they have
         names = np.array(self._view.name, dtype=object)
         ranked = result.ranked
         valid = ranked >= 0
@@ -450,7 +472,9 @@ class ScoringService:
             "ruleset_version": self.rules.version,
             "catalog_version": self.catalog.version,
         }
-        return to_json(body)
+        answer = to_json(body)
+        await writes.wait()
+        return answer
 
     def _engine_decide(
         self, batch: ContextBatch, k: int, candidates: np.ndarray | None, explain: bool
@@ -471,13 +495,25 @@ class ScoringService:
         endpoint: str,
     ) -> None:
         """Journal the decisions and record the recommended contacts; wait for both commits."""
-        now_us = epoch_us(now)
+        await self._submit(result, decision_ids, keys, now, campaign_id, endpoint).wait()
+
+    def _submit(
+        self,
+        result: Decisions,
+        decision_ids: list[str],
+        keys: list[str],
+        now: datetime,
+        campaign_id: str | list[str | None] | None,
+        endpoint: str,
+    ) -> _Writes:
+        """Start journalling the decisions and recording the recommended contacts; the
+        caller may prepare its answer meanwhile, and must :meth:`_Writes.wait` before it."""
         decisions = DecisionBatch.from_mask(
             result.allowed,
             result.action_dist,
             result.action,
             decision_id=decision_ids,
-            timestamp_us=now_us,
+            timestamp_us=epoch_us(now),
             customer_key=keys,
             context=result.features,
             pscore=result.pscore,
@@ -488,21 +524,22 @@ class ScoringService:
             catalog_version=self.catalog.version,
             feature_spec_version=result.feature_spec_version,
         )
-        start = asyncio.get_running_loop().time()
+        started = asyncio.get_running_loop().time()
         # small writes commit inline when the writers are idle (no thread hand-off); under
         # load they queue and commit in groups on the writers' threads
         inline = len(decision_ids) <= INLINE_COMMIT_ROWS
         journalled = self.journal.submit(decisions, inline=inline)
         contacts = ContactBatch.recommended(decision_ids, keys, result.action, self.catalog, now)
         recorded = self.contacts.record(contacts, inline=inline) if len(contacts) else None
-        await _committed(journalled)
-        if recorded is not None:
-            await _committed(recorded)
-        metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - start)
-        channel_index = self.catalog.channel_index[result.action].astype(np.int64)
         codes = result.blocked_by
         block_counts = np.bincount(codes[codes != ALLOWED], minlength=len(self.rules.rule_ids))
-        self._counters.observe(endpoint, channel_index, block_counts)
+        channel_index = self.catalog.channel_index[result.action].astype(np.int64)
+        return _Writes(
+            journalled,
+            recorded,
+            started,
+            partial(self._counters.observe, endpoint, channel_index, block_counts),
+        )
 
     # ------------------------------------------------------------------ rewards, contacts
 
