@@ -29,6 +29,8 @@ class NeuralBanditSpec(StrictModel):
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=4096, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=1e-6, ge=0)
+    """Adam's L2 penalty on the weights."""
     target: Literal["reward", "outcomes"] = "reward"
     """``reward``: regress the logged reward; ``outcomes``: conversion and complaint heads
     priced with the catalogue's economics."""
