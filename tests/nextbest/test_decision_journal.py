@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -515,6 +515,53 @@ def test_group_commit_writer_waits_for_another_writer_then_gives_up(tmp_path: Pa
         other.execute("ROLLBACK")
         other.close()
         assert writer.submit(lambda c: c.execute("SELECT x FROM t").fetchall()).result() == [(1,)]
+
+
+def _insert_on(threads: list[int], x: int) -> Callable[[sqlite3.Connection], int]:
+    def insert(conn: sqlite3.Connection) -> int:
+        threads.append(threading.get_ident())
+        return conn.execute("INSERT INTO t VALUES (?)", (x,)).rowcount
+
+    return insert
+
+
+def test_group_commit_writer_inline_commits_on_the_caller_when_idle(tmp_path: Path) -> None:
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    threads: list[int] = []
+    with GroupCommitWriter(tmp_path / "g.db", schema) as writer:
+        done = writer.submit_inline(_insert_on(threads, 1))
+        assert done.done() and done.result() == 1  # committed before returning
+        assert threads == [threading.get_ident()]
+
+        def fail(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t VALUES (-1)")
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            writer.submit_inline(fail).result()
+        # another process's transaction: the job is queued, and commits once it ends
+        other = open_sqlite(tmp_path / "g.db", check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        queued = writer.submit_inline(_insert_on(threads, 2))
+        assert not queued.done()
+        other.execute("COMMIT")
+        other.close()
+        assert queued.result(10) == 1
+        assert threads[-1] != threading.get_ident()
+        rows = writer.submit(lambda c: c.execute("SELECT x FROM t").fetchall()).result(10)
+    assert rows == [(1,), (2,)]  # the failed job left nothing
+    # read by a fresh connection: the inline commits are in the file
+    check = sqlite3.connect(tmp_path / "g.db")
+    assert check.execute("SELECT count(*) FROM t").fetchone() == (2,)
+    check.close()
+
+
+def test_group_commit_writer_inline_is_queued_under_synchronous_full(tmp_path: Path) -> None:
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    threads: list[int] = []
+    with GroupCommitWriter(tmp_path / "g.db", schema, synchronous="FULL") as writer:
+        assert writer.submit_inline(_insert_on(threads, 1)).result(10) == 1
+    assert threads and threads[0] != threading.get_ident()  # fsyncs never block the caller
 
 
 def test_group_commit_writer_bad_schema_fails_at_start(tmp_path: Path) -> None:
