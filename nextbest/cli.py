@@ -594,7 +594,12 @@ def train(
         str | None, typer.Option(help="MLflow tracking URI (overrides tracking.uri).")
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs (overrides neural_bandit.epochs).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Passes over the training data (overrides neural_bandit.epochs, or "
+            "vw_bandit.passes for the Vowpal Wabbit learner).",
+        ),
     ] = None,
     export_dir: Annotated[
         Path | None, typer.Option(help="Where the ONNX model goes (overrides export.dir).")
@@ -605,6 +610,8 @@ def train(
     """Train a policy on a decision log, evaluate it off-policy on held-out decisions (and
     against the simulator's ground truth for simulated logs), export it to ONNX, and track
     the run in MLflow (registered with the alias 'challenger')."""
+    from pydantic import ValidationError
+
     from nextbest.decision_log import DecisionLogError
     from training.config import load_training_config
     from training.ope import OpeInputError
@@ -624,7 +631,18 @@ def train(
     if export_dir is not None:
         updates["export"] = cfg.export.model_copy(update={"dir": export_dir})
     if epochs is not None:
-        updates["neural_bandit"] = cfg.neural_bandit.model_copy(update={"epochs": epochs})
+        section, key = (
+            ("vw_bandit", "passes") if cfg.learner == "vw_bandit" else ("neural_bandit", "epochs")
+        )
+        spec = getattr(cfg, section)
+        try:  # validated with the rest of its section (dr_warmup_epochs < epochs ...)
+            updates[section] = type(spec).model_validate({**spec.model_dump(), key: epochs})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{section}.{'.'.join(map(str, e['loc'])) or key}: {e['msg']}" for e in exc.errors()
+            )
+            console.print(f"[bold red]--epochs {epochs}[/] {escape(problems)}")
+            raise typer.Exit(code=2) from None
     cfg = cfg.model_copy(update=updates)
     try:
         result = run_training(cfg, cat, RuleEngine(ruleset))

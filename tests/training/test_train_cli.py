@@ -108,6 +108,32 @@ def test_train_bad_config_exits_2_naming_key(sim_log, tmp_path: Path) -> None:
     assert "neural_bandit.epochs" in flat
 
 
+def test_train_epochs_option_validated_with_its_section(sim_log, tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, sim_log, **{"epochs: 2": "epochs: 4, loss: dr, dr_warmup_epochs: 2"}
+    )
+    result = runner.invoke(app, ["train", "--config", str(path), "--epochs", "2"])
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert "--epochs 2" in flat and "dr_warmup_epochs" in flat
+
+
+def test_train_epochs_option_sets_vw_passes(sim_log, tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        sim_log,
+        **{
+            "learner: neural_bandit": "learner: vw_bandit",
+            "epochs: 2, batch_size: 1024": "epochs: 2",
+        },
+    )
+    result = runner.invoke(app, ["train", "--config", str(path), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert runs[0].data.params["vw_bandit.passes"] == "2"
+
+
 def test_train_missing_log_exits_2(tmp_path: Path) -> None:
     path = write_config(tmp_path, tmp_path / "missing")
     result = runner.invoke(app, ["train", "--config", str(path)])
