@@ -286,6 +286,9 @@ class GroupCommitWriter:
                 conn = self._inline_conn = open_sqlite(
                     self.path, self.synchronous, 0, check_same_thread=False
                 )
+                # a commit past the WAL threshold would run a checkpoint on the caller (after a
+                # big batch: tens of milliseconds); the checkpointer thread does them instead
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
