@@ -416,7 +416,7 @@ class ScoringService:
         )
         decision_ids = new_decision_ids(len(pending))
         campaigns = [p.campaign_id for p in pending]
-        await self._commit(result, decision_ids, keys, now, campaigns, "single")
+        await self._submit(result, decision_ids, keys, now, campaigns, "single").wait()
         return result, decision_ids
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
@@ -484,18 +484,6 @@ class ScoringService:
             return self.engine.decide(batch, k=k, candidates=candidates, explain=explain)
         except ModelNotReadyError:
             raise HTTPException(503, "no model loaded (see /readyz for the reason)") from None
-
-    async def _commit(
-        self,
-        result: Decisions,
-        decision_ids: list[str],
-        keys: list[str],
-        now: datetime,
-        campaign_id: str | list[str | None] | None,
-        endpoint: str,
-    ) -> None:
-        """Journal the decisions and record the recommended contacts; wait for both commits."""
-        await self._submit(result, decision_ids, keys, now, campaign_id, endpoint).wait()
 
     def _submit(
         self,
