@@ -48,11 +48,27 @@ class NeuralBanditSpec(StrictModel):
     """``factorised`` only: also a term per co-occurring factor pair (channel x offer ...)."""
     depth: int = Field(default=1, ge=1)
     """Hidden layers of the context MLP."""
+    init_bias: bool = False
+    """``outcomes`` only: start the action biases at the logit of the log's base rates."""
+    value_weighting: float = Field(default=0.0, ge=0)
+    """``outcomes`` only: conversion loss weighted by ``(offer value / mean) ** this``."""
+    reward_loss_weight: float = Field(default=0.0, ge=0)
+    """``outcomes`` only: weight of an extra squared error of the priced expected reward."""
+    validation_share: float = Field(default=0.0, ge=0, lt=1)
+    """Share of training customers held out for early stopping (``epochs`` the most); 0: off."""
+    patience: int = Field(default=2, ge=1)
+    """Early stopping: epochs without a better validation loss before stopping."""
 
     @model_validator(mode="after")
     def _dr_epochs(self) -> NeuralBanditSpec:
         if self.pair_terms and self.architecture != "factorised":
             raise ValueError("pair_terms needs architecture 'factorised'")
+        if (
+            self.init_bias or self.value_weighting or self.reward_loss_weight
+        ) and self.target != "outcomes":
+            raise ValueError(
+                "init_bias, value_weighting and reward_loss_weight need target 'outcomes'"
+            )
         if self.loss == "dr" and self.dr_warmup_epochs >= self.epochs:
             raise ValueError(
                 f"dr_warmup_epochs ({self.dr_warmup_epochs}) must be below epochs ({self.epochs})"

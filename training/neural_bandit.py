@@ -109,6 +109,23 @@ class NeuralBanditConfig:
     (channel x offer, channel x timing, offer x timing ...)."""
     depth: int = 1
     """Hidden layers (of width ``hidden``) of the context MLP."""
+    value_weighting: float = 0.0
+    """``outcomes`` target only: weight each decision's conversion loss by ``(value of the
+    logged offer / mean logged value) ** value_weighting`` (0: unweighted; 1: in proportion to
+    the offer's value, so errors on high-value offers cost most)."""
+    reward_loss_weight: float = 0.0
+    """``outcomes`` target only: add this times the squared error of the priced expected reward
+    at the logged action against the logged reward (in units of the reward's variance)."""
+    validation_share: float = 0.0
+    """Share of the training customers held out to choose the epoch count: after every epoch
+    the loss on them is measured and training stops once it has not improved for ``patience``
+    epochs, keeping the best epoch's weights (``epochs`` is then the most run). 0: off."""
+    patience: int = 2
+    """Epochs without a better validation loss before training stops (``validation_share``)."""
+    init_bias: bool = False
+    """``outcomes`` target only: start every action's bias at the logit of the log's overall
+    conversion (complaint) rate instead of 0, so the first epochs learn the context terms
+    rather than the base rate of these rare events."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -132,6 +149,19 @@ class NeuralBanditConfig:
             raise ValueError(f"`target` must be 'reward' or 'outcomes', got {self.target!r}")
         if not self.ips_clip >= 1:
             raise ValueError(f"`ips_clip` must be at least 1, got {self.ips_clip}")
+        if not self.value_weighting >= 0 or not self.reward_loss_weight >= 0:
+            raise ValueError("`value_weighting` and `reward_loss_weight` must not be negative")
+        if (
+            self.value_weighting or self.reward_loss_weight or self.init_bias
+        ) and self.target != "outcomes":
+            raise ValueError(
+                "`value_weighting`, `reward_loss_weight` and `init_bias` need target 'outcomes' "
+                "(priced heads)"
+            )
+        if not 0 <= self.validation_share < 1:
+            raise ValueError(f"`validation_share` must be in [0, 1), got {self.validation_share}")
+        if self.patience < 1:
+            raise ValueError(f"`patience` must be a positive integer, got {self.patience}")
         if self.loss == "dr" and self.dr_warmup_epochs >= self.epochs:
             raise ValueError(
                 f"`dr_warmup_epochs` ({self.dr_warmup_epochs}) must be below `epochs` "
@@ -338,27 +368,22 @@ def train_reward_model(
     )
     scale = float(np.std(log.reward)) or 1.0
     model.reward_scale.fill_(1.0 if priced is not None else scale)
-    context = torch.from_numpy(np.ascontiguousarray(log.context, np.float32))
-    action = torch.from_numpy(log.action)
-    if priced is not None:
-        assert log.converted is not None and log.complaint is not None
-        target = torch.from_numpy(np.stack([log.converted, log.complaint], 1).astype(np.float32))
-    else:
-        target = torch.from_numpy((log.reward / scale).astype(np.float32))[:, None]
-    if config.loss == "direct":
-        weight = torch.ones(log.n_rounds)
-    else:
-        assert log.pscore is not None
-        w = np.minimum(1.0 / log.pscore, config.ips_clip)
-        weight = torch.from_numpy((w / w.mean()).astype(np.float32))
-    allowed = torch.from_numpy(np.ascontiguousarray(log.candidates))
+    fit_log, validation = _validation_split(log, config.validation_share, config.seed)
+    fit = _training_tensors(fit_log, config, priced, scale)
+    if priced is not None and config.init_bias:
+        rate = fit["target"].mean(dim=0).clamp(1e-6, 1 - 1e-6)
+        with torch.no_grad():
+            model.action_bias.copy_(torch.logit(rate)[:, None].expand_as(model.action_bias))
+    held = None if validation is None else _training_tensors(validation, config, priced, scale)
     optimiser = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     history = TrainingHistory([])
-    n = log.n_rounds
+    n = fit_log.n_rounds
     total_epochs = config.warm_start_epochs + config.epochs
     first_stage: RewardModel | None = None
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    stale = 0
     for epoch in range(total_epochs):
         phase = _phase(config, epoch)
         if phase == "dr" and first_stage is None:
@@ -369,39 +394,142 @@ def train_reward_model(
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
             if phase == "clone":
-                loss = _cloning_loss(model, context[idx], action[idx], allowed[idx])
+                loss = _cloning_loss(
+                    model, fit["context"][idx], fit["action"][idx], fit["allowed"][idx]
+                )
             elif phase == "dr":
                 assert first_stage is not None
                 loss = _dr_loss(
                     model,
                     first_stage,
-                    context[idx],
-                    action[idx],
-                    allowed[idx],
-                    target[idx],
-                    weight[idx],
+                    fit["context"][idx],
+                    fit["action"][idx],
+                    fit["allowed"][idx],
+                    fit["target"][idx],
+                    fit["weight"][idx],
                 )
             else:
-                w = torch.ones(len(idx)) if phase == "direct" else weight[idx]
-                out = model.logged_outputs(context[idx], action[idx])
-                if priced is not None:
-                    per_head = nn.functional.binary_cross_entropy_with_logits(
-                        out, target[idx], reduction="none"
-                    )
-                else:
-                    per_head = (out - target[idx]) ** 2
-                loss = (w[:, None] * per_head).sum(dim=1).mean()
+                loss = _fit_loss(model, fit, idx, config, weighted=phase == "ips")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
         metrics = {f"losses/{phase}": total / seen, "charts/epoch": float(epoch)}
+        stop = False
+        if held is not None and phase != "clone":
+            model.eval()
+            with torch.no_grad():
+                rows = torch.arange(validation.n_rounds)  # type: ignore[union-attr]
+                value = sum(
+                    float(_fit_loss(model, held, chunk, config, config.loss != "direct"))
+                    * len(chunk)
+                    for chunk in rows.split(65536)
+                ) / len(rows)
+            metrics["losses/validation"] = value
+            if best is None or value < best[0]:
+                best, stale = (value, copy.deepcopy(model.state_dict())), 0
+            else:
+                stale += 1
+                stop = stale >= config.patience
         history.epochs.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        if stop:
+            break
+    if best is not None:
+        model.load_state_dict(best[1])
     model.eval()
     return model, history
+
+
+def _validation_split(
+    log: LoggedBandit, share: float, seed: int
+) -> tuple[LoggedBandit, LoggedBandit | None]:
+    """(decisions to fit, decisions of the held-out validation customers or None).
+
+    By customer when the log names them (all of a customer's decisions on one side),
+    otherwise by decision; at least one decision on each side.
+    """
+    if share <= 0:
+        return log, None
+    generator = np.random.default_rng([seed, 7919])
+    if log.customer_key is not None:
+        _, unit = np.unique(log.customer_key.astype(str), return_inverse=True)
+        held = generator.random(int(unit.max()) + 1)[unit] < share
+    else:
+        held = generator.random(log.n_rounds) < share
+    if held.all() or not held.any():
+        raise ValueError(
+            f"validation_share {share} leaves no decisions on one side of this "
+            f"{log.n_rounds}-decision log"
+        )
+    return log.take(~held), log.take(held)
+
+
+def _training_tensors(
+    log: LoggedBandit, config: NeuralBanditConfig, priced: Economics | None, scale: float
+) -> dict[str, torch.Tensor]:
+    """The log as the tensors the losses read (targets, importance and value weights)."""
+    out = {
+        "context": torch.from_numpy(np.ascontiguousarray(log.context, np.float32)),
+        "action": torch.from_numpy(log.action),
+        "allowed": torch.from_numpy(np.ascontiguousarray(log.candidates)),
+        "reward": torch.from_numpy((log.reward / scale).astype(np.float32)),
+        "reward_scale": torch.tensor(scale, dtype=torch.float32),
+    }
+    if priced is not None:
+        assert log.converted is not None and log.complaint is not None
+        out["target"] = torch.from_numpy(
+            np.stack([log.converted, log.complaint], 1).astype(np.float32)
+        )
+    else:
+        out["target"] = out["reward"][:, None]
+    if config.loss == "direct":
+        out["weight"] = torch.ones(log.n_rounds)
+    else:
+        assert log.pscore is not None
+        w = np.minimum(1.0 / log.pscore, config.ips_clip)
+        out["weight"] = torch.from_numpy((w / w.mean()).astype(np.float32))
+    heads = torch.ones(log.n_rounds, 2 if priced is not None else 1)
+    if priced is not None and config.value_weighting > 0:
+        value = priced.value.astype(np.float64)
+        mean = float(value[value > 0].mean()) if (value > 0).any() else 1.0
+        relative = np.where(value > 0, value / mean, 1.0) ** config.value_weighting
+        heads[:, 0] = torch.from_numpy(relative[log.action].astype(np.float32))
+    out["heads"] = heads
+    return out
+
+
+def _fit_loss(
+    model: RewardModel,
+    data: dict[str, torch.Tensor],
+    idx: torch.Tensor,
+    config: NeuralBanditConfig,
+    weighted: bool,
+) -> torch.Tensor:
+    """Loss of the direct and ips phases on rows ``idx``: per-head BCE (priced heads, the
+    conversion head weighted by value) or squared error, plus the priced-reward term."""
+    action = data["action"][idx]
+    out = model.logged_outputs(data["context"][idx], action)
+    w = data["weight"][idx] if weighted else torch.ones(len(idx))
+    if model.priced:
+        per_head = nn.functional.binary_cross_entropy_with_logits(
+            out, data["target"][idx], reduction="none"
+        )
+    else:
+        per_head = (out - data["target"][idx]) ** 2
+    loss = (w[:, None] * data["heads"][idx] * per_head).sum(dim=1).mean()
+    if model.priced and config.reward_loss_weight > 0:
+        probability = torch.sigmoid(out) * model.contact[action, None]
+        expected = (
+            probability[:, 0] * model.value[action]
+            - model.complaint_penalty * probability[:, 1]
+            - model.cost[action]
+        )
+        error = (expected / data["reward_scale"] - data["reward"][idx]) ** 2
+        loss = loss + config.reward_loss_weight * (w * error).mean()
+    return loss
 
 
 def _phase(config: NeuralBanditConfig, epoch: int) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nextbest.catalog import ActionCatalog
 from nextbest.features import ContextEncoder, action_features
@@ -19,6 +20,9 @@ from training.neural_bandit import (
     Economics,
     NeuralBanditConfig,
     RewardModel,
+    _fit_loss,
+    _training_tensors,
+    _validation_split,
     action_factors,
     greedy_policy,
     guard_complaints,
@@ -379,3 +383,84 @@ def test_factorised_model_fits_an_additive_logit_funnel() -> None:
     best, chosen = value.max(axis=1), value[np.arange(len(value)), predicted.argmax(axis=1)]
     random_choice = value.mean(axis=1)
     assert (chosen.mean() - random_choice.mean()) > 0.8 * (best.mean() - random_choice.mean())
+
+
+def test_init_bias_starts_at_the_logged_base_rates(log, catalog) -> None:
+    economics = Economics.from_catalog(catalog, 300.0)
+    base = dict(epochs=1, batch_size=4096, hidden=16, target="outcomes", seed=2)
+    base |= dict(architecture="factorised", learning_rate=1e-9)
+    rates = np.array([log.converted.mean(), log.complaint.mean()])
+    assert (rates > 0).all()
+    features = action_features(catalog)
+    model, _ = train_reward_model(
+        log, features, NeuralBanditConfig(**base, init_bias=True), None, economics
+    )
+    bias = model.action_bias.detach().numpy()
+    np.testing.assert_allclose(
+        bias, np.log(rates / (1 - rates))[:, None].repeat(bias.shape[1], 1), rtol=1e-4
+    )
+    # the predicted rates of the logged actions start near the logged ones; without it at 0.5
+    logits = model.logged_outputs(
+        torch.from_numpy(log.context[:2000]), torch.from_numpy(log.action[:2000])
+    )
+    predicted = torch.sigmoid(logits).mean(dim=0).detach().numpy()
+    np.testing.assert_allclose(predicted, rates, rtol=0.5)
+    plain, _ = train_reward_model(log, features, NeuralBanditConfig(**base), None, economics)
+    assert np.abs(plain.action_bias.detach().numpy()).max() < 1e-6
+
+
+def test_value_weighting_weights_the_conversion_loss_by_offer_value(log, catalog) -> None:
+    economics = Economics.from_catalog(catalog, 300.0)
+    config = NeuralBanditConfig(target="outcomes", value_weighting=1.0)
+    heads = _training_tensors(log, config, economics, 1.0)["heads"].numpy()
+    value = economics.value[log.action]
+    mean = economics.value[economics.value > 0].mean()
+    contact = value > 0
+    np.testing.assert_allclose(heads[contact, 0], value[contact] / mean, rtol=1e-5)
+    np.testing.assert_allclose(heads[~contact, 0], 1.0)
+    np.testing.assert_allclose(heads[:, 1], 1.0)  # complaints unweighted
+    half = NeuralBanditConfig(target="outcomes", value_weighting=0.5)
+    heads_half = _training_tensors(log, half, economics, 1.0)["heads"].numpy()
+    np.testing.assert_allclose(heads_half[contact, 0], np.sqrt(value[contact] / mean), rtol=1e-5)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(log, catalog) -> None:
+    economics = Economics.from_catalog(catalog, 300.0)
+    config = NeuralBanditConfig(
+        epochs=8,
+        batch_size=512,
+        hidden=64,
+        learning_rate=0.03,
+        target="outcomes",
+        architecture="factorised",
+        validation_share=0.3,
+        patience=1,
+        seed=4,
+    )
+    model, history = train_reward_model(log, action_features(catalog), config, None, economics)
+    losses = [e["losses/validation"] for e in history.epochs]
+    best = int(np.argmin(losses))
+    # stops after `patience` epochs without improvement (or at `epochs`)
+    assert len(losses) == min(best + 1 + config.patience, config.epochs)
+    fit, held = _validation_split(log, config.validation_share, config.seed)
+    assert held is not None and 0.2 < held.n_rounds / log.n_rounds < 0.4
+    assert not set(held.customer_key) & set(fit.customer_key)  # held out by customer
+    data = _training_tensors(held, config, economics, float(np.std(log.reward)))
+    with torch.no_grad():
+        again = float(_fit_loss(model, data, torch.arange(held.n_rounds), config, False))
+    assert again == pytest.approx(losses[best], rel=1e-4)  # the best epoch's weights
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"init_bias": True}, "need target 'outcomes'"),
+        ({"value_weighting": 1.0}, "need target 'outcomes'"),
+        ({"value_weighting": -1.0, "target": "outcomes"}, "must not be negative"),
+        ({"validation_share": 1.0}, "validation_share"),
+        ({"patience": 0}, "patience"),
+    ],
+)
+def test_neural_bandit_config_bad_training_options_refused(changes, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        NeuralBanditConfig(**changes)
