@@ -30,6 +30,8 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 
 SCENARIOS_DIR = DEFAULT_CATALOG_DIR.parent / "scenarios"
+DEFAULT_TRAINING_CONFIG = DEFAULT_CATALOG_DIR.parent / "training" / "neural_bandit_outcomes.yaml"
+"""The factorised outcome model: the best measured on small (the demo's) and large logs."""
 
 
 class PolicyName(StrEnum):
@@ -129,10 +131,10 @@ def demo(
     )
     console.rule("[bold]nextbest demo 2/4: train, evaluate off-policy, register in MLflow")
     train(
-        config=DEFAULT_CATALOG_DIR.parent / "training" / "neural_bandit.yaml",
+        config=DEFAULT_TRAINING_CONFIG,
         logs=run_dir / "logs",
         tracking_uri=tracking_uri,
-        epochs=3,
+        epochs=None,
         export_dir=run_dir / "models",
         catalog_dir=catalog_dir,
     )
@@ -584,9 +586,7 @@ def _number(value: object) -> str:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Option(help="Training config YAML.")] = DEFAULT_CATALOG_DIR.parent
-    / "training"
-    / "neural_bandit.yaml",
+    config: Annotated[Path, typer.Option(help="Training config YAML.")] = DEFAULT_TRAINING_CONFIG,
     logs: Annotated[
         Path | None, typer.Option(help="Decision log to learn from (overrides data.logs).")
     ] = None,
