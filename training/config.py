@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -60,20 +60,29 @@ class NeuralBanditSpec(StrictModel):
     """Early stopping: epochs without a better validation loss before stopping."""
 
     @model_validator(mode="after")
-    def _dr_epochs(self) -> NeuralBanditSpec:
-        if self.pair_terms and self.architecture != "factorised":
-            raise ValueError("pair_terms needs architecture 'factorised'")
-        if (
-            self.init_bias or self.value_weighting or self.reward_loss_weight
-        ) and self.target != "outcomes":
-            raise ValueError(
-                "init_bias, value_weighting and reward_loss_weight need target 'outcomes'"
-            )
-        if self.loss == "dr" and self.dr_warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"dr_warmup_epochs ({self.dr_warmup_epochs}) must be below epochs ({self.epochs})"
-            )
+    def _consistent(self) -> NeuralBanditSpec:
+        problem = neural_bandit_conflict(self)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def neural_bandit_conflict(settings: Any) -> str | None:
+    """What makes neural-bandit settings contradict each other, or None: the rules between
+    fields, shared by the YAML section (:class:`NeuralBanditSpec`) and the trainer's
+    ``training.neural_bandit.NeuralBanditConfig``."""
+    if settings.pair_terms and settings.architecture != "factorised":
+        return "pair_terms needs architecture 'factorised'"
+    if (
+        settings.init_bias or settings.value_weighting or settings.reward_loss_weight
+    ) and settings.target != "outcomes":
+        return "init_bias, value_weighting and reward_loss_weight need target 'outcomes'"
+    if settings.loss == "dr" and settings.dr_warmup_epochs >= settings.epochs:
+        return (
+            f"dr_warmup_epochs ({settings.dr_warmup_epochs}) must be below epochs "
+            f"({settings.epochs}): the dr loss needs epochs after the warm-up"
+        )
+    return None
 
 
 VW_SHARED_NAMESPACE = "x"

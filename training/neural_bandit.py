@@ -31,6 +31,7 @@ from torch import nn
 
 from nextbest.catalog import ActionCatalog
 from nextbest.exploration import greedy_distribution, softmax_distribution
+from training.config import neural_bandit_conflict
 from training.logged_data import LoggedBandit
 
 
@@ -69,6 +70,13 @@ class Economics:
 
 ARCHITECTURES = ("embedding", "factorised")
 """Reward-model architectures of the neural bandit."""
+
+
+def _check_architecture(name: str) -> None:
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"`architecture` must be one of {', '.join(map(repr, ARCHITECTURES))}, got {name!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -128,13 +136,7 @@ class NeuralBanditConfig:
     rather than the base rate of these rare events."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"`architecture` must be one of {', '.join(map(repr, ARCHITECTURES))}, "
-                f"got {self.architecture!r}"
-            )
-        if self.pair_terms and self.architecture != "factorised":
-            raise ValueError("`pair_terms` needs architecture 'factorised'")
+        _check_architecture(self.architecture)
         for name in ("hidden", "embedding", "epochs", "batch_size", "threads", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
@@ -151,22 +153,13 @@ class NeuralBanditConfig:
             raise ValueError(f"`ips_clip` must be at least 1, got {self.ips_clip}")
         if not self.value_weighting >= 0 or not self.reward_loss_weight >= 0:
             raise ValueError("`value_weighting` and `reward_loss_weight` must not be negative")
-        if (
-            self.value_weighting or self.reward_loss_weight or self.init_bias
-        ) and self.target != "outcomes":
-            raise ValueError(
-                "`value_weighting`, `reward_loss_weight` and `init_bias` need target 'outcomes' "
-                "(priced heads)"
-            )
         if not 0 <= self.validation_share < 1:
             raise ValueError(f"`validation_share` must be in [0, 1), got {self.validation_share}")
         if self.patience < 1:
             raise ValueError(f"`patience` must be a positive integer, got {self.patience}")
-        if self.loss == "dr" and self.dr_warmup_epochs >= self.epochs:
-            raise ValueError(
-                f"`dr_warmup_epochs` ({self.dr_warmup_epochs}) must be below `epochs` "
-                f"({self.epochs}): the dr loss needs epochs after the warm-up"
-            )
+        problem = neural_bandit_conflict(self)
+        if problem:
+            raise ValueError(problem)
 
 
 def action_factors(action_features: np.ndarray, pair_terms: bool = False) -> np.ndarray:
@@ -224,11 +217,7 @@ class RewardModel(nn.Module):
         depth: int = 1,
     ) -> None:
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"`architecture` must be one of {', '.join(map(repr, ARCHITECTURES))}, "
-                f"got {architecture!r}"
-            )
+        _check_architecture(architecture)
         n_actions, n_action_features = action_features.shape
         self.heads = 1 if economics is None else 2
         self.embedding = embedding

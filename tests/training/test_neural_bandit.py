@@ -232,7 +232,7 @@ def test_predict_complaints_needs_outcome_heads(trained) -> None:
             {"architecture": "transformer"},
             "`architecture` must be one of 'embedding', 'factorised'",
         ),
-        ({"pair_terms": True}, "`pair_terms` needs architecture 'factorised'"),
+        ({"pair_terms": True}, "pair_terms needs architecture 'factorised'"),
         ({"depth": 0}, "`depth`"),
     ],
 )
