@@ -160,21 +160,38 @@ def _switch_to_wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> str:
     While another process converts a new file to WAL, or recovers its WAL index, SQLite
     answers "database is locked" at once, without its busy handler: two workers starting
     on a fresh state directory under load hit this (measured: 17 of 300 concurrent opens),
-    and a worker failing at start-up stops uvicorn's whole server. Retried here, polling from
-    1 ms, until ``busy_timeout_ms`` has passed.
+    and a worker failing at start-up stops uvicorn's whole server.
     """
-    deadline = time.monotonic() + busy_timeout_ms / 1000
-    pause = 0.001
+    try:
+        return str(
+            _retry_while_busy(
+                lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0],
+                busy_timeout_ms,
+                first_pause_s=1e-3,
+                max_pause_s=0.05,
+            )
+        )
+    except sqlite3.Error:
+        conn.close()
+        raise
+
+
+def _retry_while_busy(
+    statement: Callable[[], T], timeout_ms: float, first_pause_s: float, max_pause_s: float
+) -> T:
+    """``statement()``, retried while it fails with SQLITE_BUSY, pausing ``first_pause_s``
+    then twice as long each time up to ``max_pause_s``, for ``timeout_ms`` at most (then
+    the last error is raised)."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    pause = first_pause_s
     while True:
         try:
-            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            return statement()
         except sqlite3.OperationalError as exc:
-            busy = _is_busy(exc)
-            if not busy or time.monotonic() + pause > deadline:
-                conn.close()
+            if not _is_busy(exc) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
-        pause = min(pause * 2, 0.05)
+        pause = min(2 * pause, max_pause_s)
 
 
 @dataclass(slots=True)
@@ -459,18 +476,12 @@ class GroupCommitWriter:
         process's transactions last well under a millisecond, so polling from 50 us (doubling
         to 2 ms) cuts the wait, and the tail latency, several times.
         """
-        deadline = time.monotonic() + self.busy_timeout_ms / 1000
-        pause = 50e-6
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                busy = _is_busy(exc)
-                if not busy or time.monotonic() > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(2 * pause, 2e-3)
+        _retry_while_busy(
+            lambda: conn.execute("BEGIN IMMEDIATE"),
+            self.busy_timeout_ms,
+            first_pause_s=50e-6,
+            max_pause_s=2e-3,
+        )
 
     def _commit(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
         done: list[tuple[_Job[Any], Any]] = []
