@@ -55,6 +55,8 @@ class Scaled:
         if not isinstance(value, tuple):
             out.append(self._one(value))
             return
+        # a per-channel or per-offer column, one step at a time over the whole tuple (calling
+        # _one per element costs 3 us more per decision, a quarter of encode_row)
         values: Sequence[float] = value
         if self.cap is not None:
             cap = self.cap
