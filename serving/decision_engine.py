@@ -192,13 +192,14 @@ def _top_k(masked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, 
         ranked_one, top_scores = [], []
         for _ in range(k):
             best = int(line.argmax())
-            if line[best] == -np.inf:
-                ranked_one.append(-1)
-                top_scores.append(scored[0])
-                continue
+            if line[best] == -np.inf:  # fewer than k allowed: pad
+                break
             ranked_one.append(best)
             top_scores.append(scored[best])
             line[best] = -np.inf
+        missing = k - len(ranked_one)
+        ranked_one += [-1] * missing
+        top_scores += [scored[0]] * missing
         return np.array([ranked_one], np.int64), np.array([top_scores], np.float32)
     rows = np.arange(n)
     ranked = np.empty((n, k), np.int64)

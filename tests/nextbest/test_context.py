@@ -479,7 +479,8 @@ def test_build_contexts_accepts_every_parsed_customer(
     complaint_hours_ago: float | None,
     contact_hours_ago: float | None,
 ) -> None:
-    """Whatever parse_customer accepts, from_contexts turns into a batch at any aware ``now``.
+    """Whatever parse_customer accepts, from_contexts turns into a batch at any aware ``now``,
+    one that passes every check of ``from_columns``.
 
     The assessment date is a UTC date on or before ``now`` (which may be ahead of the
     customer's local date); event times are drawn around ``now``, a little into the future
@@ -498,4 +499,6 @@ def test_build_contexts_accepts_every_parsed_customer(
     batch = ContextBatch.from_contexts([customer], catalog, now)
     for name in ("risk_assessment_age_days", "days_since_complaint", "hours_since_last_contact"):
         assert batch[name][0] >= 0, name
+    # from_contexts skips from_columns' checks: they must hold for what it builds
+    assert ContextBatch.from_columns(catalog, **batch.columns).row(0) == batch.row(0)
     assert 0 <= batch["local_hour"][0] <= 23

@@ -134,6 +134,8 @@ def test_decide_candidates_restrict_and_no_contact_remains(catalog, engine, stor
     np.testing.assert_array_equal(d.action, [NO_CONTACT_ID, NO_CONTACT_ID])
     np.testing.assert_array_equal(d.pscore, [1.0, 1.0])
     assert (d.ranked[:, 1:] == -1).all()
+    one = engine_for(catalog, engine, store).decide(batch.take([0]), k=3, candidates=nothing)
+    np.testing.assert_array_equal(one.ranked, [[NO_CONTACT_ID, -1, -1]])  # the one-row path
 
 
 def test_decide_explain_names_the_first_blocking_rule(catalog, engine, store, batch) -> None:
