@@ -8,6 +8,8 @@ with the schema's column names; list columns (``context``, ``candidate_actions``
 
 from __future__ import annotations
 
+import hashlib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,3 +238,45 @@ def _dense_list(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
 
 
 __all__ = ["DECISION_SCHEMA", "LoggedBandit", "load_logged_bandit", "read_csv_decisions"]
+
+
+def customer_unit(keys: np.ndarray, salt: str) -> np.ndarray:
+    """A uniform number in [0, 1) per customer key, float64 ``(n,)``, stable for a salt: the
+    same customer gets the same number in every log and run, so splits made from it keep all
+    of a customer's decisions on one side."""
+    key = salt.encode()
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(k).encode(), key=key, digest_size=8).digest())
+            for k in keys
+        ],
+        np.uint64,
+    ) / np.float64(2**64)
+
+
+def split_log(
+    log: LoggedBandit, share: float, seed: int, purpose: str | None = None
+) -> tuple[LoggedBandit, LoggedBandit, np.ndarray]:
+    """Split into (kept, held out, held-out mask ``(n,)``), about ``share`` held out.
+
+    By customer when the log names them (a customer's decisions are all on one side, so the
+    held-out part measures fresh customers); otherwise by decision. ``purpose`` salts a
+    split independent of the others made with the same seed (None: the evaluation holdout).
+
+    Raises
+    ------
+    ValueError
+        If one side would be empty.
+    """
+    if log.customer_key is not None:
+        salt = str(seed) if purpose is None else f"{purpose}-{seed}"
+        held = customer_unit(log.customer_key, salt) < share
+    else:
+        rng_seed = seed if purpose is None else [seed, zlib.crc32(purpose.encode())]
+        held = np.random.default_rng(rng_seed).random(log.n_rounds) < share
+    if held.all() or not held.any():
+        raise ValueError(
+            f"the log is too small to hold out a share of {share} "
+            f"({log.n_rounds} decisions: one side would be empty)"
+        )
+    return log.take(~held), log.take(held), held

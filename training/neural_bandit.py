@@ -32,7 +32,7 @@ from torch import nn
 from nextbest.catalog import ActionCatalog
 from nextbest.exploration import greedy_distribution, softmax_distribution
 from training.config import neural_bandit_conflict
-from training.logged_data import LoggedBandit
+from training.logged_data import LoggedBandit, split_log
 
 
 @dataclass(frozen=True)
@@ -357,7 +357,9 @@ def train_reward_model(
     )
     scale = float(np.std(log.reward)) or 1.0
     model.reward_scale.fill_(1.0 if priced is not None else scale)
-    fit_log, validation = _validation_split(log, config.validation_share, config.seed)
+    fit_log, validation = log, None
+    if config.validation_share > 0:  # early stopping on held-out training customers
+        fit_log, validation, _ = split_log(log, config.validation_share, config.seed, "validation")
     fit = _training_tensors(fit_log, config, priced, scale)
     if priced is not None and config.init_bias:
         rate = fit["target"].mean(dim=0).clamp(1e-6, 1 - 1e-6)
@@ -430,30 +432,6 @@ def train_reward_model(
         model.load_state_dict(best[1])
     model.eval()
     return model, history
-
-
-def _validation_split(
-    log: LoggedBandit, share: float, seed: int
-) -> tuple[LoggedBandit, LoggedBandit | None]:
-    """(decisions to fit, decisions of the held-out validation customers or None).
-
-    By customer when the log names them (all of a customer's decisions on one side),
-    otherwise by decision; at least one decision on each side.
-    """
-    if share <= 0:
-        return log, None
-    generator = np.random.default_rng([seed, 7919])
-    if log.customer_key is not None:
-        _, unit = np.unique(log.customer_key.astype(str), return_inverse=True)
-        held = generator.random(int(unit.max()) + 1)[unit] < share
-    else:
-        held = generator.random(log.n_rounds) < share
-    if held.all() or not held.any():
-        raise ValueError(
-            f"validation_share {share} leaves no decisions on one side of this "
-            f"{log.n_rounds}-decision log"
-        )
-    return log.take(~held), log.take(held)
 
 
 def _training_tensors(

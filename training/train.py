@@ -3,7 +3,6 @@ decisions, export it to ONNX and track everything in MLflow."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from nextbest.features import ContextEncoder, FeatureSpec, action_features
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import TrainingConfig
 from training.evaluation import baseline_action_dist, ope_table
-from training.logged_data import LoggedBandit, load_logged_bandit
+from training.logged_data import LoggedBandit, customer_unit, load_logged_bandit, split_log
 from training.neural_bandit import (
     Economics,
     NeuralBanditConfig,
@@ -57,23 +56,6 @@ class TrainResult:
     violations: int
     truth: list[dict[str, float | str]] | None = None
     """Ground-truth value of each policy on the held-out decisions (simulated logs only)."""
-
-
-def split_log(
-    log: LoggedBandit, holdout_share: float, seed: int
-) -> tuple[LoggedBandit, LoggedBandit, np.ndarray]:
-    """Split into (train, holdout, holdout mask ``(n,)``).
-
-    By customer when the log names them (a customer's decisions are all on one side, so
-    the holdout measures fresh customers); otherwise by decision.
-    """
-    if log.customer_key is not None:
-        holdout = _customer_unit(log.customer_key, str(seed)) < holdout_share
-    else:
-        holdout = np.random.default_rng(seed).random(log.n_rounds) < holdout_share
-    if holdout.all() or not holdout.any():
-        raise ValueError("the log is too small to hold out decisions for evaluation")
-    return log.take(~holdout), log.take(holdout), holdout
 
 
 def target_distribution(
@@ -166,20 +148,8 @@ def _fold_of(log: LoggedBandit, folds: int, seed: int) -> np.ndarray:
     if log.customer_key is None:
         return np.random.default_rng(seed).integers(0, folds, log.n_rounds)
     # salted apart from the holdout split, which put these customers below its share
-    unit = _customer_unit(log.customer_key, f"crossfit-{seed}")
+    unit = customer_unit(log.customer_key, f"crossfit-{seed}")
     return np.minimum((unit * folds).astype(np.int64), folds - 1)
-
-
-def _customer_unit(keys: np.ndarray, salt: str) -> np.ndarray:
-    """A uniform number in [0, 1) per customer key, float64 ``(n,)``, stable for a salt."""
-    key = salt.encode()
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(str(k).encode(), key=key, digest_size=8).digest())
-            for k in keys
-        ],
-        np.uint64,
-    ) / np.float64(2**64)
 
 
 def run_training(

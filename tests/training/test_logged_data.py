@@ -19,7 +19,7 @@ from simulators.rollout import run_policy
 from simulators.scenario import Scenario
 from simulators.world import BatchSimulator
 from training.evaluation import baseline_action_dist, ope_table
-from training.logged_data import load_logged_bandit
+from training.logged_data import load_logged_bandit, split_log
 from training.ope import InverseProbabilityWeighting, OpeInputError
 
 LIST_COLUMNS = ("context", "candidate_actions", "action_dist")
@@ -254,3 +254,16 @@ def test_data_fingerprint_any_file_name(tmp_path: Path, sim_log) -> None:
     b.write_bytes(part.read_bytes() + b"x")
     assert data_fingerprint(a) != data_fingerprint(b)
     assert data_fingerprint(sim_log) == data_fingerprint(sim_log)
+
+
+def test_split_log_by_customer_and_independent_per_purpose(sim_log, catalog) -> None:
+    log = load_logged_bandit(sim_log, catalog.n_actions)
+    kept, held, mask = split_log(log, 0.3, 0)
+    assert 0.2 < mask.mean() < 0.4
+    assert not set(held.customer_key) & set(kept.customer_key)  # customers stay whole
+    np.testing.assert_array_equal(split_log(log, 0.3, 0)[2], mask)  # stable
+    _, _, validation = split_log(log, 0.3, 0, "validation")
+    assert 0.2 < validation.mean() < 0.4
+    assert 0.1 < (validation & mask).mean() / mask.mean() < 0.5  # about 30%: independent
+    with pytest.raises(ValueError, match="too small"):
+        split_log(log.take(np.arange(1)), 0.3, 0)

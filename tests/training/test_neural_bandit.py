@@ -15,14 +15,13 @@ from simulators.policies import PlaybookPolicy
 from simulators.rollout import run_policy
 from simulators.world import BatchSimulator
 from training.config import load_training_config
-from training.logged_data import LoggedBandit, load_logged_bandit
+from training.logged_data import LoggedBandit, load_logged_bandit, split_log
 from training.neural_bandit import (
     Economics,
     NeuralBanditConfig,
     RewardModel,
     _fit_loss,
     _training_tensors,
-    _validation_split,
     action_factors,
     greedy_policy,
     guard_complaints,
@@ -442,8 +441,8 @@ def test_early_stopping_keeps_the_best_validation_epoch(log, catalog) -> None:
     best = int(np.argmin(losses))
     # stops after `patience` epochs without improvement (or at `epochs`)
     assert len(losses) == min(best + 1 + config.patience, config.epochs)
-    fit, held = _validation_split(log, config.validation_share, config.seed)
-    assert held is not None and 0.2 < held.n_rounds / log.n_rounds < 0.4
+    fit, held, _ = split_log(log, config.validation_share, config.seed, "validation")
+    assert 0.2 < held.n_rounds / log.n_rounds < 0.4
     assert not set(held.customer_key) & set(fit.customer_key)  # held out by customer
     data = _training_tensors(held, config, economics, float(np.std(log.reward)))
     with torch.no_grad():
