@@ -25,6 +25,8 @@ from nextbest.decision_journal import (
     JOURNAL_FILENAME,
     DecisionBatch,
     GroupCommitWriter,
+    JournalCorruptError,
+    JournalSchemaError,
     JournalWriter,
     RewardConflictError,
     RewardOutcome,
@@ -122,6 +124,121 @@ def test_read_journal_round_trip_to_decision_schema(journal: JournalWriter) -> N
     assert table.column("campaign_id").to_pylist()[38:] == campaigns
     assert table.column("timestamp")[0].as_py() == T0
     assert table.column("reward").null_count == 47
+
+
+def test_journal_keeps_unsorted_candidates_with_their_probabilities(
+    journal: JournalWriter,
+) -> None:
+    """Candidates are stored as a bitmap: a row given out of order comes back sorted, each
+    probability still beside its action; a large catalogue (over 8 bits) round-trips."""
+    batch = make_batch(["a", "b"], seed=3)
+    shuffled = DecisionBatch(
+        **{
+            **batch.__dict__,
+            "candidate_offsets": np.array([0, 3, 5]),
+            "candidate_actions": np.array([4, 0, 2, 700, 9], np.int32),
+            "action": np.array([0, 700], np.int32),
+            "pscore": np.array([0.6, 0.75]),
+            "action_dist": np.array([0.1, 0.6, 0.3, 0.75, 0.25], np.float32),
+        }
+    )
+    journal.submit(shuffled).result()
+    table = read_journal(journal.path)
+    assert table.column("candidate_actions").to_pylist() == [[0, 2, 4], [9, 700]]
+    np.testing.assert_allclose(
+        np.concatenate(table.column("action_dist").to_pylist()), [0.6, 0.3, 0.1, 0.25, 0.75]
+    )
+
+
+def test_journal_refuses_a_row_listing_an_action_twice(journal: JournalWriter) -> None:
+    batch = make_batch(["a", "b"], seed=3)
+    twice = DecisionBatch(
+        **{
+            **batch.__dict__,
+            "candidate_offsets": np.array([0, 1, 3]),
+            "candidate_actions": np.array([1, 2, 2], np.int32),
+            "action": np.array([1, 2], np.int32),
+            "pscore": None,
+            "action_dist": None,
+        }
+    )
+    with pytest.raises(ValueError, match="row 1 lists candidate action 2 twice"):
+        journal.submit(twice).result()
+    journal.submit(make_batch(["c"])).result()  # the writer goes on
+    assert read_journal(journal.path).column("decision_id").to_pylist() == ["c"]
+
+
+def test_journal_of_another_layout_is_refused_by_name(tmp_path: Path) -> None:
+    old = tmp_path / JOURNAL_FILENAME
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE journal_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute("INSERT INTO journal_meta VALUES ('schema', 'nextbest.decision-journal/1')")
+    conn.commit()
+    conn.close()
+    before = old.read_bytes()
+    with pytest.raises(JournalSchemaError, match=r"decision-journal/1.*new state directory"):
+        JournalWriter(tmp_path, RULE)
+    with pytest.raises(JournalSchemaError, match="decision-journal/1"):
+        read_journal(tmp_path)
+    assert old.read_bytes() == before  # nothing written to it
+
+
+def test_journal_with_decisions_missing_from_their_chunk_is_reported(
+    journal: JournalWriter,
+) -> None:
+    journal.submit(make_batch(["a", "b", "c"])).result()
+    conn = sqlite3.connect(journal.path)
+    conn.execute("DELETE FROM decisions WHERE decision_id = 'b'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalCorruptError, match="2 decisions, 3 rows in 1 chunks"):
+        read_journal(journal.path)
+
+
+def test_journal_stores_a_decision_in_a_fraction_of_its_array_bytes(
+    journal: JournalWriter,
+) -> None:
+    """A 10,000-decision batch of an exploring policy over a 361-action catalogue: the
+    arrays are one compressed chunk, far smaller than the raw per-decision arrays."""
+    rng = np.random.default_rng(5)
+    n, a = 10_000, 361
+    allowed = rng.random((n, a)) < 0.33
+    allowed[:, 0] = True
+    greedy = np.argmax(allowed * rng.random((n, a)), axis=1)
+    dist = np.where(allowed, 0.1 / allowed.sum(axis=1, keepdims=True), 0.0)
+    dist[np.arange(n), greedy] += 0.9
+    batch = DecisionBatch.from_mask(
+        allowed,
+        dist,
+        greedy,
+        decision_id=new_decision_ids(n),
+        timestamp_us=epoch_us(T0),
+        customer_key=[f"cust_{i:024x}" for i in range(n)],
+        context=rng.standard_normal((n, 4)).astype(np.float32),
+        policy="p",
+        model_version="m",
+        ruleset_version="r",
+        catalog_version="c",
+        feature_spec_version="f",
+    )
+    journal.submit(batch).result()
+    conn = sqlite3.connect(journal.path)
+    (stored,) = conn.execute(
+        "SELECT length(context) + length(candidates) + length(action_dist) FROM decision_chunks"
+    ).fetchone()
+    conn.close()
+    raw = batch.context.nbytes + 8 * allowed.sum()  # int32 action + float32 probability
+    assert stored < raw / 4
+    table = read_journal(journal.path)
+    np.testing.assert_array_equal(
+        table.column("candidate_actions").combine_chunks().flatten().to_numpy(),
+        np.flatnonzero(allowed) % a,
+    )
+    np.testing.assert_array_equal(
+        table.column("action_dist").combine_chunks().flatten().to_numpy(),
+        dist[allowed].astype(np.float32),
+    )
+    np.testing.assert_array_equal(table.column("pscore").to_numpy(), dist[np.arange(n), greedy])
 
 
 def test_read_journal_two_model_versions_keep_their_rows(journal: JournalWriter) -> None:

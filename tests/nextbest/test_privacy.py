@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from nextbest.privacy import mask_number, pseudonymise
+from nextbest.privacy import mask_number, pseudonymise, pseudonymise_many
 
 KEY = b"0123456789abcdef-test-key"
 
@@ -21,6 +23,20 @@ def test_pseudonymise_is_stable_and_keyed() -> None:
 def test_pseudonymise_short_key_refused() -> None:
     with pytest.raises(ValueError, match="at least 16 bytes"):
         pseudonymise("C-1", b"short")
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        pseudonymise_many(["C-1"], b"short")
+
+
+def test_pseudonymise_many_is_the_keyed_blake2b_of_each_id() -> None:
+    """The batch form gives the same keys as the single form, and both are the documented
+    MAC (stored keys must not change between versions, or a customer's history splits)."""
+    ids = ["C-000123", "", "客户-42", "C-000123"]
+    many = pseudonymise_many(ids, KEY)
+    assert many == [pseudonymise(i, KEY) for i in ids]
+    assert many == [
+        "cust_" + hashlib.blake2b(i.encode(), key=KEY, digest_size=12).hexdigest() for i in ids
+    ]
+    assert pseudonymise_many([], KEY) == []
 
 
 def test_mask_number_keeps_last_four() -> None:
