@@ -72,6 +72,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
+from pydantic_core import to_json
 
 from nextbest.catalog import ActionCatalog
 from nextbest.decision_log import DECISION_SCHEMA
@@ -924,10 +925,15 @@ _INSERT_CHUNK = (
     "INSERT INTO decision_chunks (rows, n_features, n_actions, codec, context, candidates, "
     "action_dist) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_DECISION = (
+_INSERT_DECISIONS = (
     "INSERT INTO decisions (decision_id, timestamp_us, customer_key, action, pscore, "
-    "campaign_id, version_id, chunk_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "campaign_id, version_id, chunk_id) SELECT value ->> 0, value ->> 1, value ->> 2, "
+    "value ->> 3, value ->> 4, value ->> 5, ?2, ?3 FROM json_each(?1) ORDER BY key"
 )
+"""All the decisions of a batch in one statement, from a JSON array of rows: SQLite parses
+it without the GIL, where ``executemany`` takes the GIL back for every row (on a 10,000-row
+batch, thousands of hand-offs with the event loop's thread, each up to the 5 ms switch
+interval)."""
 CHUNK_CODEC = "lz4"
 """Compression of the chunk blobs (LZ4 frames, through pyarrow): an exploration policy's
 probabilities shrink thirty-fold in about a millisecond per 10,000 decisions."""
@@ -993,10 +999,9 @@ def _chunk_row(batch: DecisionBatch) -> tuple[Any, ...]:
     )
 
 
-def _decision_rows(
-    batch: DecisionBatch, version_id: int, chunk_id: int
-) -> Iterable[tuple[Any, ...]]:
-    """The ``decisions`` rows of a batch whose arrays are chunk ``chunk_id``."""
+def _decision_rows_json(batch: DecisionBatch) -> bytes:
+    """The ``decisions`` values of a batch but ``version_id`` and ``chunk_id``, as a JSON
+    array of ``[decision_id, timestamp_us, customer_key, action, pscore, campaign_id]``."""
     n = len(batch)
     ts = batch.timestamp_us
     stamps: Iterable[int] = (
@@ -1010,16 +1015,16 @@ def _decision_rows(
         if batch.campaign_id is None or isinstance(batch.campaign_id, str)
         else batch.campaign_id
     )
-    return zip(
+    rows = zip(
         batch.decision_id,
         stamps,
         batch.customer_key,
         np.asarray(batch.action, np.int64).tolist(),
         pscores,
         campaigns,
-        repeat(version_id),
-        repeat(chunk_id),
+        strict=False,  # lengths checked by DecisionBatch; some columns are repeat()
     )
+    return to_json(list(rows))
 
 
 class JournalWriter:
@@ -1095,11 +1100,12 @@ class JournalWriter:
         served_by = tuple(getattr(decisions, name) for name in VERSION_FIELDS)
         known = self._version_ids.get(served_by)
         used: list[int] = []
+        rows = _decision_rows_json(decisions)  # here: the writer's thread runs GIL-free
 
         def append(conn: sqlite3.Connection) -> int:
             version_id = known if known is not None else self._version_id(conn, served_by)
             chunk_id = conn.execute(_INSERT_CHUNK, _chunk_row(decisions)).lastrowid
-            conn.executemany(_INSERT_DECISION, _decision_rows(decisions, version_id, chunk_id))
+            conn.execute(_INSERT_DECISIONS, (rows, version_id, chunk_id))
             used.append(version_id)
             return len(decisions)
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
+from pydantic_core import to_json
 
 from nextbest.catalog import ActionCatalog
 from nextbest.context import ContactHistory, ContextBatch
@@ -388,11 +389,16 @@ cost a third of the write rate, and pruning walks the table by rowid instead."""
 
 _UPSERT = (
     "INSERT INTO contacts (contact_id, customer_key, channel, offer, at_us, kind) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (contact_id) DO UPDATE SET "
+    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2 "
+    "FROM json_each(?1) WHERE true "  # WHERE: the ON CONFLICT below is the upsert's
+    "ON CONFLICT (contact_id) DO UPDATE SET "
     "customer_key = excluded.customer_key, channel = excluded.channel, "
     "offer = excluded.offer, at_us = excluded.at_us, kind = excluded.kind "
     "WHERE excluded.kind > contacts.kind"
 )
+"""Store a batch of contacts in one statement, from a JSON array of ``[contact_id,
+customer_key, channel, offer, at_us]`` rows: SQLite parses it without the GIL (one
+``executemany`` step per row would hand the GIL back and forth with the event loop)."""
 _PRUNE_CHUNK_ROWS = 20_000
 """Rowids per pruning transaction (short, so other writers wait milliseconds at most)."""
 
@@ -477,15 +483,16 @@ class SqliteContactStore:
         kind = CONTACT_KINDS.index(contacts.kind)
         at = contacts.at_us
         stamps = np.asarray(at, np.int64).tolist() if np.ndim(at) else [int(at)] * n
-        rows = list(
-            zip(
-                contacts.contact_id,
-                contacts.customer_key,
-                contacts.channel,
-                contacts.offer,
-                stamps,
-                [kind] * n,
-                strict=True,
+        rows = to_json(
+            list(
+                zip(
+                    contacts.contact_id,
+                    contacts.customer_key,
+                    contacts.channel,
+                    contacts.offer,
+                    stamps,
+                    strict=True,
+                )
             )
         )
         now = time.time()
@@ -495,7 +502,7 @@ class SqliteContactStore:
             self.prune(before).add_done_callback(_log_prune_failure)
 
         def upsert(conn: sqlite3.Connection) -> int:
-            conn.executemany(_UPSERT, rows)
+            conn.execute(_UPSERT, (rows, kind))
             return n
 
         submit = self._writer.submit_inline if inline else self._writer.submit
