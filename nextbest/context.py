@@ -47,13 +47,13 @@ class ContactHistory(BaseModel):
         for channel, count in value.items():
             if count < 0:
                 raise ValueError(f"count for {channel!r} must not be negative, got {count}")
-        _check_channels(value.keys(), info)
+        check_channel_names(value.keys(), info)
         return value
 
     @field_validator("last_contact_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        return _require_aware(value)
+        return require_aware(value)
 
     @model_validator(mode="after")
     def _windows(self) -> ContactHistory:
@@ -89,7 +89,7 @@ class BehaviourEvents(BaseModel):
         for offer, count in value.items():
             if count < 0:
                 raise ValueError(f"views of {offer!r} must not be negative, got {count}")
-        _check_offers(value, info)
+        check_offer_names(value, info)
         return value
 
 
@@ -135,25 +135,25 @@ class CustomerContext(BaseModel):
     @field_validator("consented_channels", "opt_outs")
     @classmethod
     def _channels(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        _check_channels(value, info)
+        check_channel_names(value, info)
         return value
 
     @field_validator("holdings")
     @classmethod
     def _offers(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        _check_offers(value, info)
+        check_offer_names(value, info)
         return value
 
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
-        _zone(value)
+        time_zone(value)
         return value
 
     @field_validator("last_complaint_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        return _require_aware(value)
+        return require_aware(value)
 
     @model_validator(mode="after")
     def _assessment(self) -> CustomerContext:
@@ -164,7 +164,8 @@ class CustomerContext(BaseModel):
         return self
 
 
-def _check_channels(names: Any, info: ValidationInfo) -> None:
+def check_channel_names(names: Any, info: ValidationInfo) -> None:
+    """Refuse a channel name the catalogue in the validation context lacks (no catalogue: ok)."""
     catalog = (info.context or {}).get("catalog")
     if catalog is None:
         return
@@ -173,7 +174,8 @@ def _check_channels(names: Any, info: ValidationInfo) -> None:
         raise ValueError(f"unknown channel {unknown[0]!r}; known: {list(catalog.channel_names)}")
 
 
-def _check_offers(names: Any, info: ValidationInfo) -> None:
+def check_offer_names(names: Any, info: ValidationInfo) -> None:
+    """Refuse an offer name the catalogue in the validation context lacks (no catalogue: ok)."""
     catalog = (info.context or {}).get("catalog")
     if catalog is None:
         return
@@ -182,14 +184,16 @@ def _check_offers(names: Any, info: ValidationInfo) -> None:
         raise ValueError(f"unknown offer {unknown[0]!r}")
 
 
-def _require_aware(value: datetime | None) -> datetime | None:
+def require_aware(value: datetime | None) -> datetime | None:
+    """``value`` unchanged; a naive datetime raises ``ValueError``."""
     if value is not None and value.tzinfo is None:
         raise ValueError("must include a time zone offset (for example 2026-01-31T09:00:00+08:00)")
     return value
 
 
 @lru_cache(maxsize=1024)
-def _zone(name: str) -> ZoneInfo:
+def time_zone(name: str) -> ZoneInfo:
+    """The IANA time zone ``name`` (cached); an unknown name raises ``ValueError``."""
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -341,7 +345,7 @@ class ContextBatch:
         }
         now_utc = now.astimezone(UTC)
         for i, c in enumerate(contexts):
-            local = now_utc.astimezone(_zone(c.timezone))
+            local = now_utc.astimezone(time_zone(c.timezone))
             cols["age"][i] = c.age
             cols["aum_cny"][i] = c.aum_cny
             cols["income_band"][i] = INCOME_BANDS.index(c.income_band)
