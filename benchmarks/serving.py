@@ -19,7 +19,9 @@ Measured, in the same run:
 * ``ratio``: ``rps_full / rps_minimal`` (target >= 0.8).
 * ``p99_c1_ms``: p99 latency of ``POST /v1/decisions`` at one connection (target <= 2 ms).
 * ``batch_customers_per_s``: customers per second through ``POST /v1/decisions/batch``
-  with 10,000 customers per call (target >= 100,000).
+  with 10,000 customers per call in the columnar form (``columns``, target >= 100,000), one
+  call at a time, one worker; ``batch_objects_customers_per_s`` the same customers as a
+  list of customer objects (``customers``), for comparison.
 * ``rps_2w_c64``, ``p99_2w_c64_ms``: two workers, 64 connections (target >= 5,000 decisions
   per second with p99 <= 20 ms, every decision journalled).
 
@@ -311,16 +313,30 @@ def best_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return max(runs, key=lambda r: r["rps"])
 
 
-def batch_rate(port: int, key: str, customers: int = 10_000, calls: int = 4) -> float:
+def batch_body(call: int, customers: int, columnar: bool) -> bytes:
+    """A batch request of ``customers`` distinct customers, as columns or as objects."""
+    payload = [customer(f"b{call}-{i}") for i in range(customers)]
+    if not columnar:
+        return json.dumps({"customers": payload, "k": 3}).encode()
+    from nextbest.catalog import load_catalog
+    from nextbest.context import parse_customer
+    from nextbest.customer_columns import CustomerColumns
+
+    catalog = load_catalog()
+    columns = CustomerColumns.from_contexts([parse_customer(c, catalog) for c in payload])
+    return b'{"k": 3, "columns": ' + columns.model_dump_json(exclude_none=True).encode() + b"}"
+
+
+def batch_rate(
+    port: int, key: str, columnar: bool, customers: int = 10_000, calls: int = 4
+) -> float:
     """Customers per second through the batch endpoint (best call of ``calls``)."""
     import http.client
 
     best = 0.0
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     for call in range(calls + 1):
-        body = json.dumps(
-            {"customers": [customer(f"b{call}-{i}") for i in range(customers)], "k": 3}
-        )
+        body = batch_body(call + (100 if columnar else 0), customers, columnar)
         start = time.perf_counter()
         conn.request(
             "POST",
@@ -356,6 +372,7 @@ def main() -> None:
             "ratio",
             "p99_c1_ms",
             "batch_customers_per_s",
+            "batch_objects_customers_per_s",
             "rps_2w_c64",
             "p99_2w_c64_ms",
         ]
@@ -366,8 +383,13 @@ def main() -> None:
     binary = ensure_wrk()
     full, full_port = start_full(model, work / "state1", keys, workers=1)
     try:
-        results["batch_customers_per_s"] = round(batch_rate(full_port, key))
-        print(f"batch: {results['batch_customers_per_s']:,} customers/s", flush=True)
+        results["batch_customers_per_s"] = round(batch_rate(full_port, key, columnar=True))
+        results["batch_objects_customers_per_s"] = round(batch_rate(full_port, key, False))
+        print(
+            f"batch: {results['batch_customers_per_s']:,} customers/s as columns, "
+            f"{results['batch_objects_customers_per_s']:,} as customer objects",
+            flush=True,
+        )
         if binary:
             full_script, minimal_script = lua_script(work, key), lua_script(work, None)
             minimal, minimal_port = start_minimal(model)

@@ -24,7 +24,7 @@ from nextbest.exploration import (
     sample_epsilon_greedy,
 )
 from nextbest.features import ContextEncoder
-from serving.model_store import ModelStore
+from serving.model_store import LoadedModel, ModelStore
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ class DecisionEngine:
         k: int = 3,
         candidates: np.ndarray | None = None,
         explain: bool = False,
+        model: LoadedModel | None = None,
     ) -> Decisions:
         """Decide for every customer of ``batch``.
 
@@ -117,13 +118,16 @@ class DecisionEngine:
             The actions the caller allows (a campaign's offers, a channel subset); the rules
             still apply on top.
         explain : also list every blocked action with the rule that blocked it
+        model : the model to score with (default: the store's current one); a caller
+            deciding a batch in parts passes one, so a swap cannot split the batch
 
         Raises
         ------
         ModelNotReadyError
             When no model has been loaded.
         """
-        model = self.models.current  # one read: a swap during this call does not affect it
+        if model is None:
+            model = self.models.current  # one read: a swap during this call cannot split it
         if model is None:
             raise ModelNotReadyError("no model loaded")
         n, n_actions = batch.n, self.catalog.n_actions

@@ -10,9 +10,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nextbest.context import CustomerContext
+from nextbest.customer_columns import CustomerColumns
 
 DECISION_ID_PATTERN = r"^[0-9a-f]{32}$"
 
@@ -76,7 +77,9 @@ class DecisionRequest(_Options):
 
 
 class BatchDecisionRequest(_Options):
-    """Many customers (a whole campaign) under the same options."""
+    """Many customers (a whole campaign) under the same options, as a list of customer
+    objects (``customers``) or as one array per field (``columns``, the fast form: a
+    10,000-customer body validates in ~25 ms instead of ~200 ms). Exactly one of the two."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -86,13 +89,50 @@ class BatchDecisionRequest(_Options):
                     "customers": [EXAMPLE_CUSTOMER, {**EXAMPLE_CUSTOMER, "customer_id": "c-0002"}],
                     "campaign_id": "always_on",
                     "k": 2,
-                }
+                },
+                {
+                    "columns": {
+                        "customer_id": ["c-0001", "c-0002"],
+                        "age": [34, 51],
+                        "aum_cny": [250000.0, 1200000.0],
+                        "income_band": ["middle", "high"],
+                        "risk_tolerance": ["C3", None],
+                        "risk_assessed_on": ["2026-03-01", None],
+                        "lifecycle_stage": ["growth", "mature"],
+                        "tenure_months": [40, 150],
+                        "app_logins_30d": [12, 0],
+                        "consented_channels": [["app_push", "sms"], ["sms"]],
+                        "contacts_30d": {"sms": [1, 0]},
+                        "timezone": "Asia/Shanghai",
+                    },
+                    "campaign_id": "always_on",
+                    "k": 2,
+                },
             ]
         },
     )
 
-    customers: list[CustomerContext] = Field(min_length=1)
+    customers: list[CustomerContext] | None = Field(default=None, min_length=1)
     """The customers; more than the service's ``max_batch`` (10,000 by default): HTTP 413."""
+    columns: CustomerColumns | None = None
+    """The customers as columns (see :class:`~nextbest.customer_columns.CustomerColumns`);
+    instead of ``customers``."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> BatchDecisionRequest:
+        if (self.customers is None) == (self.columns is None):
+            got = "neither" if self.customers is None else "both"
+            raise ValueError(f"exactly one of `customers` and `columns` is required, got {got}")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.customers) if self.customers is not None else len(self.columns or ())
+
+    def customer_ids(self) -> list[str]:
+        """The customers' identifiers, in request order."""
+        if self.columns is not None:
+            return self.columns.customer_id
+        return [c.customer_id for c in self.customers or ()]
 
 
 class RankedAction(BaseModel):

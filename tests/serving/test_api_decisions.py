@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 from conftest import customer
 from fastapi.testclient import TestClient
 
@@ -196,3 +197,93 @@ def test_post_decision_oversized_body_is_413(
         )
     assert declared.status_code == 413
     assert chunked.status_code == 413
+
+
+def _columns(customers: list[dict[str, object]], catalog: ActionCatalog) -> dict[str, object]:
+    from nextbest.customer_columns import CustomerColumns
+
+    parsed = [parse_customer(c, catalog) for c in customers]
+    return CustomerColumns.from_contexts(parsed).model_dump(mode="json", exclude_none=True)
+
+
+def test_post_batch_as_columns_ranks_as_the_customer_objects(
+    api_client: TestClient, auth: dict[str, dict[str, str]], catalog: ActionCatalog
+) -> None:
+    """The columnar body is another spelling of the same customers: same ranked actions and
+    scores (other ids: the first call's recommended contacts would cap the second's)."""
+    customers = [
+        customer(customer_id=f"col-{i}", age=20 + 3 * i, risk_tolerance=f"C{1 + i % 5}")
+        for i in range(12)
+    ]
+    twins = [{**c, "customer_id": f"twin-{c['customer_id']}"} for c in customers]
+    as_rows = api_client.post(
+        "/v1/decisions/batch", json={"customers": customers, "k": 4}, headers=auth["decide"]
+    )
+    as_columns = api_client.post(
+        "/v1/decisions/batch",
+        json={"columns": _columns(twins, catalog), "k": 4},
+        headers=auth["decide"],
+    )
+    assert as_rows.status_code == as_columns.status_code == 200, as_columns.text
+    rows, cols = as_rows.json()["decisions"], as_columns.json()["decisions"]
+    assert [d["ranked"] for d in cols] == [d["ranked"] for d in rows]
+    assert [d["scores"] for d in cols] == [d["scores"] for d in rows]
+    assert len({d["decision_id"] for d in rows + cols}) == 24
+
+
+def test_post_batch_in_parts_journals_every_decision_as_answered(
+    api_settings: Settings,
+    auth: dict[str, dict[str, str]],
+    catalog: ActionCatalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch decided in parts (7 customers each here) answers in request order, and the
+    journal holds each answered decision with its action and propensity."""
+    from nextbest.decision_journal import read_journal
+    from serving import service
+
+    monkeypatch.setattr(service, "PIPELINE_ROWS", 7)
+    customers = [customer(customer_id=f"part-{i}", age=18 + 2 * i) for i in range(20)]
+    with TestClient(create_app(api_settings)) as client:
+        response = client.post(
+            "/v1/decisions/batch",
+            json={"columns": _columns(customers, catalog), "k": 2},
+            headers=auth["decide"],
+        )
+    assert response.status_code == 200, response.text
+    answered = response.json()["decisions"]
+    journal = read_journal(api_settings.state_dir).to_pylist()
+    assert [r["decision_id"] for r in journal] == [d["decision_id"] for d in answered]
+    assert [catalog.actions[r["action"]].name for r in journal] == [d["action"] for d in answered]
+    assert [r["pscore"] for r in journal] == [d["propensity"] for d in answered]
+    assert len({r["model_version"] for r in journal}) == 1
+    assert all(r["action"] in r["candidate_actions"] for r in journal)
+
+
+def test_post_batch_columns_errors_name_the_field(
+    api_client: TestClient, auth: dict[str, dict[str, str]], catalog: ActionCatalog
+) -> None:
+    columns = _columns([customer(customer_id=f"bad-{i}") for i in range(4)], catalog)
+    columns["age"] = [30, 40, 50, 121]
+    bad_age = api_client.post(
+        "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
+    )
+    assert bad_age.status_code == 422
+    assert ["body", "columns", "age", 3] in [e["loc"] for e in bad_age.json()["detail"]]
+    both = {"columns": {**columns, "age": [30] * 4}, "customers": [customer()]}
+    for payload, got in (({}, "neither"), (both, "both")):
+        response = api_client.post("/v1/decisions/batch", json=payload, headers=auth["decide"])
+        assert response.status_code == 422
+        assert f"exactly one of `customers` and `columns` is required, got {got}" in response.text
+
+
+def test_post_batch_columns_oversized_is_413(
+    api_settings: Settings, auth: dict[str, dict[str, str]], catalog: ActionCatalog
+) -> None:
+    settings = api_settings.model_copy(update={"max_batch": 5})
+    columns = _columns([customer(customer_id=f"big-{i}") for i in range(6)], catalog)
+    with TestClient(create_app(settings)) as client:
+        response = client.post(
+            "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
+        )
+    assert response.status_code == 413
