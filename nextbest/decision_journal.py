@@ -791,9 +791,11 @@ class DecisionBatch:
         # flat positions of the allowed entries: one pass over the mask (np.nonzero's row
         # and column arrays cost ten times as much on a 10,000 x 361 mask)
         flat = np.flatnonzero(allowed)
+        counts = np.count_nonzero(allowed, axis=1)
         offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(np.count_nonzero(allowed, axis=1), out=offsets[1:])
-        candidates = (flat % n_actions).astype(np.int32)
+        np.cumsum(counts, out=offsets[1:])
+        row_starts = np.repeat(np.arange(n, dtype=np.int64) * n_actions, counts)
+        candidates = (flat - row_starts).astype(np.int32)  # a third of the cost of flat % A
         dist = None
         if action_dist is not None:
             dense = np.asarray(action_dist)
