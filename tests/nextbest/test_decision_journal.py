@@ -55,6 +55,13 @@ T0 = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 COST = np.array([0.0, 0.05, 0.05, 40.0, 40.0])
 RULE = RewardRule(300.0, COST, attribution_window=timedelta(days=7))
 AT5 = T0 + timedelta(hours=5)
+SERVED_BY = {
+    "policy": "p",
+    "model_version": "m",
+    "ruleset_version": "r",
+    "catalog_version": "c",
+    "feature_spec_version": "f",
+}
 
 
 def make_batch(
@@ -215,11 +222,7 @@ def test_journal_stores_a_decision_in_a_fraction_of_its_array_bytes(
         timestamp_us=epoch_us(T0),
         customer_key=[f"cust_{i:024x}" for i in range(n)],
         context=rng.standard_normal((n, 4)).astype(np.float32),
-        policy="p",
-        model_version="m",
-        ruleset_version="r",
-        catalog_version="c",
-        feature_spec_version="f",
+        **SERVED_BY,
     )
     journal.submit(batch).result()
     conn = sqlite3.connect(journal.path)
@@ -519,11 +522,7 @@ def test_decision_batch_from_mask_keeps_allowed_actions(journal: JournalWriter) 
         timestamp_us=epoch_us(T0),
         customer_key=["k1", "k2"],
         context=np.zeros((2, N_FEATURES), np.float32),
-        policy="p",
-        model_version="m",
-        ruleset_version="r",
-        catalog_version="c",
-        feature_spec_version="f",
+        **SERVED_BY,
     )
     journal.submit(batch).result()
 
