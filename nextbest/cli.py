@@ -332,6 +332,26 @@ def serving_demo(
                 "k": 2,
             },
         )
+        show(  # the same batch form for a whole campaign, one array per field
+            "POST",
+            "/v1/decisions/batch",
+            {
+                "columns": {
+                    "customer_id": ["demo-column-0", "demo-column-1"],
+                    "age": [29, 58],
+                    "aum_cny": [35_000.0, 2_400_000.0],
+                    "income_band": ["low", "very_high"],
+                    "risk_tolerance": ["C2", "C4"],
+                    "risk_assessed_on": [customer["risk_assessed_on"]] * 2,
+                    "lifecycle_stage": ["new", "mature"],
+                    "tenure_months": [3, 140],
+                    "app_logins_30d": [25, 2],
+                    "consented_channels": [["app_push", "sms"], ["sms", "outbound_call"]],
+                    "offer_views_30d": {"fund_sip": [4, 0]},
+                },
+                "k": 2,
+            },
+        )
         if isinstance(decision, dict) and "decision_id" in decision:
             reward = {"decision_id": decision["decision_id"], "converted": True, "value_cny": 300.0}
             show("POST", "/v1/rewards", reward)
