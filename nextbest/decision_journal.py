@@ -5,7 +5,8 @@ process of the service and read directly by training (:func:`read_journal`, and 
 :func:`nextbest.decision_log.read_decisions`), so served decisions become training data
 without an export step.
 
-Tables (times are integer microseconds since the epoch, UTC; arrays are little-endian blobs):
+Tables (times are integer microseconds since the epoch, UTC; arrays are LZ4-compressed
+little-endian blobs, one per submitted batch):
 
 ``decisions``
     One row per decision, never updated: ``seq`` (commit order), ``decision_id`` (unique),
@@ -83,6 +84,8 @@ JOURNAL_FILENAME = "journal.db"
 """Name of the journal inside a service state directory."""
 JOURNAL_SCHEMA_ID = "nextbest.decision-journal/2"
 SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_MIN_WRITER_VERSION = (3, 38, 0)
+"""Writers need the JSON ``->>`` operator (SQLite 3.38, 2022)."""
 Synchronous = Literal["NORMAL", "FULL"]
 
 T = TypeVar("T")
@@ -138,6 +141,13 @@ def open_sqlite(
     """
     if synchronous not in ("NORMAL", "FULL"):
         raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+    if not read_only and sqlite3.sqlite_version_info < SQLITE_MIN_WRITER_VERSION:
+        raise RuntimeError(
+            f"SQLite {sqlite3.sqlite_version} is too old to write the journal and contact "
+            f"store (their batch inserts use the ->> operator of SQLite "
+            f"{'.'.join(map(str, SQLITE_MIN_WRITER_VERSION))}); "
+            "use a Python built with a newer SQLite"
+        )
     path = Path(path)
     if read_only:
         if not path.is_file():
@@ -685,8 +695,11 @@ class DecisionBatch:
     Variable-length lists (candidates, action distribution) are flat arrays cut by
     ``candidate_offsets``, as in Arrow: the candidates of row ``i`` are
     ``candidate_actions[candidate_offsets[i]:candidate_offsets[i + 1]]``. The versions and the
-    policy are one value per batch (a batch is served by one model). Arrays are read when the
-    writer thread gets to the batch: do not modify them until the future resolves.
+    policy are one value per batch (a batch is served by one model). A row's candidates
+    may come in any order (they are stored as a bitmap and read back sorted, each with its
+    probability); an action listed twice in a row is refused. The scalar columns are
+    serialised when the batch is submitted; the arrays are read when the writer thread gets
+    to the batch: do not modify them until the future resolves.
 
     Parameters
     ----------
@@ -703,7 +716,7 @@ class DecisionBatch:
         Allowed action ids of every row.
     action : int32 ``(n,)``
     pscore : float64 ``(n,)`` or None
-        Propensity of the chosen action.
+        Propensity of the chosen action, in (0, 1].
     action_dist : float32 ``(total,)`` or None
         Probability of each candidate, aligned with ``candidate_actions``.
     campaign_id : str, sequence of str ``(n,)`` or None
@@ -756,6 +769,13 @@ class DecisionBatch:
         for name, length in lengths.items():
             if length != n:
                 raise ValueError(f"{name} has {length} rows but decision_id has {n}")
+        if self.pscore is not None:
+            pscore = np.asarray(self.pscore, np.float64)
+            bad = np.flatnonzero(~((pscore > 0) & (pscore <= 1)))
+            if len(bad):
+                raise ValueError(
+                    f"pscore must be in (0, 1], got {float(pscore[bad[0]])} at row {int(bad[0])}"
+                )
         if self.action_dist is not None and len(self.action_dist) != total:
             raise ValueError(
                 f"action_dist has {len(self.action_dist)} entries but candidate_actions {total}"
@@ -799,6 +819,10 @@ class DecisionBatch:
         dist = None
         if action_dist is not None:
             dense = np.asarray(action_dist)
+            if dense.shape != allowed.shape:
+                raise ValueError(
+                    f"action_dist has shape {dense.shape}, allowed {allowed.shape}: they must match"
+                )
             dist = dense.reshape(-1).take(flat).astype(np.float32)
             fields.setdefault("pscore", dense[np.arange(n), action].astype(np.float64))
         return cls(
@@ -1001,7 +1025,7 @@ def _chunk_row(batch: DecisionBatch) -> tuple[Any, ...]:
     )
 
 
-def _decision_rows_json(batch: DecisionBatch) -> bytes:
+def _decision_rows_json(batch: DecisionBatch) -> str:
     """The ``decisions`` values of a batch but ``version_id`` and ``chunk_id``, as a JSON
     array of ``[decision_id, timestamp_us, customer_key, action, pscore, campaign_id]``."""
     n = len(batch)
@@ -1026,7 +1050,7 @@ def _decision_rows_json(batch: DecisionBatch) -> bytes:
         campaigns,
         strict=False,  # lengths checked by DecisionBatch; some columns are repeat()
     )
-    return to_json(list(rows))
+    return to_json(list(rows)).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
 
 
 class JournalWriter:
@@ -1096,9 +1120,21 @@ class JournalWriter:
 
         With ``inline``, commit on the calling thread when the writer is idle (see
         :meth:`GroupCommitWriter.submit_inline`): for a request's few decisions, faster.
+        The scalar columns are serialised here, on the caller's thread; the arrays are
+        compressed on the writer's. An empty batch resolves to 0 at once (no chunk row).
+
         The future fails with :class:`sqlite3.IntegrityError` if a decision id is already
         in the journal (then none of the batch is written).
+
+        Raises
+        ------
+        RuntimeError
+            If the journal is closed.
         """
+        if len(decisions) == 0:  # nothing to store (and no empty chunk)
+            done: Future[int] = Future()
+            done.set_result(0)
+            return done
         served_by = tuple(getattr(decisions, name) for name in VERSION_FIELDS)
         known = self._version_ids.get(served_by)
         used: list[int] = []
@@ -1284,8 +1320,9 @@ def read_journal(
     Rows are in commit order. Outcome columns are null for decisions without a reward;
     ``reward_at`` is when the outcome happened, or when it was received if the caller did
     not say. Reads one consistent snapshot while writers keep appending. Decisions,
-    versions and rewards are read by three scans (no per-row join) and the blobs become
-    Arrow list arrays through one buffer each.
+    versions, chunks and rewards are read by one scan each (no per-row join); the chunks
+    are decoded into Arrow list arrays in blocks of about 100,000 decisions (so list
+    offsets never overflow, and contexts of different widths keep their own lengths).
 
     Parameters
     ----------
@@ -1423,42 +1460,68 @@ def _chunk_arrays(
             f"{file}: the decisions do not line up with their chunks of arrays "
             f"({len(row_chunk)} decisions, {int(sizes.sum())} rows in {len(chunks)} chunks)"
         )
-    contexts, candidates, counts, dists, has_dist = [], [], [], [], []
+    blocks: list[dict[str, pa.Array]] = []
+    parts: list[tuple[np.ndarray, ...]] = []
+    rows_in_block = 0
     for _, rows, n_features, n_actions, codec, context, bitmap, dist in chunks:
         width = -(-n_actions // 8)
-        contexts.append(_unpack(context, codec, rows * n_features * 4, "<f4").reshape(rows, -1))
         packed = _unpack(bitmap, codec, rows * width, "u1").reshape(rows, width)
         allowed = np.unpackbits(packed, axis=1)[:, :n_actions].astype(bool)
-        candidates.append((np.flatnonzero(allowed) % max(n_actions, 1)).astype(np.int32))
-        counts.append(np.count_nonzero(allowed, axis=1))
-        total = len(candidates[-1])
-        has_dist.append(dist is not None)
-        dists.append(
-            _unpack(dist, codec, total * 4, "<f4") if dist is not None else np.zeros(total, "<f4")
+        counts = np.count_nonzero(allowed, axis=1)
+        flat = np.flatnonzero(allowed)
+        candidates = (flat - np.repeat(np.arange(rows, dtype=np.int64) * n_actions, counts)).astype(
+            np.int32
         )
-    widths = {c.shape[1] for c in contexts}
-    if len(widths) > 1:
-        raise JournalCorruptError(f"{file}: contexts of different widths {sorted(widths)}")
-    n = len(row_chunk)
-    n_features = widths.pop() if widths else 0
-    offsets = np.zeros(n + 1, np.int32)
-    if counts:
-        np.cumsum(np.concatenate(counts), out=offsets[1:])
-    pa_offsets = pa.array(offsets)
-    row_has_dist = np.repeat(np.array(has_dist, bool), sizes)
+        parts.append(
+            (
+                _unpack(context, codec, rows * n_features * 4, "<f4"),
+                np.full(rows, n_features, np.int64),
+                candidates,
+                counts,
+                _unpack(dist, codec, len(flat) * 4, "<f4")
+                if dist is not None
+                else np.zeros(len(flat), "<f4"),
+                np.full(rows, dist is not None),
+            )
+        )
+        rows_in_block += rows
+        if rows_in_block >= _READ_CHUNK:
+            blocks.append(_list_block(parts))
+            parts, rows_in_block = [], 0
+    if parts or not blocks:
+        blocks.append(_list_block(parts))
     return {
-        "context": pa.ListArray.from_arrays(
-            pa.array(np.arange(n + 1, dtype=np.int32) * n_features),
-            pa.array(np.concatenate(contexts).reshape(-1) if contexts else np.zeros(0, np.float32)),
-        ),
-        "candidate_actions": pa.ListArray.from_arrays(
-            pa_offsets,
-            pa.array(np.concatenate(candidates) if candidates else np.zeros(0, np.int32)),
-        ),
+        name: pa.chunked_array([block[name] for block in blocks], LIST_TYPES[name])
+        for name in LIST_TYPES
+    }
+
+
+LIST_TYPES = {
+    "context": pa.list_(pa.float32()),
+    "candidate_actions": pa.list_(pa.int32()),
+    "action_dist": pa.list_(pa.float32()),
+}
+
+
+def _list_block(parts: list[tuple[np.ndarray, ...]]) -> dict[str, pa.Array]:
+    """One Arrow list array per column for the decoded chunks of one block (at most about
+    ``_READ_CHUNK`` decisions: int32 offsets stay far from overflowing however long the
+    journal; contexts of different widths keep their own lengths)."""
+    if not parts:
+        return {name: pa.array([], list_type) for name, list_type in LIST_TYPES.items()}
+    context, widths, candidates, counts, dists, has_dist = (
+        np.concatenate(column) for column in zip(*parts, strict=True)
+    )
+    context_offsets = np.zeros(len(widths) + 1, np.int32)
+    np.cumsum(widths, out=context_offsets[1:])
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return {
+        "context": pa.ListArray.from_arrays(pa.array(context_offsets), pa.array(context)),
+        "candidate_actions": pa.ListArray.from_arrays(offsets, pa.array(candidates)),
         "action_dist": pa.ListArray.from_arrays(
-            pa_offsets,
-            pa.array(np.concatenate(dists) if dists else np.zeros(0, np.float32)),
-            mask=None if row_has_dist.all() else pa.array(~row_has_dist),
+            offsets,
+            pa.array(dists),
+            mask=None if has_dist.all() else pa.array(~has_dist),
         ),
     }
 

@@ -494,7 +494,7 @@ class SqliteContactStore:
                     strict=True,
                 )
             )
-        )
+        ).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
         now = time.time()
         if now - self._last_prune > self.prune_every.total_seconds():
             self._last_prune = now

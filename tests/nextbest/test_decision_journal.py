@@ -12,6 +12,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from nextbest import decision_journal
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
 from nextbest.decision_journal import (
@@ -500,6 +502,9 @@ BAD_BATCHES = [
     ({"customer_key": ["k"]}, "customer_key has 1 rows"),
     ({"campaign_id": ["a", "b"]}, "campaign_id has 2 rows"),
     ({"action_dist": np.ones(1, np.float32)}, "action_dist has 1 entries"),
+    ({"pscore": np.array([0.5, np.nan, 0.5])}, r"pscore must be in \(0, 1\], got nan at row 1"),
+    ({"pscore": np.array([0.5, 0.5, 0.0])}, "at row 2"),
+    ({"pscore": np.array([1.5, 0.5, 0.5])}, "got 1.5 at row 0"),
 ]
 
 
@@ -509,6 +514,66 @@ def test_decision_batch_bad_arrays_refused(override: dict, match: str) -> None:
     fields = {name: getattr(good, name) for name in good.__dataclass_fields__}
     with pytest.raises(ValueError, match=match):
         DecisionBatch(**{**fields, **override})
+
+
+def test_decision_batch_from_mask_refuses_a_distribution_of_another_shape() -> None:
+    allowed = np.ones((2, N_ACTIONS), bool)
+    with pytest.raises(ValueError, match=r"action_dist has shape \(2, 4\), allowed \(2, 5\)"):
+        DecisionBatch.from_mask(
+            allowed,
+            np.full((2, N_ACTIONS - 1), 0.25),
+            np.array([0, 1]),
+            decision_id=["a", "b"],
+            timestamp_us=epoch_us(T0),
+            customer_key=["k1", "k2"],
+            context=np.zeros((2, N_FEATURES), np.float32),
+            **SERVED_BY,
+        )
+
+
+def test_submit_empty_batch_writes_nothing(journal: JournalWriter) -> None:
+    empty = DecisionBatch.from_mask(
+        np.zeros((0, N_ACTIONS), bool),
+        None,
+        np.zeros(0, np.int32),
+        decision_id=[],
+        timestamp_us=epoch_us(T0),
+        customer_key=[],
+        context=np.zeros((0, N_FEATURES), np.float32),
+        **SERVED_BY,
+    )
+    assert journal.submit(empty).result() == 0
+    journal.submit(make_batch(["a", "b"])).result()
+
+    with sqlite3.connect(journal.path) as db:
+        assert db.execute("SELECT count(*) FROM decision_chunks").fetchone() == (1,)
+    assert read_journal(journal.path).num_rows == 2
+
+
+def test_read_journal_in_blocks_equals_one_block(
+    journal: JournalWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for part in range(5):
+        journal.submit(make_batch([f"{part}-{i}" for i in range(9)], seed=part)).result()
+    whole = read_journal(journal.path)
+
+    monkeypatch.setattr(decision_journal, "_READ_CHUNK", 10)
+    blocked = read_journal(journal.path)
+
+    assert blocked.column("candidate_actions").num_chunks > 1
+    assert blocked.equals(whole)
+
+
+def test_read_journal_keeps_contexts_of_different_widths(journal: JournalWriter) -> None:
+    narrow = make_batch(["a", "b"], seed=1)
+    wide = replace(make_batch(["c"], seed=2), context=np.ones((1, N_FEATURES + 2), np.float32))
+    journal.submit(narrow).result()
+    journal.submit(wide).result()
+
+    contexts = read_journal(journal.path).column("context").to_pylist()
+
+    assert [len(c) for c in contexts] == [N_FEATURES, N_FEATURES, N_FEATURES + 2]
+    assert contexts[2] == [1.0] * (N_FEATURES + 2)
 
 
 def test_decision_batch_from_mask_keeps_allowed_actions(journal: JournalWriter) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,19 +232,24 @@ def test_post_batch_as_columns_ranks_as_the_customer_objects(
     assert len({d["decision_id"] for d in rows + cols}) == 24
 
 
+@pytest.mark.parametrize(("part_rows", "n"), [(7, 20), (70, 141)])
 def test_post_batch_in_parts_journals_every_decision_as_answered(
     api_settings: Settings,
     auth: dict[str, dict[str, str]],
     catalog: ActionCatalog,
     monkeypatch: pytest.MonkeyPatch,
+    part_rows: int,
+    n: int,
 ) -> None:
-    """A batch decided in parts (7 customers each here) answers in request order, and the
-    journal holds each answered decision with its action and propensity."""
+    """A batch decided in parts answers in request order, and the journal holds each
+    answered decision with its action and propensity (parts of 7 commit inline on the
+    request's thread, parts of 70 queue for the writers' threads)."""
     from nextbest.decision_journal import read_journal
     from serving import service
 
-    monkeypatch.setattr(service, "PIPELINE_ROWS", 7)
-    customers = [customer(customer_id=f"part-{i}", age=18 + 2 * i) for i in range(20)]
+    assert (part_rows <= service.INLINE_COMMIT_ROWS) == (part_rows == 7)
+    monkeypatch.setattr(service, "PIPELINE_ROWS", part_rows)
+    customers = [customer(customer_id=f"part-{i}", age=18 + i % 60) for i in range(n)]
     with TestClient(create_app(api_settings)) as client:
         response = client.post(
             "/v1/decisions/batch",
@@ -258,6 +264,39 @@ def test_post_batch_in_parts_journals_every_decision_as_answered(
     assert [r["pscore"] for r in journal] == [d["propensity"] for d in answered]
     assert len({r["model_version"] for r in journal}) == 1
     assert all(r["action"] in r["candidate_actions"] for r in journal)
+
+
+def test_post_batch_failing_part_commits_the_parts_before_it(
+    api_settings: Settings,
+    auth: dict[str, dict[str, str]],
+    catalog: ActionCatalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When a later part fails, the answer is an error only once the parts already handed to
+    the writers are committed: the journal holds whole parts, never a torn one."""
+    from nextbest.decision_journal import read_journal
+    from serving import service
+
+    monkeypatch.setattr(service, "PIPELINE_ROWS", 70)
+    with TestClient(create_app(api_settings), raise_server_exceptions=False) as client:
+        engine = client.app.state.service.engine
+        decide, calls = engine.decide, []
+
+        def failing_second_part(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("model crashed")
+            return decide(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "decide", failing_second_part)
+        customers = [customer(customer_id=f"fail-{i}") for i in range(141)]
+        response = client.post(
+            "/v1/decisions/batch", json={"customers": customers}, headers=auth["decide"]
+        )
+        journalled = read_journal(api_settings.state_dir).num_rows
+
+    assert response.status_code == 500
+    assert journalled == 70
 
 
 def test_post_batch_columns_errors_name_the_field(

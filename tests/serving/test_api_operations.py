@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from nextbest.catalog import ActionCatalog
+from serving.app import create_app
 from serving.settings import Settings
 
 
@@ -160,3 +161,53 @@ def test_post_decision_logs_only_pseudonymised_keys(
     assert raw.encode() not in stored
     assert raw not in caplog.text
     assert raw not in metrics
+
+
+def test_service_starts_on_a_catalogue_without_the_example_channel(
+    api_settings: Settings, auth: dict[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """Start-up warms the columnar path with a customer that names no channel or offer:
+    a bank without WeChat still starts and decides."""
+    import shutil
+
+    import yaml
+
+    from nextbest.catalog import DEFAULT_CATALOG_DIR, load_catalog
+    from nextbest.compliance import DEFAULT_RULES_PATH
+
+    directory = tmp_path / "catalog"
+    shutil.copytree(DEFAULT_CATALOG_DIR, directory)
+    channels = yaml.safe_load((directory / "channels.yaml").read_text())
+    channels["channels"] = [c for c in channels["channels"] if c["name"] != "wechat"]
+    (directory / "channels.yaml").write_text(yaml.safe_dump(channels))
+    offers = yaml.safe_load((directory / "offers.yaml").read_text())
+    for offer in offers["offers"]:
+        offer["channels"] = [c for c in offer.get("channels", []) if c != "wechat"]
+    (directory / "offers.yaml").write_text(yaml.safe_dump(offers))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        DEFAULT_RULES_PATH.read_text().replace("wechat: 2, ", "").replace("wechat: 4, ", "")
+    )
+    small = load_catalog(directory)
+    settings = api_settings.model_copy(
+        update={
+            "catalog_dir": directory,
+            "rules_path": rules,
+            "model_uri": str(write_model(small, tmp_path / "small.onnx")),
+        }
+    )
+
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz")
+        decided = client.post(
+            "/v1/decisions/batch",
+            json={
+                "customers": [
+                    customer(consented_channels=["sms"], holdings=[], contact_history={}, events={})
+                ]
+            },
+            headers=auth["decide"],
+        )
+
+    assert ready.status_code == 200, ready.text
+    assert decided.status_code == 200, decided.text

@@ -122,3 +122,18 @@ def test_post_delivery_unknown_channel_is_400(
     assert (
         api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"]).status_code == 400
     )
+
+
+def test_post_delivery_message_id_with_nul_is_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    """A NUL would cut the id short in the contact store (two deliveries would collide)."""
+    delivery = {
+        "customer_id": "c-1",
+        "message_id": "m-1\x00copy",
+        "channel": "sms",
+        "delivered_at": datetime.now(UTC).isoformat(),
+    }
+    response = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
+    assert response.status_code == 422
+    assert ["body", "message_id"] in [e["loc"] for e in response.json()["detail"]]
