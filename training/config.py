@@ -50,6 +50,8 @@ class NeuralBanditSpec(StrictModel):
     """Hidden layers of the context MLP."""
     init_bias: bool = False
     """``outcomes`` only: start the action biases at the logit of the log's base rates."""
+    train_action_bias: bool = True
+    """False: the action biases stay at their start; scores come from the shared terms."""
     value_weighting: float = Field(default=0.0, ge=0)
     """``outcomes`` only: conversion loss weighted by ``(offer value / mean) ** this``."""
     reward_loss_weight: float = Field(default=0.0, ge=0)
@@ -193,6 +195,12 @@ class EvaluationSpec(StrictModel):
     (by customer), independent of the policy's own scores, which are optimistic about the
     actions they pick; 0 uses the policy's scores."""
 
+    reward_model: dict[str, Any] = Field(default_factory=dict)
+    """Neural bandit only: the cross-fitted DM/DR reward model's settings that differ from
+    the ``neural_bandit`` section (e.g. ``{init_bias: false}``). The policy's settings are
+    chosen for the actions it picks; the estimator needs accurate rewards for every action,
+    including the rarely logged ones the policy picks."""
+
     @model_validator(mode="after")
     def _folds(self) -> EvaluationSpec:
         if self.crossfit_folds == 1:
@@ -233,6 +241,29 @@ class TrainingConfig(StrictModel):
                 "with neural_bandit.target 'outcomes'"
             )
         return self
+
+    @model_validator(mode="after")
+    def _ope_reward_model(self) -> TrainingConfig:
+        if not self.evaluation.reward_model:
+            return self
+        if self.learner != "neural_bandit":
+            raise ValueError("evaluation.reward_model applies to learner neural_bandit only")
+        unknown = sorted(set(self.evaluation.reward_model) - set(NeuralBanditSpec.model_fields))
+        if unknown:
+            raise ValueError(
+                f"evaluation.reward_model: unknown neural_bandit setting {unknown[0]!r}"
+            )
+        self.ope_reward_model()  # the merged settings must validate too
+        return self
+
+    def ope_reward_model(self) -> TrainingConfig:
+        """This config with ``evaluation.reward_model`` applied to ``neural_bandit``: what
+        the cross-fitted DM/DR reward model is trained with (``self`` when no override)."""
+        overrides = self.evaluation.reward_model
+        if not overrides:
+            return self
+        merged = NeuralBanditSpec.model_validate(self.neural_bandit.model_dump() | overrides)
+        return self.model_copy(update={"neural_bandit": merged})
 
 
 def load_training_config(path: str | Path) -> TrainingConfig:

@@ -134,6 +134,11 @@ class NeuralBanditConfig:
     """``outcomes`` target only: start every action's bias at the logit of the log's overall
     conversion (complaint) rate instead of 0, so the first epochs learn the context terms
     rather than the base rate of these rare events."""
+    train_action_bias: bool = True
+    """False: every action's own bias stays where it starts (0, or the base rate with
+    ``init_bias``), so an action's score comes only from the terms it shares with other
+    actions (its channel, offer and timing in the factorised model): a rarely logged action
+    cannot get a high score from a few lucky outcomes of its own."""
 
     def __post_init__(self) -> None:
         _check_architecture(self.architecture)
@@ -365,9 +370,12 @@ def train_reward_model(
         rate = fit["target"].mean(dim=0).clamp(1e-6, 1 - 1e-6)
         with torch.no_grad():
             model.action_bias.copy_(torch.logit(rate)[:, None].expand_as(model.action_bias))
+    model.action_bias.requires_grad_(config.train_action_bias)
     held = None if validation is None else _training_tensors(validation, config, priced, scale)
     optimiser = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
     )
     history = TrainingHistory([])
     n = fit_log.n_rounds

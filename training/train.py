@@ -125,9 +125,10 @@ def crossfit_rewards(
     """Reward estimates for DM and DR on the held-out decisions, float64 ``(n, A)``.
 
     With ``evaluation.crossfit_folds = K >= 2`` the holdout is split into K folds by customer
-    and each fold is scored by the configured learner fitted on the other folds, so the
-    estimates' errors are independent of the policy's choices (the policy picks the actions
-    its own ``scores`` overrate, which biases a DM built on them upwards). With 0, ``scores``.
+    and each fold is scored by the configured learner (with ``evaluation.reward_model``'s
+    overrides) fitted on the other folds, so the estimates' errors are independent of the
+    policy's choices (the policy picks the actions its own ``scores`` overrate, which biases
+    a DM built on them upwards). With 0, ``scores``.
     """
     folds = config.evaluation.crossfit_folds
     if folds == 0:
@@ -138,7 +139,7 @@ def crossfit_rewards(
         rows = fold == k
         if rows.all() or not rows.any():
             raise ValueError(f"too few held-out customers for {folds} cross-fitting folds")
-        fitted = fit_model(config, holdout.take(~rows), catalog, acting=False)
+        fitted = fit_model(config.ope_reward_model(), holdout.take(~rows), catalog, acting=False)
         out[rows] = fitted.scores(holdout.context[rows])
     return out
 

@@ -80,3 +80,54 @@ def test_crossfit_rewards_off_uses_policy_scores() -> None:
 def test_crossfit_one_fold_refused() -> None:
     with pytest.raises(ValueError, match="crossfit_folds"):
         EvaluationSpec(crossfit_folds=1)
+
+
+def test_crossfit_reward_model_takes_the_evaluation_overrides(monkeypatch) -> None:
+    seen: list[TrainingConfig] = []
+
+    def record(config, part, catalog, on_epoch=None, acting=True):
+        seen.append(config)
+        return train_module.FittedModel(
+            "fake", lambda c: np.zeros((len(c), 5)), lambda p, s: p, [], {}
+        )
+
+    monkeypatch.setattr(train_module, "fit_model", record)
+    config = TrainingConfig.model_validate(
+        {
+            "learner": "neural_bandit",
+            "data": {"logs": "unused"},
+            "neural_bandit": {"target": "outcomes", "init_bias": True, "train_action_bias": False},
+            "evaluation": {"reward_model": {"init_bias": False, "train_action_bias": True}},
+        }
+    )
+    train_module.crossfit_rewards(config, _log(400), None, np.zeros((400, 5)))
+
+    assert len(seen) == 2
+    assert all(not c.neural_bandit.init_bias and c.neural_bandit.train_action_bias for c in seen)
+    assert all(c.neural_bandit.target == "outcomes" for c in seen)  # the rest kept
+    assert config.neural_bandit.init_bias  # the policy's own settings untouched
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"reward_model": {"hiden": 8}}, "unknown neural_bandit setting 'hiden'"),
+        ({"reward_model": {"init_bias": True}}, "need target 'outcomes'"),
+    ],
+)
+def test_evaluation_reward_model_bad_overrides_refused(section, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig.model_validate(
+            {"learner": "neural_bandit", "data": {"logs": "unused"}, "evaluation": section}
+        )
+
+
+def test_evaluation_reward_model_for_vw_refused() -> None:
+    with pytest.raises(ValueError, match="neural_bandit only"):
+        TrainingConfig.model_validate(
+            {
+                "learner": "vw_bandit",
+                "data": {"logs": "unused"},
+                "evaluation": {"reward_model": {"hidden": 8}},
+            }
+        )

@@ -3,6 +3,7 @@ export scores exactly like the torch model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +407,41 @@ def test_init_bias_starts_at_the_logged_base_rates(log, catalog) -> None:
     np.testing.assert_allclose(predicted, rates, rtol=0.5)
     plain, _ = train_reward_model(log, features, NeuralBanditConfig(**base), None, economics)
     assert np.abs(plain.action_bias.detach().numpy()).max() < 1e-6
+
+
+def test_untrained_action_bias_stays_at_its_start_while_the_rest_learns(log, catalog) -> None:
+    economics = Economics.from_catalog(catalog, 300.0)
+    config = NeuralBanditConfig(
+        epochs=2,
+        batch_size=2048,
+        hidden=16,
+        target="outcomes",
+        architecture="factorised",
+        init_bias=True,
+        train_action_bias=False,
+        weight_decay=1e-3,
+        seed=3,
+    )
+    features = action_features(catalog)
+    # the same start (same seed), but no training at all
+    start, _ = train_reward_model(
+        log, features, replace(config, epochs=1, learning_rate=1e-30), None, economics
+    )
+    model, _ = train_reward_model(log, features, config, None, economics)
+
+    # not moved by the gradient nor by the weight decay, unlike every other parameter
+    np.testing.assert_array_equal(
+        model.action_bias.detach().numpy(), start.action_bias.detach().numpy()
+    )
+    assert not model.action_bias.requires_grad
+    moved = [
+        name
+        for (name, p), (_, q) in zip(
+            model.named_parameters(), start.named_parameters(), strict=True
+        )
+        if name != "action_bias" and not torch.equal(p, q)
+    ]
+    assert moved == [n for n, _ in model.named_parameters() if n != "action_bias"]
 
 
 def test_value_weighting_weights_the_conversion_loss_by_offer_value(log, catalog) -> None:
