@@ -109,6 +109,7 @@ def main() -> None:
         "dr_upper": round(float(dr["upper"]), 4),
         "dr_rel_error": round(abs(float(dr["value"]) - value) / abs(value), 4),
         "ci_covers": bool(float(dr["lower"]) <= value <= float(dr["upper"])),
+        "dr_ess": round(float(dr["ess"]), 1),
         "simulate_s": round(simulated_s, 1),
         "total_s": round(time.perf_counter() - started, 1),
     }

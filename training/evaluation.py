@@ -35,6 +35,23 @@ def baseline_action_dist(name: str, log: LoggedBandit) -> np.ndarray:
     raise ValueError(f"unknown baseline policy {name!r}; known: {list(BASELINE_POLICIES)}")
 
 
+def effective_sample_size(log: LoggedBandit, action_dist: np.ndarray) -> float:
+    """Kish effective sample size ``(sum w)^2 / sum w^2`` of the importance weights
+    ``w_i = pi(a_i | x_i) / pscore_i`` of a target policy ``action_dist`` ``(n, A)`` on the log.
+
+    How many logged decisions an importance-weighted estimate (IPS, SNIPS, and DR's
+    correction) of the policy effectively rests on: ``n`` for the logging policy itself, a
+    handful for a policy that mostly picks what the logger rarely did. Intervals built on a
+    few effective decisions are not to be trusted, however narrow. NaN without propensities,
+    0 when the policy never agrees with a logged action.
+    """
+    if log.pscore is None:
+        return float("nan")
+    weights = action_dist[np.arange(log.n_rounds), log.action] / log.pscore
+    squares = float(np.square(weights).sum())
+    return float(weights.sum()) ** 2 / squares if squares > 0 else 0.0
+
+
 def ope_table(
     log: LoggedBandit,
     policies: Mapping[str, np.ndarray],
@@ -60,8 +77,9 @@ def ope_table(
     Returns
     -------
     list of dict
-        ``policy, estimator, value, lower, upper`` per pair; NaN values with a ``note`` where
-        the estimator is undefined for that policy (SNIPS with no overlap at all).
+        ``policy, estimator, value, lower, upper, ess`` per pair (``ess``: the policy's
+        :func:`effective_sample_size`); NaN values with a ``note`` where the estimator is
+        undefined for that policy (SNIPS with no overlap at all).
     """
     if estimators is None:
         names = ["ips", "snips"] + (
@@ -80,8 +98,13 @@ def ope_table(
                 f"policy {policy_name!r} puts probability {blocked_mass[i]:.3g} on actions the "
                 f"rules blocked (round {i})"
             )
+        ess = effective_sample_size(log, dist)
         for est_name, est in estimators.items():
-            row: dict[str, float | str] = {"policy": policy_name, "estimator": est_name}
+            row: dict[str, float | str] = {
+                "policy": policy_name,
+                "estimator": est_name,
+                "ess": ess,
+            }
             try:
                 rounds = est.estimate_round_rewards(
                     log.reward, log.action, dist, log.pscore, estimated_rewards

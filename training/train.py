@@ -231,6 +231,9 @@ def run_training(
             seed=config.evaluation.seed,
         )
         for row in rows:
+            ess = float(row["ess"])
+            if np.isfinite(ess):  # once per policy (the same on each of its rows)
+                mlflow.log_metric(f"ope/{row['policy']}/ess", ess)
             if "note" in row:
                 continue  # undefined estimate: nothing to log as a metric
             key = f"ope/{row['policy']}/{row['estimator']}"
@@ -397,7 +400,7 @@ def _model_card(
 ) -> str:
     table = "\n".join(
         f"| {r['policy']} | {r['estimator']} | {r['value']:.4f} | {r['lower']:.4f} "
-        f"| {r['upper']:.4f} |"
+        f"| {r['upper']:.4f} | {float(r['ess']):,.0f} |"
         for r in rows
         if "note" not in r
     )
@@ -438,10 +441,12 @@ actions the compliance rules allow. The rules are applied by the rule engine, no
 `{json.dumps(fitted.params)}`
 
 ## Off-policy evaluation on held-out decisions
-{100 * (1 - config.evaluation.alpha):g}% bootstrap intervals. {reward_model}
+{100 * (1 - config.evaluation.alpha):g}% bootstrap intervals. {reward_model} ESS: the
+effective number of held-out decisions the policy's importance weights rest on (IPS, SNIPS
+and DR's correction); an interval resting on a few dozen is not to be trusted, however narrow.
 
-| policy | estimator | value | lower | upper |
-|---|---|---|---|---|
+| policy | estimator | value | lower | upper | ESS |
+|---|---|---|---|---|---|
 {table}
 
 ## Ground truth

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from simulators.policies import PlaybookPolicy
 from simulators.rollout import run_policy
 from simulators.scenario import Scenario
 from simulators.world import BatchSimulator
-from training.evaluation import baseline_action_dist, ope_table
-from training.logged_data import load_logged_bandit, split_log
+from training.evaluation import baseline_action_dist, effective_sample_size, ope_table
+from training.logged_data import LoggedBandit, load_logged_bandit, split_log
 from training.ope import InverseProbabilityWeighting, OpeInputError
 
 LIST_COLUMNS = ("context", "candidate_actions", "action_dist")
@@ -120,6 +121,35 @@ def test_ope_table_on_policy_ips_equals_mean_reward(sim_log, catalog) -> None:
     rows = ope_table(log, {"logging": baseline_action_dist("logging", log)}, n_bootstrap_samples=50)
     ips = next(r for r in rows if r["estimator"] == "ips")
     assert ips["value"] == pytest.approx(log.reward.mean(), rel=1e-4)
+
+
+def test_effective_sample_size_counts_the_decisions_an_estimate_rests_on() -> None:
+    n, n_actions = 100, 4
+    rng = np.random.default_rng(0)
+    log = LoggedBandit(
+        context=np.zeros((n, 2), np.float32),
+        action=np.arange(n) % n_actions,
+        reward=rng.normal(size=n),
+        pscore=np.full(n, 1.0 / n_actions),
+        candidates=np.ones((n, n_actions), bool),
+        logging_dist=np.full((n, n_actions), 1.0 / n_actions),
+        feature_spec_version="t",
+        ruleset_version="t",
+        catalog_version="t",
+    )
+    # the logging policy on its own log: every weight 1, all n decisions count
+    assert effective_sample_size(log, baseline_action_dist("logging", log)) == pytest.approx(n)
+    # a deterministic policy that agrees with the log on 7 rows: those 7 count, however
+    # large their weights
+    choice = (log.action + 1) % n_actions
+    choice[:7] = log.action[:7]
+    dist = np.eye(n_actions)[choice]
+    assert effective_sample_size(log, dist) == pytest.approx(7.0)
+    rows = ope_table(log, {"rare": dist}, n_bootstrap_samples=20)
+    assert [r["ess"] for r in rows] == [pytest.approx(7.0)] * 2  # ips, snips
+    # never agreeing: nothing to rest on; no propensities: undefined
+    assert effective_sample_size(log, np.eye(n_actions)[(log.action + 1) % n_actions]) == 0.0
+    assert np.isnan(effective_sample_size(replace(log, pscore=None), dist))
 
 
 def test_ope_table_blocked_action_policy_refused(sim_log, catalog) -> None:

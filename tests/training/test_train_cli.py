@@ -64,6 +64,10 @@ def test_train_registers_challenger_with_artifacts(trained_run) -> None:
     assert any(key.startswith("losses/") for key in metrics)
     for key in ("ope/model/dr/value", "ope/model/dr/lower", "ope/logging/ips/value"):
         assert np.isfinite(metrics[key]), key
+    # the logging policy's importance weights are all 1: every held-out decision counts
+    assert 0 < metrics["ope/model/ess"] <= metrics["ope/logging/ess"]
+    rounds = int(run.data.tags["data.rounds"])  # ~30% held out: the logging policy's ESS
+    assert 0.15 * rounds < metrics["ope/logging/ess"] < 0.45 * rounds
     assert run.data.params["neural_bandit.epochs"] == "2"
     assert len(run.data.tags["data.fingerprint"]) == 16
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
