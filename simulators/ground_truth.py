@@ -36,6 +36,8 @@ from simulators.world import BatchSimulator
 
 RECIPE_FILE = "simulation.json"
 ORACLE = "myopic_oracle"
+POLICY_COLUMNS = ("value", "complaint", "conversion", "contact")
+"""What :func:`replay_truth` records of every policy at every row."""
 CHUNK_ROWS = 8192
 """Decision points per ground-truth chunk (bounds memory: ~10 arrays of (chunk, A) floats)."""
 
@@ -173,6 +175,11 @@ class TruthTable:
     conversion: np.ndarray
     contact: np.ndarray
     oracle_value: np.ndarray
+    oracle_complaint: np.ndarray
+    """P(complaint) of the oracle's action, ``(rows,)``."""
+    oracle_conversion: np.ndarray
+    oracle_contact: np.ndarray
+    """1 where the oracle's action contacts the customer, ``(rows,)``."""
     segment: np.ndarray
     blocked_mass: np.ndarray
 
@@ -198,7 +205,18 @@ class TruthTable:
                     "blocked_mass": float(self.blocked_mass[j]),
                 }
             )
-        rows.append({"policy": ORACLE, "value": oracle, "regret": 0.0, "oracle_ratio": 1.0})
+        rows.append(
+            {
+                "policy": ORACLE,
+                "value": oracle,
+                "regret": 0.0,
+                "oracle_ratio": 1.0,
+                "complaint_rate": float(self.oracle_complaint.mean()),
+                "conversion_rate": float(self.oracle_conversion.mean()),
+                "contact_rate": float(self.oracle_contact.mean()),
+                "blocked_mass": 0.0,
+            }
+        )
         return rows
 
     def by_segment(self) -> list[dict[str, float | str]]:
@@ -257,7 +275,18 @@ def replay_truth(
     all_actions = np.arange(catalog.n_actions)[None, :]
     contact_action = catalog.channel_index >= 0
     parts: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("value", "complaint", "conversion", "contact", "oracle", "segment")
+        k: []
+        for k in (
+            "value",
+            "complaint",
+            "conversion",
+            "contact",
+            "oracle",
+            "oracle_complaint",
+            "oracle_conversion",
+            "oracle_contact",
+            "segment",
+        )
     }
     blocked = np.zeros(len(names))
     offset = 0
@@ -283,7 +312,7 @@ def replay_truth(
             mask = allowed[local]
             outcome = sim.expected_outcome(customers[local][:, None], all_actions)
             q = outcome.expected_reward.astype(np.float64)
-            cols = {k: np.empty((len(local), len(names))) for k in parts if k not in ("oracle",)}
+            cols = {k: np.empty((len(local), len(names))) for k in POLICY_COLUMNS}
             for j, name in enumerate(names):
                 dist = np.asarray(policies[name](log_rows, context, mask), np.float64)
                 blocked[j] += float(dist[~mask].sum())
@@ -291,9 +320,14 @@ def replay_truth(
                 cols["complaint"][:, j] = (dist * outcome.complaint).sum(axis=1)
                 cols["conversion"][:, j] = (dist * outcome.convert).sum(axis=1)
                 cols["contact"][:, j] = dist[:, contact_action].sum(axis=1)
-            for k in ("value", "complaint", "conversion", "contact"):
+            for k in POLICY_COLUMNS:
                 parts[k].append(cols[k])
-            parts["oracle"].append(np.where(mask, q, -np.inf).max(axis=1))
+            best = np.where(mask, q, -np.inf).argmax(axis=1)  # no contact is always allowed
+            pick = (np.arange(len(local)), best)
+            parts["oracle"].append(q[pick])
+            parts["oracle_complaint"].append(outcome.complaint[pick])
+            parts["oracle_conversion"].append(outcome.convert[pick])
+            parts["oracle_contact"].append(contact_action[best].astype(np.float64))
             parts["segment"].append(
                 behavioural_segment(
                     sub["aum_cny"], sub["days_since_last_login"], sub["lifecycle_stage"]
@@ -317,6 +351,9 @@ def replay_truth(
         conversion=stack("conversion", (0, width)),
         contact=stack("contact", (0, width)),
         oracle_value=stack("oracle", (0,)),
+        oracle_complaint=stack("oracle_complaint", (0,)),
+        oracle_conversion=stack("oracle_conversion", (0,)),
+        oracle_contact=stack("oracle_contact", (0,)),
         segment=stack("segment", (0,)).astype(np.int64),
         blocked_mass=blocked,
     )

@@ -172,6 +172,10 @@ def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path) -> No
         assert metrics[f"truth/{policy}/regret"] == pytest.approx(oracle - value)
         assert metrics[f"truth/{policy}/blocked_mass"] == 0.0
     assert metrics["truth/no_contact/value"] == 0.0
+    # the oracle's own KPIs, not only its value
+    assert 0 < metrics["truth/myopic_oracle/contact_rate"] <= 1
+    assert 0 < metrics["truth/myopic_oracle/conversion_rate"] < 1
+    assert 0 <= metrics["truth/myopic_oracle/complaint_rate"] < 0.05
     assert metrics["data/reward_economics_residual"] < 1e-6
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"ground_truth.json", "ground_truth_by_segment.json"} <= artifacts
