@@ -7,7 +7,9 @@ violations (chosen actions a rule blocks), complaints against the playbook's, an
 the doubly-robust OPE estimate and its 95% interval come to the truth.
 
 Targets: ``lift_vs_playbook`` >= 0.30, ``oracle_ratio`` >= 0.85, ``violations`` == 0,
-``complaint_ratio`` <= 1, ``dr_rel_error`` <= 0.05, ``ci_covers`` true.
+``complaint_ratio`` <= 1, ``dr_rel_error`` <= 0.05, ``ci_covers`` true. Also reported:
+``dr_ess``, the effective number of held-out decisions DR's importance-weighted correction
+rests on (a diagnostic, no target).
 
 Run: ``.venv/bin/python benchmarks/policy_quality.py --scenario configs/scenarios/retail_bank.yaml``
 (and ``configs/scenarios/digital_bank.yaml``). Last line is JSON.
