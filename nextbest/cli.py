@@ -597,7 +597,7 @@ def _print_ope_table(title: str, rows: list[dict[str, float | str]], alpha: floa
             str(row["policy"]),
             str(row["estimator"]),
             *(_number(row[key]) for key in ("value", "lower", "upper")),
-            "n/a" if np.isnan(ess) else f"{ess:,.0f}",
+            "" if np.isnan(ess) else f"{ess:,.0f}",
         )
     Console(width=max(console.width, 100)).print(table)
 
@@ -636,7 +636,7 @@ def train(
     from pydantic import ValidationError
 
     from nextbest.decision_log import DecisionLogError
-    from training.config import load_training_config
+    from training.config import TrainingConfig, load_training_config
     from training.ope import OpeInputError
     from training.train import run_training
 
@@ -646,27 +646,27 @@ def train(
     except ConfigError as exc:
         console.print(f"[bold red]config error[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    updates: dict[str, object] = {}
+    raw = cfg.model_dump()
     if logs is not None:
-        updates["data"] = cfg.data.model_copy(update={"logs": logs})
+        raw["data"]["logs"] = logs
     if tracking_uri is not None:
-        updates["tracking"] = cfg.tracking.model_copy(update={"uri": tracking_uri})
+        raw["tracking"]["uri"] = tracking_uri
     if export_dir is not None:
-        updates["export"] = cfg.export.model_copy(update={"dir": export_dir})
+        raw["export"]["dir"] = export_dir
     if epochs is not None:
         section, key = (
             ("vw_bandit", "passes") if cfg.learner == "vw_bandit" else ("neural_bandit", "epochs")
         )
-        spec = getattr(cfg, section)
-        try:  # validated with the rest of its section (dr_warmup_epochs < epochs ...)
-            updates[section] = type(spec).model_validate({**spec.model_dump(), key: epochs})
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{section}.{'.'.join(map(str, e['loc'])) or key}: {e['msg']}" for e in exc.errors()
-            )
-            console.print(f"[bold red]--epochs {epochs}[/] {escape(problems)}")
-            raise typer.Exit(code=2) from None
-    cfg = cfg.model_copy(update=updates)
+        raw[section][key] = epochs
+    try:  # the whole config again: options meet the rules between fields (and sections)
+        cfg = TrainingConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()
+        )
+        option = f"--epochs {epochs}" if epochs is not None else "options"
+        console.print(f"[bold red]{option}[/] {escape(problems)}")
+        raise typer.Exit(code=2) from None
     try:
         result = run_training(cfg, cat, RuleEngine(ruleset))
     except (DecisionLogError, OpeInputError, ValueError) as exc:

@@ -769,13 +769,25 @@ class DecisionBatch:
         for name, length in lengths.items():
             if length != n:
                 raise ValueError(f"{name} has {length} rows but decision_id has {n}")
-        if self.pscore is not None:
+        if self.pscore is not None:  # NaN: unknown for that row (stored as null)
             pscore = np.asarray(self.pscore, np.float64)
-            bad = np.flatnonzero(~((pscore > 0) & (pscore <= 1)))
+            bad = np.flatnonzero(~np.isnan(pscore) & ~((pscore > 0) & (pscore <= 1)))
             if len(bad):
                 raise ValueError(
                     f"pscore must be in (0, 1], got {float(pscore[bad[0]])} at row {int(bad[0])}"
                 )
+        campaigns = self.campaign_id
+        texts = {
+            "decision_id": "".join(self.decision_id),
+            "customer_key": "".join(self.customer_key),
+            "campaign_id": campaigns
+            if campaigns is None or isinstance(campaigns, str)
+            else "".join(c for c in campaigns if c is not None),
+            **{name: getattr(self, name) for name in VERSION_FIELDS},
+        }
+        for name, text in texts.items():
+            if text is not None and "\x00" in text:  # SQLite's JSON text would end there
+                raise ValueError(f"{name} contains a NUL character")
         if self.action_dist is not None and len(self.action_dist) != total:
             raise ValueError(
                 f"action_dist has {len(self.action_dist)} entries but candidate_actions {total}"
@@ -1050,7 +1062,8 @@ def _decision_rows_json(batch: DecisionBatch) -> str:
         campaigns,
         strict=False,  # lengths checked by DecisionBatch; some columns are repeat()
     )
-    return to_json(list(rows)).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
+    # NaN pscore (unknown) -> null; TEXT: SQLite 3.45 reads BLOBs as JSONB
+    return to_json(list(rows), inf_nan_mode="null").decode()
 
 
 class JournalWriter:
@@ -1132,6 +1145,8 @@ class JournalWriter:
             If the journal is closed.
         """
         if len(decisions) == 0:  # nothing to store (and no empty chunk)
+            if self._writer.closed:
+                raise RuntimeError(f"{self.path}: the writer is closed")
             done: Future[int] = Future()
             done.set_result(0)
             return done
@@ -1321,8 +1336,10 @@ def read_journal(
     ``reward_at`` is when the outcome happened, or when it was received if the caller did
     not say. Reads one consistent snapshot while writers keep appending. Decisions,
     versions, chunks and rewards are read by one scan each (no per-row join); the chunks
-    are decoded into Arrow list arrays in blocks of about 100,000 decisions (so list
-    offsets never overflow, and contexts of different widths keep their own lengths).
+    are decoded into Arrow list arrays in blocks of about 100,000 decisions (the table's
+    list offsets cannot overflow, however long the journal, and contexts of different
+    widths keep their own lengths; code that combines the chunks into one array still
+    meets Arrow's 2**31-value limit of a list array).
 
     Parameters
     ----------

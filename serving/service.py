@@ -89,10 +89,14 @@ tens of microseconds); bigger writes always go to the writers' threads."""
 
 
 async def _committed(future: Future[T]) -> T:
-    """The result of a store write, awaited only if it is not already committed."""
+    """The result of a store write, awaited only if it is not already committed.
+
+    Shielded: a request cancelled while it waits (its client went away) does not cancel
+    the write, so a submitted part is committed to both stores or to neither by its own
+    failure, never dropped from one of them half-way."""
     if future.done():
         return future.result()
-    return await asyncio.wrap_future(future)
+    return await asyncio.shield(asyncio.wrap_future(future))
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,9 +498,10 @@ class ScoringService:
                     )
                 )
                 rows += self._answer_rows(result, decision_ids[part])
-        except BaseException:
+        except Exception:
             # parts already handed to the writers are committed before the error is
-            # answered: a failed batch may be partly journalled, never half-written
+            # answered: a failed batch may be partly journalled (with those parts' contacts
+            # recorded), never half-written
             await asyncio.gather(*(write.wait() for write in writes), return_exceptions=True)
             raise
         body: dict[str, Any] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from nextbest.config_loading import StrictModel, load_model
 
@@ -51,7 +51,9 @@ class NeuralBanditSpec(StrictModel):
     init_bias: bool = False
     """``outcomes`` only: start the action biases at the logit of the log's base rates."""
     train_action_bias: bool = True
-    """False: the action biases stay at their start; scores come from the shared terms."""
+    """False: the action biases stay at their start; with ``architecture: factorised`` an
+    action's score then comes from its shared channel/offer/timing terms only (the embedding
+    architecture's per-action embeddings still learn)."""
     value_weighting: float = Field(default=0.0, ge=0)
     """``outcomes`` only: conversion loss weighted by ``(offer value / mean) ** this``."""
     reward_loss_weight: float = Field(default=0.0, ge=0)
@@ -253,7 +255,19 @@ class TrainingConfig(StrictModel):
             raise ValueError(
                 f"evaluation.reward_model: unknown neural_bandit setting {unknown[0]!r}"
             )
-        self.ope_reward_model()  # the merged settings must validate too
+        if self.evaluation.crossfit_folds == 0:
+            raise ValueError(
+                "evaluation.reward_model needs evaluation.crossfit_folds >= 2 (with 0, DM and "
+                "DR use the policy's own scores and no reward model is trained)"
+            )
+        try:  # the merged settings must validate too
+            self.ope_reward_model()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"evaluation.reward_model{''.join(f'.{p}' for p in e['loc'])}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ValueError(problems) from None
         return self
 
     def ope_reward_model(self) -> TrainingConfig:

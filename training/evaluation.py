@@ -10,6 +10,8 @@ from training.logged_data import LoggedBandit
 from training.ope import ESTIMATORS, OffPolicyEstimator, bootstrap_interval
 from training.ope.inputs import UndefinedEstimateError
 
+WEIGHTED_ESTIMATORS = ("ips", "snips", "dr")
+"""Estimators whose value rests on the importance weights (their rows carry the ESS)."""
 BASELINE_POLICIES = ("logging", "uniform", "no_contact")
 """Target policies every log can be evaluated against without a model."""
 
@@ -45,7 +47,7 @@ def effective_sample_size(log: LoggedBandit, action_dist: np.ndarray) -> float:
     few effective decisions are not to be trusted, however narrow. NaN without propensities,
     0 when the policy never agrees with a logged action.
     """
-    if log.pscore is None:
+    if log.pscore is None or np.isnan(log.pscore).any():
         return float("nan")
     weights = action_dist[np.arange(log.n_rounds), log.action] / log.pscore
     squares = float(np.square(weights).sum())
@@ -78,7 +80,8 @@ def ope_table(
     -------
     list of dict
         ``policy, estimator, value, lower, upper, ess`` per pair (``ess``: the policy's
-        :func:`effective_sample_size`); NaN values with a ``note`` where the estimator is
+        :func:`effective_sample_size` on the rows of :data:`WEIGHTED_ESTIMATORS`, NaN on
+        the others); NaN values with a ``note`` where the estimator is
         undefined for that policy (SNIPS with no overlap at all).
     """
     if estimators is None:
@@ -103,7 +106,9 @@ def ope_table(
             row: dict[str, float | str] = {
                 "policy": policy_name,
                 "estimator": est_name,
-                "ess": ess,
+                # what the importance weights rest on: IPS, SNIPS and DR's correction; DM has
+                # no weights and Switch-DR drops the large ones
+                "ess": ess if est_name in WEIGHTED_ESTIMATORS else float("nan"),
             }
             try:
                 rounds = est.estimate_round_rewards(

@@ -136,9 +136,10 @@ class NeuralBanditConfig:
     rather than the base rate of these rare events."""
     train_action_bias: bool = True
     """False: every action's own bias stays where it starts (0, or the base rate with
-    ``init_bias``), so an action's score comes only from the terms it shares with other
-    actions (its channel, offer and timing in the factorised model): a rarely logged action
-    cannot get a high score from a few lucky outcomes of its own."""
+    ``init_bias``). In the factorised model an action's score then comes only from the terms
+    it shares with other actions (its channel, offer and timing): a rarely logged action
+    cannot get a high score from a few lucky outcomes of its own. (The embedding model's
+    per-action embeddings still learn.)"""
 
     def __post_init__(self) -> None:
         _check_architecture(self.architecture)

@@ -230,10 +230,9 @@ def run_training(
             n_bootstrap_samples=config.evaluation.bootstrap,
             seed=config.evaluation.seed,
         )
+        ess = {r["policy"]: float(r["ess"]) for r in rows if np.isfinite(float(r["ess"]))}
+        mlflow.log_metrics({f"ope/{policy}/ess": value for policy, value in ess.items()})
         for row in rows:
-            ess = float(row["ess"])
-            if np.isfinite(ess):  # once per policy (the same on each of its rows)
-                mlflow.log_metric(f"ope/{row['policy']}/ess", ess)
             if "note" in row:
                 continue  # undefined estimate: nothing to log as a metric
             key = f"ope/{row['policy']}/{row['estimator']}"
@@ -395,19 +394,29 @@ def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder) -> None:
     plt.close(fig)
 
 
+def _ess_text(ess: float) -> str:
+    return "" if np.isnan(ess) else f"{ess:,.0f}"
+
+
 def _model_card(
     config, fitted, log, holdout, rows, truth, violations, version, catalog, encoder
 ) -> str:
     table = "\n".join(
         f"| {r['policy']} | {r['estimator']} | {r['value']:.4f} | {r['lower']:.4f} "
-        f"| {r['upper']:.4f} | {float(r['ess']):,.0f} |"
+        f"| {r['upper']:.4f} | {_ess_text(float(r['ess']))} |"
         for r in rows
         if "note" not in r
     )
     folds = config.evaluation.crossfit_folds
+    overrides = config.evaluation.reward_model
     reward_model = (
         f"DM and DR use a reward model cross-fitted on the held-out decisions ({folds} folds "
-        "by customer), not the policy's own scores."
+        "by customer), not the policy's own scores"
+        + (
+            f", trained with `{json.dumps(overrides)}` over the policy's settings."
+            if overrides
+            else "."
+        )
         if folds
         else "DM and DR use the policy's own scores (optimistic about the actions it picks)."
     )

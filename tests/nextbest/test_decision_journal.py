@@ -502,7 +502,10 @@ BAD_BATCHES = [
     ({"customer_key": ["k"]}, "customer_key has 1 rows"),
     ({"campaign_id": ["a", "b"]}, "campaign_id has 2 rows"),
     ({"action_dist": np.ones(1, np.float32)}, "action_dist has 1 entries"),
-    ({"pscore": np.array([0.5, np.nan, 0.5])}, r"pscore must be in \(0, 1\], got nan at row 1"),
+    ({"pscore": np.array([0.5, -0.1, 0.5])}, r"pscore must be in \(0, 1\], got -0.1 at row 1"),
+    ({"campaign_id": ["a", "b\x00c", None]}, "campaign_id contains a NUL"),
+    ({"decision_id": ["a", "b\x00", "c"]}, "decision_id contains a NUL"),
+    ({"model_version": "m\x00"}, "model_version contains a NUL"),
     ({"pscore": np.array([0.5, 0.5, 0.0])}, "at row 2"),
     ({"pscore": np.array([1.5, 0.5, 0.5])}, "got 1.5 at row 0"),
 ]
@@ -531,8 +534,8 @@ def test_decision_batch_from_mask_refuses_a_distribution_of_another_shape() -> N
         )
 
 
-def test_submit_empty_batch_writes_nothing(journal: JournalWriter) -> None:
-    empty = DecisionBatch.from_mask(
+def _empty_batch() -> DecisionBatch:
+    return DecisionBatch.from_mask(
         np.zeros((0, N_ACTIONS), bool),
         None,
         np.zeros(0, np.int32),
@@ -542,7 +545,31 @@ def test_submit_empty_batch_writes_nothing(journal: JournalWriter) -> None:
         context=np.zeros((0, N_FEATURES), np.float32),
         **SERVED_BY,
     )
-    assert journal.submit(empty).result() == 0
+
+
+def test_unknown_pscore_rows_are_stored_as_null_and_read_back(journal: JournalWriter) -> None:
+    """NaN marks a row whose propensity is unknown: null in the journal, and a table mixing
+    known and unknown propensities reads back into a batch."""
+    batch = make_batch(["a", "b", "c"], seed=5)
+    mixed = replace(batch, pscore=np.array([0.5, np.nan, 0.25]), action_dist=None)
+    journal.submit(mixed).result()
+
+    table = read_journal(journal.path)
+
+    assert table.column("pscore").to_pylist() == [0.5, None, 0.25]
+    again = DecisionBatch.from_table(table)
+    assert np.isnan(again.pscore[1]) and again.pscore[2] == 0.25
+
+
+def test_submit_empty_batch_to_a_closed_journal_refused(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path, RULE)
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(_empty_batch())
+
+
+def test_submit_empty_batch_writes_nothing(journal: JournalWriter) -> None:
+    assert journal.submit(_empty_batch()).result() == 0
     journal.submit(make_batch(["a", "b"])).result()
 
     with sqlite3.connect(journal.path) as db:

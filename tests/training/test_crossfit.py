@@ -113,6 +113,11 @@ def test_crossfit_reward_model_takes_the_evaluation_overrides(monkeypatch) -> No
     [
         ({"reward_model": {"hiden": 8}}, "unknown neural_bandit setting 'hiden'"),
         ({"reward_model": {"init_bias": True}}, "need target 'outcomes'"),
+        ({"reward_model": {"epochs": 0}}, r"evaluation\.reward_model\.epochs: Input should be"),
+        (
+            {"reward_model": {"hidden": 8}, "crossfit_folds": 0},
+            "reward_model needs evaluation.crossfit_folds >= 2",
+        ),
     ],
 )
 def test_evaluation_reward_model_bad_overrides_refused(section, message) -> None:

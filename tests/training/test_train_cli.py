@@ -122,6 +122,26 @@ def test_train_epochs_option_validated_with_its_section(sim_log, tmp_path: Path)
     assert "--epochs 2" in flat and "dr_warmup_epochs" in flat
 
 
+def test_train_epochs_option_validated_with_the_ope_reward_model(sim_log, tmp_path: Path) -> None:
+    """--epochs also reaches the DM/DR reward model's settings: a DR warm-up that the new
+    epochs no longer leave room for is refused before any training, naming where it is."""
+    path = write_config(
+        tmp_path,
+        sim_log,
+        **{
+            "epochs: 2, batch_size: 1024": "epochs: 4, batch_size: 1024",
+            "evaluation: {bootstrap: 50}": (
+                "evaluation: {bootstrap: 50, reward_model: {loss: dr, dr_warmup_epochs: 2}}"
+            ),
+        },
+    )
+    result = runner.invoke(app, ["train", "--config", str(path), "--epochs", "2"])
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert "--epochs 2" in flat and "evaluation.reward_model" in flat
+    assert not (tmp_path / "mlflow.db").exists()  # refused before a run was opened
+
+
 def test_train_epochs_option_sets_vw_passes(sim_log, tmp_path: Path) -> None:
     path = write_config(
         tmp_path,
