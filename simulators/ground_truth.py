@@ -165,6 +165,8 @@ class TruthTable:
         Expected reward (CNY), complaint probability, conversion probability and contact
         probability of each policy at each decision point.
     oracle_value : float64 ``(m,)``, the best allowed expected reward
+    oracle_complaint, oracle_conversion, oracle_contact : float64 ``(m,)``
+        The same KPIs of the oracle's action (contact: 1 if it contacts the customer).
     segment : int ``(m,)``, index into ``BEHAVIOURAL_SEGMENTS``
     blocked_mass : float64 ``(P,)``, total probability each policy put on blocked actions
     """
@@ -176,10 +178,8 @@ class TruthTable:
     contact: np.ndarray
     oracle_value: np.ndarray
     oracle_complaint: np.ndarray
-    """P(complaint) of the oracle's action, ``(rows,)``."""
     oracle_conversion: np.ndarray
     oracle_contact: np.ndarray
-    """1 where the oracle's action contacts the customer, ``(rows,)``."""
     segment: np.ndarray
     blocked_mass: np.ndarray
 
