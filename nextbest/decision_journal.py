@@ -1338,8 +1338,8 @@ def read_journal(
     versions, chunks and rewards are read by one scan each (no per-row join); the chunks
     are decoded into Arrow list arrays in blocks of about 100,000 decisions (the table's
     list offsets cannot overflow, however long the journal, and contexts of different
-    widths keep their own lengths; code that combines the chunks into one array still
-    meets Arrow's 2**31-value limit of a list array).
+    widths keep their own lengths). ``read_decisions`` and training read the columns chunk
+    by chunk; code that combines them into one list array meets Arrow's 2**31-value limit.
 
     Parameters
     ----------

@@ -177,7 +177,7 @@ def validate_decisions(
         row = int(np.flatnonzero(bad)[0])
         raise DecisionLogError(source, "pscore", f"must be in (0, 1], got {pscore[row]}", row)
 
-    cand = pa.chunked_array(table.column("candidate_actions").chunks).combine_chunks()
+    cand = table.column("candidate_actions")  # chunked: no 2**31-value limit
     lengths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
     if (lengths == 0).any():
         row = int(np.flatnonzero(lengths == 0)[0])
@@ -201,7 +201,7 @@ def validate_decisions(
             source, "action", f"action {action[row]} is not among the row's candidate_actions", row
         )
 
-    context = pa.chunked_array(table.column("context").chunks).combine_chunks()
+    context = table.column("context")  # chunked: no 2**31-value limit
     widths = pc.list_value_length(context).to_numpy(zero_copy_only=False)
     expected = n_features if n_features is not None else int(widths[0])
     if (widths != expected).any():
@@ -210,7 +210,7 @@ def validate_decisions(
             source, "context", f"has {widths[row]} features, expected {expected}", row
         )
 
-    dist_col = pa.chunked_array(table.column("action_dist").chunks).combine_chunks()
+    dist_col = table.column("action_dist")  # chunked: no 2**31-value limit
     if dist_col.null_count < n:
         _check_action_dist(dist_col, cand, action, pscore, has_pscore, source)
     return table

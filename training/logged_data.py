@@ -188,7 +188,7 @@ def load_logged_bandit(
         if pscore_col.null_count == n
         else pscore_col.to_numpy(zero_copy_only=False).astype(np.float64)
     )
-    cand = pa.chunked_array(table.column("candidate_actions").chunks).combine_chunks()
+    cand = table.column("candidate_actions")  # chunked: no 2**31-value limit
     widths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
     rows = np.repeat(np.arange(n), widths)
     ids = pc.list_flatten(cand).to_numpy()
@@ -202,7 +202,7 @@ def load_logged_bandit(
         )
     candidates = np.zeros((n, n_actions), bool)
     candidates[rows, ids] = True
-    dist_col = pa.chunked_array(table.column("action_dist").chunks).combine_chunks()
+    dist_col = table.column("action_dist")  # chunked: no 2**31-value limit
     logging_dist = None
     if dist_col.null_count == 0:
         logging_dist = np.zeros((n, n_actions), np.float32)
@@ -231,9 +231,10 @@ def _events(column: pa.ChunkedArray) -> np.ndarray | None:
 
 
 def _dense_list(column: pa.ChunkedArray, dtype: type) -> np.ndarray:
-    array = pa.chunked_array(column.chunks).combine_chunks()
-    n = len(array)
-    values = pc.list_flatten(array).to_numpy().astype(dtype)
+    """Equal-length lists ``(n,)`` as a dense ``(n, width)`` array, chunk by chunk (one Arrow
+    list array holds at most 2**31 values; a long journal's features hold more)."""
+    n = len(column)
+    values = pc.list_flatten(column).to_numpy().astype(dtype)
     return values.reshape(n, -1) if n else values.reshape(0, 0)
 
 

@@ -314,6 +314,31 @@ def test_read_decisions_and_load_logged_bandit_read_a_journal(journal: JournalWr
     assert logged.logging_dist is not None
 
 
+def test_journal_read_in_many_blocks_trains_the_same(
+    journal: JournalWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation and training read the journal's list columns chunk by chunk (one Arrow list
+    array holds at most 2**31 values): many small blocks give the same arrays as one."""
+    from training.logged_data import load_logged_bandit
+
+    for part in range(4):
+        batch = make_batch([f"{part}-{i}" for i in range(11)], seed=10 + part)
+        journal.submit(batch).result()
+        for i, decision_id in enumerate(batch.decision_id):
+            journal.record_reward(decision_id, RewardOutcome(i % 2 == 0, False, False, 50.0))
+    whole = load_logged_bandit(journal.path, N_ACTIONS)
+
+    monkeypatch.setattr(decision_journal, "_READ_CHUNK", 5)
+    table = read_decisions(journal.path, n_actions=N_ACTIONS, n_features=N_FEATURES)
+    assert table.column("context").num_chunks > 1
+    blocked = load_logged_bandit(journal.path, N_ACTIONS)
+
+    np.testing.assert_array_equal(blocked.context, whole.context)
+    np.testing.assert_array_equal(blocked.candidates, whole.candidates)
+    np.testing.assert_array_equal(blocked.logging_dist, whole.logging_dist)
+    np.testing.assert_array_equal(blocked.reward, whole.reward)
+
+
 def test_simulated_log_through_the_journal_gives_the_same_training_arrays(
     tmp_path: Path, catalog: ActionCatalog, engine: RuleEngine, scenario: Scenario
 ) -> None:
