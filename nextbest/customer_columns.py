@@ -270,22 +270,14 @@ class CustomerColumns(BaseModel):
                 raise _at_row(row, exc) from None
         return value
 
-    @field_validator("consented_channels", "opt_outs")
+    @field_validator("consented_channels", "opt_outs", "holdings")
     @classmethod
-    def _known_channels(
+    def _known_names(
         cls, value: list[list[str]] | None, info: ValidationInfo
     ) -> list[list[str]] | None:
         if value is not None:
-            _check_names_once(value, check_channel_names, info)
-        return value
-
-    @field_validator("holdings")
-    @classmethod
-    def _known_offers(
-        cls, value: list[list[str]] | None, info: ValidationInfo
-    ) -> list[list[str]] | None:
-        if value is not None:
-            _check_names_once(value, check_offer_names, info)
+            check = check_offer_names if info.field_name == "holdings" else check_channel_names
+            _check_names_once(value, check, info)
         return value
 
 

@@ -141,17 +141,15 @@ def _warm_up_customer(catalog: ActionCatalog) -> CustomerContext:
 class _ActionView:
     """Per-action fields of the responses, computed once per catalogue."""
 
-    name: tuple[str, ...]
     channel: tuple[str | None, ...]
     offer: tuple[str | None, ...]
     timing: tuple[str | None, ...]
     names: np.ndarray
-    """``name`` as an object array ``(A,)``, to look up many actions at once."""
+    """Action names, an object array ``(A,)``: one action or many at once."""
 
     @classmethod
     def of(cls, catalog: ActionCatalog) -> _ActionView:
         return cls(
-            tuple(a.name for a in catalog.actions),
             tuple(a.channel for a in catalog.actions),
             tuple(a.offer for a in catalog.actions),
             tuple(a.timing for a in catalog.actions),
@@ -160,7 +158,7 @@ class _ActionView:
 
     def ranked(self, action: int, score: float) -> RankedAction:
         return RankedAction(
-            action=self.name[action],
+            action=self.names[action],
             action_index=action,
             channel=self.channel[action],
             offer=self.offer[action],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -281,6 +284,25 @@ def test_post_batch_failing_part_commits_the_parts_before_it(
     with TestClient(create_app(api_settings), raise_server_exceptions=False) as client:
         engine = client.app.state.service.engine
         decide, calls = engine.decide, []
+        journal = client.app.state.service.journal
+        submit = journal.submit
+
+        def slow_submit(decisions: Any, inline: bool = False) -> Future[int]:
+            """The journal commits 0.3 s late: an answer that did not wait for it would
+            come before the first part is in the journal."""
+            done: Future[int] = Future()
+
+            def later() -> None:
+                time.sleep(0.3)
+                try:
+                    done.set_result(submit(decisions).result())
+                except Exception as exc:
+                    done.set_exception(exc)
+
+            threading.Thread(target=later, daemon=True).start()
+            return done
+
+        monkeypatch.setattr(journal, "submit", slow_submit)
 
         def failing_second_part(*args: Any, **kwargs: Any) -> Any:
             calls.append(1)
