@@ -404,12 +404,12 @@ class ScoringService:
         blocked = None
         if request.explain:
             blocked = [
-                BlockedAction(action=view.name[a], rule=rule) for a, rule in result.blocked[row]
+                BlockedAction(action=view.names[a], rule=rule) for a, rule in result.blocked[row]
             ]
         return DecisionResponse(
             decision_id=decision_id,
             chosen=ChosenAction(
-                action=view.name[chosen],
+                action=view.names[chosen],
                 action_index=chosen,
                 channel=view.channel[chosen],
                 offer=view.offer[chosen],
