@@ -21,6 +21,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
 from starlette.requests import ClientDisconnect
 
+from serving.decision_lane import DecisionLane
+from serving.deps import validation_detail
 from serving.metrics import RequestMetrics
 from serving.middleware import BodySizeLimit
 from serving.routes import contacts, decisions, health, rewards
@@ -83,7 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
-    # outermost first: metrics see the 413s of the size limit too
+    # innermost first: the decision lane bypasses only FastAPI's own stack; metrics see the
+    # 413s of the size limit too
+    app.add_middleware(DecisionLane, routes=decisions.router.routes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -94,8 +98,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """422 naming each offending field; the offending values are not echoed back (they may
     be personal data)."""
     assert isinstance(exc, RequestValidationError)
-    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return JSONResponse({"detail": detail}, status_code=422)
+    return JSONResponse({"detail": validation_detail(exc)}, status_code=422)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

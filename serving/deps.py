@@ -40,13 +40,21 @@ def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
         service: ServiceDep,
         key: Annotated[str | None, Security(_api_key_header)],
     ) -> Principal:
-        return _authenticate(service, key, scope)
+        return authorize_key(service, key, scope)
 
     check.__name__ = f"require_{scope}"
     return check
 
 
-def _authenticate(service: ScoringService, key: str | None, scope: Scope) -> Principal:
+def authorize_key(service: ScoringService, key: str | None, scope: Scope) -> Principal:
+    """The caller of API key ``key``, if it carries ``scope``.
+
+    Raises
+    ------
+    fastapi.HTTPException
+        401 (with ``WWW-Authenticate``) for a missing or unknown key, 403 for a key without
+        ``scope``.
+    """
     try:
         return service.api_keys.authenticate(key, scope)
     except AuthError as exc:
@@ -60,7 +68,7 @@ def authorize(request: Request, scope: Scope) -> ScoringService:
     resolving two dependencies cost more than a tenth of a request. Such routes declare the
     key in the schema with :func:`api_key_security`."""
     service: ScoringService = request.app.state.service
-    _authenticate(service, request.headers.get(API_KEY_HEADER), scope)
+    authorize_key(service, request.headers.get(API_KEY_HEADER), scope)
     return service
 
 
@@ -93,6 +101,12 @@ def parse_body(model: type[ModelT], body: bytes, context: dict[str, Any] | None 
             for e in exc.errors(include_url=False, include_input=False, include_context=False)
         ]
         raise RequestValidationError(errors) from None
+
+
+def validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """The 422 body's ``detail``: each violation's location, message and type; the offending
+    values are not echoed back (they may be personal data)."""
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

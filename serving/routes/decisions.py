@@ -1,4 +1,9 @@
-"""``POST /v1/decisions`` and ``POST /v1/decisions/batch``."""
+"""``POST /v1/decisions`` and ``POST /v1/decisions/batch``: the documented API.
+
+In the running app :class:`serving.decision_lane.DecisionLane` answers these two routes
+without FastAPI's routing (the same checks, calls and error bodies; a test holds the two to
+the same answers); these handlers answer whenever the lane is not installed.
+"""
 
 from __future__ import annotations
 
