@@ -401,6 +401,33 @@ class ContextBatch:
             arr.flags.writeable = False
         return cls(cols, catalog.n_channels, catalog.n_offers)
 
+    def replace(self, **columns: np.ndarray) -> ContextBatch:
+        """A batch with some columns replaced, checked as :meth:`from_columns` checks them
+        (name, shape, range) while the other columns are shared, unchecked again: the cheap
+        way to update a few columns (merging stored contact counts) of a validated batch.
+
+        Raises
+        ------
+        ValueError
+            For an unknown column, a shape other than the replaced column's, or an
+            impossible value.
+        """
+        unknown = [name for name in columns if name not in CONTEXT_COLUMNS]
+        if unknown:
+            raise ValueError(f"ContextBatch: unknown column(s) {unknown}")
+        _check_ranges({name: np.asarray(v) for name, v in columns.items()})
+        out = dict(self._columns)
+        for name, values in columns.items():
+            arr = np.ascontiguousarray(values, dtype=CONTEXT_COLUMNS[name].dtype)
+            if arr.shape != out[name].shape:
+                raise ValueError(
+                    f"ContextBatch: column {name!r} has shape {arr.shape}, "
+                    f"expected {out[name].shape}"
+                )
+            arr.flags.writeable = False
+            out[name] = arr
+        return ContextBatch(out, self.n_channels, self.n_offers)
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self._columns[name]
 
@@ -461,9 +488,11 @@ _RANGES: dict[str, tuple[float, float]] = {
 
 
 def _check_ranges(cols: dict[str, np.ndarray]) -> None:
+    """Refuse a non-numeric column or a value outside :data:`_RANGES` among ``cols`` (the
+    columns given that have a range)."""
     for name, (lo, hi) in _RANGES.items():
-        arr = cols[name]
-        if arr.size == 0:
+        arr = cols.get(name)
+        if arr is None or arr.size == 0:
             continue
         if arr.dtype.kind not in "biuf":
             raise ValueError(f"ContextBatch: column {name!r} must be numeric, got {arr.dtype}")

@@ -277,7 +277,6 @@ def merge_into_batch(
     batch: ContextBatch,
     events: ContactEvents,
     now: datetime,
-    catalog: ActionCatalog,
     count_recommended: bool = True,
 ) -> ContextBatch:
     """The batch with stored contacts merged into its contact columns.
@@ -294,7 +293,6 @@ def merge_into_batch(
         From :meth:`ContactStore.contacts` for the same customers, in the same order, with
         channels in catalogue order.
     now : datetime
-    catalog : ActionCatalog
     count_recommended : bool
     """
     now_us = epoch_us(now)
@@ -309,15 +307,13 @@ def merge_into_batch(
         np.maximum(0.0, (now_us - stored_last) / _US_PER_HOUR),
         np.inf,
     )
-    columns = batch.columns
-    columns.update(
+    return batch.replace(
         contacts_7d=c7,
         contacts_30d=c30,
         contacts_7d_total=c7.sum(axis=1),
         contacts_30d_total=c30.sum(axis=1),
         hours_since_last_contact=np.minimum(hours, stored_hours),
     )
-    return ContextBatch.from_columns(catalog, **columns)
 
 
 def merge_contact_history(

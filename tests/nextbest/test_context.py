@@ -345,6 +345,37 @@ def test_take_rows_selected(catalog: ActionCatalog) -> None:
     assert sub.row(0) == batch.row(3)
 
 
+def test_replace_columns_updates_only_those_given(catalog: ActionCatalog) -> None:
+    batch = make_row_batch(catalog, NOW)
+    counts = np.full((1, catalog.n_channels), 2.0)
+    merged = batch.replace(contacts_7d=counts, hours_since_last_contact=np.array([5.0]))
+    assert merged["contacts_7d"].tolist() == counts.tolist()
+    assert merged["contacts_7d"].dtype == batch["contacts_7d"].dtype
+    assert not merged["contacts_7d"].flags.writeable
+    assert merged["hours_since_last_contact"].tolist() == [5.0]
+    assert merged["age"] is batch["age"]  # shared, not copied
+    assert batch["contacts_7d"].tolist() != counts.tolist()  # the original is unchanged
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("contacts_7d", np.full((1, 2), 1.0), "shape"),
+        ("contacts_30d", None, "outside"),
+        ("hours_since_last_contact", np.array([np.nan]), "outside"),
+        ("shoe_size", np.array([42.0]), "unknown"),
+    ],
+)
+def test_replace_columns_bad_value_names_the_column(
+    catalog: ActionCatalog, column: str, values: np.ndarray | None, message: str
+) -> None:
+    if values is None:
+        values = np.full((1, catalog.n_channels), -1.0)
+    with pytest.raises(ValueError, match=message) as err:
+        make_row_batch(catalog, NOW).replace(**{column: values})
+    assert column in str(err.value)
+
+
 def _columns(catalog: ActionCatalog) -> dict[str, np.ndarray]:
     """Writable copies of the columns of the one-customer base batch."""
     return {name: np.array(arr) for name, arr in make_row_batch(catalog, NOW).columns.items()}

@@ -104,7 +104,7 @@ def test_channel_cap_holds_across_two_store_instances(
         before = _blocking_rules(engine, catalog, batch, "sms")
         events = worker_2.history(["cust_a"], NOW)
         after = _blocking_rules(
-            engine, catalog, merge_into_batch(batch, events, NOW, catalog), "sms"
+            engine, catalog, merge_into_batch(batch, events, NOW), "sms"
         )
 
     assert before == {None}
@@ -120,7 +120,7 @@ def test_minimum_gap_holds_across_two_store_instances(
     ):
         worker_1.record(contacts(["d1"], "app_push", ago(hours=2))).result()
         batch = ContextBatch.from_contexts([customer(catalog)], catalog, NOW)
-        merged = merge_into_batch(batch, worker_2.history(["cust_a"], NOW), NOW, catalog)
+        merged = merge_into_batch(batch, worker_2.history(["cust_a"], NOW), NOW)
 
     assert merged["hours_since_last_contact"][0] == pytest.approx(2.0)
     assert _blocking_rules(engine, catalog, merged, "wechat") == {"min_contact_gap"}
@@ -306,7 +306,7 @@ def test_merge_into_batch_follows_the_same_rule(
         history["last_contact_at"] = history["last_contact_at"].isoformat()
     batch = ContextBatch.from_contexts([customer(catalog, history)], catalog, NOW)
 
-    merged = merge_into_batch(batch, _events(*stored), NOW, catalog, count_recommended)
+    merged = merge_into_batch(batch, _events(*stored), NOW, count_recommended)
 
     sms = CHANNELS.index("sms")
     assert merged["contacts_7d"][0, sms] == sms_7d
@@ -342,7 +342,7 @@ def test_merge_into_batch_random_customers_agrees_with_one_at_a_time(
         )
     batch = ContextBatch.from_contexts([customer(catalog, h) for h in histories], catalog, NOW)
 
-    merged = merge_into_batch(batch, events, NOW, catalog)
+    merged = merge_into_batch(batch, events, NOW)
 
     for i, history in enumerate(histories):
         one = merge_contact_history(ContactHistory(**history), events, i, CHANNELS, NOW)
