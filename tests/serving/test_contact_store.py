@@ -103,9 +103,7 @@ def test_channel_cap_holds_across_two_store_instances(
 
         before = _blocking_rules(engine, catalog, batch, "sms")
         events = worker_2.history(["cust_a"], NOW)
-        after = _blocking_rules(
-            engine, catalog, merge_into_batch(batch, events, NOW), "sms"
-        )
+        after = _blocking_rules(engine, catalog, merge_into_batch(batch, events, NOW), "sms")
 
     assert before == {None}
     assert after == {"contact_cap_channel_7d"}
