@@ -587,17 +587,18 @@ def evaluate(
 def _print_ope_table(title: str, rows: list[dict[str, float | str]], alpha: float) -> None:
     """The OPE table: policy, estimator, value, interval bounds and the effective sample
     size of the policy's importance weights."""
+    from training.evaluation import ess_text
+
     level = f"{100 * (1 - alpha):g}%"
     table = Table(title=title)
     for col in ("policy", "estimator", "value", f"{level} lower", f"{level} upper", "ESS"):
         table.add_column(col, justify="left" if col in ("policy", "estimator") else "right")
     for row in rows:
-        ess = float(row["ess"])
         table.add_row(
             str(row["policy"]),
             str(row["estimator"]),
             *(_number(row[key]) for key in ("value", "lower", "upper")),
-            "" if np.isnan(ess) else f"{ess:,.0f}",
+            ess_text(float(row["ess"])),
         )
     Console(width=max(console.width, 100)).print(table)
 

@@ -54,6 +54,12 @@ def effective_sample_size(log: LoggedBandit, action_dist: np.ndarray) -> float:
     return float(weights.sum()) ** 2 / squares if squares > 0 else 0.0
 
 
+def ess_text(ess: float) -> str:
+    """An OPE row's effective sample size as a table shows it: thousands separated, no
+    decimals; empty for estimators without importance weights (NaN)."""
+    return "" if np.isnan(ess) else f"{ess:,.0f}"
+
+
 def ope_table(
     log: LoggedBandit,
     policies: Mapping[str, np.ndarray],

@@ -16,7 +16,7 @@ from nextbest.compliance import RuleEngine
 from nextbest.features import ContextEncoder, FeatureSpec, action_features
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import TrainingConfig
-from training.evaluation import baseline_action_dist, ope_table
+from training.evaluation import baseline_action_dist, ess_text, ope_table
 from training.logged_data import LoggedBandit, customer_unit, load_logged_bandit, split_log
 from training.neural_bandit import (
     Economics,
@@ -394,16 +394,12 @@ def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder) -> None:
     plt.close(fig)
 
 
-def _ess_text(ess: float) -> str:
-    return "" if np.isnan(ess) else f"{ess:,.0f}"
-
-
 def _model_card(
     config, fitted, log, holdout, rows, truth, violations, version, catalog, encoder
 ) -> str:
     table = "\n".join(
         f"| {r['policy']} | {r['estimator']} | {r['value']:.4f} | {r['lower']:.4f} "
-        f"| {r['upper']:.4f} | {_ess_text(float(r['ess']))} |"
+        f"| {r['upper']:.4f} | {ess_text(float(r['ess']))} |"
         for r in rows
         if "note" not in r
     )
