@@ -22,7 +22,6 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import ClientDisconnect
 
 from serving.decision_lane import DecisionLane
-from serving.deps import validation_detail
 from serving.metrics import RequestMetrics
 from serving.middleware import BodySizeLimit
 from serving.routes import contacts, decisions, health, rewards
@@ -98,7 +97,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """422 naming each offending field; the offending values are not echoed back (they may
     be personal data)."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": validation_detail(exc)}, status_code=422)
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

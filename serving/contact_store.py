@@ -277,6 +277,7 @@ def merge_into_batch(
     batch: ContextBatch,
     events: ContactEvents,
     now: datetime,
+    *,
     count_recommended: bool = True,
 ) -> ContextBatch:
     """The batch with stored contacts merged into its contact columns.

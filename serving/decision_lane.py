@@ -7,25 +7,25 @@ the journal and the contact store), so :class:`DecisionLane` answers these two r
 directly and hands every other request to the application unchanged.
 
 Same behaviour as the routes in :mod:`serving.routes.decisions` (which stay the documented
-API, and answer whenever the lane is not installed): the same API-key check, one-pass body
-validation, service calls and error bodies (``{"detail": ...}`` for HTTP errors, the field
-list of :func:`validation_detail` for 422). The lane sits inside the metrics and body-size
-middleware, so requests are counted and size-limited exactly as before, and it sets
-``scope["route"]`` so metrics label them by the route's template.
+API, and answer whenever the lane is not installed): the API key is checked before the body
+is read, the body is validated in one pass, the same service calls answer, and every error
+is answered by the application's own exception handlers (so a 401, 413, 422 or 503 has the
+status, body and headers the routes give it, and a handler added later applies to both).
+The lane sits inside the metrics and body-size middleware, so requests are counted and
+size-limited exactly as before; it sets ``scope["route"]`` so metrics label them by the
+route's template. Not done here: FastAPI's own route telemetry (an OpenTelemetry span would
+be named by the method only, without ``http.route``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import HTTPException
-from fastapi.exceptions import RequestValidationError
-from pydantic_core import to_json
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.deps import authorize_key, parse_body, validation_detail
+from serving.deps import authorize_key, parse_body
 from serving.schemas import BatchDecisionRequest, DecisionRequest
 from serving.security import API_KEY_HEADER
 from serving.service import ScoringService
@@ -45,6 +45,11 @@ class DecisionLane:
     routes : list of routes
         The decision routes (:data:`serving.routes.decisions.router`'s), to label the lane's
         requests with the same route objects (``scope["route"]``) as FastAPI would.
+
+    Raises
+    ------
+    ValueError
+        If ``routes`` lacks one of the two decision paths.
     """
 
     def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
@@ -56,31 +61,56 @@ class DecisionLane:
         self.routes = {SINGLE: by_path[SINGLE], BATCH: by_path[BATCH]}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path")
-        if scope["type"] != "http" or scope["method"] != "POST" or path not in self.routes:
+        path = _route_path(scope) if scope["type"] == "http" else None
+        if path not in self.routes or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         scope["route"] = self.routes[path]
         try:
-            body = await _read_body(receive)
             service: ScoringService = scope["app"].state.service
-            authorize_key(service, _api_key(scope), "decide")
+            authorize_key(service, _api_key(scope), "decide")  # before reading any body
+            body = await _read_body(receive)
             if path == SINGLE:
                 request = parse_body(DecisionRequest, body, {"catalog": service.catalog})
                 answer = await service.decide_json(request)
             else:
                 batch = parse_body(BatchDecisionRequest, body, {"catalog": service.catalog})
                 answer = await service.decide_batch(batch)
-        except HTTPException as exc:
-            await _respond(send, exc.status_code, {"detail": exc.detail}, exc.headers)
+        except Exception as exc:
+            handler = _handler(scope, exc)
+            if handler is None:
+                raise  # the server-error middleware answers 500
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
             return
-        except RequestValidationError as exc:
-            await _respond(send, 422, {"detail": validation_detail(exc)})
-            return
-        except ClientDisconnect:  # the caller hung up while sending its body: nothing decided
-            await _send_json(send, 499, b"", content_type=False)
-            return
-        await _send_json(send, 200, answer)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(answer)).encode()), *_JSON],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: ``path`` without the ``root_path`` prefix (as Starlette
+    strips it), so the lane serves an app mounted under a prefix too."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
+
+
+def _handler(scope: Scope, exc: Exception) -> Any:
+    """The application's exception handler for ``exc`` (by class, most specific first, as
+    Starlette's exception middleware looks it up), or None."""
+    handlers = scope["app"].exception_handlers
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
 
 
 def _api_key(scope: Scope) -> str | None:
@@ -91,7 +121,8 @@ def _api_key(scope: Scope) -> str | None:
 
 
 async def _read_body(receive: Receive) -> bytes:
-    """The whole request body; :class:`ClientDisconnect` if the caller hangs up first."""
+    """The whole request body; :class:`~starlette.requests.ClientDisconnect` if the caller
+    hangs up first."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -100,25 +131,3 @@ async def _read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _respond(
-    send: Send, status: int, content: dict[str, Any], headers: dict[str, str] | None = None
-) -> None:
-    await _send_json(send, status, to_json(content), headers)
-
-
-async def _send_json(
-    send: Send,
-    status: int,
-    body: bytes,
-    headers: dict[str, str] | None = None,
-    content_type: bool = True,
-) -> None:
-    raw = [(b"content-length", str(len(body)).encode())]
-    if content_type:
-        raw += _JSON
-    if headers:
-        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})

@@ -103,12 +103,6 @@ def parse_body(model: type[ModelT], body: bytes, context: dict[str, Any] | None 
         raise RequestValidationError(errors) from None
 
 
-def validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
-    """The 422 body's ``detail``: each violation's location, message and type; the offending
-    values are not echoed back (they may be personal data)."""
-    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-
-
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` documenting a route's JSON body as ``model`` (for routes that read
     the raw body and validate it with :func:`parse_body`); :func:`serving.app.create_app`

@@ -433,7 +433,9 @@ class ScoringService:
         batch = ContextBatch.from_contexts([p.customer for p in pending], self.catalog, now)
         events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
         if len(events.row):
-            batch = merge_into_batch(batch, events, now, self.settings.count_recommended)
+            batch = merge_into_batch(
+                batch, events, now, count_recommended=self.settings.count_recommended
+            )
         masks = [p.mask for p in pending]
         candidates = None
         if any(m is not None for m in masks):
@@ -477,7 +479,9 @@ class ScoringService:
             batch = ContextBatch.from_contexts(request.customers or [], self.catalog, now)
         events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
         if len(events.row):
-            batch = merge_into_batch(batch, events, now, self.settings.count_recommended)
+            batch = merge_into_batch(
+                batch, events, now, count_recommended=self.settings.count_recommended
+            )
         decision_ids = new_decision_ids(n)
         rows: list[dict[str, Any]] = []
         writes: list[_Writes] = []

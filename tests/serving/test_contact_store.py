@@ -304,7 +304,7 @@ def test_merge_into_batch_follows_the_same_rule(
         history["last_contact_at"] = history["last_contact_at"].isoformat()
     batch = ContextBatch.from_contexts([customer(catalog, history)], catalog, NOW)
 
-    merged = merge_into_batch(batch, _events(*stored), NOW, count_recommended)
+    merged = merge_into_batch(batch, _events(*stored), NOW, count_recommended=count_recommended)
 
     sms = CHANNELS.index("sms")
     assert merged["contacts_7d"][0, sms] == sms_7d
