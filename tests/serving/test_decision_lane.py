@@ -92,6 +92,20 @@ def clients(api_settings: Settings) -> Iterator[tuple[TestClient, TestClient]]:
         yield lane, plain
 
 
+@pytest.fixture
+def handled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests FastAPI's router handed to a route (the lane's never are)."""
+    paths: list[str] = []
+    original = APIRoute.handle
+
+    async def counting(self: APIRoute, scope: Any, receive: Any, send: Any) -> None:
+        paths.append(self.path)
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(APIRoute, "handle", counting)
+    return paths
+
+
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_post_bad_decision_request_lane_answers_as_the_route(
     clients: tuple[TestClient, TestClient], auth: dict[str, dict[str, str]], case: str
@@ -156,16 +170,8 @@ def test_post_decision_unexpected_error_is_500_counted_under_the_route(
 
 
 def test_post_decision_under_a_root_path_served_by_the_lane(
-    api_settings: Settings, auth: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+    api_settings: Settings, auth: dict[str, dict[str, str]], handled: list[str]
 ) -> None:
-    handled: list[str] = []
-    original = APIRoute.handle
-
-    async def counting(self: APIRoute, scope: Any, receive: Any, send: Any) -> None:
-        handled.append(self.path)
-        await original(self, scope, receive, send)
-
-    monkeypatch.setattr(APIRoute, "handle", counting)
     with TestClient(create_app(api_settings), root_path="/api") as client:
         response = client.post(
             "/api/v1/decisions", json={"customer": customer()}, headers=auth["decide"]
@@ -178,17 +184,9 @@ def test_post_decision_under_a_root_path_served_by_the_lane(
 def test_post_decision_lane_answers_without_fastapi_routing(
     clients: tuple[TestClient, TestClient],
     auth: dict[str, dict[str, str]],
-    monkeypatch: pytest.MonkeyPatch,
+    handled: list[str],
     path: str,
 ) -> None:
-    handled: list[str] = []
-    original = APIRoute.handle
-
-    async def counting(self: APIRoute, scope: Any, receive: Any, send: Any) -> None:
-        handled.append(self.path)
-        await original(self, scope, receive, send)
-
-    monkeypatch.setattr(APIRoute, "handle", counting)
     body = (
         {"customer": customer(), "k": 2}
         if path == "/v1/decisions"
