@@ -692,6 +692,17 @@ def train(
                 f"{float(row.get('contact_rate', float('nan'))):.1%}",
             )
         console.print(truth)
+    thin = [row for row in result.evidence or [] if row["thin"]]
+    if thin:
+        listed = "; ".join(
+            f"{row['offer']}: chosen for {float(row['policy_share']):.0%}, "  # type: ignore[arg-type]
+            f"{row['conversions']} conversions in {row['logged']:,} logged decisions"
+            for row in thin[:3]
+        )
+        console.print(
+            f"[yellow]thin evidence[/] {escape(listed)} (all offers: choice_evidence.json and "
+            "the model card)"
+        )
     console.print(
         f"compliance: {result.violations} chosen actions blocked by a rule; "
         f"registered {cfg.tracking.registered_model} v{result.model_version} as "

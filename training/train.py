@@ -17,6 +17,7 @@ from nextbest.features import ContextEncoder, FeatureSpec, action_features
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import TrainingConfig
 from training.evaluation import baseline_action_dist, ess_text, ope_table
+from training.evidence import THIN_EVIDENCE_CONVERSIONS, choice_evidence, thin_share
 from training.logged_data import LoggedBandit, customer_unit, load_logged_bandit, split_log
 from training.neural_bandit import (
     Economics,
@@ -56,6 +57,9 @@ class TrainResult:
     violations: int
     truth: list[dict[str, float | str]] | None = None
     """Ground-truth value of each policy on the held-out decisions (simulated logs only)."""
+    evidence: list[dict[str, float | int | str | bool | None]] | None = None
+    """Per offer the policy chooses: its share of the held-out decisions and the logged
+    decisions and conversions behind it (:func:`training.evidence.choice_evidence`)."""
 
 
 def target_distribution(
@@ -216,6 +220,10 @@ def run_training(
         violations = int((~holdout.candidates[np.arange(holdout.n_rounds), chosen]).sum())
         violations += int((target * ~holdout.candidates).sum() > 1e-9)
         mlflow.log_metric("compliance/blocked_actions_chosen", violations)
+        evidence = choice_evidence(train, chosen, catalog)
+        mlflow.log_dict(evidence, "choice_evidence.json")
+        if np.isfinite(thin := thin_share(evidence)):
+            mlflow.log_metric("evidence/thin_share", thin)
 
         policies = {"model": target}
         if holdout.logging_dist is not None:
@@ -268,7 +276,17 @@ def run_training(
         )
         mlflow.log_text(
             _model_card(
-                config, fitted, log, holdout, rows, truth, violations, version, catalog, encoder
+                config,
+                fitted,
+                log,
+                holdout,
+                rows,
+                truth,
+                violations,
+                version,
+                catalog,
+                encoder,
+                evidence,
             ),
             "model_card.md",
         )
@@ -280,6 +298,7 @@ def run_training(
         rows,
         violations,
         None if truth is None else truth.summary(),
+        evidence,
     )
 
 
@@ -395,7 +414,7 @@ def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder) -> None:
 
 
 def _model_card(
-    config, fitted, log, holdout, rows, truth, violations, version, catalog, encoder
+    config, fitted, log, holdout, rows, truth, violations, version, catalog, encoder, evidence
 ) -> str:
     table = "\n".join(
         f"| {r['policy']} | {r['estimator']} | {r['value']:.4f} | {r['lower']:.4f} "
@@ -429,6 +448,12 @@ def _model_card(
                 for r in truth.summary()
             )
         )
+    evidence_table = "\n".join(
+        f"| {r['offer']} | {float(r['policy_share']):.1%} | {r['logged']:,} "
+        f"| {'unknown' if r['conversions'] is None else format(r['conversions'], ',')} "
+        f"| {'**thin**' if r['thin'] else ''} |"
+        for r in evidence
+    )
     return f"""# Model card: {config.tracking.registered_model} v{version}
 
 ## What it is
@@ -453,6 +478,16 @@ and DR's correction); an interval resting on a few dozen is not to be trusted, h
 | policy | estimator | value | lower | upper | ESS |
 |---|---|---|---|---|---|
 {table}
+
+## Evidence behind the policy's choices
+Each offer the policy chooses on the held-out decisions, and the training decisions whose
+logged action had that offer, with their conversions. **thin**: chosen for at least 1% of
+decisions on fewer than {THIN_EVIDENCE_CONVERSIONS} logged conversions; the policy's value
+there rests on little more than its prior, and exploring those offers is how to learn more.
+
+| offer | chosen for | logged | conversions | |
+|---|---|---|---|---|
+{evidence_table}
 
 ## Ground truth
 {truth_section}

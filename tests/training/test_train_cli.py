@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def test_train_registers_challenger_with_artifacts(trained_run) -> None:
     assert run.data.params["neural_bandit.epochs"] == "2"
     assert len(run.data.tags["data.fingerprint"]) == 16
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.json", "ope_table.json", "model_card.md", "plots", "model_spec"} <= artifacts
+    expected = {"config.json", "ope_table.json", "model_card.md", "plots", "model_spec"}
+    assert expected | {"choice_evidence.json"} <= artifacts
+    assert 0 <= metrics["evidence/thin_share"] <= 1
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/value_with_intervals.png" in plots
     assert "plots/action_mix_by_segment.png" in plots
@@ -199,8 +202,18 @@ def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path) -> No
     assert metrics["data/reward_economics_residual"] < 1e-6
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"ground_truth.json", "ground_truth_by_segment.json"} <= artifacts
-    card = client.download_artifacts(run.info.run_id, "model_card.md", str(tmp_path))
-    assert "## Ground truth" in Path(card).read_text()
+    card = Path(client.download_artifacts(run.info.run_id, "model_card.md", str(tmp_path)))
+    text = card.read_text()
+    assert "## Ground truth" in text
+    # every offer the policy chooses is listed with the evidence behind it, as in the artifact
+    evidence_file = client.download_artifacts(
+        run.info.run_id, "choice_evidence.json", str(tmp_path)
+    )
+    evidence = json.loads(Path(evidence_file).read_text())
+    assert evidence, "the policy contacted nobody"
+    assert sum(row["policy_share"] for row in evidence) <= 1 + 1e-9
+    for row in evidence:
+        assert f"| {row['offer']} | {row['policy_share']:.1%} | {row['logged']:,} |" in text
 
 
 def test_train_replay_refuses_log_that_differs_from_recipe(
