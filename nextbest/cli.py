@@ -699,9 +699,10 @@ def train(
             f"{row['conversions']} conversions in {row['logged']:,} logged decisions"
             for row in thin[:3]
         )
+        more = f"; {len(thin) - 3} more" if len(thin) > 3 else ""
         console.print(
-            f"[yellow]thin evidence[/] {escape(listed)} (all offers: choice_evidence.json and "
-            "the model card)"
+            f"[yellow]thin evidence[/] {escape(listed)}{more} (all offers: "
+            "choice_evidence.json and the model card)"
         )
     console.print(
         f"compliance: {result.violations} chosen actions blocked by a rule; "

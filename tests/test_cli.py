@@ -42,7 +42,8 @@ def test_demo_small_population_simulates_and_shows_rules(tmp_path: Path) -> None
     assert "suitability_risk" in result.output
     assert "300 customers x 361 actions" in result.output
     assert "registered nextbest v1" in " ".join(result.output.split())
-    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    assert (tmp_path / "mlartifacts").is_dir()  # the run's artifacts, beside its store
     assert list((run / "logs").glob("part-*.parquet"))
     assert (run / "logs" / "kpis.json").exists()
 

@@ -54,6 +54,29 @@ def data_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+ARTIFACTS_DIRNAME = "mlartifacts"
+"""Beside a SQLite tracking store, the folder its new experiments keep their artifacts in."""
+
+
+def use_experiment(tracking_uri: str, name: str) -> None:
+    """Track to ``tracking_uri`` under experiment ``name``, creating it when missing.
+
+    A new experiment in a local SQLite store (``sqlite:///path/mlflow.db``) keeps its
+    artifacts in ``path/mlartifacts``, beside the database, instead of MLflow's default
+    ``./mlruns`` under whatever the working directory is: a store and its artifacts then
+    move, and are deleted, together. Other stores keep their server's default.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            database = Path(tracking_uri.removeprefix("sqlite:///"))
+            location = (database.resolve().parent / ARTIFACTS_DIRNAME).as_uri()
+        client.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+
+
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
     """Nested config -> ``{"a.b.c": value}`` for ``mlflow.log_params``."""
     if isinstance(value, dict):

@@ -17,7 +17,12 @@ from nextbest.features import ContextEncoder, FeatureSpec, action_features
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import TrainingConfig
 from training.evaluation import baseline_action_dist, ess_text, ope_table
-from training.evidence import THIN_EVIDENCE_CONVERSIONS, choice_evidence, thin_share
+from training.evidence import (
+    NOTABLE_SHARE,
+    THIN_EVIDENCE_CONVERSIONS,
+    EvidenceRow,
+    choice_evidence,
+)
 from training.logged_data import LoggedBandit, customer_unit, load_logged_bandit, split_log
 from training.neural_bandit import (
     Economics,
@@ -29,7 +34,7 @@ from training.neural_bandit import (
     train_reward_model,
 )
 from training.onnx_export import export_reward_model, spec_path
-from training.tracking import data_fingerprint, flatten, register_onnx
+from training.tracking import data_fingerprint, flatten, register_onnx, use_experiment
 from training.vw_bandit import MODEL_KIND as VW_MODEL_KIND
 from training.vw_bandit import check_vw_inputs, train_vw_bandit, vw_arguments
 
@@ -57,7 +62,7 @@ class TrainResult:
     violations: int
     truth: list[dict[str, float | str]] | None = None
     """Ground-truth value of each policy on the held-out decisions (simulated logs only)."""
-    evidence: list[dict[str, float | int | str | bool | None]] | None = None
+    evidence: list[EvidenceRow] | None = None
     """Per offer the policy chooses: its share of the held-out decisions and the logged
     decisions and conversions behind it (:func:`training.evidence.choice_evidence`)."""
 
@@ -189,8 +194,7 @@ def run_training(
     recipe = read_recipe(config.data.logs) if config.evaluation.ground_truth else None
     train, holdout, holdout_rows = split_log(log, config.data.holdout_share, config.data.split_seed)
 
-    mlflow.set_tracking_uri(config.tracking.uri)
-    mlflow.set_experiment(config.tracking.experiment)
+    use_experiment(config.tracking.uri, config.tracking.experiment)
     with mlflow.start_run(run_name=f"{config.learner}") as run:
         mlflow.log_params(flatten("", config.model_dump(mode="json")))
         mlflow.set_tags(
@@ -220,10 +224,10 @@ def run_training(
         violations = int((~holdout.candidates[np.arange(holdout.n_rounds), chosen]).sum())
         violations += int((target * ~holdout.candidates).sum() > 1e-9)
         mlflow.log_metric("compliance/blocked_actions_chosen", violations)
-        evidence = choice_evidence(train, chosen, catalog)
-        mlflow.log_dict(evidence, "choice_evidence.json")
-        if np.isfinite(thin := thin_share(evidence)):
-            mlflow.log_metric("evidence/thin_share", thin)
+        evidence = choice_evidence(train, target, catalog)
+        mlflow.log_dict(evidence.rows, "choice_evidence.json")
+        if np.isfinite(evidence.thin_share):
+            mlflow.log_metric("evidence/thin_share", evidence.thin_share)
 
         policies = {"model": target}
         if holdout.logging_dist is not None:
@@ -286,7 +290,7 @@ def run_training(
                 version,
                 catalog,
                 encoder,
-                evidence,
+                evidence.rows,
             ),
             "model_card.md",
         )
@@ -298,7 +302,7 @@ def run_training(
         rows,
         violations,
         None if truth is None else truth.summary(),
-        evidence,
+        evidence.rows,
     )
 
 
@@ -481,9 +485,10 @@ and DR's correction); an interval resting on a few dozen is not to be trusted, h
 
 ## Evidence behind the policy's choices
 Each offer the policy chooses on the held-out decisions, and the training decisions whose
-logged action had that offer, with their conversions. **thin**: chosen for at least 1% of
-decisions on fewer than {THIN_EVIDENCE_CONVERSIONS} logged conversions; the policy's value
-there rests on little more than its prior, and exploring those offers is how to learn more.
+logged action had that offer, with their conversions. **thin**: chosen for at least
+{NOTABLE_SHARE:.0%} of decisions on fewer than {THIN_EVIDENCE_CONVERSIONS} logged
+conversions; the policy's value there rests on little more than its prior, and exploring
+those offers is how to learn more.
 
 | offer | chosen for | logged | conversions | |
 |---|---|---|---|---|

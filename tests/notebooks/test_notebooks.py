@@ -27,8 +27,12 @@ def test_run_notebook_top_to_bottom(
     client = NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": path.parent}}
     )
+    before = sorted(path.parent.iterdir())
     client.execute()  # raises CellExecutionError, naming the cell, on any error
+    assert sorted(path.parent.iterdir()) == before, "the notebook wrote into notebooks/"
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     produced = list(tmp_path.glob("*/models/*.onnx"))
     assert produced, "the notebook's run left no ONNX model under NEXTBEST_NOTEBOOK_DIR"
+    # the MLflow run's artifacts sit beside its store, in the output folder
+    assert list(tmp_path.glob("*/mlartifacts/*/artifacts/model_card.md"))

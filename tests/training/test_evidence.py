@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from nextbest.catalog import ActionCatalog
-from training.evidence import THIN_EVIDENCE_CONVERSIONS, choice_evidence, thin_share
+from training.evidence import NOTABLE_SHARE, THIN_EVIDENCE_CONVERSIONS, choice_evidence
 from training.logged_data import LoggedBandit
 
 
-def _action(catalog: ActionCatalog, offer: str) -> int:
-    """The first catalogue action with ``offer``."""
-    return int(np.flatnonzero(catalog.offer_index == catalog.offer_names.index(offer))[0])
+def _actions(catalog: ActionCatalog, offer: str) -> np.ndarray:
+    """Every catalogue action with ``offer`` (its channels and timings)."""
+    return np.flatnonzero(catalog.offer_index == catalog.offer_names.index(offer))
 
 
 def _log(catalog: ActionCatalog, actions: list[int], converted: list[bool] | None) -> LoggedBandit:
@@ -33,14 +33,26 @@ def _log(catalog: ActionCatalog, actions: list[int], converted: list[bool] | Non
     )
 
 
-def test_choice_evidence_counts_logged_decisions_and_conversions(catalog: ActionCatalog) -> None:
-    loan, card = _action(catalog, "consumer_loan"), _action(catalog, "credit_card_upgrade")
-    # 300 card decisions with 60 conversions, 20 loan decisions with 2
-    actions = [card] * 300 + [loan] * 20 + [0] * 10
+def _one_hot(catalog: ActionCatalog, chosen: list[int]) -> np.ndarray:
+    dist = np.zeros((len(chosen), catalog.n_actions))
+    dist[np.arange(len(chosen)), chosen] = 1.0
+    return dist
+
+
+def test_choice_evidence_counts_every_action_of_an_offer(catalog: ActionCatalog) -> None:
+    loans, cards = _actions(catalog, "consumer_loan"), _actions(catalog, "credit_card_upgrade")
+    assert len(loans) > 2 and len(cards) > 2  # offers on several channels and timings
+    # logged: 300 card decisions over three of its actions (60 conversions), 20 loan
+    # decisions over two of its actions (2 conversions), 10 without contact
+    actions = [int(cards[i % 3]) for i in range(300)] + [int(loans[i % 2]) for i in range(20)]
+    actions += [0] * 10
     converted = [i < 60 for i in range(300)] + [i < 2 for i in range(20)] + [False] * 10
-    chosen = np.array([loan] * 70 + [card] * 20 + [0] * 10)
-    rows = choice_evidence(_log(catalog, actions, converted), chosen, catalog)
-    assert rows == [
+    # chosen: a loan action the log never used, and a card action it did
+    chosen = [int(loans[-1])] * 70 + [int(cards[0])] * 20 + [0] * 10
+    evidence = choice_evidence(
+        _log(catalog, actions, converted), _one_hot(catalog, chosen), catalog
+    )
+    assert evidence.rows == [
         {
             "offer": "consumer_loan",
             "policy_share": 0.7,
@@ -56,22 +68,46 @@ def test_choice_evidence_counts_logged_decisions_and_conversions(catalog: Action
             "thin": False,
         },
     ]
-    assert thin_share(rows) == pytest.approx(0.7)
+    assert evidence.thin_share == pytest.approx(0.7)
 
 
-def test_choice_evidence_rarely_chosen_offer_is_not_flagged(catalog: ActionCatalog) -> None:
-    loan = _action(catalog, "consumer_loan")
-    chosen = np.array([loan] + [0] * 199)  # 0.5% of decisions: below the notable share
-    rows = choice_evidence(_log(catalog, [loan], [False]), chosen, catalog)
-    assert rows[0]["conversions"] == 0 < THIN_EVIDENCE_CONVERSIONS
-    assert rows[0]["thin"] is False
-    assert thin_share(rows) == 0.0
+def test_choice_evidence_share_is_the_policys_probability_mass(catalog: ActionCatalog) -> None:
+    loans, cards = _actions(catalog, "consumer_loan"), _actions(catalog, "credit_card_upgrade")
+    dist = np.zeros((2, catalog.n_actions))
+    dist[0, [loans[0], loans[1], cards[0], 0]] = [0.3, 0.3, 0.3, 0.1]  # a softmax-like row
+    dist[1, cards[1]] = 1.0
+    evidence = choice_evidence(_log(catalog, [0], [False]), dist, catalog)
+    shares = {row["offer"]: row["policy_share"] for row in evidence.rows}
+    assert shares == pytest.approx({"credit_card_upgrade": 0.65, "consumer_loan": 0.3})
+
+
+@pytest.mark.parametrize(
+    ("conversions", "decisions", "thin"),
+    [
+        (THIN_EVIDENCE_CONVERSIONS - 1, 100, True),
+        (THIN_EVIDENCE_CONVERSIONS, 100, False),
+        (0, round(1 / NOTABLE_SHARE), True),  # chosen for exactly the notable share
+        (0, round(1 / NOTABLE_SHARE) + 1, False),  # just below it
+    ],
+)
+def test_choice_evidence_thin_at_its_boundaries(
+    catalog: ActionCatalog, conversions: int, decisions: int, thin: bool
+) -> None:
+    loan = int(_actions(catalog, "consumer_loan")[0])
+    logged = [loan] * THIN_EVIDENCE_CONVERSIONS
+    converted = [i < conversions for i in range(len(logged))]
+    chosen = [loan] + [0] * (decisions - 1)
+    evidence = choice_evidence(_log(catalog, logged, converted), _one_hot(catalog, chosen), catalog)
+    assert evidence.rows[0]["conversions"] == conversions
+    assert evidence.rows[0]["thin"] is thin
 
 
 def test_choice_evidence_without_outcome_events_is_unknown(catalog: ActionCatalog) -> None:
-    loan = _action(catalog, "consumer_loan")
-    rows = choice_evidence(_log(catalog, [loan, loan], None), np.array([loan]), catalog)
-    assert rows == [
+    loan = int(_actions(catalog, "consumer_loan")[0])
+    evidence = choice_evidence(
+        _log(catalog, [loan, loan], None), _one_hot(catalog, [loan]), catalog
+    )
+    assert evidence.rows == [
         {
             "offer": "consumer_loan",
             "policy_share": 1.0,
@@ -80,18 +116,27 @@ def test_choice_evidence_without_outcome_events_is_unknown(catalog: ActionCatalo
             "thin": None,
         }
     ]
-    assert math.isnan(thin_share(rows))
+    assert math.isnan(evidence.thin_share)
+    # unknown even when the policy contacts nobody
+    silent = choice_evidence(_log(catalog, [loan], None), _one_hot(catalog, [0]), catalog)
+    assert silent.rows == []
+    assert math.isnan(silent.thin_share)
 
 
 def test_choice_evidence_no_contact_policy_has_no_rows(catalog: ActionCatalog) -> None:
-    rows = choice_evidence(_log(catalog, [0], [False]), np.zeros(5, np.int64), catalog)
-    assert rows == []
-    assert thin_share(rows) == 0.0
+    evidence = choice_evidence(_log(catalog, [0], [False]), _one_hot(catalog, [0] * 5), catalog)
+    assert evidence.rows == []
+    assert evidence.thin_share == 0.0
 
 
-@pytest.mark.parametrize("chosen", [[-1], [10_000]])
-def test_choice_evidence_action_outside_catalogue_names_it(
-    catalog: ActionCatalog, chosen: list[int]
+def test_choice_evidence_wrong_distribution_shape_names_it(catalog: ActionCatalog) -> None:
+    with pytest.raises(ValueError, match=r"action_dist must have shape \(m, "):
+        choice_evidence(_log(catalog, [0], [False]), np.ones((2, 3)), catalog)
+
+
+@pytest.mark.parametrize("logged", [-1, 10_000])
+def test_choice_evidence_logged_action_outside_catalogue_names_it(
+    catalog: ActionCatalog, logged: int
 ) -> None:
-    with pytest.raises(ValueError, match="chosen ids must be in"):
-        choice_evidence(_log(catalog, [0], [False]), np.array(chosen), catalog)
+    with pytest.raises(ValueError, match="logged action ids must be in"):
+        choice_evidence(_log(catalog, [logged], [False]), _one_hot(catalog, [0]), catalog)

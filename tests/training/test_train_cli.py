@@ -75,9 +75,33 @@ def test_train_registers_challenger_with_artifacts(trained_run) -> None:
     expected = {"config.json", "ope_table.json", "model_card.md", "plots", "model_spec"}
     assert expected | {"choice_evidence.json"} <= artifacts
     assert 0 <= metrics["evidence/thin_share"] <= 1
+    assert_evidence_counts_training_split(client, run.info.run_id, tmp)
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/value_with_intervals.png" in plots
     assert "plots/action_mix_by_segment.png" in plots
+
+
+def assert_evidence_counts_training_split(client: MlflowClient, run_id: str, tmp: Path) -> None:
+    """The run's evidence counts the logged decisions and conversions of its training split
+    (the customers not held out), offer by offer."""
+    from nextbest.catalog import load_catalog
+    from training.logged_data import load_logged_bandit, split_log
+
+    config = json.loads(
+        Path(client.download_artifacts(run_id, "config.json", str(tmp))).read_text()
+    )
+    catalog = load_catalog()
+    log = load_logged_bandit(config["data"]["logs"], catalog.n_actions)
+    train, _, _ = split_log(log, config["data"]["holdout_share"], config["data"]["split_seed"])
+    evidence = json.loads(
+        Path(client.download_artifacts(run_id, "choice_evidence.json", str(tmp))).read_text()
+    )
+    assert evidence
+    offers = catalog.offer_index[train.action]
+    for row in evidence:
+        index = catalog.offer_names.index(row["offer"])
+        assert row["logged"] == int((offers == index).sum()), row
+        assert row["conversions"] == int(((offers == index) & train.converted).sum()), row
 
 
 def test_train_onnx_file_scores_catalogue(trained_run, catalog) -> None:
