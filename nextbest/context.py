@@ -307,14 +307,8 @@ class ContextBatch:
         out: dict[str, np.ndarray] = {}
         _check_ranges({name: np.asarray(columns[name]) for name in _RANGES})
         for name, spec in CONTEXT_COLUMNS.items():
-            arr = np.ascontiguousarray(columns[name], dtype=spec.dtype)
             expected = (n,) if width[spec.axis] is None else (n, width[spec.axis])
-            if arr.shape != expected:
-                raise ValueError(
-                    f"ContextBatch: column {name!r} has shape {arr.shape}, expected {expected}"
-                )
-            arr.flags.writeable = False
-            out[name] = arr
+            out[name] = _frozen_column(name, columns[name], expected)
         return cls(out, catalog.n_channels, catalog.n_offers)
 
     @classmethod
@@ -418,14 +412,7 @@ class ContextBatch:
         _check_ranges({name: np.asarray(v) for name, v in columns.items()})
         out = dict(self._columns)
         for name, values in columns.items():
-            arr = np.ascontiguousarray(values, dtype=CONTEXT_COLUMNS[name].dtype)
-            if arr.shape != out[name].shape:
-                raise ValueError(
-                    f"ContextBatch: column {name!r} has shape {arr.shape}, "
-                    f"expected {out[name].shape}"
-                )
-            arr.flags.writeable = False
-            out[name] = arr
+            out[name] = _frozen_column(name, values, out[name].shape)
         return ContextBatch(out, self.n_channels, self.n_offers)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -453,6 +440,23 @@ class ContextBatch:
             name: arr.item(i) if arr.ndim == 1 else tuple(arr[i].tolist())
             for name, arr in self._columns.items()
         }
+
+
+def _frozen_column(name: str, values: Any, expected: tuple[int, ...]) -> np.ndarray:
+    """Column ``name`` as a read-only contiguous array of its dtype, of shape ``expected``.
+
+    Raises
+    ------
+    ValueError
+        If the shape differs.
+    """
+    arr = np.ascontiguousarray(values, dtype=CONTEXT_COLUMNS[name].dtype)
+    if arr.shape != expected:
+        raise ValueError(
+            f"ContextBatch: column {name!r} has shape {arr.shape}, expected {expected}"
+        )
+    arr.flags.writeable = False
+    return arr
 
 
 def _elapsed(now_utc: datetime, then: datetime | None, unit_s: float) -> float:

@@ -277,10 +277,7 @@ def replay_truth(
     parts: dict[str, list[np.ndarray]] = {
         k: []
         for k in (
-            "value",
-            "complaint",
-            "conversion",
-            "contact",
+            *POLICY_COLUMNS,
             "oracle",
             "oracle_complaint",
             "oracle_conversion",

@@ -250,17 +250,12 @@ class TrainingConfig(StrictModel):
             return self
         if self.learner != "neural_bandit":
             raise ValueError("evaluation.reward_model applies to learner neural_bandit only")
-        unknown = sorted(set(self.evaluation.reward_model) - set(NeuralBanditSpec.model_fields))
-        if unknown:
-            raise ValueError(
-                f"evaluation.reward_model: unknown neural_bandit setting {unknown[0]!r}"
-            )
         if self.evaluation.crossfit_folds == 0:
             raise ValueError(
                 "evaluation.reward_model needs evaluation.crossfit_folds >= 2 (with 0, DM and "
                 "DR use the policy's own scores and no reward model is trained)"
             )
-        try:  # the merged settings must validate too
+        try:  # the merged settings validate as a neural_bandit section (unknown keys too)
             self.ope_reward_model()
         except ValidationError as exc:
             problems = "; ".join(

@@ -111,7 +111,10 @@ def test_crossfit_reward_model_takes_the_evaluation_overrides(monkeypatch) -> No
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"reward_model": {"hiden": 8}}, "unknown neural_bandit setting 'hiden'"),
+        (
+            {"reward_model": {"hiden": 8}},
+            r"evaluation\.reward_model\.hiden: Extra inputs are not permitted",
+        ),
         ({"reward_model": {"init_bias": True}}, "need target 'outcomes'"),
         ({"reward_model": {"epochs": 0}}, r"evaluation\.reward_model\.epochs: Input should be"),
         (
