@@ -243,3 +243,73 @@ def action_features(catalog: ActionCatalog) -> np.ndarray:
     out[:, base + 3] = np.log1p([v or 0.0 for v in catalog.attribute("value_cny")])
     out[:, base + 4] = np.log1p([v or 0.0 for v in catalog.attribute("cost_cny")])
     return out
+
+
+@dataclass(frozen=True)
+class AlignedColumns:
+    """The context columns that describe the members of one action factor, column by member.
+
+    The context carries some columns once per channel, offer or timing slot (``holds=<offer>``,
+    ``log_offer_views_30d=<offer>``, ``log_contacts_7d=<channel>``, ``login_hour_fits=<slot>``
+    ...). For an action, the columns of *its* offer (channel, slot) are the ones that matter, and
+    they mean the same thing for every offer: a model can learn one function of them for all
+    offers instead of one per offer.
+    """
+
+    factor: str
+    """The action-feature prefix: ``channel``, ``offer`` or ``timing``."""
+    kinds: tuple[str, ...]
+    """The aligned context-column prefixes, e.g. ``("holds", "log_offer_views_30d")``."""
+    columns: np.ndarray
+    """int64 ``(M, K)``: context column of kind ``k`` for member ``m``."""
+    members: np.ndarray
+    """float32 ``(M, A)``: 1 where action ``a`` has member ``m`` (no contact has none)."""
+
+
+def aligned_context_columns(
+    spec: FeatureSpec, action_features: np.ndarray
+) -> tuple[AlignedColumns, ...]:
+    """Every action factor whose members each have their own context columns.
+
+    Parameters
+    ----------
+    spec : FeatureSpec
+        Names of the context and action feature columns.
+    action_features : float32 ``(A, F_a)``
+        :func:`action_features` of the same catalogue (its one-hot factor columns).
+
+    Returns
+    -------
+    tuple of AlignedColumns
+        One per factor (in action-feature order) with at least one aligned context kind; a kind
+        is aligned when the context has a ``<kind>=<member>`` column for every member.
+    """
+    if action_features.shape[1] != spec.n_action:
+        raise ValueError(
+            f"action_features has {action_features.shape[1]} columns, the spec {spec.n_action}"
+        )
+    factors: dict[str, list[tuple[int, str]]] = {}
+    for j, name in enumerate(spec.action_names):
+        prefix, sep, member = name.partition("=")
+        if sep:
+            factors.setdefault(prefix, []).append((j, member))
+    context_index = {name: i for i, name in enumerate(spec.context_names)}
+    kinds_in_order = dict.fromkeys(
+        name.partition("=")[0] for name in spec.context_names if "=" in name
+    )
+    out = []
+    for factor, entries in factors.items():
+        kinds = tuple(
+            kind
+            for kind in kinds_in_order
+            if all(f"{kind}={member}" in context_index for _, member in entries)
+        )
+        if not kinds or len(entries) < 2:
+            continue
+        columns = np.array(
+            [[context_index[f"{kind}={member}"] for kind in kinds] for _, member in entries],
+            np.int64,
+        )
+        members = np.ascontiguousarray(action_features[:, [j for j, _ in entries]].T, np.float32)
+        out.append(AlignedColumns(factor, kinds, columns, members))
+    return tuple(out)

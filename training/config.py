@@ -48,6 +48,12 @@ class NeuralBanditSpec(StrictModel):
     """``factorised`` only: also a term per co-occurring factor pair (channel x offer ...)."""
     depth: int = Field(default=1, ge=1)
     """Hidden layers of the context MLP."""
+    decay_intercepts: bool = True
+    """False: weight decay spares the intercepts (each channel's, offer's and slot's own level)
+    and the aligned-column networks, which every action shares."""
+    aligned_hidden: int = Field(default=0, ge=0)
+    """> 0: one small MLP of this width per action factor over the context columns aligned
+    with its members (an offer's holdings and page views ...), shared by all members; 0: off."""
     init_bias: bool = False
     """``outcomes`` only: start the action biases at the logit of the log's base rates."""
     train_action_bias: bool = True

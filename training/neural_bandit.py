@@ -21,9 +21,9 @@ chose more often). Acting: argmax or softmax over the actions the rules allow.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 
 from nextbest.catalog import ActionCatalog
 from nextbest.exploration import greedy_distribution, softmax_distribution
+from nextbest.features import AlignedColumns
 from training.config import neural_bandit_conflict
 from training.logged_data import LoggedBandit, split_log
 
@@ -117,6 +118,15 @@ class NeuralBanditConfig:
     (channel x offer, channel x timing, offer x timing ...)."""
     depth: int = 1
     """Hidden layers (of width ``hidden``) of the context MLP."""
+    decay_intercepts: bool = True
+    """False: weight decay spares the layers' intercepts (``.bias``), among them each channel's,
+    offer's and slot's own level in the factorised model (decay on them pulls a rarely logged
+    offer's level to the overall base rate whatever its logged outcomes say), and the
+    ``aligned_hidden`` networks, whose few weights every action shares."""
+    aligned_hidden: int = 0
+    """> 0: add, per action factor with aligned context columns (an offer's holdings and page
+    views, a channel's contact counts, a slot's login-hour fit), one small MLP of this width
+    shared by the factor's members (:func:`nextbest.features.aligned_context_columns`); 0: off."""
     value_weighting: float = 0.0
     """``outcomes`` target only: weight each decision's conversion loss by ``(value of the
     logged offer / mean logged value) ** value_weighting`` (0: unweighted; 1: in proportion to
@@ -146,7 +156,7 @@ class NeuralBanditConfig:
         for name in ("hidden", "embedding", "epochs", "batch_size", "threads", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
-        for name in ("dr_warmup_epochs", "warm_start_epochs"):
+        for name in ("dr_warmup_epochs", "warm_start_epochs", "aligned_hidden"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must not be negative, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -221,6 +231,8 @@ class RewardModel(nn.Module):
         architecture: str = "embedding",
         pair_terms: bool = False,
         depth: int = 1,
+        aligned: Sequence[AlignedColumns] = (),
+        aligned_hidden: int = 16,
     ) -> None:
         super().__init__()
         _check_architecture(architecture)
@@ -242,6 +254,17 @@ class RewardModel(nn.Module):
             self.n_terms = factors.shape[0]
             self.context_net = nn.Sequential(*layers, nn.Linear(hidden, self.heads * self.n_terms))
             self.register_buffer("factors", torch.as_tensor(factors))
+        self.aligned_nets = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(len(block.kinds), aligned_hidden),
+                nn.ReLU(),
+                nn.Linear(aligned_hidden, self.heads),
+            )
+            for block in aligned
+        )
+        for i, block in enumerate(aligned):
+            self.register_buffer(f"aligned_columns_{i}", torch.as_tensor(block.columns))
+            self.register_buffer(f"aligned_members_{i}", torch.as_tensor(block.members))
         self.action_bias = nn.Parameter(torch.zeros(self.heads, n_actions))
         self.register_buffer(
             "action_features", torch.as_tensor(action_features, dtype=torch.float32)
@@ -262,14 +285,31 @@ class RewardModel(nn.Module):
         """Representation of every action, ``(A, H * E)`` (architecture ``embedding``)."""
         return self.action_embedding.weight + self.action_projection(self.action_features)
 
+    def _aligned_blocks(self) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        return [
+            (net, getattr(self, f"aligned_columns_{i}"), getattr(self, f"aligned_members_{i}"))
+            for i, net in enumerate(self.aligned_nets)
+        ]
+
+    def aligned_terms(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per aligned factor, each member's term ``(B, M, H)`` and the membership ``(M, A)``:
+        one shared function of the context columns that describe the member."""
+        return [
+            (net(context[:, columns]), members) for net, columns, members in self._aligned_blocks()
+        ]
+
     def head_logits(self, context: torch.Tensor) -> torch.Tensor:
         """Raw head outputs for every action, ``(B, H, A)``."""
         if self.architecture == "factorised":
             terms = self.context_net(context).reshape(-1, self.heads, self.n_terms)
-            return terms @ self.factors + self.action_bias
-        hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
-        vectors = self.action_vectors().reshape(-1, self.heads, self.embedding)
-        return torch.einsum("bhe,ahe->bha", hidden, vectors) + self.action_bias
+            out = terms @ self.factors + self.action_bias
+        else:
+            hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
+            vectors = self.action_vectors().reshape(-1, self.heads, self.embedding)
+            out = torch.einsum("bhe,ahe->bha", hidden, vectors) + self.action_bias
+        for term, members in self.aligned_terms(context):
+            out = out + torch.einsum("bmh,ma->bha", term, members)
+        return out
 
     def price(self, logits: torch.Tensor) -> torch.Tensor:
         """Head outputs ``(..., H, A)`` -> expected reward ``(..., A)`` in CNY."""
@@ -289,13 +329,17 @@ class RewardModel(nn.Module):
         if self.architecture == "factorised":
             terms = self.context_net(context).reshape(-1, self.heads, self.n_terms)
             members = self.factors[:, action].T  # (B, K)
-            return (terms * members[:, None, :]).sum(dim=2) + bias
-        hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
-        vectors = self.action_embedding(action) + self.action_projection(
-            self.action_features[action]
-        )
-        vectors = vectors.reshape(-1, self.heads, self.embedding)
-        return (hidden * vectors).sum(dim=2) + bias
+            out = (terms * members[:, None, :]).sum(dim=2) + bias
+        else:
+            hidden = self.context_net(context).reshape(-1, self.heads, self.embedding)
+            vectors = self.action_embedding(action) + self.action_projection(
+                self.action_features[action]
+            )
+            vectors = vectors.reshape(-1, self.heads, self.embedding)
+            out = (hidden * vectors).sum(dim=2) + bias
+        for term, members in self.aligned_terms(context):
+            out = out + torch.einsum("bmh,mb->bh", term, members[:, action])
+        return out
 
 
 @dataclass
@@ -311,6 +355,7 @@ def train_reward_model(
     config: NeuralBanditConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     economics: Economics | None = None,
+    aligned: Sequence[AlignedColumns] = (),
 ) -> tuple[RewardModel, TrainingHistory]:
     """Fit a :class:`RewardModel` on a decision log.
 
@@ -360,6 +405,8 @@ def train_reward_model(
         architecture=config.architecture,
         pair_terms=config.pair_terms,
         depth=config.depth,
+        aligned=aligned if config.aligned_hidden > 0 else (),
+        aligned_hidden=max(config.aligned_hidden, 1),
     )
     scale = float(np.std(log.reward)) or 1.0
     model.reward_scale.fill_(1.0 if priced is not None else scale)
@@ -373,11 +420,7 @@ def train_reward_model(
             model.action_bias.copy_(torch.logit(rate)[:, None].expand_as(model.action_bias))
     model.action_bias.requires_grad_(config.train_action_bias)
     held = None if validation is None else _training_tensors(validation, config, priced, scale)
-    optimiser = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
+    optimiser = torch.optim.Adam(_parameter_groups(model, config), lr=config.learning_rate)
     history = TrainingHistory([])
     n = fit_log.n_rounds
     total_epochs = config.warm_start_epochs + config.epochs
@@ -441,6 +484,21 @@ def train_reward_model(
         model.load_state_dict(best[1])
     model.eval()
     return model, history
+
+
+def _parameter_groups(model: RewardModel, config: NeuralBanditConfig) -> list[dict[str, Any]]:
+    """The trained parameters in optimiser groups: weight decay on all of them, or, without
+    ``decay_intercepts``, not on the intercepts and the aligned-column networks."""
+    decayed, spared = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        shared = name.endswith(".bias") or name.startswith("aligned_nets.")
+        (spared if shared and not config.decay_intercepts else decayed).append(parameter)
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}]
+    if spared:
+        groups.append({"params": spared, "weight_decay": 0.0})
+    return groups
 
 
 def _training_tensors(

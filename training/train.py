@@ -13,7 +13,12 @@ import numpy as np
 
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
-from nextbest.features import ContextEncoder, FeatureSpec, action_features
+from nextbest.features import (
+    ContextEncoder,
+    FeatureSpec,
+    action_features,
+    aligned_context_columns,
+)
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import TrainingConfig
 from training.evaluation import baseline_action_dist, ess_text, ope_table
@@ -92,7 +97,9 @@ def fit_model(
     economics = Economics.from_catalog(catalog, config.reward.complaint_penalty_cny)
     spec = config.neural_bandit
     nb = NeuralBanditConfig(**spec.model_dump())
-    model, history = train_reward_model(train, action_features(catalog), nb, on_epoch, economics)
+    features = action_features(catalog)
+    aligned = aligned_context_columns(ContextEncoder(catalog).spec, features)
+    model, history = train_reward_model(train, features, nb, on_epoch, economics, aligned)
     params: dict[str, object] = spec.model_dump()
     if acting and config.policy.max_complaint_ratio is not None:
         params["complaint_shadow_price_cny"] = guard_complaints(

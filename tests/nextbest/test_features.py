@@ -7,7 +7,12 @@ import pytest
 
 from nextbest.catalog import load_catalog
 from nextbest.context import ContextBatch
-from nextbest.features import ContextEncoder, action_feature_names, action_features
+from nextbest.features import (
+    ContextEncoder,
+    action_feature_names,
+    action_features,
+    aligned_context_columns,
+)
 from nextbest.synthetic import random_context_batch
 
 
@@ -141,3 +146,42 @@ def test_encode_offer_views_log_scaled_per_offer(encoder: ContextEncoder) -> Non
     x = encoder.encode(ContextBatch.from_columns(catalog, **cols))
     column = encoder.spec.context_names.index(f"log_offer_views_30d={catalog.offer_names[0]}")
     np.testing.assert_allclose(x[:, column], [0.0, np.log1p(3.0) / 2.0, 0.0], rtol=1e-6)
+
+
+def test_aligned_context_columns_pair_each_member_with_its_own_columns(
+    encoder: ContextEncoder,
+) -> None:
+    catalog = encoder.catalog
+    spec = encoder.spec
+    features = action_features(catalog)
+    blocks = {b.factor: b for b in aligned_context_columns(spec, features)}
+    assert set(blocks) == {"channel", "offer", "timing"}
+    assert blocks["offer"].kinds == ("holds", "log_offer_views_30d")
+    assert blocks["timing"].kinds == ("login_hour_fits",)
+    assert "log_contacts_7d" in blocks["channel"].kinds
+    member_index = {
+        "channel": catalog.channel_index,
+        "offer": catalog.offer_index,
+        "timing": catalog.timing_index,
+    }
+    names = {
+        "channel": catalog.channel_names,
+        "offer": catalog.offer_names,
+        "timing": catalog.timing_names,
+    }
+    for factor, block in blocks.items():
+        assert block.columns.shape == (len(names[factor]), len(block.kinds))
+        for m, member in enumerate(names[factor]):
+            got = [spec.context_names[c] for c in block.columns[m]]
+            assert got == [f"{kind}={member}" for kind in block.kinds]
+        # each action belongs to exactly the member the catalogue gives it; no contact to none
+        index = member_index[factor]
+        expected = (index[None, :] == np.arange(len(names[factor]))[:, None]) & (index >= 0)
+        np.testing.assert_array_equal(block.members, expected.astype(np.float32))
+        assert block.members[:, 0].sum() == 0
+
+
+def test_aligned_context_columns_refuse_other_action_features(encoder: ContextEncoder) -> None:
+    features = action_features(encoder.catalog)
+    with pytest.raises(ValueError, match="columns"):
+        aligned_context_columns(encoder.spec, features[:, :-1])

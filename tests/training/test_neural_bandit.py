@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from nextbest.catalog import ActionCatalog
-from nextbest.features import ContextEncoder, action_features
+from nextbest.features import (
+    AlignedColumns,
+    ContextEncoder,
+    action_features,
+    aligned_context_columns,
+)
 from simulators.policies import PlaybookPolicy
 from simulators.rollout import run_policy
 from simulators.world import BatchSimulator
@@ -58,10 +63,14 @@ def trained_factorised(log, catalog: ActionCatalog):
         architecture="factorised",
         pair_terms=True,
         depth=2,
+        aligned_hidden=8,
+        decay_intercepts=False,
         seed=3,
     )
     economics = Economics.from_catalog(catalog, 300.0)
-    return train_reward_model(log, action_features(catalog), config, None, economics)
+    features = action_features(catalog)
+    aligned = aligned_context_columns(ContextEncoder(catalog).spec, features)
+    return train_reward_model(log, features, config, None, economics, aligned)
 
 
 def test_train_reward_model_loss_decreases(trained) -> None:
@@ -100,7 +109,14 @@ def test_train_reward_model_ips_loss_needs_pscore(log, catalog) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("epochs", 0), ("learning_rate", 0.0), ("loss", "dr2"), ("ips_clip", 0.5)]
+    ("field", "value"),
+    [
+        ("epochs", 0),
+        ("learning_rate", 0.0),
+        ("loss", "dr2"),
+        ("ips_clip", 0.5),
+        ("aligned_hidden", -1),
+    ],
 )
 def test_neural_bandit_config_bad_value_refused(field: str, value) -> None:
     with pytest.raises(ValueError, match=f"`{field}`"):
@@ -283,8 +299,9 @@ def test_action_factors_of_the_catalogue(catalog: ActionCatalog) -> None:
 def test_logged_outputs_equal_the_full_score_column(architecture: str, catalog) -> None:
     features = action_features(catalog)
     economics = Economics.from_catalog(catalog, 300.0)
+    spec = ContextEncoder(catalog).spec
     model = RewardModel(
-        17,
+        spec.n_context,
         features,
         24,
         8,
@@ -292,10 +309,13 @@ def test_logged_outputs_equal_the_full_score_column(architecture: str, catalog) 
         architecture=architecture,
         pair_terms=architecture == "factorised",
         depth=2,
+        aligned=aligned_context_columns(spec, features),
+        aligned_hidden=4,
     )
+    assert len(model.aligned_nets) == 3
     torch = pytest.importorskip("torch")
     generator = torch.Generator().manual_seed(0)
-    context = torch.randn(64, 17, generator=generator)
+    context = torch.randn(64, spec.n_context, generator=generator)
     action = torch.randint(0, catalog.n_actions, (64,), generator=generator)
     with torch.no_grad():
         model.action_bias.normal_(generator=generator)
@@ -499,3 +519,125 @@ def test_early_stopping_keeps_the_best_validation_epoch(log, catalog) -> None:
 def test_neural_bandit_config_bad_training_options_refused(changes, message) -> None:
     with pytest.raises(ValueError, match=message):
         NeuralBanditConfig(**changes)
+
+
+def _aligned_views_log(n: int, seed: int):
+    """A log whose conversion logit rises with the context column aligned with the action's
+    offer (say, the customer's page views of that offer), the same slope for every offer, at
+    each offer's own level; offer 5 is logged in 2% of the rows only."""
+    rng = np.random.default_rng(seed)
+    generic, channels, offers = 3, 2, 6
+    combos = [(c, o) for c in range(channels) for o in range(offers)]
+    n_actions = 1 + len(combos)
+    features = np.zeros((n_actions, 1 + channels + offers), np.float32)
+    features[0, 0] = 1.0
+    for a, (c, o) in enumerate(combos, start=1):
+        features[a, [1 + c, 1 + channels + o]] = 1.0
+    offer_of = np.array([-1] + [o for _, o in combos])
+    level = np.array([0.0, 0.5, -0.5, 0.3, -0.2, 1.0])
+
+    def true_logit(x: np.ndarray) -> np.ndarray:
+        logit = np.full((len(x), n_actions), -30.0)  # no contact never converts
+        for a, (c, o) in enumerate(combos, start=1):
+            logit[:, a] = -3.5 + level[o] + 1.2 * x[:, generic + o] + 0.4 * c * x[:, 0]
+        return logit
+
+    context = rng.normal(0, 1, (n, generic + offers)).astype(np.float32)
+    share = np.r_[np.full(offers - 1, 0.98 / (offers - 1)), 0.02]
+    action = 1 + rng.integers(0, channels, n) * offers + rng.choice(offers, n, p=share)
+    p = 1 / (1 + np.exp(-true_logit(context)[np.arange(n), action]))
+    converted = rng.random(n) < p
+    complaint = rng.random(n) < 0.01
+    value = np.r_[0.0, np.full(len(combos), 100.0)].astype(np.float32)
+    cost = np.r_[0.0, np.full(len(combos), 1.0)].astype(np.float32)
+    log = LoggedBandit(
+        context=context,
+        action=action.astype(np.int64),
+        reward=(value[action] * converted - cost[action] - 300.0 * complaint).astype(np.float64),
+        pscore=np.full(n, 1.0 / len(combos)),
+        candidates=np.ones((n, n_actions), bool),
+        logging_dist=None,
+        feature_spec_version="synthetic",
+        ruleset_version="synthetic",
+        catalog_version="synthetic",
+        converted=converted,
+        complaint=complaint,
+    )
+    members = (offer_of[None, :] == np.arange(offers)[:, None]).astype(np.float32)
+    views = AlignedColumns(
+        "offer", ("views",), (generic + np.arange(offers))[:, None].astype(np.int64), members
+    )
+    economics = Economics(value, cost, 300.0, np.arange(n_actions) > 0)
+    return log, features, economics, true_logit, views, offer_of
+
+
+@pytest.fixture(scope="module")
+def aligned_views():
+    return _aligned_views_log(40_000, seed=0)
+
+
+def _conversion_logits(model: RewardModel, context: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.head_logits(torch.from_numpy(context))[:, 0, :].numpy()
+
+
+def test_aligned_columns_teach_a_rare_offer_the_slope_learned_on_all_offers(
+    aligned_views,
+) -> None:
+    """The rare offer's ~100 conversions cannot teach the plain factorised model how its own
+    column matters; the aligned network learns one slope from every offer's conversions."""
+    log, features, economics, true_logit, views, offer_of = aligned_views
+    config = NeuralBanditConfig(
+        epochs=4,
+        batch_size=512,
+        hidden=32,
+        target="outcomes",
+        architecture="factorised",
+        weight_decay=1e-3,
+        init_bias=True,
+        train_action_bias=False,
+        seed=0,
+    )
+    fresh = np.random.default_rng(1).normal(0, 1, (3000, log.context.shape[1])).astype(np.float32)
+    rare = offer_of == 5
+    truth = true_logit(fresh)[:, rare].ravel()
+
+    def fit(config: NeuralBanditConfig) -> float:
+        model, _ = train_reward_model(log, features, config, None, economics, [views])
+        return float(np.corrcoef(_conversion_logits(model, fresh)[:, rare].ravel(), truth)[0, 1])
+
+    plain = fit(config)  # aligned_hidden 0: the columns are given but not used
+    aligned = fit(replace(config, aligned_hidden=8))
+    assert aligned > 0.9
+    assert aligned > plain + 0.15
+
+
+def test_spared_intercepts_keep_a_rare_offer_at_its_own_level(aligned_views) -> None:
+    """Under strong weight decay the rare offer's predicted conversion rate is pulled to the
+    common rate; with ``decay_intercepts`` off its intercept stays near its own level."""
+    log, features, economics, true_logit, _, offer_of = aligned_views
+    config = NeuralBanditConfig(
+        epochs=4,
+        batch_size=512,
+        hidden=32,
+        target="outcomes",
+        architecture="factorised",
+        weight_decay=3e-2,
+        learning_rate=1e-2,
+        init_bias=True,
+        train_action_bias=False,
+        seed=0,
+    )
+    fresh = np.random.default_rng(1).normal(0, 1, (3000, log.context.shape[1])).astype(np.float32)
+    rare = offer_of == 5
+    true_rate = float((1 / (1 + np.exp(-true_logit(fresh)[:, rare]))).mean())
+
+    def error(config: NeuralBanditConfig) -> float:
+        model, _ = train_reward_model(log, features, config, None, economics)
+        rate = float((1 / (1 + np.exp(-_conversion_logits(model, fresh)[:, rare]))).mean())
+        return abs(np.log(rate / true_rate))
+
+    decayed = error(config)
+    spared = error(replace(config, decay_intercepts=False))
+    assert decayed > 0.4
+    assert spared < 0.5 * decayed
