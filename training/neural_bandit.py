@@ -210,6 +210,23 @@ def action_factors(action_features: np.ndarray, pair_terms: bool = False) -> np.
     return np.stack(kept).astype(np.float32)
 
 
+class AlignedTerm(nn.Module):
+    """One factor's aligned term: member ``m`` scores ``W2 relu(W1 x_m + b1) + b2``, with
+    ``x_m`` the context columns aligned with ``m`` and the same weights for every member;
+    ``(B, F) -> (B, M, H)``."""
+
+    def __init__(self, block: AlignedColumns, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.register_buffer("columns", torch.as_tensor(block.columns))
+        self.register_buffer("members", torch.as_tensor(block.members))
+        self.net = nn.Sequential(
+            nn.Linear(block.columns.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, heads)
+        )
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return self.net(context[:, self.columns])
+
+
 class RewardModel(nn.Module):
     """Scores every action for a batch of contexts: ``(B, F) -> (B, A)``, reward units.
 
@@ -255,16 +272,8 @@ class RewardModel(nn.Module):
             self.context_net = nn.Sequential(*layers, nn.Linear(hidden, self.heads * self.n_terms))
             self.register_buffer("factors", torch.as_tensor(factors))
         self.aligned_nets = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(len(block.kinds), aligned_hidden),
-                nn.ReLU(),
-                nn.Linear(aligned_hidden, self.heads),
-            )
-            for block in aligned
+            AlignedTerm(block, aligned_hidden, self.heads) for block in aligned
         )
-        for i, block in enumerate(aligned):
-            self.register_buffer(f"aligned_columns_{i}", torch.as_tensor(block.columns))
-            self.register_buffer(f"aligned_members_{i}", torch.as_tensor(block.members))
         self.action_bias = nn.Parameter(torch.zeros(self.heads, n_actions))
         self.register_buffer(
             "action_features", torch.as_tensor(action_features, dtype=torch.float32)
@@ -285,18 +294,9 @@ class RewardModel(nn.Module):
         """Representation of every action, ``(A, H * E)`` (architecture ``embedding``)."""
         return self.action_embedding.weight + self.action_projection(self.action_features)
 
-    def _aligned_blocks(self) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-        return [
-            (net, getattr(self, f"aligned_columns_{i}"), getattr(self, f"aligned_members_{i}"))
-            for i, net in enumerate(self.aligned_nets)
-        ]
-
     def aligned_terms(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per aligned factor, each member's term ``(B, M, H)`` and the membership ``(M, A)``:
-        one shared function of the context columns that describe the member."""
-        return [
-            (net(context[:, columns]), members) for net, columns, members in self._aligned_blocks()
-        ]
+        """Per aligned factor, each member's term ``(B, M, H)`` and the membership ``(M, A)``."""
+        return [(net(context), net.members) for net in self.aligned_nets]
 
     def head_logits(self, context: torch.Tensor) -> torch.Tensor:
         """Raw head outputs for every action, ``(B, H, A)``."""
