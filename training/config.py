@@ -48,6 +48,8 @@ class NeuralBanditSpec(StrictModel):
     """``factorised`` only: also a term per co-occurring factor pair (channel x offer ...)."""
     depth: int = Field(default=1, ge=1)
     """Hidden layers of the context MLP."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """``cosine``: the learning rate falls from ``learning_rate`` to 0 over the epochs."""
     decay_intercepts: bool = True
     """False: weight decay spares the intercepts (each channel's, offer's and slot's own level)
     and the aligned-column networks, which every action shares."""

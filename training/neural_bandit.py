@@ -118,6 +118,8 @@ class NeuralBanditConfig:
     (channel x offer, channel x timing, offer x timing ...)."""
     depth: int = 1
     """Hidden layers (of width ``hidden``) of the context MLP."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """``cosine``: the learning rate falls from ``learning_rate`` to 0 over all the steps."""
     decay_intercepts: bool = True
     """False: weight decay spares the layers' intercepts (``.bias``), among them each channel's,
     offer's and slot's own level in the factorised model (decay on them pulls a rarely logged
@@ -163,6 +165,10 @@ class NeuralBanditConfig:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate}")
         if self.loss not in ("direct", "ips", "dr"):
             raise ValueError(f"`loss` must be 'direct', 'ips' or 'dr', got {self.loss!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"`lr_schedule` must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
         if self.target not in ("reward", "outcomes"):
             raise ValueError(f"`target` must be 'reward' or 'outcomes', got {self.target!r}")
         if not self.ips_clip >= 1:
@@ -421,6 +427,12 @@ def train_reward_model(
     model.action_bias.requires_grad_(config.train_action_bias)
     held = None if validation is None else _training_tensors(validation, config, priced, scale)
     optimiser = torch.optim.Adam(_parameter_groups(model, config), lr=config.learning_rate)
+    steps = -(-fit_log.n_rounds // config.batch_size) * (config.warm_start_epochs + config.epochs)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+        if config.lr_schedule == "cosine"
+        else None
+    )
     history = TrainingHistory([])
     n = fit_log.n_rounds
     total_epochs = config.warm_start_epochs + config.epochs
@@ -432,6 +444,7 @@ def train_reward_model(
         if phase == "dr" and first_stage is None:
             first_stage = copy.deepcopy(model).eval()
         order = torch.from_numpy(generator.permutation(n))
+        rate = float(optimiser.param_groups[0]["lr"])  # at the epoch's start
         total, seen = 0.0, 0
         model.train()
         for start in range(0, n, config.batch_size):
@@ -456,9 +469,15 @@ def train_reward_model(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if schedule is not None:
+                schedule.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        metrics = {f"losses/{phase}": total / seen, "charts/epoch": float(epoch)}
+        metrics = {
+            f"losses/{phase}": total / seen,
+            "charts/epoch": float(epoch),
+            "charts/learning_rate": rate,
+        }
         stop = False
         if held is not None and phase != "clone":
             model.eval()

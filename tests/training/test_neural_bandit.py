@@ -3,6 +3,7 @@ export scores exactly like the torch model."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -641,3 +642,19 @@ def test_spared_intercepts_keep_a_rare_offer_at_its_own_level(aligned_views) -> 
     spared = error(replace(config, decay_intercepts=False))
     assert decayed > 0.4
     assert spared < 0.5 * decayed
+
+
+def test_cosine_schedule_lowers_the_learning_rate_every_epoch(log, catalog) -> None:
+    config = NeuralBanditConfig(epochs=4, batch_size=4096, hidden=8, learning_rate=0.01, seed=0)
+    rates = {}
+    for schedule in ("constant", "cosine"):
+        _, history = train_reward_model(
+            log, action_features(catalog), replace(config, lr_schedule=schedule)
+        )
+        rates[schedule] = [e["charts/learning_rate"] for e in history.epochs]
+    assert rates["constant"] == [0.01] * 4
+    cosine = rates["cosine"]
+    assert cosine[0] == pytest.approx(0.01)
+    assert all(later < earlier for earlier, later in itertools.pairwise(cosine))
+    # half way through the steps, half the rate (the cosine's midpoint)
+    assert cosine[2] == pytest.approx(0.005, rel=0.05)
