@@ -12,6 +12,12 @@ architectures (``NeuralBanditConfig.architecture``):
   channel x offer). A funnel ``P = deliver(channel) * open(channel, timing) * convert(offer)``
   is a sum of such terms in log space, and every term learns from all the actions sharing it.
 
+Either architecture can add aligned terms (``aligned_hidden``): the context columns that exist
+once per channel, offer or timing slot (an offer's page views and holdings ...) go, for each
+action, through one small network per factor shared by all its members, so a rarely logged
+offer learns from every offer's outcomes how its own columns matter
+(:func:`nextbest.features.aligned_context_columns`).
+
 Trained on a decision log by regression on the logged
 action's reward, unweighted (``direct``) or importance-weighted (``ips``: weights
 ``min(1 / pscore, clip)``, normalised to mean 1, which corrects for what the logging policy
