@@ -4,6 +4,7 @@ export scores exactly like the torch model."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -347,17 +348,29 @@ def _additive_logit_log(n: int, seed: int):
 
     context = rng.normal(0, 1, (n, n_context)).astype(np.float32)
     action = rng.integers(1, n_actions, n)
+    log, economics = _outcome_log(context, action, true_logit, rng)
+    return log, features, economics, true_logit
+
+
+def _outcome_log(
+    context: np.ndarray,
+    action: np.ndarray,
+    true_logit: Callable[[np.ndarray], np.ndarray],
+    rng: np.random.Generator,
+) -> tuple[LoggedBandit, Economics]:
+    """A synthetic log of ``action`` at ``context``: conversions drawn from ``true_logit``,
+    1% complaints, every contact worth 100 and costing 1, a complaint 300, no-contact action 0."""
+    n, n_actions = len(action), true_logit(context[:1]).shape[1]
     p = 1 / (1 + np.exp(-true_logit(context)[np.arange(n), action]))
     converted = rng.random(n) < p
     complaint = rng.random(n) < 0.01
-    value = np.r_[0.0, np.full(len(combos), 100.0)].astype(np.float32)
-    cost = np.r_[0.0, np.full(len(combos), 1.0)].astype(np.float32)
-    economics = Economics(value, cost, 300.0, np.arange(n_actions) > 0)
+    value = np.r_[0.0, np.full(n_actions - 1, 100.0)].astype(np.float32)
+    cost = np.r_[0.0, np.full(n_actions - 1, 1.0)].astype(np.float32)
     log = LoggedBandit(
         context=context,
         action=action.astype(np.int64),
         reward=(value[action] * converted - cost[action] - 300.0 * complaint).astype(np.float64),
-        pscore=np.full(n, 1.0 / len(combos)),
+        pscore=np.full(n, 1.0 / (n_actions - 1)),
         candidates=np.ones((n, n_actions), bool),
         logging_dist=None,
         feature_spec_version="synthetic",
@@ -366,7 +379,7 @@ def _additive_logit_log(n: int, seed: int):
         converted=converted,
         complaint=complaint,
     )
-    return log, features, economics, true_logit
+    return log, Economics(value, cost, 300.0, np.arange(n_actions) > 0)
 
 
 def test_factorised_model_fits_an_additive_logit_funnel() -> None:
@@ -546,35 +559,33 @@ def _aligned_views_log(n: int, seed: int):
     context = rng.normal(0, 1, (n, generic + offers)).astype(np.float32)
     share = np.r_[np.full(offers - 1, 0.98 / (offers - 1)), 0.02]
     action = 1 + rng.integers(0, channels, n) * offers + rng.choice(offers, n, p=share)
-    p = 1 / (1 + np.exp(-true_logit(context)[np.arange(n), action]))
-    converted = rng.random(n) < p
-    complaint = rng.random(n) < 0.01
-    value = np.r_[0.0, np.full(len(combos), 100.0)].astype(np.float32)
-    cost = np.r_[0.0, np.full(len(combos), 1.0)].astype(np.float32)
-    log = LoggedBandit(
-        context=context,
-        action=action.astype(np.int64),
-        reward=(value[action] * converted - cost[action] - 300.0 * complaint).astype(np.float64),
-        pscore=np.full(n, 1.0 / len(combos)),
-        candidates=np.ones((n, n_actions), bool),
-        logging_dist=None,
-        feature_spec_version="synthetic",
-        ruleset_version="synthetic",
-        catalog_version="synthetic",
-        converted=converted,
-        complaint=complaint,
-    )
+    log, economics = _outcome_log(context, action, true_logit, rng)
     members = (offer_of[None, :] == np.arange(offers)[:, None]).astype(np.float32)
     views = AlignedColumns(
         "offer", ("views",), (generic + np.arange(offers))[:, None].astype(np.int64), members
     )
-    economics = Economics(value, cost, 300.0, np.arange(n_actions) > 0)
     return log, features, economics, true_logit, views, offer_of
+
+
+RARE_OFFER_CONFIG = NeuralBanditConfig(
+    epochs=4,
+    batch_size=512,
+    hidden=32,
+    target="outcomes",
+    architecture="factorised",
+    weight_decay=1e-3,
+    init_bias=True,
+    train_action_bias=False,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module")
 def aligned_views():
-    return _aligned_views_log(40_000, seed=0)
+    """The log, the rare offer's actions (bool ``(A,)``) and 3,000 fresh contexts."""
+    log, features, economics, true_logit, views, offer_of = _aligned_views_log(40_000, seed=0)
+    fresh = np.random.default_rng(1).normal(0, 1, (3000, log.context.shape[1])).astype(np.float32)
+    return log, features, economics, true_logit, views, offer_of == 5, fresh
 
 
 def _conversion_logits(model: RewardModel, context: np.ndarray) -> np.ndarray:
@@ -587,20 +598,8 @@ def test_aligned_columns_teach_a_rare_offer_the_slope_learned_on_all_offers(
 ) -> None:
     """The rare offer's ~100 conversions cannot teach the plain factorised model how its own
     column matters; the aligned network learns one slope from every offer's conversions."""
-    log, features, economics, true_logit, views, offer_of = aligned_views
-    config = NeuralBanditConfig(
-        epochs=4,
-        batch_size=512,
-        hidden=32,
-        target="outcomes",
-        architecture="factorised",
-        weight_decay=1e-3,
-        init_bias=True,
-        train_action_bias=False,
-        seed=0,
-    )
-    fresh = np.random.default_rng(1).normal(0, 1, (3000, log.context.shape[1])).astype(np.float32)
-    rare = offer_of == 5
+    log, features, economics, true_logit, views, rare, fresh = aligned_views
+    config = RARE_OFFER_CONFIG
     truth = true_logit(fresh)[:, rare].ravel()
 
     def fit(config: NeuralBanditConfig) -> float:
@@ -616,21 +615,8 @@ def test_aligned_columns_teach_a_rare_offer_the_slope_learned_on_all_offers(
 def test_spared_intercepts_keep_a_rare_offer_at_its_own_level(aligned_views) -> None:
     """Under strong weight decay the rare offer's predicted conversion rate is pulled to the
     common rate; with ``decay_intercepts`` off its intercept stays near its own level."""
-    log, features, economics, true_logit, _, offer_of = aligned_views
-    config = NeuralBanditConfig(
-        epochs=4,
-        batch_size=512,
-        hidden=32,
-        target="outcomes",
-        architecture="factorised",
-        weight_decay=3e-2,
-        learning_rate=1e-2,
-        init_bias=True,
-        train_action_bias=False,
-        seed=0,
-    )
-    fresh = np.random.default_rng(1).normal(0, 1, (3000, log.context.shape[1])).astype(np.float32)
-    rare = offer_of == 5
+    log, features, economics, true_logit, _, rare, fresh = aligned_views
+    config = replace(RARE_OFFER_CONFIG, weight_decay=3e-2, learning_rate=1e-2)
     true_rate = float((1 / (1 + np.exp(-true_logit(fresh)[:, rare]))).mean())
 
     def error(config: NeuralBanditConfig) -> float:
