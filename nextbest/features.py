@@ -281,8 +281,9 @@ def aligned_context_columns(
     Returns
     -------
     tuple of AlignedColumns
-        One per factor (in action-feature order) with at least one aligned context kind; a kind
-        is aligned when the context has a ``<kind>=<member>`` column for every member.
+        One per factor (in action-feature order) with at least two members and at least one
+        aligned context kind; a kind is aligned when the context has a ``<kind>=<member>``
+        column for every member (for channels: consent, opt-out and the contact counts).
     """
     if action_features.shape[1] != spec.n_action:
         raise ValueError(

@@ -49,10 +49,12 @@ class NeuralBanditSpec(StrictModel):
     depth: int = Field(default=1, ge=1)
     """Hidden layers of the context MLP."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """``cosine``: the learning rate falls from ``learning_rate`` to 0 over the epochs."""
+    """``cosine``: the learning rate falls from ``learning_rate`` to 0 over the warm-start and
+    training epochs."""
     decay_intercepts: bool = True
     """False: weight decay spares the intercepts (each channel's, offer's and slot's own level)
-    and the aligned-column networks, which every action shares."""
+    and the aligned-column networks, which every action shares; per-action biases stay
+    decayed."""
     aligned_hidden: int = Field(default=0, ge=0)
     """> 0: one small MLP of this width per action factor over the context columns aligned
     with its members (an offer's holdings and page views ...), shared by all members; 0: off."""

@@ -125,12 +125,15 @@ class NeuralBanditConfig:
     depth: int = 1
     """Hidden layers (of width ``hidden``) of the context MLP."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    """``cosine``: the learning rate falls from ``learning_rate`` to 0 over all the steps."""
+    """``cosine``: the learning rate falls from ``learning_rate`` to 0 over all the steps of
+    ``warm_start_epochs + epochs`` (early stopping ends it before 0)."""
     decay_intercepts: bool = True
     """False: weight decay spares the layers' intercepts (``.bias``), among them each channel's,
     offer's and slot's own level in the factorised model (decay on them pulls a rarely logged
     offer's level to the overall base rate whatever its logged outcomes say), and the
-    ``aligned_hidden`` networks, whose few weights every action shares."""
+    ``aligned_hidden`` networks, whose few weights every action shares. The per-action biases
+    (``action_bias``, when ``train_action_bias``) are still decayed: each rests on one
+    action's outcomes only."""
     aligned_hidden: int = 0
     """> 0: add, per action factor with aligned context columns (an offer's holdings and page
     views, a channel's contact counts, a slot's login-hour fit), one small MLP of this width
@@ -283,6 +286,17 @@ class RewardModel(nn.Module):
             self.n_terms = factors.shape[0]
             self.context_net = nn.Sequential(*layers, nn.Linear(hidden, self.heads * self.n_terms))
             self.register_buffer("factors", torch.as_tensor(factors))
+        for block in aligned:
+            if block.columns.size and int(block.columns.max()) >= n_context:
+                raise ValueError(
+                    f"aligned {block.factor} columns reach column {int(block.columns.max())}, "
+                    f"the context has {n_context}"
+                )
+            if block.members.shape[1] != n_actions:
+                raise ValueError(
+                    f"aligned {block.factor} members cover {block.members.shape[1]} actions, "
+                    f"the catalogue {n_actions}"
+                )
         self.aligned_nets = nn.ModuleList(
             AlignedTerm(block, aligned_hidden, self.heads) for block in aligned
         )
@@ -403,6 +417,11 @@ def train_reward_model(
     if action_features.shape[0] != log.n_actions:
         raise ValueError(
             f"action_features has {action_features.shape[0]} actions, the log {log.n_actions}"
+        )
+    if config.aligned_hidden > 0 and not aligned:
+        raise ValueError(
+            "aligned_hidden > 0 needs the aligned context columns "
+            "(nextbest.features.aligned_context_columns); none were given"
         )
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)

@@ -644,3 +644,19 @@ def test_cosine_schedule_lowers_the_learning_rate_every_epoch(log, catalog) -> N
     assert all(later < earlier for earlier, later in itertools.pairwise(cosine))
     # half way through the steps, half the rate (the cosine's midpoint)
     assert cosine[2] == pytest.approx(0.005, rel=0.05)
+
+
+def test_aligned_terms_need_matching_columns(aligned_views, catalog) -> None:
+    log, features, economics, _, views, _, _ = aligned_views
+    with pytest.raises(ValueError, match="aligned_hidden > 0 needs the aligned context columns"):
+        train_reward_model(
+            log, features, replace(RARE_OFFER_CONFIG, aligned_hidden=4), None, economics
+        )
+    n_context = log.context.shape[1]
+    with pytest.raises(ValueError, match=f"the context has {n_context - 1}"):
+        RewardModel(n_context - 1, features, 8, 4, economics, aligned=[views])
+    # the catalogue's blocks against another action set
+    spec = ContextEncoder(catalog).spec
+    blocks = aligned_context_columns(spec, action_features(catalog))
+    with pytest.raises(ValueError, match=f"members cover {catalog.n_actions} actions"):
+        RewardModel(spec.n_context, features, 8, 4, economics, aligned=blocks)
