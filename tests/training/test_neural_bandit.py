@@ -326,6 +326,12 @@ def test_logged_outputs_equal_the_full_score_column(architecture: str, catalog) 
     torch.testing.assert_close(logged, full[torch.arange(64), :, action], atol=1e-5, rtol=1e-5)
 
 
+SMALL_FACTORISED = NeuralBanditConfig(
+    epochs=4, batch_size=512, hidden=32, target="outcomes", architecture="factorised", seed=0
+)
+"""The factorised outcome model the synthetic-log tests train (seconds on 30-40k rows)."""
+
+
 def _additive_logit_log(n: int, seed: int):
     """A log whose conversion logit is a sum of context-dependent channel, offer and timing
     terms (the simulator's funnel in log space); actions chosen uniformly at random."""
@@ -387,15 +393,7 @@ def test_factorised_model_fits_an_additive_logit_funnel() -> None:
     conversion probabilities of ALL actions on fresh contexts are far closer to the truth
     than the log's base rate, and its greedy choice earns most of the best action's value."""
     log, features, economics, true_logit = _additive_logit_log(30_000, seed=0)
-    config = NeuralBanditConfig(
-        epochs=4,
-        batch_size=512,
-        hidden=32,
-        target="outcomes",
-        architecture="factorised",
-        weight_decay=1e-4,
-        seed=0,
-    )
+    config = replace(SMALL_FACTORISED, weight_decay=1e-4)
     model, _ = train_reward_model(log, features, config, None, economics)
     fresh = np.random.default_rng(1).normal(0, 1, (2000, log.context.shape[1])).astype(np.float32)
     truth = 1 / (1 + np.exp(-true_logit(fresh)[:, 1:]))
@@ -567,16 +565,8 @@ def _aligned_views_log(n: int, seed: int):
     return log, features, economics, true_logit, views, offer_of
 
 
-RARE_OFFER_CONFIG = NeuralBanditConfig(
-    epochs=4,
-    batch_size=512,
-    hidden=32,
-    target="outcomes",
-    architecture="factorised",
-    weight_decay=1e-3,
-    init_bias=True,
-    train_action_bias=False,
-    seed=0,
+RARE_OFFER_CONFIG = replace(
+    SMALL_FACTORISED, weight_decay=1e-3, init_bias=True, train_action_bias=False
 )
 
 
