@@ -19,9 +19,10 @@ Measured, in the same run:
 * ``ratio``: ``rps_full / rps_minimal`` (target >= 0.8).
 * ``p99_c1_ms``: p99 latency of ``POST /v1/decisions`` at one connection (target <= 2 ms).
 * ``batch_customers_per_s``: customers per second through ``POST /v1/decisions/batch``
-  with 10,000 customers per call in the columnar form (``columns``, target >= 100,000), one
-  call at a time, one worker; ``batch_objects_customers_per_s`` the same customers as a
-  list of customer objects (``customers``), for comparison.
+  with 10,000 customers per call in the columnar form (``columns`` in the request and
+  ``"answer": "columns"``, target >= 100,000), one call at a time, one worker;
+  ``batch_objects_customers_per_s`` the same customers as a list of customer objects
+  (``customers``) answered with one object per decision, for comparison.
 * ``rps_2w_c64``, ``p99_2w_c64_ms``: two workers, 64 connections (target >= 5,000 decisions
   per second with p99 <= 20 ms, every decision journalled).
 
@@ -324,7 +325,8 @@ def batch_body(call: int, customers: int, columnar: bool) -> bytes:
 
     catalog = load_catalog()
     columns = CustomerColumns.from_contexts([parse_customer(c, catalog) for c in payload])
-    return b'{"k": 3, "columns": ' + columns.model_dump_json(exclude_none=True).encode() + b"}"
+    body = b'{"k": 3, "answer": "columns", "columns": '
+    return body + columns.model_dump_json(exclude_none=True).encode() + b"}"
 
 
 def batch_rate(

@@ -117,6 +117,11 @@ class BatchDecisionRequest(_Options):
     columns: CustomerColumns | None = None
     """The customers as columns (see :class:`~nextbest.customer_columns.CustomerColumns`);
     instead of ``customers``."""
+    answer: Literal["decisions", "columns"] = "decisions"
+    """The answer's form: ``decisions``, one object per customer
+    (:class:`BatchDecisionResponse`), or ``columns``, one array per field
+    (:class:`BatchDecisionColumnsResponse`: the same values, encoded in about half the time
+    for a big batch)."""
 
     @model_validator(mode="after")
     def _one_form(self) -> BatchDecisionRequest:
@@ -231,6 +236,27 @@ class BatchDecisionResponse(BaseModel):
     """Decisions for every customer of a batch."""
 
     decisions: list[BatchDecision]
+    exploration: Literal["epsilon_greedy", "softmax"]
+    model_version: str
+    ruleset_version: str
+    catalog_version: str
+
+
+class BatchDecisionColumns(BaseModel):
+    """The decisions of a batch as one array per field, in request order: entry ``i`` of
+    every array is customer ``i``'s (the fields of :class:`BatchDecision`)."""
+
+    decision_id: list[str]
+    action: list[str]
+    propensity: list[float]
+    ranked: list[list[str]]
+    scores: list[list[float]]
+
+
+class BatchDecisionColumnsResponse(BaseModel):
+    """Decisions for every customer of a batch, as columns (``"answer": "columns"``)."""
+
+    columns: BatchDecisionColumns
     exploration: Literal["epsilon_greedy", "softmax"]
     model_version: str
     ruleset_version: str

@@ -229,6 +229,61 @@ class _Coalescer:
                 future.set_result((result, row, ids[row]))
 
 
+class _BatchAnswer:
+    """The ``decisions`` (one dict per decision) or ``columns`` (one list per field) of a
+    batch answer, built part by part (:class:`~serving.schemas.BatchDecisionResponse`,
+    :class:`~serving.schemas.BatchDecisionColumnsResponse`)."""
+
+    def __init__(self, names: np.ndarray, columns: bool) -> None:
+        self._names = names
+        self._columns = columns
+        self._fields: dict[str, list[Any]] = {
+            "decision_id": [],
+            "action": [],
+            "propensity": [],
+            "ranked": [],
+            "scores": [],
+        }
+
+    def add(self, result: Decisions, decision_ids: list[str]) -> None:
+        """Append the decisions of one part, ``decision_ids`` ``(n,)`` in its order."""
+        names, ranked = self._names, result.ranked
+        valid = ranked >= 0
+        ranked_names = names[np.where(valid, ranked, 0)]
+        ranked_scores = np.round(result.ranked_scores.astype(np.float64), 6)
+        if valid.all():
+            ranked_lists = ranked_names.tolist()
+            score_lists = ranked_scores.tolist()
+        else:  # fewer allowed actions than asked for: shorter lists
+            ranked_lists = [r[v].tolist() for r, v in zip(ranked_names, valid, strict=True)]
+            score_lists = [s[v].tolist() for s, v in zip(ranked_scores, valid, strict=True)]
+        fields = self._fields
+        fields["decision_id"] += decision_ids
+        fields["action"] += names[result.action].tolist()
+        fields["propensity"] += np.asarray(result.pscore, np.float64).tolist()
+        fields["ranked"] += ranked_lists
+        fields["scores"] += score_lists
+
+    def body(self) -> dict[str, Any]:
+        """``{"columns": {...}}`` or ``{"decisions": [...]}``."""
+        if self._columns:
+            return {"columns": self._fields}
+        f = self._fields
+        return {
+            "decisions": [
+                {"decision_id": d, "action": a, "propensity": p, "ranked": r, "scores": s}
+                for d, a, p, r, s in zip(
+                    f["decision_id"],
+                    f["action"],
+                    f["propensity"],
+                    f["ranked"],
+                    f["scores"],
+                    strict=True,
+                )
+            ]
+        }
+
+
 class ScoringService:
     """Everything a request needs, built once per worker process.
 
@@ -483,7 +538,7 @@ class ScoringService:
                 batch, events, now, count_recommended=self.settings.count_recommended
             )
         decision_ids = new_decision_ids(n)
-        rows: list[dict[str, Any]] = []
+        answer = _BatchAnswer(self._view.names, columns=request.answer == "columns")
         writes: list[_Writes] = []
         try:
             for start in range(0, n, PIPELINE_ROWS):
@@ -495,49 +550,25 @@ class ScoringService:
                         result, decision_ids[part], keys[part], now, request.campaign_id, "batch"
                     )
                 )
-                rows += self._answer_rows(result, decision_ids[part])
+                answer.add(result, decision_ids[part])
         except Exception:
             # parts already handed to the writers are committed before the error is
             # answered: a failed batch may be partly journalled (with those parts' contacts
             # recorded), never half-written
             await asyncio.gather(*(write.wait() for write in writes), return_exceptions=True)
             raise
-        body: dict[str, Any] = {
-            "decisions": rows,
-            "exploration": self._exploration,
-            "model_version": model.version,
-            "ruleset_version": self.rules.version,
-            "catalog_version": self.catalog.version,
-        }
-        answer = to_json(body)
+        body = to_json(
+            {
+                **answer.body(),
+                "exploration": self._exploration,
+                "model_version": model.version,
+                "ruleset_version": self.rules.version,
+                "catalog_version": self.catalog.version,
+            }
+        )
         for write in writes:
             await write.wait()
-        return answer
-
-    def _answer_rows(self, result: Decisions, decision_ids: list[str]) -> list[dict[str, Any]]:
-        """The ``decisions`` entries of a batch answer, one dict per decision."""
-        names = self._view.names
-        ranked = result.ranked
-        valid = ranked >= 0
-        ranked_names = names[np.where(valid, ranked, 0)]
-        ranked_scores = np.round(result.ranked_scores.astype(np.float64), 6)
-        if valid.all():
-            ranked_lists = ranked_names.tolist()
-            score_lists = ranked_scores.tolist()
-        else:
-            ranked_lists = [r[v].tolist() for r, v in zip(ranked_names, valid, strict=True)]
-            score_lists = [s[v].tolist() for s, v in zip(ranked_scores, valid, strict=True)]
-        return [
-            {"decision_id": d, "action": a, "propensity": p, "ranked": r, "scores": s}
-            for d, a, p, r, s in zip(
-                decision_ids,
-                names[result.action].tolist(),
-                np.asarray(result.pscore, np.float64).tolist(),
-                ranked_lists,
-                score_lists,
-                strict=True,
-            )
-        ]
+        return body
 
     def _engine_decide(
         self, batch: ContextBatch, k: int, candidates: np.ndarray | None, explain: bool

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 
 from serving.deps import api_key_security, authorize, json_body, parse_body
 from serving.schemas import (
+    BatchDecisionColumnsResponse,
     BatchDecisionRequest,
     BatchDecisionResponse,
     DecisionRequest,
@@ -49,14 +50,15 @@ async def decide(request: Request) -> Response:
 
 @router.post(
     "/batch",
-    response_model=BatchDecisionResponse,
+    response_model=BatchDecisionResponse | BatchDecisionColumnsResponse,
     responses=_ERRORS,
     openapi_extra=json_body(BatchDecisionRequest) | api_key_security(),
     summary="Decide for up to 10,000 customers in one call",
 )
 async def decide_batch(request: Request) -> Response:
     """The same decision for every customer of a campaign, in request order; every decision
-    is journalled before the answer."""
+    is journalled before the answer. The answer lists one object per customer, or with
+    ``"answer": "columns"`` one array per field."""
     service = authorize(request, "decide")
     body = parse_body(BatchDecisionRequest, await request.body(), {"catalog": service.catalog})
     return Response(await service.decide_batch(body), media_type="application/json")

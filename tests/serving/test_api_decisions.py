@@ -235,6 +235,46 @@ def test_post_batch_as_columns_ranks_as_the_customer_objects(
     assert len({d["decision_id"] for d in rows + cols}) == 24
 
 
+def _as_rows(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """A columnar batch answer as the object form's ``decisions``."""
+    return [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
+
+
+def test_post_batch_columns_answer_holds_the_object_answers_values(
+    api_client: TestClient, auth: dict[str, dict[str, str]], catalog: ActionCatalog
+) -> None:
+    """``"answer": "columns"`` gives the same ranked actions and scores as the object form,
+    one array per field, with shorter lists where fewer actions are allowed than asked."""
+    offer = catalog.offer_names[0]
+    candidates = [a.name for a in catalog.actions if a.offer == offer][:2]
+    customers = [customer(customer_id=f"ans-{i}", age=25 + 4 * i) for i in range(9)]
+    twins = [{**c, "customer_id": f"twin-{c['customer_id']}"} for c in customers]
+    request = {"k": 4, "candidates": candidates}
+    objects = api_client.post(
+        "/v1/decisions/batch", json={**request, "customers": customers}, headers=auth["decide"]
+    )
+    columns = api_client.post(
+        "/v1/decisions/batch",
+        json={**request, "customers": twins, "answer": "columns"},
+        headers=auth["decide"],
+    )
+    assert objects.status_code == columns.status_code == 200, columns.text
+    body = columns.json()
+    assert "decisions" not in body
+    assert set(body["columns"]) == {"decision_id", "action", "propensity", "ranked", "scores"}
+    assert all(len(values) == 9 for values in body["columns"].values())
+    as_rows, rows = _as_rows(body["columns"]), objects.json()["decisions"]
+    assert [d["ranked"] for d in as_rows] == [d["ranked"] for d in rows]
+    assert [d["scores"] for d in as_rows] == [d["scores"] for d in rows]
+    assert max(len(d["ranked"]) for d in rows) == 3  # two candidates and no contact
+    assert all(d["action"] in {*candidates, "no_contact"} for d in as_rows)
+    for key in ("exploration", "model_version", "ruleset_version", "catalog_version"):
+        assert body[key] == objects.json()[key]
+
+
+@pytest.mark.parametrize("answer", ["decisions", "columns"])
 @pytest.mark.parametrize(("part_rows", "n"), [(7, 20), (70, 141)])
 def test_post_batch_in_parts_journals_every_decision_as_answered(
     api_settings: Settings,
@@ -243,6 +283,7 @@ def test_post_batch_in_parts_journals_every_decision_as_answered(
     monkeypatch: pytest.MonkeyPatch,
     part_rows: int,
     n: int,
+    answer: str,
 ) -> None:
     """A batch decided in parts answers in request order, and the journal holds each
     answered decision with its action and propensity (parts of 7 commit inline on the
@@ -256,11 +297,12 @@ def test_post_batch_in_parts_journals_every_decision_as_answered(
     with TestClient(create_app(api_settings)) as client:
         response = client.post(
             "/v1/decisions/batch",
-            json={"columns": _columns(customers, catalog), "k": 2},
+            json={"columns": _columns(customers, catalog), "k": 2, "answer": answer},
             headers=auth["decide"],
         )
     assert response.status_code == 200, response.text
-    answered = response.json()["decisions"]
+    body = response.json()
+    answered = body["decisions"] if answer == "decisions" else _as_rows(body["columns"])
     journal = read_journal(api_settings.state_dir).to_pylist()
     assert [r["decision_id"] for r in journal] == [d["decision_id"] for d in answered]
     assert [catalog.actions[r["action"]].name for r in journal] == [d["action"] for d in answered]
