@@ -23,6 +23,8 @@ from serving.contact_store import (
     merge_contact_counts,
     merge_contact_history,
     merge_into_batch,
+    store_key,
+    store_keys,
 )
 
 NOW = datetime(2026, 1, 5, 4, 0, tzinfo=UTC)  # 12:00 in Asia/Shanghai, outside quiet hours
@@ -173,6 +175,90 @@ def test_contacts_on_channels_the_store_does_not_know_are_left_out(
     with SqliteContactStore(tmp_path, catalog.channel_names) as store:
         events = store.history(["cust_a"], NOW)
     assert events.channel.tolist() == [CHANNELS.index("sms")]
+
+
+def test_channel_added_by_a_later_catalogue_is_left_out_until_reopened(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """A worker started on a newer catalogue adds a channel code; a store opened before it
+    leaves that channel's contacts out, a store opened after it sees them."""
+    with SqliteContactStore(tmp_path, catalog.channel_names) as early:
+        with SqliteContactStore(tmp_path, [*catalog.channel_names, "fax"]) as newer:
+            newer.record(contacts(["d1"], "fax", ago(days=1))).result()
+            newer.record(contacts(["d2"], "sms", ago(days=1))).result()
+            assert sorted(newer.history(["cust_a"], NOW).channel.tolist()) == [
+                CHANNELS.index("sms"),
+                len(CHANNELS),
+            ]
+        assert early.history(["cust_a"], NOW).channel.tolist() == [CHANNELS.index("sms")]
+
+
+def test_record_refuses_a_channel_the_store_does_not_have(store: SqliteContactStore) -> None:
+    with pytest.raises(ValueError, match=r"\['fax'\] not among"):
+        store.record(contacts(["d1"], "fax", ago(days=1)))
+
+
+LEGACY_DDL = (
+    """CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL,
+        channel TEXT NOT NULL, offer TEXT, at_us INTEGER NOT NULL, kind INTEGER NOT NULL)""",
+    "CREATE INDEX contacts_by_customer ON contacts (customer_key, at_us, channel, kind)",
+)
+"""The store's first layout (text customer keys and channel names)."""
+
+
+def test_store_in_the_first_layout_is_moved_to_integer_keys(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """A contacts file written by the text-keyed layout opens with every contact kept
+    (deliveries still replace their recommendations) and the old table gone."""
+    now = datetime.now(UTC)  # the first record prunes by the real clock
+
+    def before(days: float) -> int:
+        return epoch_us(now - timedelta(days=days))
+
+    conn = sqlite3.connect(tmp_path / "contacts.db")
+    for statement in LEGACY_DDL:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT INTO contacts VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            ("d1", "cust_a", "sms", "fund_sip", before(2), 0),
+            ("d2", "cust_a", "wechat", None, before(1), 1),
+            ("d3", "cust_b", "sms", None, before(5), 0),
+            ("d4", "cust_b", "fax", None, before(3), 1),
+        ],
+    )
+    conn.commit()
+    conn.close()
+    with SqliteContactStore(tmp_path, catalog.channel_names) as store:
+        events = store.history(["cust_a", "cust_b"], now)
+        got = sorted(
+            zip(
+                events.row.tolist(),
+                [CHANNELS[c] for c in events.channel],
+                events.delivered.tolist(),
+                strict=True,
+            )
+        )
+        assert got == [(0, "sms", False), (0, "wechat", True), (1, "sms", False)]
+        delivered = contacts(["d1"], "sms", now - timedelta(hours=3), kind="delivered")
+        store.record(delivered).result()
+        assert sorted(store.history(["cust_a"], now).delivered.tolist()) == [True, True]
+    with SqliteContactStore(tmp_path, [*catalog.channel_names, "fax"]) as with_fax:
+        assert len(with_fax.history(["cust_b"], now).row) == 2  # the fax contact was kept
+    conn = sqlite3.connect(tmp_path / "contacts.db")
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
+    assert "contacts" not in tables
+
+
+def test_store_keys_are_63_bit_and_stable() -> None:
+    keys = [f"{i:032x}" for i in range(1000)]
+    ints = store_keys(keys)
+    assert ints == [store_key(k) for k in keys]
+    assert len(set(ints)) == 1000
+    assert all(0 <= v < 2**63 for v in ints)
+    assert store_key("cust_a") == store_keys(["cust_a"])[0] != store_key("cust_b")
 
 
 def test_recommended_contacts_of_decisions_skip_no_contact(catalog: ActionCatalog) -> None:
