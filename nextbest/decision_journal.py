@@ -721,6 +721,9 @@ class DecisionBatch:
         Probability of each candidate, aligned with ``candidate_actions``.
     campaign_id : str, sequence of str ``(n,)`` or None
     policy, model_version, ruleset_version, catalog_version, feature_spec_version : str
+    candidate_mask : bool ``(n, A)`` or None
+        The mask ``candidate_actions`` were read from (:meth:`from_mask` keeps it): the
+        journal packs it into its bitmap as it is instead of rebuilding one from the lists.
     """
 
     decision_id: Sequence[str]
@@ -738,9 +741,16 @@ class DecisionBatch:
     catalog_version: str
     feature_spec_version: str
     campaign_id: str | Sequence[str | None] | None = None
+    candidate_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.decision_id)
+        if self.candidate_mask is not None and (
+            self.candidate_mask.ndim != 2 or len(self.candidate_mask) != n
+        ):
+            raise ValueError(
+                f"candidate_mask must have shape (n={n}, A), got {self.candidate_mask.shape}"
+            )
         context = np.asarray(self.context)
         if context.ndim != 2 or len(context) != n:
             raise ValueError(f"context must have shape (n={n}, F), got {context.shape}")
@@ -842,6 +852,7 @@ class DecisionBatch:
             candidate_actions=candidates,
             action=np.asarray(action, np.int32),
             action_dist=dist,
+            candidate_mask=allowed,
             **{"pscore": None, **fields},
         )
 
@@ -1015,24 +1026,29 @@ def _chunk_row(batch: DecisionBatch) -> tuple[Any, ...]:
     """The ``decision_chunks`` values of a batch (its arrays as compressed blobs)."""
     n = len(batch)
     context = np.ascontiguousarray(batch.context, "<f4")
-    actions = np.asarray(batch.candidate_actions, np.int64)
-    offsets = np.asarray(batch.candidate_offsets, np.int64)
-    order = _candidate_order(batch)
     dist = None if batch.action_dist is None else np.asarray(batch.action_dist, "<f4")
-    if order is not None:
-        actions = actions[order]
-        dist = None if dist is None else dist[order]
-    n_actions = int(actions.max()) + 1 if len(actions) else 0
-    width = -(-n_actions // 8)
-    bits = np.zeros(n * width * 8, bool)
-    bits[np.repeat(np.arange(n, dtype=np.int64) * width * 8, np.diff(offsets)) + actions] = True
+    if batch.candidate_mask is not None:  # candidates in row-major mask order already
+        n_actions = batch.candidate_mask.shape[1]
+        packed = np.packbits(batch.candidate_mask, axis=1)
+    else:
+        actions = np.asarray(batch.candidate_actions, np.int64)
+        offsets = np.asarray(batch.candidate_offsets, np.int64)
+        order = _candidate_order(batch)
+        if order is not None:
+            actions = actions[order]
+            dist = None if dist is None else dist[order]
+        n_actions = int(actions.max()) + 1 if len(actions) else 0
+        width = -(-n_actions // 8)
+        bits = np.zeros(n * width * 8, bool)
+        bits[np.repeat(np.arange(n, dtype=np.int64) * width * 8, np.diff(offsets)) + actions] = True
+        packed = np.packbits(bits)
     return (
         n,
         context.shape[1],
         n_actions,
         CHUNK_CODEC,
         _pack(context),
-        _pack(np.packbits(bits)),
+        _pack(packed),
         None if dist is None else _pack(np.ascontiguousarray(dist, "<f4")),
     )
 
