@@ -77,6 +77,7 @@ from pydantic_core import to_json
 
 from nextbest.catalog import ActionCatalog
 from nextbest.decision_log import DECISION_SCHEMA
+from nextbest.exploration import epsilon_greedy_candidate_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -812,6 +813,7 @@ class DecisionBatch:
         allowed: np.ndarray,
         action_dist: np.ndarray | None,
         action: np.ndarray,
+        epsilon_greedy: tuple[np.ndarray, float] | None = None,
         **fields: Any,
     ) -> DecisionBatch:
         """Decisions from dense per-action arrays, as a scorer produces them.
@@ -824,6 +826,9 @@ class DecisionBatch:
             Probability of each action (0 where not allowed); only allowed entries are kept.
         action : int ``(n,)``
             Chosen actions.
+        epsilon_greedy : (greedy int ``(n,)``, epsilon), optional
+            Instead of ``action_dist``: the epsilon-greedy distribution around each row's
+            greedy action, computed on the allowed entries only (pass ``pscore`` too).
         **fields
             The other fields of :class:`DecisionBatch` (``pscore`` defaults to the chosen
             action's probability when ``action_dist`` is given).
@@ -839,7 +844,16 @@ class DecisionBatch:
         row_starts = np.repeat(np.arange(n, dtype=np.int64) * n_actions, counts)
         candidates = (flat - row_starts).astype(np.int32)  # a third of the cost of flat % A
         dist = None
-        if action_dist is not None:
+        if epsilon_greedy is not None:
+            if action_dist is not None:
+                raise ValueError("give action_dist or epsilon_greedy, not both")
+            greedy, epsilon = epsilon_greedy
+            # the greedy action's place among the sorted flat positions of the allowed ones
+            greedy_index = np.searchsorted(flat, np.arange(n) * n_actions + greedy)
+            dist = epsilon_greedy_candidate_probabilities(counts, greedy_index, epsilon).astype(
+                np.float32
+            )
+        elif action_dist is not None:
             dense = np.asarray(action_dist)
             if dense.shape != allowed.shape:
                 raise ValueError(

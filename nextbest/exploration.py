@@ -47,6 +47,33 @@ def epsilon_greedy_distribution(
     return dist
 
 
+def epsilon_greedy_pscore(
+    allowed: np.ndarray, greedy: np.ndarray, action: np.ndarray, epsilon: float
+) -> np.ndarray:
+    """Probability each row's ``action`` has under :func:`epsilon_greedy_distribution`,
+    float64 ``(n,)``, without building the ``(n, A)`` distribution (the same arithmetic, so
+    the same values).
+
+    Parameters
+    ----------
+    allowed : bool ``(n, A)``
+    greedy, action : int ``(n,)``, allowed actions
+    """
+    share = epsilon / np.count_nonzero(allowed, axis=1)
+    return np.where(np.asarray(action) == np.asarray(greedy), share + (1.0 - epsilon), share)
+
+
+def epsilon_greedy_candidate_probabilities(
+    counts: np.ndarray, greedy_index: np.ndarray, epsilon: float
+) -> np.ndarray:
+    """:func:`epsilon_greedy_distribution` on the allowed actions only, row after row,
+    float64 ``(total,)``: ``counts`` int ``(n,)`` allowed actions per row, ``greedy_index``
+    int ``(n,)`` the greedy action's position in that flat list."""
+    dist = np.repeat(epsilon / counts, counts)
+    dist[greedy_index] += 1.0 - epsilon
+    return dist
+
+
 def sample_epsilon_greedy(
     allowed: np.ndarray, greedy: np.ndarray, epsilon: float, rng: np.random.Generator
 ) -> np.ndarray:

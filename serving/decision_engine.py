@@ -11,15 +11,19 @@ whose candidate list the rules empty, gets no contact rather than a blocked acti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 
 from nextbest.catalog import NO_CONTACT_ID, ActionCatalog
 from nextbest.compliance import ALLOWED, RuleEngine
 from nextbest.context import ContextBatch
+from nextbest.decision_journal import DecisionBatch
 from nextbest.exploration import (
     action_distribution,
     epsilon_greedy_distribution,
+    epsilon_greedy_pscore,
     sample_actions,
     sample_epsilon_greedy,
 )
@@ -39,7 +43,11 @@ class Decisions:
     scores : float32 ``(n, A)``, the model's scores of every action
     action : int64 ``(n,)``, the chosen action (drawn from ``action_dist``)
     pscore : float64 ``(n,)``, probability the chosen action had
-    action_dist : float64 ``(n, A)``, the exploration distribution (0 where not allowed)
+    dist : float64 ``(n, A)`` or None, the exploration distribution (0 where not allowed)
+        when the exploration builds one; None for epsilon-greedy, which ``greedy`` and
+        ``epsilon`` describe (:attr:`action_dist` builds it on demand)
+    greedy : int64 ``(n,)``, the best allowed action of every row
+    epsilon : float or None, the epsilon of an epsilon-greedy distribution
     ranked : int64 ``(n, k)``, the best allowed actions by score, -1 padded
     ranked_scores : float32 ``(n, k)``, their scores (undefined where ``ranked`` is -1)
     blocked : list of lists of (action id, rule id) per customer, when explained, else None
@@ -52,12 +60,36 @@ class Decisions:
     scores: np.ndarray
     action: np.ndarray
     pscore: np.ndarray
-    action_dist: np.ndarray
+    dist: np.ndarray | None
+    greedy: np.ndarray
+    epsilon: float | None
     ranked: np.ndarray
     ranked_scores: np.ndarray
     blocked: list[list[tuple[int, str]]] | None
     model_version: str
     feature_spec_version: str
+
+    @cached_property
+    def action_dist(self) -> np.ndarray:
+        """The exploration distribution, float64 ``(n, A)``, 0 where not allowed."""
+        if self.dist is not None:
+            return self.dist
+        assert self.epsilon is not None  # the engine sets one or the other
+        return epsilon_greedy_distribution(self.scores, self.allowed, self.epsilon, self.greedy)
+
+    def journal_batch(self, **fields: Any) -> DecisionBatch:
+        """These decisions as a :class:`~nextbest.decision_journal.DecisionBatch` (the
+        allowed actions and their probabilities only); ``fields``: its other fields."""
+        if self.dist is not None:
+            return DecisionBatch.from_mask(self.allowed, self.dist, self.action, **fields)
+        assert self.epsilon is not None
+        return DecisionBatch.from_mask(
+            self.allowed,
+            None,
+            self.action,
+            epsilon_greedy=(self.greedy, self.epsilon),
+            **{"pscore": self.pscore, **fields},
+        )
 
 
 class ModelNotReadyError(RuntimeError):
@@ -147,9 +179,12 @@ class DecisionEngine:
         ranked, ranked_scores = _top_k(masked, scores, max(1, min(k, n_actions)))
         greedy = ranked[:, 0]  # no contact is always allowed: never -1
         ranked, ranked_scores = ranked[:, :k], ranked_scores[:, :k]
+        dist: np.ndarray | None = None
+        epsilon: float | None = None
         if self.exploration == "epsilon_greedy":
-            dist = epsilon_greedy_distribution(scores, allowed, self.epsilon, greedy)
-            action = sample_epsilon_greedy(allowed, greedy, self.epsilon, self.rng)
+            epsilon = self.epsilon
+            action = sample_epsilon_greedy(allowed, greedy, epsilon, self.rng)
+            pscore = epsilon_greedy_pscore(allowed, greedy, action, epsilon)
         else:
             dist = action_distribution(
                 scores,
@@ -159,7 +194,7 @@ class DecisionEngine:
                 self.temperature,
             )
             action = sample_actions(dist, self.rng)
-        pscore = dist[np.arange(n), action]
+            pscore = dist[np.arange(n), action]
         blocked = None
         if explain:
             blocked = [
@@ -174,6 +209,8 @@ class DecisionEngine:
             action,
             pscore,
             dist,
+            greedy,
+            epsilon,
             ranked,
             ranked_scores,
             blocked,

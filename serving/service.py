@@ -35,7 +35,6 @@ from nextbest.compliance import ALLOWED, RuleEngine, load_rules
 from nextbest.context import ContextBatch, CustomerContext, parse_customer
 from nextbest.customer_columns import CustomerColumns, context_batch
 from nextbest.decision_journal import (
-    DecisionBatch,
     JournalWriter,
     RewardConflictError,
     RewardOutcome,
@@ -590,10 +589,7 @@ class ScoringService:
     ) -> _Writes:
         """Start journalling the decisions and recording the recommended contacts; the
         caller may prepare its answer meanwhile, and must :meth:`_Writes.wait` before it."""
-        decisions = DecisionBatch.from_mask(
-            result.allowed,
-            result.action_dist,
-            result.action,
+        decisions = result.journal_batch(
             decision_id=decision_ids,
             timestamp_us=epoch_us(now),
             customer_key=keys,

@@ -544,6 +544,26 @@ def test_decision_batch_bad_arrays_refused(override: dict, match: str) -> None:
         DecisionBatch(**{**fields, **override})
 
 
+def test_decision_batch_from_mask_epsilon_greedy_needs_no_dense_distribution() -> None:
+    allowed = np.array([[True, False, True, True], [False, True, False, True]])
+    fields = {
+        "decision_id": ["a", "b"],
+        "timestamp_us": 0,
+        "customer_key": ["k1", "k2"],
+        "context": np.zeros((2, N_FEATURES), np.float32),
+        "pscore": np.array([0.1, 0.85]),
+        **SERVED_BY,
+    }
+    batch = DecisionBatch.from_mask(
+        allowed, None, np.array([0, 1]), epsilon_greedy=(np.array([2, 1]), 0.3), **fields
+    )
+    assert batch.action_dist.tolist() == pytest.approx([0.1, 0.8, 0.1, 0.85, 0.15])
+    with pytest.raises(ValueError, match="not both"):
+        DecisionBatch.from_mask(
+            allowed, allowed * 0.5, np.array([0, 1]), epsilon_greedy=(np.array([2, 1]), 0.3)
+        )
+
+
 def test_decision_batch_from_mask_refuses_a_distribution_of_another_shape() -> None:
     allowed = np.ones((2, N_ACTIONS), bool)
     with pytest.raises(ValueError, match=r"action_dist has shape \(2, 4\), allowed \(2, 5\)"):

@@ -66,6 +66,35 @@ def test_decide_never_returns_a_blocked_action(catalog, engine, store, batch, ex
     assert np.abs(blocked_mass).max() == 0.0
 
 
+@pytest.mark.parametrize("exploration", ["epsilon_greedy", "softmax"])
+def test_journal_batch_logs_the_distribution_drawn_from(
+    catalog, engine, store, batch, exploration
+) -> None:
+    """The journalled probabilities are the acting distribution's on the allowed actions,
+    to the bit: epsilon-greedy never builds the dense ``(n, A)`` distribution for it."""
+    from nextbest.decision_journal import DecisionBatch
+
+    d = engine_for(catalog, engine, store, exploration=exploration, epsilon=0.3).decide(batch)
+    assert (d.dist is None) == (exploration == "epsilon_greedy")
+    fields = {
+        "decision_id": [f"d{i}" for i in range(batch.n)],
+        "timestamp_us": 0,
+        "customer_key": ["k"] * batch.n,
+        "context": d.features,
+        "policy": exploration,
+        "model_version": d.model_version,
+        "ruleset_version": "r",
+        "catalog_version": "c",
+        "feature_spec_version": d.feature_spec_version,
+    }
+    logged = d.journal_batch(**fields)
+    dense = DecisionBatch.from_mask(d.allowed, d.action_dist, d.action, **fields)
+    np.testing.assert_array_equal(logged.candidate_actions, dense.candidate_actions)
+    np.testing.assert_array_equal(logged.action_dist, dense.action_dist)
+    np.testing.assert_array_equal(logged.pscore, dense.pscore)
+    assert logged.action_dist.dtype == np.float32
+
+
 def test_decide_propensity_is_the_distribution_of_the_chosen(catalog, engine, store, batch) -> None:
     d = engine_for(catalog, engine, store, epsilon=0.2).decide(batch)
     np.testing.assert_allclose(d.action_dist.sum(axis=1), 1.0)
