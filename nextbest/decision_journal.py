@@ -713,8 +713,9 @@ class DecisionBatch:
         Encoded features the policy saw.
     candidate_offsets : int ``(n + 1,)``
         Starts of each row's candidates in ``candidate_actions``; ``[0, ..., total]``.
-    candidate_actions : int32 ``(total,)``
-        Allowed action ids of every row.
+    candidate_actions : int32 ``(total,)`` or None
+        Allowed action ids of every row; None when ``candidate_mask`` holds them
+        (:meth:`candidates` gives them either way).
     action : int32 ``(n,)``
     pscore : float64 ``(n,)`` or None
         Propensity of the chosen action, in (0, 1].
@@ -732,7 +733,7 @@ class DecisionBatch:
     customer_key: Sequence[str]
     context: np.ndarray
     candidate_offsets: np.ndarray
-    candidate_actions: np.ndarray
+    candidate_actions: np.ndarray | None
     action: np.ndarray
     pscore: np.ndarray | None
     action_dist: np.ndarray | None
@@ -756,7 +757,13 @@ class DecisionBatch:
         if context.ndim != 2 or len(context) != n:
             raise ValueError(f"context must have shape (n={n}, F), got {context.shape}")
         offsets = np.asarray(self.candidate_offsets)
-        total = len(self.candidate_actions)
+        if self.candidate_actions is None and self.candidate_mask is None:
+            raise ValueError("give candidate_actions or candidate_mask")
+        total = (
+            len(self.candidate_actions)
+            if self.candidate_actions is not None
+            else int(np.asarray(self.candidate_offsets)[-1])
+        )
         if (
             offsets.shape != (n + 1,)
             or offsets[0] != 0
@@ -807,6 +814,14 @@ class DecisionBatch:
     def __len__(self) -> int:
         return len(self.decision_id)
 
+    def candidates(self) -> np.ndarray:
+        """Allowed action ids of every row, int32 ``(total,)`` (read from the mask when the
+        batch has no list)."""
+        if self.candidate_actions is not None:
+            return np.asarray(self.candidate_actions)
+        mask = np.asarray(self.candidate_mask)
+        return (np.flatnonzero(mask) % mask.shape[1]).astype(np.int32)
+
     @classmethod
     def from_mask(
         cls,
@@ -836,13 +851,12 @@ class DecisionBatch:
         allowed = np.asarray(allowed, bool)
         n, n_actions = allowed.shape
         # flat positions of the allowed entries: one pass over the mask (np.nonzero's row
-        # and column arrays cost ten times as much on a 10,000 x 361 mask)
+        # and column arrays cost ten times as much on a 10,000 x 361 mask); the batch keeps
+        # the mask instead of a list of action ids (see candidates())
         flat = np.flatnonzero(allowed)
         counts = np.count_nonzero(allowed, axis=1)
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(counts, out=offsets[1:])
-        row_starts = np.repeat(np.arange(n, dtype=np.int64) * n_actions, counts)
-        candidates = (flat - row_starts).astype(np.int32)  # a third of the cost of flat % A
         dist = None
         if epsilon_greedy is not None:
             if action_dist is not None:
@@ -850,9 +864,7 @@ class DecisionBatch:
             greedy, epsilon = epsilon_greedy
             # the greedy action's place among the sorted flat positions of the allowed ones
             greedy_index = np.searchsorted(flat, np.arange(n) * n_actions + greedy)
-            dist = epsilon_greedy_candidate_probabilities(counts, greedy_index, epsilon).astype(
-                np.float32
-            )
+            dist = epsilon_greedy_candidate_probabilities(counts, greedy_index, epsilon)
         elif action_dist is not None:
             dense = np.asarray(action_dist)
             if dense.shape != allowed.shape:
@@ -863,7 +875,7 @@ class DecisionBatch:
             fields.setdefault("pscore", dense[np.arange(n), action].astype(np.float64))
         return cls(
             candidate_offsets=offsets,
-            candidate_actions=candidates,
+            candidate_actions=None,
             action=np.asarray(action, np.int32),
             action_dist=dist,
             candidate_mask=allowed,

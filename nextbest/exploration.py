@@ -67,10 +67,12 @@ def epsilon_greedy_candidate_probabilities(
     counts: np.ndarray, greedy_index: np.ndarray, epsilon: float
 ) -> np.ndarray:
     """:func:`epsilon_greedy_distribution` on the allowed actions only, row after row,
-    float64 ``(total,)``: ``counts`` int ``(n,)`` allowed actions per row, ``greedy_index``
-    int ``(n,)`` the greedy action's position in that flat list."""
-    dist = np.repeat(epsilon / counts, counts)
-    dist[greedy_index] += 1.0 - epsilon
+    rounded to float32 ``(total,)`` (its float64 values, rounded: the same bits as casting
+    the dense distribution). ``counts`` int ``(n,)``: allowed actions per row;
+    ``greedy_index`` int ``(n,)``: the greedy action's position in that flat list."""
+    share = epsilon / np.asarray(counts)
+    dist = np.repeat(share.astype(np.float32), counts)
+    dist[greedy_index] = (share + (1.0 - epsilon)).astype(np.float32)
     return dist
 
 

@@ -669,8 +669,13 @@ def test_decision_batch_from_mask_keeps_allowed_actions(journal: JournalWriter) 
     assert table.column("action_dist").to_pylist() == [[0.25, 0.75], [0.5, 0.25, 0.25]]
     assert table.column("pscore").to_pylist() == [0.75, 0.5]
     # the mask's bitmap, stored as it is, reads back as the lists would have been stored
-    lists = replace(batch, decision_id=["c", "d"], candidate_mask=None)
-    assert lists.candidate_mask is None and batch.candidate_mask is not None
+    assert batch.candidate_actions is None
+    assert batch.candidates().tolist() == [0, 2, 1, 2, 3]
+    lists = replace(
+        batch, decision_id=["c", "d"], candidate_actions=batch.candidates(), candidate_mask=None
+    )
+    with pytest.raises(ValueError, match="candidate_actions or candidate_mask"):
+        replace(batch, candidate_mask=None)
     journal.submit(lists).result()
     rows = read_journal(journal.path).to_pylist()
     for name in ("candidate_actions", "action_dist", "pscore", "context"):

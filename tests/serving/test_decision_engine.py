@@ -89,7 +89,7 @@ def test_journal_batch_logs_the_distribution_drawn_from(
     }
     logged = d.journal_batch(**fields)
     dense = DecisionBatch.from_mask(d.allowed, d.action_dist, d.action, **fields)
-    np.testing.assert_array_equal(logged.candidate_actions, dense.candidate_actions)
+    np.testing.assert_array_equal(logged.candidates(), dense.candidates())
     np.testing.assert_array_equal(logged.action_dist, dense.action_dist)
     np.testing.assert_array_equal(logged.pscore, dense.pscore)
     assert logged.action_dist.dtype == np.float32
