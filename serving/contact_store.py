@@ -534,8 +534,11 @@ class SqliteContactStore:
             )
         codes = {name: int(code) for code, name in conn.execute("SELECT * FROM channel_codes")}
         if legacy:
-            rows = conn.execute(
-                f"SELECT contact_id, customer_key, channel, offer, at_us, kind FROM {LEGACY_TABLE}"
+            kept_from = int(time.time() * 1e6) - self.retention // timedelta(microseconds=1)
+            rows = conn.execute(  # older contacts would be pruned at once: not moved
+                f"SELECT contact_id, customer_key, channel, offer, at_us, kind FROM {LEGACY_TABLE} "
+                "WHERE at_us >= ?",
+                (kept_from,),
             ).fetchall()
             keys = store_keys([row[1] for row in rows])
             conn.executemany(

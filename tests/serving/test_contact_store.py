@@ -226,6 +226,7 @@ def test_store_in_the_first_layout_is_moved_to_integer_keys(
             ("d2", "cust_a", "wechat", None, before(1), 1),
             ("d3", "cust_b", "sms", None, before(5), 0),
             ("d4", "cust_b", "fax", None, before(3), 1),
+            ("d5", "cust_b", "sms", None, before(45), 1),  # past the retention: dropped
         ],
     )
     conn.commit()
@@ -246,6 +247,7 @@ def test_store_in_the_first_layout_is_moved_to_integer_keys(
         assert sorted(store.history(["cust_a"], now).delivered.tolist()) == [True, True]
     with SqliteContactStore(tmp_path, [*catalog.channel_names, "fax"]) as with_fax:
         assert len(with_fax.history(["cust_b"], now).row) == 2  # the fax contact was kept
+        assert len(with_fax.contacts(["cust_b"], 0).row) == 2  # d5 was not moved
     conn = sqlite3.connect(tmp_path / "contacts.db")
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
