@@ -77,7 +77,10 @@ from pydantic_core import to_json
 
 from nextbest.catalog import ActionCatalog
 from nextbest.decision_log import DECISION_SCHEMA
-from nextbest.exploration import epsilon_greedy_candidate_probabilities
+from nextbest.exploration import (
+    epsilon_greedy_candidate_probabilities,
+    epsilon_greedy_pscore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -757,8 +760,8 @@ class DecisionBatch:
         if context.ndim != 2 or len(context) != n:
             raise ValueError(f"context must have shape (n={n}, F), got {context.shape}")
         offsets = np.asarray(self.candidate_offsets)
-        if self.candidate_actions is None and self.candidate_mask is None:
-            raise ValueError("give candidate_actions or candidate_mask")
+        if (self.candidate_actions is None) == (self.candidate_mask is None):
+            raise ValueError("give exactly one of candidate_actions and candidate_mask")
         total = (
             len(self.candidate_actions)
             if self.candidate_actions is not None
@@ -774,6 +777,11 @@ class DecisionBatch:
                 f"candidate_offsets must be increasing, shape ({n + 1},), from 0 to "
                 f"len(candidate_actions)={total}, with no empty row"
             )
+        if (
+            self.candidate_mask is not None
+            and (np.count_nonzero(self.candidate_mask, axis=1) != np.diff(offsets)).any()
+        ):
+            raise ValueError("candidate_offsets must count each row's allowed actions in the mask")
         lengths = {
             "customer_key": len(self.customer_key),
             "action": len(self.action),
@@ -862,9 +870,15 @@ class DecisionBatch:
             if action_dist is not None:
                 raise ValueError("give action_dist or epsilon_greedy, not both")
             greedy, epsilon = epsilon_greedy
+            greedy = np.asarray(greedy, np.int64)
             # the greedy action's place among the sorted flat positions of the allowed ones
-            greedy_index = np.searchsorted(flat, np.arange(n) * n_actions + greedy)
+            greedy_flat = np.arange(n) * n_actions + greedy
+            greedy_index = np.searchsorted(flat, greedy_flat)
+            if n and not (flat[np.minimum(greedy_index, len(flat) - 1)] == greedy_flat).all():
+                raise ValueError("every row's greedy action must be allowed")
             dist = epsilon_greedy_candidate_probabilities(counts, greedy_index, epsilon)
+            if "pscore" not in fields:
+                fields["pscore"] = epsilon_greedy_pscore(allowed, greedy, action, epsilon)
         elif action_dist is not None:
             dense = np.asarray(action_dist)
             if dense.shape != allowed.shape:

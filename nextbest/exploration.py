@@ -28,22 +28,28 @@ def greedy_distribution(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return dist
 
 
+def _epsilon_greedy_levels(counts: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """The two probabilities of an epsilon-greedy row with ``counts`` allowed actions,
+    float64 ``(n,)`` each: every allowed action's share of epsilon, and the greedy action's
+    (its share plus ``1 - epsilon``). The one place they are computed, so that every form of
+    the distribution (dense, one propensity, the allowed actions only) has the same bits."""
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"`epsilon` must be in [0, 1], got {epsilon}")
+    share = epsilon / np.asarray(counts)
+    return share, share + (1.0 - epsilon)
+
+
 def epsilon_greedy_distribution(
     scores: np.ndarray, allowed: np.ndarray, epsilon: float, greedy: np.ndarray | None = None
 ) -> np.ndarray:
     """``1 - epsilon`` on the best allowed action plus ``epsilon`` spread evenly over all
     allowed actions, float64 ``(n, A)``. ``greedy`` (int ``(n,)``): the best allowed action
     when already known."""
-    if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"`epsilon` must be in [0, 1], got {epsilon}")
+    share, top = _epsilon_greedy_levels(np.count_nonzero(allowed, axis=1), epsilon)
     if greedy is None:
         greedy = np.where(allowed, scores, -np.inf).argmax(axis=1)
-    if len(allowed) == 1:  # one customer (a scoring request): scalar count and index
-        dist = allowed * (epsilon / np.count_nonzero(allowed))
-        dist[0, int(greedy[0])] += 1.0 - epsilon
-        return dist
-    dist = allowed * (epsilon / np.count_nonzero(allowed, axis=1))[:, None]
-    dist[np.arange(len(dist)), greedy] += 1.0 - epsilon
+    dist = allowed * share[:, None]
+    dist[np.arange(len(dist)), greedy] = top
     return dist
 
 
@@ -51,28 +57,27 @@ def epsilon_greedy_pscore(
     allowed: np.ndarray, greedy: np.ndarray, action: np.ndarray, epsilon: float
 ) -> np.ndarray:
     """Probability each row's ``action`` has under :func:`epsilon_greedy_distribution`,
-    float64 ``(n,)``, without building the ``(n, A)`` distribution (the same arithmetic, so
-    the same values).
+    float64 ``(n,)``, without building the ``(n, A)`` distribution (the same values).
 
     Parameters
     ----------
     allowed : bool ``(n, A)``
     greedy, action : int ``(n,)``, allowed actions
     """
-    share = epsilon / np.count_nonzero(allowed, axis=1)
-    return np.where(np.asarray(action) == np.asarray(greedy), share + (1.0 - epsilon), share)
+    share, top = _epsilon_greedy_levels(np.count_nonzero(allowed, axis=1), epsilon)
+    return np.where(np.asarray(action) == np.asarray(greedy), top, share)
 
 
 def epsilon_greedy_candidate_probabilities(
     counts: np.ndarray, greedy_index: np.ndarray, epsilon: float
 ) -> np.ndarray:
     """:func:`epsilon_greedy_distribution` on the allowed actions only, row after row,
-    rounded to float32 ``(total,)`` (its float64 values, rounded: the same bits as casting
-    the dense distribution). ``counts`` int ``(n,)``: allowed actions per row;
-    ``greedy_index`` int ``(n,)``: the greedy action's position in that flat list."""
-    share = epsilon / np.asarray(counts)
+    rounded to float32 ``(total,)`` (the same bits as casting the dense distribution).
+    ``counts`` int ``(n,)``: allowed actions per row; ``greedy_index`` int ``(n,)``: the
+    greedy action's position in that flat list."""
+    share, top = _epsilon_greedy_levels(counts, epsilon)
     dist = np.repeat(share.astype(np.float32), counts)
-    dist[greedy_index] = (share + (1.0 - epsilon)).astype(np.float32)
+    dist[greedy_index] = top.astype(np.float32)
     return dist
 
 

@@ -428,12 +428,7 @@ def store_key(customer_key: str) -> int:
 
 def store_keys(customer_keys: Sequence[str]) -> list[int]:
     """:func:`store_key` of every key, ``(n,)``."""
-    base, out = _STORE_KEY_HASH, []
-    for key in customer_keys:
-        digest = base.copy()
-        digest.update(key.encode())
-        out.append(int.from_bytes(digest.digest()) >> 1)
-    return out
+    return [store_key(key) for key in customer_keys]
 
 
 _PRUNE_CHUNK_ROWS = 20_000
@@ -518,9 +513,15 @@ class SqliteContactStore:
         self._lookup = _lookup_sql(len(self._channel_of_code))
 
     def _prepare(self, conn: sqlite3.Connection) -> dict[str, int]:
-        """Give every channel a code and move a first-layout table's contacts over (on the
-        writer's thread, in one transaction: another process opening the file meanwhile
-        waits, then finds the work done). Returns every channel code, by name."""
+        """Give every channel a code and move a first-layout table's contacts over, on the
+        writer's thread in one transaction; returns every channel code, by name.
+
+        The move is one statement inside SQLite (a few microseconds a contact, so a million
+        contacts take seconds; another process opening the file meanwhile waits for it, up
+        to ``busy_timeout_ms``, then finds it done). It is one-way: every worker of a host
+        restarts together (as ``nextbest serve`` does); an older worker still running would
+        write to a table this layout no longer reads.
+        """
         conn.executemany(
             "INSERT OR IGNORE INTO channel_codes (name) VALUES (?)", [(c,) for c in self.channels]
         )
@@ -528,33 +529,28 @@ class SqliteContactStore:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (LEGACY_TABLE,)
         ).fetchone()
         if legacy:
+            conn.create_function("nextbest_store_key", 1, store_key, deterministic=True)
             conn.execute(
                 "INSERT OR IGNORE INTO channel_codes (name) "
                 f"SELECT DISTINCT channel FROM {LEGACY_TABLE}"
             )
-        codes = {name: int(code) for code, name in conn.execute("SELECT * FROM channel_codes")}
-        if legacy:
             kept_from = int(time.time() * 1e6) - self.retention // timedelta(microseconds=1)
-            rows = conn.execute(  # older contacts would be pruned at once: not moved
-                f"SELECT contact_id, customer_key, channel, offer, at_us, kind FROM {LEGACY_TABLE} "
-                "WHERE at_us >= ?",
+            moved = conn.execute(  # older contacts would be pruned at once: not moved
+                "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
+                "SELECT l.contact_id, nextbest_store_key(l.customer_key), c.code, l.offer, "
+                f"l.at_us, l.kind FROM {LEGACY_TABLE} AS l "
+                "JOIN channel_codes AS c ON c.name = l.channel WHERE l.at_us >= ? "
+                "ON CONFLICT (contact_id) DO UPDATE SET "
+                "customer = excluded.customer, channel = excluded.channel, "
+                "offer = excluded.offer, at_us = excluded.at_us, kind = excluded.kind "
+                "WHERE excluded.kind > contact_events.kind",
                 (kept_from,),
-            ).fetchall()
-            keys = store_keys([row[1] for row in rows])
-            conn.executemany(
-                "INSERT OR IGNORE INTO contact_events VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (cid, key, codes[channel], offer, at, kind)
-                    for (cid, _, channel, offer, at, kind), key in zip(rows, keys, strict=True)
-                ],
-            )
+            ).rowcount
             conn.execute(f"DROP TABLE {LEGACY_TABLE}")
             log.info(
-                "contact store %s: %d contacts moved to the integer-keyed layout",
-                self.path,
-                len(rows),
+                "contact store %s: %d contacts moved to the integer-keyed layout", self.path, moved
             )
-        return codes
+        return {name: int(code) for code, name in conn.execute("SELECT * FROM channel_codes")}
 
     def record(self, contacts: ContactBatch, inline: bool = False) -> Future[int]:
         """Store contacts; idempotent per contact id, a delivery replaces a recommendation.

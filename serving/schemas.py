@@ -247,10 +247,15 @@ class BatchDecisionColumns(BaseModel):
     every array is customer ``i``'s (the fields of :class:`BatchDecision`)."""
 
     decision_id: list[str]
+    """Quote one when reporting its outcome or delivery."""
     action: list[str]
+    """The chosen actions (drawn by the exploration policy)."""
     propensity: list[float]
+    """Probability each chosen action had (logged for learning)."""
     ranked: list[list[str]]
+    """The best allowed actions by score, at most ``k`` per customer."""
     scores: list[list[float]]
+    """Model scores of ``ranked``."""
 
 
 class BatchDecisionColumnsResponse(BaseModel):

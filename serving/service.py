@@ -510,8 +510,10 @@ class ScoringService:
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
         """Decide for every customer of a batch; the JSON body of a
-        :class:`~serving.schemas.BatchDecisionResponse` (built without a Python object per
-        decision: a 10,000-customer batch would spend more time there than deciding).
+        :class:`~serving.schemas.BatchDecisionResponse`, or with ``answer="columns"`` of a
+        :class:`~serving.schemas.BatchDecisionColumnsResponse` (built without a pydantic
+        object per decision: a 10,000-customer batch would spend more time there than
+        deciding).
 
         The batch is decided in parts of :data:`PIPELINE_ROWS` customers, each handed to
         the writers as soon as it is decided: the writers commit one part while the next is

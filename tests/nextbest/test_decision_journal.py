@@ -558,6 +558,16 @@ def test_decision_batch_from_mask_epsilon_greedy_needs_no_dense_distribution() -
         allowed, None, np.array([0, 1]), epsilon_greedy=(np.array([2, 1]), 0.3), **fields
     )
     assert batch.action_dist.tolist() == pytest.approx([0.1, 0.8, 0.1, 0.85, 0.15])
+    del fields["pscore"]  # computed when not given
+    batch = DecisionBatch.from_mask(
+        allowed, None, np.array([0, 1]), epsilon_greedy=(np.array([2, 1]), 0.3), **fields
+    )
+    assert batch.pscore is not None
+    assert batch.pscore.tolist() == pytest.approx([0.1, 0.85])
+    with pytest.raises(ValueError, match="greedy action must be allowed"):
+        DecisionBatch.from_mask(
+            allowed, None, np.array([0, 1]), epsilon_greedy=(np.array([1, 1]), 0.3), **fields
+        )
     with pytest.raises(ValueError, match="not both"):
         DecisionBatch.from_mask(
             allowed, allowed * 0.5, np.array([0, 1]), epsilon_greedy=(np.array([2, 1]), 0.3)
@@ -674,8 +684,12 @@ def test_decision_batch_from_mask_keeps_allowed_actions(journal: JournalWriter) 
     lists = replace(
         batch, decision_id=["c", "d"], candidate_actions=batch.candidates(), candidate_mask=None
     )
-    with pytest.raises(ValueError, match="candidate_actions or candidate_mask"):
+    with pytest.raises(ValueError, match="exactly one of candidate_actions"):
         replace(batch, candidate_mask=None)
+    with pytest.raises(ValueError, match="exactly one of candidate_actions"):
+        replace(batch, candidate_actions=batch.candidates())
+    with pytest.raises(ValueError, match="count each row"):
+        replace(batch, candidate_mask=allowed[::-1])
     journal.submit(lists).result()
     rows = read_journal(journal.path).to_pylist()
     for name in ("candidate_actions", "action_dist", "pscore", "context"):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -252,6 +254,38 @@ def test_store_in_the_first_layout_is_moved_to_integer_keys(
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
     assert "contacts" not in tables
+
+
+def test_two_workers_opening_a_first_layout_store_at_once_move_it_once(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """Workers start together: one moves the contacts, the other waits and finds it done."""
+    now = datetime.now(UTC)
+    conn = sqlite3.connect(tmp_path / "contacts.db")
+    for statement in LEGACY_DDL:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT INTO contacts VALUES (?, ?, 'sms', NULL, ?, 0)",
+        [(f"d{i}", f"cust_{i % 50}", epoch_us(now - timedelta(hours=i))) for i in range(500)],
+    )
+    conn.commit()
+    conn.close()
+    start = threading.Barrier(2)
+
+    def open_store() -> SqliteContactStore:
+        start.wait()
+        return SqliteContactStore(tmp_path, catalog.channel_names)
+
+    with ThreadPoolExecutor(2) as pool:
+        stores = list(pool.map(lambda _: open_store(), range(2)))
+    try:
+        for store in stores:
+            events = store.history([f"cust_{i}" for i in range(50)], now)
+            assert len(events.row) == 500
+            assert np.bincount(events.row).tolist() == [10] * 50
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_store_keys_are_63_bit_and_stable() -> None:
