@@ -35,7 +35,6 @@ longest window) are pruned. A Redis or PostgreSQL store implements :class:`Conta
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import sqlite3
 import threading
@@ -601,7 +600,7 @@ class SqliteContactStore:
         n = len(customer_keys)
         if n == 0:
             return ContactEvents.empty(0)
-        keys = json.dumps(store_keys(customer_keys))
+        keys = to_json(store_keys(customer_keys)).decode()  # TEXT, as in record()
         (text,) = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
         if not text:
             return ContactEvents.empty(n)
