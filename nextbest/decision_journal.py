@@ -727,8 +727,8 @@ class DecisionBatch:
     campaign_id : str, sequence of str ``(n,)`` or None
     policy, model_version, ruleset_version, catalog_version, feature_spec_version : str
     candidate_mask : bool ``(n, A)`` or None
-        The mask ``candidate_actions`` were read from (:meth:`from_mask` keeps it): the
-        journal packs it into its bitmap as it is instead of rebuilding one from the lists.
+        The allowed actions as a mask, instead of ``candidate_actions`` (exactly one of the
+        two; :meth:`from_mask` keeps its mask): the journal packs it into its bitmap as it is.
     """
 
     decision_id: Sequence[str]
@@ -763,9 +763,7 @@ class DecisionBatch:
         if (self.candidate_actions is None) == (self.candidate_mask is None):
             raise ValueError("give exactly one of candidate_actions and candidate_mask")
         total = (
-            len(self.candidate_actions)
-            if self.candidate_actions is not None
-            else int(np.asarray(self.candidate_offsets)[-1])
+            len(self.candidate_actions) if self.candidate_actions is not None else int(offsets[-1])
         )
         if (
             offsets.shape != (n + 1,)
@@ -851,10 +849,10 @@ class DecisionBatch:
             Chosen actions.
         epsilon_greedy : (greedy int ``(n,)``, epsilon), optional
             Instead of ``action_dist``: the epsilon-greedy distribution around each row's
-            greedy action, computed on the allowed entries only (pass ``pscore`` too).
+            greedy action (which must be allowed), computed on the allowed entries only.
         **fields
             The other fields of :class:`DecisionBatch` (``pscore`` defaults to the chosen
-            action's probability when ``action_dist`` is given).
+            action's probability under the distribution given).
         """
         allowed = np.asarray(allowed, bool)
         n, n_actions = allowed.shape
@@ -871,11 +869,10 @@ class DecisionBatch:
                 raise ValueError("give action_dist or epsilon_greedy, not both")
             greedy, epsilon = epsilon_greedy
             greedy = np.asarray(greedy, np.int64)
-            # the greedy action's place among the sorted flat positions of the allowed ones
-            greedy_flat = np.arange(n) * n_actions + greedy
-            greedy_index = np.searchsorted(flat, greedy_flat)
-            if n and not (flat[np.minimum(greedy_index, len(flat) - 1)] == greedy_flat).all():
+            if not allowed[np.arange(n), greedy].all():
                 raise ValueError("every row's greedy action must be allowed")
+            # the greedy action's place among the sorted flat positions of the allowed ones
+            greedy_index = np.searchsorted(flat, np.arange(n) * n_actions + greedy)
             dist = epsilon_greedy_candidate_probabilities(counts, greedy_index, epsilon)
             if "pscore" not in fields:
                 fields["pscore"] = epsilon_greedy_pscore(allowed, greedy, action, epsilon)

@@ -398,14 +398,19 @@ LEGACY_TABLE = "contacts"
 """The text-keyed table of the store's first layout; its rows move to ``contact_events``
 when a store opens the file (:meth:`SqliteContactStore.__init__`)."""
 
-_UPSERT = (
-    "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
-    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2 "
-    "FROM json_each(?1) WHERE true "  # WHERE: the ON CONFLICT below is the upsert's
+_LATER_KIND_REPLACES = (
     "ON CONFLICT (contact_id) DO UPDATE SET "
     "customer = excluded.customer, channel = excluded.channel, "
     "offer = excluded.offer, at_us = excluded.at_us, kind = excluded.kind "
     "WHERE excluded.kind > contact_events.kind"
+)
+"""The upsert clause of every insert: a delivery replaces the recommendation of its contact
+id, never the reverse."""
+_UPSERT = (
+    "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
+    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2 "
+    "FROM json_each(?1) WHERE true "  # WHERE: the ON CONFLICT below is the upsert's
+    + _LATER_KIND_REPLACES
 )
 """Store a batch of contacts in one statement, from a JSON array of ``[contact_id,
 customer, channel code, offer, at_us]`` rows: SQLite parses it without the GIL (one
@@ -511,6 +516,11 @@ class SqliteContactStore:
             self._channel_of_code[codes[name]] = i
         self._lookup = _lookup_sql(len(self._channel_of_code))
 
+    def _retention_start_us(self, now_s: float) -> int:
+        """The oldest contact time kept at ``now_s`` (seconds since the epoch), in
+        microseconds."""
+        return int(now_s * 1e6) - self.retention // timedelta(microseconds=1)
+
     def _prepare(self, conn: sqlite3.Connection) -> dict[str, int]:
         """Give every channel a code and move a first-layout table's contacts over, on the
         writer's thread in one transaction; returns every channel code, by name.
@@ -533,17 +543,13 @@ class SqliteContactStore:
                 "INSERT OR IGNORE INTO channel_codes (name) "
                 f"SELECT DISTINCT channel FROM {LEGACY_TABLE}"
             )
-            kept_from = int(time.time() * 1e6) - self.retention // timedelta(microseconds=1)
             moved = conn.execute(  # older contacts would be pruned at once: not moved
                 "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
                 "SELECT l.contact_id, nextbest_store_key(l.customer_key), c.code, l.offer, "
                 f"l.at_us, l.kind FROM {LEGACY_TABLE} AS l "
                 "JOIN channel_codes AS c ON c.name = l.channel WHERE l.at_us >= ? "
-                "ON CONFLICT (contact_id) DO UPDATE SET "
-                "customer = excluded.customer, channel = excluded.channel, "
-                "offer = excluded.offer, at_us = excluded.at_us, kind = excluded.kind "
-                "WHERE excluded.kind > contact_events.kind",
-                (kept_from,),
+                + _LATER_KIND_REPLACES,
+                (self._retention_start_us(time.time()),),
             ).rowcount
             conn.execute(f"DROP TABLE {LEGACY_TABLE}")
             log.info(
@@ -581,8 +587,7 @@ class SqliteContactStore:
         now = time.time()
         if now - self._last_prune > self.prune_every.total_seconds():
             self._last_prune = now
-            before = int(now * 1e6) - self.retention // timedelta(microseconds=1)
-            self.prune(before).add_done_callback(_log_prune_failure)
+            self.prune(self._retention_start_us(now)).add_done_callback(_log_prune_failure)
 
         def upsert(conn: sqlite3.Connection) -> int:
             conn.execute(_UPSERT, (rows, kind))

@@ -80,14 +80,12 @@ class Decisions:
     def journal_batch(self, **fields: Any) -> DecisionBatch:
         """These decisions as a :class:`~nextbest.decision_journal.DecisionBatch` (the
         allowed actions and their probabilities only); ``fields``: its other fields."""
-        if self.dist is not None:
-            return DecisionBatch.from_mask(self.allowed, self.dist, self.action, **fields)
-        assert self.epsilon is not None
+        compact = None if self.dist is not None else (self.greedy, self.epsilon)
         return DecisionBatch.from_mask(
             self.allowed,
-            None,
+            self.dist,
             self.action,
-            epsilon_greedy=(self.greedy, self.epsilon),
+            epsilon_greedy=compact,  # type: ignore[arg-type]  # the engine sets epsilon then
             **{"pscore": self.pscore, **fields},
         )
 

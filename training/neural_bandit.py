@@ -452,15 +452,16 @@ def train_reward_model(
     model.action_bias.requires_grad_(config.train_action_bias)
     held = None if validation is None else _training_tensors(validation, config, priced, scale)
     optimiser = torch.optim.Adam(_parameter_groups(model, config), lr=config.learning_rate)
-    steps = -(-fit_log.n_rounds // config.batch_size) * (config.warm_start_epochs + config.epochs)
-    schedule = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
-        if config.lr_schedule == "cosine"
-        else None
-    )
     history = TrainingHistory([])
     n = fit_log.n_rounds
     total_epochs = config.warm_start_epochs + config.epochs
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=-(-n // config.batch_size) * total_epochs
+        )
+        if config.lr_schedule == "cosine"
+        else None
+    )
     first_stage: RewardModel | None = None
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     stale = 0
