@@ -440,12 +440,14 @@ def serve_minimal(port: int, model: Path) -> None:
     """The baseline server (same uvicorn settings as ``nextbest serve``)."""
     import uvicorn
 
+    from serving.http_protocol import CoalescingHttpToolsProtocol
+
     uvicorn.run(
         minimal_app(model),
         host="127.0.0.1",
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         access_log=False,
         log_level="warning",
     )

@@ -388,6 +388,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
+    from serving.http_protocol import CoalescingHttpToolsProtocol
     from serving.settings import Settings
 
     if model is not None:
@@ -410,7 +411,7 @@ def serve(
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,  # httptools, one write per answer
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
