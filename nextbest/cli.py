@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import numpy as np
 import typer
@@ -384,11 +384,14 @@ def serve(
     unsafe development defaults are refused."""
     import os
     import shutil
+    import socket
 
     import uvicorn
     from pydantic import ValidationError
+    from uvicorn.supervisors import Multiprocess
 
     from serving.http_protocol import CoalescingHttpToolsProtocol
+    from serving.reuse_port import ReusePortListener, check_port_free, reuse_port_supported
     from serving.settings import Settings
 
     if model is not None:
@@ -398,24 +401,38 @@ def serve(
     except ValidationError as exc:
         console.print(f"[bold red]bad settings[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    if workers > 1:
-        # every worker writes its samples here; /metrics adds them up
-        metrics_dir = settings.state_dir / "prometheus"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
-    uvicorn.run(
-        "serving.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http=CoalescingHttpToolsProtocol,  # httptools, one write per answer
-        access_log=False,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "loop": "uvloop",
+        "http": CoalescingHttpToolsProtocol,  # httptools, one write per answer
+        "access_log": False,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": 30,
+    }
+    if workers == 1:
+        uvicorn.run("serving.app:create_app", **options)
+        return
+    reuse_port = reuse_port_supported()
+    if reuse_port:  # before anything is written: another server may be using the state
+        try:
+            check_port_free(host, port)
+        except OSError as exc:
+            console.print(f"[bold red]cannot serve[/] {escape(str(exc))}")
+            raise typer.Exit(code=2) from None
+    # every worker writes its samples here; /metrics adds them up
+    metrics_dir = settings.state_dir / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    if not reuse_port:
+        uvicorn.run("serving.app:create_app", **options)
+        return
+    # a listening socket per worker, so that connections spread evenly over the workers
+    listener = cast(socket.socket, ReusePortListener(host, port))
+    Multiprocess(uvicorn.Config("serving.app:create_app", **options), sockets=[listener]).run()
 
 
 @app.command()

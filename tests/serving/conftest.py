@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import copy
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -21,6 +27,50 @@ from serving.security import create_api_key
 from serving.settings import Settings
 
 PSEUDONYM_KEY = "test-pseudonymisation-key-0123456789"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server(model: Path, state: Path, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
+    """``nextbest serve`` of ``model`` on 127.0.0.1:``port`` in a subprocess, once ready."""
+    env = {
+        **os.environ,
+        "NEXTBEST_ENVIRONMENT": "local",
+        "NEXTBEST_STATE_DIR": str(state),
+        "NEXTBEST_PSEUDONYMISATION_KEY": PSEUDONYM_KEY,
+        "NEXTBEST_RELOAD_POLL_SECONDS": "0",
+        "NEXTBEST_LOG_LEVEL": "warning",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "nextbest",
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        str(model),
+        "--workers",
+        str(workers),
+    ]
+    server = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "the service exited at start"
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return server
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise AssertionError("the service did not become ready")
 
 
 def write_model(catalog: ActionCatalog, path: Path, seed: int = 0) -> Path:

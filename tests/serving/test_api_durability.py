@@ -7,57 +7,14 @@ import http.client
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import PSEUDONYM_KEY, customer
+from conftest import customer, free_port, start_server
 
 from nextbest.decision_journal import read_journal
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start(model: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "NEXTBEST_ENVIRONMENT": "local",
-        "NEXTBEST_STATE_DIR": str(state),
-        "NEXTBEST_PSEUDONYMISATION_KEY": PSEUDONYM_KEY,
-        "NEXTBEST_RELOAD_POLL_SECONDS": "0",
-        "NEXTBEST_LOG_LEVEL": "warning",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "nextbest",
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        str(model),
-    ]
-    server = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "the service exited at start"
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return server
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    raise AssertionError("the service did not become ready")
 
 
 def _load(port: int, acknowledged: list[str], stop: threading.Event, worker: int) -> None:
@@ -79,8 +36,8 @@ def _load(port: int, acknowledged: list[str], stop: threading.Event, worker: int
 @pytest.mark.slow
 def test_kill_server_keeps_every_acknowledged_decision(api_model: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    port = _free_port()
-    server = _start(api_model, state, port)
+    port = free_port()
+    server = start_server(api_model, state, port)
     acknowledged: list[str] = []
     stop = threading.Event()
     threads = [threading.Thread(target=_load, args=(port, acknowledged, stop, w)) for w in range(8)]
@@ -99,7 +56,7 @@ def test_kill_server_keeps_every_acknowledged_decision(api_model: Path, tmp_path
         if server.poll() is None:
             server.kill()
     assert len(acknowledged) >= 300
-    restarted = _start(api_model, state, port)
+    restarted = start_server(api_model, state, port)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         body = json.dumps({"customer": customer(customer_id="after-restart")})

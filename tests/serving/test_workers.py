@@ -1,0 +1,172 @@
+"""Several workers: each listens on a socket of its own (``SO_REUSEPORT``), connections
+spread over them, a second server on the same port is refused, and the pickling that gives a
+worker its socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PSEUDONYM_KEY, customer, free_port, start_server
+
+from nextbest.decision_journal import read_journal
+from serving.reuse_port import (
+    STARTUP_FAILURE,
+    ReusePortListener,
+    bind_reuse_port,
+    check_port_free,
+    reuse_port_supported,
+)
+
+linux_only = pytest.mark.skipif(not reuse_port_supported(), reason="SO_REUSEPORT balancing")
+
+
+def _sockets_on_port(port: int) -> dict[int, str]:
+    """Inode -> TCP state (hex, ``0A`` listening) of every IPv4 socket with local ``port``."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            out[int(fields[9])] = fields[3]
+    return out
+
+
+def _owner_of_inodes(pids: list[int]) -> dict[int, int]:
+    """Socket inode -> the pid among ``pids`` holding it open."""
+    owner = {}
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        for fd in fd_dir.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[int(target[8:-1])] = pid
+    return owner
+
+
+def _workers(server: subprocess.Popen[bytes]) -> list[int]:
+    """The worker processes of ``server`` (its spawned children, not the resource tracker)."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+
+
+def _connection_peers(port: int, clients: list[socket.socket]) -> list[int]:
+    """For each client socket, the inode of the server-side socket it is connected to."""
+    wanted = {c.getsockname()[1] for c in clients}
+    by_peer = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) in wanted:
+            by_peer[int(remote.split(":")[1], 16)] = int(fields[9])
+    return [by_peer[c.getsockname()[1]] for c in clients]
+
+
+@linux_only
+def test_a_listener_pickles_into_a_socket_bound_with_reuse_port() -> None:
+    port = free_port()
+    first = pickle.loads(pickle.dumps(ReusePortListener("127.0.0.1", port)))
+    second = pickle.loads(pickle.dumps(ReusePortListener("127.0.0.1", port)))
+    try:
+        for sock in (first, second):
+            assert isinstance(sock, socket.socket)
+            assert sock.getsockname() == ("127.0.0.1", port)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+            sock.listen()  # both listen on the one port
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_port_free("127.0.0.1", port)
+    finally:
+        first.close()
+        second.close()
+    check_port_free("127.0.0.1", port)  # free again
+
+
+@linux_only
+def test_a_worker_that_cannot_bind_exits_with_the_start_up_failure_code() -> None:
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT holds the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            bind_reuse_port("127.0.0.1", port)
+        assert exit_info.value.code == STARTUP_FAILURE
+
+
+def _serve_env(state: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "NEXTBEST_ENVIRONMENT": "local",
+        "NEXTBEST_STATE_DIR": str(state),
+        "NEXTBEST_PSEUDONYMISATION_KEY": PSEUDONYM_KEY,
+        "NEXTBEST_LOG_LEVEL": "warning",
+    }
+
+
+@linux_only
+@pytest.mark.slow
+def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
+    api_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    server = start_server(api_model, tmp_path / "state", port, workers=2)
+    clients: list[socket.socket] = []
+    try:
+        workers = _workers(server)
+        assert len(workers) == 2
+        deadline = time.monotonic() + 60
+        while True:  # /readyz answered: one worker is up, the other may still be loading
+            listening = [i for i, state in _sockets_on_port(port).items() if state == "0A"]
+            if len(listening) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        owners = _owner_of_inodes(workers)
+        assert sorted(owners[i] for i in listening) == sorted(workers), "a socket per worker"
+
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
+        time.sleep(0.5)  # let the workers accept
+        served_by = _connection_peers(port, clients)
+        owners = _owner_of_inodes(workers)
+        per_worker = [sum(owners.get(inode) == pid for inode in served_by) for pid in workers]
+        assert sum(per_worker) == 64
+        # a hash over 64 connections: each worker holds at least 8 (P < 1e-9 otherwise)
+        assert min(per_worker) >= 8, per_worker
+
+        ids = []
+        for i in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            body = json.dumps({"customer": customer(customer_id=f"two-workers-{i}")})
+            conn.request("POST", "/v1/decisions", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 200
+            ids.append(json.loads(response.read())["decision_id"])
+            conn.close()
+
+        second = subprocess.run(
+            [sys.executable, "-m", "nextbest", "serve", "--port", str(port), "--workers", "2"],
+            env={**_serve_env(tmp_path / "other"), "NEXTBEST_MODEL_URI": str(api_model)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stdout + second.stderr
+        assert not (tmp_path / "other" / "prometheus").exists()  # refused before writing
+    finally:
+        for c in clients:
+            c.close()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert server.returncode == 0
+    journal = read_journal(tmp_path / "state")
+    assert set(ids) <= set(journal.column("decision_id").to_pylist())
