@@ -391,7 +391,12 @@ def serve(
     from uvicorn.supervisors import Multiprocess
 
     from serving.http_protocol import CoalescingHttpToolsProtocol
-    from serving.reuse_port import ReusePortListener, check_port_free, reuse_port_supported
+    from serving.reuse_port import (
+        STARTUP_FAILURE,
+        ReusePortListener,
+        check_port_free,
+        reuse_port_supported,
+    )
     from serving.settings import Settings
 
     if model is not None:
@@ -421,7 +426,7 @@ def serve(
             check_port_free(host, port)
         except OSError as exc:
             console.print(f"[bold red]cannot serve[/] {escape(str(exc))}")
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=STARTUP_FAILURE) from None
     # every worker writes its samples here; /metrics adds them up
     metrics_dir = settings.state_dir / "prometheus"
     shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -431,8 +436,12 @@ def serve(
         uvicorn.run("serving.app:create_app", **options)
         return
     # a listening socket per worker, so that connections spread evenly over the workers
+    console.print(f"serving on http://{host}:{port} with {workers} workers, a socket each")
     listener = cast(socket.socket, ReusePortListener(host, port))
-    Multiprocess(uvicorn.Config("serving.app:create_app", **options), sockets=[listener]).run()
+    supervisor = Multiprocess(uvicorn.Config("serving.app:create_app", **options), [listener])
+    supervisor.run()
+    if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+        raise typer.Exit(code=STARTUP_FAILURE)  # a worker could not start: the supervisor stopped
 
 
 @app.command()

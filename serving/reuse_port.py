@@ -16,6 +16,15 @@ false and the caller keeps uvicorn's shared socket.
 How the worker gets its socket: uvicorn hands the parent's sockets to each worker by
 pickling them. A :class:`ReusePortListener` pickles as a call to :func:`bind_reuse_port`, so
 it arrives in the worker as a new socket bound there.
+
+Two differences from a shared socket:
+
+* connections still waiting in a worker's queue when the worker stops (a restart on SIGHUP,
+  a crash, the end of a graceful stop) are reset instead of being accepted by another
+  worker; Linux's ``net.ipv4.tcp_migrate_req = 1`` moves them to the other workers' queues;
+* while no worker listens (all of them restarting at once), the port is not held: another
+  program may take it, and the workers then fail to start. The supervisor stops, and
+  ``nextbest serve`` exits with the start-up failure code (3).
 """
 
 from __future__ import annotations
@@ -25,11 +34,9 @@ import socket
 import sys
 from typing import Any
 
-log = logging.getLogger(__name__)
+from uvicorn.config import STARTUP_FAILURE  # a worker's exit code: the supervisor then stops
 
-STARTUP_FAILURE = 3
-"""uvicorn's exit code for a worker that cannot start: its supervisor then stops instead of
-restarting the worker over and over."""
+log = logging.getLogger(__name__)
 
 
 def reuse_port_supported() -> bool:

@@ -36,9 +36,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_server(model: Path, state: Path, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
-    """``nextbest serve`` of ``model`` on 127.0.0.1:``port`` in a subprocess, once ready."""
-    env = {
+def server_env(state: Path) -> dict[str, str]:
+    """The environment of a ``nextbest serve`` subprocess keeping its state in ``state``."""
+    return {
         **os.environ,
         "NEXTBEST_ENVIRONMENT": "local",
         "NEXTBEST_STATE_DIR": str(state),
@@ -46,6 +46,11 @@ def start_server(model: Path, state: Path, port: int, workers: int = 1) -> subpr
         "NEXTBEST_RELOAD_POLL_SECONDS": "0",
         "NEXTBEST_LOG_LEVEL": "warning",
     }
+
+
+def start_server(model: Path, state: Path, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
+    """``nextbest serve`` of ``model`` on 127.0.0.1:``port`` in a subprocess, once ready."""
+    env = server_env(state)
     command = [
         sys.executable,
         "-m",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import socket
 import threading
 import time
 from typing import Any
 
 import uvicorn
+from conftest import free_port
 
 from serving.http_protocol import CoalescingHttpToolsProtocol, _CoalescingTransport
 
@@ -24,6 +24,10 @@ class _RecordingTransport:
     def write(self, data: bytes) -> None:
         assert not self.closed, "write after close"
         self.writes.append(bytes(data))
+
+    def writelines(self, chunks: Any) -> None:  # one call, one entry (one writev)
+        assert not self.closed, "write after close"
+        self.writes.append(b"".join(chunks))
 
     def write_eof(self) -> None:
         self.writes.append(b"<eof>")
@@ -142,9 +146,7 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(
         _app,
         host="127.0.0.1",
@@ -175,6 +177,11 @@ def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> N
         assert response.read() == b"part0;part1;part2;end"
         connection.request("POST", "/echo", body=b"after the stream")
         assert connection.getresponse().read() == b"echo:after the stream"
+        protocols = list(server.server_state.connections)  # the open connection's protocol
+        assert protocols and all(
+            isinstance(p.transport, _CoalescingTransport)  # type: ignore[attr-defined]
+            for p in protocols
+        )
         connection.close()
     finally:
         server.should_exit = True

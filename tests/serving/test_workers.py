@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PSEUDONYM_KEY, customer, free_port, start_server
+from conftest import customer, free_port, server_env, start_server
 
 from nextbest.decision_journal import read_journal
 from serving.reuse_port import (
@@ -31,7 +31,8 @@ linux_only = pytest.mark.skipif(not reuse_port_supported(), reason="SO_REUSEPORT
 
 
 def _sockets_on_port(port: int) -> dict[int, str]:
-    """Inode -> TCP state (hex, ``0A`` listening) of every IPv4 socket with local ``port``."""
+    """Inode -> TCP state (hex, ``0A`` listening) of every IPv4 socket with local ``port``
+    (the tests serve on 127.0.0.1: ``/proc/net/tcp`` holds them all)."""
     out = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
@@ -62,7 +63,8 @@ def _workers(server: subprocess.Popen[bytes]) -> list[int]:
 
 
 def _connection_peers(port: int, clients: list[socket.socket]) -> list[int]:
-    """For each client socket, the inode of the server-side socket it is connected to."""
+    """For each client socket, the inode of the server-side socket it is connected to (0
+    while no worker has accepted it yet)."""
     wanted = {c.getsockname()[1] for c in clients}
     by_peer = {}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
@@ -103,16 +105,6 @@ def test_a_worker_that_cannot_bind_exits_with_the_start_up_failure_code() -> Non
         assert exit_info.value.code == STARTUP_FAILURE
 
 
-def _serve_env(state: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "NEXTBEST_ENVIRONMENT": "local",
-        "NEXTBEST_STATE_DIR": str(state),
-        "NEXTBEST_PSEUDONYMISATION_KEY": PSEUDONYM_KEY,
-        "NEXTBEST_LOG_LEVEL": "warning",
-    }
-
-
 @linux_only
 @pytest.mark.slow
 def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
@@ -127,15 +119,18 @@ def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
         deadline = time.monotonic() + 60
         while True:  # /readyz answered: one worker is up, the other may still be loading
             listening = [i for i, state in _sockets_on_port(port).items() if state == "0A"]
-            if len(listening) == 2 or time.monotonic() > deadline:
+            if len(listening) == 2:
                 break
+            assert time.monotonic() < deadline, f"{len(listening)} listening sockets, not 2"
             time.sleep(0.1)
         owners = _owner_of_inodes(workers)
         assert sorted(owners[i] for i in listening) == sorted(workers), "a socket per worker"
 
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
-        time.sleep(0.5)  # let the workers accept
-        served_by = _connection_peers(port, clients)
+        deadline = time.monotonic() + 30
+        while 0 in (served_by := _connection_peers(port, clients)):  # not all accepted yet
+            assert time.monotonic() < deadline, "the workers did not accept every connection"
+            time.sleep(0.05)
         owners = _owner_of_inodes(workers)
         per_worker = [sum(owners.get(inode) == pid for inode in served_by) for pid in workers]
         assert sum(per_worker) == 64
@@ -154,12 +149,12 @@ def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
 
         second = subprocess.run(
             [sys.executable, "-m", "nextbest", "serve", "--port", str(port), "--workers", "2"],
-            env={**_serve_env(tmp_path / "other"), "NEXTBEST_MODEL_URI": str(api_model)},
+            env={**server_env(tmp_path / "other"), "NEXTBEST_MODEL_URI": str(api_model)},
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert second.returncode == 2
+        assert second.returncode == STARTUP_FAILURE
         assert f"cannot listen on 127.0.0.1:{port}" in second.stdout + second.stderr
         assert not (tmp_path / "other" / "prometheus").exists()  # refused before writing
     finally:
@@ -170,3 +165,31 @@ def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
     assert server.returncode == 0
     journal = read_journal(tmp_path / "state")
     assert set(ids) <= set(journal.column("decision_id").to_pylist())
+
+
+@linux_only
+@pytest.mark.slow
+def test_workers_that_cannot_come_back_stop_the_server_with_the_failure_code(
+    api_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    server = start_server(api_model, tmp_path / "state", port, workers=2)
+    squatter = socket.socket()
+    try:
+        for pid in _workers(server):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:  # the port is free once both workers are gone: another program takes it
+            try:
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                squatter.bind(("127.0.0.1", port))
+                squatter.listen()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the killed workers still hold the port"
+                time.sleep(0.05)
+        assert server.wait(timeout=60) == STARTUP_FAILURE  # restarts fail: not a clean exit
+    finally:
+        squatter.close()
+        if server.poll() is None:
+            server.kill()
