@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,13 +106,25 @@ def test_a_worker_that_cannot_bind_exits_with_the_start_up_failure_code() -> Non
         assert exit_info.value.code == STARTUP_FAILURE
 
 
+@pytest.fixture
+def two_workers(api_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``nextbest serve --workers 2`` on a free port (state in ``tmp_path / "state"``)."""
+    port = free_port()
+    server = start_server(api_model, tmp_path / "state", port, workers=2)
+    try:
+        yield server, port
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
+
+
 @linux_only
 @pytest.mark.slow
 def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
-    api_model: Path, tmp_path: Path
+    two_workers: tuple[subprocess.Popen[bytes], int], api_model: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    server = start_server(api_model, tmp_path / "state", port, workers=2)
+    server, port = two_workers
     clients: list[socket.socket] = []
     try:
         workers = _workers(server)
@@ -170,10 +183,9 @@ def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
 @linux_only
 @pytest.mark.slow
 def test_workers_that_cannot_come_back_stop_the_server_with_the_failure_code(
-    api_model: Path, tmp_path: Path
+    two_workers: tuple[subprocess.Popen[bytes], int],
 ) -> None:
-    port = free_port()
-    server = start_server(api_model, tmp_path / "state", port, workers=2)
+    server, port = two_workers
     squatter = socket.socket()
     try:
         for pid in _workers(server):
@@ -191,5 +203,3 @@ def test_workers_that_cannot_come_back_stop_the_server_with_the_failure_code(
         assert server.wait(timeout=60) == STARTUP_FAILURE  # restarts fail: not a clean exit
     finally:
         squatter.close()
-        if server.poll() is None:
-            server.kill()
