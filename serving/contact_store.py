@@ -505,6 +505,9 @@ class SqliteContactStore:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._last_prune = -np.inf
+        self._looked_up: dict[str, int] = {}
+        """The last lookup's customers and their store keys: a decision records the contacts
+        of the customers it looked up, and the hash need not run twice."""
         try:
             codes = self._writer.submit(self._prepare).result()
         except BaseException:
@@ -515,6 +518,11 @@ class SqliteContactStore:
         for i, name in enumerate(self.channels):
             self._channel_of_code[codes[name]] = i
         self._lookup = _lookup_sql(len(self._channel_of_code))
+
+    def _store_keys(self, customer_keys: Sequence[str]) -> list[int]:
+        """:func:`store_keys`, taken from the last lookup where it has them."""
+        known = self._looked_up
+        return [known[k] if k in known else store_key(k) for k in customer_keys]
 
     def _retention_start_us(self, now_s: float) -> int:
         """The oldest contact time kept at ``now_s`` (seconds since the epoch), in
@@ -576,7 +584,7 @@ class SqliteContactStore:
             list(
                 zip(
                     contacts.contact_id,
-                    store_keys(contacts.customer_key),
+                    self._store_keys(contacts.customer_key),
                     [code_of[c] for c in contacts.channel],
                     contacts.offer,
                     stamps,
@@ -605,7 +613,9 @@ class SqliteContactStore:
         n = len(customer_keys)
         if n == 0:
             return ContactEvents.empty(0)
-        keys = to_json(store_keys(customer_keys)).decode()  # TEXT, as in record()
+        integers = store_keys(customer_keys)
+        self._looked_up = dict(zip(customer_keys, integers, strict=True))
+        keys = to_json(integers).decode()  # TEXT, as in record()
         (text,) = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
         if not text:
             return ContactEvents.empty(n)

@@ -147,6 +147,39 @@ def test_contacts_one_query_for_a_batch(store: SqliteContactStore) -> None:
     assert events.delivered.all()
 
 
+def test_recorded_customers_are_found_whether_looked_up_before_or_not(
+    store: SqliteContactStore,
+) -> None:
+    # record() reuses the store keys of the last lookup; customers outside it are hashed
+    store.history(["cust_a", "cust_b"], NOW)
+    store.record(
+        ContactBatch(
+            ["c1", "c2"],
+            ["cust_a", "cust_c"],
+            ["sms", "wechat"],
+            [None, None],
+            epoch_us(ago(days=1)),
+            "recommended",
+        )
+    ).result()
+    store.history(["cust_x"], NOW)  # another lookup replaces the remembered keys
+    store.record(contacts(["c3"], "sms", ago(days=2), key="cust_b")).result()
+    events = store.history(["cust_a", "cust_b", "cust_c", "cust_d"], NOW)
+    found = sorted(zip(events.row.tolist(), events.channel.tolist(), strict=True))
+    sms, wechat = CHANNELS.index("sms"), CHANNELS.index("wechat")
+    assert found == [(0, sms), (1, sms), (2, wechat)]
+    rows = (
+        sqlite3.connect(store.path)
+        .execute("SELECT contact_id, customer FROM contact_events ORDER BY contact_id")
+        .fetchall()
+    )
+    assert rows == [
+        ("c1", store_key("cust_a")),
+        ("c2", store_key("cust_c")),
+        ("c3", store_key("cust_b")),
+    ]
+
+
 def test_contacts_of_unknown_customers_and_old_contacts_are_empty(
     store: SqliteContactStore,
 ) -> None:
