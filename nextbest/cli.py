@@ -383,7 +383,6 @@ def serve(
     NEXTBEST_* environment (see serving/settings.py); outside NEXTBEST_ENVIRONMENT=local the
     unsafe development defaults are refused."""
     import os
-    import shutil
     import socket
 
     import uvicorn
@@ -391,6 +390,7 @@ def serve(
     from uvicorn.supervisors import Multiprocess
 
     from serving.http_protocol import CoalescingHttpToolsProtocol
+    from serving.metrics import multiprocess_dir
     from serving.reuse_port import (
         STARTUP_FAILURE,
         ReusePortListener,
@@ -428,9 +428,7 @@ def serve(
             console.print(f"[bold red]cannot serve[/] {escape(str(exc))}")
             raise typer.Exit(code=STARTUP_FAILURE) from None
     # every worker writes its samples here; /metrics adds them up
-    metrics_dir = settings.state_dir / "prometheus"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
+    metrics_dir = multiprocess_dir(settings.state_dir, os.getpid())
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     if not reuse_port:
         uvicorn.run("serving.app:create_app", **options)

@@ -3,16 +3,18 @@
 Labels are routes, status codes, channels, rule ids and model versions: never a customer
 key, decision id or anything else with one value per customer.
 
-With several worker processes, ``nextbest serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` (a
-directory under the state directory, emptied at start) before the workers import this
-module, and :func:`render` aggregates every worker's samples.
+With several worker processes, ``nextbest serve`` sets ``PROMETHEUS_MULTIPROC_DIR``
+(:func:`multiprocess_dir`: a directory of its own under the state directory) before the
+workers import this module, and :func:`render` aggregates every worker's samples.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import (
@@ -129,6 +131,34 @@ def set_model_version(version: str | None, previous: str | None) -> None:
         MODEL_INFO.remove(previous)
     if version is not None:
         MODEL_INFO.labels(version=version).set(1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def multiprocess_dir(state_dir: Path, server_pid: int) -> Path:
+    """The directory of one server's worker samples, ``<state_dir>/prometheus/<server_pid>``,
+    created empty.
+
+    Another server may share the state directory (its journal and contact store are made
+    for that): its samples stay. Directories of servers no longer running are removed.
+    """
+    root = state_dir / "prometheus"
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name.isdigit() and not _running(int(entry.name)):
+            shutil.rmtree(entry, ignore_errors=True)
+    own = root / str(server_pid)
+    shutil.rmtree(own, ignore_errors=True)  # left by an earlier process with this pid
+    own.mkdir()
+    return own
 
 
 def render() -> tuple[bytes, str]:

@@ -20,6 +20,7 @@ import pytest
 from conftest import customer, free_port, server_env, start_server
 
 from nextbest.decision_journal import read_journal
+from serving.metrics import multiprocess_dir
 from serving.reuse_port import (
     STARTUP_FAILURE,
     ReusePortListener,
@@ -203,3 +204,42 @@ def test_workers_that_cannot_come_back_stop_the_server_with_the_failure_code(
         assert server.wait(timeout=60) == STARTUP_FAILURE  # restarts fail: not a clean exit
     finally:
         squatter.close()
+
+
+def test_metrics_dirs_of_servers_no_longer_running_are_removed(tmp_path: Path) -> None:
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    root = tmp_path / "prometheus"
+    (root / str(dead_pid.pid)).mkdir(parents=True)
+    (root / str(dead_pid.pid) / "counter_1.db").write_bytes(b"old")
+    (root / str(os.getppid())).mkdir()  # a running server's (the test runner's parent)
+    (root / str(os.getppid()) / "counter_2.db").write_bytes(b"live")
+    (root / str(os.getpid())).mkdir()  # an earlier process that had this pid
+    (root / str(os.getpid()) / "counter_3.db").write_bytes(b"stale")
+
+    own = multiprocess_dir(tmp_path, os.getpid())
+
+    assert own == root / str(os.getpid()) and list(own.iterdir()) == []
+    assert not (root / str(dead_pid.pid)).exists()
+    assert (root / str(os.getppid()) / "counter_2.db").read_bytes() == b"live"
+
+
+@linux_only
+@pytest.mark.slow
+def test_a_second_server_on_the_same_state_leaves_the_first_ones_metrics(
+    two_workers: tuple[subprocess.Popen[bytes], int], api_model: Path, tmp_path: Path
+) -> None:
+    first, first_port = two_workers
+    own = tmp_path / "state" / "prometheus" / str(first.pid)
+    assert own.is_dir()
+    second = start_server(api_model, tmp_path / "state", free_port(), workers=2)
+    try:
+        assert own.is_dir()  # the second server has its own directory
+        assert (tmp_path / "state" / "prometheus" / str(second.pid)).is_dir()
+        connection = http.client.HTTPConnection("127.0.0.1", first_port, timeout=10)
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200 and b"nextbest_model_info" in response.read()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
