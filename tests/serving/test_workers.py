@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,8 +107,17 @@ def test_a_worker_that_cannot_bind_exits_with_the_start_up_failure_code() -> Non
         assert exit_info.value.code == STARTUP_FAILURE
 
 
+Served = tuple[subprocess.Popen[bytes], int]
+"""A ``nextbest serve`` process and its port."""
+
+
+def slow_on_linux(test: Callable[..., None]) -> Callable[..., None]:
+    """Marks a test that starts servers with several workers: slow, and Linux only."""
+    return linux_only(pytest.mark.slow(test))
+
+
 @pytest.fixture
-def two_workers(api_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def two_workers(api_model: Path, tmp_path: Path) -> Iterator[Served]:
     """``nextbest serve --workers 2`` on a free port (state in ``tmp_path / "state"``)."""
     port = free_port()
     server = start_server(api_model, tmp_path / "state", port, workers=2)
@@ -120,10 +129,9 @@ def two_workers(api_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Po
             server.wait(timeout=30)
 
 
-@linux_only
-@pytest.mark.slow
+@slow_on_linux
 def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
-    two_workers: tuple[subprocess.Popen[bytes], int], api_model: Path, tmp_path: Path
+    two_workers: Served, api_model: Path, tmp_path: Path
 ) -> None:
     server, port = two_workers
     clients: list[socket.socket] = []
@@ -181,10 +189,9 @@ def test_two_workers_listen_apart_share_connections_and_journal_every_decision(
     assert set(ids) <= set(journal.column("decision_id").to_pylist())
 
 
-@linux_only
-@pytest.mark.slow
+@slow_on_linux
 def test_workers_that_cannot_come_back_stop_the_server_with_the_failure_code(
-    two_workers: tuple[subprocess.Popen[bytes], int],
+    two_workers: Served,
 ) -> None:
     server, port = two_workers
     squatter = socket.socket()
@@ -224,10 +231,9 @@ def test_metrics_dirs_of_servers_no_longer_running_are_removed(tmp_path: Path) -
     assert (root / str(os.getppid()) / "counter_2.db").read_bytes() == b"live"
 
 
-@linux_only
-@pytest.mark.slow
+@slow_on_linux
 def test_a_second_server_on_the_same_state_leaves_the_first_ones_metrics(
-    two_workers: tuple[subprocess.Popen[bytes], int], api_model: Path, tmp_path: Path
+    two_workers: Served, api_model: Path, tmp_path: Path
 ) -> None:
     first, first_port = two_workers
     own = tmp_path / "state" / "prometheus" / str(first.pid)
