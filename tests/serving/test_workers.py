@@ -195,6 +195,7 @@ def test_workers_that_cannot_come_back_stop_the_server_with_the_failure_code(
 ) -> None:
     server, port = two_workers
     squatter = socket.socket()
+    os.kill(server.pid, signal.SIGSTOP)  # the supervisor cannot restart them until SIGCONT
     try:
         for pid in _workers(server):
             os.kill(pid, signal.SIGKILL)
@@ -208,8 +209,11 @@ def test_workers_that_cannot_come_back_stop_the_server_with_the_failure_code(
             except OSError:
                 assert time.monotonic() < deadline, "the killed workers still hold the port"
                 time.sleep(0.05)
+        os.kill(server.pid, signal.SIGCONT)
         assert server.wait(timeout=60) == STARTUP_FAILURE  # restarts fail: not a clean exit
     finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGCONT)  # never leave it stopped
         squatter.close()
 
 
