@@ -417,19 +417,16 @@ def serve(
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": 30,
     }
-    if workers == 1:
-        uvicorn.run("serving.app:create_app", **options)
-        return
-    reuse_port = reuse_port_supported()
+    reuse_port = workers > 1 and reuse_port_supported()
     if reuse_port:  # before anything is written: another server may be using the state
         try:
             check_port_free(host, port)
         except OSError as exc:
             console.print(f"[bold red]cannot serve[/] {escape(str(exc))}")
             raise typer.Exit(code=STARTUP_FAILURE) from None
-    # every worker writes its samples here; /metrics adds them up
-    metrics_dir = multiprocess_dir(settings.state_dir, os.getpid())
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    if workers > 1:  # every worker writes its samples here; /metrics adds them up
+        metrics_dir = multiprocess_dir(settings.state_dir, os.getpid())
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     if not reuse_port:
         uvicorn.run("serving.app:create_app", **options)
         return

@@ -135,11 +135,11 @@ def set_model_version(version: str | None, previous: str | None) -> None:
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # it exists, another user's
+        pass
     return True
 
 
