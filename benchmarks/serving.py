@@ -1,10 +1,10 @@
 """Scoring-service benchmark: in-process decision time, HTTP throughput and latency.
 
-Run: ``.venv/bin/python benchmarks/serving.py`` (about two minutes). Load comes from wrk in a
-second process on 127.0.0.1 (installed with ``apt-get install -y wrk`` when missing and
-possible; otherwise the HTTP figures are null and the reason is printed). Every request
-carries a different customer id (a wrk Lua script), so the contact store sees a realistic
-spread of customers rather than one customer hitting its caps.
+Run: ``.venv/bin/python benchmarks/serving.py`` (about two minutes). Load comes from wrk (one
+thread) in a second process on 127.0.0.1, installed with ``apt-get install -y wrk`` when
+missing and possible; otherwise the HTTP figures are null and the reason is printed. Every
+request carries a different customer id (a wrk Lua script), so the contact store sees a
+realistic spread of customers rather than one customer hitting its caps.
 
 Measured, in the same run:
 
@@ -281,12 +281,17 @@ def ensure_wrk() -> str | None:
 
 
 def wrk(binary: str, url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
-    """One wrk run: requests per second, p50 and p99 milliseconds, failures."""
-    threads = 1 if connections < 32 else 2
+    """One wrk run: requests per second, p50 and p99 milliseconds, failures.
+
+    One wrk thread at every connection count (it drives 64 connections at more than the
+    server's rate): on this two-core machine a second wrk thread competes with the two
+    workers for the cores and measures the load generator as much as the server (2026-11-24,
+    two workers at 64 connections, same runs alternated: see BENCHMARKS.md).
+    """
     out = subprocess.run(
         [
             binary,
-            f"-t{threads}",
+            "-t1",
             f"-c{connections}",
             f"-d{seconds}s",
             "--timeout",
