@@ -29,6 +29,15 @@ LIFECYCLE_STAGES = ("new", "growth", "mature", "decline")
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
+MAX_COUNT = 100_000
+"""Largest contact count or page-view count accepted for one window: more is an input
+error, and larger numbers would overflow the float32 features."""
+MAX_DAYS = 36_500
+"""Largest day count accepted (a century)."""
+MAX_AUM_CNY = 1e15
+"""Largest assets under management accepted, CNY."""
+
+
 class ContactHistory(BaseModel):
     """Summary of recent contacts with the customer, per channel."""
 
@@ -47,6 +56,8 @@ class ContactHistory(BaseModel):
         for channel, count in value.items():
             if count < 0:
                 raise ValueError(f"count for {channel!r} must not be negative, got {count}")
+            if count > MAX_COUNT:
+                raise ValueError(f"count for {channel!r} must be at most {MAX_COUNT}, got {count}")
         check_channel_names(value.keys(), info)
         return value
 
@@ -72,11 +83,11 @@ class BehaviourEvents(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mortgage_page_views_7d: int = Field(default=0, ge=0)
+    mortgage_page_views_7d: int = Field(default=0, ge=0, le=MAX_COUNT)
     """Views of the mortgage page in the last 7 days."""
-    days_to_product_maturity: int | None = Field(default=None, ge=0)
+    days_to_product_maturity: int | None = Field(default=None, ge=0, le=MAX_DAYS)
     """Days until a held product matures (None: nothing maturing)."""
-    days_since_last_login: int | None = Field(default=None, ge=0)
+    days_since_last_login: int | None = Field(default=None, ge=0, le=MAX_DAYS)
     """Days since the last app login (None: never logged in)."""
     offer_views_30d: dict[str, int] = Field(default_factory=dict)
     """Product-page views per offer over the last 30 days (offers not listed: 0)."""
@@ -89,6 +100,8 @@ class BehaviourEvents(BaseModel):
         for offer, count in value.items():
             if count < 0:
                 raise ValueError(f"views of {offer!r} must not be negative, got {count}")
+            if count > MAX_COUNT:
+                raise ValueError(f"views of {offer!r} must be at most {MAX_COUNT}, got {count}")
         check_offer_names(value, info)
         return value
 
@@ -106,7 +119,7 @@ class CustomerContext(BaseModel):
     customer_id: str = Field(min_length=1, max_length=128)
     """The bank's customer identifier; pseudonymised before anything is logged."""
     age: int = Field(ge=0, le=120)
-    aum_cny: float = Field(ge=0, allow_inf_nan=False)
+    aum_cny: float = Field(ge=0, le=MAX_AUM_CNY, allow_inf_nan=False)
     """Assets under management, CNY."""
     income_band: Literal["low", "middle", "high", "very_high"]
     risk_tolerance: Literal["C1", "C2", "C3", "C4", "C5"] | None = None

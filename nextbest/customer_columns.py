@@ -37,6 +37,7 @@ from nextbest.context import (
     DEFAULT_TIMEZONE,
     INCOME_BANDS,
     LIFECYCLE_STAGES,
+    MAX_COUNT,
     RISK_TOLERANCES,
     BehaviourEvents,
     ContactHistory,
@@ -71,7 +72,7 @@ MortgagePageViews = _entry(BehaviourEvents, "mortgage_page_views_7d")
 DaysToMaturity = _entry(BehaviourEvents, "days_to_product_maturity")
 DaysSinceLogin = _entry(BehaviourEvents, "days_since_last_login")
 UsualLoginHour = _entry(BehaviourEvents, "usual_login_hour")
-Count = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 """A contact or view count of one customer (CustomerContext refuses negatives in Python)."""
 
 PER_NAME_FIELDS = ("contacts_7d", "contacts_30d", "offer_views_30d")
@@ -263,7 +264,8 @@ class CustomerColumns(BaseModel):
             except ValueError:
                 unknown.append(name)
         if unknown:
-            row = min(map(value.index, unknown))
+            bad = set(unknown)
+            row = next(i for i, name in enumerate(value) if name in bad)
             try:
                 time_zone(value[row])
             except ValueError as exc:

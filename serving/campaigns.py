@@ -15,11 +15,15 @@ from pydantic import Field, ValidationInfo, field_validator
 from nextbest.catalog import ActionCatalog
 from nextbest.config_loading import ConfigError, StrictModel, load_model
 
+CAMPAIGN_ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+"""What a campaign id may hold (letters, digits, ``_ . : -``): also checked in requests
+when the service accepts any campaign."""
+
 
 class Campaign(StrictModel):
     """One marketing campaign."""
 
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    id: str = Field(min_length=1, max_length=64, pattern=CAMPAIGN_ID_PATTERN)
     description: str = ""
     offers: tuple[str, ...] | None = None
     """Offers the campaign may recommend (None: every offer)."""

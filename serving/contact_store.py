@@ -35,6 +35,7 @@ longest window) are pruned. A Redis or PostgreSQL store implements :class:`Conta
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import sqlite3
 import threading
@@ -200,14 +201,17 @@ class ContactStore(Protocol):
     """Channel names; :attr:`ContactEvents.channel` indexes this."""
 
     def record(self, contacts: ContactBatch, inline: bool = False) -> Future[int]:
-        """Store contacts (idempotent per contact id); the future gives the rows written.
+        """Store contacts (idempotent per contact id); the future gives the rows inserted or
+        replaced.
 
         ``inline``: a hint that the caller would rather have a small write done on its own
         thread when that cannot block (the future is then resolved on return)."""
         ...
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
-        """Stored contacts of ``customer_keys`` ``(n,)`` later than ``since_us``."""
+        """Stored contacts of ``customer_keys`` ``(n,)`` later than ``since_us``, with the
+        contacts this store was given to record and has not committed yet (a decision must
+        see every contact decided before it)."""
         ...
 
     def prune(self, before_us: int) -> Future[int]:
@@ -508,12 +512,18 @@ class SqliteContactStore:
         self._looked_up: dict[str, int] = {}
         """The last lookup's customers and their store keys: a decision records the contacts
         of the customers it looked up, and the hash need not run twice."""
+        self._pending: dict[int, list[tuple[int, int, int, bool]]] = {}
+        """Contacts this store submitted and not yet committed, by store key: ``(write,
+        channel index, at_us, delivered)``; :meth:`contacts` counts them (see there)."""
+        self._pending_lock = threading.Lock()
+        self._writes = itertools.count()
         try:
             codes = self._writer.submit(self._prepare).result()
         except BaseException:
             self._writer.close()
             raise
         self._code_of = {name: codes[name] for name in self.channels}
+        self._index_of = {name: i for i, name in enumerate(self.channels)}
         self._channel_of_code = np.full(max(codes.values(), default=0) + 1, -1, np.int64)
         for i, name in enumerate(self.channels):
             self._channel_of_code[codes[name]] = i
@@ -567,6 +577,7 @@ class SqliteContactStore:
 
     def record(self, contacts: ContactBatch, inline: bool = False) -> Future[int]:
         """Store contacts; idempotent per contact id, a delivery replaces a recommendation.
+        The future gives the rows inserted or replaced (0 for a contact already stored).
 
         Also prunes, at most every ``prune_every``, contacts older than the retention.
         ``inline``: commit on the calling thread when the writer is idle (see
@@ -580,11 +591,12 @@ class SqliteContactStore:
         unknown = set(contacts.channel) - code_of.keys()
         if unknown:
             raise ValueError(f"channel(s) {sorted(unknown)} not among the store's {self.channels}")
+        keys = self._store_keys(contacts.customer_key)
         rows = to_json(
             list(
                 zip(
                     contacts.contact_id,
-                    self._store_keys(contacts.customer_key),
+                    keys,
                     [code_of[c] for c in contacts.channel],
                     contacts.offer,
                     stamps,
@@ -598,17 +610,49 @@ class SqliteContactStore:
             self.prune(self._retention_start_us(now)).add_done_callback(_log_prune_failure)
 
         def upsert(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
             conn.execute(_UPSERT, (rows, kind))
-            return n
+            return conn.total_changes - before
 
+        write = self._remember_pending(keys, contacts.channel, stamps, kind == 1)
         submit = self._writer.submit_inline if inline else self._writer.submit
-        return submit(upsert, rows=n)
+        try:
+            future = submit(upsert, rows=n)
+        except BaseException:
+            self._forget_pending(write, keys)
+            raise
+        future.add_done_callback(lambda _: self._forget_pending(write, keys))
+        return future
+
+    def _remember_pending(
+        self, keys: list[int], channels: Sequence[str], stamps: list[int], delivered: bool
+    ) -> int:
+        """Note contacts about to be written, so that lookups count them before their
+        commit; returns the write's number (for :meth:`_forget_pending`)."""
+        write = next(self._writes)
+        index = self._index_of
+        with self._pending_lock:
+            for key, channel, at_us in zip(keys, channels, stamps, strict=True):
+                self._pending.setdefault(key, []).append((write, index[channel], at_us, delivered))
+        return write
+
+    def _forget_pending(self, write: int, keys: list[int]) -> None:
+        """The write is committed (or failed): the store, not this map, has its contacts."""
+        with self._pending_lock:
+            for key in keys:
+                entries = self._pending.get(key)
+                if entries is None:
+                    continue
+                entries[:] = [e for e in entries if e[0] != write]
+                if not entries:
+                    del self._pending[key]
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
         """Stored contacts of ``customer_keys`` ``(n,)`` after ``since_us``, in one query.
 
-        Sees every write committed so far, by any process. Contacts on channels not in
-        ``channels`` (a catalogue that dropped one) are left out.
+        Sees every write committed so far, by any process, and this store's writes still
+        being committed. Contacts on channels not in ``channels`` (a catalogue that dropped
+        one) are left out.
         """
         n = len(customer_keys)
         if n == 0:
@@ -617,16 +661,45 @@ class SqliteContactStore:
         self._looked_up = dict(zip(customer_keys, integers, strict=True))
         keys = to_json(integers).decode()  # TEXT, as in record()
         (text,) = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
-        if not text:
-            return ContactEvents.empty(n)
-        pairs = np.fromstring(text, np.int64, sep=",").reshape(-1, 2)
-        cell, kind = np.divmod(pairs[:, 0], 2)
-        row, code = np.divmod(cell, len(self._channel_of_code))
-        channel = self._channel_of_code[code]
-        known = channel >= 0  # contacts on channels not in ``channels`` are left out
-        if not known.all():
-            row, channel, pairs, kind = row[known], channel[known], pairs[known], kind[known]
-        return ContactEvents(n, row, channel, pairs[:, 1], kind == 1)
+        stored = ContactEvents.empty(n)
+        if text:
+            pairs = np.fromstring(text, np.int64, sep=",").reshape(-1, 2)
+            cell, kind = np.divmod(pairs[:, 0], 2)
+            row, code = np.divmod(cell, len(self._channel_of_code))
+            channel = self._channel_of_code[code]
+            known = channel >= 0  # contacts on channels not in ``channels`` are left out
+            if not known.all():
+                row, channel, pairs, kind = row[known], channel[known], pairs[known], kind[known]
+            stored = ContactEvents(n, row, channel, pairs[:, 1], kind == 1)
+        return self._with_pending(stored, integers, int(since_us))
+
+    def _with_pending(self, stored: ContactEvents, keys: list[int], since_us: int) -> ContactEvents:
+        """``stored`` plus this store's contacts not yet committed for the same customers.
+
+        Without them, a decision made while an earlier decision's contact is still being
+        committed (a request of the next coalesced group, a batch meanwhile) would not see
+        that contact, and both could be sent despite a cap or a minimum gap. A contact
+        committed while this lookup ran may be counted twice: more blocking, never less.
+        """
+        if not self._pending:
+            return stored
+        found: list[tuple[int, int, int, bool]] = []
+        with self._pending_lock:
+            pending = self._pending
+            for row, key in enumerate(keys):
+                for _, channel, at_us, delivered in pending.get(key, ()):
+                    if at_us > since_us:
+                        found.append((row, channel, at_us, delivered))
+        if not found:
+            return stored
+        rows, channels, stamps, delivered = (np.array(c) for c in zip(*found, strict=True))
+        return ContactEvents(
+            stored.n,
+            np.concatenate([stored.row, rows.astype(np.int64)]),
+            np.concatenate([stored.channel, channels.astype(np.int64)]),
+            np.concatenate([stored.at_us, stamps.astype(np.int64)]),
+            np.concatenate([stored.delivered, delivered.astype(bool)]),
+        )
 
     def history(self, customer_keys: Sequence[str], now: datetime) -> ContactEvents:
         """Stored contacts of ``customer_keys`` within the longest window before ``now``."""

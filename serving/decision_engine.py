@@ -172,7 +172,7 @@ class DecisionEngine:
         if candidates is not None:
             allowed &= candidates
         allowed[:, NO_CONTACT_ID] = True
-        scores = model.scorer.scores(features)
+        scores = _finite(model.scorer.scores(features))
         masked = np.where(allowed, scores, -np.inf)
         ranked, ranked_scores = _top_k(masked, scores, max(1, min(k, n_actions)))
         greedy = ranked[:, 0]  # no contact is always allowed: never -1
@@ -215,6 +215,15 @@ class DecisionEngine:
             model.version,
             model.spec_version,
         )
+
+
+def _finite(scores: np.ndarray) -> np.ndarray:
+    """``scores`` with NaN and infinities replaced by the extreme finite floats, so that every
+    allowed action keeps a rank (a NaN ranks last) whatever the model outputs."""
+    if np.isfinite(scores.sum()):  # one pass in the common case
+        return scores
+    info = np.finfo(scores.dtype)
+    return np.nan_to_num(scores, nan=info.min, posinf=info.max, neginf=info.min)
 
 
 def _top_k(masked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,13 +7,20 @@ context (so channel and offer names are checked in the same pass): see
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nextbest.context import CustomerContext
 from nextbest.customer_columns import CustomerColumns
+from nextbest.decision_journal import EPOCH
+from serving.campaigns import CAMPAIGN_ID_PATTERN
+
+FUTURE_SKEW = timedelta(minutes=5)
+"""How far in the service's future a reported outcome or delivery may be dated (the two
+clocks may differ a little; more is a wrong date, and a delivery dated years ahead would
+block its customer's channel until then)."""
 
 DECISION_ID_PATTERN = r"^[0-9a-f]{32}$"
 
@@ -48,10 +55,24 @@ class _Options(BaseModel):
     No-contact is always a candidate. Unknown ids: HTTP 400."""
     channels: list[str] | None = Field(default=None, min_length=1, max_length=64)
     """Channels the platform can use for this call; default all. Unknown names: HTTP 400."""
-    campaign_id: str | None = Field(default=None, min_length=1, max_length=64)
+    campaign_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=CAMPAIGN_ID_PATTERN
+    )
     """A known campaign (its offers limit the candidates); unknown campaigns: HTTP 400."""
     k: int = Field(default=3, ge=1, le=50)
     """Number of ranked allowed actions wanted."""
+
+
+def _check_assessment_dates(dates: list[date | None], where: str) -> None:
+    """Refuse a risk assessment dated after tomorrow (UTC; today somewhere on earth): a typo
+    in the year would make an expired assessment look valid to the suitability rules."""
+    latest = datetime.now(UTC).date() + timedelta(days=1)
+    if max(filter(None, dates), default=latest) > latest:
+        row = next(i for i, d in enumerate(dates) if d is not None and d > latest)
+        at = "" if len(dates) == 1 and where == "customer" else f" (row {row})"
+        raise ValueError(
+            f"{where}{at}: risk_assessed_on {dates[row]} is in the future (after {latest})"
+        )
 
 
 class DecisionRequest(_Options):
@@ -74,6 +95,11 @@ class DecisionRequest(_Options):
     customer: CustomerContext
     explain: bool = False
     """Also return every blocked action with the rule that blocked it."""
+
+    @model_validator(mode="after")
+    def _assessed_in_the_past(self) -> DecisionRequest:
+        _check_assessment_dates([self.customer.risk_assessed_on], "customer")
+        return self
 
 
 class BatchDecisionRequest(_Options):
@@ -128,6 +154,21 @@ class BatchDecisionRequest(_Options):
         if (self.customers is None) == (self.columns is None):
             got = "neither" if self.customers is None else "both"
             raise ValueError(f"exactly one of `customers` and `columns` is required, got {got}")
+        if self.columns is not None:
+            _check_assessment_dates(self.columns.risk_assessed_on or [], "columns")
+        else:
+            _check_assessment_dates([c.risk_assessed_on for c in self.customers or []], "customers")
+        ids = self.customer_ids()
+        if len(set(ids)) < len(ids):  # every copy would see the same contact history
+            seen: dict[str, int] = {}
+            for row, customer_id in enumerate(ids):
+                first = seen.setdefault(customer_id, row)
+                if first != row:
+                    raise ValueError(
+                        f"customer_id of row {row} repeats row {first}: a batch decides each "
+                        "customer once (a later call sees this one's contacts, so caps and "
+                        "gaps hold)"
+                    )
         return self
 
     def __len__(self) -> int:
@@ -297,9 +338,19 @@ class RewardRequest(BaseModel):
     @field_validator("occurred_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("must include a time zone offset (for example +08:00)")
-        return value
+        return None if value is None else _reported_time(value)
+
+
+def _reported_time(value: datetime) -> datetime:
+    """A time a platform reports (an outcome, a delivery): with a time zone, from 1970 up to
+    :data:`FUTURE_SKEW` past now."""
+    if value.tzinfo is None:
+        raise ValueError("must include a time zone offset (for example +08:00)")
+    if not EPOCH <= value <= datetime.now(UTC) + FUTURE_SKEW:
+        raise ValueError(
+            f"must lie between 1970 and now (plus {FUTURE_SKEW}), got {value.isoformat()}"
+        )
+    return value
 
 
 class RewardResponse(BaseModel):
@@ -349,9 +400,7 @@ class DeliveryRequest(BaseModel):
     @field_validator("delivered_at")
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("must include a time zone offset (for example +08:00)")
-        return value
+        return _reported_time(value)
 
 
 class DeliveryResponse(BaseModel):

@@ -186,6 +186,12 @@ class _Coalescer:
     event loop reaches before that callback joins the batch, so a lone request waits for
     nothing, and under load the per-call costs (engine call, contact-store query, journal
     and contact-store transactions) are paid once for many requests.
+
+    A group holds each customer once: a second request for a customer waits for the next
+    group, which looks up the contact history after the first group's contacts were handed
+    to the store (it counts them, committed or not), so caps and gaps hold between the two.
+    A request whose input makes the group's decision fail is decided again alone, with the
+    others alone too, so that only it fails.
     """
 
     def __init__(self, service: ScoringService, max_batch: int = 256) -> None:
@@ -205,8 +211,16 @@ class _Coalescer:
 
     def _flush(self) -> None:
         while self._waiting:
-            group = self._waiting[: self._max_batch]
-            del self._waiting[: self._max_batch]
+            group, later, customers = [], [], set()
+            for item in self._waiting:
+                if len(group) < self._max_batch and item[0].key not in customers:
+                    customers.add(item[0].key)
+                    group.append(item)
+                else:
+                    later.append(item)
+            self._waiting = later
+            # tasks start in order, and each hands its contacts to the store before it
+            # first waits, so a later group's lookup sees an earlier group's contacts
             task = asyncio.get_running_loop().create_task(self._run(group))
             self._tasks.add(task)  # keep a reference until done
             task.add_done_callback(self._tasks.discard)
@@ -214,18 +228,39 @@ class _Coalescer:
     async def _run(
         self, group: list[tuple[_Pending, asyncio.Future[tuple[Decisions, int, str]]]]
     ) -> None:
+        service = self._service
+        pending = [p for p, _ in group]
         try:
-            result, ids = await self._service.decide_many([p for p, _ in group])
+            result, now = service.decide_group(pending)
+        except Exception as exc:
+            if len(group) > 1:  # nothing written yet: decide each request alone
+                for item in group:
+                    await self._run([item])
+                return
+            _fail(group, exc)
+            return
         except BaseException as exc:
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
+            _fail(group, exc)
+            raise
+        try:
+            ids = await service.record_group(pending, result, now)
+        except BaseException as exc:
+            _fail(group, exc)
             if not isinstance(exc, Exception):
                 raise
             return
         for row, (_, future) in enumerate(group):
             if not future.done():  # the caller may have gone
                 future.set_result((result, row, ids[row]))
+
+
+def _fail(
+    group: list[tuple[_Pending, asyncio.Future[tuple[Decisions, int, str]]]], exc: BaseException
+) -> None:
+    """Fail every request of ``group`` still waiting with ``exc``."""
+    for _, future in group:
+        if not future.done():
+            future.set_exception(exc)
 
 
 class _BatchAnswer:
@@ -479,9 +514,10 @@ class ScoringService:
             blocked=blocked,
         )
 
-    async def decide_many(self, pending: list[_Pending]) -> tuple[Decisions, list[str]]:
-        """Decide for customers of several requests at once: stored contacts merged, one
-        engine call, decisions journalled and contacts recorded (both committed)."""
+    def decide_group(self, pending: list[_Pending]) -> tuple[Decisions, datetime]:
+        """Decide for customers of several requests at once (stored contacts merged, one
+        engine call), writing nothing; the decisions and their time. Each customer at most
+        once (:class:`_Coalescer` sees to it)."""
         now = datetime.now(UTC)
         keys = [p.key for p in pending]
         batch = ContextBatch.from_contexts([p.customer for p in pending], self.catalog, now)
@@ -503,10 +539,18 @@ class ScoringService:
             candidates=candidates,
             explain=any(p.explain for p in pending),
         )
+        return result, now
+
+    async def record_group(
+        self, pending: list[_Pending], result: Decisions, now: datetime
+    ) -> list[str]:
+        """Journal :meth:`decide_group`'s decisions and record their contacts; their ids,
+        once both are committed."""
         decision_ids = new_decision_ids(len(pending))
         campaigns = [p.campaign_id for p in pending]
+        keys = [p.key for p in pending]
         await self._submit(result, decision_ids, keys, now, campaigns, "single").wait()
-        return result, decision_ids
+        return decision_ids
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
         """Decide for every customer of a batch; the JSON body of a

@@ -15,6 +15,8 @@ from pydantic import ValidationError
 
 from nextbest.catalog import ActionCatalog, load_catalog
 from nextbest.context import (
+    MAX_COUNT,
+    MAX_DAYS,
     BehaviourEvents,
     ContactHistory,
     ContextBatch,
@@ -102,7 +104,11 @@ def event_times(draw: st.DrawFn, now: datetime, zones: list[Any]) -> datetime | 
 
 
 def _counts() -> st.SearchStrategy[int]:
-    return st.one_of(st.integers(0, 30), st.integers(0, 2**70))
+    return st.one_of(st.integers(0, 30), st.integers(0, MAX_COUNT))
+
+
+def _days() -> st.SearchStrategy[int]:
+    return st.one_of(st.integers(0, 30), st.integers(0, MAX_DAYS))
 
 
 @st.composite
@@ -146,8 +152,8 @@ def customers(
         "timezone": tz_name,
         "events": {
             "mortgage_page_views_7d": draw(_counts()),
-            "days_to_product_maturity": draw(st.none() | _counts()),
-            "days_since_last_login": draw(st.none() | _counts()),
+            "days_to_product_maturity": draw(st.none() | _days()),
+            "days_since_last_login": draw(st.none() | _days()),
             "offer_views_30d": draw(st.dictionaries(offers, _counts(), max_size=3)),
             "usual_login_hour": draw(st.none() | st.integers(0, 23)),
         },

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from conftest import customer
 from fastapi.testclient import TestClient
 
+from serving.app import create_app
 from serving.settings import Settings
 
 
@@ -55,14 +58,31 @@ def test_post_reward_unknown_decision_is_404(
 
 
 def test_post_reward_after_window_is_flagged_late(
-    api_client: TestClient, auth: dict[str, dict[str, str]]
+    api_settings: Settings, auth: dict[str, dict[str, str]]
 ) -> None:
-    decision = _decide(api_client, auth["decide"])
-    later = (datetime.now(UTC) + timedelta(days=45)).isoformat()
-    reward = {"decision_id": decision["decision_id"], "converted": True, "occurred_at": later}
-    response = api_client.post("/v1/rewards", json=reward, headers=auth["reward"])
+    settings = api_settings.model_copy(update={"attribution_window": timedelta(seconds=1)})
+    with TestClient(create_app(settings)) as client:
+        decision = _decide(client, auth["decide"])
+        time.sleep(1.2)  # past the one-second window
+        reward = {"decision_id": decision["decision_id"], "converted": True}
+        response = client.post("/v1/rewards", json=reward, headers=auth["reward"])
     assert response.status_code == 200
     assert response.json()["late"] is True
+
+
+@pytest.mark.parametrize(
+    "occurred_at", ["1969-12-31T23:59:59+00:00", "0001-01-01T00:00:00+23:59", "tomorrow"]
+)
+def test_post_reward_dated_before_1970_or_in_the_future_is_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]], occurred_at: str
+) -> None:
+    decision = _decide(api_client, auth["decide"])
+    if occurred_at == "tomorrow":
+        occurred_at = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    reward = {"decision_id": decision["decision_id"], "occurred_at": occurred_at}
+    response = api_client.post("/v1/rewards", json=reward, headers=auth["reward"])
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "occurred_at"]
 
 
 def test_post_reward_before_decision_is_400(

@@ -1,0 +1,181 @@
+"""Inputs at and past their limits: a clear 422 naming the field, never a 500 or a score
+that is not a number."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import customer
+from fastapi.testclient import TestClient
+
+from nextbest.catalog import ActionCatalog
+from nextbest.compliance import RuleEngine
+from nextbest.context import MAX_COUNT, ContextBatch, parse_customer
+from nextbest.features import ContextEncoder
+from serving.app import create_app
+from serving.decision_engine import DecisionEngine
+from serving.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("overrides", "loc"),
+    [
+        ({"events": {"mortgage_page_views_7d": MAX_COUNT + 1}}, "mortgage_page_views_7d"),
+        ({"events": {"days_since_last_login": 10**400}}, "days_since_last_login"),
+        ({"events": {"offer_views_30d": {"mortgage_rate": 10**39}}}, "offer_views_30d"),
+        (
+            {"contact_history": {"contacts_7d": {"sms": 10**39}, "contacts_30d": {"sms": 10**39}}},
+            "contacts_7d",
+        ),
+        ({"aum_cny": 1e39}, "aum_cny"),
+    ],
+)
+def test_counts_and_amounts_past_their_limits_are_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]], overrides: dict, loc: str
+) -> None:
+    response = api_client.post(
+        "/v1/decisions", json={"customer": customer(**overrides)}, headers=auth["decide"]
+    )
+    assert response.status_code == 422, response.text
+    assert loc in str(response.json()["detail"][0]["loc"])
+
+
+def test_counts_at_their_limit_are_decided(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    big = customer(
+        events={"mortgage_page_views_7d": MAX_COUNT, "days_since_last_login": 36_500},
+        contact_history={"contacts_7d": {"sms": MAX_COUNT}, "contacts_30d": {"sms": MAX_COUNT}},
+        aum_cny=1e15,
+    )
+    response = api_client.post("/v1/decisions", json={"customer": big}, headers=auth["decide"])
+    assert response.status_code == 200, response.text
+    assert all(np.isfinite(r["score"]) for r in response.json()["ranked"])
+
+
+def test_columns_past_the_count_limit_are_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    columns = {
+        "customer_id": ["a", "b"],
+        "age": [30, 40],
+        "aum_cny": [1e4, 1e5],
+        "income_band": ["low", "middle"],
+        "lifecycle_stage": ["growth", "mature"],
+        "tenure_months": [3, 40],
+        "app_logins_30d": [1, 2],
+        "contacts_30d": {"sms": [0, 10**39]},
+    }
+    response = api_client.post(
+        "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][:4] == ["body", "columns", "contacts_30d", "sms"]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_scores_that_are_not_numbers_still_rank_every_allowed_action(
+    catalog: ActionCatalog, engine: RuleEngine, n: int
+) -> None:
+    """NaN and infinite scores (a model gone wrong; the model store refuses such files, the
+    engine does not rely on it) rank as the lowest and highest finite floats: every allowed
+    action keeps a rank and the chosen one is allowed."""
+    raw = np.zeros((n, catalog.n_actions), np.float32)
+    raw[:, 1::2] = np.nan
+    raw[:, 2] = np.inf
+    raw[:, 4] = -np.inf
+    model = SimpleNamespace(
+        scorer=SimpleNamespace(scores=lambda features: raw.copy()),
+        version="broken",
+        spec_version=ContextEncoder(catalog).spec.version,
+    )
+    decisions = DecisionEngine(catalog, engine, models=None, epsilon=0.0, seed=0)  # type: ignore[arg-type]
+    now = datetime.now(UTC)
+    batch = ContextBatch.from_contexts(
+        [parse_customer(customer(customer_id=f"n{i}"), catalog) for i in range(n)], catalog, now
+    )
+    result = decisions.decide(batch, k=catalog.n_actions, model=model)  # type: ignore[arg-type]
+    assert np.isfinite(result.scores).all() and np.isfinite(result.ranked_scores).all()
+    assert result.allowed[np.arange(n), result.action].all()
+    assert ((result.ranked >= 0).sum(axis=1) == result.allowed.sum(axis=1)).all()
+
+
+def test_campaign_id_with_a_nul_is_422_when_any_campaign_is_accepted(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    settings = api_settings.model_copy(update={"campaigns_path": None})
+    with TestClient(create_app(settings)) as client:
+        response = client.post(
+            "/v1/decisions",
+            json={"customer": customer(), "campaign_id": "spring\u0000x"},
+            headers=auth["decide"],
+        )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "campaign_id"]
+
+
+def test_risk_assessment_dated_in_the_future_is_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    future = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
+    single = api_client.post(
+        "/v1/decisions",
+        json={"customer": customer(risk_assessed_on=future)},
+        headers=auth["decide"],
+    )
+    assert single.status_code == 422
+    assert "risk_assessed_on" in single.text and "in the future" in single.text
+    batch = api_client.post(
+        "/v1/decisions/batch",
+        json={
+            "customers": [
+                customer(customer_id="p"),
+                customer(customer_id="f", risk_assessed_on=future),
+            ]
+        },
+        headers=auth["decide"],
+    )
+    assert batch.status_code == 422
+    assert "row 1" in batch.text
+    tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+    ok = api_client.post(
+        "/v1/decisions",
+        json={"customer": customer(risk_assessed_on=tomorrow)},
+        headers=auth["decide"],
+    )
+    assert ok.status_code == 200  # today somewhere on earth
+
+
+def test_a_repeated_delivery_reports_nothing_recorded(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    delivery = {
+        "customer_id": "delivered-twice",
+        "message_id": "msg-twice",
+        "channel": "sms",
+        "delivered_at": datetime.now(UTC).isoformat(),
+    }
+    first = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
+    again = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
+    assert (first.json()["recorded"], again.json()["recorded"]) == (True, False)
+
+
+@pytest.mark.parametrize("days", [-3650, 2])
+def test_delivery_dated_before_1970_or_in_the_future_is_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]], days: int
+) -> None:
+    when = datetime.now(UTC) + timedelta(days=days)
+    if days < 0:
+        when = datetime(1969, 12, 31, tzinfo=UTC)
+    delivery = {
+        "customer_id": "c",
+        "message_id": "m",
+        "channel": "sms",
+        "delivered_at": when.isoformat(),
+    }
+    response = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "delivered_at"]
