@@ -541,6 +541,13 @@ def evaluate(
     tracking_uri: Annotated[
         str, typer.Option(help="MLflow tracking URI for models:/ URIs.")
     ] = "sqlite:///mlflow.db",
+    drop_pending: Annotated[
+        bool,
+        typer.Option(
+            help="Leave out decisions whose outcome is not known yet (a live service's "
+            "journal has some); without it they are refused."
+        ),
+    ] = False,
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
 ) -> None:
     """Off-policy evaluation of target policies on a decision log (IPS and SNIPS with
@@ -566,7 +573,7 @@ def evaluate(
         )
         raise typer.Exit(code=2)
     try:
-        log = load_logged_bandit(logs, cat.n_actions)
+        log = load_logged_bandit(logs, cat.n_actions, drop_pending=drop_pending)
         if log.catalog_version != cat.version:
             raise DecisionLogError(
                 str(logs),

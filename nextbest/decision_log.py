@@ -176,6 +176,25 @@ def validate_decisions(
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DecisionLogError(source, "pscore", f"must be in (0, 1], got {pscore[row]}", row)
+    if has_pscore.any() and not has_pscore.all():
+        row = int(np.flatnonzero(~has_pscore)[0])
+        raise DecisionLogError(
+            source,
+            "pscore",
+            "is missing on this row but given on others: give every row its propensity, or "
+            "none (a log without propensities can only be evaluated with DM)",
+            row,
+        )
+    for name in ("reward", "value_cny"):
+        if name in table.column_names:
+            values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            # null (an outcome not known yet) reads as NaN; infinities are never valid
+            bad = np.isinf(values) | (
+                np.isnan(values) & table.column(name).is_valid().to_numpy(zero_copy_only=False)
+            )
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DecisionLogError(source, name, f"must be finite, got {values[row]}", row)
 
     cand = table.column("candidate_actions")  # chunked: no 2**31-value limit
     lengths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
@@ -194,6 +213,7 @@ def validate_decisions(
                 f"action id {values[outside][0]} is outside the catalogue (0..{n_actions - 1})",
                 row,
             )
+    _check_distinct_candidates(values, owner, source)
     chosen_listed = np.bincount(owner, weights=values == action[owner], minlength=n) > 0
     if not chosen_listed.all():
         row = int(np.flatnonzero(~chosen_listed)[0])
@@ -209,11 +229,37 @@ def validate_decisions(
         raise DecisionLogError(
             source, "context", f"has {widths[row]} features, expected {expected}", row
         )
+    features = pc.list_flatten(context).to_numpy(zero_copy_only=False)
+    if not np.isfinite(features.sum(dtype=np.float64)):  # one pass when every value is finite
+        cell = int(np.flatnonzero(~np.isfinite(features))[0])
+        raise DecisionLogError(
+            source, "context", f"feature {cell % expected} is {features[cell]}", cell // expected
+        )
 
     dist_col = table.column("action_dist")  # chunked: no 2**31-value limit
     if dist_col.null_count < n:
         _check_action_dist(dist_col, cand, action, pscore, has_pscore, source)
     return table
+
+
+def _check_distinct_candidates(values: np.ndarray, owner: np.ndarray, source: str) -> None:
+    """Refuse a row listing a candidate twice (its probability would be counted twice).
+    Rows in increasing order, as the journal writes them, pass in one vectorised step; the
+    others are sorted once, together."""
+    same_row = owner[1:] == owner[:-1]
+    suspects = np.unique(owner[1:][same_row & (values[1:] <= values[:-1])])
+    if not suspects.size:
+        return
+    pick = np.isin(owner, suspects)
+    rows, ids = owner[pick], values[pick]
+    order = np.lexsort((ids, rows))
+    rows, ids = rows[order], ids[order]
+    repeated = (rows[1:] == rows[:-1]) & (ids[1:] == ids[:-1])
+    if repeated.any():
+        k = int(np.flatnonzero(repeated)[0])
+        raise DecisionLogError(
+            source, "candidate_actions", f"lists action {ids[k]} twice", int(rows[k])
+        )
 
 
 def _check_action_dist(
@@ -243,7 +289,7 @@ def _check_action_dist(
     owner = np.repeat(np.arange(len(rows)), cand_widths[rows])
     sums = np.bincount(owner, weights=probs, minlength=len(rows))
     negative = np.bincount(owner, weights=probs < 0, minlength=len(rows)) > 0
-    bad_rows = (np.abs(sums - 1.0) > 1e-3) | negative
+    bad_rows = ~(np.abs(sums - 1.0) <= 1e-3) | negative  # NaN sums are bad too
     if bad_rows.any():
         row = int(rows[np.flatnonzero(bad_rows)[0]])
         raise DecisionLogError(source, "action_dist", "must be non-negative and sum to 1", row)

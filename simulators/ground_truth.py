@@ -86,6 +86,31 @@ class SimulationRecipe(StrictModel):
             ruleset_version=engine.ruleset.version,
         )
 
+    def check(self, catalog: ActionCatalog, engine: RuleEngine) -> None:
+        """Refuse to replay when the scenario file, catalogue or rule set changed since the
+        log was made (the replay would not be the log's world).
+
+        Raises
+        ------
+        ValueError
+            Naming what changed.
+        """
+        if not self.scenario.exists():
+            raise ValueError(f"{RECIPE_FILE}: scenario {self.scenario} no longer exists")
+        if content_hash(self.scenario.read_text()) != self.scenario_hash:
+            raise ValueError(f"{RECIPE_FILE}: scenario {self.scenario} changed since the run")
+        if catalog.version != self.catalog_version:
+            raise ValueError(
+                f"{RECIPE_FILE}: made with catalogue {self.catalog_version}, this is "
+                f"{catalog.version}"
+            )
+        if engine.ruleset.version != self.ruleset_version:
+            raise ValueError(
+                f"{RECIPE_FILE}: made with rule set {self.ruleset_version}, this is "
+                f"{engine.ruleset.version} (pass the rule set the log was made with, or turn "
+                "the ground-truth replay off: evaluation.ground_truth: false)"
+            )
+
     def simulator(self, catalog: ActionCatalog, engine: RuleEngine) -> BatchSimulator:
         """A fresh simulator at day 0 of this recipe.
 
@@ -94,14 +119,7 @@ class SimulationRecipe(StrictModel):
         ValueError
             When the scenario file, catalogue or rule set changed since the log was made.
         """
-        if not self.scenario.exists():
-            raise ValueError(f"{RECIPE_FILE}: scenario {self.scenario} no longer exists")
-        if content_hash(self.scenario.read_text()) != self.scenario_hash:
-            raise ValueError(f"{RECIPE_FILE}: scenario {self.scenario} changed since the run")
-        if catalog.version != self.catalog_version:
-            raise ValueError(f"{RECIPE_FILE}: made with catalogue {self.catalog_version}")
-        if engine.ruleset.version != self.ruleset_version:
-            raise ValueError(f"{RECIPE_FILE}: made with rule set {self.ruleset_version}")
+        self.check(catalog, engine)
         world = load_scenario(self.scenario, catalog)
         return BatchSimulator(world, catalog, engine, self.customers, seed=self.seed)
 

@@ -196,7 +196,9 @@ class PolicySpec(StrictModel):
 
 
 class EvaluationSpec(StrictModel):
-    alpha: float = Field(default=0.05, gt=0, lt=1)
+    alpha: float = Field(default=0.05, gt=0, le=0.5)
+    """1 - the confidence level of the OPE intervals; ``nextbest promote`` compares the 95%
+    lower bound and refuses runs evaluated at another level."""
     bootstrap: int = Field(default=500, ge=10)
     seed: int = 0
     ground_truth: bool = True

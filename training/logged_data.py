@@ -172,7 +172,8 @@ def load_logged_bandit(
             source,
             "reward",
             f"{reward_col.null_count} of {n} decisions have no outcome yet; evaluate "
-            "after the attribution window, or leave them out (data.drop_pending: true)",
+            "after the attribution window, or leave them out (data.drop_pending: true in a "
+            "training config, --drop-pending for nextbest evaluate)",
         )
     for name in ("feature_spec_version", "ruleset_version", "catalog_version"):
         if pc.count_distinct(table.column(name)).as_py() > 1:

@@ -22,6 +22,13 @@ CHAMPION = "champion"
 PROMOTION_METRIC = "ope/model/dr/lower"
 """The challenger's DR lower bound must beat the champion's DR value to be promoted."""
 CHAMPION_METRIC = "ope/model/dr/value"
+COMPLIANCE_METRIC = "compliance/blocked_actions_chosen"
+"""Chosen actions the rules block, on the run's held-out decisions (must be 0)."""
+LOGGING_METRIC = "ope/logging/dr/value"
+"""What runs today, estimated in the same run: the bar when there is no champion yet."""
+ALPHA_PARAM = "evaluation.alpha"
+PROMOTION_ALPHA = 0.05
+"""Promotion compares the 95% lower bound; a run evaluated at another level is refused."""
 
 
 def data_fingerprint(path: str | Path) -> str:
@@ -105,6 +112,11 @@ def register_onnx(onnx_path: Path, registered_model: str, spec_path: Path) -> tu
 def promote(registered_model: str) -> tuple[bool, str]:
     """Move ``champion`` to the challenger if its OPE lower bound beats the champion's value.
 
+    Fails closed: the challenger must have chosen no blocked action on its held-out data,
+    its bound must be the 95% one (``evaluation.alpha`` 0.05), and with no champion yet it
+    must beat what runs today (the logging policy's DR value in the same run, else doing
+    nothing: 0). A champion whose run has no DR value is not replaced automatically.
+
     Returns
     -------
     (promoted, reason)
@@ -117,15 +129,40 @@ def promote(registered_model: str) -> tuple[bool, str]:
     lower = _run_metric(client, challenger.run_id, PROMOTION_METRIC)
     if lower is None:
         return False, f"the challenger's run has no {PROMOTION_METRIC!r} metric"
+    violations = _run_metric(client, challenger.run_id, COMPLIANCE_METRIC)
+    if violations is None or violations != 0:
+        return False, (
+            f"challenger v{challenger.version}: {COMPLIANCE_METRIC} is {violations} (must be 0)"
+        )
+    alpha = _run_param(client, challenger.run_id, ALPHA_PARAM)
+    if alpha is None or float(alpha) != PROMOTION_ALPHA:
+        return False, (
+            f"challenger v{challenger.version} was evaluated with {ALPHA_PARAM}={alpha}: "
+            f"promotion compares the {1 - PROMOTION_ALPHA:.0%} lower bound "
+            f"({ALPHA_PARAM}={PROMOTION_ALPHA})"
+        )
     try:
         champion = client.get_model_version_by_alias(registered_model, CHAMPION)
     except mlflow.exceptions.MlflowException:
         champion = None
-    if champion is not None:
+    if champion is None:
+        logged = _run_metric(client, challenger.run_id, LOGGING_METRIC)
+        bar, what = (0.0, "doing nothing (0)") if logged is None else (logged, "the logging policy")
+        if not lower > bar:
+            return False, (
+                f"challenger v{challenger.version} DR lower bound {lower:.4f} does not beat "
+                f"{what} ({bar:.4f}): no champion set"
+            )
+    else:
         if champion.version == challenger.version:
             return False, f"version {challenger.version} is already the champion"
         value = _run_metric(client, champion.run_id, CHAMPION_METRIC)
-        if value is not None and not lower > value:
+        if value is None:
+            return False, (
+                f"champion v{champion.version}'s run has no {CHAMPION_METRIC!r} metric: the "
+                "two cannot be compared (move the alias by hand if that is intended)"
+            )
+        if not lower > value:
             return False, (
                 f"challenger v{challenger.version} DR lower bound {lower:.4f} does not beat "
                 f"champion v{champion.version} DR value {value:.4f}"
@@ -133,6 +170,12 @@ def promote(registered_model: str) -> tuple[bool, str]:
     client.set_registered_model_alias(registered_model, CHAMPION, challenger.version)
     before = "no champion" if champion is None else f"champion v{champion.version}"
     return True, f"promoted v{challenger.version} (DR lower bound {lower:.4f}) over {before}"
+
+
+def _run_param(client: MlflowClient, run_id: str | None, key: str) -> str | None:
+    if run_id is None:
+        return None
+    return client.get_run(run_id).data.params.get(key)
 
 
 def _run_metric(client: MlflowClient, run_id: str | None, key: str) -> float | None:

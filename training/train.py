@@ -39,7 +39,13 @@ from training.neural_bandit import (
     train_reward_model,
 )
 from training.onnx_export import export_reward_model, spec_path
-from training.tracking import data_fingerprint, flatten, register_onnx, use_experiment
+from training.tracking import (
+    COMPLIANCE_METRIC,
+    data_fingerprint,
+    flatten,
+    register_onnx,
+    use_experiment,
+)
 from training.vw_bandit import MODEL_KIND as VW_MODEL_KIND
 from training.vw_bandit import check_vw_inputs, train_vw_bandit, vw_arguments
 
@@ -196,9 +202,18 @@ def run_training(
             f"{config.data.logs}: features {log.feature_spec_version}, this encoder is "
             f"{encoder.spec.version}"
         )
+    # everything that can refuse the log is checked before a run is opened
     if config.learner == "vw_bandit":
-        check_vw_inputs(log, catalog, config.vw_bandit)  # refuse before a run is opened
+        check_vw_inputs(log, catalog, config.vw_bandit)
+    if log.pscore is None:
+        raise ValueError(
+            f"{config.data.logs}: the log has no propensities (pscore): the held-out "
+            "evaluation's IPS and DR need them; log the behaviour policy's propensities, or "
+            "evaluate such a log with the direct method (nextbest evaluate --model)"
+        )
     recipe = read_recipe(config.data.logs) if config.evaluation.ground_truth else None
+    if recipe is not None and engine is not None:
+        recipe.check(catalog, engine)
     train, holdout, holdout_rows = split_log(log, config.data.holdout_share, config.data.split_seed)
 
     use_experiment(config.tracking.uri, config.tracking.experiment)
@@ -230,7 +245,7 @@ def run_training(
         chosen = target.argmax(axis=1)
         violations = int((~holdout.candidates[np.arange(holdout.n_rounds), chosen]).sum())
         violations += int((target * ~holdout.candidates).sum() > 1e-9)
-        mlflow.log_metric("compliance/blocked_actions_chosen", violations)
+        mlflow.log_metric(COMPLIANCE_METRIC, violations)
         evidence = choice_evidence(train, target, catalog)
         mlflow.log_dict(evidence.rows, "choice_evidence.json")
         if np.isfinite(evidence.thin_share):
@@ -279,7 +294,9 @@ def run_training(
                 )
             mlflow.log_dict(truth.summary(), "ground_truth.json")
             mlflow.log_dict(truth.by_segment(), "ground_truth_by_segment.json")
-        _log_plots(rows, truth, fitted.history, holdout, chosen, catalog, encoder)
+        _log_plots(
+            rows, truth, fitted.history, holdout, chosen, catalog, encoder, config.evaluation.alpha
+        )
 
         onnx_path = fitted.export(Path(config.export.dir) / f"{run.info.run_id}.onnx", encoder.spec)
         version, uri = register_onnx(
@@ -345,7 +362,7 @@ def _ground_truth(
     return replay_truth(recipe, catalog, engine, holdout_rows, policies, log.context)
 
 
-def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder) -> None:
+def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder, alpha) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display: plots go to files
@@ -362,7 +379,7 @@ def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder) -> None:
             [v - float(r["lower"]) for v, r in zip(values, dr, strict=True)],
             [float(r["upper"]) - v for v, r in zip(values, dr, strict=True)],
         ]
-    )
+    ).clip(min=0)  # a bootstrap interval need not contain the estimate itself
     x = np.arange(len(names))
     ax.bar(
         x,
@@ -371,7 +388,7 @@ def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder) -> None:
         capsize=6,
         color="#2a6f97",
         alpha=0.8,
-        label=f"{dr[0]['estimator'] if dr else ''} estimate, 95% interval",
+        label=f"{dr[0]['estimator'] if dr else ''} estimate, {1 - alpha:.0%} interval",
     )
     if truth is not None:
         true = {str(r["policy"]): float(r["value"]) for r in truth.summary()}

@@ -71,6 +71,22 @@ BAD_LOGS = [
     ({"action_dist": [[0.5, 0.5]] * 6}, "action_dist", "candidate_actions has 3"),
     ({"pscore": [0.4, 0.25, 0.25, 0.5, 0.25, 0.25]}, "pscore", "differs from the action_dist"),
     ({"candidate_actions": [[]] + [[0, 1, 3]] * 5}, "candidate_actions", "must not be empty"),
+    # one bad value would otherwise reach the trainers silently (a NaN weight poisons a model)
+    ({"pscore": [0.5, None, 0.25, 0.5, 0.25, 0.25]}, "pscore", "missing on this row"),
+    ({"action_dist": [[0.25, float("nan"), 0.25]] * 6}, "action_dist", "sum to 1"),
+    ({"reward": [1.0, None, float("nan"), 2.5, None, 0.0]}, "reward", "must be finite"),
+    ({"reward": [1.0, None, float("inf"), 2.5, None, 0.0]}, "reward", "must be finite"),
+    (
+        {"context": [[0.5, -1.0, 2.0]] * 4 + [[0.5, float("inf"), 2.0]] + [[0.5, -1.0, 2.0]]},
+        "context",
+        "feature 1 is inf",
+    ),
+    ({"context": [[float("nan"), -1.0, 2.0]] * 6}, "context", "feature 0 is nan"),
+    (
+        {"candidate_actions": [[0, 1, 3]] * 3 + [[3, 1, 3]] + [[0, 1, 3]] * 2},
+        "candidate_actions",
+        "lists action 3 twice",
+    ),
 ]
 
 
@@ -80,6 +96,17 @@ def test_validate_decisions_bad_log_refused(override: dict, column: str, reason:
     with pytest.raises(DecisionLogError, match=reason) as info:
         validate_decisions(table, n_actions=N_ACTIONS, n_features=3)
     assert info.value.column == column
+
+
+def test_candidates_in_any_order_without_repeats_are_accepted() -> None:
+    table = decisions_table(
+        {
+            **good_columns(),
+            "candidate_actions": [[3, 1, 0]] * 6,
+            "action_dist": [[0.25, 0.5, 0.25]] * 6,
+        }
+    )
+    assert validate_decisions(table, n_actions=N_ACTIONS, n_features=3).num_rows == 6
 
 
 def test_decisions_table_columns_of_different_lengths_refused() -> None:

@@ -206,7 +206,21 @@ def test_evaluate_cli_missing_log_exits_2(tmp_path: Path) -> None:
     assert "no such file" in result.output
 
 
-def _small_log(tmp_path: Path, catalog, candidates, dist, action, pscore) -> Path:
+def test_evaluate_cli_pending_outcomes_refused_unless_dropped(tmp_path: Path, catalog) -> None:
+    path = _small_log(
+        tmp_path, catalog, [[0, 1, 2]] * 4, [None] * 4, [1, 2, 1, 2], [0.5] * 4, pending=1
+    )
+    refused = CliRunner().invoke(app, ["evaluate", "--logs", str(path), "--bootstrap", "20"])
+    assert refused.exit_code == 2
+    assert "--drop-pending" in " ".join(refused.output.split())
+    dropped = CliRunner().invoke(
+        app, ["evaluate", "--logs", str(path), "--bootstrap", "20", "--drop-pending"]
+    )
+    assert dropped.exit_code == 0, dropped.output
+    assert "uniform" in dropped.output
+
+
+def _small_log(tmp_path: Path, catalog, candidates, dist, action, pscore, pending: int = 0) -> Path:
     """A valid 4-decimal log written through the schema, for edge cases."""
     from datetime import UTC, datetime
 
@@ -223,7 +237,7 @@ def _small_log(tmp_path: Path, catalog, candidates, dist, action, pscore) -> Pat
             "action": action,
             "pscore": pscore,
             "action_dist": dist,
-            "reward": [1.0, 0.0, 2.0, 0.0][:n],
+            "reward": ([None] * pending + [1.0, 0.0, 2.0, 0.0])[:n],
             "policy": ["p"] * n,
             "model_version": ["m"] * n,
             "ruleset_version": ["r"] * n,

@@ -131,6 +131,25 @@ def test_promote_unknown_model_kept(tmp_path: Path) -> None:
     assert "no 'challenger' version" in result.output
 
 
+def test_train_log_without_propensities_refused_before_a_run(sim_log, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sim_log)
+    for name in ("pscore", "action_dist"):
+        column = table.schema.get_field_index(name)
+        table = table.set_column(
+            column, name, pa.nulls(table.num_rows, table.schema.field(name).type)
+        )
+    logs = tmp_path / "nops"
+    logs.mkdir()
+    pq.write_table(table, logs / "part-0.parquet")
+    result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, logs))])
+    assert result.exit_code == 2
+    assert "no propensities" in " ".join(result.output.split())
+    assert not (tmp_path / "mlflow.db").exists()  # no run was opened
+
+
 def test_train_bad_config_exits_2_naming_key(sim_log, tmp_path: Path) -> None:
     path = write_config(tmp_path, sim_log, **{"epochs: 2": "epochs: -1"})
     result = runner.invoke(app, ["train", "--config", str(path)])

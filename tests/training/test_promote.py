@@ -1,0 +1,107 @@
+"""``promote`` moves ``champion`` only on evidence, and fails closed when it is missing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from training.tracking import CHALLENGER, CHAMPION, promote
+
+NAME = "promote-test"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[MlflowClient]:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    client = MlflowClient()
+    client.create_registered_model(NAME)
+    yield client
+    mlflow.set_tracking_uri("")
+
+
+def version(
+    client: MlflowClient,
+    alias: str,
+    metrics: dict[str, float],
+    alpha: str | None = "0.05",
+) -> str:
+    """A registered version whose run logged ``metrics`` (and ``evaluation.alpha``)."""
+    with mlflow.start_run() as run:
+        mlflow.log_metrics(metrics)
+        if alpha is not None:
+            mlflow.log_param("evaluation.alpha", alpha)
+    made = client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id)
+    client.set_registered_model_alias(NAME, alias, made.version)
+    return str(made.version)
+
+
+GOOD = {
+    "ope/model/dr/lower": 2.0,
+    "ope/model/dr/value": 3.0,
+    "ope/logging/dr/value": 1.0,
+    "compliance/blocked_actions_chosen": 0,
+}
+
+
+def champion_version(client: MlflowClient) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(NAME, CHAMPION).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def test_first_challenger_beating_the_logging_policy_is_promoted(client: MlflowClient) -> None:
+    made = version(client, CHALLENGER, GOOD)
+    promoted, reason = promote(NAME)
+    assert promoted, reason
+    assert champion_version(client) == made
+
+
+@pytest.mark.parametrize(
+    ("metrics", "alpha", "reason"),
+    [
+        ({**GOOD, "ope/model/dr/lower": 0.5}, "0.05", "does not beat the logging policy"),
+        ({**GOOD, "compliance/blocked_actions_chosen": 1}, "0.05", "must be 0"),
+        ({k: v for k, v in GOOD.items() if not k.startswith("compliance")}, "0.05", "must be 0"),
+        (GOOD, "0.5", "evaluation.alpha=0.5"),
+        (GOOD, None, "evaluation.alpha=None"),
+        (
+            {k: v for k, v in GOOD.items() if not k.startswith("ope/logging")}
+            | {"ope/model/dr/lower": -0.1},
+            "0.05",
+            "does not beat doing nothing",
+        ),
+    ],
+)
+def test_first_challenger_without_evidence_is_not_promoted(
+    client: MlflowClient, metrics: dict[str, float], alpha: str | None, reason: str
+) -> None:
+    version(client, CHALLENGER, metrics, alpha)
+    promoted, why = promote(NAME)
+    assert not promoted
+    assert reason in why
+    assert champion_version(client) is None
+
+
+def test_challenger_must_beat_the_champion(client: MlflowClient) -> None:
+    old = version(client, CHAMPION, GOOD)
+    version(client, CHALLENGER, {**GOOD, "ope/model/dr/lower": 2.9})
+    promoted, why = promote(NAME)
+    assert not promoted and "does not beat champion" in why
+    assert champion_version(client) == old
+    better = version(client, CHALLENGER, {**GOOD, "ope/model/dr/lower": 3.5})
+    promoted, why = promote(NAME)
+    assert promoted, why
+    assert champion_version(client) == better
+
+
+def test_champion_without_a_value_is_not_replaced_automatically(client: MlflowClient) -> None:
+    old = version(client, CHAMPION, {"compliance/blocked_actions_chosen": 0})
+    version(client, CHALLENGER, {**GOOD, "ope/model/dr/lower": 1000.0})
+    promoted, why = promote(NAME)
+    assert not promoted and "cannot be compared" in why
+    assert champion_version(client) == old
