@@ -405,11 +405,27 @@ when a store opens the file (:meth:`SqliteContactStore.__init__`)."""
 _LATER_KIND_REPLACES = (
     "ON CONFLICT (contact_id) DO UPDATE SET "
     "customer = excluded.customer, channel = excluded.channel, "
-    "offer = excluded.offer, at_us = excluded.at_us, kind = excluded.kind "
+    "offer = excluded.offer, at_us = max(excluded.at_us, contact_events.at_us), "
+    "kind = excluded.kind "
     "WHERE excluded.kind > contact_events.kind"
 )
 """The upsert clause of every insert: a delivery replaces the recommendation of its contact
-id, never the reverse."""
+id, never the reverse, and never moves the contact earlier (out of a window it counts in)."""
+_OTHER_CUSTOMER = (
+    "SELECT n.value ->> 0 FROM json_each(?1) AS n "
+    "JOIN contact_events AS e ON e.contact_id = n.value ->> 0 "
+    "WHERE e.customer != n.value ->> 1 LIMIT 1"
+)
+"""The first contact id of a batch already stored for another customer."""
+
+
+class ContactConflictError(ValueError):
+    """A delivery names a contact (a decision) stored for another customer: recording it
+    would move that contact off the customer it was made for, out of their caps."""
+
+    def __init__(self, contact_id: str) -> None:
+        super().__init__(f"contact {contact_id!r} was recorded for another customer")
+        self.contact_id = contact_id
 _UPSERT = (
     "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2 "
@@ -577,7 +593,9 @@ class SqliteContactStore:
 
     def record(self, contacts: ContactBatch, inline: bool = False) -> Future[int]:
         """Store contacts; idempotent per contact id, a delivery replaces a recommendation.
-        The future gives the rows inserted or replaced (0 for a contact already stored).
+        The future gives the rows inserted or replaced (0 for a contact already stored); it
+        fails with :class:`ContactConflictError` (nothing written) if a delivery names a
+        contact stored for another customer.
 
         Also prunes, at most every ``prune_every``, contacts older than the retention.
         ``inline``: commit on the calling thread when the writer is idle (see
@@ -610,6 +628,10 @@ class SqliteContactStore:
             self.prune(self._retention_start_us(now)).add_done_callback(_log_prune_failure)
 
         def upsert(conn: sqlite3.Connection) -> int:
+            if kind > 0:  # a recommendation's contact id is its new decision's
+                other = conn.execute(_OTHER_CUSTOMER, (rows,)).fetchone()
+                if other is not None:
+                    raise ContactConflictError(other[0])
             before = conn.total_changes
             conn.execute(_UPSERT, (rows, kind))
             return conn.total_changes - before
@@ -782,6 +804,7 @@ __all__ = [
     "LONGEST_WINDOW",
     "WINDOWS",
     "ContactBatch",
+    "ContactConflictError",
     "ContactEvents",
     "ContactStore",
     "SqliteContactStore",

@@ -51,6 +51,7 @@ from serving.campaigns import Campaigns, load_campaigns
 from serving.contact_store import (
     LONGEST_WINDOW,
     ContactBatch,
+    ContactConflictError,
     ContactStore,
     SqliteContactStore,
     merge_into_batch,
@@ -699,7 +700,8 @@ class ScoringService:
 
     async def record_delivery(self, request: DeliveryRequest) -> DeliveryResponse:
         """Record a delivered contact (keyed by its decision id, or the platform's message
-        id); 400 for an unknown channel or offer."""
+        id); 400 for an unknown channel or offer, 409 for a decision made for another
+        customer."""
         if request.channel not in self._channel_of:
             raise HTTPException(400, f"unknown channel {request.channel!r}")
         if request.offer is not None and request.offer not in self.catalog.offer_names:
@@ -715,7 +717,12 @@ class ScoringService:
             at_us=epoch_us(request.delivered_at),
             kind="delivered",
         )
-        written = await asyncio.wrap_future(self.contacts.record(contact))
+        try:
+            written = await asyncio.wrap_future(self.contacts.record(contact))
+        except ContactConflictError:
+            raise HTTPException(
+                409, f"{contact_id!r} was recorded for another customer than customer_id"
+            ) from None
         return DeliveryResponse(contact_id=contact_id, recorded=bool(written))
 
     # ------------------------------------------------------------------ model

@@ -22,6 +22,7 @@ router = APIRouter(prefix="/v1/deliveries", tags=["contacts"])
         400: {"model": ErrorResponse, "description": "Unknown channel or offer, or no id."},
         401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
         403: {"model": ErrorResponse, "description": "The API key lacks the `reward` scope."},
+        409: {"model": ErrorResponse, "description": "The decision was for another customer."},
         413: {"model": ErrorResponse, "description": "Body too large."},
         422: {"model": ValidationErrorResponse, "description": "Schema violations."},
     },

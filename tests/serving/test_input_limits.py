@@ -179,3 +179,31 @@ def test_delivery_dated_before_1970_or_in_the_future_is_422(
     response = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "delivered_at"]
+
+
+def test_a_delivery_cannot_move_a_contact_to_another_customer_or_back_in_time(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    settings = api_settings.model_copy(update={"epsilon": 0.0})
+    body = {"customer": customer(customer_id="owner"), "candidates": ["sms:health_insurance:now"]}
+    with TestClient(create_app(settings)) as client:
+        first = client.post("/v1/decisions", json=body, headers=auth["decide"]).json()
+        assert first["chosen"]["action"] == "sms:health_insurance:now"  # else nothing to test
+        delivery = {
+            "decision_id": first["decision_id"],
+            "customer_id": "someone-else",
+            "channel": "sms",
+            "delivered_at": datetime.now(UTC).isoformat(),
+        }
+        other = client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
+        assert other.status_code == 409, other.text
+        backdated = {
+            **delivery,
+            "customer_id": "owner",
+            "delivered_at": (datetime.now(UTC) - timedelta(days=40)).isoformat(),
+        }
+        assert client.post("/v1/deliveries", json=backdated, headers=auth["reward"]).json()[
+            "recorded"
+        ]
+        again = client.post("/v1/decisions", json=body, headers=auth["decide"]).json()
+    assert again["chosen"]["action"] == "no_contact"  # the gap still counts from the decision
