@@ -118,7 +118,10 @@ def test_read_journal_round_trip_to_decision_schema(journal: JournalWriter) -> N
     table = read_journal(journal.path)
 
     assert table.schema == DECISION_SCHEMA
-    validate_decisions(table, n_actions=N_ACTIONS, n_features=N_FEATURES)
+    validate_decisions(table.slice(0, 40), n_actions=N_ACTIONS, n_features=N_FEATURES)
+    # propensities on some rows only: read, but refused for training and evaluation
+    with pytest.raises(DecisionLogError, match="row 40: is missing on this row"):
+        validate_decisions(table, n_actions=N_ACTIONS, n_features=N_FEATURES)
     assert table.column("decision_id").to_pylist() == [*first.decision_id, *second.decision_id]
     ctx = np.stack(table.column("context").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(ctx[:40], first.context)

@@ -17,6 +17,7 @@ NAME = "promote-test"
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[MlflowClient]:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    mlflow.set_experiment("promote-test")  # not an experiment id left by another test
     client = MlflowClient()
     client.create_registered_model(NAME)
     yield client
