@@ -146,7 +146,7 @@ class ContactBatch:
             Chosen action ids.
         catalog : ActionCatalog
         at_us : int64 ``(n,)``
-            When each contact is sent at the latest (:meth:`SendSchedule.latest_send_us`).
+            When each contact is sent at the latest (:func:`latest_send_us`).
         """
         actions = np.asarray(action).tolist()
         channel_index = catalog.channel_index[actions].tolist()
@@ -163,57 +163,44 @@ class ContactBatch:
         )
 
 
-@dataclass(frozen=True)
-class SendSchedule:
-    """When a recommended contact is sent at the latest, by action (build once per catalogue
-    with :meth:`of`)."""
+def latest_send_us(
+    catalog: ActionCatalog,
+    action: np.ndarray,
+    now: datetime,
+    local_hour: np.ndarray,
+    local_weekday: np.ndarray,
+) -> np.ndarray:
+    """When each recommended contact is sent at the latest, microseconds since the epoch,
+    int64 ``(n,)``: now for an immediate slot, else the end of the slot's next window in the
+    customer's local time (today's if it has not ended, else tomorrow's, or the next
+    Saturday's for a weekend slot).
 
-    end_hour: np.ndarray
-    """int64 ``(A,)``: the local hour at which the action's sending window ends; -1 for an
-    immediate action (and no contact)."""
-    weekend: np.ndarray
-    """bool ``(A,)``: the window is on Saturdays only."""
+    A scheduled contact is recorded at its window's end (up to an hour later: whole hours
+    are added to ``now``, whose minutes are kept), so that the minimum gap to the next
+    contact and the windows of the caps count from the latest time it can really be sent,
+    never from the decision.
 
-    @classmethod
-    def of(cls, catalog: ActionCatalog) -> SendSchedule:
-        """The schedule of every action of ``catalog``."""
-        ends = [-1 if t.immediate else int(t.end_hour or 0) for t in catalog.timing]
-        slot = np.maximum(catalog.timing_index, 0)
-        end_hour = np.where(catalog.timing_index >= 0, np.array(ends, np.int64)[slot], -1)
-        weekend = np.array([t.weekend for t in catalog.timing], bool)[slot]
-        return cls(end_hour, weekend & (catalog.timing_index >= 0))
-
-    def latest_send_us(
-        self, action: np.ndarray, now: datetime, local_hour: np.ndarray, local_weekday: np.ndarray
-    ) -> np.ndarray:
-        """When each recommended contact is sent at the latest, microseconds since the
-        epoch, int64 ``(n,)``: now for an immediate action, else the end of its slot's next
-        window in the customer's local time (today's if it has not ended, else tomorrow's, or
-        the next Saturday's for a weekend slot).
-
-        A scheduled contact is recorded at its window's end (up to an hour later: whole
-        hours are added to ``now``, whose minutes are kept), so that the minimum gap to the
-        next contact and the windows of the caps count from the latest time it can really be
-        sent, never from the decision.
-
-        Parameters
-        ----------
-        action : int ``(n,)``
-        now : datetime
-            Decision time (timezone-aware).
-        local_hour, local_weekday : int ``(n,)``
-            The customers' local hour (0..23) and weekday (0 = Monday) at ``now``.
-        """
-        action = np.asarray(action, np.int64)
-        end_hour = self.end_hour[action]
-        hour = np.asarray(local_hour, np.int64)
-        days = (hour >= end_hour).astype(np.int64)  # today's window has ended: tomorrow's
-        saturday = (5 - np.asarray(local_weekday, np.int64)) % 7
-        weekly = np.where((saturday == 0) & (days == 1), 7, saturday)
-        days = np.where(self.weekend[action], weekly, days)
-        now_us = epoch_us(now)
-        later = now_us + (days * 24 + end_hour - hour) * _US_PER_HOUR
-        return np.where(end_hour < 0, now_us, later)
+    Parameters
+    ----------
+    action : int ``(n,)``
+    now : datetime
+        Decision time (timezone-aware).
+    local_hour, local_weekday : int ``(n,)``
+        The customers' local hour (0..23) and weekday (0 = Monday) at ``now``.
+    """
+    timing = catalog.timing
+    end = np.array([-1 if t.immediate else t.end_hour for t in timing], np.int64)
+    weekend = np.array([t.weekend for t in timing], bool)
+    slot = catalog.timing_index[np.asarray(action, np.int64)]
+    slot = np.where(slot >= 0, slot, 0)  # no contact: never recorded (any slot will do)
+    hour = np.asarray(local_hour, np.int64)
+    end_hour = end[slot]
+    days = np.where(hour < end_hour, 0, 1)  # today's window has not ended yet
+    saturday = (5 - np.asarray(local_weekday, np.int64)) % 7
+    days = np.where(weekend[slot], np.where((saturday == 0) & (days == 1), 7, saturday), days)
+    hours = days * 24 + end_hour - hour
+    now_us = epoch_us(now)
+    return np.where(end_hour < 0, now_us, now_us + hours * _US_PER_HOUR)
 
 
 @dataclass(frozen=True)
@@ -868,8 +855,8 @@ __all__ = [
     "ContactConflictError",
     "ContactEvents",
     "ContactStore",
-    "SendSchedule",
     "SqliteContactStore",
+    "latest_send_us",
     "merge_contact_counts",
     "merge_contact_history",
     "merge_into_batch",

@@ -53,8 +53,8 @@ from serving.contact_store import (
     ContactBatch,
     ContactConflictError,
     ContactStore,
-    SendSchedule,
     SqliteContactStore,
+    latest_send_us,
     merge_into_batch,
 )
 from serving.decision_engine import DecisionEngine, Decisions, ModelNotReadyError
@@ -349,7 +349,6 @@ class ScoringService:
         self.api_keys = api_keys
         self._key = settings.pseudonym_key
         self._view = _ActionView.of(catalog)
-        self._schedule = SendSchedule.of(catalog)
         self._counters = metrics.DecisionCounters(catalog.channel_names, rules.rule_ids)
         self._channel_of = {name: i for i, name in enumerate(catalog.channel_names)}
         self._exploration = settings.exploration
@@ -664,8 +663,8 @@ class ScoringService:
         # load they queue and commit in groups on the writers' threads
         inline = len(decision_ids) <= INLINE_COMMIT_ROWS
         journalled = self.journal.submit(decisions, inline=inline)
-        sent_by = self._schedule.latest_send_us(
-            result.action, now, batch["local_hour"], batch["local_weekday"]
+        sent_by = latest_send_us(
+            self.catalog, result.action, now, batch["local_hour"], batch["local_weekday"]
         )
         contacts = ContactBatch.recommended(
             decision_ids, keys, result.action, self.catalog, sent_by

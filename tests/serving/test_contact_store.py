@@ -22,8 +22,8 @@ from serving.contact_store import (
     ContactBatch,
     ContactEvents,
     ContactStore,
-    SendSchedule,
     SqliteContactStore,
+    latest_send_us,
     merge_contact_counts,
     merge_contact_history,
     merge_into_batch,
@@ -364,8 +364,7 @@ def test_a_scheduled_contact_counts_from_the_end_of_its_next_window(
     catalog: ActionCatalog, timing: str, hour: int, weekday: int, hours_later: int
 ) -> None:
     action = next(a for a in catalog.actions if a.channel == "sms" and a.timing == timing)
-    schedule = SendSchedule.of(catalog)
-    at = schedule.latest_send_us(np.array([action.id]), NOW, np.array([hour]), np.array([weekday]))
+    at = latest_send_us(catalog, np.array([action.id]), NOW, np.array([hour]), np.array([weekday]))
     assert int(at[0]) == epoch_us(NOW) + hours_later * 3_600_000_000
 
 
