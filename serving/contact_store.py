@@ -135,7 +135,7 @@ class ContactBatch:
         customer_key: Sequence[str],
         action: np.ndarray,
         catalog: ActionCatalog,
-        at_us: np.ndarray,
+        at: datetime,
     ) -> ContactBatch:
         """The contacts of chosen actions (no-contact decisions are not contacts).
 
@@ -145,8 +145,8 @@ class ContactBatch:
         action : int ``(n,)``
             Chosen action ids.
         catalog : ActionCatalog
-        at_us : int64 ``(n,)``
-            When each contact is sent at the latest (:func:`latest_send_us`).
+        at : datetime
+            Decision time (timezone-aware).
         """
         actions = np.asarray(action).tolist()
         channel_index = catalog.channel_index[actions].tolist()
@@ -158,49 +158,9 @@ class ContactBatch:
             customer_key=[customer_key[i] for i in rows],
             channel=[channels[channel_index[i]] for i in rows],
             offer=[offers[offer_index[i]] for i in rows],
-            at_us=np.asarray(at_us, np.int64)[rows],
+            at_us=epoch_us(at),
             kind="recommended",
         )
-
-
-def latest_send_us(
-    catalog: ActionCatalog,
-    action: np.ndarray,
-    now: datetime,
-    local_hour: np.ndarray,
-    local_weekday: np.ndarray,
-) -> np.ndarray:
-    """When each recommended contact is sent at the latest, microseconds since the epoch,
-    int64 ``(n,)``: now for an immediate slot, else the end of the slot's next window in the
-    customer's local time (today's if it has not ended, else tomorrow's, or the next
-    Saturday's for a weekend slot).
-
-    A scheduled contact is recorded at its window's end (up to an hour later: whole hours
-    are added to ``now``, whose minutes are kept), so that the minimum gap to the next
-    contact and the windows of the caps count from the latest time it can really be sent,
-    never from the decision.
-
-    Parameters
-    ----------
-    action : int ``(n,)``
-    now : datetime
-        Decision time (timezone-aware).
-    local_hour, local_weekday : int ``(n,)``
-        The customers' local hour (0..23) and weekday (0 = Monday) at ``now``.
-    """
-    timing = catalog.timing
-    end = np.array([-1 if t.immediate else t.end_hour for t in timing], np.int64)
-    weekend = np.array([t.weekend for t in timing], bool)
-    slot = catalog.timing_index[np.asarray(action, np.int64)]
-    slot = np.where(slot >= 0, slot, 0)  # no contact: never recorded (any slot will do)
-    hour = np.asarray(local_hour, np.int64)
-    end_hour = end[slot]
-    days = np.where(hour < end_hour, 0, 1)  # today's window has not ended yet
-    saturday = (5 - np.asarray(local_weekday, np.int64)) % 7
-    days = np.where(weekend[slot], np.where((saturday == 0) & (days == 1), 7, saturday), days)
-    hours = days * 24 + end_hour - hour
-    now_us = epoch_us(now)
-    return np.where(end_hour < 0, now_us, now_us + hours * _US_PER_HOUR)
 
 
 @dataclass(frozen=True)
@@ -472,8 +432,6 @@ class ContactConflictError(ValueError):
     def __init__(self, contact_id: str) -> None:
         super().__init__(f"contact {contact_id!r} was recorded for another customer")
         self.contact_id = contact_id
-
-
 _UPSERT = (
     "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2 "
@@ -856,7 +814,6 @@ __all__ = [
     "ContactEvents",
     "ContactStore",
     "SqliteContactStore",
-    "latest_send_us",
     "merge_contact_counts",
     "merge_contact_history",
     "merge_into_batch",

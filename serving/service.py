@@ -54,7 +54,6 @@ from serving.contact_store import (
     ContactConflictError,
     ContactStore,
     SqliteContactStore,
-    latest_send_us,
     merge_into_batch,
 )
 from serving.decision_engine import DecisionEngine, Decisions, ModelNotReadyError
@@ -233,7 +232,7 @@ class _Coalescer:
         service = self._service
         pending = [p for p, _ in group]
         try:
-            result, batch, now = service.decide_group(pending)
+            result, now = service.decide_group(pending)
         except Exception as exc:
             if len(group) > 1:  # nothing written yet: decide each request alone
                 for item in group:
@@ -245,7 +244,7 @@ class _Coalescer:
             _fail(group, exc)
             raise
         try:
-            ids = await service.record_group(pending, result, batch, now)
+            ids = await service.record_group(pending, result, now)
         except BaseException as exc:
             _fail(group, exc)
             if not isinstance(exc, Exception):
@@ -516,10 +515,10 @@ class ScoringService:
             blocked=blocked,
         )
 
-    def decide_group(self, pending: list[_Pending]) -> tuple[Decisions, ContextBatch, datetime]:
+    def decide_group(self, pending: list[_Pending]) -> tuple[Decisions, datetime]:
         """Decide for customers of several requests at once (stored contacts merged, one
-        engine call), writing nothing; the decisions, their contexts and their time. Each
-        customer at most once (:class:`_Coalescer` sees to it)."""
+        engine call), writing nothing; the decisions and their time. Each customer at most
+        once (:class:`_Coalescer` sees to it)."""
         now = datetime.now(UTC)
         keys = [p.key for p in pending]
         batch = ContextBatch.from_contexts([p.customer for p in pending], self.catalog, now)
@@ -541,17 +540,17 @@ class ScoringService:
             candidates=candidates,
             explain=any(p.explain for p in pending),
         )
-        return result, batch, now
+        return result, now
 
     async def record_group(
-        self, pending: list[_Pending], result: Decisions, batch: ContextBatch, now: datetime
+        self, pending: list[_Pending], result: Decisions, now: datetime
     ) -> list[str]:
         """Journal :meth:`decide_group`'s decisions and record their contacts; their ids,
         once both are committed."""
         decision_ids = new_decision_ids(len(pending))
         campaigns = [p.campaign_id for p in pending]
         keys = [p.key for p in pending]
-        await self._submit(result, batch, decision_ids, keys, now, campaigns, "single").wait()
+        await self._submit(result, decision_ids, keys, now, campaigns, "single").wait()
         return decision_ids
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
@@ -594,13 +593,7 @@ class ScoringService:
                 result = self.engine.decide(one, k=request.k, candidates=mask, model=model)
                 writes.append(
                     self._submit(
-                        result,
-                        one,
-                        decision_ids[part],
-                        keys[part],
-                        now,
-                        request.campaign_id,
-                        "batch",
+                        result, decision_ids[part], keys[part], now, request.campaign_id, "batch"
                     )
                 )
                 answer.add(result, decision_ids[part])
@@ -635,16 +628,14 @@ class ScoringService:
     def _submit(
         self,
         result: Decisions,
-        batch: ContextBatch,
         decision_ids: list[str],
         keys: list[str],
         now: datetime,
         campaign_id: str | list[str | None] | None,
         endpoint: str,
     ) -> _Writes:
-        """Start journalling the decisions (made on ``batch``) and recording the recommended
-        contacts; the caller may prepare its answer meanwhile, and must
-        :meth:`_Writes.wait` before it."""
+        """Start journalling the decisions and recording the recommended contacts; the
+        caller may prepare its answer meanwhile, and must :meth:`_Writes.wait` before it."""
         decisions = result.journal_batch(
             decision_id=decision_ids,
             timestamp_us=epoch_us(now),
@@ -663,12 +654,7 @@ class ScoringService:
         # load they queue and commit in groups on the writers' threads
         inline = len(decision_ids) <= INLINE_COMMIT_ROWS
         journalled = self.journal.submit(decisions, inline=inline)
-        sent_by = latest_send_us(
-            self.catalog, result.action, now, batch["local_hour"], batch["local_weekday"]
-        )
-        contacts = ContactBatch.recommended(
-            decision_ids, keys, result.action, self.catalog, sent_by
-        )
+        contacts = ContactBatch.recommended(decision_ids, keys, result.action, self.catalog, now)
         recorded = self.contacts.record(contacts, inline=inline) if len(contacts) else None
         codes = result.blocked_by
         # every code counted (ALLOWED is past the rules' codes): no compaction of the codes

@@ -23,7 +23,6 @@ from serving.contact_store import (
     ContactEvents,
     ContactStore,
     SqliteContactStore,
-    latest_send_us,
     merge_contact_counts,
     merge_contact_history,
     merge_into_batch,
@@ -337,35 +336,12 @@ def test_store_keys_are_63_bit_and_stable() -> None:
 def test_recommended_contacts_of_decisions_skip_no_contact(catalog: ActionCatalog) -> None:
     sms = next(a for a in catalog.actions if a.channel == "sms")
     batch = ContactBatch.recommended(
-        ["d0", "d1", "d2"], ["k0", "k1", "k2"], np.array([0, sms.id, 0]), catalog, [7, 8, 9]
+        ["d0", "d1", "d2"], ["k0", "k1", "k2"], np.array([0, sms.id, 0]), catalog, NOW
     )
     assert list(batch.contact_id) == ["d1"]
     assert list(batch.channel) == ["sms"]
     assert list(batch.offer) == [sms.offer]
-    assert list(batch.at_us) == [8]
     assert batch.kind == "recommended"
-
-
-@pytest.mark.parametrize(
-    ("timing", "hour", "weekday", "hours_later"),
-    [
-        ("now", 8, 0, 0),
-        ("evening", 8, 0, 21 - 8),  # Monday 08:xx: tonight's window ends at 21:00
-        ("evening", 20, 0, 1),  # inside the window: its end
-        ("evening", 21, 0, 24),  # ended: tomorrow's
-        ("morning", 23, 2, 11 - 23 + 24),
-        ("weekend", 9, 3, 2 * 24 + 12 - 9),  # Thursday: Saturday's window
-        ("weekend", 11, 5, 1),  # Saturday inside the window
-        ("weekend", 12, 5, 7 * 24),  # Saturday after it: next Saturday's
-        ("weekend", 9, 6, 6 * 24 + 12 - 9),  # Sunday
-    ],
-)
-def test_a_scheduled_contact_counts_from_the_end_of_its_next_window(
-    catalog: ActionCatalog, timing: str, hour: int, weekday: int, hours_later: int
-) -> None:
-    action = next(a for a in catalog.actions if a.channel == "sms" and a.timing == timing)
-    at = latest_send_us(catalog, np.array([action.id]), NOW, np.array([hour]), np.array([weekday]))
-    assert int(at[0]) == epoch_us(NOW) + hours_later * 3_600_000_000
 
 
 def test_contact_batch_bad_arrays_refused() -> None:
