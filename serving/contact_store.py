@@ -664,6 +664,27 @@ class SqliteContactStore:
                 self._pending.setdefault(key, []).append((write, index[channel], at_us, delivered))
         return write
 
+    def _pending_of(self, keys: list[int], since_us: int) -> list[tuple[int, int, int, bool]]:
+        """This store's contacts not yet committed for ``keys`` ``(n,)`` after ``since_us``,
+        as ``(row, channel index, at_us, delivered)``.
+
+        Without them, a decision made while an earlier decision's contact is still being
+        committed (a request of the next coalesced group, a batch meanwhile) would not see
+        that contact, and both could be sent despite a cap or a minimum gap. Read before the
+        store is queried, so a contact committed in between is counted twice (more blocking),
+        never missed.
+        """
+        if not self._pending:
+            return []
+        with self._pending_lock:
+            pending = self._pending
+            return [
+                (row, channel, at_us, delivered)
+                for row, key in enumerate(keys)
+                for _, channel, at_us, delivered in pending.get(key, ())
+                if at_us > since_us
+            ]
+
     def _forget_pending(self, write: int, keys: list[int]) -> None:
         """The write is committed (or failed): the store, not this map, has its contacts."""
         with self._pending_lock:
@@ -687,6 +708,8 @@ class SqliteContactStore:
             return ContactEvents.empty(0)
         integers = store_keys(customer_keys)
         self._looked_up = dict(zip(customer_keys, integers, strict=True))
+        # before the query: a write committed in between is then counted twice, never missed
+        pending = self._pending_of(integers, int(since_us))
         keys = to_json(integers).decode()  # TEXT, as in record()
         (text,) = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
         stored = ContactEvents.empty(n)
@@ -699,28 +722,9 @@ class SqliteContactStore:
             if not known.all():
                 row, channel, pairs, kind = row[known], channel[known], pairs[known], kind[known]
             stored = ContactEvents(n, row, channel, pairs[:, 1], kind == 1)
-        return self._with_pending(stored, integers, int(since_us))
-
-    def _with_pending(self, stored: ContactEvents, keys: list[int], since_us: int) -> ContactEvents:
-        """``stored`` plus this store's contacts not yet committed for the same customers.
-
-        Without them, a decision made while an earlier decision's contact is still being
-        committed (a request of the next coalesced group, a batch meanwhile) would not see
-        that contact, and both could be sent despite a cap or a minimum gap. A contact
-        committed while this lookup ran may be counted twice: more blocking, never less.
-        """
-        if not self._pending:
+        if not pending:
             return stored
-        found: list[tuple[int, int, int, bool]] = []
-        with self._pending_lock:
-            pending = self._pending
-            for row, key in enumerate(keys):
-                for _, channel, at_us, delivered in pending.get(key, ()):
-                    if at_us > since_us:
-                        found.append((row, channel, at_us, delivered))
-        if not found:
-            return stored
-        rows, channels, stamps, delivered = (np.array(c) for c in zip(*found, strict=True))
+        rows, channels, stamps, delivered = (np.array(c) for c in zip(*pending, strict=True))
         return ContactEvents(
             stored.n,
             np.concatenate([stored.row, rows.astype(np.int64)]),

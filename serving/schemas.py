@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nextbest.context import CustomerContext
+from nextbest.context import CustomerContext, require_aware
 from nextbest.customer_columns import CustomerColumns
 from nextbest.decision_journal import EPOCH
 from serving.campaigns import CAMPAIGN_ID_PATTERN
@@ -65,7 +65,11 @@ class _Options(BaseModel):
 
 def _check_assessment_dates(dates: list[date | None], where: str) -> None:
     """Refuse a risk assessment dated after tomorrow (UTC; today somewhere on earth): a typo
-    in the year would make an expired assessment look valid to the suitability rules."""
+    in the year would make an expired assessment look valid to the suitability rules.
+
+    Checked here, against the service's clock (its decision time), not in
+    :class:`~nextbest.context.CustomerContext`: simulations and replays build contexts at
+    other times than now."""
     latest = datetime.now(UTC).date() + timedelta(days=1)
     if max(filter(None, dates), default=latest) > latest:
         row = next(i for i, d in enumerate(dates) if d is not None and d > latest)
@@ -344,8 +348,7 @@ class RewardRequest(BaseModel):
 def _reported_time(value: datetime) -> datetime:
     """A time a platform reports (an outcome, a delivery): with a time zone, from 1970 up to
     :data:`FUTURE_SKEW` past now."""
-    if value.tzinfo is None:
-        raise ValueError("must include a time zone offset (for example +08:00)")
+    require_aware(value)
     if not EPOCH <= value <= datetime.now(UTC) + FUTURE_SKEW:
         raise ValueError(
             f"must lie between 1970 and now (plus {FUTURE_SKEW}), got {value.isoformat()}"

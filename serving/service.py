@@ -233,10 +233,13 @@ class _Coalescer:
         pending = [p for p, _ in group]
         try:
             result, now = service.decide_group(pending)
+        except HTTPException as exc:  # the service's state (no model), not a request's input
+            _fail(group, exc)
+            return
         except Exception as exc:
             if len(group) > 1:  # nothing written yet: decide each request alone
-                for item in group:
-                    await self._run([item])
+                # tasks start in order, so each still sees the contacts of those before it
+                await asyncio.gather(*(self._run([item]) for item in group))
                 return
             _fail(group, exc)
             return

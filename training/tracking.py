@@ -26,6 +26,8 @@ COMPLIANCE_METRIC = "compliance/blocked_actions_chosen"
 """Chosen actions the rules block, on the run's held-out decisions (must be 0)."""
 LOGGING_METRIC = "ope/logging/dr/value"
 """What runs today, estimated in the same run: the bar when there is no champion yet."""
+LOGGED_REWARD_METRIC = "eval/holdout_mean_reward"
+"""What runs today, observed: the bar when the log has no distribution to estimate it."""
 ALPHA_PARAM = "evaluation.alpha"
 PROMOTION_ALPHA = 0.05
 """Promotion compares the 95% lower bound; a run evaluated at another level is refused."""
@@ -114,8 +116,9 @@ def promote(registered_model: str) -> tuple[bool, str]:
 
     Fails closed: the challenger must have chosen no blocked action on its held-out data,
     its bound must be the 95% one (``evaluation.alpha`` 0.05), and with no champion yet it
-    must beat what runs today (the logging policy's DR value in the same run, else doing
-    nothing: 0). A champion whose run has no DR value is not replaced automatically.
+    must beat what runs today (the logging policy's DR value in the same run, else the
+    logged mean reward of its held-out decisions, else doing nothing: 0). A champion whose
+    run has no DR value is not replaced automatically.
 
     Returns
     -------
@@ -135,7 +138,7 @@ def promote(registered_model: str) -> tuple[bool, str]:
             f"challenger v{challenger.version}: {COMPLIANCE_METRIC} is {violations} (must be 0)"
         )
     alpha = _run_param(client, challenger.run_id, ALPHA_PARAM)
-    if alpha is None or float(alpha) != PROMOTION_ALPHA:
+    if _as_float(alpha) != PROMOTION_ALPHA:
         return False, (
             f"challenger v{challenger.version} was evaluated with {ALPHA_PARAM}={alpha}: "
             f"promotion compares the {1 - PROMOTION_ALPHA:.0%} lower bound "
@@ -147,7 +150,13 @@ def promote(registered_model: str) -> tuple[bool, str]:
         champion = None
     if champion is None:
         logged = _run_metric(client, challenger.run_id, LOGGING_METRIC)
-        bar, what = (0.0, "doing nothing (0)") if logged is None else (logged, "the logging policy")
+        observed = _run_metric(client, challenger.run_id, LOGGED_REWARD_METRIC)
+        if logged is not None:
+            bar, what = logged, "the logging policy"
+        elif observed is not None:  # no logged distribution: its mean reward, on-policy
+            bar, what = observed, "the logging policy's mean held-out reward"
+        else:
+            bar, what = 0.0, "doing nothing (0)"
         if not lower > bar:
             return False, (
                 f"challenger v{challenger.version} DR lower bound {lower:.4f} does not beat "
@@ -170,6 +179,13 @@ def promote(registered_model: str) -> tuple[bool, str]:
     client.set_registered_model_alias(registered_model, CHAMPION, challenger.version)
     before = "no champion" if champion is None else f"champion v{champion.version}"
     return True, f"promoted v{challenger.version} (DR lower bound {lower:.4f}) over {before}"
+
+
+def _as_float(text: str | None) -> float | None:
+    try:
+        return None if text is None else float(text)
+    except ValueError:
+        return None
 
 
 def _run_param(client: MlflowClient, run_id: str | None, key: str) -> str | None:

@@ -41,6 +41,7 @@ from training.neural_bandit import (
 from training.onnx_export import export_reward_model, spec_path
 from training.tracking import (
     COMPLIANCE_METRIC,
+    LOGGED_REWARD_METRIC,
     data_fingerprint,
     flatten,
     register_onnx,
@@ -203,14 +204,14 @@ def run_training(
             f"{encoder.spec.version}"
         )
     # everything that can refuse the log is checked before a run is opened
-    if config.learner == "vw_bandit":
-        check_vw_inputs(log, catalog, config.vw_bandit)
-    if log.pscore is None:
+    if log.pscore is None:  # whatever the learner: its held-out evaluation needs them
         raise ValueError(
             f"{config.data.logs}: the log has no propensities (pscore): the held-out "
             "evaluation's IPS and DR need them; log the behaviour policy's propensities, or "
             "evaluate such a log with the direct method (nextbest evaluate --model)"
         )
+    if config.learner == "vw_bandit":
+        check_vw_inputs(log, catalog, config.vw_bandit)
     recipe = read_recipe(config.data.logs) if config.evaluation.ground_truth else None
     if recipe is not None and engine is not None:
         recipe.check(catalog, engine)
@@ -278,7 +279,7 @@ def run_training(
                 }
             )
         mlflow.log_dict(rows, "ope_table.json")
-        mlflow.log_metric("eval/holdout_mean_reward", float(holdout.reward.mean()))
+        mlflow.log_metric(LOGGED_REWARD_METRIC, float(holdout.reward.mean()))
 
         truth: TruthTable | None = None
         if recipe is not None and engine is not None:

@@ -135,3 +135,30 @@ def test_a_failed_write_is_not_counted(tmp_path: Path, catalog: ActionCatalog) -
         failed.result(10)
     assert store._pending == {}
     store.close()
+
+
+def test_a_contact_committed_during_a_lookup_is_not_missed(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """The write commits after the lookup read the pending contacts and before it queries
+    the store: counted (twice at worst), never lost between the two."""
+    store = SqliteContactStore(tmp_path, catalog.channel_names)
+    key = pseudonymise("racing-1", b"k" * 32)
+    now_us = epoch_us(datetime.now(UTC))
+    gate = Future[None]()
+    store._writer.submit(lambda conn: gate.result(10))
+    recorded = store.record(
+        ContactBatch(["d1"], [key], ["sms"], ["health_insurance"], now_us, "recommended")
+    )
+    read_pending = store._pending_of
+
+    def then_commit(keys: list[int], since_us: int) -> list[tuple[int, int, int, bool]]:
+        found = read_pending(keys, since_us)
+        gate.set_result(None)
+        recorded.result(10)  # committed, and forgotten by the pending map, right now
+        return found
+
+    store._pending_of = then_commit  # type: ignore[method-assign]
+    events = store.contacts([key], now_us - 1)
+    assert len(events.row) >= 1
+    store.close()

@@ -15,13 +15,19 @@ NAME = "promote-test"
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[MlflowClient]:
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
+    """A registry of its own; MLflow's global tracking URI and environment restored after."""
+    before = mlflow.get_tracking_uri()
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)  # set_tracking_uri writes the first one
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
-    mlflow.set_experiment("promote-test")  # not an experiment id left by another test
     client = MlflowClient()
     client.create_registered_model(NAME)
     yield client
-    mlflow.set_tracking_uri("")
+    mlflow.set_tracking_uri(before)
+
+
+EXPERIMENT = "promote-test"
 
 
 def version(
@@ -31,7 +37,9 @@ def version(
     alpha: str | None = "0.05",
 ) -> str:
     """A registered version whose run logged ``metrics`` (and ``evaluation.alpha``)."""
-    with mlflow.start_run() as run:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment) as run:  # no active experiment set
         mlflow.log_metrics(metrics)
         if alpha is not None:
             mlflow.log_param("evaluation.alpha", alpha)
@@ -76,6 +84,13 @@ def test_first_challenger_beating_the_logging_policy_is_promoted(client: MlflowC
             "0.05",
             "does not beat doing nothing",
         ),
+        (
+            {k: v for k, v in GOOD.items() if not k.startswith("ope/logging")}
+            | {"eval/holdout_mean_reward": 2.5},
+            "0.05",
+            "does not beat the logging policy's mean held-out reward",
+        ),
+        (GOOD, "lots", "evaluation.alpha=lots"),
     ],
 )
 def test_first_challenger_without_evidence_is_not_promoted(

@@ -333,5 +333,5 @@ tracking: {{uri: "sqlite:///{tmp_path}/mlflow.db"}}
     result = CliRunner().invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 2
     flat = " ".join(result.output.split())
-    assert "needs `pscore`" in flat
-    assert "cb_type 'dm'" in flat
+    assert "no propensities (pscore)" in flat  # the learner could train; the evaluation cannot
+    assert "nextbest evaluate --model" in flat
