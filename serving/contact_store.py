@@ -432,6 +432,8 @@ class ContactConflictError(ValueError):
     def __init__(self, contact_id: str) -> None:
         super().__init__(f"contact {contact_id!r} was recorded for another customer")
         self.contact_id = contact_id
+
+
 _UPSERT = (
     "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2 "
