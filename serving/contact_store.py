@@ -109,6 +109,9 @@ class ContactBatch:
     offer: Sequence[str | None]
     at_us: np.ndarray | int
     kind: ContactKind
+    latest_us: np.ndarray | None = None
+    """int64 ``(n,)``: the latest each contact may be sent, when later than ``at_us`` (a
+    recommendation for a later window); None: ``at_us``."""
 
     def __post_init__(self) -> None:
         if self.kind not in CONTACT_KINDS:
@@ -121,6 +124,8 @@ class ContactBatch:
         }
         if np.ndim(self.at_us):
             lengths["at_us"] = len(np.asarray(self.at_us))
+        if self.latest_us is not None:
+            lengths["latest_us"] = len(np.asarray(self.latest_us))
         for name, length in lengths.items():
             if length != n:
                 raise ValueError(f"{name} has {length} rows but contact_id has {n}")
@@ -136,6 +141,7 @@ class ContactBatch:
         action: np.ndarray,
         catalog: ActionCatalog,
         at: datetime,
+        latest_us: np.ndarray | None = None,
     ) -> ContactBatch:
         """The contacts of chosen actions (no-contact decisions are not contacts).
 
@@ -147,6 +153,8 @@ class ContactBatch:
         catalog : ActionCatalog
         at : datetime
             Decision time (timezone-aware).
+        latest_us : int64 ``(n,)``, optional
+            The latest each contact may be sent (:meth:`SendSchedule.latest_send_us`).
         """
         actions = np.asarray(action).tolist()
         channel_index = catalog.channel_index[actions].tolist()
@@ -160,7 +168,60 @@ class ContactBatch:
             offer=[offers[offer_index[i]] for i in rows],
             at_us=epoch_us(at),
             kind="recommended",
+            latest_us=None if latest_us is None else np.asarray(latest_us, np.int64)[rows],
         )
+
+
+@dataclass(frozen=True)
+class SendSchedule:
+    """When a recommended contact is sent at the latest, by action (build once per catalogue
+    with :meth:`of`)."""
+
+    end_hour: np.ndarray
+    """int64 ``(A,)``: the local hour at which the action's sending window ends; -1 for an
+    immediate action (and no contact)."""
+    weekend: np.ndarray
+    """bool ``(A,)``: the window is on Saturdays only."""
+
+    @classmethod
+    def of(cls, catalog: ActionCatalog) -> SendSchedule:
+        """The schedule of every action of ``catalog``."""
+        ends = [-1 if t.immediate else int(t.end_hour or 0) for t in catalog.timing]
+        slot = np.maximum(catalog.timing_index, 0)
+        end_hour = np.where(catalog.timing_index >= 0, np.array(ends, np.int64)[slot], -1)
+        weekend = np.array([t.weekend for t in catalog.timing], bool)[slot]
+        return cls(end_hour, weekend & (catalog.timing_index >= 0))
+
+    def latest_send_us(
+        self, action: np.ndarray, now: datetime, local_hour: np.ndarray, local_weekday: np.ndarray
+    ) -> np.ndarray:
+        """When each recommended contact is sent at the latest, microseconds since the
+        epoch, int64 ``(n,)``: now for an immediate action, else the end of its slot's next
+        window in the customer's local time (today's if it has not ended, else tomorrow's, or
+        the next Saturday's for a weekend slot).
+
+        A scheduled contact's gaps count from its window's end (up to an hour later: whole
+        hours are added to ``now``, whose minutes are kept), the latest time it can really
+        be sent; its windows and counts still count from the decision.
+
+        Parameters
+        ----------
+        action : int ``(n,)``
+        now : datetime
+            Decision time (timezone-aware).
+        local_hour, local_weekday : int ``(n,)``
+            The customers' local hour (0..23) and weekday (0 = Monday) at ``now``.
+        """
+        action = np.asarray(action, np.int64)
+        end_hour = self.end_hour[action]
+        hour = np.asarray(local_hour, np.int64)
+        days = (hour >= end_hour).astype(np.int64)  # today's window has ended: tomorrow's
+        saturday = (5 - np.asarray(local_weekday, np.int64)) % 7
+        weekly = np.where((saturday == 0) & (days == 1), 7, saturday)
+        days = np.where(self.weekend[action], weekly, days)
+        now_us = epoch_us(now)
+        later = now_us + (days * 24 + end_hour - hour) * _US_PER_HOUR
+        return np.where(end_hour < 0, now_us, later)
 
 
 @dataclass(frozen=True)
@@ -179,6 +240,10 @@ class ContactEvents:
         Contact time, microseconds since the epoch (UTC).
     delivered : bool ``(m,)``
         Reported delivered (False: recommended by the service).
+    latest_us : int64 ``(m,)``
+        The latest the contact may be sent: ``at_us`` unless a recommendation was scheduled
+        for a later window (then that window's end, until its delivery is reported). Gaps
+        count from it; windows and counts from ``at_us``. Default: ``at_us``.
     """
 
     n: int
@@ -186,6 +251,11 @@ class ContactEvents:
     channel: np.ndarray
     at_us: np.ndarray
     delivered: np.ndarray
+    latest_us: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.latest_us is None:
+            object.__setattr__(self, "latest_us", self.at_us)
 
     @classmethod
     def empty(cls, n: int) -> ContactEvents:
@@ -260,13 +330,15 @@ def merge_contact_counts(
     -------
     contacts_7d, contacts_30d : float32 ``(n, C)``
     stored_last_us : float64 ``(n,)``
-        Latest counted stored contact, ``-inf`` if none.
+        The latest time a counted stored contact may be sent (its ``latest_us``), ``-inf``
+        if none; may lie after ``now_us`` (a contact scheduled for later today).
     """
     n, c = np.shape(contacts_30d)
     if events.n != n:
         raise ValueError(f"events are for {events.n} customers, the counts for {n}")
     keep = np.ones(len(events.row), bool) if count_recommended else events.delivered.copy()
     row, channel, at = events.row[keep], events.channel[keep], events.at_us[keep]
+    latest = np.asarray(events.latest_us)[keep]
     after = at > np.asarray(horizon_us, np.float64)[row] + HORIZON_SLACK_US
     cell = row * c + channel
     merged = []
@@ -279,7 +351,7 @@ def merge_contact_counts(
         extra = np.bincount(cell[inside & after], minlength=n * c).reshape(n, c)
         merged.append((np.maximum(request, known) + extra).astype(np.float32))
     stored_last = np.full(n, -np.inf)
-    np.maximum.at(stored_last, row, at.astype(np.float64))
+    np.maximum.at(stored_last, row, latest.astype(np.float64))
     return merged[0], merged[1], stored_last
 
 
@@ -361,6 +433,7 @@ def merge_contact_history(
         events.channel[mine],
         events.at_us[mine],
         events.delivered[mine],
+        np.asarray(events.latest_us)[mine],
     )
     last = history.last_contact_at
     horizon = np.array([-np.inf if last is None else float(epoch_us(last))])
@@ -388,22 +461,30 @@ CONTACTS_DDL = (
         channel INTEGER NOT NULL REFERENCES channel_codes (code),
         offer TEXT,
         at_us INTEGER NOT NULL,
-        kind INTEGER NOT NULL
+        kind INTEGER NOT NULL,
+        latest_us INTEGER
     )""",
-    # covering: a batch lookup reads this index only, never the table rows
-    """CREATE INDEX IF NOT EXISTS contact_events_by_customer
-        ON contact_events (customer, at_us, channel, kind)""",
 )
 """The store's tables (idempotent DDL): one row per contact, ``customer`` the
 :func:`store_key` of the pseudonymised customer key, ``channel`` a code of
 ``channel_codes`` (codes never change, so a file outlives catalogue versions), ``kind`` 0
-recommended, 1 delivered, ``at_us`` microseconds since the epoch (UTC).
+recommended, 1 delivered, ``at_us`` microseconds since the epoch (UTC), ``latest_us`` the
+latest a recommendation for a later window may be sent (null: ``at_us``; a delivery sets
+it null). The covering index :data:`BY_CUSTOMER_INDEX` is made by
+:meth:`SqliteContactStore._prepare`, after a file of an earlier layout got its
+``latest_us`` column.
 
 Integer keys and channel codes keep the index entries small: random customer keys put every
 new row on its own page of the index, and a commit writes each page it dirtied whole, so the
 write cost follows the index's size (integers instead of text: ~30% less CPU per recorded
 contact once the store holds a few hundred thousand). No index on time alone: it would cost
 a third of the write rate, and pruning walks the table by rowid instead."""
+BY_CUSTOMER_INDEX = (
+    "CREATE INDEX IF NOT EXISTS contact_events_by_customer_latest "
+    "ON contact_events (customer, at_us, channel, kind, latest_us)"
+)
+"""Covering: a batch lookup reads this index only, never the table rows. It replaces
+``contact_events_by_customer`` (the same without ``latest_us``)."""
 LEGACY_TABLE = "contacts"
 """The text-keyed table of the store's first layout; its rows move to ``contact_events``
 when a store opens the file (:meth:`SqliteContactStore.__init__`)."""
@@ -412,7 +493,7 @@ _LATER_KIND_REPLACES = (
     "ON CONFLICT (contact_id) DO UPDATE SET "
     "customer = excluded.customer, channel = excluded.channel, "
     "offer = excluded.offer, at_us = max(excluded.at_us, contact_events.at_us), "
-    "kind = excluded.kind "
+    "kind = excluded.kind, latest_us = excluded.latest_us "
     "WHERE excluded.kind > contact_events.kind"
 )
 """The upsert clause of every insert: a delivery replaces the recommendation of its contact
@@ -435,14 +516,15 @@ class ContactConflictError(ValueError):
 
 
 _UPSERT = (
-    "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind) "
-    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2 "
+    "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind, latest_us) "
+    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2, value ->> 5 "
     "FROM json_each(?1) WHERE true "  # WHERE: the ON CONFLICT below is the upsert's
     + _LATER_KIND_REPLACES
 )
 """Store a batch of contacts in one statement, from a JSON array of ``[contact_id,
-customer, channel code, offer, at_us]`` rows: SQLite parses it without the GIL (one
-``executemany`` step per row would hand the GIL back and forth with the event loop)."""
+customer, channel code, offer, at_us, latest_us or null]`` rows: SQLite parses it without
+the GIL (one ``executemany`` step per row would hand the GIL back and forth with the event
+loop)."""
 _STORE_KEY_HASH = hashlib.blake2b(digest_size=8, person=b"nextbest-contact")
 
 
@@ -469,11 +551,12 @@ _PRUNE_CHUNK_ROWS = 20_000
 
 def _lookup_sql(n_codes: int) -> str:
     """One query for a batch of customers: ``?1`` a JSON array of store keys, ``?2`` the
-    earliest time. The result is one text of ``code,at_us`` pairs with
+    earliest time. The result is one text of ``code,at_us,latest_us`` triples with
     ``code = (row * n_codes + channel code) * 2 + kind``: building it in SQLite and parsing
     it with numpy costs a fraction of fetching a Python tuple per contact."""
     return (
-        f"SELECT group_concat(((k.key * {n_codes} + c.channel) * 2 + c.kind) || ',' || c.at_us) "
+        f"SELECT group_concat(((k.key * {n_codes} + c.channel) * 2 + c.kind) || ',' || c.at_us "
+        "|| ',' || coalesce(c.latest_us, c.at_us)) "
         "FROM json_each(?1) AS k JOIN contact_events AS c "
         # a code added since this store opened (another catalogue's channel): left out
         f"ON c.customer = k.value AND c.at_us > ?2 AND c.channel < {n_codes}"
@@ -536,9 +619,9 @@ class SqliteContactStore:
         self._looked_up: dict[str, int] = {}
         """The last lookup's customers and their store keys: a decision records the contacts
         of the customers it looked up, and the hash need not run twice."""
-        self._pending: dict[int, list[tuple[int, int, int, bool]]] = {}
+        self._pending: dict[int, list[tuple[int, int, int, bool, int]]] = {}
         """Contacts this store submitted and not yet committed, by store key: ``(write,
-        channel index, at_us, delivered)``; :meth:`contacts` counts them (see there)."""
+        channel index, at_us, delivered, latest_us)``; :meth:`contacts` counts them."""
         self._pending_lock = threading.Lock()
         self._writes = itertools.count()
         try:
@@ -576,6 +659,11 @@ class SqliteContactStore:
         conn.executemany(
             "INSERT OR IGNORE INTO channel_codes (name) VALUES (?)", [(c,) for c in self.channels]
         )
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(contact_events)")}
+        if "latest_us" not in columns:  # a file from before scheduled contacts' latest time
+            conn.execute("ALTER TABLE contact_events ADD COLUMN latest_us INTEGER")
+        conn.execute(BY_CUSTOMER_INDEX)  # built once (a million contacts: seconds)
+        conn.execute("DROP INDEX IF EXISTS contact_events_by_customer")
         legacy = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (LEGACY_TABLE,)
         ).fetchone()
@@ -613,6 +701,11 @@ class SqliteContactStore:
         kind = CONTACT_KINDS.index(contacts.kind)
         at = contacts.at_us
         stamps = np.asarray(at, np.int64).tolist() if np.ndim(at) else [int(at)] * n
+        latest: list[int | None] = (
+            [None] * n
+            if contacts.latest_us is None
+            else np.asarray(contacts.latest_us, np.int64).tolist()
+        )
         code_of = self._code_of
         unknown = set(contacts.channel) - code_of.keys()
         if unknown:
@@ -626,6 +719,7 @@ class SqliteContactStore:
                     [code_of[c] for c in contacts.channel],
                     contacts.offer,
                     stamps,
+                    latest,
                     strict=True,
                 )
             )
@@ -644,7 +738,7 @@ class SqliteContactStore:
             conn.execute(_UPSERT, (rows, kind))
             return conn.total_changes - before
 
-        write = self._remember_pending(keys, contacts.channel, stamps, kind == 1)
+        write = self._remember_pending(keys, contacts.channel, stamps, latest, kind == 1)
         submit = self._writer.submit_inline if inline else self._writer.submit
         try:
             future = submit(upsert, rows=n)
@@ -655,20 +749,26 @@ class SqliteContactStore:
         return future
 
     def _remember_pending(
-        self, keys: list[int], channels: Sequence[str], stamps: list[int], delivered: bool
+        self,
+        keys: list[int],
+        channels: Sequence[str],
+        stamps: list[int],
+        latest: list[int | None],
+        delivered: bool,
     ) -> int:
         """Note contacts about to be written, so that lookups count them before their
         commit; returns the write's number (for :meth:`_forget_pending`)."""
         write = next(self._writes)
         index = self._index_of
         with self._pending_lock:
-            for key, channel, at_us in zip(keys, channels, stamps, strict=True):
-                self._pending.setdefault(key, []).append((write, index[channel], at_us, delivered))
+            for key, channel, at_us, last in zip(keys, channels, stamps, latest, strict=True):
+                entry = (write, index[channel], at_us, delivered, at_us if last is None else last)
+                self._pending.setdefault(key, []).append(entry)
         return write
 
-    def _pending_of(self, keys: list[int], since_us: int) -> list[tuple[int, int, int, bool]]:
+    def _pending_of(self, keys: list[int], since_us: int) -> list[tuple[int, int, int, bool, int]]:
         """This store's contacts not yet committed for ``keys`` ``(n,)`` after ``since_us``,
-        as ``(row, channel index, at_us, delivered)``.
+        as ``(row, channel index, at_us, delivered, latest_us)``.
 
         Without them, a decision made while an earlier decision's contact is still being
         committed (a request of the next coalesced group, a batch meanwhile) would not see
@@ -681,9 +781,9 @@ class SqliteContactStore:
         with self._pending_lock:
             pending = self._pending
             return [
-                (row, channel, at_us, delivered)
+                (row, channel, at_us, delivered, latest)
                 for row, key in enumerate(keys)
-                for _, channel, at_us, delivered in pending.get(key, ())
+                for _, channel, at_us, delivered, latest in pending.get(key, ())
                 if at_us > since_us
             ]
 
@@ -716,23 +816,31 @@ class SqliteContactStore:
         (text,) = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
         stored = ContactEvents.empty(n)
         if text:
-            pairs = np.fromstring(text, np.int64, sep=",").reshape(-1, 2)
-            cell, kind = np.divmod(pairs[:, 0], 2)
+            triples = np.fromstring(text, np.int64, sep=",").reshape(-1, 3)
+            cell, kind = np.divmod(triples[:, 0], 2)
             row, code = np.divmod(cell, len(self._channel_of_code))
             channel = self._channel_of_code[code]
             known = channel >= 0  # contacts on channels not in ``channels`` are left out
             if not known.all():
-                row, channel, pairs, kind = row[known], channel[known], pairs[known], kind[known]
-            stored = ContactEvents(n, row, channel, pairs[:, 1], kind == 1)
+                row, channel, triples, kind = (
+                    row[known],
+                    channel[known],
+                    triples[known],
+                    kind[known],
+                )
+            stored = ContactEvents(n, row, channel, triples[:, 1], kind == 1, triples[:, 2])
         if not pending:
             return stored
-        rows, channels, stamps, delivered = (np.array(c) for c in zip(*pending, strict=True))
+        rows, channels, stamps, delivered, latest = (
+            np.array(c) for c in zip(*pending, strict=True)
+        )
         return ContactEvents(
             stored.n,
             np.concatenate([stored.row, rows.astype(np.int64)]),
             np.concatenate([stored.channel, channels.astype(np.int64)]),
             np.concatenate([stored.at_us, stamps.astype(np.int64)]),
             np.concatenate([stored.delivered, delivered.astype(bool)]),
+            np.concatenate([np.asarray(stored.latest_us), latest.astype(np.int64)]),
         )
 
     def history(self, customer_keys: Sequence[str], now: datetime) -> ContactEvents:
@@ -819,6 +927,7 @@ __all__ = [
     "ContactConflictError",
     "ContactEvents",
     "ContactStore",
+    "SendSchedule",
     "SqliteContactStore",
     "merge_contact_counts",
     "merge_contact_history",

@@ -53,6 +53,7 @@ from serving.contact_store import (
     ContactBatch,
     ContactConflictError,
     ContactStore,
+    SendSchedule,
     SqliteContactStore,
     merge_into_batch,
 )
@@ -232,7 +233,7 @@ class _Coalescer:
         service = self._service
         pending = [p for p, _ in group]
         try:
-            result, now = service.decide_group(pending)
+            result, batch, now = service.decide_group(pending)
         except HTTPException as exc:  # the service's state (no model), not a request's input
             _fail(group, exc)
             return
@@ -247,7 +248,7 @@ class _Coalescer:
             _fail(group, exc)
             raise
         try:
-            ids = await service.record_group(pending, result, now)
+            ids = await service.record_group(pending, result, batch, now)
         except BaseException as exc:
             _fail(group, exc)
             if not isinstance(exc, Exception):
@@ -351,6 +352,7 @@ class ScoringService:
         self.api_keys = api_keys
         self._key = settings.pseudonym_key
         self._view = _ActionView.of(catalog)
+        self._schedule = SendSchedule.of(catalog)
         self._counters = metrics.DecisionCounters(catalog.channel_names, rules.rule_ids)
         self._channel_of = {name: i for i, name in enumerate(catalog.channel_names)}
         self._exploration = settings.exploration
@@ -518,10 +520,10 @@ class ScoringService:
             blocked=blocked,
         )
 
-    def decide_group(self, pending: list[_Pending]) -> tuple[Decisions, datetime]:
+    def decide_group(self, pending: list[_Pending]) -> tuple[Decisions, ContextBatch, datetime]:
         """Decide for customers of several requests at once (stored contacts merged, one
-        engine call), writing nothing; the decisions and their time. Each customer at most
-        once (:class:`_Coalescer` sees to it)."""
+        engine call), writing nothing; the decisions, their contexts and their time. Each
+        customer at most once (:class:`_Coalescer` sees to it)."""
         now = datetime.now(UTC)
         keys = [p.key for p in pending]
         batch = ContextBatch.from_contexts([p.customer for p in pending], self.catalog, now)
@@ -543,17 +545,17 @@ class ScoringService:
             candidates=candidates,
             explain=any(p.explain for p in pending),
         )
-        return result, now
+        return result, batch, now
 
     async def record_group(
-        self, pending: list[_Pending], result: Decisions, now: datetime
+        self, pending: list[_Pending], result: Decisions, batch: ContextBatch, now: datetime
     ) -> list[str]:
         """Journal :meth:`decide_group`'s decisions and record their contacts; their ids,
         once both are committed."""
         decision_ids = new_decision_ids(len(pending))
         campaigns = [p.campaign_id for p in pending]
         keys = [p.key for p in pending]
-        await self._submit(result, decision_ids, keys, now, campaigns, "single").wait()
+        await self._submit(result, batch, decision_ids, keys, now, campaigns, "single").wait()
         return decision_ids
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
@@ -596,7 +598,13 @@ class ScoringService:
                 result = self.engine.decide(one, k=request.k, candidates=mask, model=model)
                 writes.append(
                     self._submit(
-                        result, decision_ids[part], keys[part], now, request.campaign_id, "batch"
+                        result,
+                        one,
+                        decision_ids[part],
+                        keys[part],
+                        now,
+                        request.campaign_id,
+                        "batch",
                     )
                 )
                 answer.add(result, decision_ids[part])
@@ -631,14 +639,16 @@ class ScoringService:
     def _submit(
         self,
         result: Decisions,
+        batch: ContextBatch,
         decision_ids: list[str],
         keys: list[str],
         now: datetime,
         campaign_id: str | list[str | None] | None,
         endpoint: str,
     ) -> _Writes:
-        """Start journalling the decisions and recording the recommended contacts; the
-        caller may prepare its answer meanwhile, and must :meth:`_Writes.wait` before it."""
+        """Start journalling the decisions (made on ``batch``) and recording the recommended
+        contacts; the caller may prepare its answer meanwhile, and must
+        :meth:`_Writes.wait` before it."""
         decisions = result.journal_batch(
             decision_id=decision_ids,
             timestamp_us=epoch_us(now),
@@ -657,7 +667,12 @@ class ScoringService:
         # load they queue and commit in groups on the writers' threads
         inline = len(decision_ids) <= INLINE_COMMIT_ROWS
         journalled = self.journal.submit(decisions, inline=inline)
-        contacts = ContactBatch.recommended(decision_ids, keys, result.action, self.catalog, now)
+        latest = self._schedule.latest_send_us(
+            result.action, now, batch["local_hour"], batch["local_weekday"]
+        )
+        contacts = ContactBatch.recommended(
+            decision_ids, keys, result.action, self.catalog, now, latest
+        )
         recorded = self.contacts.record(contacts, inline=inline) if len(contacts) else None
         codes = result.blocked_by
         # every code counted (ALLOWED is past the rules' codes): no compaction of the codes

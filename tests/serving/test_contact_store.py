@@ -22,6 +22,7 @@ from serving.contact_store import (
     ContactBatch,
     ContactEvents,
     ContactStore,
+    SendSchedule,
     SqliteContactStore,
     merge_contact_counts,
     merge_contact_history,
@@ -344,6 +345,85 @@ def test_recommended_contacts_of_decisions_skip_no_contact(catalog: ActionCatalo
     assert batch.kind == "recommended"
 
 
+@pytest.mark.parametrize(
+    ("timing", "hour", "weekday", "hours_later"),
+    [
+        ("now", 8, 0, 0),
+        ("evening", 8, 0, 21 - 8),  # Monday 08:xx: tonight's window ends at 21:00
+        ("evening", 20, 0, 1),  # inside the window: its end
+        ("evening", 21, 0, 24),  # ended: tomorrow's
+        ("morning", 23, 2, 11 - 23 + 24),
+        ("weekend", 9, 3, 2 * 24 + 12 - 9),  # Thursday: Saturday's window
+        ("weekend", 11, 5, 1),  # Saturday inside the window
+        ("weekend", 12, 5, 7 * 24),  # Saturday after it: next Saturday's
+        ("weekend", 9, 6, 6 * 24 + 12 - 9),  # Sunday
+    ],
+)
+def test_a_scheduled_contact_may_be_sent_until_the_end_of_its_next_window(
+    catalog: ActionCatalog, timing: str, hour: int, weekday: int, hours_later: int
+) -> None:
+    action = next(a for a in catalog.actions if a.channel == "sms" and a.timing == timing)
+    schedule = SendSchedule.of(catalog)
+    at = schedule.latest_send_us(np.array([action.id]), NOW, np.array([hour]), np.array([weekday]))
+    assert int(at[0]) == epoch_us(NOW) + hours_later * 3_600_000_000
+
+
+def test_a_scheduled_contact_gaps_count_from_its_latest_send_its_counts_do_not_move() -> None:
+    """An evening SMS decided at 08:30 may go out until 21:00. The next morning a platform
+    that sends its own history (one SMS, last at 19:30, the real send) must not see it twice;
+    and the gap to a next contact counts from 21:00, not from 08:30."""
+    decided = epoch_us(datetime(2026, 3, 2, 0, 30, tzinfo=UTC))  # 08:30 in Shanghai
+    latest = decided + 12 * 3_600_000_000 + 30 * 60_000_000  # 21:00
+    sent = decided + 11 * 3_600_000_000  # 19:30, as the platform reports it
+    now = decided + 24 * 3_600_000_000 + 30 * 60_000_000  # 09:00 the next day
+    sms = CHANNELS.index("sms")
+    request = np.zeros((1, len(CHANNELS)))
+    request[0, sms] = 1
+    events = ContactEvents(
+        1,
+        np.array([0]),
+        np.array([sms]),
+        np.array([decided]),
+        np.array([False]),
+        np.array([latest]),
+    )
+    c7, c30, last = merge_contact_counts(request, request, np.array([float(sent)]), events, now)
+    assert (c7[0, sms], c30[0, sms]) == (1, 1)
+    assert last[0] == latest
+
+
+def test_a_store_without_latest_times_gains_them_on_open(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """A file of the layout before scheduled contacts' latest time: the column is added,
+    the covering index replaced, and its contacts read with their latest time = their time."""
+    path = tmp_path / "contacts.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE channel_codes (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    conn.execute(
+        "CREATE TABLE contact_events (contact_id TEXT PRIMARY KEY, customer INTEGER NOT NULL, "
+        "channel INTEGER NOT NULL, offer TEXT, at_us INTEGER NOT NULL, kind INTEGER NOT NULL)"
+    )
+    conn.execute(
+        "CREATE INDEX contact_events_by_customer ON contact_events (customer, at_us, channel, kind)"
+    )
+    conn.execute("INSERT INTO channel_codes (name) VALUES ('sms')")
+    at = epoch_us(ago(hours=2))
+    conn.execute(
+        "INSERT INTO contact_events VALUES ('d1', ?, 1, NULL, ?, 0)", (store_key("cust_old"), at)
+    )
+    conn.commit()
+    conn.close()
+    with SqliteContactStore(path, CHANNELS) as store:
+        events = store.contacts(["cust_old"], epoch_us(ago(days=1)))
+        assert list(events.at_us) == [at] and list(events.latest_us) == [at]
+    conn = sqlite3.connect(path)
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    conn.close()
+    assert "contact_events_by_customer_latest" in indexes
+    assert "contact_events_by_customer" not in indexes
+
+
 def test_contact_batch_bad_arrays_refused() -> None:
     with pytest.raises(ValueError, match="channel has 1 rows"):
         ContactBatch(["a", "b"], ["k", "k"], ["sms"], [None, None], 0, "delivered")
@@ -574,3 +654,19 @@ def test_contact_store_writes_survive_reopen(tmp_path: Path, catalog: ActionCata
     conn = sqlite3.connect(tmp_path / "contacts.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+def test_one_customer_merge_keeps_the_latest_send_time() -> None:
+    sms = CHANNELS.index("sms")
+    decided, latest = epoch_us(ago(hours=12)), epoch_us(ago(hours=2))
+    events = ContactEvents(
+        1,
+        np.array([0]),
+        np.array([sms]),
+        np.array([decided]),
+        np.array([False]),
+        np.array([latest]),
+    )
+    merged = merge_contact_history(ContactHistory(), events, 0, CHANNELS, NOW)
+    assert merged.contacts_7d == {"sms": 1}
+    assert merged.last_contact_at is not None and epoch_us(merged.last_contact_at) == latest
