@@ -379,14 +379,7 @@ def test_a_scheduled_contact_gaps_count_from_its_latest_send_its_counts_do_not_m
     sms = CHANNELS.index("sms")
     request = np.zeros((1, len(CHANNELS)))
     request[0, sms] = 1
-    events = ContactEvents(
-        1,
-        np.array([0]),
-        np.array([sms]),
-        np.array([decided]),
-        np.array([False]),
-        np.array([latest]),
-    )
+    events = _scheduled_sms(decided, latest)
     c7, c30, last = merge_contact_counts(request, request, np.array([float(sent)]), events, now)
     assert (c7[0, sms], c30[0, sms]) == (1, 1)
     assert last[0] == latest
@@ -432,6 +425,18 @@ def test_contact_batch_bad_arrays_refused() -> None:
 
 
 # --------------------------------------------------------------------------- the merge rule
+
+
+def _scheduled_sms(decided_us: int, latest_us: int) -> ContactEvents:
+    """One customer's SMS recommended at ``decided_us``, to be sent by ``latest_us``."""
+    return ContactEvents(
+        1,
+        np.array([0]),
+        np.array([CHANNELS.index("sms")]),
+        np.array([decided_us]),
+        np.array([False]),
+        np.array([latest_us]),
+    )
 
 
 def _events(*contacts_: tuple[str, datetime, bool]) -> ContactEvents:
@@ -657,16 +662,9 @@ def test_contact_store_writes_survive_reopen(tmp_path: Path, catalog: ActionCata
 
 
 def test_one_customer_merge_keeps_the_latest_send_time() -> None:
-    sms = CHANNELS.index("sms")
     decided, latest = epoch_us(ago(hours=12)), epoch_us(ago(hours=2))
-    events = ContactEvents(
-        1,
-        np.array([0]),
-        np.array([sms]),
-        np.array([decided]),
-        np.array([False]),
-        np.array([latest]),
+    merged = merge_contact_history(
+        ContactHistory(), _scheduled_sms(decided, latest), 0, CHANNELS, NOW
     )
-    merged = merge_contact_history(ContactHistory(), events, 0, CHANNELS, NOW)
     assert merged.contacts_7d == {"sms": 1}
     assert merged.last_contact_at is not None and epoch_us(merged.last_contact_at) == latest
