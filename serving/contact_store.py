@@ -701,11 +701,10 @@ class SqliteContactStore:
         kind = CONTACT_KINDS.index(contacts.kind)
         at = contacts.at_us
         stamps = np.asarray(at, np.int64).tolist() if np.ndim(at) else [int(at)] * n
-        latest: list[int | None] = (
-            [None] * n
-            if contacts.latest_us is None
-            else np.asarray(contacts.latest_us, np.int64).tolist()
-        )
+        latest: list[int | None] = [None] * n  # null: at_us (keeps index entries short)
+        if contacts.latest_us is not None:
+            later = np.asarray(contacts.latest_us, np.int64).tolist()
+            latest = [t if t != a else None for t, a in zip(later, stamps, strict=True)]
         code_of = self._code_of
         unknown = set(contacts.channel) - code_of.keys()
         if unknown:
