@@ -213,7 +213,7 @@ def validate_decisions(
                 f"action id {values[outside][0]} is outside the catalogue (0..{n_actions - 1})",
                 row,
             )
-    _check_distinct_candidates(values, owner, source)
+    _check_distinct_candidates(values, owner, lengths, source)
     chosen_listed = np.bincount(owner, weights=values == action[owner], minlength=n) > 0
     if not chosen_listed.all():
         row = int(np.flatnonzero(~chosen_listed)[0])
@@ -242,24 +242,43 @@ def validate_decisions(
     return table
 
 
-def _check_distinct_candidates(values: np.ndarray, owner: np.ndarray, source: str) -> None:
+def _check_distinct_candidates(
+    values: np.ndarray, owner: np.ndarray, lengths: np.ndarray, source: str
+) -> None:
     """Refuse a row listing a candidate twice (its probability would be counted twice).
-    Rows in increasing order, as the journal writes them, pass in one vectorised step; the
-    others are sorted once, together."""
+
+    Rows in increasing order, as the journal writes them, pass in one vectorised step. The
+    others are counted action by action, a block of rows at a time (a row x action table
+    of at most :data:`_DISTINCT_CELLS` cells), so that a log of unsorted rows costs about
+    as much as a sorted one."""
     same_row = owner[1:] == owner[:-1]
     suspects = np.unique(owner[1:][same_row & (values[1:] <= values[:-1])])
     if not suspects.size:
         return
-    pick = np.isin(owner, suspects)
-    rows, ids = owner[pick], values[pick]
-    order = np.lexsort((ids, rows))
-    rows, ids = rows[order], ids[order]
-    repeated = (rows[1:] == rows[:-1]) & (ids[1:] == ids[:-1])
-    if repeated.any():
-        k = int(np.flatnonzero(repeated)[0])
-        raise DecisionLogError(
-            source, "candidate_actions", f"lists action {ids[k]} twice", int(rows[k])
-        )
+    width = int(values.max()) + 1
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    block = max(1, _DISTINCT_CELLS // width)
+    for first in range(0, len(suspects), block):
+        rows = suspects[first : first + block]
+        sizes = lengths[rows]
+        local = np.repeat(np.arange(len(rows)), sizes)
+        # positions of these rows' entries in ``values``
+        at = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        ids = values[at + np.repeat(starts[rows], sizes)]
+        counts = np.bincount(local * width + ids, minlength=len(rows) * width)
+        if (counts > 1).any():
+            cell = int(np.flatnonzero(counts > 1)[0])
+            raise DecisionLogError(
+                source,
+                "candidate_actions",
+                f"lists action {cell % width} twice",
+                int(rows[cell // width]),
+            )
+
+
+_DISTINCT_CELLS = 20_000_000
+"""Cells of the row x action count table :func:`_check_distinct_candidates` builds at once
+(160 MB of int64 counts at most)."""
 
 
 def _check_action_dist(
