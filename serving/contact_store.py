@@ -177,32 +177,43 @@ class SendSchedule:
     """When a recommended contact is sent at the latest, by action (build once per catalogue
     with :meth:`of`)."""
 
-    end_hour: np.ndarray
-    """int64 ``(A,)``: the local hour at which the action's sending window ends; -1 for an
-    immediate action (and no contact)."""
-    weekend: np.ndarray
-    """bool ``(A,)``: the window is on Saturdays only."""
+    hours_later: np.ndarray
+    """int16 ``(A, 24, 7)``: whole hours from a decision at local hour ``h`` on weekday ``d``
+    (0 = Monday) to the end of the action's next sending window; 0 for an immediate action
+    (and no contact)."""
 
     @classmethod
     def of(cls, catalog: ActionCatalog) -> SendSchedule:
-        """The schedule of every action of ``catalog``."""
-        ends = [-1 if t.immediate else int(t.end_hour or 0) for t in catalog.timing]
-        slot = np.maximum(catalog.timing_index, 0)
-        end_hour = np.where(catalog.timing_index >= 0, np.array(ends, np.int64)[slot], -1)
-        weekend = np.array([t.weekend for t in catalog.timing], bool)[slot]
-        return cls(end_hour, weekend & (catalog.timing_index >= 0))
+        """The schedule of every action of ``catalog``: today's window if it has not ended,
+        else tomorrow's, or the next Saturday's for a weekend slot."""
+        timing = catalog.timing
+        end = np.array([-1 if t.immediate else int(t.end_hour or 0) for t in timing], np.int64)
+        weekend = np.array([t.weekend for t in timing], bool)
+        hour = np.arange(24)[:, None]
+        weekday = np.arange(7)[None, :]
+        slots = []
+        for end_hour, saturday_only in zip(end.tolist(), weekend.tolist(), strict=True):
+            days = (hour >= end_hour).astype(np.int64)  # today's window has ended
+            if saturday_only:
+                to_saturday = (5 - weekday) % 7
+                days = np.where((to_saturday == 0) & (days == 1), 7, to_saturday)
+            later = np.broadcast_to(days * 24 + end_hour - hour, (24, 7))
+            slots.append(np.zeros((24, 7), np.int64) if end_hour < 0 else later)
+        by_slot = np.stack(slots).astype(np.int16)
+        contact = catalog.timing_index >= 0
+        table = by_slot[np.maximum(catalog.timing_index, 0)]
+        table[~contact] = 0
+        return cls(table)
 
     def latest_send_us(
         self, action: np.ndarray, now: datetime, local_hour: np.ndarray, local_weekday: np.ndarray
     ) -> np.ndarray:
         """When each recommended contact is sent at the latest, microseconds since the
-        epoch, int64 ``(n,)``: now for an immediate action, else the end of its slot's next
-        window in the customer's local time (today's if it has not ended, else tomorrow's, or
-        the next Saturday's for a weekend slot).
+        epoch, int64 ``(n,)``: now for an immediate action, else the end of its next
+        sending window in the customer's local time.
 
-        A scheduled contact's gaps count from its window's end (up to an hour later: whole
-        hours are added to ``now``, whose minutes are kept), the latest time it can really
-        be sent; its windows and counts still count from the decision.
+        Whole hours are added to ``now``, whose minutes are kept: up to an hour past the
+        window's end, never before it.
 
         Parameters
         ----------
@@ -212,16 +223,8 @@ class SendSchedule:
         local_hour, local_weekday : int ``(n,)``
             The customers' local hour (0..23) and weekday (0 = Monday) at ``now``.
         """
-        action = np.asarray(action, np.int64)
-        end_hour = self.end_hour[action]
-        hour = np.asarray(local_hour, np.int64)
-        days = (hour >= end_hour).astype(np.int64)  # today's window has ended: tomorrow's
-        saturday = (5 - np.asarray(local_weekday, np.int64)) % 7
-        weekly = np.where((saturday == 0) & (days == 1), 7, saturday)
-        days = np.where(self.weekend[action], weekly, days)
-        now_us = epoch_us(now)
-        later = now_us + (days * 24 + end_hour - hour) * _US_PER_HOUR
-        return np.where(end_hour < 0, now_us, later)
+        hours = self.hours_later[action, local_hour, local_weekday].astype(np.int64)
+        return epoch_us(now) + hours * _US_PER_HOUR
 
 
 @dataclass(frozen=True)
