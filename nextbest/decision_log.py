@@ -255,7 +255,8 @@ def _check_distinct_candidates(
     suspects = np.unique(owner[1:][same_row & (values[1:] <= values[:-1])])
     if not suspects.size:
         return
-    width = int(values.max()) + 1
+    low = min(int(values.min()), 0)  # ids not checked against a catalogue may be negative
+    width = int(values.max()) - low + 1
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     block = max(1, _DISTINCT_CELLS // width)
     for first in range(0, len(suspects), block):
@@ -264,14 +265,14 @@ def _check_distinct_candidates(
         local = np.repeat(np.arange(len(rows)), sizes)
         # positions of these rows' entries in ``values``
         at = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        ids = values[at + np.repeat(starts[rows], sizes)]
+        ids = values[at + np.repeat(starts[rows], sizes)] - low
         counts = np.bincount(local * width + ids, minlength=len(rows) * width)
         if (counts > 1).any():
             cell = int(np.flatnonzero(counts > 1)[0])
             raise DecisionLogError(
                 source,
                 "candidate_actions",
-                f"lists action {cell % width} twice",
+                f"lists action {cell % width + low} twice",
                 int(rows[cell // width]),
             )
 
