@@ -73,7 +73,8 @@ DaysToMaturity = _entry(BehaviourEvents, "days_to_product_maturity")
 DaysSinceLogin = _entry(BehaviourEvents, "days_since_last_login")
 UsualLoginHour = _entry(BehaviourEvents, "usual_login_hour")
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
-"""A contact or view count of one customer (CustomerContext refuses negatives in Python)."""
+"""A contact or view count of one customer, 0..MAX_COUNT (CustomerContext checks the same
+in Python)."""
 
 PER_NAME_FIELDS = ("contacts_7d", "contacts_30d", "offer_views_30d")
 """The CustomerContext counts keyed by channel or offer name: one column per name here."""

@@ -186,15 +186,14 @@ def validate_decisions(
             row,
         )
     for name in ("reward", "value_cny"):
-        if name in table.column_names:
-            values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-            # null (an outcome not known yet) reads as NaN; infinities are never valid
-            bad = np.isinf(values) | (
-                np.isnan(values) & table.column(name).is_valid().to_numpy(zero_copy_only=False)
-            )
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise DecisionLogError(source, name, f"must be finite, got {values[row]}", row)
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        # null (an outcome not known yet) reads as NaN; infinities are never valid
+        bad = np.isinf(values) | (
+            np.isnan(values) & table.column(name).is_valid().to_numpy(zero_copy_only=False)
+        )
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DecisionLogError(source, name, f"must be finite, got {values[row]}", row)
 
     cand = table.column("candidate_actions")  # chunked: no 2**31-value limit
     lengths = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
@@ -277,9 +276,9 @@ def _check_distinct_candidates(
             )
 
 
-_DISTINCT_CELLS = 20_000_000
+_DISTINCT_CELLS = 4_000_000
 """Cells of the row x action count table :func:`_check_distinct_candidates` builds at once
-(160 MB of int64 counts at most)."""
+(32 MB of int64 counts at most)."""
 
 
 def _check_action_dist(

@@ -28,9 +28,10 @@ last contact that the service never saw; no store can know about those.
 
 A lookup also counts the contacts its own store object was given and has not committed yet,
 so a process never decides twice for a customer on the same history. Between processes the
-lookup and the record are not one transaction: two workers deciding for one customer within
-the same few milliseconds can both see no contact (a platform should not ask about one
-customer concurrently; the batch endpoint refuses a customer named twice).
+lookup and the record are not one transaction: two workers deciding for one customer before
+either has committed its contact (milliseconds; tens of them under load) can both see no
+contact (a platform should not ask about one customer concurrently; the batch endpoint
+refuses a customer named twice).
 
 :class:`SqliteContactStore` keeps the rows in a SQLite file in WAL mode shared by every
 worker; writes go through the same group-commit writer thread as the decision journal

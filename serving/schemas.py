@@ -73,7 +73,7 @@ def _check_assessment_dates(dates: list[date | None], where: str) -> None:
     latest = datetime.now(UTC).date() + timedelta(days=1)
     if max(filter(None, dates), default=latest) > latest:
         row = next(i for i, d in enumerate(dates) if d is not None and d > latest)
-        at = "" if len(dates) == 1 and where == "customer" else f" (row {row})"
+        at = "" if where == "customer" else f" (row {row})"
         raise ValueError(
             f"{where}{at}: risk_assessed_on {dates[row]} is in the future (after {latest})"
         )

@@ -129,15 +129,16 @@ def promote(registered_model: str) -> tuple[bool, str]:
         challenger = client.get_model_version_by_alias(registered_model, CHALLENGER)
     except mlflow.exceptions.MlflowException:
         return False, f"model {registered_model!r} has no {CHALLENGER!r} version"
-    lower = _run_metric(client, challenger.run_id, PROMOTION_METRIC)
+    metrics, params = _run_data(client, challenger.run_id)  # one fetch of the challenger's run
+    lower = metrics.get(PROMOTION_METRIC)
     if lower is None:
         return False, f"the challenger's run has no {PROMOTION_METRIC!r} metric"
-    violations = _run_metric(client, challenger.run_id, COMPLIANCE_METRIC)
+    violations = metrics.get(COMPLIANCE_METRIC)
     if violations is None or violations != 0:
         return False, (
             f"challenger v{challenger.version}: {COMPLIANCE_METRIC} is {violations} (must be 0)"
         )
-    alpha = _run_param(client, challenger.run_id, ALPHA_PARAM)
+    alpha = params.get(ALPHA_PARAM)
     if _as_float(alpha) != PROMOTION_ALPHA:
         return False, (
             f"challenger v{challenger.version} was evaluated with {ALPHA_PARAM}={alpha}: "
@@ -149,8 +150,8 @@ def promote(registered_model: str) -> tuple[bool, str]:
     except mlflow.exceptions.MlflowException:
         champion = None
     if champion is None:
-        logged = _run_metric(client, challenger.run_id, LOGGING_METRIC)
-        observed = _run_metric(client, challenger.run_id, LOGGED_REWARD_METRIC)
+        logged = metrics.get(LOGGING_METRIC)
+        observed = metrics.get(LOGGED_REWARD_METRIC)
         if logged is not None:
             bar, what = logged, "the logging policy"
         elif observed is not None:  # no logged distribution: its mean reward, on-policy
@@ -165,7 +166,7 @@ def promote(registered_model: str) -> tuple[bool, str]:
     else:
         if champion.version == challenger.version:
             return False, f"version {challenger.version} is already the champion"
-        value = _run_metric(client, champion.run_id, CHAMPION_METRIC)
+        value = _run_data(client, champion.run_id)[0].get(CHAMPION_METRIC)
         if value is None:
             return False, (
                 f"champion v{champion.version}'s run has no {CHAMPION_METRIC!r} metric: the "
@@ -188,13 +189,9 @@ def _as_float(text: str | None) -> float | None:
         return None
 
 
-def _run_param(client: MlflowClient, run_id: str | None, key: str) -> str | None:
+def _run_data(client: MlflowClient, run_id: str | None) -> tuple[dict[str, float], dict[str, str]]:
+    """The metrics and params of run ``run_id`` (empty without a run)."""
     if run_id is None:
-        return None
-    return client.get_run(run_id).data.params.get(key)
-
-
-def _run_metric(client: MlflowClient, run_id: str | None, key: str) -> float | None:
-    if run_id is None:
-        return None
-    return client.get_run(run_id).data.metrics.get(key)
+        return {}, {}
+    data = client.get_run(run_id).data
+    return data.metrics, data.params
