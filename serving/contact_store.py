@@ -27,11 +27,12 @@ The merged counts can still undercount only if the caller omits contacts older t
 last contact that the service never saw; no store can know about those.
 
 A lookup also counts the contacts its own store object was given and has not committed yet,
-so a process never decides twice for a customer on the same history. Between processes the
-lookup and the record are not one transaction: two workers deciding for one customer before
-either has committed its contact (milliseconds; tens of them under load) can both see no
-contact (a platform should not ask about one customer concurrently; the batch endpoint
-refuses a customer named twice).
+so a process never decides twice for a customer on the same history. Between processes, a
+lookup returns the store's position (:attr:`ContactEvents.position`) and the service stores
+the contacts it decided with :meth:`ContactStore.record_if_unchanged`, which refuses, in the
+write's own transaction, a customer with a contact stored after that position: of two
+workers that decided for one customer on the same history, the second to commit decides
+again on the history with the first's contact.
 
 :class:`SqliteContactStore` keeps the rows in a SQLite file in WAL mode shared by every
 worker; writes go through the same group-commit writer thread as the decision journal
@@ -52,7 +53,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from pydantic_core import to_json
@@ -84,6 +85,10 @@ HORIZON_SLACK_US = 1_000_000
 """A stored contact up to 1 s after the caller's last contact is taken as that same contact
 (the batch form carries the last contact as float32 hours since ``now``)."""
 _US_PER_HOUR = 3_600_000_000
+T = TypeVar("T")
+_Row = tuple[str, int, int, str | None, int, int | None]
+"""A contact as stored: ``(contact_id, store key, channel code, offer, at_us, latest_us or
+None)``."""
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,10 @@ class ContactEvents:
         The latest the contact may be sent: ``at_us`` unless a recommendation was scheduled
         for a later window (then that window's end, until its delivery is reported). Gaps
         count from it; windows and counts from ``at_us``. Default: ``at_us``.
+    position : int or None
+        The store's position when it was read (opaque; for SQLite the last row id): give it
+        to :meth:`ContactStore.record_if_unchanged` with the contacts decided on these
+        events. None: not read from a store.
     """
 
     n: int
@@ -256,16 +265,17 @@ class ContactEvents:
     at_us: np.ndarray
     delivered: np.ndarray
     latest_us: np.ndarray | None = None
+    position: int | None = None
 
     def __post_init__(self) -> None:
         if self.latest_us is None:
             object.__setattr__(self, "latest_us", self.at_us)
 
     @classmethod
-    def empty(cls, n: int) -> ContactEvents:
+    def empty(cls, n: int, position: int | None = None) -> ContactEvents:
         """No stored contact for any of ``n`` customers."""
         none = np.zeros(0, np.int64)
-        return cls(n, none, none, none, np.zeros(0, bool))
+        return cls(n, none, none, none, np.zeros(0, bool), position=position)
 
 
 @runtime_checkable
@@ -288,10 +298,21 @@ class ContactStore(Protocol):
         thread when that cannot block (the future is then resolved on return)."""
         ...
 
+    def record_if_unchanged(
+        self, contacts: ContactBatch, position: int | None, inline: bool = False
+    ) -> Future[list[str]]:
+        """Store recommended contacts, each only if its customer got no contact in the store
+        after ``position`` (:attr:`ContactEvents.position` of the lookup they were decided
+        on); the future gives the contact ids refused (nothing stored for them: decide those
+        customers again). The check and the write are one transaction, so two workers that
+        decided for one customer on the same history cannot both store a contact.
+        ``position`` None: no check (as :meth:`record`)."""
+        ...
+
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
         """Stored contacts of ``customer_keys`` ``(n,)`` later than ``since_us``, with the
         contacts this store was given to record and has not committed yet (a decision must
-        see every contact decided before it)."""
+        see every contact decided before it), and the store's position."""
         ...
 
     def prune(self, before_us: int) -> Future[int]:
@@ -529,6 +550,12 @@ _UPSERT = (
 customer, channel code, offer, at_us, latest_us or null]`` rows: SQLite parses it without
 the GIL (one ``executemany`` step per row would hand the GIL back and forth with the event
 loop)."""
+_CONTACTED_SINCE = (
+    "SELECT n.value ->> 0 FROM json_each(?1) AS n WHERE EXISTS (SELECT 1 FROM contact_events "
+    "AS e WHERE e.customer = n.value ->> 1 AND e.rowid > ?2)"
+)
+"""The contact ids of a batch whose customer has a contact stored after row id ``?2`` (one
+seek of the customer index each; rowids only grow, see :meth:`SqliteContactStore.prune`)."""
 _STORE_KEY_HASH = hashlib.blake2b(digest_size=8, person=b"nextbest-contact")
 
 
@@ -555,11 +582,13 @@ _PRUNE_CHUNK_ROWS = 20_000
 
 def _lookup_sql(n_codes: int) -> str:
     """One query for a batch of customers: ``?1`` a JSON array of store keys, ``?2`` the
-    earliest time. The result is one text of ``code,at_us,latest_us`` triples with
-    ``code = (row * n_codes + channel code) * 2 + kind``: building it in SQLite and parsing
-    it with numpy costs a fraction of fetching a Python tuple per contact."""
+    earliest time. The result is the store's last row id (its position, read in the same
+    statement, so from the same snapshot) and one text of ``code,at_us,latest_us`` triples
+    with ``code = (row * n_codes + channel code) * 2 + kind``: building it in SQLite and
+    parsing it with numpy costs a fraction of fetching a Python tuple per contact."""
     return (
-        f"SELECT group_concat(((k.key * {n_codes} + c.channel) * 2 + c.kind) || ',' || c.at_us "
+        "SELECT (SELECT coalesce(max(rowid), 0) FROM contact_events), "
+        f"group_concat(((k.key * {n_codes} + c.channel) * 2 + c.kind) || ',' || c.at_us "
         "|| ',' || coalesce(c.latest_us, c.at_us)) "
         "FROM json_each(?1) AS k JOIN contact_events AS c "
         # a code added since this store opened (another catalogue's channel): left out
@@ -634,7 +663,7 @@ class SqliteContactStore:
             self._writer.close()
             raise
         self._code_of = {name: codes[name] for name in self.channels}
-        self._index_of = {name: i for i, name in enumerate(self.channels)}
+        self._index_of_code = {codes[name]: i for i, name in enumerate(self.channels)}
         self._channel_of_code = np.full(max(codes.values(), default=0) + 1, -1, np.int64)
         for i, name in enumerate(self.channels):
             self._channel_of_code[codes[name]] = i
@@ -701,8 +730,54 @@ class SqliteContactStore:
         ``inline``: commit on the calling thread when the writer is idle (see
         :meth:`~nextbest.decision_journal.GroupCommitWriter.submit_inline`).
         """
-        n = len(contacts)
         kind = CONTACT_KINDS.index(contacts.kind)
+        rows = self._rows(contacts)
+        text = to_json(rows).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
+
+        def upsert(conn: sqlite3.Connection) -> int:
+            if kind > 0:  # a recommendation's contact id is its new decision's
+                other = conn.execute(_OTHER_CUSTOMER, (text,)).fetchone()
+                if other is not None:
+                    raise ContactConflictError(other[0])
+            before = conn.total_changes
+            conn.execute(_UPSERT, (text, kind))
+            return conn.total_changes - before
+
+        return self._submit_write(rows, kind == 1, upsert, inline)
+
+    def record_if_unchanged(
+        self, contacts: ContactBatch, position: int | None, inline: bool = False
+    ) -> Future[list[str]]:
+        """Store recommended contacts whose customers have no contact stored after
+        ``position`` (the last row id the lookup saw, :attr:`ContactEvents.position`); the
+        future gives the contact ids refused, nothing stored for them.
+
+        The check runs in the write's transaction, under SQLite's write lock: of two
+        workers that decided for one customer on the same history, the second to commit is
+        refused. A contact this process stored after the lookup refuses too (the lookup
+        counted it while pending, but the row cannot tell): a needless second decision,
+        never a missed contact. ``position`` None: every contact is stored.
+        """
+        if contacts.kind != "recommended":
+            raise ValueError(f"only recommendations are decided on a lookup, not {contacts.kind}")
+        rows = self._rows(contacts)
+        text = to_json(rows).decode()
+
+        def upsert(conn: sqlite3.Connection) -> list[str]:
+            accepted, refused = text, []
+            if position is not None:
+                refused = [r[0] for r in conn.execute(_CONTACTED_SINCE, (text, position))]
+            if refused:
+                ids = set(refused)
+                accepted = to_json([r for r in rows if r[0] not in ids]).decode()
+            conn.execute(_UPSERT, (accepted, 0))
+            return refused
+
+        return self._submit_write(rows, False, upsert, inline)
+
+    def _rows(self, contacts: ContactBatch) -> list[_Row]:
+        """The contacts as the rows of :data:`_UPSERT` (channel codes, store keys)."""
+        n = len(contacts)
         at = contacts.at_us
         stamps = np.asarray(at, np.int64).tolist() if np.ndim(at) else [int(at)] * n
         latest: list[int | None] = [None] * n  # null: at_us (keeps index entries short)
@@ -713,59 +788,55 @@ class SqliteContactStore:
         unknown = set(contacts.channel) - code_of.keys()
         if unknown:
             raise ValueError(f"channel(s) {sorted(unknown)} not among the store's {self.channels}")
-        keys = self._store_keys(contacts.customer_key)
-        rows = to_json(
-            list(
-                zip(
-                    contacts.contact_id,
-                    keys,
-                    [code_of[c] for c in contacts.channel],
-                    contacts.offer,
-                    stamps,
-                    latest,
-                    strict=True,
-                )
+        return list(
+            zip(
+                contacts.contact_id,
+                self._store_keys(contacts.customer_key),
+                [code_of[c] for c in contacts.channel],
+                contacts.offer,
+                stamps,
+                latest,
+                strict=True,
             )
-        ).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
+        )
+
+    def _submit_write(
+        self,
+        rows: list[_Row],
+        delivered: bool,
+        apply: Callable[[sqlite3.Connection], T],
+        inline: bool,
+    ) -> Future[T]:
+        """Queue (or commit inline) ``apply`` writing ``rows``, counted by lookups until it
+        is committed; prune first when the last prune is older than ``prune_every``."""
         now = time.time()
         if now - self._last_prune > self.prune_every.total_seconds():
             self._last_prune = now
             self.prune(self._retention_start_us(now)).add_done_callback(_log_prune_failure)
-
-        def upsert(conn: sqlite3.Connection) -> int:
-            if kind > 0:  # a recommendation's contact id is its new decision's
-                other = conn.execute(_OTHER_CUSTOMER, (rows,)).fetchone()
-                if other is not None:
-                    raise ContactConflictError(other[0])
-            before = conn.total_changes
-            conn.execute(_UPSERT, (rows, kind))
-            return conn.total_changes - before
-
-        write = self._remember_pending(keys, contacts.channel, stamps, latest, kind == 1)
+        write = self._remember_pending(rows, delivered)
         submit = self._writer.submit_inline if inline else self._writer.submit
         try:
-            future = submit(upsert, rows=n)
+            future = submit(apply, rows=len(rows))
         except BaseException:
-            self._forget_pending(write, keys)
+            self._forget_pending(write, rows)
             raise
-        future.add_done_callback(lambda _: self._forget_pending(write, keys))
+        future.add_done_callback(lambda _: self._forget_pending(write, rows))
         return future
 
-    def _remember_pending(
-        self,
-        keys: list[int],
-        channels: Sequence[str],
-        stamps: list[int],
-        latest: list[int | None],
-        delivered: bool,
-    ) -> int:
+    def _remember_pending(self, rows: list[_Row], delivered: bool) -> int:
         """Note contacts about to be written, so that lookups count them before their
         commit; returns the write's number (for :meth:`_forget_pending`)."""
         write = next(self._writes)
-        index = self._index_of
+        index_of_code = self._index_of_code
         with self._pending_lock:
-            for key, channel, at_us, last in zip(keys, channels, stamps, latest, strict=True):
-                entry = (write, index[channel], at_us, delivered, at_us if last is None else last)
+            for _, key, code, _, at_us, last in rows:
+                entry = (
+                    write,
+                    index_of_code[code],
+                    at_us,
+                    delivered,
+                    at_us if last is None else last,
+                )
                 self._pending.setdefault(key, []).append(entry)
         return write
 
@@ -790,10 +861,10 @@ class SqliteContactStore:
                 if at_us > since_us
             ]
 
-    def _forget_pending(self, write: int, keys: list[int]) -> None:
+    def _forget_pending(self, write: int, rows: list[_Row]) -> None:
         """The write is committed (or failed): the store, not this map, has its contacts."""
         with self._pending_lock:
-            for key in keys:
+            for _, key, *_ in rows:
                 entries = self._pending.get(key)
                 if entries is None:
                     continue
@@ -816,8 +887,8 @@ class SqliteContactStore:
         # before the query: a write committed in between is then counted twice, never missed
         pending = self._pending_of(integers, int(since_us))
         keys = to_json(integers).decode()  # TEXT, as in record()
-        (text,) = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
-        stored = ContactEvents.empty(n)
+        position, text = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
+        stored = ContactEvents.empty(n, position)
         if text:
             triples = np.fromstring(text, np.int64, sep=",").reshape(-1, 3)
             cell, kind = np.divmod(triples[:, 0], 2)
@@ -831,7 +902,9 @@ class SqliteContactStore:
                     triples[known],
                     kind[known],
                 )
-            stored = ContactEvents(n, row, channel, triples[:, 1], kind == 1, triples[:, 2])
+            stored = ContactEvents(
+                n, row, channel, triples[:, 1], kind == 1, triples[:, 2], position
+            )
         if not pending:
             return stored
         rows, channels, stamps, delivered, latest = (
@@ -844,6 +917,7 @@ class SqliteContactStore:
             np.concatenate([stored.at_us, stamps.astype(np.int64)]),
             np.concatenate([stored.delivered, delivered.astype(bool)]),
             np.concatenate([np.asarray(stored.latest_us), latest.astype(np.int64)]),
+            position,
         )
 
     def history(self, customer_keys: Sequence[str], now: datetime) -> ContactEvents:
@@ -854,7 +928,9 @@ class SqliteContactStore:
         """Delete contacts older than ``before_us``; the future gives the rows deleted.
 
         Walks the table in rowid chunks, one short transaction each, so writers of other
-        processes never wait long.
+        processes never wait long. The last row is never deleted: SQLite gives a new row the
+        last row id plus one, and :meth:`record_if_unchanged` relies on new rows having row
+        ids above every position a lookup returned.
         """
         done = Future[int]()
         deleted = 0
@@ -863,7 +939,8 @@ class SqliteContactStore:
             def delete(conn: sqlite3.Connection) -> int | None:
                 nonlocal deleted
                 deleted += conn.execute(
-                    "DELETE FROM contact_events WHERE rowid >= ? AND rowid < ? AND at_us < ?",
+                    "DELETE FROM contact_events WHERE rowid >= ? AND rowid < ? AND at_us < ? "
+                    "AND rowid < (SELECT max(rowid) FROM contact_events)",
                     (start, start + _PRUNE_CHUNK_ROWS, int(before_us)),
                 ).rowcount
                 (following,) = conn.execute(

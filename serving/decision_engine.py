@@ -10,9 +10,9 @@ whose candidate list the rules empty, gets no contact rather than a blocked acti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,8 @@ from nextbest.exploration import (
 )
 from nextbest.features import ContextEncoder
 from serving.model_store import LoadedModel, ModelStore
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,49 @@ class Decisions:
             return self.dist
         assert self.epsilon is not None  # the engine sets one or the other
         return epsilon_greedy_distribution(self.scores, self.allowed, self.epsilon, self.greedy)
+
+    def take(self, rows: np.ndarray) -> Decisions:
+        """The decisions of ``rows`` (int ``(m,)``), in that order."""
+        return replace(self, **self._rows_of(rows), blocked=_pick(self.blocked, rows))
+
+    def with_rows(self, rows: np.ndarray, other: Decisions) -> Decisions:
+        """These decisions with ``rows`` (int ``(m,)``) replaced by ``other``'s ``m``
+        decisions (made again, by the same model and exploration)."""
+        columns = {}
+        for name, mine in self._per_row().items():
+            if mine is None:
+                columns[name] = None
+                continue
+            merged = mine.copy()
+            merged[rows] = getattr(other, name)
+            columns[name] = merged
+        blocked = self.blocked
+        if blocked is not None and other.blocked is not None:
+            blocked = list(blocked)
+            for row, explained in zip(np.asarray(rows).tolist(), other.blocked, strict=True):
+                blocked[row] = explained
+        return replace(self, **columns, blocked=blocked)
+
+    def _per_row(self) -> dict[str, np.ndarray | None]:
+        """The arrays with one row per customer, by field name."""
+        return {
+            name: getattr(self, name)
+            for name in (
+                "features",
+                "blocked_by",
+                "allowed",
+                "scores",
+                "action",
+                "pscore",
+                "dist",
+                "greedy",
+                "ranked",
+                "ranked_scores",
+            )
+        }
+
+    def _rows_of(self, rows: np.ndarray) -> dict[str, np.ndarray | None]:
+        return {n: None if a is None else a[rows] for n, a in self._per_row().items()}
 
     def journal_batch(self, **fields: Any) -> DecisionBatch:
         """These decisions as a :class:`~nextbest.decision_journal.DecisionBatch` (the
@@ -215,6 +260,11 @@ class DecisionEngine:
             model.version,
             model.spec_version,
         )
+
+
+def _pick(items: list[T] | None, rows: np.ndarray) -> list[T] | None:
+    """``items[rows]`` for a list (None stays None)."""
+    return None if items is None else [items[i] for i in np.asarray(rows).tolist()]
 
 
 def _finite(scores: np.ndarray) -> np.ndarray:

@@ -76,6 +76,11 @@ MODEL_INFO = Gauge(
     multiprocess_mode="liveall",
 )
 MODEL_RELOADS = Counter("nextbest_model_reloads_total", "Model (re)loads by outcome.", ["outcome"])
+DECIDED_AGAIN = Counter(
+    "nextbest_decisions_decided_again_total",
+    "Customers decided again because another worker contacted them between this worker's "
+    "contact-history lookup and its commit.",
+)
 JOURNAL_WAIT = Histogram(
     "nextbest_journal_commit_wait_seconds",
     "Time a request waits for its decisions to be committed to the journal.",

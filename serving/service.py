@@ -10,9 +10,11 @@ calls it. A decision request then runs, on the event loop:
 3. the decision engine computes features, the rules mask over the full catalogue, the
    model scores, the exploration draw and the ranking (numpy and ONNX Runtime, inline: a
    thread hop would cost more than the work for one customer);
-4. the decision goes to the journal and the recommended contact to the contact store, and
-   the answer waits until both are committed (group commit on the writers' threads): an
-   acknowledged decision is never lost, and the next request on any worker sees the contact.
+4. the recommended contact goes to the contact store, unless another worker stored a
+   contact of the customer since the lookup (then the customer is decided again on that
+   history), and then the decision to the journal; the answer waits until both are
+   committed (group commit on the writers' threads): an acknowledged decision is never
+   lost, and the next request on any worker sees the contact.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,6 +37,7 @@ from nextbest.compliance import ALLOWED, RuleEngine, load_rules
 from nextbest.context import ContextBatch, CustomerContext, parse_customer
 from nextbest.customer_columns import CustomerColumns, context_batch
 from nextbest.decision_journal import (
+    DecisionBatch,
     JournalWriter,
     RewardConflictError,
     RewardOutcome,
@@ -57,7 +60,7 @@ from serving.contact_store import (
     SqliteContactStore,
     merge_into_batch,
 )
-from serving.decision_engine import DecisionEngine, Decisions, ModelNotReadyError
+from serving.decision_engine import DecisionEngine, Decisions
 from serving.model_store import LoadedModel, ModelStore
 from serving.schemas import (
     EXAMPLE_CUSTOMER,
@@ -100,24 +103,103 @@ async def _committed(future: Future[T]) -> T:
     return await asyncio.shield(asyncio.wrap_future(future))
 
 
+MAX_DECISION_ROUNDS = 8
+"""Times a customer is decided at most, counting the first: each further time, another worker
+stored a contact for them between this worker's lookup and its commit, so the customer's
+caps end the rounds long before this (it only stops a pathological loop)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """Customers decided and committed together, with all that deciding them again needs."""
+
+    keys: list[str]
+    """Pseudonymised customer keys ``(n,)``."""
+    decision_ids: list[str]
+    raw: ContextBatch
+    """The customers as the requests described them (stored contacts not merged)."""
+    candidates: np.ndarray | None
+    """bool ``(A,)`` for every customer or ``(n, A)``; None: every action."""
+    campaign: str | list[str | None] | None
+    k: int
+    explain: bool
+    model: LoadedModel
+    now: datetime
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, rows: np.ndarray | slice) -> _Part:
+        """The part of ``rows`` (int ``(m,)`` or a slice)."""
+        if isinstance(rows, slice):
+            pick: Callable[[list[Any]], list[Any]] = lambda items: items[rows]  # noqa: E731
+        else:
+            index = np.asarray(rows).tolist()
+            pick = lambda items: [items[i] for i in index]  # noqa: E731
+        candidates = self.candidates
+        if candidates is not None and candidates.ndim == 2:
+            candidates = candidates[rows]
+        return _Part(
+            pick(self.keys),
+            pick(self.decision_ids),
+            self.raw.take(rows),
+            candidates,
+            pick(self.campaign) if isinstance(self.campaign, list) else self.campaign,
+            self.k,
+            self.explain,
+            self.model,
+            self.now,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class _Writes:
-    """The store writes of one call's decisions, under way."""
+    """The store writes of one part's decisions, under way (:meth:`ScoringService._settle`
+    awaits them)."""
 
-    journalled: Future[int]
-    recorded: Future[int] | None
-    started: float
-    """Event-loop time of the submission."""
-    count: Callable[[], None]
-    """Counts the decisions in the metrics (once they are committed: served)."""
+    part: _Part
+    result: Decisions
+    done: Future[list[str]]
+    """Resolves once the decisions are journalled, to []; or, nothing journalled, to the
+    decision ids whose contacts the store refused (:func:`_journal_once_recorded`)."""
+    inline: bool
 
-    async def wait(self) -> None:
-        """Return once both writes are committed (raise if one failed)."""
-        await _committed(self.journalled)
-        if self.recorded is not None:
-            await _committed(self.recorded)
-        metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - self.started)
-        self.count()
+
+def _journal_once_recorded(
+    recorded: Future[list[str]] | None,
+    journal: JournalWriter,
+    decisions: DecisionBatch,
+    inline: bool,
+) -> Future[list[str]]:
+    """Journal ``decisions`` once their contacts are stored (``recorded``, None if they have
+    none), unless the store refused some; the future gives the refused decision ids (then
+    nothing is journalled: only served decisions are), else [] once journalled.
+
+    Chained on the writers' threads: the event loop is woken once, when all is done."""
+    done: Future[list[str]] = Future()
+
+    def journalled(future: Future[int]) -> None:
+        error = future.exception()
+        if error is None:
+            done.set_result([])
+        else:
+            done.set_exception(error)
+
+    def journal_unless_refused(future: Future[list[str]] | None) -> None:
+        try:
+            refused = [] if future is None else future.result()
+            if refused:
+                done.set_result(refused)
+                return
+            journal.submit(decisions, inline=inline).add_done_callback(journalled)
+        except BaseException as exc:  # a failed write, or the journal closed
+            done.set_exception(exc)
+
+    if recorded is None:
+        journal_unless_refused(None)
+    else:
+        recorded.add_done_callback(journal_unless_refused)
+    return done
 
 
 def _warm_up_customer(catalog: ActionCatalog) -> CustomerContext:
@@ -233,7 +315,7 @@ class _Coalescer:
         service = self._service
         pending = [p for p, _ in group]
         try:
-            result, batch, now = service.decide_group(pending)
+            writes = service.decide_group(pending)
         except HTTPException as exc:  # the service's state (no model), not a request's input
             _fail(group, exc)
             return
@@ -248,12 +330,13 @@ class _Coalescer:
             _fail(group, exc)
             raise
         try:
-            ids = await service.record_group(pending, result, batch, now)
+            result = await service.settle(writes, "single")
         except BaseException as exc:
             _fail(group, exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        ids = writes.part.decision_ids
         for row, (_, future) in enumerate(group):
             if not future.done():  # the caller may have gone
                 future.set_result((result, row, ids[row]))
@@ -268,6 +351,9 @@ def _fail(
             future.set_exception(exc)
 
 
+_FIELDS = ("decision_id", "action", "propensity", "ranked", "scores")
+
+
 class _BatchAnswer:
     """The ``decisions`` (one dict per decision) or ``columns`` (one list per field) of a
     batch answer, built part by part (:class:`~serving.schemas.BatchDecisionResponse`,
@@ -276,16 +362,18 @@ class _BatchAnswer:
     def __init__(self, names: np.ndarray, columns: bool) -> None:
         self._names = names
         self._columns = columns
-        self._fields: dict[str, list[Any]] = {
-            "decision_id": [],
-            "action": [],
-            "propensity": [],
-            "ranked": [],
-            "scores": [],
-        }
+        self._parts: list[dict[str, list[Any]]] = []
 
     def add(self, result: Decisions, decision_ids: list[str]) -> None:
         """Append the decisions of one part, ``decision_ids`` ``(n,)`` in its order."""
+        self._parts.append(self._fields(result, decision_ids))
+
+    def replace(self, part: int, result: Decisions, decision_ids: list[str]) -> None:
+        """Answer part ``part`` (0-based, in the order added) with ``result`` instead (some
+        of its customers were decided again)."""
+        self._parts[part] = self._fields(result, decision_ids)
+
+    def _fields(self, result: Decisions, decision_ids: list[str]) -> dict[str, list[Any]]:
         names, ranked = self._names, result.ranked
         valid = ranked >= 0
         ranked_names = names[np.where(valid, ranked, 0)]
@@ -296,18 +384,20 @@ class _BatchAnswer:
         else:  # fewer allowed actions than asked for: shorter lists
             ranked_lists = [r[v].tolist() for r, v in zip(ranked_names, valid, strict=True)]
             score_lists = [s[v].tolist() for s, v in zip(ranked_scores, valid, strict=True)]
-        fields = self._fields
-        fields["decision_id"] += decision_ids
-        fields["action"] += names[result.action].tolist()
-        fields["propensity"] += np.asarray(result.pscore, np.float64).tolist()
-        fields["ranked"] += ranked_lists
-        fields["scores"] += score_lists
+        return {
+            "decision_id": decision_ids,
+            "action": names[result.action].tolist(),
+            "propensity": np.asarray(result.pscore, np.float64).tolist(),
+            "ranked": ranked_lists,
+            "scores": score_lists,
+        }
 
     def body(self) -> dict[str, Any]:
         """``{"columns": {...}}`` or ``{"decisions": [...]}``."""
+        parts = self._parts
+        f = parts[0] if len(parts) == 1 else {n: [v for p in parts for v in p[n]] for n in _FIELDS}
         if self._columns:
-            return {"columns": self._fields}
-        f = self._fields
+            return {"columns": f}
         return {
             "decisions": [
                 {"decision_id": d, "action": a, "propensity": p, "ranked": r, "scores": s}
@@ -520,18 +610,12 @@ class ScoringService:
             blocked=blocked,
         )
 
-    def decide_group(self, pending: list[_Pending]) -> tuple[Decisions, ContextBatch, datetime]:
-        """Decide for customers of several requests at once (stored contacts merged, one
-        engine call), writing nothing; the decisions, their contexts and their time. Each
-        customer at most once (:class:`_Coalescer` sees to it)."""
+    def decide_group(self, pending: list[_Pending]) -> _Writes:
+        """Decide for the customers of several requests at once (stored contacts merged, one
+        engine call) and start their writes (:meth:`settle` them). Each customer at most
+        once (:class:`_Coalescer` sees to it)."""
+        model = self._require_model()
         now = datetime.now(UTC)
-        keys = [p.key for p in pending]
-        batch = ContextBatch.from_contexts([p.customer for p in pending], self.catalog, now)
-        events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
-        if len(events.row):
-            batch = merge_into_batch(
-                batch, events, now, count_recommended=self.settings.count_recommended
-            )
         masks = [p.mask for p in pending]
         candidates = None
         if any(m is not None for m in masks):
@@ -539,24 +623,19 @@ class ScoringService:
             for i, m in enumerate(masks):
                 if m is not None:
                     candidates[i] = m
-        result = self._engine_decide(
-            batch,
-            k=max(p.k for p in pending),
+        part = _Part(
+            keys=[p.key for p in pending],
+            decision_ids=new_decision_ids(len(pending)),
+            raw=ContextBatch.from_contexts([p.customer for p in pending], self.catalog, now),
             candidates=candidates,
+            campaign=[p.campaign_id for p in pending],
+            k=max(p.k for p in pending),
             explain=any(p.explain for p in pending),
+            model=model,
+            now=now,
         )
-        return result, batch, now
-
-    async def record_group(
-        self, pending: list[_Pending], result: Decisions, batch: ContextBatch, now: datetime
-    ) -> list[str]:
-        """Journal :meth:`decide_group`'s decisions and record their contacts; their ids,
-        once both are committed."""
-        decision_ids = new_decision_ids(len(pending))
-        campaigns = [p.campaign_id for p in pending]
-        keys = [p.key for p in pending]
-        await self._submit(result, batch, decision_ids, keys, now, campaigns, "single").wait()
-        return decision_ids
+        batch, position = self._merge_stored(part.keys, part.raw, now)
+        return self._submit(part, self._engine_decide(batch, part), batch, position)
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
         """Decide for every customer of a batch; the JSON body of a
@@ -580,111 +659,154 @@ class ScoringService:
         now = datetime.now(UTC)
         keys = pseudonymise_many(request.customer_ids(), self._key)
         if request.columns is not None:
-            batch = context_batch(request.columns, self.catalog, now)
+            raw = context_batch(request.columns, self.catalog, now)
         else:
-            batch = ContextBatch.from_contexts(request.customers or [], self.catalog, now)
-        events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
-        if len(events.row):
-            batch = merge_into_batch(
-                batch, events, now, count_recommended=self.settings.count_recommended
-            )
-        decision_ids = new_decision_ids(n)
+            raw = ContextBatch.from_contexts(request.customers or [], self.catalog, now)
+        whole = _Part(
+            keys, new_decision_ids(n), raw, mask, request.campaign_id, request.k, False, model, now
+        )
+        batch, position = self._merge_stored(keys, raw, now)
         answer = _BatchAnswer(self._view.names, columns=request.answer == "columns")
         writes: list[_Writes] = []
         try:
             for start in range(0, n, PIPELINE_ROWS):
-                part = slice(start, start + PIPELINE_ROWS)
-                one = batch if n <= PIPELINE_ROWS else batch.take(part)
-                result = self.engine.decide(one, k=request.k, candidates=mask, model=model)
-                writes.append(
-                    self._submit(
-                        result,
-                        one,
-                        decision_ids[part],
-                        keys[part],
-                        now,
-                        request.campaign_id,
-                        "batch",
-                    )
-                )
-                answer.add(result, decision_ids[part])
+                rows = slice(start, start + PIPELINE_ROWS)
+                part = whole if n <= PIPELINE_ROWS else whole.take(rows)
+                one = batch if n <= PIPELINE_ROWS else batch.take(rows)
+                writes.append(self._submit(part, self._engine_decide(one, part), one, position))
+                answer.add(writes[-1].result, part.decision_ids)
         except Exception:
             # parts already handed to the writers are committed before the error is
             # answered: a failed batch may be partly journalled (with those parts' contacts
             # recorded), never half-written
-            await asyncio.gather(*(write.wait() for write in writes), return_exceptions=True)
+            await asyncio.gather(*(self.settle(w, "batch") for w in writes), return_exceptions=True)
             raise
-        body = to_json(
-            {
-                **answer.body(),
-                "exploration": self._exploration,
-                "model_version": model.version,
-                "ruleset_version": self.rules.version,
-                "catalog_version": self.catalog.version,
-            }
-        )
-        for write in writes:
-            await write.wait()
-        return body
+        body = {
+            "exploration": self._exploration,
+            "model_version": model.version,
+            "ruleset_version": self.rules.version,
+            "catalog_version": self.catalog.version,
+        }
+        for i, write in enumerate(writes):
+            result = await self.settle(write, "batch")
+            if result is not write.result:  # some customers were decided again
+                answer.replace(i, result, write.part.decision_ids)
+        return to_json({**answer.body(), **body})
 
-    def _engine_decide(
-        self, batch: ContextBatch, k: int, candidates: np.ndarray | None, explain: bool
-    ) -> Decisions:
-        """The engine's decisions; 503 if the model went away meanwhile."""
-        try:
-            return self.engine.decide(batch, k=k, candidates=candidates, explain=explain)
-        except ModelNotReadyError:
-            raise HTTPException(503, "no model loaded (see /readyz for the reason)") from None
+    def _merge_stored(
+        self, keys: list[str], raw: ContextBatch, now: datetime
+    ) -> tuple[ContextBatch, int | None]:
+        """The customers with their stored contacts merged in (one store query), and the
+        store's position for :meth:`ContactStore.record_if_unchanged` (None when
+        recommendations are not counted: then another worker's cannot block either)."""
+        events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
+        batch = raw
+        if len(events.row):
+            batch = merge_into_batch(
+                raw, events, now, count_recommended=self.settings.count_recommended
+            )
+        return batch, events.position if self.settings.count_recommended else None
+
+    def _engine_decide(self, batch: ContextBatch, part: _Part) -> Decisions:
+        """The engine's decisions for ``part``, made on ``batch`` (its customers with their
+        stored contacts)."""
+        return self.engine.decide(
+            batch, k=part.k, candidates=part.candidates, explain=part.explain, model=part.model
+        )
 
     def _submit(
-        self,
-        result: Decisions,
-        batch: ContextBatch,
-        decision_ids: list[str],
-        keys: list[str],
-        now: datetime,
-        campaign_id: str | list[str | None] | None,
-        endpoint: str,
+        self, part: _Part, result: Decisions, batch: ContextBatch, position: int | None
     ) -> _Writes:
-        """Start journalling the decisions (made on ``batch``) and recording the recommended
-        contacts; the caller may prepare its answer meanwhile, and must
-        :meth:`_Writes.wait` before it."""
-        decisions = result.journal_batch(
-            decision_id=decision_ids,
-            timestamp_us=epoch_us(now),
-            customer_key=keys,
+        """Start recording the recommended contacts (refused for customers another worker
+        contacted since the lookup at ``position``) and, once recorded, journalling the
+        decisions; the caller may prepare its answer meanwhile, and must :meth:`settle`
+        before it."""
+        # small writes commit inline when the writers are idle (no thread hand-off); under
+        # load they queue and commit in groups on the writers' threads
+        inline = len(part) <= INLINE_COMMIT_ROWS
+        decisions = self._journal_batch(part, result)  # before any write: it may fail
+        latest = self._schedule.latest_send_us(
+            result.action, part.now, batch["local_hour"], batch["local_weekday"]
+        )
+        contacts = ContactBatch.recommended(
+            part.decision_ids, part.keys, result.action, self.catalog, part.now, latest
+        )
+        recorded = None
+        if len(contacts):
+            recorded = self.contacts.record_if_unchanged(contacts, position, inline=inline)
+        done = _journal_once_recorded(recorded, self.journal, decisions, inline)
+        return _Writes(part, result, done, inline)
+
+    def _journal_batch(self, part: _Part, result: Decisions) -> DecisionBatch:
+        """The decisions of ``part`` as journal rows."""
+        return result.journal_batch(
+            decision_id=part.decision_ids,
+            timestamp_us=epoch_us(part.now),
+            customer_key=part.keys,
             context=result.features,
             pscore=result.pscore,
-            campaign_id=campaign_id,
+            campaign_id=part.campaign,
             policy=self._exploration,
             model_version=result.model_version,
             ruleset_version=self.rules.version,
             catalog_version=self.catalog.version,
             feature_spec_version=result.feature_spec_version,
         )
+
+    async def settle(self, writes: _Writes, endpoint: str) -> Decisions:
+        """Wait for ``writes``; the decisions served, counted in the metrics.
+
+        Customers whose contact the store refused (another worker contacted them after
+        this one's lookup) are decided again on the history that includes that contact,
+        up to :data:`MAX_DECISION_ROUNDS` times; the others are journalled meanwhile.
+
+        Raises
+        ------
+        HTTPException
+            503 if some customers are still refused after the last round (their decisions
+            are not served; the others of the part are journalled).
+        """
         started = asyncio.get_running_loop().time()
-        # small writes commit inline when the writers are idle (no thread hand-off); under
-        # load they queue and commit in groups on the writers' threads
-        inline = len(decision_ids) <= INLINE_COMMIT_ROWS
-        journalled = self.journal.submit(decisions, inline=inline)
-        latest = self._schedule.latest_send_us(
-            result.action, now, batch["local_hour"], batch["local_weekday"]
-        )
-        contacts = ContactBatch.recommended(
-            decision_ids, keys, result.action, self.catalog, now, latest
-        )
-        recorded = self.contacts.record(contacts, inline=inline) if len(contacts) else None
+        result = await self._served(writes, 1)
+        metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - started)
         codes = result.blocked_by
         # every code counted (ALLOWED is past the rules' codes): no compaction of the codes
-        counts = np.bincount(codes.ravel(), minlength=int(ALLOWED) + 1)
-        block_counts = counts[: len(self.rules.rule_ids)]
+        block_counts = np.bincount(codes.ravel(), minlength=int(ALLOWED) + 1)
         channel_index = self.catalog.channel_index[result.action].astype(np.int64)
-        return _Writes(
-            journalled,
-            recorded,
-            started,
-            partial(self._counters.observe, endpoint, channel_index, block_counts),
-        )
+        self._counters.observe(endpoint, channel_index, block_counts[: len(self.rules.rule_ids)])
+        return result
+
+    async def _served(self, writes: _Writes, round_: int) -> Decisions:
+        """:meth:`settle` without the metrics; ``round_`` counts the times decided."""
+        refused = await _committed(writes.done)
+        if not refused:
+            return writes.result
+        part, result = writes.part, writes.result
+        metrics.DECIDED_AGAIN.inc(len(refused))
+        refused_ids = set(refused)
+        again = np.array([i in refused_ids for i in part.decision_ids])
+        again_rows, kept_rows = np.flatnonzero(again), np.flatnonzero(~again)
+        kept = None
+        if len(kept_rows):  # their contacts are stored: journal them now
+            kept = self.journal.submit(
+                self._journal_batch(part.take(kept_rows), result.take(kept_rows)),
+                inline=writes.inline,
+            )
+        if round_ >= MAX_DECISION_ROUNDS:
+            if kept is not None:
+                await _committed(kept)
+            raise HTTPException(
+                503,
+                f"{len(again_rows)} customer(s) were contacted by other workers while being "
+                f"decided, {round_} times in a row; ask again",
+            )
+        sub = part.take(again_rows)
+        batch, position = self._merge_stored(sub.keys, sub.raw, sub.now)
+        redone = self._submit(sub, self._engine_decide(batch, sub), batch, position)
+        decided = await self._served(redone, round_ + 1)
+        if kept is not None:
+            await _committed(kept)
+        return result.with_rows(again_rows, decided)
 
     # ------------------------------------------------------------------ rewards, contacts
 

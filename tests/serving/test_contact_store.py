@@ -131,6 +131,73 @@ def test_minimum_gap_holds_across_two_store_instances(
     assert engine.allowed_mask(merged)[0].sum() == 1  # only no-contact is left
 
 
+def test_second_worker_to_commit_for_one_customer_is_refused(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    with (
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_1,
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_2,
+    ):
+        worker_1.record(contacts(["old"], "sms", ago(days=3), key="cust_b")).result()
+        # both decide for cust_a on the same history: no contact yet
+        seen_1 = worker_1.history(["cust_a", "cust_b"], NOW)
+        seen_2 = worker_2.history(["cust_a"], NOW)
+        assert seen_1.position == seen_2.position == 1
+
+        first = worker_1.record_if_unchanged(
+            contacts(["w1"], "sms", ago()), seen_1.position
+        ).result()
+        second = worker_2.record_if_unchanged(
+            contacts(["w2"], "sms", ago()), seen_2.position
+        ).result()
+        # another customer's contact since the lookup does not refuse
+        other = worker_2.record_if_unchanged(
+            contacts(["w3"], "sms", ago(), key="cust_c"), seen_2.position
+        ).result()
+        again = worker_2.history(["cust_a"], NOW)
+
+    assert first == [] and second == ["w2"] and other == []
+    assert again.position == 3  # w1 and w3 stored, w2 not
+    assert len(again.row) == 1  # only w1: worker 2 decides again on it
+
+
+def test_a_refused_batch_stores_the_other_customers(store: SqliteContactStore) -> None:
+    seen = store.history(["cust_a", "cust_b"], NOW).position
+    store.record(contacts(["elsewhere"], "sms", ago(), key="cust_b")).result()
+    batch = ContactBatch(
+        ["d_a", "d_b"],
+        ["cust_a", "cust_b"],
+        ["sms", "sms"],
+        [None, None],
+        epoch_us(ago()),
+        "recommended",
+    )
+
+    assert store.record_if_unchanged(batch, seen).result() == ["d_b"]
+    events = store.history(["cust_a", "cust_b"], NOW)
+    assert sorted(events.row.tolist()) == [0, 1]  # d_a, and cust_b's "elsewhere" only
+
+
+def test_record_if_unchanged_without_position_stores_everything(
+    store: SqliteContactStore,
+) -> None:
+    store.record(contacts(["d1"], "sms", ago())).result()
+    assert store.record_if_unchanged(contacts(["d2"], "sms", ago()), None).result() == []
+    assert len(store.history(["cust_a"], NOW).row) == 2
+    with pytest.raises(ValueError, match="delivered"):
+        store.record_if_unchanged(contacts(["d3"], "sms", ago(), kind="delivered"), 0)
+
+
+def test_prune_keeps_the_last_row_so_row_ids_only_grow(store: SqliteContactStore) -> None:
+    store.record(contacts(["d1", "d2"], "sms", ago(days=40))).result()
+    seen = store.history(["cust_a"], NOW).position
+
+    assert store.prune(epoch_us(ago(days=30))).result() == 1  # d1; d2 is the last row
+    # had d2 gone, the next row would take its row id and pass for seen at ``seen``
+    store.record(contacts(["d3"], "sms", ago())).result()
+    assert store.record_if_unchanged(contacts(["d4"], "sms", ago()), seen).result() == ["d4"]
+
+
 def test_contacts_one_query_for_a_batch(store: SqliteContactStore) -> None:
     keys = [f"cust_{i}" for i in range(500)]
     store.record(
@@ -639,8 +706,10 @@ def test_record_prunes_rows_past_the_retention(tmp_path: Path, catalog: ActionCa
     with SqliteContactStore(tmp_path, catalog.channel_names, prune_every=timedelta(0)) as store:
         store.record(contacts(["old"], "sms", long_ago)).result()
         store.record(contacts(["new"], "sms", datetime.now(UTC))).result()
+        store.record(contacts(["newer"], "sms", datetime.now(UTC))).result()
         store.flush()
-        assert store.contacts(["cust_a"], 0).row.tolist() == [0]
+        # pruned before the third write (the last row is never pruned: row ids only grow)
+        assert store.contacts(["cust_a"], 0).row.tolist() == [0, 0]
 
 
 def test_retention_shorter_than_the_longest_window_refused(

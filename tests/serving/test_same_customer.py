@@ -5,21 +5,28 @@ while another's contact is still being committed; a bad request spoils only itse
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from collections import Counter
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import customer
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
 from nextbest.catalog import ActionCatalog
-from nextbest.decision_journal import epoch_us
+from nextbest.decision_journal import epoch_us, read_journal
 from nextbest.privacy import pseudonymise
+from serving import metrics
 from serving.app import create_app
-from serving.contact_store import ContactBatch, SqliteContactStore
+from serving.contact_store import ContactBatch, ContactEvents, SqliteContactStore
+from serving.schemas import BatchDecisionRequest, DecisionRequest, DecisionResponse
+from serving.service import ScoringService
 from serving.settings import Settings
 
 SMS = "sms:health_insurance:now"
@@ -162,3 +169,119 @@ def test_a_contact_committed_during_a_lookup_is_not_missed(
     events = store.contacts([key], now_us - 1)
     assert len(events.row) >= 1
     store.close()
+
+
+# --------------------------------------------------------------------------- across workers
+
+
+def _other_worker_decides_during_lookup(
+    first: ScoringService, second: ScoringService, body: dict[str, object]
+) -> list[DecisionResponse]:
+    """Make ``second`` decide ``body`` (in its own thread and event loop, as another worker
+    process would) right after ``first``'s next contact-store lookup: both then decide on
+    the same history. Returns ``second``'s answer, once ``first``'s lookup has returned."""
+    answers: list[DecisionResponse] = []
+    lookup = first.contacts.contacts
+
+    def lookup_then_other_worker(keys: list[str], since_us: int) -> ContactEvents:
+        events = lookup(keys, since_us)
+        if not answers:
+            request = DecisionRequest.model_validate(body)
+            worker = threading.Thread(
+                target=lambda: answers.append(asyncio.run(second.decide(request)))
+            )
+            worker.start()
+            worker.join(30)
+        return events
+
+    first.contacts.contacts = lookup_then_other_worker  # type: ignore[method-assign]
+    return answers
+
+
+def _decided_again() -> float:
+    return metrics.DECIDED_AGAIN._value.get()  # type: ignore[attr-defined]
+
+
+def test_two_workers_deciding_one_customer_at_once_contact_once(
+    greedy_settings: Settings,
+) -> None:
+    body = {"customer": customer(customer_id="raced-1"), "candidates": [SMS]}
+    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+    before = _decided_again()
+    try:
+        theirs = _other_worker_decides_during_lookup(first, second, body)
+        mine = asyncio.run(first.decide(DecisionRequest.model_validate(body)))
+    finally:
+        first.close()
+        second.close()
+
+    assert theirs[0].chosen.action == SMS  # committed first
+    assert mine.chosen.action == "no_contact"  # decided again, on the history with that SMS
+    assert _decided_again() == before + 1
+    journal = read_journal(greedy_settings.state_dir)
+    served = dict(
+        zip(journal["decision_id"].to_pylist(), journal["action"].to_pylist(), strict=True)
+    )
+    no_contact = first.catalog.action_id("no_contact")
+    assert served == {
+        theirs[0].decision_id: first.catalog.action_id(SMS),
+        mine.decision_id: no_contact,
+    }
+    key = pseudonymise("raced-1", greedy_settings.pseudonym_key)
+    with SqliteContactStore(greedy_settings.state_dir, first.catalog.channel_names) as store:
+        assert len(store.contacts([key], 0).row) == 1
+
+
+def test_a_batch_decides_again_only_the_customers_another_worker_contacted(
+    greedy_settings: Settings,
+) -> None:
+    ids = [f"batch-raced-{i}" for i in range(4)]
+    batch = BatchDecisionRequest.model_validate(
+        {"customers": [customer(customer_id=i) for i in ids], "candidates": [SMS]}
+    )
+    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+    try:
+        theirs = _other_worker_decides_during_lookup(
+            first, second, {"customer": customer(customer_id=ids[2]), "candidates": [SMS]}
+        )
+        mine = json.loads(asyncio.run(first.decide_batch(batch)))["decisions"]
+    finally:
+        first.close()
+        second.close()
+
+    assert theirs[0].chosen.action == SMS
+    assert [d["action"] for d in mine] == [SMS, SMS, "no_contact", SMS]
+    journal = read_journal(greedy_settings.state_dir)
+    assert sorted(journal["decision_id"].to_pylist()) == sorted(
+        [theirs[0].decision_id, *(d["decision_id"] for d in mine)]
+    )
+    keys = [pseudonymise(i, greedy_settings.pseudonym_key) for i in ids]
+    with SqliteContactStore(greedy_settings.state_dir, first.catalog.channel_names) as store:
+        assert np.bincount(store.contacts(keys, 0).row, minlength=4).tolist() == [1, 1, 1, 1]
+
+
+def test_customers_refused_every_round_fail_and_the_others_are_journalled(
+    greedy_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serving.service.MAX_DECISION_ROUNDS", 1)
+    ids = ["rounds-0", "rounds-1"]
+    batch = BatchDecisionRequest.model_validate(
+        {"customers": [customer(customer_id=i) for i in ids], "candidates": [SMS]}
+    )
+    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+    try:
+        theirs = _other_worker_decides_during_lookup(
+            first, second, {"customer": customer(customer_id=ids[1]), "candidates": [SMS]}
+        )
+        with pytest.raises(HTTPException) as refused:
+            asyncio.run(first.decide_batch(batch))
+    finally:
+        first.close()
+        second.close()
+
+    assert refused.value.status_code == 503
+    journal = read_journal(greedy_settings.state_dir)
+    keys = journal["customer_key"].to_pylist()
+    mine = pseudonymise(ids[0], greedy_settings.pseudonym_key)
+    assert sorted(keys) == sorted([mine, pseudonymise(ids[1], greedy_settings.pseudonym_key)])
+    assert len(theirs) == 1

@@ -4,6 +4,7 @@ worker its socket."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -13,9 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import customer, free_port, server_env, start_server
 
@@ -253,3 +256,53 @@ def test_a_second_server_on_the_same_state_leaves_the_first_ones_metrics(
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)
+
+
+@slow_on_linux
+def test_two_workers_asked_at_once_about_the_same_customers_contact_each_once(
+    two_workers: Served, tmp_path: Path
+) -> None:
+    """64 connections (spread over both workers) ask about 8 customers 12 times each, all at
+    once, offering only an SMS that the rules allow once a day: each customer gets one SMS
+    at most, in the answers, the journal and the contact store."""
+    server, port = two_workers
+    sms = "sms:health_insurance:now"
+    bodies = [
+        json.dumps({"customer": customer(customer_id=f"hot-{i % 8}"), "candidates": [sms]})
+        for i in range(96)
+    ]
+
+    async def ask_all() -> list[dict[str, object]]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits) as http:
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/decisions", content=b, headers={"Content-Type": "application/json"}
+                    )
+                    for b in bodies
+                )
+            )
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        return [a.json() for a in answers]
+
+    try:
+        answers = asyncio.run(ask_all())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    sent = Counter(
+        json.loads(b)["customer"]["customer_id"]
+        for b, a in zip(bodies, answers, strict=True)
+        if a["chosen"]["action"] == sms
+    )  # type: ignore[index]
+    assert sent and max(sent.values()) == 1, sent
+    journal = read_journal(tmp_path / "state")
+    by_key = Counter(
+        k
+        for k, a in zip(
+            journal["customer_key"].to_pylist(), journal["action"].to_pylist(), strict=True
+        )
+        if a != 0
+    )
+    assert len(journal) == 96 and max(by_key.values()) == 1, by_key
