@@ -73,6 +73,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic_core import to_json
 
 from nextbest.catalog import ActionCatalog
@@ -996,15 +997,23 @@ JOURNAL_DDL = (
         received_at_us INTEGER NOT NULL,
         late INTEGER NOT NULL
     ) WITHOUT ROWID""",
-    """CREATE VIEW IF NOT EXISTS decision_log AS
+    """CREATE TABLE IF NOT EXISTS withdrawn (
+        decision_id TEXT PRIMARY KEY
+    ) WITHOUT ROWID""",
+    "DROP VIEW IF EXISTS decision_log",  # a file from before withdrawals: the view without
+    """CREATE VIEW decision_log AS
         SELECT d.seq, d.decision_id, d.timestamp_us, d.customer_key, d.action, d.pscore,
             d.campaign_id, d.chunk_id, v.policy, v.model_version, v.ruleset_version,
             v.catalog_version, v.feature_spec_version, r.converted, r.complaint, r.opted_out,
             r.value_cny, r.reward, r.reward_at_us, r.received_at_us, r.late
         FROM decisions d JOIN versions v USING (version_id)
-        LEFT JOIN rewards r USING (seq)""",
+        LEFT JOIN rewards r USING (seq)
+        WHERE d.decision_id NOT IN (SELECT decision_id FROM withdrawn)""",
 )
-"""The journal's tables (idempotent DDL)."""
+"""The journal's tables (idempotent DDL). ``withdrawn`` lists decisions that were journalled
+but not served (:meth:`JournalWriter.withdraw`); readers and the ``decision_log`` view leave
+them out. It was added to layout 2 without a new layout id: a file without it gets it when
+a writer opens it, and a reader treats its absence as no withdrawal."""
 
 
 _INSERT_CHUNK = (
@@ -1315,6 +1324,28 @@ class JournalWriter:
         """Blocking form of :meth:`submit_reward` (raises its errors)."""
         return self.submit_reward(decision_id, outcome, received_at).result(timeout)
 
+    def withdraw(self, decision_ids: Sequence[str]) -> Future[int]:
+        """Mark journalled decisions as not served, so that no reader counts them (the
+        service journals a decision while its contact is being stored; when the contact
+        store refuses the contact, the customer is decided again under a new id). The
+        decisions stay in the file, the journal only grows; the future gives the decisions
+        newly withdrawn.
+
+        Raises
+        ------
+        RuntimeError
+            If the journal is closed.
+        """
+        text = to_json(list(decision_ids)).decode()
+
+        def append(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "INSERT OR IGNORE INTO withdrawn (decision_id) SELECT value FROM json_each(?)",
+                (text,),
+            ).rowcount
+
+        return self._writer.submit(append, rows=len(decision_ids))
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything submitted so far is committed."""
         self._writer.flush(timeout)
@@ -1444,6 +1475,11 @@ def read_journal(
             "SELECT seq, reward, converted, complaint, opted_out, value_cny, "
             "coalesce(reward_at_us, received_at_us), late FROM rewards ORDER BY seq"
         ).fetchall()
+        withdrawn: list[str] = []
+        if conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'withdrawn'"
+        ).fetchone():
+            withdrawn = [r[0] for r in conn.execute("SELECT decision_id FROM withdrawn")]
         conn.execute("COMMIT")
     finally:
         conn.close()
@@ -1460,6 +1496,9 @@ def read_journal(
         columns[name] = pa.array([v[i] for v in versions], pa.string()).take(row_version)
     columns.update(_reward_columns(rewards, seq, include_late))
     table = pa.Table.from_arrays([columns[f.name] for f in DECISION_SCHEMA], schema=DECISION_SCHEMA)
+    if withdrawn:  # journalled, never served
+        served = pc.invert(pc.is_in(table.column("decision_id"), pa.array(withdrawn, pa.string())))
+        table = table.filter(served)
     if rewarded_only:
         table = table.filter(table.column("reward").is_valid())
     return table

@@ -596,6 +596,37 @@ def _lookup_sql(n_codes: int) -> str:
     )
 
 
+def _last_row_id(conn: sqlite3.Connection) -> int:
+    """The store's last row id (0 when empty): new rows take the ids above it."""
+    return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM contact_events").fetchone()[0])
+
+
+class _RowRanges:
+    """The row ids a store inserted, as the last :data:`KEPT` ranges ``(lo, hi]`` (adjacent
+    ones merged). Lets :meth:`SqliteContactStore.record_if_unchanged` skip its check when no
+    other process stored a row since the lookup (one worker, or a batch whose earlier parts
+    are the only rows since): an old range forgotten only means checking once more."""
+
+    KEPT = 64
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []
+
+    def add(self, lo: int, hi: int) -> None:
+        """Row ids ``lo + 1 .. hi`` are this store's (nothing when ``hi <= lo``)."""
+        if hi <= lo:
+            return
+        if self._ranges and self._ranges[-1][1] == lo:
+            self._ranges[-1] = (self._ranges[-1][0], hi)
+        else:
+            self._ranges.append((lo, hi))
+            del self._ranges[: -self.KEPT]
+
+    def cover(self, lo: int, hi: int) -> bool:
+        """Whether every row id ``lo + 1 .. hi`` is this store's (True when ``hi <= lo``)."""
+        return hi <= lo or any(a <= lo and hi <= b for a, b in reversed(self._ranges))
+
+
 def _log_prune_failure(future: Future[int]) -> None:
     if future.exception() is not None:
         log.warning("pruning the contact store failed: %s", future.exception())
@@ -657,6 +688,9 @@ class SqliteContactStore:
         channel index, at_us, delivered, latest_us)``; :meth:`contacts` counts them."""
         self._pending_lock = threading.Lock()
         self._writes = itertools.count()
+        self._own_rows = _RowRanges()
+        """Row ids this store's writes took (changed by write transactions only, which its
+        writer runs one at a time)."""
         try:
             codes = self._writer.submit(self._prepare).result()
         except BaseException:
@@ -740,7 +774,7 @@ class SqliteContactStore:
                 if other is not None:
                     raise ContactConflictError(other[0])
             before = conn.total_changes
-            conn.execute(_UPSERT, (text, kind))
+            self._insert(conn, text, kind, _last_row_id(conn))
             return conn.total_changes - before
 
         return self._submit_write(rows, kind == 1, upsert, inline)
@@ -754,9 +788,12 @@ class SqliteContactStore:
 
         The check runs in the write's transaction, under SQLite's write lock: of two
         workers that decided for one customer on the same history, the second to commit is
-        refused. A contact this process stored after the lookup refuses too (the lookup
-        counted it while pending, but the row cannot tell): a needless second decision,
-        never a missed contact. ``position`` None: every contact is stored.
+        refused. It is skipped when every row since ``position`` is this store's own: those
+        were counted by the lookup (pending then), or were submitted after these contacts
+        (the writer commits in order) and so cannot be among them; a process decides and
+        submits without yielding in between. When another process did write, this
+        store's rows count too (a needless second decision at worst, never a missed
+        contact). ``position`` None: every contact is stored.
         """
         if contacts.kind != "recommended":
             raise ValueError(f"only recommendations are decided on a lookup, not {contacts.kind}")
@@ -765,15 +802,23 @@ class SqliteContactStore:
 
         def upsert(conn: sqlite3.Connection) -> list[str]:
             accepted, refused = text, []
-            if position is not None:
+            last = _last_row_id(conn)
+            # every row since the lookup inserted by this store: nothing to check
+            if position is not None and not self._own_rows.cover(position, last):
                 refused = [r[0] for r in conn.execute(_CONTACTED_SINCE, (text, position))]
             if refused:
                 ids = set(refused)
                 accepted = to_json([r for r in rows if r[0] not in ids]).decode()
-            conn.execute(_UPSERT, (accepted, 0))
+            self._insert(conn, accepted, 0, last)
             return refused
 
         return self._submit_write(rows, False, upsert, inline)
+
+    def _insert(self, conn: sqlite3.Connection, text: str, kind: int, last: int) -> None:
+        """Upsert the JSON rows ``text`` (in the write transaction, whose last row id was
+        ``last``), noting the row ids they took as this store's."""
+        conn.execute(_UPSERT, (text, kind))
+        self._own_rows.add(last, _last_row_id(conn))
 
     def _rows(self, contacts: ContactBatch) -> list[_Row]:
         """The contacts as the rows of :data:`_UPSERT` (channel codes, store keys)."""

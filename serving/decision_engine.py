@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +29,6 @@ from nextbest.exploration import (
 )
 from nextbest.features import ContextEncoder
 from serving.model_store import LoadedModel, ModelStore
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,11 @@ class Decisions:
 
     def take(self, rows: np.ndarray) -> Decisions:
         """The decisions of ``rows`` (int ``(m,)``), in that order."""
-        return replace(self, **self._rows_of(rows), blocked=_pick(self.blocked, rows))
+        columns = {n: None if a is None else a[rows] for n, a in self._per_row().items()}
+        blocked = self.blocked
+        if blocked is not None:
+            blocked = [blocked[i] for i in np.asarray(rows).tolist()]
+        return replace(self, **columns, blocked=blocked)
 
     def with_rows(self, rows: np.ndarray, other: Decisions) -> Decisions:
         """These decisions with ``rows`` (int ``(m,)``) replaced by ``other``'s ``m``
@@ -118,9 +120,6 @@ class Decisions:
                 "ranked_scores",
             )
         }
-
-    def _rows_of(self, rows: np.ndarray) -> dict[str, np.ndarray | None]:
-        return {n: None if a is None else a[rows] for n, a in self._per_row().items()}
 
     def journal_batch(self, **fields: Any) -> DecisionBatch:
         """These decisions as a :class:`~nextbest.decision_journal.DecisionBatch` (the
@@ -260,11 +259,6 @@ class DecisionEngine:
             model.version,
             model.spec_version,
         )
-
-
-def _pick(items: list[T] | None, rows: np.ndarray) -> list[T] | None:
-    """``items[rows]`` for a list (None stays None)."""
-    return None if items is None else [items[i] for i in np.asarray(rows).tolist()]
 
 
 def _finite(scores: np.ndarray) -> np.ndarray:

@@ -10,20 +10,21 @@ calls it. A decision request then runs, on the event loop:
 3. the decision engine computes features, the rules mask over the full catalogue, the
    model scores, the exploration draw and the ranking (numpy and ONNX Runtime, inline: a
    thread hop would cost more than the work for one customer);
-4. the recommended contact goes to the contact store, unless another worker stored a
-   contact of the customer since the lookup (then the customer is decided again on that
-   history), and then the decision to the journal; the answer waits until both are
-   committed (group commit on the writers' threads): an acknowledged decision is never
-   lost, and the next request on any worker sees the contact.
+4. the decision goes to the journal and the recommended contact to the contact store,
+   which refuses it if another worker stored a contact of the customer since the lookup
+   (then the decision is withdrawn from the journal and the customer decided again on that
+   history); the answer waits until both are committed (group commit on the writers'
+   threads): an acknowledged decision is never lost, and the next request on any worker
+   sees the contact.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -131,20 +132,16 @@ class _Part:
 
     def take(self, rows: np.ndarray | slice) -> _Part:
         """The part of ``rows`` (int ``(m,)`` or a slice)."""
-        if isinstance(rows, slice):
-            pick: Callable[[list[Any]], list[Any]] = lambda items: items[rows]  # noqa: E731
-        else:
-            index = np.asarray(rows).tolist()
-            pick = lambda items: [items[i] for i in index]  # noqa: E731
         candidates = self.candidates
         if candidates is not None and candidates.ndim == 2:
             candidates = candidates[rows]
+        campaign = self.campaign
         return _Part(
-            pick(self.keys),
-            pick(self.decision_ids),
+            _pick(self.keys, rows),
+            _pick(self.decision_ids, rows),
             self.raw.take(rows),
             candidates,
-            pick(self.campaign) if isinstance(self.campaign, list) else self.campaign,
+            _pick(campaign, rows) if isinstance(campaign, list) else campaign,
             self.k,
             self.explain,
             self.model,
@@ -152,53 +149,81 @@ class _Part:
         )
 
 
+def _pick(items: list[T], rows: np.ndarray | slice) -> list[T]:
+    """``items[rows]`` for a list: ``rows`` int ``(m,)`` or a slice."""
+    if isinstance(rows, slice):
+        return items[rows]
+    return [items[i] for i in np.asarray(rows).tolist()]
+
+
+class _StillContactedError(Exception):
+    """Some customers of a part were still refused after :data:`MAX_DECISION_ROUNDS`
+    rounds; the others' decisions are served (journalled)."""
+
+    def __init__(
+        self, result: Decisions, decision_ids: list[str], rows: np.ndarray, rounds: int
+    ) -> None:
+        super().__init__(f"{len(rows)} customer(s) refused {rounds} times")
+        self.result = result
+        """The part's decisions; those of ``rows`` are not served."""
+        self.decision_ids = decision_ids
+        self.rows = rows
+        """int ``(m,)``: the part's rows not served."""
+        self.rounds = rounds
+
+    def http(self) -> HTTPException:
+        """The answer for a request of the refused customers: 503."""
+        return HTTPException(
+            503,
+            "another worker contacted the customer while it was being decided, "
+            f"{self.rounds} times in a row; ask again",
+        )
+
+
+def _replace_ids(ids: list[str], rows: np.ndarray, new_ids: list[str]) -> None:
+    """Put ``new_ids`` ``(m,)`` at ``rows`` ``(m,)`` of ``ids``, in place."""
+    for row, decision_id in zip(rows.tolist(), new_ids, strict=True):
+        ids[row] = decision_id
+
+
 @dataclass(frozen=True, slots=True)
 class _Writes:
-    """The store writes of one part's decisions, under way (:meth:`ScoringService._settle`
+    """The store writes of one part's decisions, under way (:meth:`ScoringService.settle`
     awaits them)."""
 
     part: _Part
     result: Decisions
     done: Future[list[str]]
-    """Resolves once the decisions are journalled, to []; or, nothing journalled, to the
-    decision ids whose contacts the store refused (:func:`_journal_once_recorded`)."""
-    inline: bool
+    """Resolves once the decisions are journalled and their contacts stored (or refused):
+    to the decision ids whose contacts the store refused (:func:`_both_written`)."""
 
 
-def _journal_once_recorded(
-    recorded: Future[list[str]] | None,
-    journal: JournalWriter,
-    decisions: DecisionBatch,
-    inline: bool,
-) -> Future[list[str]]:
-    """Journal ``decisions`` once their contacts are stored (``recorded``, None if they have
-    none), unless the store refused some; the future gives the refused decision ids (then
-    nothing is journalled: only served decisions are), else [] once journalled.
-
-    Chained on the writers' threads: the event loop is woken once, when all is done."""
+def _both_written(journalled: Future[int], recorded: Future[list[str]] | None) -> Future[list[str]]:
+    """One future for the two writes of a part, resolved on the writers' threads once both
+    are done (the event loop is woken once): the contact ids the store refused, or the
+    first error."""
     done: Future[list[str]] = Future()
+    waiting = [journalled] if recorded is None else [journalled, recorded]
+    lock = threading.Lock()
 
-    def journalled(future: Future[int]) -> None:
-        error = future.exception()
-        if error is None:
-            done.set_result([])
-        else:
-            done.set_exception(error)
-
-    def journal_unless_refused(future: Future[list[str]] | None) -> None:
-        try:
-            refused = [] if future is None else future.result()
-            if refused:
-                done.set_result(refused)
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            waiting.pop()
+            if waiting:
                 return
-            journal.submit(decisions, inline=inline).add_done_callback(journalled)
-        except BaseException as exc:  # a failed write, or the journal closed
+        try:
+            error = journalled.exception()
+            if error is None and recorded is not None:
+                error = recorded.exception()
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result([] if recorded is None else recorded.result())
+        except BaseException as exc:  # a cancelled write
             done.set_exception(exc)
 
-    if recorded is None:
-        journal_unless_refused(None)
-    else:
-        recorded.add_done_callback(journal_unless_refused)
+    for future in list(waiting):
+        future.add_done_callback(one_done)
     return done
 
 
@@ -329,16 +354,19 @@ class _Coalescer:
         except BaseException as exc:
             _fail(group, exc)
             raise
+        unserved: set[int] = set()
         try:
-            result = await service.settle(writes, "single")
+            result, ids = await service.settle(writes, "single")
+        except _StillContactedError as exc:
+            result, ids, unserved = exc.result, exc.decision_ids, set(exc.rows.tolist())
+            _fail([group[row] for row in sorted(unserved)], exc.http())
         except BaseException as exc:
             _fail(group, exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        ids = writes.part.decision_ids
         for row, (_, future) in enumerate(group):
-            if not future.done():  # the caller may have gone
+            if row not in unserved and not future.done():  # the caller may have gone
                 future.set_result((result, row, ids[row]))
 
 
@@ -688,9 +716,12 @@ class ScoringService:
             "catalog_version": self.catalog.version,
         }
         for i, write in enumerate(writes):
-            result = await self.settle(write, "batch")
+            try:
+                result, ids = await self.settle(write, "batch")
+            except _StillContactedError as exc:  # the batch fails, partly journalled (as above)
+                raise exc.http() from None
             if result is not write.result:  # some customers were decided again
-                answer.replace(i, result, write.part.decision_ids)
+                answer.replace(i, result, ids)
         return to_json({**answer.body(), **body})
 
     def _merge_stored(
@@ -717,14 +748,14 @@ class ScoringService:
     def _submit(
         self, part: _Part, result: Decisions, batch: ContextBatch, position: int | None
     ) -> _Writes:
-        """Start recording the recommended contacts (refused for customers another worker
-        contacted since the lookup at ``position``) and, once recorded, journalling the
-        decisions; the caller may prepare its answer meanwhile, and must :meth:`settle`
-        before it."""
+        """Start journalling the decisions and recording the recommended contacts (refused
+        for customers another worker contacted since the lookup at ``position``); the
+        caller may prepare its answer meanwhile, and must :meth:`settle` before it."""
+        decisions = self._journal_batch(part, result)
         # small writes commit inline when the writers are idle (no thread hand-off); under
         # load they queue and commit in groups on the writers' threads
         inline = len(part) <= INLINE_COMMIT_ROWS
-        decisions = self._journal_batch(part, result)  # before any write: it may fail
+        journalled = self.journal.submit(decisions, inline=inline)
         latest = self._schedule.latest_send_us(
             result.action, part.now, batch["local_hour"], batch["local_weekday"]
         )
@@ -734,8 +765,7 @@ class ScoringService:
         recorded = None
         if len(contacts):
             recorded = self.contacts.record_if_unchanged(contacts, position, inline=inline)
-        done = _journal_once_recorded(recorded, self.journal, decisions, inline)
-        return _Writes(part, result, done, inline)
+        return _Writes(part, result, _both_written(journalled, recorded))
 
     def _journal_batch(self, part: _Part, result: Decisions) -> DecisionBatch:
         """The decisions of ``part`` as journal rows."""
@@ -753,60 +783,66 @@ class ScoringService:
             feature_spec_version=result.feature_spec_version,
         )
 
-    async def settle(self, writes: _Writes, endpoint: str) -> Decisions:
-        """Wait for ``writes``; the decisions served, counted in the metrics.
+    async def settle(self, writes: _Writes, endpoint: str) -> tuple[Decisions, list[str]]:
+        """Wait for ``writes``; the decisions served and their ids, counted in the metrics.
 
         Customers whose contact the store refused (another worker contacted them after
-        this one's lookup) are decided again on the history that includes that contact,
-        up to :data:`MAX_DECISION_ROUNDS` times; the others are journalled meanwhile.
+        this one's lookup) have their decision withdrawn from the journal and are decided
+        again, under new ids, on the history that includes that contact, up to
+        :data:`MAX_DECISION_ROUNDS` times.
 
         Raises
         ------
-        HTTPException
-            503 if some customers are still refused after the last round (their decisions
-            are not served; the others of the part are journalled).
+        _StillContactedError
+            Some customers were refused in every round (their decisions are withdrawn; the
+            others' are served, and counted).
         """
         started = asyncio.get_running_loop().time()
-        result = await self._served(writes, 1)
+        try:
+            result, ids = await self._served(writes, 1)
+        except _StillContactedError as exc:
+            served = np.setdiff1d(np.arange(len(writes.part)), exc.rows)
+            self._count(endpoint, exc.result.take(served))
+            raise
         metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - started)
+        self._count(endpoint, result)
+        return result, ids
+
+    def _count(self, endpoint: str, result: Decisions) -> None:
+        """Count served decisions in the metrics (actions by channel, blocks by rule)."""
         codes = result.blocked_by
         # every code counted (ALLOWED is past the rules' codes): no compaction of the codes
         block_counts = np.bincount(codes.ravel(), minlength=int(ALLOWED) + 1)
         channel_index = self.catalog.channel_index[result.action].astype(np.int64)
         self._counters.observe(endpoint, channel_index, block_counts[: len(self.rules.rule_ids)])
-        return result
 
-    async def _served(self, writes: _Writes, round_: int) -> Decisions:
+    async def _served(self, writes: _Writes, round_: int) -> tuple[Decisions, list[str]]:
         """:meth:`settle` without the metrics; ``round_`` counts the times decided."""
         refused = await _committed(writes.done)
-        if not refused:
-            return writes.result
         part, result = writes.part, writes.result
+        if not refused:
+            return result, part.decision_ids
         metrics.DECIDED_AGAIN.inc(len(refused))
+        withdrawn = self.journal.withdraw(refused)
         refused_ids = set(refused)
-        again = np.array([i in refused_ids for i in part.decision_ids])
-        again_rows, kept_rows = np.flatnonzero(again), np.flatnonzero(~again)
-        kept = None
-        if len(kept_rows):  # their contacts are stored: journal them now
-            kept = self.journal.submit(
-                self._journal_batch(part.take(kept_rows), result.take(kept_rows)),
-                inline=writes.inline,
-            )
-        if round_ >= MAX_DECISION_ROUNDS:
-            if kept is not None:
-                await _committed(kept)
-            raise HTTPException(
-                503,
-                f"{len(again_rows)} customer(s) were contacted by other workers while being "
-                f"decided, {round_} times in a row; ask again",
-            )
-        sub = part.take(again_rows)
-        batch, position = self._merge_stored(sub.keys, sub.raw, sub.now)
-        redone = self._submit(sub, self._engine_decide(batch, sub), batch, position)
-        decided = await self._served(redone, round_ + 1)
-        if kept is not None:
-            await _committed(kept)
-        return result.with_rows(again_rows, decided)
+        again_rows = np.flatnonzero([i in refused_ids for i in part.decision_ids])
+        ids = list(part.decision_ids)
+        try:
+            if round_ >= MAX_DECISION_ROUNDS:
+                raise _StillContactedError(result, ids, again_rows, round_)
+            sub = replace(part.take(again_rows), decision_ids=new_decision_ids(len(again_rows)))
+            batch, position = self._merge_stored(sub.keys, sub.raw, sub.now)
+            redone = self._submit(sub, self._engine_decide(batch, sub), batch, position)
+            try:
+                decided, new_ids = await self._served(redone, round_ + 1)
+            except _StillContactedError as exc:  # in this part's rows
+                _replace_ids(ids, again_rows, exc.decision_ids)
+                merged = result.with_rows(again_rows, exc.result)
+                raise _StillContactedError(merged, ids, again_rows[exc.rows], exc.rounds) from None
+        finally:
+            await _committed(withdrawn)
+        _replace_ids(ids, again_rows, new_ids)
+        return result.with_rows(again_rows, decided), ids
 
     # ------------------------------------------------------------------ rewards, contacts
 

@@ -180,6 +180,44 @@ def test_journal_refuses_a_row_listing_an_action_twice(journal: JournalWriter) -
     assert read_journal(journal.path).column("decision_id").to_pylist() == ["c"]
 
 
+def test_withdrawn_decisions_stay_in_the_file_and_out_of_every_reader(
+    journal: JournalWriter,
+) -> None:
+    journal.submit(make_batch([f"w{i}" for i in range(5)], seed=3)).result()
+
+    assert journal.withdraw(["w1", "w3"]).result() == 2
+    assert journal.withdraw(["w3"]).result() == 0  # already withdrawn
+
+    assert read_journal(journal.path).column("decision_id").to_pylist() == ["w0", "w2", "w4"]
+    conn = sqlite3.connect(journal.path)
+    try:
+        (stored,) = conn.execute("SELECT count(*) FROM decisions").fetchone()
+        view = [r[0] for r in conn.execute("SELECT decision_id FROM decision_log ORDER BY seq")]
+    finally:
+        conn.close()
+    assert stored == 5  # the journal only grows
+    assert view == ["w0", "w2", "w4"]
+
+
+def test_a_journal_from_before_withdrawals_is_read_and_upgraded(tmp_path: Path) -> None:
+    with JournalWriter(tmp_path, RULE) as writer:
+        writer.submit(make_batch(["o0", "o1"], seed=4)).result()
+    conn = sqlite3.connect(tmp_path / JOURNAL_FILENAME)
+    conn.execute("DROP VIEW decision_log")
+    conn.execute("DROP TABLE withdrawn")
+    conn.execute("CREATE VIEW decision_log AS SELECT decision_id FROM decisions")
+    conn.commit()
+    conn.close()
+
+    assert read_journal(tmp_path).column("decision_id").to_pylist() == ["o0", "o1"]
+    with JournalWriter(tmp_path, RULE) as writer:  # the writer adds the table, mends the view
+        writer.withdraw(["o0"]).result()
+    assert read_journal(tmp_path).column("decision_id").to_pylist() == ["o1"]
+    conn = sqlite3.connect(tmp_path / JOURNAL_FILENAME)
+    assert [r[0] for r in conn.execute("SELECT decision_id FROM decision_log")] == ["o1"]
+    conn.close()
+
+
 def test_journal_of_another_layout_is_refused_by_name(tmp_path: Path) -> None:
     old = tmp_path / JOURNAL_FILENAME
     conn = sqlite3.connect(old)

@@ -24,6 +24,7 @@ from serving.contact_store import (
     ContactStore,
     SendSchedule,
     SqliteContactStore,
+    _RowRanges,
     merge_contact_counts,
     merge_contact_history,
     merge_into_batch,
@@ -161,9 +162,12 @@ def test_second_worker_to_commit_for_one_customer_is_refused(
     assert len(again.row) == 1  # only w1: worker 2 decides again on it
 
 
-def test_a_refused_batch_stores_the_other_customers(store: SqliteContactStore) -> None:
+def test_a_refused_batch_stores_the_other_customers(
+    store: SqliteContactStore, tmp_path: Path, catalog: ActionCatalog
+) -> None:
     seen = store.history(["cust_a", "cust_b"], NOW).position
-    store.record(contacts(["elsewhere"], "sms", ago(), key="cust_b")).result()
+    with SqliteContactStore(tmp_path, catalog.channel_names) as other_worker:
+        other_worker.record(contacts(["elsewhere"], "sms", ago(), key="cust_b")).result()
     batch = ContactBatch(
         ["d_a", "d_b"],
         ["cust_a", "cust_b"],
@@ -178,6 +182,37 @@ def test_a_refused_batch_stores_the_other_customers(store: SqliteContactStore) -
     assert sorted(events.row.tolist()) == [0, 1]  # d_a, and cust_b's "elsewhere" only
 
 
+def test_rows_the_store_itself_stored_since_the_lookup_are_not_checked(
+    store: SqliteContactStore, tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """A process's own later rows were counted by its lookup (pending then) or were
+    submitted after the contact being stored: only other processes' rows refuse."""
+    seen = store.history(["cust_a"], NOW).position
+    store.record(contacts(["mine"], "sms", ago())).result()
+    assert store.record_if_unchanged(contacts(["d1"], "sms", ago()), seen).result() == []
+
+    seen = store.history(["cust_a"], NOW).position
+    with SqliteContactStore(tmp_path, catalog.channel_names) as other_worker:
+        other_worker.record(contacts(["theirs"], "sms", ago(), key="cust_z")).result()
+    store.record(contacts(["mine2"], "sms", ago())).result()
+    # another process wrote since (for another customer): the check runs, and finds mine2
+    assert store.record_if_unchanged(contacts(["d2"], "sms", ago()), seen).result() == ["d2"]
+
+
+def test_row_ranges_merge_and_cover() -> None:
+    ranges = _RowRanges()
+    ranges.add(10, 20)
+    ranges.add(20, 25)  # adjacent: one range (10, 25]
+    ranges.add(30, 30)  # nothing inserted
+    ranges.add(40, 41)
+    assert ranges.cover(12, 25) and ranges.cover(40, 41) and ranges.cover(50, 50)
+    assert not ranges.cover(9, 20)  # row 10 is not this store's
+    assert not ranges.cover(20, 41)  # rows 26..40 are not
+    for lo in range(100, 100 + 2 * _RowRanges.KEPT, 2):
+        ranges.add(lo, lo + 1)
+    assert not ranges.cover(12, 25)  # forgotten: checked again, never skipped wrongly
+
+
 def test_record_if_unchanged_without_position_stores_everything(
     store: SqliteContactStore,
 ) -> None:
@@ -188,13 +223,16 @@ def test_record_if_unchanged_without_position_stores_everything(
         store.record_if_unchanged(contacts(["d3"], "sms", ago(), kind="delivered"), 0)
 
 
-def test_prune_keeps_the_last_row_so_row_ids_only_grow(store: SqliteContactStore) -> None:
+def test_prune_keeps_the_last_row_so_row_ids_only_grow(
+    store: SqliteContactStore, tmp_path: Path, catalog: ActionCatalog
+) -> None:
     store.record(contacts(["d1", "d2"], "sms", ago(days=40))).result()
     seen = store.history(["cust_a"], NOW).position
 
     assert store.prune(epoch_us(ago(days=30))).result() == 1  # d1; d2 is the last row
     # had d2 gone, the next row would take its row id and pass for seen at ``seen``
-    store.record(contacts(["d3"], "sms", ago())).result()
+    with SqliteContactStore(tmp_path, catalog.channel_names) as other_worker:
+        other_worker.record(contacts(["d3"], "sms", ago())).result()
     assert store.record_if_unchanged(contacts(["d4"], "sms", ago()), seen).result() == ["d4"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 from collections import Counter
 from concurrent.futures import Future
@@ -230,6 +231,13 @@ def test_two_workers_deciding_one_customer_at_once_contact_once(
     key = pseudonymise("raced-1", greedy_settings.pseudonym_key)
     with SqliteContactStore(greedy_settings.state_dir, first.catalog.channel_names) as store:
         assert len(store.contacts([key], 0).row) == 1
+    conn = sqlite3.connect(first.journal.path)
+    try:  # the refused first decision was journalled, then withdrawn
+        (withdrawn,) = conn.execute("SELECT decision_id FROM withdrawn").fetchone()
+        (stored,) = conn.execute("SELECT count(*) FROM decisions").fetchone()
+    finally:
+        conn.close()
+    assert stored == 3 and withdrawn not in served
 
 
 def test_a_batch_decides_again_only_the_customers_another_worker_contacted(
@@ -285,3 +293,33 @@ def test_customers_refused_every_round_fail_and_the_others_are_journalled(
     mine = pseudonymise(ids[0], greedy_settings.pseudonym_key)
     assert sorted(keys) == sorted([mine, pseudonymise(ids[1], greedy_settings.pseudonym_key)])
     assert len(theirs) == 1
+
+
+def test_a_request_refused_every_round_fails_alone(
+    greedy_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests decided in one group; another worker contacts the first one's customer
+    meanwhile, and one round is all there is: the first gets 503, the second its answer."""
+    monkeypatch.setattr("serving.service.MAX_DECISION_ROUNDS", 1)
+    bodies = [
+        {"customer": customer(customer_id=f"group-{i}"), "candidates": [SMS]} for i in range(2)
+    ]
+    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+
+    async def both() -> list[DecisionResponse | BaseException]:
+        requests = [DecisionRequest.model_validate(b) for b in bodies]
+        return await asyncio.gather(*(first.decide(r) for r in requests), return_exceptions=True)
+
+    try:
+        theirs = _other_worker_decides_during_lookup(first, second, bodies[0])
+        refused, served = asyncio.run(both())
+    finally:
+        first.close()
+        second.close()
+
+    assert isinstance(refused, HTTPException) and refused.status_code == 503
+    assert isinstance(served, DecisionResponse) and served.chosen.action == SMS
+    journal = read_journal(greedy_settings.state_dir)
+    assert sorted(journal["decision_id"].to_pylist()) == sorted(
+        [theirs[0].decision_id, served.decision_id]
+    )
