@@ -8,12 +8,14 @@ every new model, ``champion`` for the one the service loads (moved by :func:`pro
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import onnx
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
 from nextbest.decision_journal import journal_file, read_journal
 
@@ -21,7 +23,13 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 PROMOTION_METRIC = "ope/model/dr/lower"
 """The challenger's DR lower bound must beat the champion's DR value to be promoted."""
-CHAMPION_METRIC = "ope/model/dr/value"
+CHAMPION_METRIC = "ope/champion/dr/value"
+"""The champion's DR value on the challenger's own held-out decisions, in the challenger's
+run (:func:`champion_on_holdout`): both values rest on the same decisions."""
+CHAMPION_TAG = "champion.version"
+"""The registered version the run evaluated as the champion (absent: there was none)."""
+CHAMPION_UNEVALUATED_TAG = "champion.unevaluated"
+"""Why the run could not evaluate the champion on its held-out decisions."""
 COMPLIANCE_METRIC = "compliance/blocked_actions_chosen"
 """Chosen actions the rules block, on the run's held-out decisions (must be 0)."""
 LOGGING_METRIC = "ope/logging/dr/value"
@@ -112,13 +120,16 @@ def register_onnx(onnx_path: Path, registered_model: str, spec_path: Path) -> tu
 
 
 def promote(registered_model: str) -> tuple[bool, str]:
-    """Move ``champion`` to the challenger if its OPE lower bound beats the champion's value.
+    """Move ``champion`` to the challenger if its OPE lower bound beats the champion's value,
+    both estimated on the challenger's held-out decisions (the training run evaluates the
+    champion registered at the time, :data:`CHAMPION_METRIC`).
 
     Fails closed: the challenger must have chosen no blocked action on its held-out data,
     its bound must be the 95% one (``evaluation.alpha`` 0.05), and with no champion yet it
     must beat what runs today (the logging policy's DR value in the same run, else the
-    logged mean reward of its held-out decisions, else doing nothing: 0). A champion whose
-    run has no DR value is not replaced automatically.
+    logged mean reward of its held-out decisions, else doing nothing: 0). A champion the
+    challenger's run did not evaluate (it became champion later, or its features or acting
+    policy could not be read) is not replaced automatically.
 
     Returns
     -------
@@ -129,7 +140,7 @@ def promote(registered_model: str) -> tuple[bool, str]:
         challenger = client.get_model_version_by_alias(registered_model, CHALLENGER)
     except mlflow.exceptions.MlflowException:
         return False, f"model {registered_model!r} has no {CHALLENGER!r} version"
-    metrics, params = _run_data(client, challenger.run_id)  # one fetch of the challenger's run
+    metrics, params, tags = _run_data(client, challenger.run_id)  # one fetch of its run
     lower = metrics.get(PROMOTION_METRIC)
     if lower is None:
         return False, f"the challenger's run has no {PROMOTION_METRIC!r} metric"
@@ -145,10 +156,7 @@ def promote(registered_model: str) -> tuple[bool, str]:
             f"promotion compares the {1 - PROMOTION_ALPHA:.0%} lower bound "
             f"({ALPHA_PARAM}={PROMOTION_ALPHA})"
         )
-    try:
-        champion = client.get_model_version_by_alias(registered_model, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        champion = None
+    champion = registered_champion(registered_model)
     if champion is None:
         logged = metrics.get(LOGGING_METRIC)
         observed = metrics.get(LOGGED_REWARD_METRIC)
@@ -166,19 +174,33 @@ def promote(registered_model: str) -> tuple[bool, str]:
     else:
         if champion.version == challenger.version:
             return False, f"version {challenger.version} is already the champion"
-        value = _run_data(client, champion.run_id)[0].get(CHAMPION_METRIC)
-        if value is None:
+        evaluated = tags.get(CHAMPION_TAG)
+        if evaluated != str(champion.version):
+            against = f"v{evaluated}" if evaluated else "no champion"
             return False, (
-                f"champion v{champion.version}'s run has no {CHAMPION_METRIC!r} metric: the "
-                "two cannot be compared (move the alias by hand if that is intended)"
+                f"challenger v{challenger.version}'s run evaluated {against}, the champion is "
+                f"v{champion.version}: train it again, so that both are valued on the same "
+                "held-out decisions"
+            )
+        value = metrics.get(CHAMPION_METRIC)
+        if value is None:
+            why = tags.get(CHAMPION_UNEVALUATED_TAG, f"no {CHAMPION_METRIC!r} metric")
+            return False, (
+                f"champion v{champion.version} could not be evaluated on the challenger's "
+                f"held-out decisions ({why}): the two cannot be compared (move the alias by "
+                "hand if that is intended)"
             )
         if not lower > value:
             return False, (
                 f"challenger v{challenger.version} DR lower bound {lower:.4f} does not beat "
-                f"champion v{champion.version} DR value {value:.4f}"
+                f"champion v{champion.version} DR value {value:.4f} (same held-out decisions)"
             )
     client.set_registered_model_alias(registered_model, CHAMPION, challenger.version)
-    before = "no champion" if champion is None else f"champion v{champion.version}"
+    before = (
+        f"no champion, {what} {bar:.4f}"
+        if champion is None
+        else f"champion v{champion.version}, DR value {value:.4f} on the same decisions"
+    )
     return True, f"promoted v{challenger.version} (DR lower bound {lower:.4f}) over {before}"
 
 
@@ -189,9 +211,25 @@ def _as_float(text: str | None) -> float | None:
         return None
 
 
-def _run_data(client: MlflowClient, run_id: str | None) -> tuple[dict[str, float], dict[str, str]]:
-    """The metrics and params of run ``run_id`` (empty without a run)."""
+def _run_data(
+    client: MlflowClient, run_id: str | None
+) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
+    """The metrics, params and tags of run ``run_id`` (empty without a run)."""
     if run_id is None:
-        return {}, {}
+        return {}, {}, {}
     data = client.get_run(run_id).data
-    return data.metrics, data.params
+    return data.metrics, data.params, data.tags
+
+
+def registered_champion(registered_model: str) -> ModelVersion | None:
+    """The version the ``champion`` alias points at, None if none (or no such model)."""
+    try:
+        return MlflowClient().get_model_version_by_alias(registered_model, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def run_config(run_id: str, directory: Path) -> dict[str, Any]:
+    """The ``config.json`` a training run logged, as a dict (downloaded into ``directory``)."""
+    path = MlflowClient().download_artifacts(run_id, "config.json", str(directory))
+    return dict(json.loads(Path(path).read_text()))

@@ -4,12 +4,14 @@ decisions, export it to ONNX and track everything in MLflow."""
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+from pydantic import ValidationError
 
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
@@ -19,8 +21,10 @@ from nextbest.features import (
     action_features,
     aligned_context_columns,
 )
+from nextbest.model_source import ModelSourceError, resolve_model
+from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
-from training.config import TrainingConfig
+from training.config import PolicySpec, TrainingConfig
 from training.evaluation import baseline_action_dist, ess_text, ope_table
 from training.evidence import (
     NOTABLE_SHARE,
@@ -40,11 +44,15 @@ from training.neural_bandit import (
 )
 from training.onnx_export import export_reward_model, spec_path
 from training.tracking import (
+    CHAMPION_TAG,
+    CHAMPION_UNEVALUATED_TAG,
     COMPLIANCE_METRIC,
     LOGGED_REWARD_METRIC,
     data_fingerprint,
     flatten,
     register_onnx,
+    registered_champion,
+    run_config,
     use_experiment,
 )
 from training.vw_bandit import MODEL_KIND as VW_MODEL_KIND
@@ -79,13 +87,50 @@ class TrainResult:
     decisions and conversions behind it (:func:`training.evidence.choice_evidence`)."""
 
 
-def target_distribution(
-    config: TrainingConfig, scores: np.ndarray, allowed: np.ndarray
-) -> np.ndarray:
+def target_distribution(policy: PolicySpec, scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """The acting policy's distribution over actions, float64 ``(n, A)`` (0 where blocked)."""
-    if config.policy.kind == "greedy":
+    if policy.kind == "greedy":
         return greedy_policy(scores, allowed)
-    return softmax_policy(scores, allowed, config.policy.temperature)
+    return softmax_policy(scores, allowed, policy.temperature)
+
+
+def champion_on_holdout(
+    config: TrainingConfig, holdout: LoggedBandit, work_dir: Path
+) -> tuple[str, np.ndarray | str] | None:
+    """The registered champion's acting policy on the held-out decisions, so that the run
+    values it on the same decisions as the new model (``nextbest promote`` compares them).
+
+    Returns
+    -------
+    None if there is no champion; else its version and its distribution over actions,
+    float64 ``(n, A)``, or why it could not be evaluated (features of another spec, another
+    catalogue, an unreadable model or run).
+    """
+    champion = registered_champion(config.tracking.registered_model)
+    if champion is None:
+        return None
+    version = str(champion.version)
+    uri = f"models:/{config.tracking.registered_model}/{version}"
+    try:
+        scorer = OnnxScorer(resolve_model(uri, config.tracking.uri, work_dir).path)
+        if scorer.spec_version != holdout.feature_spec_version:
+            return version, (
+                f"it reads features {scorer.spec_version}, the log has "
+                f"{holdout.feature_spec_version}"
+            )
+        scores = scorer.scores(holdout.context)
+        if scores.shape[1] != holdout.candidates.shape[1]:
+            return (
+                version,
+                f"it scores {scores.shape[1]} actions, the log's catalogue has "
+                f"{holdout.candidates.shape[1]}",
+            )
+        acting = PolicySpec.model_validate(run_config(champion.run_id, work_dir).get("policy", {}))
+        return version, target_distribution(acting, scores, holdout.candidates)
+    except (ModelSourceError, ModelSpecError, ValidationError, OSError) as exc:
+        return version, str(exc).splitlines()[0]
+    except mlflow.exceptions.MlflowException as exc:
+        return version, exc.message
 
 
 def fit_model(
@@ -242,7 +287,7 @@ def run_training(
         fitted = fit_model(config, train, catalog, on_epoch)
 
         scores = fitted.scores(holdout.context)
-        target = target_distribution(config, scores, holdout.candidates)
+        target = target_distribution(config.policy, scores, holdout.candidates)
         chosen = target.argmax(axis=1)
         violations = int((~holdout.candidates[np.arange(holdout.n_rounds), chosen]).sum())
         violations += int((target * ~holdout.candidates).sum() > 1e-9)
@@ -257,6 +302,15 @@ def run_training(
             policies["logging"] = baseline_action_dist("logging", holdout)
         policies["uniform"] = baseline_action_dist("uniform", holdout)
         policies["no_contact"] = baseline_action_dist("no_contact", holdout)
+        with tempfile.TemporaryDirectory(prefix="nextbest-champion-") as work_dir:
+            champion = champion_on_holdout(config, holdout, Path(work_dir))
+        if champion is not None:
+            version, evaluated = champion
+            mlflow.set_tag(CHAMPION_TAG, version)
+            if isinstance(evaluated, str):
+                mlflow.set_tag(CHAMPION_UNEVALUATED_TAG, evaluated)
+            else:
+                policies["champion"] = evaluated
         rows = ope_table(
             holdout,
             policies,
@@ -345,7 +399,7 @@ def _ground_truth(
     logging_dist = log.logging_dist
 
     def model(rows: np.ndarray, context: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        return target_distribution(config, fitted.scores(context), allowed)
+        return target_distribution(config.policy, fitted.scores(context), allowed)
 
     def uniform(rows: np.ndarray, context: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         return allowed / allowed.sum(axis=1, keepdims=True)

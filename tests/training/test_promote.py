@@ -9,9 +9,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from training.tracking import CHALLENGER, CHAMPION, promote
+from training.tracking import CHALLENGER, CHAMPION, CHAMPION_TAG, promote
 
 NAME = "promote-test"
+TAG = CHAMPION_TAG
 
 
 @pytest.fixture
@@ -35,12 +36,14 @@ def version(
     alias: str,
     metrics: dict[str, float],
     alpha: str | None = "0.05",
+    tags: dict[str, str] | None = None,
 ) -> str:
-    """A registered version whose run logged ``metrics`` (and ``evaluation.alpha``)."""
+    """A registered version whose run logged ``metrics``, ``tags`` (and ``evaluation.alpha``)."""
     found = client.get_experiment_by_name(EXPERIMENT)
     experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment) as run:  # no active experiment set
         mlflow.log_metrics(metrics)
+        mlflow.set_tags(tags or {})
         if alpha is not None:
             mlflow.log_param("evaluation.alpha", alpha)
     made = client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id)
@@ -103,21 +106,43 @@ def test_first_challenger_without_evidence_is_not_promoted(
     assert champion_version(client) is None
 
 
-def test_challenger_must_beat_the_champion(client: MlflowClient) -> None:
+def test_challenger_must_beat_the_champion_on_its_own_held_out_decisions(
+    client: MlflowClient,
+) -> None:
     old = version(client, CHAMPION, GOOD)
-    version(client, CHALLENGER, {**GOOD, "ope/model/dr/lower": 2.9})
+    # the champion's own run valued it at 3.0; on the challenger's decisions it is worth 2.0
+    same_data = {**GOOD, "ope/champion/dr/value": 2.0}
+    version(client, CHALLENGER, {**same_data, "ope/model/dr/lower": 1.9}, tags={TAG: old})
     promoted, why = promote(NAME)
-    assert not promoted and "does not beat champion" in why
+    assert not promoted and "does not beat champion" in why and "2.0000" in why
     assert champion_version(client) == old
-    better = version(client, CHALLENGER, {**GOOD, "ope/model/dr/lower": 3.5})
+    better = version(client, CHALLENGER, {**same_data, "ope/model/dr/lower": 2.5}, tags={TAG: old})
     promoted, why = promote(NAME)
-    assert promoted, why
+    assert promoted, why  # 2.5 beats 2.0 on the same decisions (not the 3.0 of another log)
     assert champion_version(client) == better
 
 
-def test_champion_without_a_value_is_not_replaced_automatically(client: MlflowClient) -> None:
-    old = version(client, CHAMPION, {"compliance/blocked_actions_chosen": 0})
-    version(client, CHALLENGER, {**GOOD, "ope/model/dr/lower": 1000.0})
+@pytest.mark.parametrize(
+    ("tags", "reason"),
+    [
+        ({}, "evaluated no champion"),  # trained before there was a champion
+        ({TAG: "previous"}, "evaluated vprevious"),  # trained before the champion moved
+        (
+            {TAG: "current", "champion.unevaluated": "it reads features f1, the log has f2"},
+            "could not be evaluated on the challenger's held-out decisions (it reads features",
+        ),
+        ({TAG: "current"}, "could not be evaluated"),  # tagged, but no value logged
+    ],
+)
+def test_champion_the_challenger_was_not_compared_with_is_kept(
+    client: MlflowClient, tags: dict[str, str], reason: str
+) -> None:
+    old = version(client, CHAMPION, GOOD)
+    tags = {k: old if v == "current" else v for k, v in tags.items()}
+    metrics = {**GOOD, "ope/model/dr/lower": 1000.0}
+    if "champion.unevaluated" not in tags and tags.get(TAG) != old:
+        metrics["ope/champion/dr/value"] = 0.0
+    version(client, CHALLENGER, metrics, tags=tags)
     promoted, why = promote(NAME)
-    assert not promoted and "cannot be compared" in why
+    assert not promoted and reason in why, why
     assert champion_version(client) == old

@@ -337,3 +337,34 @@ def test_export_model_of_another_feature_spec_refused(tmp_path: Path, catalog) -
     assert out.exit_code == 2
     assert "reads features" in out.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_second_model_is_valued_against_the_champion_on_its_own_held_out_decisions(
+    sim_log, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, sim_log))])
+    assert first.exit_code == 0, first.output
+    promoted = runner.invoke(app, ["promote", "--tracking-uri", uri])
+    assert "promoted" in promoted.output, promoted.output
+
+    other_split = {"holdout_share: 0.3}": "holdout_share: 0.3, split_seed: 11}"}
+    second = runner.invoke(
+        app, ["train", "--config", str(write_config(tmp_path, sim_log, **other_split))]
+    )
+    assert second.exit_code == 0, second.output
+    assert "champion" in second.output  # rows of the printed OPE table
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("nextbest", "champion")
+    challenger = client.get_model_version_by_alias("nextbest", "challenger")
+    own = client.get_run(champion.run_id).data.metrics
+    run = client.get_run(challenger.run_id)
+    assert str(challenger.version) == "2" and run.data.tags["champion.version"] == "1"
+    # valued on the second run's held-out customers, not on those of its own run
+    on_new_data = run.data.metrics["ope/champion/dr/value"]
+    assert np.isfinite(on_new_data) and on_new_data != own["ope/model/dr/value"]
+    again = runner.invoke(app, ["promote", "--tracking-uri", uri])
+    lower = run.data.metrics["ope/model/dr/lower"]
+    assert ("promoted" in again.output) == (lower > on_new_data), again.output
+    assert f"{on_new_data:.4f}" in again.output
