@@ -240,31 +240,46 @@ def test_two_workers_deciding_one_customer_at_once_contact_once(
     assert stored == 3 and withdrawn not in served
 
 
-def test_a_batch_decides_again_only_the_customers_another_worker_contacted(
-    greedy_settings: Settings,
-) -> None:
-    ids = [f"batch-raced-{i}" for i in range(4)]
+def _batch_racing_another_worker(
+    settings: Settings, ids: list[str], raced: str
+) -> tuple[DecisionResponse, bytes | HTTPException]:
+    """A batch of ``ids`` decided by one service while another decides ``raced`` alone on
+    the same history (SMS only); the other's answer, and the batch's body or its error."""
     batch = BatchDecisionRequest.model_validate(
         {"customers": [customer(customer_id=i) for i in ids], "candidates": [SMS]}
     )
-    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+    first, second = ScoringService.start(settings), ScoringService.start(settings)
     try:
         theirs = _other_worker_decides_during_lookup(
-            first, second, {"customer": customer(customer_id=ids[2]), "candidates": [SMS]}
+            first, second, {"customer": customer(customer_id=raced), "candidates": [SMS]}
         )
-        mine = json.loads(asyncio.run(first.decide_batch(batch)))["decisions"]
+        try:
+            mine: bytes | HTTPException = asyncio.run(first.decide_batch(batch))
+        except HTTPException as exc:
+            mine = exc
     finally:
         first.close()
         second.close()
+    (their_answer,) = theirs
+    return their_answer, mine
 
-    assert theirs[0].chosen.action == SMS
+
+def test_a_batch_decides_again_only_the_customers_another_worker_contacted(
+    greedy_settings: Settings, catalog: ActionCatalog
+) -> None:
+    ids = [f"batch-raced-{i}" for i in range(4)]
+    theirs, body = _batch_racing_another_worker(greedy_settings, ids, ids[2])
+    assert isinstance(body, bytes)
+    mine = json.loads(body)["decisions"]
+
+    assert theirs.chosen.action == SMS
     assert [d["action"] for d in mine] == [SMS, SMS, "no_contact", SMS]
     journal = read_journal(greedy_settings.state_dir)
     assert sorted(journal["decision_id"].to_pylist()) == sorted(
-        [theirs[0].decision_id, *(d["decision_id"] for d in mine)]
+        [theirs.decision_id, *(d["decision_id"] for d in mine)]
     )
     keys = [pseudonymise(i, greedy_settings.pseudonym_key) for i in ids]
-    with SqliteContactStore(greedy_settings.state_dir, first.catalog.channel_names) as store:
+    with SqliteContactStore(greedy_settings.state_dir, catalog.channel_names) as store:
         assert np.bincount(store.contacts(keys, 0).row, minlength=4).tolist() == [1, 1, 1, 1]
 
 
@@ -273,26 +288,14 @@ def test_customers_refused_every_round_fail_and_the_others_are_journalled(
 ) -> None:
     monkeypatch.setattr("serving.service.MAX_DECISION_ROUNDS", 1)
     ids = ["rounds-0", "rounds-1"]
-    batch = BatchDecisionRequest.model_validate(
-        {"customers": [customer(customer_id=i) for i in ids], "candidates": [SMS]}
-    )
-    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
-    try:
-        theirs = _other_worker_decides_during_lookup(
-            first, second, {"customer": customer(customer_id=ids[1]), "candidates": [SMS]}
-        )
-        with pytest.raises(HTTPException) as refused:
-            asyncio.run(first.decide_batch(batch))
-    finally:
-        first.close()
-        second.close()
+    theirs, refused = _batch_racing_another_worker(greedy_settings, ids, ids[1])
 
-    assert refused.value.status_code == 503
+    assert isinstance(refused, HTTPException) and refused.status_code == 503
+    assert theirs.chosen.action == SMS
     journal = read_journal(greedy_settings.state_dir)
     keys = journal["customer_key"].to_pylist()
-    mine = pseudonymise(ids[0], greedy_settings.pseudonym_key)
-    assert sorted(keys) == sorted([mine, pseudonymise(ids[1], greedy_settings.pseudonym_key)])
-    assert len(theirs) == 1
+    # rounds-0's decision (served, then the batch failed) and the other worker's rounds-1
+    assert sorted(keys) == sorted(pseudonymise(i, greedy_settings.pseudonym_key) for i in ids)
 
 
 def test_a_request_refused_every_round_fails_alone(
