@@ -518,11 +518,16 @@ _LATER_KIND_REPLACES = (
     "ON CONFLICT (contact_id) DO UPDATE SET "
     "customer = excluded.customer, channel = excluded.channel, "
     "offer = excluded.offer, at_us = max(excluded.at_us, contact_events.at_us), "
-    "kind = excluded.kind, latest_us = excluded.latest_us "
+    "kind = excluded.kind, latest_us = excluded.latest_us, "
+    # correlated, so evaluated per row: each replaced row moves past every other
+    "rowid = (SELECT max(m.rowid) FROM contact_events AS m "
+    "WHERE m.rowid >= contact_events.rowid) + 1 "
     "WHERE excluded.kind > contact_events.kind"
 )
 """The upsert clause of every insert: a delivery replaces the recommendation of its contact
-id, never the reverse, and never moves the contact earlier (out of a window it counts in)."""
+id, never the reverse, and never moves the contact earlier (out of a window it counts in).
+The replaced row takes a new last row id, as a new row would: it may have changed channel
+or time, and :meth:`SqliteContactStore.record_if_unchanged` finds changes by row id."""
 _OTHER_CUSTOMER = (
     "SELECT n.value ->> 0 FROM json_each(?1) AS n "
     "JOIN contact_events AS e ON e.contact_id = n.value ->> 0 "
@@ -602,29 +607,35 @@ def _last_row_id(conn: sqlite3.Connection) -> int:
 
 
 class _RowRanges:
-    """The row ids a store inserted, as the last :data:`KEPT` ranges ``(lo, hi]`` (adjacent
-    ones merged). Lets :meth:`SqliteContactStore.record_if_unchanged` skip its check when no
-    other process stored a row since the lookup (one worker, or a batch whose earlier parts
-    are the only rows since): an old range forgotten only means checking once more."""
+    """The row ids a store's committed writes took, as the last :data:`KEPT` ranges
+    ``(lo, hi]`` (adjacent ones merged). Lets :meth:`SqliteContactStore.record_if_unchanged`
+    skip its check when no other process stored a row since the lookup (one worker, or a
+    batch whose earlier parts are the only rows since): an old range forgotten, or one not
+    yet published, only means checking once more. Thread-safe."""
 
     KEPT = 64
 
     def __init__(self) -> None:
         self._ranges: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
 
     def add(self, lo: int, hi: int) -> None:
         """Row ids ``lo + 1 .. hi`` are this store's (nothing when ``hi <= lo``)."""
         if hi <= lo:
             return
-        if self._ranges and self._ranges[-1][1] == lo:
-            self._ranges[-1] = (self._ranges[-1][0], hi)
-        else:
-            self._ranges.append((lo, hi))
-            del self._ranges[: -self.KEPT]
+        with self._lock:
+            if self._ranges and self._ranges[-1][1] == lo:
+                self._ranges[-1] = (self._ranges[-1][0], hi)
+            else:
+                self._ranges.append((lo, hi))
+                del self._ranges[: -self.KEPT]
 
     def cover(self, lo: int, hi: int) -> bool:
         """Whether every row id ``lo + 1 .. hi`` is this store's (True when ``hi <= lo``)."""
-        return hi <= lo or any(a <= lo and hi <= b for a, b in reversed(self._ranges))
+        if hi <= lo:
+            return True
+        with self._lock:
+            return any(a <= lo and hi <= b for a, b in self._ranges)
 
 
 def _log_prune_failure(future: Future[int]) -> None:
@@ -689,8 +700,7 @@ class SqliteContactStore:
         self._pending_lock = threading.Lock()
         self._writes = itertools.count()
         self._own_rows = _RowRanges()
-        """Row ids this store's writes took (changed by write transactions only, which its
-        writer runs one at a time)."""
+        """Row ids this store's committed writes took."""
         try:
             codes = self._writer.submit(self._prepare).result()
         except BaseException:
@@ -768,16 +778,19 @@ class SqliteContactStore:
         rows = self._rows(contacts)
         text = to_json(rows).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
 
+        taken: list[tuple[int, int]] = []
+
         def upsert(conn: sqlite3.Connection) -> int:
+            taken.clear()  # a retried transaction starts again
             if kind > 0:  # a recommendation's contact id is its new decision's
                 other = conn.execute(_OTHER_CUSTOMER, (text,)).fetchone()
                 if other is not None:
                     raise ContactConflictError(other[0])
             before = conn.total_changes
-            self._insert(conn, text, kind, _last_row_id(conn))
+            self._insert(conn, text, kind, _last_row_id(conn), taken)
             return conn.total_changes - before
 
-        return self._submit_write(rows, kind == 1, upsert, inline)
+        return self._submit_write(rows, kind == 1, upsert, inline, taken)
 
     def record_if_unchanged(
         self, contacts: ContactBatch, position: int | None, inline: bool = False
@@ -800,7 +813,10 @@ class SqliteContactStore:
         rows = self._rows(contacts)
         text = to_json(rows).decode()
 
+        taken: list[tuple[int, int]] = []
+
         def upsert(conn: sqlite3.Connection) -> list[str]:
+            taken.clear()  # a retried transaction starts again
             accepted, refused = text, []
             last = _last_row_id(conn)
             # every row since the lookup inserted by this store: nothing to check
@@ -809,16 +825,20 @@ class SqliteContactStore:
             if refused:
                 ids = set(refused)
                 accepted = to_json([r for r in rows if r[0] not in ids]).decode()
-            self._insert(conn, accepted, 0, last)
+            self._insert(conn, accepted, 0, last, taken)
             return refused
 
-        return self._submit_write(rows, False, upsert, inline)
+        return self._submit_write(rows, False, upsert, inline, taken)
 
-    def _insert(self, conn: sqlite3.Connection, text: str, kind: int, last: int) -> None:
+    @staticmethod
+    def _insert(
+        conn: sqlite3.Connection, text: str, kind: int, last: int, taken: list[tuple[int, int]]
+    ) -> None:
         """Upsert the JSON rows ``text`` (in the write transaction, whose last row id was
-        ``last``), noting the row ids they took as this store's."""
+        ``last``) and append the row ids they took to ``taken``, as ``(last, new last)``:
+        :meth:`_submit_write` counts them as this store's once the transaction commits."""
         conn.execute(_UPSERT, (text, kind))
-        self._own_rows.add(last, _last_row_id(conn))
+        taken.append((last, _last_row_id(conn)))
 
     def _rows(self, contacts: ContactBatch) -> list[_Row]:
         """The contacts as the rows of :data:`_UPSERT` (channel codes, store keys)."""
@@ -851,9 +871,12 @@ class SqliteContactStore:
         delivered: bool,
         apply: Callable[[sqlite3.Connection], T],
         inline: bool,
+        taken: list[tuple[int, int]],
     ) -> Future[T]:
         """Queue (or commit inline) ``apply`` writing ``rows``, counted by lookups until it
-        is committed; prune first when the last prune is older than ``prune_every``."""
+        is committed; prune first when the last prune is older than ``prune_every``. The
+        row ids ``apply`` appends to ``taken`` become this store's once committed (a
+        transaction rolled back leaves them to other writers)."""
         now = time.time()
         if now - self._last_prune > self.prune_every.total_seconds():
             self._last_prune = now
@@ -865,7 +888,14 @@ class SqliteContactStore:
         except BaseException:
             self._forget_pending(write, rows)
             raise
-        future.add_done_callback(lambda _: self._forget_pending(write, rows))
+
+        def committed(future: Future[T]) -> None:
+            self._forget_pending(write, rows)
+            if not future.cancelled() and future.exception() is None:
+                for lo, hi in taken:
+                    self._own_rows.add(lo, hi)
+
+        future.add_done_callback(committed)
         return future
 
     def _remember_pending(self, rows: list[_Row], delivered: bool) -> int:

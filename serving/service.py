@@ -340,7 +340,7 @@ class _Coalescer:
         service = self._service
         pending = [p for p, _ in group]
         try:
-            writes = service.decide_group(pending)
+            decided = service.decide_group(pending)
         except HTTPException as exc:  # the service's state (no model), not a request's input
             _fail(group, exc)
             return
@@ -356,6 +356,7 @@ class _Coalescer:
             raise
         unserved: set[int] = set()
         try:
+            writes = service.submit(*decided)
             result, ids = await service.settle(writes, "single")
         except _StillContactedError as exc:
             result, ids, unserved = exc.result, exc.decision_ids, set(exc.rows.tolist())
@@ -638,9 +639,11 @@ class ScoringService:
             blocked=blocked,
         )
 
-    def decide_group(self, pending: list[_Pending]) -> _Writes:
+    def decide_group(
+        self, pending: list[_Pending]
+    ) -> tuple[_Part, Decisions, ContextBatch, int | None]:
         """Decide for the customers of several requests at once (stored contacts merged, one
-        engine call) and start their writes (:meth:`settle` them). Each customer at most
+        engine call), writing nothing: what :meth:`submit` takes. Each customer at most
         once (:class:`_Coalescer` sees to it)."""
         model = self._require_model()
         now = datetime.now(UTC)
@@ -663,7 +666,7 @@ class ScoringService:
             now=now,
         )
         batch, position = self._merge_stored(part.keys, part.raw, now)
-        return self._submit(part, self._engine_decide(batch, part), batch, position)
+        return part, self._engine_decide(batch, part), batch, position
 
     async def decide_batch(self, request: BatchDecisionRequest) -> bytes:
         """Decide for every customer of a batch; the JSON body of a
@@ -701,13 +704,16 @@ class ScoringService:
                 rows = slice(start, start + PIPELINE_ROWS)
                 part = whole if n <= PIPELINE_ROWS else whole.take(rows)
                 one = batch if n <= PIPELINE_ROWS else batch.take(rows)
-                writes.append(self._submit(part, self._engine_decide(one, part), one, position))
+                writes.append(self.submit(part, self._engine_decide(one, part), one, position))
                 answer.add(writes[-1].result, part.decision_ids)
         except Exception:
             # parts already handed to the writers are committed before the error is
             # answered: a failed batch may be partly journalled (with those parts' contacts
-            # recorded), never half-written
-            await asyncio.gather(*(self.settle(w, "batch") for w in writes), return_exceptions=True)
+            # recorded), never half-written; refused decisions are withdrawn, not made again
+            await asyncio.gather(
+                *(self.settle(w, "batch", decide_again=False) for w in writes),
+                return_exceptions=True,
+            )
             raise
         body = {
             "exploration": self._exploration,
@@ -715,11 +721,16 @@ class ScoringService:
             "ruleset_version": self.rules.version,
             "catalog_version": self.catalog.version,
         }
-        for i, write in enumerate(writes):
-            try:
-                result, ids = await self.settle(write, "batch")
-            except _StillContactedError as exc:  # the batch fails, partly journalled (as above)
-                raise exc.http() from None
+        # every part settled before any error is answered (each withdraws what it must)
+        settled = await asyncio.gather(
+            *(self.settle(w, "batch") for w in writes), return_exceptions=True
+        )
+        for i, (write, outcome) in enumerate(zip(writes, settled, strict=True)):
+            if isinstance(outcome, _StillContactedError):  # fails, partly journalled (above)
+                raise outcome.http() from None
+            if isinstance(outcome, BaseException):
+                raise outcome
+            result, ids = outcome
             if result is not write.result:  # some customers were decided again
                 answer.replace(i, result, ids)
         return to_json({**answer.body(), **body})
@@ -728,8 +739,10 @@ class ScoringService:
         self, keys: list[str], raw: ContextBatch, now: datetime
     ) -> tuple[ContextBatch, int | None]:
         """The customers with their stored contacts merged in (one store query), and the
-        store's position for :meth:`ContactStore.record_if_unchanged` (None when
-        recommendations are not counted: then another worker's cannot block either)."""
+        store's position for :meth:`ContactStore.record_if_unchanged`. None when
+        recommendations are not counted (``count_recommended=False``): then another
+        worker's recommendation cannot block either, and a delivery reported to another
+        worker meanwhile is not checked for."""
         events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
         batch = raw
         if len(events.row):
@@ -745,23 +758,24 @@ class ScoringService:
             batch, k=part.k, candidates=part.candidates, explain=part.explain, model=part.model
         )
 
-    def _submit(
+    def submit(
         self, part: _Part, result: Decisions, batch: ContextBatch, position: int | None
     ) -> _Writes:
-        """Start journalling the decisions and recording the recommended contacts (refused
-        for customers another worker contacted since the lookup at ``position``); the
-        caller may prepare its answer meanwhile, and must :meth:`settle` before it."""
-        decisions = self._journal_batch(part, result)
-        # small writes commit inline when the writers are idle (no thread hand-off); under
-        # load they queue and commit in groups on the writers' threads
-        inline = len(part) <= INLINE_COMMIT_ROWS
-        journalled = self.journal.submit(decisions, inline=inline)
+        """Start journalling the decisions (made on ``batch``) and recording the recommended
+        contacts (refused for customers another worker contacted since the lookup at
+        ``position``); the caller may prepare its answer meanwhile, and must :meth:`settle`
+        before it."""
+        decisions = self._journal_batch(part, result)  # everything that can fail, first
         latest = self._schedule.latest_send_us(
             result.action, part.now, batch["local_hour"], batch["local_weekday"]
         )
         contacts = ContactBatch.recommended(
             part.decision_ids, part.keys, result.action, self.catalog, part.now, latest
         )
+        # small writes commit inline when the writers are idle (no thread hand-off); under
+        # load they queue and commit in groups on the writers' threads
+        inline = len(part) <= INLINE_COMMIT_ROWS
+        journalled = self.journal.submit(decisions, inline=inline)
         recorded = None
         if len(contacts):
             recorded = self.contacts.record_if_unchanged(contacts, position, inline=inline)
@@ -783,13 +797,16 @@ class ScoringService:
             feature_spec_version=result.feature_spec_version,
         )
 
-    async def settle(self, writes: _Writes, endpoint: str) -> tuple[Decisions, list[str]]:
+    async def settle(
+        self, writes: _Writes, endpoint: str, decide_again: bool = True
+    ) -> tuple[Decisions, list[str]]:
         """Wait for ``writes``; the decisions served and their ids, counted in the metrics.
 
         Customers whose contact the store refused (another worker contacted them after
         this one's lookup) have their decision withdrawn from the journal and are decided
         again, under new ids, on the history that includes that contact, up to
-        :data:`MAX_DECISION_ROUNDS` times.
+        :data:`MAX_DECISION_ROUNDS` times (``decide_again=False``: not at all, for a
+        request that fails anyway).
 
         Raises
         ------
@@ -799,7 +816,7 @@ class ScoringService:
         """
         started = asyncio.get_running_loop().time()
         try:
-            result, ids = await self._served(writes, 1)
+            result, ids = await self._served(writes, 1, MAX_DECISION_ROUNDS if decide_again else 1)
         except _StillContactedError as exc:
             served = np.setdiff1d(np.arange(len(writes.part)), exc.rows)
             self._count(endpoint, exc.result.take(served))
@@ -816,25 +833,28 @@ class ScoringService:
         channel_index = self.catalog.channel_index[result.action].astype(np.int64)
         self._counters.observe(endpoint, channel_index, block_counts[: len(self.rules.rule_ids)])
 
-    async def _served(self, writes: _Writes, round_: int) -> tuple[Decisions, list[str]]:
-        """:meth:`settle` without the metrics; ``round_`` counts the times decided."""
+    async def _served(
+        self, writes: _Writes, round_: int, rounds: int
+    ) -> tuple[Decisions, list[str]]:
+        """:meth:`settle` without the metrics; ``round_`` counts the times decided, of
+        ``rounds`` at most."""
         refused = await _committed(writes.done)
         part, result = writes.part, writes.result
         if not refused:
             return result, part.decision_ids
-        metrics.DECIDED_AGAIN.inc(len(refused))
         withdrawn = self.journal.withdraw(refused)
         refused_ids = set(refused)
         again_rows = np.flatnonzero([i in refused_ids for i in part.decision_ids])
         ids = list(part.decision_ids)
         try:
-            if round_ >= MAX_DECISION_ROUNDS:
+            if round_ >= rounds:
                 raise _StillContactedError(result, ids, again_rows, round_)
+            metrics.DECIDED_AGAIN.inc(len(again_rows))
             sub = replace(part.take(again_rows), decision_ids=new_decision_ids(len(again_rows)))
             batch, position = self._merge_stored(sub.keys, sub.raw, sub.now)
-            redone = self._submit(sub, self._engine_decide(batch, sub), batch, position)
+            redone = self.submit(sub, self._engine_decide(batch, sub), batch, position)
             try:
-                decided, new_ids = await self._served(redone, round_ + 1)
+                decided, new_ids = await self._served(redone, round_ + 1, rounds)
             except _StillContactedError as exc:  # in this part's rows
                 _replace_ids(ids, again_rows, exc.decision_ids)
                 merged = result.with_rows(again_rows, exc.result)

@@ -182,6 +182,64 @@ def test_a_refused_batch_stores_the_other_customers(
     assert sorted(events.row.tolist()) == [0, 1]  # d_a, and cust_b's "elsewhere" only
 
 
+def test_a_delivery_changing_a_stored_contact_since_the_lookup_refuses(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """A delivery replaces its recommendation in place (another channel, another time): the
+    replaced row is as new to the check as a new row."""
+    with (
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_1,
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_2,
+    ):
+        worker_2.record(contacts(["d0", "other"], "sms", ago(days=1))).result()
+        seen = worker_1.history(["cust_a"], NOW).position
+        # the platform reports d0 went out by WeChat this morning, to worker 2
+        assert worker_2.record(contacts(["d0"], "wechat", ago(hours=2), kind="delivered")).result()
+        refused = worker_1.record_if_unchanged(contacts(["d1"], "wechat", ago()), seen).result()
+
+    assert refused == ["d1"]
+    conn = sqlite3.connect(tmp_path / "contacts.db")
+    try:
+        rows = conn.execute(
+            "SELECT rowid, contact_id, kind FROM contact_events ORDER BY rowid"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert rows[-1] == (seen + 1, "d0", 1)  # d0 moved to a new last row id; d1 not stored
+
+
+def test_row_ids_of_a_write_that_did_not_commit_are_not_the_stores(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """A transaction rolled back at COMMIT leaves its row ids to other writers: the store
+    must not skip its check for rows another worker then takes."""
+    fail_commit = {"next": False}
+
+    class FailingCommit(sqlite3.Connection):
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql == "COMMIT" and fail_commit["next"]:
+                fail_commit["next"] = False
+                raise sqlite3.OperationalError("disk I/O error (simulated)")
+            return super().execute(sql, *args)  # type: ignore[arg-type]
+
+    connect = sqlite3.connect
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite3, "connect", lambda *a, **k: connect(*a, factory=FailingCommit, **k))
+        worker_1 = SqliteContactStore(tmp_path, catalog.channel_names)
+    with worker_1, SqliteContactStore(tmp_path, catalog.channel_names) as worker_2:
+        fail_commit["next"] = True
+        failed = worker_1.record_if_unchanged(contacts(["lost"], "sms", ago(), key="cust_y"), 0)
+        with pytest.raises(sqlite3.OperationalError, match="simulated"):
+            failed.result()
+        seen_1 = worker_1.history(["cust_a"], NOW).position
+        seen_2 = worker_2.history(["cust_a"], NOW).position
+        assert worker_2.record_if_unchanged(contacts(["w2"], "sms", ago()), seen_2).result() == []
+        # row 1 is worker 2's, though worker 1's failed write had it for a moment
+        assert worker_1.record_if_unchanged(contacts(["w1"], "sms", ago()), seen_1).result() == [
+            "w1"
+        ]
+
+
 def test_rows_the_store_itself_stored_since_the_lookup_are_not_checked(
     store: SqliteContactStore, tmp_path: Path, catalog: ActionCatalog
 ) -> None:

@@ -187,10 +187,13 @@ def _other_worker_decides_during_lookup(
     def lookup_then_other_worker(keys: list[str], since_us: int) -> ContactEvents:
         events = lookup(keys, since_us)
         if not answers:
-            request = DecisionRequest.model_validate(body)
-            worker = threading.Thread(
-                target=lambda: answers.append(asyncio.run(second.decide(request)))
-            )
+            if "customers" in body:  # a batch: its body, decoded
+                batch = BatchDecisionRequest.model_validate(body)
+                decide = lambda: json.loads(asyncio.run(second.decide_batch(batch)))  # noqa: E731
+            else:
+                request = DecisionRequest.model_validate(body)
+                decide = lambda: asyncio.run(second.decide(request))  # noqa: E731
+            worker = threading.Thread(target=lambda: answers.append(decide()))
             worker.start()
             worker.join(30)
         return events
@@ -326,3 +329,46 @@ def test_a_request_refused_every_round_fails_alone(
     assert sorted(journal["decision_id"].to_pylist()) == sorted(
         [theirs[0].decision_id, served.decision_id]
     )
+
+
+def test_every_part_of_a_failed_batch_withdraws_its_refused_decisions(
+    greedy_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch in parts of one customer, both contacted by another worker meanwhile, one
+    round allowed: the batch fails, and neither part leaves its unserved SMS in the journal
+    (the second part too, settled though the first already failed)."""
+    monkeypatch.setattr("serving.service.MAX_DECISION_ROUNDS", 1)
+    monkeypatch.setattr("serving.service.PIPELINE_ROWS", 1)
+    body = {"customers": [customer(customer_id=f"part-{i}") for i in range(2)], "candidates": [SMS]}
+    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+    try:
+        theirs = _other_worker_decides_during_lookup(first, second, body)
+        with pytest.raises(HTTPException) as refused:
+            asyncio.run(first.decide_batch(BatchDecisionRequest.model_validate(body)))
+    finally:
+        first.close()
+        second.close()
+
+    assert refused.value.status_code == 503
+    journal = read_journal(greedy_settings.state_dir)
+    served = [d["decision_id"] for d in theirs[0]["decisions"]]  # type: ignore[index]
+    assert sorted(journal["decision_id"].to_pylist()) == sorted(served)
+
+
+def test_a_batch_in_parts_decides_again_in_the_right_rows(
+    greedy_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serving.service.PIPELINE_ROWS", 2)
+    ids = [f"parts-{i}" for i in range(5)]
+    theirs, body = _batch_racing_another_worker(greedy_settings, ids, ids[3])
+    assert isinstance(body, bytes)
+    mine = json.loads(body)["decisions"]
+
+    assert [d["action"] for d in mine] == [SMS, SMS, SMS, "no_contact", SMS]
+    journal = read_journal(greedy_settings.state_dir)
+    by_id = dict(
+        zip(journal["decision_id"].to_pylist(), journal["customer_key"].to_pylist(), strict=True)
+    )
+    keys = [pseudonymise(i, greedy_settings.pseudonym_key) for i in ids]
+    assert [by_id[d["decision_id"]] for d in mine] == keys
+    assert by_id[theirs.decision_id] == keys[3]
