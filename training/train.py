@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from pydantic import ValidationError
 
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
@@ -21,8 +20,8 @@ from nextbest.features import (
     action_features,
     aligned_context_columns,
 )
-from nextbest.model_source import ModelSourceError, resolve_model
-from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
+from nextbest.model_source import resolve_model
+from nextbest.onnx_scoring import OnnxScorer
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import PolicySpec, TrainingConfig
 from training.evaluation import baseline_action_dist, ess_text, ope_table
@@ -127,10 +126,14 @@ def champion_on_holdout(
             )
         acting = PolicySpec.model_validate(run_config(champion.run_id, work_dir).get("policy", {}))
         return version, target_distribution(acting, scores, holdout.candidates)
-    except (ModelSourceError, ModelSpecError, ValidationError, OSError) as exc:
-        return version, str(exc).splitlines()[0]
     except mlflow.exceptions.MlflowException as exc:
         return version, exc.message
+    except Exception as exc:
+        # whatever the champion's files hold (a missing or unreadable model or config, a graph
+        # ONNX Runtime refuses), this run goes on: the reason is tagged, and promote refuses
+        # to compare without the champion's value
+        first_line = (str(exc).splitlines() or [""])[0]
+        return version, f"{type(exc).__name__}: {first_line}"
 
 
 def fit_model(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from training.config import TrainingConfig
 from training.tracking import CHALLENGER, CHAMPION, CHAMPION_TAG, promote
+from training.train import champion_on_holdout
 
 NAME = "promote-test"
 TAG = CHAMPION_TAG
@@ -146,3 +150,30 @@ def test_champion_the_challenger_was_not_compared_with_is_kept(
     promoted, why = promote(NAME)
     assert not promoted and reason in why, why
     assert champion_version(client) == old
+
+
+def test_a_champion_that_cannot_be_read_is_reported_not_raised(
+    client: MlflowClient, tmp_path: Path
+) -> None:
+    """Training values the champion when it can; a champion whose model cannot be read
+    leaves the reason in the run (promote then refuses), it does not stop the training."""
+    champion = version(client, CHAMPION, GOOD)  # its run logged no model file
+    config = TrainingConfig.model_validate(
+        {
+            "learner": "neural_bandit",
+            "data": {"logs": str(tmp_path)},
+            "tracking": {"uri": mlflow.get_tracking_uri(), "registered_model": NAME},
+        }
+    )
+    holdout = SimpleNamespace(
+        feature_spec_version="f", context=np.zeros((2, 3), np.float32), candidates=np.ones((2, 4))
+    )
+
+    found = champion_on_holdout(config, holdout, tmp_path)  # type: ignore[arg-type]
+
+    assert found is not None
+    evaluated_version, why = found
+    assert evaluated_version == champion
+    assert isinstance(why, str) and why  # the reason, not a distribution
+    client.delete_registered_model_alias(NAME, CHAMPION)
+    assert champion_on_holdout(config, holdout, tmp_path) is None  # type: ignore[arg-type]
