@@ -294,6 +294,9 @@ class GroupCommitWriter:
         self._started = Future[None]()
         self.commits = 0
         """Transactions committed so far (for metrics and tests)."""
+        self.transactions = 0
+        """Transactions begun so far: a job reading it learns which transaction it runs in
+        (jobs of one transaction see the same number; transactions never overlap)."""
         self.checkpoint_interval_s = checkpoint_interval_s
         self._committed = threading.Event()
         self._stopping = threading.Event()
@@ -369,6 +372,7 @@ class GroupCommitWriter:
                 if not _is_busy(exc):
                     raise
                 return self.submit(apply, rows)  # another process is writing: queue it
+            self.transactions += 1
             future = Future[T]()
             future.set_running_or_notify_cancel()
             try:
@@ -509,6 +513,7 @@ class GroupCommitWriter:
             first_pause_s=50e-6,
             max_pause_s=2e-3,
         )
+        self.transactions += 1
 
     def _commit(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
         done: list[tuple[_Job[Any], Any]] = []

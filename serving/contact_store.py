@@ -701,6 +701,9 @@ class SqliteContactStore:
         self._writes = itertools.count()
         self._own_rows = _RowRanges()
         """Row ids this store's committed writes took."""
+        self._transaction = (-1, 0)
+        """(writer's transaction number, last row id when this store's first job in it
+        ran); changed by write jobs only, which run one at a time."""
         try:
             codes = self._writer.submit(self._prepare).result()
         except BaseException:
@@ -819,8 +822,10 @@ class SqliteContactStore:
             taken.clear()  # a retried transaction starts again
             accepted, refused = text, []
             last = _last_row_id(conn)
-            # every row since the lookup inserted by this store: nothing to check
-            if position is not None and not self._own_rows.cover(position, last):
+            # every row since the lookup inserted by this store (committed, or earlier in
+            # this very transaction): nothing to check
+            earlier = min(last, self._transaction_start(last))
+            if position is not None and not self._own_rows.cover(position, earlier):
                 refused = [r[0] for r in conn.execute(_CONTACTED_SINCE, (text, position))]
             if refused:
                 ids = set(refused)
@@ -829,6 +834,16 @@ class SqliteContactStore:
             return refused
 
         return self._submit_write(rows, False, upsert, inline, taken)
+
+    def _transaction_start(self, last: int) -> int:
+        """The last row id before this store's first job of the running write transaction
+        (``last``, the last row id now, if this is that job). Only this transaction can have
+        added rows since: it holds the write lock, and the writer's connection is this
+        store's alone."""
+        number = self._writer.transactions
+        if self._transaction[0] != number:
+            self._transaction = (number, last)
+        return self._transaction[1]
 
     @staticmethod
     def _insert(

@@ -6,7 +6,7 @@ import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,42 @@ def test_row_ranges_merge_and_cover() -> None:
     for lo in range(100, 100 + 2 * _RowRanges.KEPT, 2):
         ranges.add(lo, lo + 1)
     assert not ranges.cover(12, 25)  # forgotten: checked again, never skipped wrongly
+
+
+def test_rows_of_the_same_transaction_are_the_stores_and_others_still_refuse(
+    tmp_path: Path, catalog: ActionCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writes committed in one transaction (a batch's parts): the second does not check
+    the first's rows, yet still refuses for a row another worker stored before."""
+    checks: list[bool] = []
+    cover = _RowRanges.cover
+
+    def counting(self: _RowRanges, lo: int, hi: int) -> bool:
+        checks.append(not cover(self, lo, hi))
+        return cover(self, lo, hi)
+
+    monkeypatch.setattr(_RowRanges, "cover", counting)
+    with (
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_1,
+        SqliteContactStore(tmp_path, catalog.channel_names) as worker_2,
+    ):
+        for raced in (False, True):
+            seen = worker_1.history(["cust_a", "cust_b"], NOW).position
+            if raced:
+                worker_2.record(contacts([f"theirs-{raced}"], "sms", ago(), key="cust_b")).result()
+            gate = Future[None]()
+            worker_1._writer.submit(lambda conn, gate=gate: gate.result(10))  # one group next
+            first = worker_1.record_if_unchanged(
+                contacts([f"a-{raced}"], "sms", ago(), key="cust_a"), seen
+            )
+            second = worker_1.record_if_unchanged(
+                contacts([f"b-{raced}"], "sms", ago(), key="cust_b"), seen
+            )
+            gate.set_result(None)
+            assert first.result() == [] and worker_1._writer.commits > 0
+            assert second.result() == ([f"b-{raced}"] if raced else [])
+
+    assert checks == [False, False, True, True]  # no check without another worker's row
 
 
 def test_record_if_unchanged_without_position_stores_everything(
