@@ -1421,7 +1421,9 @@ def read_journal(
 ) -> pa.Table:
     """The journal's decisions, each with its reward, as a table in ``DECISION_SCHEMA``.
 
-    Rows are in commit order. Outcome columns are null for decisions without a reward;
+    Rows are in commit order; withdrawn decisions (journalled, never served:
+    :meth:`JournalWriter.withdraw`) are left out. Outcome columns are null for decisions
+    without a reward;
     ``reward_at`` is when the outcome happened, or when it was received if the caller did
     not say. Reads one consistent snapshot while writers keep appending. Decisions,
     versions, chunks and rewards are read by one scan each (no per-row join); the chunks

@@ -784,7 +784,6 @@ class SqliteContactStore:
         taken: list[tuple[int, int]] = []
 
         def upsert(conn: sqlite3.Connection) -> int:
-            taken.clear()  # a retried transaction starts again
             if kind > 0:  # a recommendation's contact id is its new decision's
                 other = conn.execute(_OTHER_CUSTOMER, (text,)).fetchone()
                 if other is not None:
@@ -819,7 +818,6 @@ class SqliteContactStore:
         taken: list[tuple[int, int]] = []
 
         def upsert(conn: sqlite3.Connection) -> list[str]:
-            taken.clear()  # a retried transaction starts again
             accepted, refused = text, []
             last = _last_row_id(conn)
             # every row since the lookup inserted by this store (committed, or earlier in
