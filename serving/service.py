@@ -825,6 +825,14 @@ class ScoringService:
         self._count(endpoint, result)
         return result, ids
 
+    async def _withdraw_quietly(self, decision_ids: list[str]) -> None:
+        """Withdraw decisions whose contacts failed to be stored (if the journal has them),
+        logging rather than raising a failure: the write's own error is the one to answer."""
+        try:
+            await _committed(self.journal.withdraw(decision_ids))
+        except Exception as exc:
+            log.warning("could not withdraw %d unserved decisions: %s", len(decision_ids), exc)
+
     def _count(self, endpoint: str, result: Decisions) -> None:
         """Count served decisions in the metrics (actions by channel, blocks by rule)."""
         codes = result.blocked_by
@@ -838,8 +846,12 @@ class ScoringService:
     ) -> tuple[Decisions, list[str]]:
         """:meth:`settle` without the metrics; ``round_`` counts the times decided, of
         ``rounds`` at most."""
-        refused = await _committed(writes.done)
         part, result = writes.part, writes.result
+        try:
+            refused = await _committed(writes.done)
+        except Exception:  # one of the two writes failed: these decisions are not served
+            await self._withdraw_quietly(part.decision_ids)
+            raise
         if not refused:
             return result, part.decision_ids
         withdrawn = self.journal.withdraw(refused)

@@ -372,3 +372,33 @@ def test_a_batch_in_parts_decides_again_in_the_right_rows(
     keys = [pseudonymise(i, greedy_settings.pseudonym_key) for i in ids]
     assert [by_id[d["decision_id"]] for d in mine] == keys
     assert by_id[theirs.decision_id] == keys[3]
+
+
+def test_a_decision_whose_contact_cannot_be_stored_is_not_left_in_the_journal(
+    greedy_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal commits, the contact store fails: the request fails, and the journal
+    does not keep a decision nobody was answered."""
+    service = ScoringService.start(greedy_settings)
+
+    def failing(*args: object, **kwargs: object) -> Future[list[str]]:
+        failed: Future[list[str]] = Future()
+        failed.set_exception(sqlite3.OperationalError("disk I/O error (simulated)"))
+        return failed
+
+    monkeypatch.setattr(service.contacts, "record_if_unchanged", failing)
+    body = {"customer": customer(customer_id="unstored-1"), "candidates": [SMS]}
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="simulated"):
+            asyncio.run(service.decide(DecisionRequest.model_validate(body)))
+        service.journal.flush()
+        conn = sqlite3.connect(service.journal.path)
+        try:
+            (stored,) = conn.execute("SELECT count(*) FROM decisions").fetchone()
+        finally:
+            conn.close()
+    finally:
+        service.close()
+
+    assert stored == 1  # it was journalled, side by side with the failed contact write
+    assert len(read_journal(greedy_settings.state_dir)) == 0  # and then withdrawn
