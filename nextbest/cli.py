@@ -554,7 +554,7 @@ def evaluate(
     bootstrap intervals, and DM/DR/Switch-DR for a --model); prints the OPE table."""
     from nextbest.decision_log import DecisionLogError
     from nextbest.model_source import ModelSourceError, resolve_model
-    from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
+    from nextbest.onnx_scoring import OnnxScorer
     from training.evaluation import BASELINE_POLICIES, baseline_action_dist, ope_table
     from training.logged_data import load_logged_bandit
     from training.neural_bandit import greedy_policy
@@ -587,11 +587,7 @@ def evaluate(
         if model is not None:
             resolved = resolve_model(model, tracking_uri)
             scorer = OnnxScorer(resolved.path)
-            if scorer.spec_version != log.feature_spec_version:
-                raise ModelSpecError(
-                    f"model {model!r} reads features {scorer.spec_version}, the log has "
-                    f"{log.feature_spec_version}"
-                )
+            scorer.require_features(log.feature_spec_version, model, "the log has")
             scores = scorer.scores(log.context).astype(np.float64)
             dists = {f"model {resolved.version}": greedy_policy(scores, log.candidates), **dists}
         rows = ope_table(
@@ -777,11 +773,12 @@ def export(
     try:
         resolved = resolve_model(model, tracking_uri)
         scorer = OnnxScorer(resolved.path)
-        if scorer.spec_version != encoder.spec.version:
-            raise ModelSpecError(
-                f"model {model!r} reads features {scorer.spec_version}; this catalogue and "
-                f"encoder make {encoder.spec.version}: retrain on a log of this catalogue"
-            )
+        scorer.require_features(
+            encoder.spec.version,
+            model,
+            "this catalogue and encoder make",
+            "retrain on a log of this catalogue",
+        )
         probe = encoder.encode(random_context_batch(cat, 1000, np.random.default_rng(0)))
         scores = scorer.scores(probe)
         if scores.shape != (1000, cat.n_actions) or not np.isfinite(scores).all():

@@ -156,6 +156,20 @@ class OnnxScorer:
         """Version of the feature spec the model was trained on."""
         return str(self.spec["version"])
 
+    def require_features(self, expected: str, model: str, whose: str, advice: str = "") -> None:
+        """Refuse a model trained on another feature spec than ``expected``.
+
+        Raises
+        ------
+        ModelSpecError
+            ``model <model> reads features <its spec>; <whose> <expected>[: <advice>]``.
+        """
+        if self.spec_version != expected:
+            raise ModelSpecError(
+                f"model {model!r} reads features {self.spec_version}; {whose} {expected}"
+                + (f": {advice}" if advice else "")
+            )
+
     def scores(self, context: np.ndarray) -> np.ndarray:
         """Scores of every action, float32 ``(n, A)``, for float32 contexts ``(n, F)``."""
         context = np.ascontiguousarray(context, dtype=np.float32)

@@ -108,12 +108,12 @@ class ModelStore:
         stamp = None if is_registry_uri(self.uri) else _stamp(Path(self.uri))
         resolved = resolve_model(self.uri, self.tracking_uri)
         scorer = OnnxScorer(resolved.path, threads=self.threads)
-        if self.expected_spec_version is not None and (
-            scorer.spec_version != self.expected_spec_version
-        ):
-            raise ModelSpecError(
-                f"model {self.uri!r} was trained on features {scorer.spec_version}; this "
-                f"service encodes {self.expected_spec_version} (retrain or change the catalogue)"
+        if self.expected_spec_version is not None:
+            scorer.require_features(
+                self.expected_spec_version,
+                self.uri,
+                "this service encodes",
+                "retrain, or change the catalogue",
             )
         n_context = len(scorer.spec["context_names"])
         probe = np.zeros((PROBE_ROWS, n_context), np.float32)

@@ -112,11 +112,7 @@ def champion_on_holdout(
     uri = f"models:/{config.tracking.registered_model}/{version}"
     try:
         scorer = OnnxScorer(resolve_model(uri, config.tracking.uri, work_dir).path)
-        if scorer.spec_version != holdout.feature_spec_version:
-            return version, (
-                f"it reads features {scorer.spec_version}, the log has "
-                f"{holdout.feature_spec_version}"
-            )
+        scorer.require_features(holdout.feature_spec_version, uri, "the log has")
         scores = scorer.scores(holdout.context)
         if scores.shape[1] != holdout.candidates.shape[1]:
             return (

@@ -42,7 +42,7 @@ def test_load_model_of_other_features_refused(catalog, tmp_path: Path) -> None:
     path = save_scoring_model(model, tmp_path / "stale.onnx", stale, "t")
     store = store_for(catalog, str(path))
     assert store.current is None
-    assert "trained on features" in store.status().last_error
+    assert "reads features" in store.status().last_error
 
 
 def test_load_model_of_other_catalogue_size_refused(catalog, tmp_path: Path) -> None:
