@@ -67,6 +67,7 @@ from nextbest.decision_journal import (
     from_epoch_us,
     open_sqlite,
 )
+from nextbest.packed_rows import PackedRows, int_field, text_field
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,6 @@ HORIZON_SLACK_US = 1_000_000
 (the batch form carries the last contact as float32 hours since ``now``)."""
 _US_PER_HOUR = 3_600_000_000
 T = TypeVar("T")
-_Row = tuple[str, int, int, str | None, int, int | None]
-"""A contact as stored: ``(contact_id, store key, channel code, offer, at_us, latest_us or
-None)``."""
 
 
 @dataclass(frozen=True)
@@ -529,11 +527,11 @@ id, never the reverse, and never moves the contact earlier (out of a window it c
 The replaced row takes a new last row id, as a new row would: it may have changed channel
 or time, and :meth:`SqliteContactStore.record_if_unchanged` finds changes by row id."""
 _OTHER_CUSTOMER = (
-    "SELECT n.value ->> 0 FROM json_each(?1) AS n "
-    "JOIN contact_events AS e ON e.contact_id = n.value ->> 0 "
-    "WHERE e.customer != n.value ->> 1 LIMIT 1"
+    "SELECT e.contact_id FROM packed JOIN contact_events AS e ON e.contact_id = {contact_id} "
+    "WHERE e.customer != {customer} LIMIT 1"
 )
-"""The first contact id of a batch already stored for another customer."""
+"""The first contact id of a batch (:meth:`_StoredRows.packed`) already stored for another
+customer."""
 
 
 class ContactConflictError(ValueError):
@@ -547,17 +545,15 @@ class ContactConflictError(ValueError):
 
 _UPSERT = (
     "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind, latest_us) "
-    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?2, value ->> 5 "
-    "FROM json_each(?1) WHERE true "  # WHERE: the ON CONFLICT below is the upsert's
-    + _LATER_KIND_REPLACES
+    "SELECT {contact_id}, {customer}, {channel}, {offer}, {at_us}, ?2, {latest_us} "
+    "FROM packed WHERE true " + _LATER_KIND_REPLACES  # WHERE: the ON CONFLICT below is the upsert's
 )
-"""Store a batch of contacts in one statement, from a JSON array of ``[contact_id,
-customer, channel code, offer, at_us, latest_us or null]`` rows: SQLite parses it without
-the GIL (one ``executemany`` step per row would hand the GIL back and forth with the event
-loop)."""
+"""Store a batch of contacts (:meth:`_StoredRows.packed`, kind ``?2``) in one statement:
+SQLite reads it without the GIL (one ``executemany`` step per row would hand the GIL back
+and forth with the event loop)."""
 _CONTACTED_SINCE = (
-    "SELECT n.value ->> 0 FROM json_each(?1) AS n WHERE EXISTS (SELECT 1 FROM contact_events "
-    "AS e WHERE e.customer = n.value ->> 1 AND e.rowid > ?2)"
+    "SELECT {contact_id} FROM packed WHERE EXISTS (SELECT 1 FROM contact_events "
+    "AS e WHERE e.customer = {customer} AND e.rowid > ?2)"
 )
 """The contact ids of a batch whose customer has a contact stored after row id ``?2`` (one
 seek of the customer index each; rowids only grow, see :meth:`SqliteContactStore.prune`)."""
@@ -604,6 +600,86 @@ def _lookup_sql(n_codes: int) -> str:
 def _last_row_id(conn: sqlite3.Connection) -> int:
     """The store's last row id (0 when empty): new rows take the ids above it."""
     return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM contact_events").fetchone()[0])
+
+
+@dataclass(frozen=True)
+class _StoredRows:
+    """Contacts as a store writes them, columns ``(n,)``.
+
+    Attributes
+    ----------
+    contact_id : sequence of str
+    customer : int64
+        Store keys (:func:`store_key`).
+    channel : int64
+        Index of the channel in the store's ``channels``.
+    offer : sequence of str or None
+    at_us : int64
+    latest_us : int64
+        ``at_us`` unless the contact may be sent later.
+    delivered : bool
+        The kind, the same for every row.
+    """
+
+    contact_id: Sequence[str]
+    customer: np.ndarray
+    channel: np.ndarray
+    offer: Sequence[str | None]
+    at_us: np.ndarray
+    latest_us: np.ndarray
+    delivered: bool
+
+    def __len__(self) -> int:
+        return len(self.contact_id)
+
+    def packed(self, channel_codes: np.ndarray) -> PackedRows:
+        """The rows for :data:`_UPSERT` (``channel_codes``: the code of each channel index;
+        ``latest_us`` NULL where it is ``at_us``, which keeps index entries short)."""
+        return PackedRows.of(
+            contact_id=text_field(self.contact_id),
+            customer=int_field(self.customer),
+            channel=int_field(channel_codes[self.channel]),
+            offer=text_field(self.offer),
+            at_us=int_field(self.at_us),
+            latest_us=int_field(self.latest_us, null=self.latest_us == self.at_us),
+        )
+
+    def without(self, contact_ids: set[str]) -> _StoredRows:
+        """These rows but those of ``contact_ids``."""
+        keep = [i for i, c in enumerate(self.contact_id) if c not in contact_ids]
+        return _StoredRows(
+            [self.contact_id[i] for i in keep],
+            self.customer[keep],
+            self.channel[keep],
+            [self.offer[i] for i in keep],
+            self.at_us[keep],
+            self.latest_us[keep],
+            self.delivered,
+        )
+
+
+def _events_of(keys: np.ndarray, pending: list[_StoredRows], since_us: int) -> ContactEvents:
+    """The contacts of ``pending`` writes after ``since_us`` as events of the looked-up
+    customers ``keys`` (store keys ``(n,)``; a customer listed twice gets its contacts
+    twice, once per row)."""
+    customer = np.concatenate([p.customer for p in pending])
+    at_us = np.concatenate([p.at_us for p in pending])
+    # each pending contact's range of rows among the sorted keys (empty: not looked up)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.searchsorted(ordered, customer, "left")
+    counts = np.searchsorted(ordered, customer, "right") - first
+    counts[at_us <= since_us] = 0
+    contact = np.repeat(np.arange(len(customer)), counts)
+    within = np.arange(len(contact)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return ContactEvents(
+        len(keys),
+        order[first[contact] + within],
+        np.concatenate([p.channel for p in pending])[contact],
+        at_us[contact],
+        np.concatenate([np.full(len(p), p.delivered) for p in pending])[contact],
+        np.concatenate([p.latest_us for p in pending])[contact],
+    )
 
 
 class _RowRanges:
@@ -694,9 +770,9 @@ class SqliteContactStore:
         self._looked_up: dict[str, int] = {}
         """The last lookup's customers and their store keys: a decision records the contacts
         of the customers it looked up, and the hash need not run twice."""
-        self._pending: dict[int, list[tuple[int, int, int, bool, int]]] = {}
-        """Contacts this store submitted and not yet committed, by store key: ``(write,
-        channel index, at_us, delivered, latest_us)``; :meth:`contacts` counts them."""
+        self._pending: dict[int, _StoredRows] = {}
+        """Contacts this store submitted and not yet committed, by write number;
+        :meth:`contacts` counts them."""
         self._pending_lock = threading.Lock()
         self._writes = itertools.count()
         self._own_rows = _RowRanges()
@@ -709,8 +785,8 @@ class SqliteContactStore:
         except BaseException:
             self._writer.close()
             raise
-        self._code_of = {name: codes[name] for name in self.channels}
-        self._index_of_code = {codes[name]: i for i, name in enumerate(self.channels)}
+        self._index_of = {name: i for i, name in enumerate(self.channels)}
+        self._code_of_index = np.array([codes[name] for name in self.channels], np.int64)
         self._channel_of_code = np.full(max(codes.values(), default=0) + 1, -1, np.int64)
         for i, name in enumerate(self.channels):
             self._channel_of_code[codes[name]] = i
@@ -779,20 +855,20 @@ class SqliteContactStore:
         """
         kind = CONTACT_KINDS.index(contacts.kind)
         rows = self._rows(contacts)
-        text = to_json(rows).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
+        packed = rows.packed(self._code_of_index)
 
         taken: list[tuple[int, int]] = []
 
         def upsert(conn: sqlite3.Connection) -> int:
             if kind > 0:  # a recommendation's contact id is its new decision's
-                other = conn.execute(_OTHER_CUSTOMER, (text,)).fetchone()
+                other = conn.execute(packed.sql(_OTHER_CUSTOMER), (packed.blob,)).fetchone()
                 if other is not None:
                     raise ContactConflictError(other[0])
             before = conn.total_changes
-            self._insert(conn, text, kind, _last_row_id(conn), taken)
+            self._insert(conn, packed, kind, _last_row_id(conn), taken)
             return conn.total_changes - before
 
-        return self._submit_write(rows, kind == 1, upsert, inline, taken)
+        return self._submit_write(rows, upsert, inline, taken)
 
     def record_if_unchanged(
         self, contacts: ContactBatch, position: int | None, inline: bool = False
@@ -813,25 +889,25 @@ class SqliteContactStore:
         if contacts.kind != "recommended":
             raise ValueError(f"only recommendations are decided on a lookup, not {contacts.kind}")
         rows = self._rows(contacts)
-        text = to_json(rows).decode()
+        packed = rows.packed(self._code_of_index)
 
         taken: list[tuple[int, int]] = []
 
         def upsert(conn: sqlite3.Connection) -> list[str]:
-            accepted, refused = text, []
+            accepted, refused = packed, []
             last = _last_row_id(conn)
             # every row since the lookup inserted by this store (committed, or earlier in
             # this very transaction): nothing to check
             earlier = min(last, self._transaction_start(last))
             if position is not None and not self._own_rows.cover(position, earlier):
-                refused = [r[0] for r in conn.execute(_CONTACTED_SINCE, (text, position))]
+                since = conn.execute(packed.sql(_CONTACTED_SINCE), (packed.blob, position))
+                refused = [r[0] for r in since]
             if refused:
-                ids = set(refused)
-                accepted = to_json([r for r in rows if r[0] not in ids]).decode()
+                accepted = rows.without(set(refused)).packed(self._code_of_index)
             self._insert(conn, accepted, 0, last, taken)
             return refused
 
-        return self._submit_write(rows, False, upsert, inline, taken)
+        return self._submit_write(rows, upsert, inline, taken)
 
     def _transaction_start(self, last: int) -> int:
         """The last row id before this store's first job of the running write transaction
@@ -845,43 +921,40 @@ class SqliteContactStore:
 
     @staticmethod
     def _insert(
-        conn: sqlite3.Connection, text: str, kind: int, last: int, taken: list[tuple[int, int]]
+        conn: sqlite3.Connection,
+        rows: PackedRows,
+        kind: int,
+        last: int,
+        taken: list[tuple[int, int]],
     ) -> None:
-        """Upsert the JSON rows ``text`` (in the write transaction, whose last row id was
-        ``last``) and append the row ids they took to ``taken``, as ``(last, new last)``:
+        """Upsert ``rows`` (in the write transaction, whose last row id was ``last``) and
+        append the row ids they took to ``taken``, as ``(last, new last)``:
         :meth:`_submit_write` counts them as this store's once the transaction commits."""
-        conn.execute(_UPSERT, (text, kind))
+        conn.execute(rows.sql(_UPSERT), (rows.blob, kind))
         taken.append((last, _last_row_id(conn)))
 
-    def _rows(self, contacts: ContactBatch) -> list[_Row]:
-        """The contacts as the rows of :data:`_UPSERT` (channel codes, store keys)."""
+    def _rows(self, contacts: ContactBatch) -> _StoredRows:
+        """The contacts as the store writes them (store keys, channel indexes)."""
         n = len(contacts)
-        at = contacts.at_us
-        stamps = np.asarray(at, np.int64).tolist() if np.ndim(at) else [int(at)] * n
-        latest: list[int | None] = [None] * n  # null: at_us (keeps index entries short)
-        if contacts.latest_us is not None:
-            later = np.asarray(contacts.latest_us, np.int64).tolist()
-            latest = [t if t != a else None for t, a in zip(later, stamps, strict=True)]
-        code_of = self._code_of
-        unknown = set(contacts.channel) - code_of.keys()
+        index_of = self._index_of
+        unknown = set(contacts.channel) - index_of.keys()
         if unknown:
             raise ValueError(f"channel(s) {sorted(unknown)} not among the store's {self.channels}")
-        return list(
-            zip(
-                contacts.contact_id,
-                self._store_keys(contacts.customer_key),
-                [code_of[c] for c in contacts.channel],
-                contacts.offer,
-                stamps,
-                latest,
-                strict=True,
-            )
+        at_us = np.broadcast_to(np.asarray(contacts.at_us, np.int64), (n,))
+        latest = contacts.latest_us
+        return _StoredRows(
+            contact_id=contacts.contact_id,
+            customer=np.array(self._store_keys(contacts.customer_key), np.int64).reshape(n),
+            channel=np.array([index_of[c] for c in contacts.channel], np.int64).reshape(n),
+            offer=contacts.offer,
+            at_us=at_us,
+            latest_us=at_us if latest is None else np.asarray(latest, np.int64),
+            delivered=contacts.kind == "delivered",
         )
 
     def _submit_write(
         self,
-        rows: list[_Row],
-        delivered: bool,
+        rows: _StoredRows,
         apply: Callable[[sqlite3.Connection], T],
         inline: bool,
         taken: list[tuple[int, int]],
@@ -894,16 +967,18 @@ class SqliteContactStore:
         if now - self._last_prune > self.prune_every.total_seconds():
             self._last_prune = now
             self.prune(self._retention_start_us(now)).add_done_callback(_log_prune_failure)
-        write = self._remember_pending(rows, delivered)
+        write = next(self._writes)
+        with self._pending_lock:  # counted by lookups until committed
+            self._pending[write] = rows
         submit = self._writer.submit_inline if inline else self._writer.submit
         try:
             future = submit(apply, rows=len(rows))
         except BaseException:
-            self._forget_pending(write, rows)
+            self._forget_pending(write)
             raise
 
         def committed(future: Future[T]) -> None:
-            self._forget_pending(write, rows)
+            self._forget_pending(write)
             if not future.cancelled() and future.exception() is None:
                 for lo, hi in taken:
                     self._own_rows.add(lo, hi)
@@ -911,26 +986,9 @@ class SqliteContactStore:
         future.add_done_callback(committed)
         return future
 
-    def _remember_pending(self, rows: list[_Row], delivered: bool) -> int:
-        """Note contacts about to be written, so that lookups count them before their
-        commit; returns the write's number (for :meth:`_forget_pending`)."""
-        write = next(self._writes)
-        index_of_code = self._index_of_code
-        with self._pending_lock:
-            for _, key, code, _, at_us, last in rows:
-                entry = (
-                    write,
-                    index_of_code[code],
-                    at_us,
-                    delivered,
-                    at_us if last is None else last,
-                )
-                self._pending.setdefault(key, []).append(entry)
-        return write
-
-    def _pending_of(self, keys: list[int], since_us: int) -> list[tuple[int, int, int, bool, int]]:
-        """This store's contacts not yet committed for ``keys`` ``(n,)`` after ``since_us``,
-        as ``(row, channel index, at_us, delivered, latest_us)``.
+    def _pending_of(self, keys: list[int], since_us: int) -> ContactEvents | None:
+        """This store's contacts not yet committed for ``keys`` ``(n,)`` after
+        ``since_us`` (None: no write pending).
 
         Without them, a decision made while an earlier decision's contact is still being
         committed (a request of the next coalesced group, a batch meanwhile) would not see
@@ -939,26 +997,18 @@ class SqliteContactStore:
         never missed.
         """
         if not self._pending:
-            return []
+            return None
         with self._pending_lock:
-            pending = self._pending
-            return [
-                (row, channel, at_us, delivered, latest)
-                for row, key in enumerate(keys)
-                for _, channel, at_us, delivered, latest in pending.get(key, ())
-                if at_us > since_us
-            ]
+            pending = list(self._pending.values())
+        if not pending:
+            return None
+        return _events_of(np.array(keys, np.int64).reshape(len(keys)), pending, since_us)
 
-    def _forget_pending(self, write: int, rows: list[_Row]) -> None:
-        """The write is committed (or failed): the store, not this map, has its contacts."""
+    def _forget_pending(self, write: int) -> None:
+        """The write is committed (or failed): the store, not :attr:`_pending`, has its
+        contacts."""
         with self._pending_lock:
-            for _, key, *_ in rows:
-                entries = self._pending.get(key)
-                if entries is None:
-                    continue
-                entries[:] = [e for e in entries if e[0] != write]
-                if not entries:
-                    del self._pending[key]
+            self._pending.pop(write, None)
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
         """Stored contacts of ``customer_keys`` ``(n,)`` after ``since_us``, in one query.
@@ -974,7 +1024,7 @@ class SqliteContactStore:
         self._looked_up = dict(zip(customer_keys, integers, strict=True))
         # before the query: a write committed in between is then counted twice, never missed
         pending = self._pending_of(integers, int(since_us))
-        keys = to_json(integers).decode()  # TEXT, as in record()
+        keys = to_json(integers).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
         position, text = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
         stored = ContactEvents.empty(n, position)
         if text:
@@ -993,18 +1043,15 @@ class SqliteContactStore:
             stored = ContactEvents(
                 n, row, channel, triples[:, 1], kind == 1, triples[:, 2], position
             )
-        if not pending:
+        if pending is None or not len(pending.row):
             return stored
-        rows, channels, stamps, delivered, latest = (
-            np.array(c) for c in zip(*pending, strict=True)
-        )
         return ContactEvents(
             stored.n,
-            np.concatenate([stored.row, rows.astype(np.int64)]),
-            np.concatenate([stored.channel, channels.astype(np.int64)]),
-            np.concatenate([stored.at_us, stamps.astype(np.int64)]),
-            np.concatenate([stored.delivered, delivered.astype(bool)]),
-            np.concatenate([np.asarray(stored.latest_us), latest.astype(np.int64)]),
+            np.concatenate([stored.row, pending.row]),
+            np.concatenate([stored.channel, pending.channel]),
+            np.concatenate([stored.at_us, pending.at_us]),
+            np.concatenate([stored.delivered, pending.delivered]),
+            np.concatenate([np.asarray(stored.latest_us), np.asarray(pending.latest_us)]),
             position,
         )
 

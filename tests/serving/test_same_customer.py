@@ -131,6 +131,56 @@ def test_lookup_counts_contacts_not_yet_committed(tmp_path: Path, catalog: Actio
     store.close()
 
 
+def test_lookup_counts_every_pending_write_once_per_row_it_is_asked_for(
+    tmp_path: Path, catalog: ActionCatalog
+) -> None:
+    """Several writes pending at once: a customer's contacts from each of them, for each
+    row the customer takes in the lookup; none older than the window, none of others."""
+    store = SqliteContactStore(tmp_path, catalog.channel_names)
+    a, b, c = (pseudonymise(f"pending-{i}", b"k" * 32) for i in "abc")
+    now_us = epoch_us(datetime.now(UTC))
+    gate = Future[None]()
+    store._writer.submit(lambda conn: gate.result(10))  # holds the writer thread
+    writes = [
+        store.record(
+            ContactBatch(
+                ["d1", "d2", "d3"],
+                [a, b, a],
+                ["sms", "app_push", "outbound_call"],
+                ["health_insurance", None, "car_loan"],
+                np.array([now_us, now_us, now_us - 10_000_000]),
+                "recommended",
+                latest_us=np.array([now_us + 3_600_000_000, now_us, now_us - 10_000_000]),
+            )
+        ),
+        store.record(ContactBatch(["m1"], [b], ["sms"], [None], now_us + 5, "delivered")),
+        store.record(ContactBatch(["m2"], [c], ["sms"], [None], now_us + 6, "delivered")),
+    ]
+    events = store.contacts([b, a, "nobody", a], now_us - 1)  # d3 is older: left out
+    found = sorted(
+        zip(
+            events.row.tolist(),
+            [store.channels[i] for i in events.channel],
+            events.at_us.tolist(),
+            events.delivered.tolist(),
+            np.asarray(events.latest_us).tolist(),
+            strict=True,
+        )
+    )
+    assert found == [
+        (0, "app_push", now_us, False, now_us),
+        (0, "sms", now_us + 5, True, now_us + 5),
+        (1, "sms", now_us, False, now_us + 3_600_000_000),
+        (3, "sms", now_us, False, now_us + 3_600_000_000),
+    ]
+    gate.set_result(None)
+    assert [w.result(10) for w in writes] == [3, 1, 1]
+    assert store._pending == {}
+    committed = store.contacts([b, a, "nobody", a], now_us - 1)
+    assert sorted(committed.row.tolist()) == [0, 0, 1, 3]  # from the store now, not twice
+    store.close()
+
+
 def test_a_failed_write_is_not_counted(tmp_path: Path, catalog: ActionCatalog) -> None:
     store = SqliteContactStore(tmp_path, catalog.channel_names)
     key = pseudonymise("failed-1", b"k" * 32)
@@ -160,7 +210,7 @@ def test_a_contact_committed_during_a_lookup_is_not_missed(
     )
     read_pending = store._pending_of
 
-    def then_commit(keys: list[int], since_us: int) -> list[tuple[int, int, int, bool]]:
+    def then_commit(keys: list[int], since_us: int) -> ContactEvents | None:
         found = read_pending(keys, since_us)
         gate.set_result(None)
         recorded.result(10)  # committed, and forgotten by the pending map, right now

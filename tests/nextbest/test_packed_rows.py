@@ -1,0 +1,107 @@
+"""Rows packed into one BLOB come back from SQLite exactly as given."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from nextbest.packed_rows import PackedRows, int_field, real_field, text_field
+
+
+def read_back(rows: PackedRows, *names: str) -> list[tuple]:
+    conn = sqlite3.connect(":memory:")
+    select = ", ".join("{" + name + "}" for name in names)
+    return conn.execute(rows.sql(f"SELECT {select} FROM packed"), (rows.blob,)).fetchall()
+
+
+def test_integers_round_trip_across_int64_in_order() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [
+            [0, 1, -1, 9_999, 10_000, -10_001, 2**63 - 1, -(2**63)],
+            rng.integers(-(2**63), 2**63 - 1, 2_000, dtype=np.int64),
+            rng.integers(0, 100, 500),
+        ]
+    ).astype(np.int64)
+    rows = PackedRows.of(value=int_field(values))
+
+    assert [v for (v,) in read_back(rows, "value")] == values.tolist()
+    assert len(rows) == len(values)
+
+
+def test_non_negative_integers_take_no_sign_place() -> None:
+    assert int_field(np.array([0, 7, 42])).data.shape == (3, 2)
+    assert int_field(np.array([0, -7, 42])).data.shape == (3, 3)
+
+
+def test_integer_nulls() -> None:
+    values = np.array([5, 0, -3, 12])
+    rows = PackedRows.of(value=int_field(values, null=np.array([False, True, False, True])))
+
+    assert read_back(rows, "value") == [(5,), (None,), (-3,), (None,)]
+
+
+def test_texts_round_trip_with_nulls_unicode_and_empty() -> None:
+    texts = ["a", None, "中文 x", "", "trailing space ", "z" * 300, None]
+    rows = PackedRows.of(text=text_field(texts))
+
+    assert [t for (t,) in read_back(rows, "text")] == texts
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [["ab", "cd", "ef"], [None, None], ["", ""], ["é", "e"]],
+    ids=["same-length", "all-null", "all-empty", "unicode-bytes"],
+)
+def test_text_shapes(texts: list[str | None]) -> None:
+    rows = PackedRows.of(text=text_field(texts), n=int_field(np.arange(len(texts))))
+
+    assert read_back(rows, "text", "n") == [(t, i) for i, t in enumerate(texts)]
+
+
+def test_reals_round_trip_bit_for_bit_and_nan_is_null() -> None:
+    rng = np.random.default_rng(1)
+    values = np.concatenate(
+        [[1.0, 0.1, 1 / 3, 5e-324, 2.5e-10, 0.1 / 361, 1e300], rng.random(1_000)]
+    )
+    rows = PackedRows.of(value=real_field(values))
+    back = np.array([v for (v,) in read_back(rows, "value")])
+    assert back.tobytes() == values.tobytes()
+
+    with_nan = PackedRows.of(value=real_field(np.array([0.5, np.nan, 0.25])))
+    assert read_back(with_nan, "value") == [(0.5,), (None,), (0.25,)]
+
+
+def test_columns_of_a_row_stay_together() -> None:
+    n = 1_000
+    rng = np.random.default_rng(2)
+    ids = [f"id{i:05d}" for i in range(n)]
+    labels = [None if i % 7 == 0 else "x" * (i % 13) for i in range(n)]
+    numbers = rng.integers(-(10**12), 10**12, n)
+    reals = rng.random(n)
+    rows = PackedRows.of(
+        id=text_field(ids),
+        number=int_field(numbers),
+        label=text_field(labels),
+        real=real_field(reals),
+    )
+
+    assert read_back(rows, "id", "number", "label", "real") == list(
+        zip(ids, numbers.tolist(), labels, reals.tolist(), strict=True)
+    )
+
+
+def test_an_empty_batch_has_no_rows() -> None:
+    rows = PackedRows.of(n=int_field(np.zeros(0, np.int64)), t=text_field([]), r=real_field([]))
+
+    assert len(rows) == 0
+    assert read_back(rows, "n", "t", "r") == []
+
+
+def test_columns_of_different_lengths_are_refused() -> None:
+    with pytest.raises(ValueError, match="different lengths"):
+        PackedRows.of(a=int_field([1, 2]), b=text_field(["x"]))
+    with pytest.raises(ValueError, match="no columns"):
+        PackedRows.of()
