@@ -34,7 +34,7 @@ from fastapi import HTTPException
 from pydantic_core import to_json
 
 from nextbest.catalog import ActionCatalog, load_catalog
-from nextbest.compliance import ALLOWED, RuleEngine, load_rules
+from nextbest.compliance import RuleEngine, code_counts, load_rules
 from nextbest.context import ContextBatch, CustomerContext, parse_customer
 from nextbest.customer_columns import CustomerColumns, context_batch
 from nextbest.decision_journal import (
@@ -357,7 +357,7 @@ class _Coalescer:
         unserved: set[int] = set()
         try:
             writes = service.submit(*decided)
-            result, ids = await service.settle(writes, "single")
+            result, ids = await service.settle(writes)
         except _StillContactedError as exc:
             result, ids, unserved = exc.result, exc.decision_ids, set(exc.rows.tolist())
             _fail([group[row] for row in sorted(unserved)], exc.http())
@@ -366,6 +366,11 @@ class _Coalescer:
             if not isinstance(exc, Exception):
                 raise
             return
+        if unserved:
+            served = np.setdiff1d(np.arange(len(group)), sorted(unserved))
+            service.count_served("single", result.take(served))
+        else:
+            service.count_served("single", result)
         for row, (_, future) in enumerate(group):
             if row not in unserved and not future.done():  # the caller may have gone
                 future.set_result((result, row, ids[row]))
@@ -688,31 +693,40 @@ class ScoringService:
             )
         mask = self.candidate_mask(request.candidates, request.channels, request.campaign_id)
         now = datetime.now(UTC)
-        keys = pseudonymise_many(request.customer_ids(), self._key)
         if request.columns is not None:
             raw = context_batch(request.columns, self.catalog, now)
         else:
             raw = ContextBatch.from_contexts(request.customers or [], self.catalog, now)
-        whole = _Part(
-            keys, new_decision_ids(n), raw, mask, request.campaign_id, request.k, False, model, now
-        )
-        batch, position = self._merge_stored(keys, raw, now)
+        customer_ids, decision_ids = request.customer_ids(), new_decision_ids(n)
         answer = _BatchAnswer(self._view.names, columns=request.answer == "columns")
         writes: list[_Writes] = []
         try:
+            # each part is pseudonymised and looked up on its own, so that the writers start
+            # on the first part early (a batch never lists a customer twice: no part needs
+            # another's contacts)
             for start in range(0, n, PIPELINE_ROWS):
                 rows = slice(start, start + PIPELINE_ROWS)
-                part = whole if n <= PIPELINE_ROWS else whole.take(rows)
-                one = batch if n <= PIPELINE_ROWS else batch.take(rows)
-                writes.append(self.submit(part, self._engine_decide(one, part), one, position))
+                part = _Part(
+                    pseudonymise_many(customer_ids[rows], self._key),
+                    decision_ids[rows],
+                    raw if n <= PIPELINE_ROWS else raw.take(rows),
+                    mask,
+                    request.campaign_id,
+                    request.k,
+                    False,
+                    model,
+                    now,
+                )
+                batch, position = self._merge_stored(part.keys, part.raw, now)
+                writes.append(self.submit(part, self._engine_decide(batch, part), batch, position))
                 answer.add(writes[-1].result, part.decision_ids)
         except Exception:
             # parts already handed to the writers are committed before the error is
-            # answered: a failed batch may be partly journalled (with those parts' contacts
-            # recorded), never half-written; refused decisions are withdrawn, not made again
-            await asyncio.gather(
-                *(self.settle(w, "batch", decide_again=False) for w in writes),
-                return_exceptions=True,
+            # answered, then withdrawn (below); refused decisions are not made again
+            await self._withdraw_served(
+                await asyncio.gather(
+                    *(self.settle(w, decide_again=False) for w in writes), return_exceptions=True
+                )
             )
             raise
         body = {
@@ -721,19 +735,40 @@ class ScoringService:
             "ruleset_version": self.rules.version,
             "catalog_version": self.catalog.version,
         }
-        # every part settled before any error is answered (each withdraws what it must)
-        settled = await asyncio.gather(
-            *(self.settle(w, "batch") for w in writes), return_exceptions=True
-        )
+        # every part settled before any error is answered
+        settled = await asyncio.gather(*(self.settle(w) for w in writes), return_exceptions=True)
+        failure = next((o for o in settled if isinstance(o, BaseException)), None)
+        if failure is not None:
+            await self._withdraw_served(settled)
+            if isinstance(failure, _StillContactedError):
+                raise failure.http() from None
+            raise failure
         for i, (write, outcome) in enumerate(zip(writes, settled, strict=True)):
-            if isinstance(outcome, _StillContactedError):  # fails, partly journalled (above)
-                raise outcome.http() from None
-            if isinstance(outcome, BaseException):
-                raise outcome
+            assert not isinstance(outcome, BaseException)  # no failure (above)
             result, ids = outcome
+            self.count_served("batch", result)
             if result is not write.result:  # some customers were decided again
                 answer.replace(i, result, ids)
         return to_json({**answer.body(), **body})
+
+    async def _withdraw_served(
+        self, settled: list[tuple[Decisions, list[str]] | BaseException]
+    ) -> None:
+        """A batch fails as a whole: withdraw the decisions its parts committed (``settled``:
+        each part's :meth:`settle` outcome), so that the journal holds no decision that was
+        not served. Their recommended contacts stay in the contact store and count towards
+        caps for their windows: more blocking for a while, never less (a row removed could
+        let a later row take its id, which :meth:`ContactStore.record_if_unchanged` relies
+        on never happening)."""
+        ids: list[str] = []
+        for outcome in settled:
+            if isinstance(outcome, _StillContactedError):  # its refused ones are withdrawn
+                ids += outcome.decision_ids
+            elif not isinstance(outcome, BaseException):
+                ids += outcome[1]
+            # another error: that part's write failed, and it withdrew its decisions
+        if ids:
+            await self._withdraw_quietly(ids)
 
     def _merge_stored(
         self, keys: list[str], raw: ContextBatch, now: datetime
@@ -798,9 +833,10 @@ class ScoringService:
         )
 
     async def settle(
-        self, writes: _Writes, endpoint: str, decide_again: bool = True
+        self, writes: _Writes, decide_again: bool = True
     ) -> tuple[Decisions, list[str]]:
-        """Wait for ``writes``; the decisions served and their ids, counted in the metrics.
+        """Wait for ``writes``; the decisions to serve and their ids (the caller counts
+        those it serves: :meth:`count_served`).
 
         Customers whose contact the store refused (another worker contacted them after
         this one's lookup) have their decision withdrawn from the journal and are decided
@@ -812,17 +848,11 @@ class ScoringService:
         ------
         _StillContactedError
             Some customers were refused in every round (their decisions are withdrawn; the
-            others' are served, and counted).
+            others' stay journalled, to be served).
         """
         started = asyncio.get_running_loop().time()
-        try:
-            result, ids = await self._served(writes, 1, MAX_DECISION_ROUNDS if decide_again else 1)
-        except _StillContactedError as exc:
-            served = np.setdiff1d(np.arange(len(writes.part)), exc.rows)
-            self._count(endpoint, exc.result.take(served))
-            raise
+        result, ids = await self._served(writes, 1, MAX_DECISION_ROUNDS if decide_again else 1)
         metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - started)
-        self._count(endpoint, result)
         return result, ids
 
     async def _withdraw_quietly(self, decision_ids: list[str]) -> None:
@@ -833,13 +863,11 @@ class ScoringService:
         except Exception as exc:
             log.warning("could not withdraw %d unserved decisions: %s", len(decision_ids), exc)
 
-    def _count(self, endpoint: str, result: Decisions) -> None:
+    def count_served(self, endpoint: str, result: Decisions) -> None:
         """Count served decisions in the metrics (actions by channel, blocks by rule)."""
-        codes = result.blocked_by
-        # every code counted (ALLOWED is past the rules' codes): no compaction of the codes
-        block_counts = np.bincount(codes.ravel(), minlength=int(ALLOWED) + 1)
+        block_counts = code_counts(result.blocked_by)[: len(self.rules.rule_ids)]
         channel_index = self.catalog.channel_index[result.action].astype(np.int64)
-        self._counters.observe(endpoint, channel_index, block_counts[: len(self.rules.rule_ids)])
+        self._counters.observe(endpoint, channel_index, block_counts)
 
     async def _served(
         self, writes: _Writes, round_: int, rounds: int

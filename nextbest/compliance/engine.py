@@ -32,6 +32,23 @@ FUSED_MAX_KEYS = 4096
 """Largest joint table (rows) the single-customer path fuses rules into."""
 
 
+def code_counts(blocked_by: np.ndarray) -> np.ndarray:
+    """How often each code occurs in ``blocked_by`` (uint8, any shape): int64 ``(256,)``,
+    indexed by code (rule index, or ``ALLOWED``).
+
+    Counts pairs of neighbouring codes as one uint16 each (a 65,536-bin count, folded):
+    half the elements for ``np.bincount``, which widens every element it counts to 64 bits
+    (a 10,000 x 361 mask: ~3.6 ms against ~7.5 ms).
+    """
+    flat = np.ascontiguousarray(blocked_by, np.uint8).ravel()
+    even = flat.size - flat.size % 2
+    pairs = np.bincount(flat[:even].view(np.uint16), minlength=65_536).reshape(256, 256)
+    counts = pairs.sum(axis=0) + pairs.sum(axis=1)  # either byte of a pair, whatever the order
+    if even < flat.size:
+        counts[flat[-1]] += 1
+    return counts
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """What the rules allow for a batch of customers.
@@ -58,7 +75,7 @@ class Verdict:
 
     def block_counts(self) -> dict[str, int]:
         """Number of blocked (customer, action) pairs attributed to each rule."""
-        counts = np.bincount(self.blocked_by.ravel(), minlength=256)
+        counts = code_counts(self.blocked_by)
         return {rule_id: int(counts[i]) for i, rule_id in enumerate(self.rule_ids)}
 
 

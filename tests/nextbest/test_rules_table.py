@@ -18,7 +18,7 @@ import yaml
 from customers import NOW, ago, assessed, at_local_hour, make_row_batch
 
 from nextbest.catalog import NO_CONTACT_ID, ActionCatalog
-from nextbest.compliance import ALLOWED, DEFAULT_RULES_PATH, RuleEngine
+from nextbest.compliance import ALLOWED, DEFAULT_RULES_PATH, RuleEngine, code_counts
 
 
 @dataclass(frozen=True)
@@ -292,3 +292,16 @@ def test_count_blocks_per_rule_opted_out(catalog: ActionCatalog, engine: RuleEng
     assert counts["opted_out_all"] == catalog.n_actions - 1
     assert sum(counts.values()) == catalog.n_actions - 1
     assert np.sum(engine.evaluate(batch).allowed) == 1
+
+
+@pytest.mark.parametrize("shape", [(2_500, 361), (3, 7), (1, 1), (0, 361)])
+def test_code_counts_equal_a_plain_count_for_odd_and_even_sizes(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    codes = rng.choice([0, 1, 5, 18, 254, int(ALLOWED)], size=shape).astype(np.uint8)
+    expected = np.bincount(codes.ravel(), minlength=256)
+
+    assert code_counts(codes).tolist() == expected.tolist()
+    assert (
+        code_counts(codes[:, ::2]).tolist()
+        == np.bincount(codes[:, ::2].ravel(), minlength=256).tolist()
+    )

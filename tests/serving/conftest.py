@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +65,8 @@ def start_server(model: Path, state: Path, port: int, workers: int = 1) -> subpr
         "--workers",
         str(workers),
     ]
-    server = subprocess.Popen(command, env=env)
+    # a session of its own: stop_server() can end the workers too, whatever the supervisor did
+    server = subprocess.Popen(command, env=env, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert server.poll() is None, "the service exited at start"
@@ -74,8 +77,22 @@ def start_server(model: Path, state: Path, port: int, workers: int = 1) -> subpr
                 return server
         except OSError:
             time.sleep(0.1)
-    server.kill()
+    stop_server(server)
     raise AssertionError("the service did not become ready")
+
+
+def stop_server(server: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Stop a server of :func:`start_server` and every process it started: SIGTERM (the
+    supervisor stops its workers), then SIGKILL to the whole session if it has not ended
+    within ``timeout`` seconds. A SIGKILL to a multi-worker supervisor alone would leave its
+    workers running (serving the port) after the test."""
+    if server.poll() is None:
+        server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):  # workers left behind by a killed supervisor
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=10)
 
 
 def write_model(catalog: ActionCatalog, path: Path, seed: int = 0) -> Path:

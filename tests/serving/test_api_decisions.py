@@ -311,15 +311,18 @@ def test_post_batch_in_parts_journals_every_decision_as_answered(
     assert all(r["action"] in r["candidate_actions"] for r in journal)
 
 
-def test_post_batch_failing_part_commits_the_parts_before_it(
+def test_post_batch_failing_part_withdraws_the_parts_before_it_once_committed(
     api_settings: Settings,
     auth: dict[str, dict[str, str]],
     catalog: ActionCatalog,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """When a later part fails, the answer is an error only once the parts already handed to
-    the writers are committed: the journal holds whole parts, never a torn one."""
-    from nextbest.decision_journal import read_journal
+    the writers are committed, and then withdrawn: the file holds whole parts, never a torn
+    one, and no reader sees a decision of the failed request."""
+    import sqlite3
+
+    from nextbest.decision_journal import JOURNAL_FILENAME, read_journal
     from serving import service
 
     monkeypatch.setattr(service, "PIPELINE_ROWS", 70)
@@ -357,10 +360,14 @@ def test_post_batch_failing_part_commits_the_parts_before_it(
         response = client.post(
             "/v1/decisions/batch", json={"customers": customers}, headers=auth["decide"]
         )
-        journalled = read_journal(api_settings.state_dir).num_rows
+        visible = read_journal(api_settings.state_dir).num_rows
+        with sqlite3.connect(api_settings.state_dir / JOURNAL_FILENAME) as conn:
+            stored, withdrawn = conn.execute(
+                "SELECT (SELECT count(*) FROM decisions), (SELECT count(*) FROM withdrawn)"
+            ).fetchone()
 
     assert response.status_code == 500
-    assert journalled == 70
+    assert (stored, withdrawn, visible) == (70, 70, 0)
 
 
 def test_post_batch_columns_errors_name_the_field(

@@ -336,19 +336,22 @@ def test_a_batch_decides_again_only_the_customers_another_worker_contacted(
         assert np.bincount(store.contacts(keys, 0).row, minlength=4).tolist() == [1, 1, 1, 1]
 
 
-def test_customers_refused_every_round_fail_and_the_others_are_journalled(
+def test_customers_refused_every_round_fail_the_batch_and_none_of_it_stays_journalled(
     greedy_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """rounds-1 is refused in the one round there is: the batch fails (503), so rounds-0's
+    decision, committed in the same part, is not served either and is withdrawn."""
     monkeypatch.setattr("serving.service.MAX_DECISION_ROUNDS", 1)
     ids = ["rounds-0", "rounds-1"]
+    batch_served = metrics.DECISIONS.labels(endpoint="batch")
+    before = batch_served._value.get()  # type: ignore[attr-defined]
     theirs, refused = _batch_racing_another_worker(greedy_settings, ids, ids[1])
 
     assert isinstance(refused, HTTPException) and refused.status_code == 503
     assert theirs.chosen.action == SMS
     journal = read_journal(greedy_settings.state_dir)
-    keys = journal["customer_key"].to_pylist()
-    # rounds-0's decision (served, then the batch failed) and the other worker's rounds-1
-    assert sorted(keys) == sorted(pseudonymise(i, greedy_settings.pseudonym_key) for i in ids)
+    assert journal["decision_id"].to_pylist() == [theirs.decision_id]
+    assert batch_served._value.get() == before  # type: ignore[attr-defined]  # none served
 
 
 def test_a_request_refused_every_round_fails_alone(

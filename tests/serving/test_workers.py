@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import customer, free_port, server_env, start_server
+from conftest import customer, free_port, server_env, start_server, stop_server
 
 from nextbest.decision_journal import read_journal
 from serving.metrics import multiprocess_dir
@@ -127,9 +127,7 @@ def two_workers(api_model: Path, tmp_path: Path) -> Iterator[Served]:
     try:
         yield server, port
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=30)
+        stop_server(server)
 
 
 @slow_on_linux
