@@ -697,28 +697,19 @@ class ScoringService:
             raw = context_batch(request.columns, self.catalog, now)
         else:
             raw = ContextBatch.from_contexts(request.customers or [], self.catalog, now)
-        customer_ids, decision_ids = request.customer_ids(), new_decision_ids(n)
+        keys = pseudonymise_many(request.customer_ids(), self._key)
+        whole = _Part(
+            keys, new_decision_ids(n), raw, mask, request.campaign_id, request.k, False, model, now
+        )
+        batch, position = self._merge_stored(keys, raw, now)
         answer = _BatchAnswer(self._view.names, columns=request.answer == "columns")
         writes: list[_Writes] = []
         try:
-            # each part is pseudonymised and looked up on its own, so that the writers start
-            # on the first part early (a batch never lists a customer twice: no part needs
-            # another's contacts)
             for start in range(0, n, PIPELINE_ROWS):
                 rows = slice(start, start + PIPELINE_ROWS)
-                part = _Part(
-                    pseudonymise_many(customer_ids[rows], self._key),
-                    decision_ids[rows],
-                    raw if n <= PIPELINE_ROWS else raw.take(rows),
-                    mask,
-                    request.campaign_id,
-                    request.k,
-                    False,
-                    model,
-                    now,
-                )
-                batch, position = self._merge_stored(part.keys, part.raw, now)
-                writes.append(self.submit(part, self._engine_decide(batch, part), batch, position))
+                part = whole if n <= PIPELINE_ROWS else whole.take(rows)
+                one = batch if n <= PIPELINE_ROWS else batch.take(rows)
+                writes.append(self.submit(part, self._engine_decide(one, part), one, position))
                 answer.add(writes[-1].result, part.decision_ids)
         except Exception:
             # parts already handed to the writers are committed before the error is
@@ -735,6 +726,8 @@ class ScoringService:
             "ruleset_version": self.rules.version,
             "catalog_version": self.catalog.version,
         }
+        # the answer is encoded while the last parts commit (again if a part is decided again)
+        encoded = to_json({**answer.body(), **body})
         # every part settled before any error is answered
         settled = await asyncio.gather(*(self.settle(w) for w in writes), return_exceptions=True)
         failure = next((o for o in settled if isinstance(o, BaseException)), None)
@@ -743,13 +736,15 @@ class ScoringService:
             if isinstance(failure, _StillContactedError):
                 raise failure.http() from None
             raise failure
+        decided_again = False
         for i, (write, outcome) in enumerate(zip(writes, settled, strict=True)):
             assert not isinstance(outcome, BaseException)  # no failure (above)
             result, ids = outcome
             self.count_served("batch", result)
             if result is not write.result:  # some customers were decided again
                 answer.replace(i, result, ids)
-        return to_json({**answer.body(), **body})
+                decided_again = True
+        return to_json({**answer.body(), **body}) if decided_again else encoded
 
     async def _withdraw_served(
         self, settled: list[tuple[Decisions, list[str]] | BaseException]
