@@ -1213,7 +1213,7 @@ class JournalWriter:
         def append(conn: sqlite3.Connection) -> int:
             version_id = known if known is not None else self._version_id(conn, served_by)
             chunk_id = conn.execute(_INSERT_CHUNK, _chunk_row(decisions)).lastrowid
-            conn.execute(rows.sql(_INSERT_DECISIONS), (rows.blob, version_id, chunk_id))
+            conn.execute(rows.sql(_INSERT_DECISIONS), (rows.param, version_id, chunk_id))
             used.append(version_id)
             return len(decisions)
 

@@ -1,32 +1,38 @@
-"""Rows handed to SQLite as one BLOB of fixed-width records, read back in SQL.
+"""Rows handed to SQLite in one statement parameter, read back in SQL as a CTE ``packed``.
 
 A batch of rows goes into SQLite in one statement, so that SQLite works through it without
-the GIL (``executemany`` takes the GIL back for every row). The rows used to travel as a
-JSON array of arrays read with ``json_each``; SQLite 3.40 re-parses a row's JSON text for
-every field it extracts (``value ->> i``), which cost ~18 ms for 10,000 rows of six fields.
-Here every row is a fixed-width record of ASCII digits and UTF-8 bytes, numbered by a
-recursive CTE and cut with ``substr`` (byte offsets on a BLOB, so each field is found in
-constant time): ~7 ms for the same rows, built with numpy rather than one Python object
-per value.
+the GIL (``executemany`` takes the GIL back for every row). Two encodings, one interface:
+
+* **Few rows** (up to :data:`JSON_ROWS`): a JSON array of arrays, read with ``json_each``.
+  Built in microseconds, but SQLite 3.40 re-parses a row's JSON text for every field it
+  extracts (``value ->> i``): ~18 ms for 10,000 rows of six fields.
+* **Many rows**: one BLOB of fixed-width records of ASCII digits and UTF-8 bytes, numbered
+  by a recursive CTE and cut with ``substr`` (byte offsets on a BLOB, so each field is found
+  in constant time): ~7 ms for the same rows, built with numpy rather than one Python
+  object per value. Building costs ~100 us whatever the size, so it does not pay for a
+  single decision's row (~3 us as JSON).
 
 Usage::
 
     rows = PackedRows.of(contact_id=text_field(ids), customer=int_field(keys))
     conn.execute(rows.sql("INSERT INTO t (a, b) SELECT {contact_id}, {customer} FROM packed"),
-                 (rows.blob,))
+                 (rows.param,))
 
-The BLOB is always parameter ``?1``; the CTE is called ``packed`` and each of its rows
-carries the 1-based offset ``o`` of its record. Rows come out in the order given.
+The rows are always parameter ``?1``; each ``{column}`` is an SQL expression over the CTE
+``packed``. Rows come out in the order given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from pydantic_core import to_json
 
+JSON_ROWS = 64
+"""Batches of this many rows or fewer travel as JSON (cheaper to build than to parse)."""
 _ZERO = ord("0")
 _FOUR_DIGITS = np.array([list(b"%04d" % i) for i in range(10_000)], np.uint8).view(np.uint32)[:, 0]
 """The ASCII bytes of "0000" ... "9999", four to an element."""
@@ -48,31 +54,80 @@ def _decimal(magnitude: np.ndarray, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PackedField:
-    """One column of a packed batch: its bytes and how SQL reads it back.
+    """One column of a batch: its values and how each encoding carries them.
 
     Attributes
     ----------
-    data : uint8 ``(n, width)``
-        The field's bytes in every record.
-    sql : str
-        An SQL expression of the field at record offset ``o`` and field offset ``{at}``
-        (filled in by :class:`PackedRows`).
+    kind : {"int", "text", "real"}
+    values : int64 or float64 ``(n,)``, or a list of str or None
+    null : bool ``(n,)`` or None
+        NULL rows of an integer column (texts and reals mark theirs as None and NaN).
     """
 
-    data: np.ndarray
-    sql: str
+    kind: Literal["int", "text", "real"]
+    values: Any
+    null: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def json_values(self) -> list[Any]:
+        """The values for a JSON row (None for NULL; NaN is written as null)."""
+        if self.kind == "text":
+            return list(self.values)
+        values: list[Any] = self.values.tolist()
+        if self.null is not None and self.null.any():
+            for i in np.flatnonzero(self.null).tolist():
+                values[i] = None
+        return values
+
+    def records(self) -> tuple[np.ndarray, str]:
+        """The column as fixed-width bytes, uint8 ``(n, width)``, and an SQL expression of
+        it at record offset ``o`` and field offset ``{at}``."""
+        if self.kind == "int":
+            return _int_records(self.values, self.null)
+        if self.kind == "text":
+            return _text_records(self.values)
+        return _real_records(self.values)
 
 
 def int_field(values: np.ndarray | Sequence[int], null: np.ndarray | None = None) -> PackedField:
-    """An integer column: zero-padded decimal digits, with a sign place when any value is
-    negative; ``null`` (bool ``(n,)``) marks NULLs (stored as spaces).
+    """An integer column; ``null`` (bool ``(n,)``) marks NULLs.
 
     Parameters
     ----------
     values : int64 ``(n,)``
     null : bool ``(n,)``, optional
     """
-    x = np.asarray(values, np.int64)
+    x = np.asarray(values, np.int64).reshape(-1)
+    return PackedField("int", x, None if null is None else np.asarray(null, bool).reshape(-1))
+
+
+def text_field(values: Sequence[str | None]) -> PackedField:
+    """A text column (UTF-8, NULL for None; a text must not end in a NUL character, which
+    numpy's byte strings drop).
+
+    Parameters
+    ----------
+    values : sequence of str or None ``(n,)``
+    """
+    return PackedField("text", values if isinstance(values, list) else list(values))
+
+
+def real_field(values: np.ndarray | Sequence[float]) -> PackedField:
+    """A float column, NULL for NaN; read back bit for bit (the shortest round-trip decimal
+    that JSON writes, converted by SQLite as a JSON number is).
+
+    Parameters
+    ----------
+    values : float64 ``(n,)``
+    """
+    return PackedField("real", np.asarray(values, np.float64).reshape(-1))
+
+
+def _int_records(x: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Zero-padded decimal digits, with a sign place when any value is negative; NULL as
+    spaces."""
     negative = x < 0
     # magnitude as uint64: -x overflows for int64's least value, -(x + 1) + 1 does not
     magnitude = np.where(negative, (-(x + 1)).astype(np.uint64) + 1, x.astype(np.uint64))
@@ -82,111 +137,104 @@ def int_field(values: np.ndarray | Sequence[int], null: np.ndarray | None = None
         sign = np.where(negative, ord("-"), _ZERO).astype(np.uint8)
         data = np.hstack([sign[:, None], data])
     width = data.shape[1]
-    if null is not None and np.any(null):
-        data[np.asarray(null, bool)] = ord(" ")
+    if null is not None and null.any():
+        data[null] = ord(" ")
         blank = "x'" + "20" * width + "'"
-        sql = f"CAST(nullif(substr(?1, o + {{at}}, {width}), {blank}) AS INTEGER)"
-        return PackedField(data, sql)
-    return PackedField(data, f"CAST(substr(?1, o + {{at}}, {width}) AS INTEGER)")
+        return data, f"CAST(nullif(substr(?1, o + {{at}}, {width}), {blank}) AS INTEGER)"
+    return data, f"CAST(substr(?1, o + {{at}}, {width}) AS INTEGER)"
 
 
-def text_field(values: Sequence[str | None]) -> PackedField:
-    """A text column (UTF-8, NULL for None; a text must not end in a NUL character, which
-    numpy's byte strings drop). Texts of one length are stored as they are; otherwise each
-    record holds the text's byte length (an :func:`int_field`) before the text, padded to
-    the longest.
-
-    Parameters
-    ----------
-    values : sequence of str or None ``(n,)``
-    """
-    texts = list(values)
+def _text_records(texts: list[str | None]) -> tuple[np.ndarray, str]:
+    """Texts of one length as they are; otherwise each text's byte length (an integer
+    field) before the text, padded to the longest."""
     null = None
     if None in texts:
         null = np.fromiter((v is None for v in texts), bool, len(texts))
         if null.all():
-            return _bytes_field(np.zeros(len(texts), "S1"), null, "TEXT")
+            return _bytes_records(np.zeros(len(texts), "S1"), null, "TEXT")
         texts = ["" if v is None else v for v in texts]
     try:
         data = np.array(texts, dtype="S")  # ASCII, the common case: no Python loop
     except UnicodeEncodeError:
-        data = np.array([v.encode() for v in texts], dtype="S")
-    return _bytes_field(data, null, "TEXT")
+        data = np.array([v.encode() for v in texts], dtype="S")  # type: ignore[union-attr]
+    return _bytes_records(data, null, "TEXT")
 
 
-def real_field(values: np.ndarray | Sequence[float]) -> PackedField:
-    """A float column: each value's shortest round-trip decimal (as JSON writes it), read
-    back by SQLite's text-to-real conversion, as JSON numbers are; NaN is stored as NULL.
-
-    Parameters
-    ----------
-    values : float64 ``(n,)``
-    """
-    x = np.asarray(values, np.float64)
+def _real_records(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Each value's shortest round-trip decimal, as JSON writes it; NaN as NULL."""
     if not len(x):
-        return _bytes_field(np.zeros(0, "S1"), None, "REAL")
+        return _bytes_records(np.zeros(0, "S1"), None, "REAL")
     decimals = to_json(x.tolist(), inf_nan_mode="null")[1:-1].split(b",")
     nan = np.isnan(x)
-    return _bytes_field(np.array(decimals, dtype="S"), nan if nan.any() else None, "REAL")
+    return _bytes_records(np.array(decimals, dtype="S"), nan if nan.any() else None, "REAL")
 
 
-def _bytes_field(data: np.ndarray, null: np.ndarray | None, affinity: str) -> PackedField:
-    """A column of byte strings ``data`` (``S`` dtype, ``(n,)``), read back as ``affinity``
-    (``TEXT`` or ``REAL``); ``null`` (bool ``(n,)``) marks NULLs."""
+def _bytes_records(
+    data: np.ndarray, null: np.ndarray | None, affinity: str
+) -> tuple[np.ndarray, str]:
+    """Byte strings ``data`` (``S`` dtype, ``(n,)``) read back as ``affinity`` (``TEXT``
+    or ``REAL``); ``null`` (bool ``(n,)``) marks NULLs."""
     width = data.dtype.itemsize
     block = data.view(np.uint8).reshape(len(data), width)
     lengths = np.strings.str_len(data)
     if null is None and (lengths == width).all():
-        return PackedField(block, f"CAST(substr(?1, o + {{at}}, {width}) AS {affinity})")
-    length = int_field(lengths, null)  # NULL for None: substr(..., NULL) is NULL
-    skip = length.data.shape[1]
-    sql = f"CAST(substr(?1, o + {{at}} + {skip}, {length.sql}) AS {affinity})"
-    return PackedField(np.hstack([length.data, block]), sql)
+        return block, f"CAST(substr(?1, o + {{at}}, {width}) AS {affinity})"
+    length, length_sql = _int_records(lengths, null)  # NULL for None: substr(.., NULL) is NULL
+    skip = length.shape[1]
+    sql = f"CAST(substr(?1, o + {{at}} + {skip}, {length_sql}) AS {affinity})"
+    return np.hstack([length, block]), sql
 
 
 @dataclass(frozen=True)
 class PackedRows:
-    """A batch of rows as one BLOB of fixed-width records (:attr:`blob`, bound as ``?1``)
-    and an SQL expression per column (:attr:`columns`).
+    """A batch of rows as one statement parameter (:attr:`param`, bound as ``?1``) and an
+    SQL expression per column (:attr:`columns`) over the CTE ``packed``.
 
     Attributes
     ----------
-    blob : bytes
-        ``n`` records of :attr:`width` bytes.
-    width : int
+    param : str or bytes
+        JSON text (at most :data:`JSON_ROWS` rows) or fixed-width records.
     columns : dict of str to str
-        Each column's SQL expression over the CTE ``packed``.
+    n : int
+        Rows.
     """
 
-    blob: bytes
-    width: int
+    param: str | bytes
     columns: dict[str, str]
+    n: int
+    _cte: str
 
     @classmethod
     def of(cls, **fields: PackedField) -> PackedRows:
-        """Pack columns of equal length (keyword order is record order)."""
+        """Pack columns of equal length (keyword order is column order)."""
         if not fields:
             raise ValueError("nothing to pack: no columns")
-        lengths = {name: len(f.data) for name, f in fields.items()}
+        lengths = {name: len(f) for name, f in fields.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"packed columns of different lengths: {lengths}")
-        columns: dict[str, str] = {}
-        at = 0
+        n = next(iter(lengths.values()))
+        if n <= JSON_ROWS:
+            rows = list(zip(*(f.json_values() for f in fields.values()), strict=True))
+            text = to_json(rows, inf_nan_mode="null").decode()  # TEXT: 3.45 reads BLOBs as JSONB
+            columns = {name: f"value ->> {i}" for i, name in enumerate(fields)}
+            return cls(text, columns, n, "WITH packed(value) AS (SELECT value FROM json_each(?1)) ")
+        blocks, columns, at = [], {}, 0
         for name, f in fields.items():
-            columns[name] = f.sql.replace("{at}", str(at))
-            at += f.data.shape[1]
-        data = np.hstack([f.data for f in fields.values()])
-        return cls(np.ascontiguousarray(data, np.uint8).tobytes(), at, columns)
+            block, sql = f.records()
+            blocks.append(block)
+            columns[name] = sql.replace("{at}", str(at))
+            at += block.shape[1]
+        data = np.ascontiguousarray(np.hstack(blocks), np.uint8).tobytes()
+        cte = (
+            f"WITH RECURSIVE packed(o) AS (SELECT 1 WHERE length(?1) >= {at} "
+            f"UNION ALL SELECT o + {at} FROM packed WHERE o + {2 * at - 1} <= length(?1)) "
+        )
+        return cls(data, columns, n, cte)
 
     def __len__(self) -> int:
-        return len(self.blob) // self.width
+        return self.n
 
     def sql(self, statement: str) -> str:
         """``statement`` with each ``{column}`` replaced by its expression, after the CTE
-        ``packed(o)`` that numbers the records (one row per record, in order)."""
-        w = self.width
-        cte = (
-            f"WITH RECURSIVE packed(o) AS (SELECT 1 WHERE length(?1) >= {w} "
-            f"UNION ALL SELECT o + {w} FROM packed WHERE o + {2 * w - 1} <= length(?1)) "
-        )
-        return cte + statement.format(**self.columns)
+        ``packed`` (one row per packed row, in order)."""
+        return self._cte + statement.format(**self.columns)

@@ -861,7 +861,7 @@ class SqliteContactStore:
 
         def upsert(conn: sqlite3.Connection) -> int:
             if kind > 0:  # a recommendation's contact id is its new decision's
-                other = conn.execute(packed.sql(_OTHER_CUSTOMER), (packed.blob,)).fetchone()
+                other = conn.execute(packed.sql(_OTHER_CUSTOMER), (packed.param,)).fetchone()
                 if other is not None:
                     raise ContactConflictError(other[0])
             before = conn.total_changes
@@ -900,7 +900,7 @@ class SqliteContactStore:
             # this very transaction): nothing to check
             earlier = min(last, self._transaction_start(last))
             if position is not None and not self._own_rows.cover(position, earlier):
-                since = conn.execute(packed.sql(_CONTACTED_SINCE), (packed.blob, position))
+                since = conn.execute(packed.sql(_CONTACTED_SINCE), (packed.param, position))
                 refused = [r[0] for r in since]
             if refused:
                 accepted = rows.without(set(refused)).packed(self._code_of_index)
@@ -930,7 +930,7 @@ class SqliteContactStore:
         """Upsert ``rows`` (in the write transaction, whose last row id was ``last``) and
         append the row ids they took to ``taken``, as ``(last, new last)``:
         :meth:`_submit_write` counts them as this store's once the transaction commits."""
-        conn.execute(rows.sql(_UPSERT), (rows.blob, kind))
+        conn.execute(rows.sql(_UPSERT), (rows.param, kind))
         taken.append((last, _last_row_id(conn)))
 
     def _rows(self, contacts: ContactBatch) -> _StoredRows:

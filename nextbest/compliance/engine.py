@@ -41,6 +41,8 @@ def code_counts(blocked_by: np.ndarray) -> np.ndarray:
     (a 10,000 x 361 mask: ~3.6 ms against ~7.5 ms).
     """
     flat = np.ascontiguousarray(blocked_by, np.uint8).ravel()
+    if flat.size < 65_536:  # the 65,536 bins would cost more than they save
+        return np.bincount(flat, minlength=256)
     even = flat.size - flat.size % 2
     pairs = np.bincount(flat[:even].view(np.uint16), minlength=65_536).reshape(256, 256)
     counts = pairs.sum(axis=0) + pairs.sum(axis=1)  # either byte of a pair, whatever the order

@@ -1,4 +1,5 @@
-"""Rows packed into one BLOB come back from SQLite exactly as given."""
+"""Rows packed into one statement parameter come back from SQLite exactly as given, in
+either encoding (JSON for few rows, fixed-width records for many)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import sqlite3
 import numpy as np
 import pytest
 
+from nextbest import packed_rows
 from nextbest.packed_rows import PackedRows, int_field, real_field, text_field
+
+
+@pytest.fixture(autouse=True, params=["json", "records"])
+def encoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs in both encodings, whatever its number of rows."""
+    monkeypatch.setattr(packed_rows, "JSON_ROWS", 10**9 if request.param == "json" else -1)
+    return str(request.param)
 
 
 def read_back(rows: PackedRows, *names: str) -> list[tuple]:
     conn = sqlite3.connect(":memory:")
     select = ", ".join("{" + name + "}" for name in names)
-    return conn.execute(rows.sql(f"SELECT {select} FROM packed"), (rows.blob,)).fetchall()
+    return conn.execute(rows.sql(f"SELECT {select} FROM packed"), (rows.param,)).fetchall()
 
 
 def test_integers_round_trip_across_int64_in_order() -> None:
@@ -31,9 +40,14 @@ def test_integers_round_trip_across_int64_in_order() -> None:
     assert len(rows) == len(values)
 
 
+def test_the_encoding_follows_the_number_of_rows(encoding: str) -> None:
+    rows = PackedRows.of(n=int_field(np.arange(3)))
+    assert isinstance(rows.param, str if encoding == "json" else bytes)
+
+
 def test_non_negative_integers_take_no_sign_place() -> None:
-    assert int_field(np.array([0, 7, 42])).data.shape == (3, 2)
-    assert int_field(np.array([0, -7, 42])).data.shape == (3, 3)
+    assert int_field(np.array([0, 7, 42])).records()[0].shape == (3, 2)
+    assert int_field(np.array([0, -7, 42])).records()[0].shape == (3, 3)
 
 
 def test_integer_nulls() -> None:

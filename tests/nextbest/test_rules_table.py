@@ -294,7 +294,7 @@ def test_count_blocks_per_rule_opted_out(catalog: ActionCatalog, engine: RuleEng
     assert np.sum(engine.evaluate(batch).allowed) == 1
 
 
-@pytest.mark.parametrize("shape", [(2_500, 361), (3, 7), (1, 1), (0, 361)])
+@pytest.mark.parametrize("shape", [(2_500, 361), (363, 361), (3, 7), (1, 1), (0, 361)])
 def test_code_counts_equal_a_plain_count_for_odd_and_even_sizes(shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(sum(shape))
     codes = rng.choice([0, 1, 5, 18, 254, int(ALLOWED)], size=shape).astype(np.uint8)
