@@ -83,6 +83,7 @@ from serving.settings import Settings
 
 log = logging.getLogger("nextbest.serving")
 T = TypeVar("T")
+_Counts = tuple[np.ndarray, np.ndarray]
 
 
 PIPELINE_ROWS = 2_500
@@ -726,8 +727,10 @@ class ScoringService:
             "ruleset_version": self.rules.version,
             "catalog_version": self.catalog.version,
         }
-        # the answer is encoded while the last parts commit (again if a part is decided again)
+        # the answer is encoded and counted while the last parts commit (again for a part
+        # decided again)
         encoded = to_json({**answer.body(), **body})
+        counts = [self.counts_of(w.result) for w in writes]
         # every part settled before any error is answered
         settled = await asyncio.gather(*(self.settle(w) for w in writes), return_exceptions=True)
         failure = next((o for o in settled if isinstance(o, BaseException)), None)
@@ -740,10 +743,10 @@ class ScoringService:
         for i, (write, outcome) in enumerate(zip(writes, settled, strict=True)):
             assert not isinstance(outcome, BaseException)  # no failure (above)
             result, ids = outcome
-            self.count_served("batch", result)
             if result is not write.result:  # some customers were decided again
                 answer.replace(i, result, ids)
                 decided_again = True
+            self.count_served("batch", result, None if result is not write.result else counts[i])
         return to_json({**answer.body(), **body}) if decided_again else encoded
 
     async def _withdraw_served(
@@ -858,11 +861,16 @@ class ScoringService:
         except Exception as exc:
             log.warning("could not withdraw %d unserved decisions: %s", len(decision_ids), exc)
 
-    def count_served(self, endpoint: str, result: Decisions) -> None:
-        """Count served decisions in the metrics (actions by channel, blocks by rule)."""
+    def count_served(self, endpoint: str, result: Decisions, counts: _Counts | None = None) -> None:
+        """Count served decisions in the metrics (actions by channel, blocks by rule);
+        ``counts``: :meth:`counts_of` ``result``, if already taken."""
+        self._counters.observe(endpoint, *(counts or self.counts_of(result)))
+
+    def counts_of(self, result: Decisions) -> _Counts:
+        """What :meth:`count_served` adds up: the channel index of every chosen action
+        ``(n,)`` and the blocked pairs per rule ``(n_rules,)``."""
         block_counts = code_counts(result.blocked_by)[: len(self.rules.rule_ids)]
-        channel_index = self.catalog.channel_index[result.action].astype(np.int64)
-        self._counters.observe(endpoint, channel_index, block_counts)
+        return self.catalog.channel_index[result.action].astype(np.int64), block_counts
 
     async def _served(
         self, writes: _Writes, round_: int, rounds: int
