@@ -398,6 +398,7 @@ def serve(
         reuse_port_supported,
     )
     from serving.settings import Settings
+    from serving.supervision import mark_supervisor
 
     if model is not None:
         os.environ["NEXTBEST_MODEL_URI"] = model
@@ -427,6 +428,7 @@ def serve(
     if workers > 1:  # every worker writes its samples here; /metrics adds them up
         metrics_dir = multiprocess_dir(settings.state_dir, os.getpid())
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+        mark_supervisor()  # a worker stops if this process is killed
     if not reuse_port:
         uvicorn.run("serving.app:create_app", **options)
         return

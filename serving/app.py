@@ -28,6 +28,7 @@ from serving.routes import contacts, decisions, health, rewards
 from serving.schemas import BatchDecisionRequest, DecisionRequest, DeliveryRequest, RewardRequest
 from serving.service import ScoringService
 from serving.settings import Settings
+from serving.supervision import follow_supervisor
 
 log = logging.getLogger("nextbest.serving")
 
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        follow_supervisor()  # a worker of `nextbest serve --workers N` ends with its supervisor
         service = await asyncio.to_thread(ScoringService.start, settings)
         app.state.service = service
         _tune_gc()

@@ -256,6 +256,32 @@ def test_a_second_server_on_the_same_state_leaves_the_first_ones_metrics(
         second.wait(timeout=60)
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@slow_on_linux
+def test_workers_stop_when_their_supervisor_is_killed(two_workers: Served) -> None:
+    """SIGKILL to the supervisor: its workers get SIGTERM from the kernel and shut down,
+    rather than serving on, orphaned, with the port."""
+    server, port = two_workers
+    workers = _workers(server)
+    assert len(workers) == 2 and all(_running(w) for w in workers)
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while any(_running(w) for w in workers):
+        assert time.monotonic() < deadline, "workers still running after their supervisor died"
+        time.sleep(0.1)
+    with pytest.raises(OSError):  # nobody serves the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
 @slow_on_linux
 def test_two_workers_asked_at_once_about_the_same_customers_contact_each_once(
     two_workers: Served, tmp_path: Path
