@@ -546,7 +546,8 @@ class ContactConflictError(ValueError):
 _UPSERT = (
     "INSERT INTO contact_events (contact_id, customer, channel, offer, at_us, kind, latest_us) "
     "SELECT {contact_id}, {customer}, {channel}, {offer}, {at_us}, ?2, {latest_us} "
-    "FROM packed WHERE true " + _LATER_KIND_REPLACES  # WHERE: the ON CONFLICT below is the upsert's
+    # WHERE: the ON CONFLICT that follows is the upsert's, not a join's
+    "FROM packed WHERE true " + _LATER_KIND_REPLACES
 )
 """Store a batch of contacts (:meth:`_StoredRows.packed`, kind ``?2``) in one statement:
 SQLite reads it without the GIL (one ``executemany`` step per row would hand the GIL back

@@ -694,11 +694,11 @@ class ScoringService:
             )
         mask = self.candidate_mask(request.candidates, request.channels, request.campaign_id)
         now = datetime.now(UTC)
+        keys = pseudonymise_many(request.customer_ids(), self._key)
         if request.columns is not None:
             raw = context_batch(request.columns, self.catalog, now)
         else:
             raw = ContextBatch.from_contexts(request.customers or [], self.catalog, now)
-        keys = pseudonymise_many(request.customer_ids(), self._key)
         whole = _Part(
             keys, new_decision_ids(n), raw, mask, request.campaign_id, request.k, False, model, now
         )
@@ -864,7 +864,7 @@ class ScoringService:
     def count_served(self, endpoint: str, result: Decisions, counts: _Counts | None = None) -> None:
         """Count served decisions in the metrics (actions by channel, blocks by rule);
         ``counts``: :meth:`counts_of` ``result``, if already taken."""
-        self._counters.observe(endpoint, *(counts or self.counts_of(result)))
+        self._counters.observe(endpoint, *(self.counts_of(result) if counts is None else counts))
 
     def counts_of(self, result: Decisions) -> _Counts:
         """What :meth:`count_served` adds up: the channel index of every chosen action
