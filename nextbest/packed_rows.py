@@ -99,24 +99,38 @@ def int_field(values: np.ndarray | Sequence[int], null: np.ndarray | None = None
     values : int64 ``(n,)``
     null : bool ``(n,)``, optional
     """
-    x = np.asarray(values, np.int64).reshape(-1)
+    given = np.asarray(values)
+    if given.dtype.kind == "u" and given.size and given.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"integer column: {given.max()} does not fit in 64 signed bits")
+    x = given.astype(np.int64).reshape(-1)
     return PackedField("int", x, None if null is None else np.asarray(null, bool).reshape(-1))
 
 
 def text_field(values: Sequence[str | None]) -> PackedField:
-    """A text column (UTF-8, NULL for None; a text must not end in a NUL character, which
-    numpy's byte strings drop).
+    """A text column (UTF-8, NULL for None).
 
     Parameters
     ----------
     values : sequence of str or None ``(n,)``
+
+    Raises
+    ------
+    ValueError
+        If a text holds a NUL character: SQLite's JSON reader ends the text there, numpy's
+        byte strings drop it at the end, so neither encoding could carry it.
     """
-    return PackedField("text", values if isinstance(values, list) else list(values))
+    texts = values if isinstance(values, list) else list(values)
+    present = texts if None not in texts else [t for t in texts if t is not None]
+    if "\x00" in "".join(present):  # type: ignore[arg-type]
+        row = next(i for i, t in enumerate(texts) if t is not None and "\x00" in t)
+        raise ValueError(f"text column: row {row} holds a NUL character")
+    return PackedField("text", texts)
 
 
 def real_field(values: np.ndarray | Sequence[float]) -> PackedField:
-    """A float column, NULL for NaN; read back bit for bit (the shortest round-trip decimal
-    that JSON writes, converted by SQLite as a JSON number is).
+    """A float column, NULL for NaN and infinities; read back bit for bit in either
+    encoding (the shortest round-trip decimal that JSON writes, parsed by SQLite's JSON
+    number parser).
 
     Parameters
     ----------
@@ -140,8 +154,8 @@ def _int_records(x: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, st
     if null is not None and null.any():
         data[null] = ord(" ")
         blank = "x'" + "20" * width + "'"
-        return data, f"CAST(nullif(substr(?1, o + {{at}}, {width}), {blank}) AS INTEGER)"
-    return data, f"CAST(substr(?1, o + {{at}}, {width}) AS INTEGER)"
+        return data, f"CAST(nullif(substr(?1, packed.o + {{at}}, {width}), {blank}) AS INTEGER)"
+    return data, f"CAST(substr(?1, packed.o + {{at}}, {width}) AS INTEGER)"
 
 
 def _text_records(texts: list[str | None]) -> tuple[np.ndarray, str]:
@@ -151,37 +165,38 @@ def _text_records(texts: list[str | None]) -> tuple[np.ndarray, str]:
     if None in texts:
         null = np.fromiter((v is None for v in texts), bool, len(texts))
         if null.all():
-            return _bytes_records(np.zeros(len(texts), "S1"), null, "TEXT")
+            return _bytes_records(np.zeros(len(texts), "S1"), null)
         texts = ["" if v is None else v for v in texts]
     try:
         data = np.array(texts, dtype="S")  # ASCII, the common case: no Python loop
     except UnicodeEncodeError:
         data = np.array([v.encode() for v in texts], dtype="S")  # type: ignore[union-attr]
-    return _bytes_records(data, null, "TEXT")
+    return _bytes_records(data, null)
 
 
 def _real_records(x: np.ndarray) -> tuple[np.ndarray, str]:
-    """Each value's shortest round-trip decimal, as JSON writes it; NaN as NULL."""
+    """Each value's shortest round-trip decimal as JSON writes it (``null`` for NaN and
+    infinities, as in the JSON encoding), read back by SQLite's JSON number parser: its
+    ``CAST(text AS REAL)`` is not correctly rounded (3.40 turns 0.839396101051679 into
+    0.8393961010516791), its JSON parser is."""
     if not len(x):
-        return _bytes_records(np.zeros(0, "S1"), None, "REAL")
+        return _bytes_records(np.zeros(0, "S1"), None)
     decimals = to_json(x.tolist(), inf_nan_mode="null")[1:-1].split(b",")
-    nan = np.isnan(x)
-    return _bytes_records(np.array(decimals, dtype="S"), nan if nan.any() else None, "REAL")
+    data, text_sql = _bytes_records(np.array(decimals, dtype="S"), None)
+    return data, f"({text_sql} ->> '$')"
 
 
-def _bytes_records(
-    data: np.ndarray, null: np.ndarray | None, affinity: str
-) -> tuple[np.ndarray, str]:
-    """Byte strings ``data`` (``S`` dtype, ``(n,)``) read back as ``affinity`` (``TEXT``
-    or ``REAL``); ``null`` (bool ``(n,)``) marks NULLs."""
+def _bytes_records(data: np.ndarray, null: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Byte strings ``data`` (``S`` dtype, ``(n,)``) read back as text; ``null`` (bool
+    ``(n,)``) marks NULLs."""
     width = data.dtype.itemsize
     block = data.view(np.uint8).reshape(len(data), width)
     lengths = np.strings.str_len(data)
     if null is None and (lengths == width).all():
-        return block, f"CAST(substr(?1, o + {{at}}, {width}) AS {affinity})"
+        return block, f"CAST(substr(?1, packed.o + {{at}}, {width}) AS TEXT)"
     length, length_sql = _int_records(lengths, null)  # NULL for None: substr(.., NULL) is NULL
     skip = length.shape[1]
-    sql = f"CAST(substr(?1, o + {{at}} + {skip}, {length_sql}) AS {affinity})"
+    sql = f"CAST(substr(?1, packed.o + {{at}} + {skip}, {length_sql}) AS TEXT)"
     return np.hstack([length, block]), sql
 
 
@@ -216,7 +231,7 @@ class PackedRows:
         if n <= JSON_ROWS:
             rows = list(zip(*(f.json_values() for f in fields.values()), strict=True))
             text = to_json(rows, inf_nan_mode="null").decode()  # TEXT: 3.45 reads BLOBs as JSONB
-            columns = {name: f"value ->> {i}" for i, name in enumerate(fields)}
+            columns = {name: f"packed.value ->> {i}" for i, name in enumerate(fields)}
             return cls(text, columns, n, "WITH packed(value) AS (SELECT value FROM json_each(?1)) ")
         blocks, columns, at = [], {}, 0
         for name, f in fields.items():

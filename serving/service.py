@@ -764,7 +764,7 @@ class ScoringService:
                 ids += outcome.decision_ids
             elif not isinstance(outcome, BaseException):
                 ids += outcome[1]
-            # another error: that part's write failed, and it withdrew its decisions
+            # another error: that part failed in settle(), which withdrew its decisions
         if ids:
             await self._withdraw_quietly(ids)
 
@@ -847,6 +847,9 @@ class ScoringService:
         _StillContactedError
             Some customers were refused in every round (their decisions are withdrawn; the
             others' stay journalled, to be served).
+        Exception
+            A write or a decision of a later round failed: every decision of ``writes`` is
+            withdrawn (none is served).
         """
         started = asyncio.get_running_loop().time()
         result, ids = await self._served(writes, 1, MAX_DECISION_ROUNDS if decide_again else 1)
@@ -902,6 +905,11 @@ class ScoringService:
                 _replace_ids(ids, again_rows, exc.decision_ids)
                 merged = result.with_rows(again_rows, exc.result)
                 raise _StillContactedError(merged, ids, again_rows[exc.rows], exc.rounds) from None
+        except _StillContactedError:
+            raise
+        except Exception:  # deciding again failed: none of this part is served
+            await self._withdraw_quietly(part.decision_ids)
+            raise
         finally:
             await _committed(withdrawn)
         _replace_ids(ids, again_rows, new_ids)

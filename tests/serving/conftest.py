@@ -69,7 +69,9 @@ def start_server(model: Path, state: Path, port: int, workers: int = 1) -> subpr
     server = subprocess.Popen(command, env=env, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        assert server.poll() is None, "the service exited at start"
+        if server.poll() is not None:
+            stop_server(server)  # its workers too, if any were started
+            raise AssertionError("the service exited at start")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/readyz")

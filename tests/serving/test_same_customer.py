@@ -175,6 +175,7 @@ def test_lookup_counts_every_pending_write_once_per_row_it_is_asked_for(
     ]
     gate.set_result(None)
     assert [w.result(10) for w in writes] == [3, 1, 1]
+    store.flush(10)  # a write's done-callbacks (forgetting it) run after its result is set
     assert store._pending == {}
     committed = store.contacts([b, a, "nobody", a], now_us - 1)
     assert sorted(committed.row.tolist()) == [0, 0, 1, 3]  # from the store now, not twice
@@ -191,6 +192,7 @@ def test_a_failed_write_is_not_counted(tmp_path: Path, catalog: ActionCatalog) -
     )
     with pytest.raises(Exception, match="contact_events"):
         failed.result(10)
+    store.flush(10)  # a write's done-callbacks (forgetting it) run after its result is set
     assert store._pending == {}
     store.close()
 
@@ -352,6 +354,31 @@ def test_customers_refused_every_round_fail_the_batch_and_none_of_it_stays_journ
     journal = read_journal(greedy_settings.state_dir)
     assert journal["decision_id"].to_pylist() == [theirs.decision_id]
     assert batch_served._value.get() == before  # type: ignore[attr-defined]  # none served
+
+
+def test_a_failure_deciding_again_withdraws_the_whole_part(
+    greedy_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rounds-1 is refused and deciding it again fails (its lookup raises): the batch fails,
+    and rounds-0's decision, committed in the same part, is withdrawn with it."""
+    lookups = []
+    merge_stored = ScoringService._merge_stored
+
+    def third_lookup_fails(self: ScoringService, *args: object) -> object:
+        lookups.append(1)  # the batch's, the other worker's, then the batch's second round
+        if len(lookups) == 3:
+            raise RuntimeError("contact store unreachable")
+        return merge_stored(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ScoringService, "_merge_stored", third_lookup_fails)
+    ids = ["again-0", "again-1"]
+    with pytest.raises(RuntimeError, match="unreachable"):
+        _batch_racing_another_worker(greedy_settings, ids, ids[1])
+
+    journal = read_journal(greedy_settings.state_dir)
+    theirs_only = [pseudonymise(ids[1], greedy_settings.pseudonym_key)]
+    assert journal["customer_key"].to_pylist() == theirs_only
+    assert len(lookups) == 3
 
 
 def test_a_request_refused_every_round_fails_alone(
