@@ -9,7 +9,7 @@ the GIL (``executemany`` takes the GIL back for every row). Two encodings, one i
 * **Many rows**: one BLOB of fixed-width records of ASCII digits and UTF-8 bytes, numbered
   by a recursive CTE and cut with ``substr`` (byte offsets on a BLOB, so each field is found
   in constant time): ~7 ms for the same rows, built with numpy rather than one Python
-  object per value. Building costs ~100 us whatever the size, so it does not pay for a
+  object per value. Building costs ~90 us whatever the size, so it does not pay for a
   single decision's row (~3 us as JSON).
 
 Usage::
@@ -19,7 +19,8 @@ Usage::
                  (rows.param,))
 
 The rows are always parameter ``?1``; each ``{column}`` is an SQL expression over the CTE
-``packed``. Rows come out in the order given.
+``packed`` (its columns qualified, so a joined table's own ``value`` or ``o`` cannot shadow
+them). Rows come out in the order given.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class PackedField:
 
     def records(self) -> tuple[np.ndarray, str]:
         """The column as fixed-width bytes, uint8 ``(n, width)``, and an SQL expression of
-        it at record offset ``o`` and field offset ``{at}``."""
+        it at record offset ``packed.o`` and field offset ``{at}``."""
         if self.kind == "int":
             return _int_records(self.values, self.null)
         if self.kind == "text":
