@@ -105,6 +105,13 @@ async def _committed(future: Future[T]) -> T:
     return await asyncio.shield(asyncio.wrap_future(future))
 
 
+def _failed(exc: BaseException) -> Future[Any]:
+    """A future that failed with ``exc`` (a write refused before it was queued)."""
+    future: Future[Any] = Future()
+    future.set_exception(exc)
+    return future
+
+
 MAX_DECISION_ROUNDS = 8
 """Times a customer is decided at most, counting the first: each further time, another worker
 stored a contact for them between this worker's lookup and its commit, so the customer's
@@ -367,14 +374,14 @@ class _Coalescer:
             if not isinstance(exc, Exception):
                 raise
             return
-        if unserved:
+        for row, (_, future) in enumerate(group):
+            if row not in unserved and not future.done():  # the caller may have gone
+                future.set_result((result, row, ids[row]))
+        if unserved:  # counted once every caller has its answer
             served = np.setdiff1d(np.arange(len(group)), sorted(unserved))
             service.count_served("single", result.take(served))
         else:
             service.count_served("single", result)
-        for row, (_, future) in enumerate(group):
-            if row not in unserved and not future.done():  # the caller may have gone
-                future.set_result((result, row, ids[row]))
 
 
 def _fail(
@@ -811,7 +818,10 @@ class ScoringService:
         journalled = self.journal.submit(decisions, inline=inline)
         recorded = None
         if len(contacts):
-            recorded = self.contacts.record_if_unchanged(contacts, position, inline=inline)
+            try:
+                recorded = self.contacts.record_if_unchanged(contacts, position, inline=inline)
+            except Exception as exc:  # the journal may commit them: settle() withdraws them
+                recorded = _failed(exc)
         return _Writes(part, result, _both_written(journalled, recorded))
 
     def _journal_batch(self, part: _Part, result: Decisions) -> DecisionBatch:
@@ -856,11 +866,16 @@ class ScoringService:
         metrics.JOURNAL_WAIT.observe(asyncio.get_running_loop().time() - started)
         return result, ids
 
-    async def _withdraw_quietly(self, decision_ids: list[str]) -> None:
-        """Withdraw decisions whose contacts failed to be stored (if the journal has them),
-        logging rather than raising a failure: the write's own error is the one to answer."""
+    async def _withdraw_quietly(
+        self, decision_ids: list[str], started: Future[int] | None = None
+    ) -> None:
+        """Withdraw decisions that are not served (if the journal has them), logging rather
+        than raising a failure: the request's own outcome is the one to answer (a journal
+        that cannot withdraw keeps them, and says so in the log). ``started``: the
+        withdrawal, if already submitted."""
         try:
-            await _committed(self.journal.withdraw(decision_ids))
+            withdrawal = started if started is not None else self.journal.withdraw(decision_ids)
+            await _committed(withdrawal)
         except Exception as exc:
             log.warning("could not withdraw %d unserved decisions: %s", len(decision_ids), exc)
 
@@ -888,7 +903,10 @@ class ScoringService:
             raise
         if not refused:
             return result, part.decision_ids
-        withdrawn = self.journal.withdraw(refused)
+        try:
+            withdrawn = self.journal.withdraw(refused)
+        except Exception as exc:  # logged below; the other decisions are still served
+            withdrawn = _failed(exc)
         refused_ids = set(refused)
         again_rows = np.flatnonzero([i in refused_ids for i in part.decision_ids])
         ids = list(part.decision_ids)
@@ -911,7 +929,7 @@ class ScoringService:
             await self._withdraw_quietly(part.decision_ids)
             raise
         finally:
-            await _committed(withdrawn)
+            await self._withdraw_quietly(refused, withdrawn)
         _replace_ids(ids, again_rows, new_ids)
         return result.with_rows(again_rows, decided), ids
 

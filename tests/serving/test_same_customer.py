@@ -12,6 +12,7 @@ from collections import Counter
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -482,3 +483,110 @@ def test_a_decision_whose_contact_cannot_be_stored_is_not_left_in_the_journal(
 
     assert stored == 1  # it was journalled, side by side with the failed contact write
     assert len(read_journal(greedy_settings.state_dir)) == 0  # and then withdrawn
+
+
+# --------------------------------------------------------------------------- failing writes
+
+
+def test_a_contact_write_refused_at_once_withdraws_the_journalled_decisions(
+    greedy_settings: Settings,
+) -> None:
+    """The contact store refuses the write before queueing it (its writer is closed) after
+    the journal took the decisions: the requests fail and no decision stays journalled, for a
+    single request and for a batch."""
+    service = ScoringService.start(greedy_settings)
+    service.contacts._writer.close()  # the journal's writer is still up
+    single = DecisionRequest.model_validate(
+        {"customer": customer(customer_id="refused-at-once"), "candidates": [SMS]}
+    )
+    batch = BatchDecisionRequest.model_validate(
+        {"customers": [customer(customer_id=f"refused-{i}") for i in range(3)]}
+    )
+    try:
+        with pytest.raises(RuntimeError, match="closed"):
+            asyncio.run(service.decide(single))
+        with pytest.raises(RuntimeError, match="closed"):
+            asyncio.run(service.decide_batch(batch))
+        service.journal.flush()
+        with sqlite3.connect(service.journal.path) as conn:
+            stored = conn.execute("SELECT count(*) FROM decisions").fetchone()[0]
+    finally:
+        service.close()
+    assert stored == 4  # journalled, then withdrawn
+    assert read_journal(greedy_settings.state_dir).num_rows == 0
+
+
+def test_a_second_round_contact_write_refused_at_once_withdraws_it(
+    greedy_settings: Settings,
+) -> None:
+    """Refused in the first round (another worker stored an old delivery for the customer
+    after the lookup), decided again, and that round's contact write is refused at once: the
+    request fails and neither round's decision stays journalled."""
+    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+    key = pseudonymise("redo-1", greedy_settings.pseudonym_key)
+    lookup, record = first.contacts.contacts, first.contacts.record_if_unchanged
+    writes: list[int] = []
+
+    def lookup_then_other_worker(keys: list[str], since_us: int) -> ContactEvents:
+        events = lookup(keys, since_us)
+        if not writes:
+            old = epoch_us(datetime.now(UTC)) - 48 * 3_600_000_000
+            delivered = ContactBatch(["msg-1"], [key], ["sms"], [None], old, "delivered")
+            second.contacts.record(delivered).result(10)
+        return events
+
+    def second_write_refused(*args: Any, **kwargs: Any) -> Future[list[str]]:
+        writes.append(1)
+        if len(writes) == 2:
+            raise RuntimeError("contact store closed")
+        return record(*args, **kwargs)
+
+    first.contacts.contacts = lookup_then_other_worker  # type: ignore[method-assign]
+    first.contacts.record_if_unchanged = second_write_refused  # type: ignore[method-assign]
+    body = {"customer": customer(customer_id="redo-1"), "candidates": [SMS]}
+    try:
+        with pytest.raises(RuntimeError, match="closed"):
+            asyncio.run(first.decide(DecisionRequest.model_validate(body)))
+        journal = read_journal(greedy_settings.state_dir)
+    finally:
+        first.close()
+        second.close()
+    assert len(writes) == 2
+    assert journal.num_rows == 0
+
+
+def test_a_refused_decision_that_cannot_be_withdrawn_still_lets_the_others_be_served(
+    greedy_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two requests decided together; another worker contacts the first one's customer; the
+    journal fails to withdraw the refused decision: both requests are still answered (the
+    first decided again), and the failure is logged."""
+    first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
+    bodies = [{"customer": customer(customer_id=f"wd-{i}"), "candidates": [SMS]} for i in range(2)]
+    theirs = _other_worker_decides_during_lookup(first, second, bodies[0])
+    withdraw = first.journal.withdraw
+    calls: list[list[str]] = []
+
+    def first_withdrawal_fails(ids: list[str]) -> Future[int]:
+        calls.append(list(ids))
+        if len(calls) == 1:
+            failed: Future[int] = Future()
+            failed.set_exception(sqlite3.OperationalError("database is locked"))
+            return failed
+        return withdraw(ids)
+
+    first.journal.withdraw = first_withdrawal_fails  # type: ignore[method-assign]
+
+    async def both() -> list[DecisionResponse | BaseException]:
+        requests = [DecisionRequest.model_validate(b) for b in bodies]
+        return await asyncio.gather(*(first.decide(r) for r in requests), return_exceptions=True)
+
+    try:
+        answers = asyncio.run(both())
+    finally:
+        first.close()
+        second.close()
+    assert theirs and theirs[0].chosen.action == SMS
+    assert all(isinstance(a, DecisionResponse) for a in answers), answers
+    assert len(calls) == 1
+    assert "could not withdraw 1 unserved decisions" in caplog.text
