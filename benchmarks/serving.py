@@ -23,6 +23,9 @@ Measured, in the same run:
   ``"answer": "columns"``, target >= 100,000), one call at a time, one worker;
   ``batch_objects_customers_per_s`` the same customers as a list of customer objects
   (``customers``) answered with one object per decision, for comparison.
+  ``batch_server_cpu_ms``: the server's CPU time (all its threads, from ``/proc``) per
+  columnar call, the mean over the measured calls: steadier than the rate on a shared
+  machine, to compare code (null where ``/proc`` is missing).
 * ``rps_2w_c64``, ``p99_2w_c64_ms``: two workers, 64 connections (target >= 5,000 decisions
   per second with p99 <= 20 ms, every decision journalled).
 
@@ -334,15 +337,28 @@ def batch_body(call: int, customers: int, columnar: bool) -> bytes:
     return body + columns.model_dump_json(exclude_none=True).encode() + b"}"
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds process ``pid`` has used, all its threads (None without ``/proc``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_rate(
-    port: int, key: str, columnar: bool, customers: int = 10_000, calls: int = 4
-) -> float:
-    """Customers per second through the batch endpoint (best call of ``calls``)."""
+    port: int, key: str, columnar: bool, pid: int, customers: int = 10_000, calls: int = 4
+) -> tuple[float, float | None]:
+    """Customers per second through the batch endpoint (best call of ``calls``), and the
+    server's (process ``pid``) CPU milliseconds per measured call."""
     import http.client
 
     best = 0.0
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    cpu_start = None
     for call in range(calls + 1):
+        if call == 1:  # the first call warms up
+            cpu_start = process_cpu_s(pid)
         body = batch_body(call + (100 if columnar else 0), customers, columnar)
         start = time.perf_counter()
         conn.request(
@@ -356,9 +372,12 @@ def batch_rate(
         elapsed = time.perf_counter() - start
         if response.status != 200:
             raise RuntimeError(f"batch call failed: {response.status} {payload[:300]!r}")
-        if call:  # the first call warms up
+        if call:
             best = max(best, customers / elapsed)
-    return best
+    cpu_end = process_cpu_s(pid)
+    if cpu_start is None or cpu_end is None:
+        return best, None
+    return best, 1000 * (cpu_end - cpu_start) / calls
 
 
 # --------------------------------------------------------------------------- main
@@ -380,6 +399,7 @@ def main() -> None:
             "p99_c1_ms",
             "batch_customers_per_s",
             "batch_objects_customers_per_s",
+            "batch_server_cpu_ms",
             "rps_2w_c64",
             "p99_2w_c64_ms",
         ]
@@ -390,10 +410,14 @@ def main() -> None:
     binary = ensure_wrk()
     full, full_port = start_full(model, work / "state1", keys, workers=1)
     try:
-        results["batch_customers_per_s"] = round(batch_rate(full_port, key, columnar=True))
-        results["batch_objects_customers_per_s"] = round(batch_rate(full_port, key, False))
+        rate, cpu_ms = batch_rate(full_port, key, True, full.pid)
+        results["batch_customers_per_s"] = round(rate)
+        results["batch_server_cpu_ms"] = None if cpu_ms is None else round(cpu_ms, 1)
+        rate, _ = batch_rate(full_port, key, False, full.pid)
+        results["batch_objects_customers_per_s"] = round(rate)
         print(
-            f"batch: {results['batch_customers_per_s']:,} customers/s as columns, "
+            f"batch: {results['batch_customers_per_s']:,} customers/s as columns "
+            f"({results['batch_server_cpu_ms']} ms of server CPU a call), "
             f"{results['batch_objects_customers_per_s']:,} as customer objects",
             flush=True,
         )

@@ -1111,7 +1111,11 @@ def _decision_rows(batch: DecisionBatch) -> PackedRows:
     campaign = batch.campaign_id
     return PackedRows.of(
         decision_id=text_field(batch.decision_id),
-        timestamp_us=int_field(np.broadcast_to(np.asarray(batch.timestamp_us, np.int64), (n,))),
+        timestamp_us=int_field(
+            np.full(n, batch.timestamp_us, np.int64)
+            if np.ndim(batch.timestamp_us) == 0
+            else batch.timestamp_us
+        ),
         customer_key=text_field(batch.customer_key),
         action=int_field(batch.action),
         pscore=real_field(np.full(n, np.nan) if batch.pscore is None else batch.pscore),

@@ -941,7 +941,8 @@ class SqliteContactStore:
         unknown = set(contacts.channel) - index_of.keys()
         if unknown:
             raise ValueError(f"channel(s) {sorted(unknown)} not among the store's {self.channels}")
-        at_us = np.broadcast_to(np.asarray(contacts.at_us, np.int64), (n,))
+        at = contacts.at_us
+        at_us = np.full(n, at, np.int64) if np.ndim(at) == 0 else np.asarray(at, np.int64)
         latest = contacts.latest_us
         return _StoredRows(
             contact_id=contacts.contact_id,
