@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,15 @@ from nextbest.exploration import (
 )
 from nextbest.features import ContextEncoder
 from serving.model_store import LoadedModel, ModelStore
+
+T = TypeVar("T")
+
+
+def pick(items: list[T], rows: np.ndarray | slice) -> list[T]:
+    """``items[rows]`` for a list: ``rows`` int ``(m,)`` or a slice."""
+    if isinstance(rows, slice):
+        return items[rows]
+    return [items[i] for i in np.asarray(rows).tolist()]
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,7 @@ class Decisions:
     def take(self, rows: np.ndarray) -> Decisions:
         """The decisions of ``rows`` (int ``(m,)``), in that order."""
         columns = {n: None if a is None else a[rows] for n, a in self._per_row().items()}
-        blocked = self.blocked
-        if blocked is not None:
-            blocked = [blocked[i] for i in np.asarray(rows).tolist()]
+        blocked = None if self.blocked is None else pick(self.blocked, rows)
         return replace(self, **columns, blocked=blocked)
 
     def with_rows(self, rows: np.ndarray, other: Decisions) -> Decisions:

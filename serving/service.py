@@ -61,7 +61,7 @@ from serving.contact_store import (
     SqliteContactStore,
     merge_into_batch,
 )
-from serving.decision_engine import DecisionEngine, Decisions
+from serving.decision_engine import DecisionEngine, Decisions, pick
 from serving.model_store import LoadedModel, ModelStore
 from serving.schemas import (
     EXAMPLE_CUSTOMER,
@@ -145,23 +145,16 @@ class _Part:
             candidates = candidates[rows]
         campaign = self.campaign
         return _Part(
-            _pick(self.keys, rows),
-            _pick(self.decision_ids, rows),
+            pick(self.keys, rows),
+            pick(self.decision_ids, rows),
             self.raw.take(rows),
             candidates,
-            _pick(campaign, rows) if isinstance(campaign, list) else campaign,
+            pick(campaign, rows) if isinstance(campaign, list) else campaign,
             self.k,
             self.explain,
             self.model,
             self.now,
         )
-
-
-def _pick(items: list[T], rows: np.ndarray | slice) -> list[T]:
-    """``items[rows]`` for a list: ``rows`` int ``(m,)`` or a slice."""
-    if isinstance(rows, slice):
-        return items[rows]
-    return [items[i] for i in np.asarray(rows).tolist()]
 
 
 class _StillContactedError(Exception):
