@@ -555,9 +555,13 @@ def evaluate(
     """Off-policy evaluation of target policies on a decision log (IPS and SNIPS with
     bootstrap intervals, and DM/DR/Switch-DR for a --model); prints the OPE table."""
     from nextbest.decision_log import DecisionLogError
-    from nextbest.model_source import ModelSourceError, resolve_model
-    from nextbest.onnx_scoring import OnnxScorer
-    from training.evaluation import BASELINE_POLICIES, baseline_action_dist, ope_table
+    from nextbest.model_source import ModelSourceError
+    from training.evaluation import (
+        BASELINE_POLICIES,
+        baseline_action_dist,
+        model_scores,
+        ope_table,
+    )
     from training.logged_data import load_logged_bandit
     from training.neural_bandit import greedy_policy
     from training.ope import OpeInputError
@@ -587,10 +591,7 @@ def evaluate(
         dists = {name: baseline_action_dist(name, log) for name in names}
         scores = None
         if model is not None:
-            resolved = resolve_model(model, tracking_uri)
-            scorer = OnnxScorer(resolved.path)
-            scorer.require_features(log.feature_spec_version, model, "the log has")
-            scores = scorer.scores(log.context).astype(np.float64)
+            resolved, scores = model_scores(model, tracking_uri, log)
             dists = {f"model {resolved.version}": greedy_policy(scores, log.candidates), **dists}
         rows = ope_table(
             log,

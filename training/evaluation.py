@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
+from nextbest.model_source import ResolvedModel, resolve_model
+from nextbest.onnx_scoring import OnnxScorer
 from training.logged_data import LoggedBandit
 from training.ope import ESTIMATORS, OffPolicyEstimator, bootstrap_interval
 from training.ope.inputs import UndefinedEstimateError
@@ -134,3 +137,22 @@ def ope_table(
                 }
             )
     return rows
+
+
+def model_scores(
+    uri: str, tracking_uri: str | None, log: LoggedBandit, download_dir: Path | None = None
+) -> tuple[ResolvedModel, np.ndarray]:
+    """A model (an ONNX file or ``models:/...``) resolved and its scores on the log's
+    contexts, float64 ``(n, A)``.
+
+    Raises
+    ------
+    ModelSourceError
+        If the model cannot be resolved.
+    ModelSpecError
+        If it reads another feature spec than the log has.
+    """
+    resolved = resolve_model(uri, tracking_uri, download_dir)
+    scorer = OnnxScorer(resolved.path)
+    scorer.require_features(log.feature_spec_version, uri, "the log has")
+    return resolved, scorer.scores(log.context).astype(np.float64)

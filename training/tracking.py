@@ -156,7 +156,7 @@ def promote(registered_model: str) -> tuple[bool, str]:
             f"promotion compares the {1 - PROMOTION_ALPHA:.0%} lower bound "
             f"({ALPHA_PARAM}={PROMOTION_ALPHA})"
         )
-    champion = registered_champion(registered_model)
+    champion = registered_champion(client, registered_model)
     if champion is None:
         logged = metrics.get(LOGGING_METRIC)
         observed = metrics.get(LOGGED_REWARD_METRIC)
@@ -221,15 +221,15 @@ def _run_data(
     return data.metrics, data.params, data.tags
 
 
-def registered_champion(registered_model: str) -> ModelVersion | None:
+def registered_champion(client: MlflowClient, registered_model: str) -> ModelVersion | None:
     """The version the ``champion`` alias points at, None if none (or no such model)."""
     try:
-        return MlflowClient().get_model_version_by_alias(registered_model, CHAMPION)
+        return client.get_model_version_by_alias(registered_model, CHAMPION)
     except mlflow.exceptions.MlflowException:
         return None
 
 
-def run_config(run_id: str, directory: Path) -> dict[str, Any]:
+def run_config(client: MlflowClient, run_id: str, directory: Path) -> dict[str, Any]:
     """The ``config.json`` a training run logged, as a dict (downloaded into ``directory``)."""
-    path = MlflowClient().download_artifacts(run_id, "config.json", str(directory))
+    path = client.download_artifacts(run_id, "config.json", str(directory))
     return dict(json.loads(Path(path).read_text()))

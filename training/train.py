@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow import MlflowClient
 
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
@@ -20,11 +21,9 @@ from nextbest.features import (
     action_features,
     aligned_context_columns,
 )
-from nextbest.model_source import resolve_model
-from nextbest.onnx_scoring import OnnxScorer
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import PolicySpec, TrainingConfig
-from training.evaluation import baseline_action_dist, ess_text, ope_table
+from training.evaluation import baseline_action_dist, ess_text, model_scores, ope_table
 from training.evidence import (
     NOTABLE_SHARE,
     THIN_EVIDENCE_CONVERSIONS,
@@ -99,31 +98,33 @@ def champion_on_holdout(
     """The registered champion's acting policy on the held-out decisions, so that the run
     values it on the same decisions as the new model (``nextbest promote`` compares them).
 
+    The champion may have been trained on some of these customers (another split of the
+    same log): its value is then optimistic, which errs towards keeping it.
+
     Returns
     -------
     None if there is no champion; else its version and its distribution over actions,
-    float64 ``(n, A)``, or why it could not be evaluated (features of another spec, another
-    catalogue, an unreadable model or run).
+    float64 ``(n, A)``, or why it could not be evaluated (features of another spec, a graph
+    that contradicts its spec, an unreadable model or run).
     """
-    champion = registered_champion(config.tracking.registered_model)
+    uri = config.tracking.uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # as resolve_model asks it
+    champion = registered_champion(client, config.tracking.registered_model)
     if champion is None:
         return None
     version = str(champion.version)
-    uri = f"models:/{config.tracking.registered_model}/{version}"
+    model = f"models:/{config.tracking.registered_model}/{version}"
     try:
-        scorer = OnnxScorer(resolve_model(uri, config.tracking.uri, work_dir).path)
-        scorer.require_features(holdout.feature_spec_version, uri, "the log has")
-        scores = scorer.scores(holdout.context)
-        if scores.shape[1] != holdout.candidates.shape[1]:
-            return (
-                version,
+        acting = PolicySpec.model_validate(
+            run_config(client, champion.run_id, work_dir).get("policy", {})
+        )
+        _, scores = model_scores(model, uri, holdout, work_dir)
+        if scores.shape[1] != holdout.candidates.shape[1]:  # a graph against its own spec
+            return version, (
                 f"it scores {scores.shape[1]} actions, the log's catalogue has "
-                f"{holdout.candidates.shape[1]}",
+                f"{holdout.candidates.shape[1]}"
             )
-        acting = PolicySpec.model_validate(run_config(champion.run_id, work_dir).get("policy", {}))
         return version, target_distribution(acting, scores, holdout.candidates)
-    except mlflow.exceptions.MlflowException as exc:
-        return version, exc.message
     except Exception as exc:
         # whatever the champion's files hold (a missing or unreadable model or config, a graph
         # ONNX Runtime refuses), this run goes on: the reason is tagged, and promote refuses

@@ -155,9 +155,10 @@ def test_champion_the_challenger_was_not_compared_with_is_kept(
 def test_a_champion_that_cannot_be_read_is_reported_not_raised(
     client: MlflowClient, tmp_path: Path
 ) -> None:
-    """Training values the champion when it can; a champion whose model cannot be read
-    leaves the reason in the run (promote then refuses), it does not stop the training."""
-    champion = version(client, CHAMPION, GOOD)  # its run logged no model file
+    """Training values the champion when it can; a champion whose run logged no config, or
+    no model, is reported with the reason (which the run tags, and promote then refuses
+    on); it does not stop the training."""
+    champion = version(client, CHAMPION, GOOD)  # its run logged no config and no model file
     config = TrainingConfig.model_validate(
         {
             "learner": "neural_bandit",
@@ -170,10 +171,15 @@ def test_a_champion_that_cannot_be_read_is_reported_not_raised(
     )
 
     found = champion_on_holdout(config, holdout, tmp_path)  # type: ignore[arg-type]
-
     assert found is not None
     evaluated_version, why = found
     assert evaluated_version == champion
-    assert isinstance(why, str) and why  # the reason, not a distribution
+    assert isinstance(why, str) and why.startswith("MlflowException") and "config.json" in why
+
+    run_id = client.get_model_version(NAME, champion).run_id
+    client.log_dict(run_id, {"policy": {"kind": "greedy"}}, "config.json")  # now the model
+    found = champion_on_holdout(config, holdout, tmp_path / "again")  # type: ignore[arg-type]
+    assert found is not None and isinstance(found[1], str)
+    assert found[1].startswith("ModelSourceError"), found[1]
     client.delete_registered_model_alias(NAME, CHAMPION)
     assert champion_on_holdout(config, holdout, tmp_path) is None  # type: ignore[arg-type]
