@@ -18,6 +18,7 @@ from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
 from nextbest.context import ContactHistory, ContextBatch, parse_customer
 from nextbest.decision_journal import epoch_us
+from nextbest.privacy import pseudonymise_many
 from serving.contact_store import (
     ContactBatch,
     ContactEvents,
@@ -350,7 +351,7 @@ def test_contacts_one_query_for_a_batch(store: SqliteContactStore) -> None:
 def test_recorded_customers_are_found_whether_looked_up_before_or_not(
     store: SqliteContactStore,
 ) -> None:
-    # record() reuses the store keys of the last lookup; customers outside it are hashed
+    # a lookup in between changes nothing: record() finds each key's integer itself
     store.history(["cust_a", "cust_b"], NOW)
     store.record(
         ContactBatch(
@@ -523,14 +524,93 @@ def test_two_workers_opening_a_first_layout_store_at_once_move_it_once(
 
 
 def test_store_keys_are_63_bit_and_stable() -> None:
-    """Stored contacts are found by these integers: the function must never change."""
-    keys = [f"{i:032x}" for i in range(1000)]
-    ints = store_keys(keys)
-    expected = hashlib.blake2b(b"cust_a", digest_size=8, person=b"nextbest-contact").digest()
-    assert store_key("cust_a") == int.from_bytes(expected) >> 1
-    assert len(set(ints)) == 1000
-    assert all(0 <= v < 2**63 for v in ints)
-    assert store_key("cust_a") == store_keys(["cust_a"])[0] != store_key("cust_b")
+    """Stored contacts are found by these integers: neither scheme may ever change."""
+    pseudonyms = pseudonymise_many([f"customer-{i}" for i in range(1000)], b"k" * 32)
+    ints = store_keys(pseudonyms)
+    # digest: a pseudonym's first 16 hex digits, the last bit dropped
+    assert ints[0] == int(pseudonyms[0][5:21], 16) >> 1
+    assert ints.dtype == np.int64 and len(set(ints.tolist())) == 1000
+    assert ((ints >= 0) & (ints < 2**63)).all()
+
+    # any other key, and every key of a file in the hashed scheme: a keyed hash
+    def hashed(key: str) -> int:
+        digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"nextbest-contact")
+        return int.from_bytes(digest.digest()) >> 1
+
+    assert store_key("cust_a") == hashed("cust_a")
+    assert store_key(pseudonyms[0], "hashed") == hashed(pseudonyms[0])
+    assert store_keys(pseudonyms[:30], "hashed").tolist() == [
+        store_key(k, "hashed") for k in pseudonyms[:30]
+    ]
+
+
+def test_store_keys_of_a_batch_equal_each_key_alone() -> None:
+    """The batch reads pseudonyms with numpy, a key alone in Python: the same integers,
+    whatever the mix (a key that only looks like a pseudonym is hashed in both)."""
+    pseudonyms = pseudonymise_many([f"customer-{i}" for i in range(40)], b"k" * 32)
+    hexes = "0123456789abcdef"
+    odd = [
+        "cust_" + "A" * 24,  # upper-case digits
+        "cust_" + "0" * 23,  # one digit short
+        "cust_" + "0" * 25,  # one too many
+        "cust_" + "0" * 23 + "g",
+        "cust-" + "0" * 24,
+        "x" * 29,
+        "cust_\u00e9" + "0" * 23,  # non-ASCII, 29 characters
+        "cust_ 0" + "0" * 22,  # int() would skip the space
+        "cust_" + "0_" * 12,  # and the underscores
+        "",
+        # 28 + 30 characters: concatenated, two 29-character pseudonyms
+        "cust_" + hexes[:23],
+        "a" + "cust_" + hexes * 1 + hexes[:8],
+    ]
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        mixed = pseudonyms + odd[: trial % len(odd) + 1]
+        order = rng.permutation(len(mixed))
+        keys = [mixed[i] for i in order]
+        assert store_keys(keys).tolist() == [store_key(k) for k in keys]
+    # only pseudonyms, every length of batch around the switch to numpy
+    for n in (1, 15, 16, 17, 40):
+        assert store_keys(pseudonyms[:n]).tolist() == [store_key(k) for k in pseudonyms[:n]]
+    assert store_keys(odd[-2:] * 10).tolist() == [store_key(k) for k in odd[-2:]] * 10
+    assert store_keys([]).shape == (0,)
+
+
+def test_a_new_file_reads_pseudonyms_and_an_older_one_keeps_hashing(tmp_path: Path) -> None:
+    """The key scheme is fixed per file: a file with contacts from before the digest scheme
+    keeps finding them by their hashes, and a new file reads pseudonyms."""
+    key = pseudonymise_many(["customer-1"], b"k" * 32)[0]
+    with SqliteContactStore(tmp_path / "new.db", CHANNELS) as store:
+        assert store.key_scheme == "digest"
+        store.record(contacts(["d1"], "sms", ago(hours=2), key=key)).result()
+    with SqliteContactStore(tmp_path / "new.db", CHANNELS) as store:
+        assert store.key_scheme == "digest"
+        assert len(store.contacts([key], epoch_us(ago(days=1))).row) == 1
+    stored = sqlite3.connect(tmp_path / "new.db").execute("SELECT customer FROM contact_events")
+    assert stored.fetchall() == [(store_key(key),)]
+
+    old = tmp_path / "old.db"
+    with SqliteContactStore(old, CHANNELS) as store:
+        store.record(contacts(["d1"], "sms", ago(hours=2), key=key)).result()
+    conn = sqlite3.connect(old)  # as a file written before the scheme was kept
+    conn.execute("DROP TABLE store_meta")
+    conn.execute("UPDATE contact_events SET customer = ?", (store_key(key, "hashed"),))
+    conn.commit()
+    conn.close()
+    with SqliteContactStore(old, CHANNELS) as store:
+        assert store.key_scheme == "hashed"
+        assert len(store.contacts([key], epoch_us(ago(days=1))).row) == 1
+        store.record(contacts(["d2"], "wechat", ago(hours=1), key=key)).result()
+        assert len(store.contacts([key] * 20, epoch_us(ago(days=1))).row) == 40
+    with SqliteContactStore(old, CHANNELS) as store:
+        assert store.key_scheme == "hashed"
+    conn = sqlite3.connect(old)
+    conn.execute("UPDATE store_meta SET value = 'rot13'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ValueError, match="unknown customer key scheme 'rot13'"):
+        SqliteContactStore(old, CHANNELS)
 
 
 def test_recommended_contacts_of_decisions_skip_no_contact(catalog: ActionCatalog) -> None:
