@@ -1104,25 +1104,32 @@ def _chunk_row(batch: DecisionBatch) -> tuple[Any, ...]:
     )
 
 
-def _decision_rows(batch: DecisionBatch) -> PackedRows:
-    """The ``decisions`` values of a batch but ``version_id`` and ``chunk_id``, packed for
-    :data:`_INSERT_DECISIONS` (a NaN pscore, unknown, is stored as null)."""
+def _decision_rows(batch: DecisionBatch) -> tuple[PackedRows, dict[str, str], tuple[Any, ...]]:
+    """The ``decisions`` values of a batch but ``version_id`` and ``chunk_id``, for
+    :data:`_INSERT_DECISIONS`: the rows packed, and the time and campaign when the same
+    for every row, as parameters ``?4`` and ``?5`` (placeholders and values; a NaN pscore,
+    unknown, is stored as null)."""
     n = len(batch)
+    fields = {
+        "decision_id": text_field(batch.decision_id),
+        "customer_key": text_field(batch.customer_key),
+        "action": int_field(batch.action),
+        "pscore": real_field(np.full(n, np.nan) if batch.pscore is None else batch.pscore),
+    }
+    given: dict[str, str] = {}
+    values: list[Any] = []
+    if np.ndim(batch.timestamp_us) == 0:
+        given["timestamp_us"] = "?4"
+        values.append(int(batch.timestamp_us))
+    else:
+        fields["timestamp_us"] = int_field(batch.timestamp_us)
     campaign = batch.campaign_id
-    return PackedRows.of(
-        decision_id=text_field(batch.decision_id),
-        timestamp_us=int_field(
-            np.full(n, batch.timestamp_us, np.int64)
-            if np.ndim(batch.timestamp_us) == 0
-            else batch.timestamp_us
-        ),
-        customer_key=text_field(batch.customer_key),
-        action=int_field(batch.action),
-        pscore=real_field(np.full(n, np.nan) if batch.pscore is None else batch.pscore),
-        campaign_id=text_field(
-            [campaign] * n if campaign is None or isinstance(campaign, str) else campaign
-        ),
-    )
+    if campaign is None or isinstance(campaign, str):
+        given["campaign_id"] = f"?{4 + len(values)}"
+        values.append(campaign)
+    else:
+        fields["campaign_id"] = text_field(campaign)
+    return PackedRows.of(**fields), given, tuple(values)
 
 
 class JournalWriter:
@@ -1212,12 +1219,13 @@ class JournalWriter:
         served_by = tuple(getattr(decisions, name) for name in VERSION_FIELDS)
         known = self._version_ids.get(served_by)
         used: list[int] = []
-        rows = _decision_rows(decisions)  # here: the writer's thread runs GIL-free
+        rows, given, constants = _decision_rows(decisions)  # here: the writer runs GIL-free
 
         def append(conn: sqlite3.Connection) -> int:
             version_id = known if known is not None else self._version_id(conn, served_by)
             chunk_id = conn.execute(_INSERT_CHUNK, _chunk_row(decisions)).lastrowid
-            conn.execute(rows.sql(_INSERT_DECISIONS), (rows.param, version_id, chunk_id))
+            statement = rows.sql(_INSERT_DECISIONS, **given)
+            conn.execute(statement, (rows.param, version_id, chunk_id, *constants))
             used.append(version_id)
             return len(decisions)
 

@@ -162,16 +162,18 @@ class ContactBatch:
         latest_us : int64 ``(n,)``, optional
             The latest each contact may be sent (:meth:`SendSchedule.latest_send_us`).
         """
-        actions = np.asarray(action).tolist()
-        channel_index = catalog.channel_index[actions].tolist()
-        offer_index = catalog.offer_index[actions].tolist()
-        rows = [i for i, c in enumerate(channel_index) if c >= 0]
-        channels, offers = catalog.channel_names, catalog.offer_names
+        actions = np.asarray(action, np.intp)
+        channel_index = catalog.channel_index[actions]
+        rows = np.flatnonzero(channel_index >= 0)
+        picked = rows.tolist()
+        names = np.array([*catalog.channel_names, *catalog.offer_names, None], object)
+        offer_index = catalog.offer_index[actions[rows]]
+        offer_name = np.where(offer_index >= 0, len(catalog.channel_names) + offer_index, -1)
         return cls(
-            contact_id=[decision_id[i] for i in rows],
-            customer_key=[customer_key[i] for i in rows],
-            channel=[channels[channel_index[i]] for i in rows],
-            offer=[offers[offer_index[i]] for i in rows],
+            contact_id=[decision_id[i] for i in picked],
+            customer_key=[customer_key[i] for i in picked],
+            channel=names[channel_index[rows]].tolist(),
+            offer=names[offer_name].tolist(),
             at_us=epoch_us(at),
             kind="recommended",
             latest_us=None if latest_us is None else np.asarray(latest_us, np.int64)[rows],

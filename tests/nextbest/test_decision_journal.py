@@ -138,6 +138,29 @@ def test_read_journal_round_trip_to_decision_schema(journal: JournalWriter) -> N
     assert table.column("reward").null_count == 47
 
 
+@pytest.mark.parametrize("n", [7, 100], ids=["json", "records"])
+def test_times_and_campaigns_per_row_or_per_batch_round_trip(
+    journal: JournalWriter, n: int
+) -> None:
+    """A time or campaign the same for the whole batch travels as one statement
+    parameter, per-row ones inside the packed rows: both read back row for row."""
+    at = np.array([epoch_us(T0) + 1_000_000 * i for i in range(n)], np.int64)
+    campaigns = [None if i % 3 else f"c{i % 5}" for i in range(n)]
+    per_row = replace(
+        make_batch([f"r{i}" for i in range(n)], seed=4), timestamp_us=at, campaign_id=campaigns
+    )
+    per_batch = make_batch([f"s{i}" for i in range(n)], seed=5, campaign=None)
+    journal.submit(per_row).result()
+    journal.submit(per_batch).result()
+
+    table = read_journal(journal.path)
+    stamps = table.column("timestamp").cast(pa.int64()).to_numpy()
+    assert stamps[:n].tolist() == at.tolist()
+    assert stamps[n:].tolist() == [epoch_us(T0)] * n
+    assert table.column("campaign_id").to_pylist() == campaigns + [None] * n
+    np.testing.assert_array_equal(table.column("pscore").to_numpy()[:n], per_row.pscore)
+
+
 def test_journal_keeps_unsorted_candidates_with_their_probabilities(
     journal: JournalWriter,
 ) -> None:

@@ -66,8 +66,8 @@ def test_texts_round_trip_with_nulls_unicode_and_empty() -> None:
 
 @pytest.mark.parametrize(
     "texts",
-    [["ab", "cd", "ef"], [None, None], ["", ""], ["é", "e"]],
-    ids=["same-length", "all-null", "all-empty", "unicode-bytes"],
+    [["ab", "cd", "ef"], [None, None], ["", ""], ["é", "e"], ["éa", "ab", "bc"], ["ab", "c", "de"]],
+    ids=["same-length", "all-null", "all-empty", "unicode-bytes", "unicode-first", "lengths"],
 )
 def test_text_shapes(texts: list[str | None]) -> None:
     rows = PackedRows.of(text=text_field(texts), n=int_field(np.arange(len(texts))))
@@ -91,6 +91,11 @@ def test_reals_round_trip_bit_for_bit_and_nan_and_infinities_are_null() -> None:
     rows = PackedRows.of(value=real_field(values))
     back = np.array([v for (v,) in read_back(rows, "value")])
     assert back.tobytes() == values.tobytes()
+
+    # few distinct values, repeated in any order (an epsilon-greedy batch's propensities)
+    repeated = np.concatenate([values[:9], -values[:9], rng.random(40)])[rng.integers(0, 58, 5_000)]
+    back = np.array([v for (v,) in read_back(PackedRows.of(value=real_field(repeated)), "value")])
+    assert back.tobytes() == repeated.tobytes()
 
     odd = PackedRows.of(value=real_field(np.array([0.5, np.nan, np.inf, -np.inf, 0.25])))
     assert read_back(odd, "value") == [(0.5,), (None,), (None,), (None,), (0.25,)]
