@@ -946,9 +946,11 @@ class SqliteContactStore:
         The check runs in the write's transaction, under SQLite's write lock: of two
         workers that decided for one customer on the same history, the second to commit is
         refused. It is skipped when every row since ``position`` is this store's own: those
-        were counted by the lookup (pending then), or were submitted after these contacts
-        (the writer commits in order) and so cannot be among them; a process decides and
-        submits without yielding in between. When another process did write, this
+        were counted by the lookup (pending then), or were submitted after these contacts,
+        so their own lookups counted these (a process decides and submits without yielding
+        in between): each decision knew of every earlier one, whichever of them commits
+        first (an inline commit can overtake a group the writer thread has taken but not
+        begun). When another process did write, this
         store's rows count too (a needless second decision at worst, never a missed
         contact). ``position`` None: every contact is stored.
         """
