@@ -592,7 +592,7 @@ def _hashed_key(customer_key: str) -> int:
     return int.from_bytes(digest.digest()) >> 1
 
 
-def store_key(customer_key: str, scheme: KeyScheme = "digest") -> int:
+def store_key(customer_key: str, scheme: KeyScheme) -> int:
     """The store's 63-bit integer for a customer key (see :data:`KeyScheme`).
 
     Two customers whose keys share a store key would have their contacts counted together:
@@ -605,7 +605,7 @@ def store_key(customer_key: str, scheme: KeyScheme = "digest") -> int:
     return _hashed_key(customer_key)
 
 
-def store_keys(customer_keys: Sequence[str], scheme: KeyScheme = "digest") -> np.ndarray:
+def store_keys(customer_keys: Sequence[str], scheme: KeyScheme) -> np.ndarray:
     """:func:`store_key` of every key, int64 ``(n,)``."""
     keys = customer_keys if isinstance(customer_keys, list) else list(customer_keys)
     n = len(keys)

@@ -375,9 +375,9 @@ def test_recorded_customers_are_found_whether_looked_up_before_or_not(
         .fetchall()
     )
     assert rows == [
-        ("c1", store_key("cust_a")),
-        ("c2", store_key("cust_c")),
-        ("c3", store_key("cust_b")),
+        ("c1", store_key("cust_a", "digest")),
+        ("c2", store_key("cust_c", "digest")),
+        ("c3", store_key("cust_b", "digest")),
     ]
 
 
@@ -526,7 +526,7 @@ def test_two_workers_opening_a_first_layout_store_at_once_move_it_once(
 def test_store_keys_are_63_bit_and_stable() -> None:
     """Stored contacts are found by these integers: neither scheme may ever change."""
     pseudonyms = pseudonymise_many([f"customer-{i}" for i in range(1000)], b"k" * 32)
-    ints = store_keys(pseudonyms)
+    ints = store_keys(pseudonyms, "digest")
     # digest: a pseudonym's first 16 hex digits, the last bit dropped
     assert ints[0] == int(pseudonyms[0][5:21], 16) >> 1
     assert ints.dtype == np.int64 and len(set(ints.tolist())) == 1000
@@ -537,7 +537,7 @@ def test_store_keys_are_63_bit_and_stable() -> None:
         digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"nextbest-contact")
         return int.from_bytes(digest.digest()) >> 1
 
-    assert store_key("cust_a") == hashed("cust_a")
+    assert store_key("cust_a", "digest") == hashed("cust_a")
     assert store_key(pseudonyms[0], "hashed") == hashed(pseudonyms[0])
     assert store_keys(pseudonyms[:30], "hashed").tolist() == [
         store_key(k, "hashed") for k in pseudonyms[:30]
@@ -569,12 +569,17 @@ def test_store_keys_of_a_batch_equal_each_key_alone() -> None:
         mixed = pseudonyms + odd[: trial % len(odd) + 1]
         order = rng.permutation(len(mixed))
         keys = [mixed[i] for i in order]
-        assert store_keys(keys).tolist() == [store_key(k) for k in keys]
+        assert store_keys(keys, "digest").tolist() == [store_key(k, "digest") for k in keys]
     # only pseudonyms, every length of batch around the switch to numpy
     for n in (1, 15, 16, 17, 40):
-        assert store_keys(pseudonyms[:n]).tolist() == [store_key(k) for k in pseudonyms[:n]]
-    assert store_keys(odd[-2:] * 10).tolist() == [store_key(k) for k in odd[-2:]] * 10
-    assert store_keys([]).shape == (0,)
+        assert store_keys(pseudonyms[:n], "digest").tolist() == [
+            store_key(k, "digest") for k in pseudonyms[:n]
+        ]
+    assert (
+        store_keys(odd[-2:] * 10, "digest").tolist()
+        == [store_key(k, "digest") for k in odd[-2:]] * 10
+    )
+    assert store_keys([], "digest").shape == (0,)
 
 
 def test_a_new_file_reads_pseudonyms_and_an_older_one_keeps_hashing(tmp_path: Path) -> None:
@@ -588,7 +593,7 @@ def test_a_new_file_reads_pseudonyms_and_an_older_one_keeps_hashing(tmp_path: Pa
         assert store.key_scheme == "digest"
         assert len(store.contacts([key], epoch_us(ago(days=1))).row) == 1
     stored = sqlite3.connect(tmp_path / "new.db").execute("SELECT customer FROM contact_events")
-    assert stored.fetchall() == [(store_key(key),)]
+    assert stored.fetchall() == [(store_key(key, "digest"),)]
 
     old = tmp_path / "old.db"
     with SqliteContactStore(old, CHANNELS) as store:
@@ -682,7 +687,8 @@ def test_a_store_without_latest_times_gains_them_on_open(
     conn.execute("INSERT INTO channel_codes (name) VALUES ('sms')")
     at = epoch_us(ago(hours=2))
     conn.execute(
-        "INSERT INTO contact_events VALUES ('d1', ?, 1, NULL, ?, 0)", (store_key("cust_old"), at)
+        "INSERT INTO contact_events VALUES ('d1', ?, 1, NULL, ?, 0)",
+        (store_key("cust_old", "digest"), at),
     )
     conn.commit()
     conn.close()
