@@ -581,8 +581,9 @@ _READ_HEX = 16
 _HEX_VALUE = np.full(256, 16, np.uint8)
 _HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 """Each byte's value as a lowercase hex digit (16: not one)."""
-_VECTOR_KEYS = 16
-"""Batches of more keys than this are read with numpy (a key alone: in Python, ~1 us)."""
+_VECTOR_KEYS = 36
+"""Batches of more keys than this are read with numpy, smaller ones in Python (~0.85 us a
+key; numpy's ~30 us hardly grows: 17 keys 28 against 15 us, 48 keys 33 against 41 us)."""
 
 
 def _hashed_key(customer_key: str) -> int:
