@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +108,21 @@ def write_model(catalog: ActionCatalog, path: Path, seed: int = 0) -> Path:
     )
 
 
+def midday_timezone() -> str:
+    """A time zone where it is now between 12:00 and 13:00 (``Etc/GMT-N`` is UTC+N), so that
+    rules on the local hour (quiet hours 21:00-08:00) do not depend on when the tests run."""
+    offset = 12 - datetime.now(UTC).hour  # -11 .. 12
+    return f"Etc/GMT{-offset:+d}" if offset else "Etc/UTC"
+
+
 def customer(**overrides: Any) -> dict[str, Any]:
-    """The OpenAPI example customer, assessed 30 days ago and with no contact history (so
-    the answer does not depend on today's date), with ``overrides``."""
+    """The OpenAPI example customer, assessed 30 days ago, with no contact history and at
+    midday local time (:func:`midday_timezone`), so the answer does not depend on today's
+    date or the time of day; with ``overrides``."""
     data = copy.deepcopy(EXAMPLE_CUSTOMER)
     data["risk_assessed_on"] = (date.today() - timedelta(days=30)).isoformat()
     data["contact_history"] = {}
+    data["timezone"] = midday_timezone()
     data.update(overrides)
     return data
 
