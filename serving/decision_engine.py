@@ -19,7 +19,7 @@ import numpy as np
 from nextbest.catalog import NO_CONTACT_ID, ActionCatalog
 from nextbest.compliance import ALLOWED, RuleEngine
 from nextbest.context import ContextBatch
-from nextbest.decision_journal import DecisionBatch
+from nextbest.decision_batch import DecisionBatch
 from nextbest.exploration import (
     action_distribution,
     epsilon_greedy_distribution,
@@ -129,7 +129,7 @@ class Decisions:
         }
 
     def journal_batch(self, **fields: Any) -> DecisionBatch:
-        """These decisions as a :class:`~nextbest.decision_journal.DecisionBatch` (the
+        """These decisions as a :class:`~nextbest.decision_batch.DecisionBatch` (the
         allowed actions and their probabilities only); ``fields``: its other fields."""
         compact = None if self.dist is not None else (self.greedy, self.epsilon)
         return DecisionBatch.from_mask(

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from nextbest.context import CustomerContext, require_aware
 from nextbest.customer_columns import CustomerColumns
-from nextbest.decision_journal import EPOCH
+from nextbest.timestamps import EPOCH
 from serving.campaigns import CAMPAIGN_ID_PATTERN
 
 FUTURE_SKEW = timedelta(minutes=5)

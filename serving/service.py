@@ -37,28 +37,26 @@ from nextbest.catalog import ActionCatalog, load_catalog
 from nextbest.compliance import RuleEngine, code_counts, load_rules
 from nextbest.context import ContextBatch, CustomerContext, parse_customer
 from nextbest.customer_columns import CustomerColumns, context_batch
-from nextbest.decision_journal import (
-    DecisionBatch,
-    JournalWriter,
+from nextbest.decision_batch import DecisionBatch, new_decision_ids
+from nextbest.decision_journal import JournalWriter
+from nextbest.features import ContextEncoder
+from nextbest.privacy import pseudonymise, pseudonymise_many
+from nextbest.rewards import (
     RewardConflictError,
     RewardOutcome,
     RewardRule,
     RewardTimeError,
     UnknownDecisionError,
-    epoch_us,
-    new_decision_ids,
 )
-from nextbest.features import ContextEncoder
-from nextbest.privacy import pseudonymise, pseudonymise_many
+from nextbest.timestamps import epoch_us
 from serving import metrics
 from serving.campaigns import Campaigns, load_campaigns
-from serving.contact_store import (
+from serving.contact_history import (
     LONGEST_WINDOW,
     ContactBatch,
     ContactConflictError,
     ContactStore,
     SendSchedule,
-    SqliteContactStore,
     merge_into_batch,
 )
 from serving.decision_engine import DecisionEngine, Decisions, pick
@@ -80,6 +78,7 @@ from serving.schemas import (
 )
 from serving.security import ApiKeys
 from serving.settings import Settings
+from serving.sqlite_contact_store import SqliteContactStore
 
 log = logging.getLogger("nextbest.serving")
 T = TypeVar("T")

@@ -19,7 +19,7 @@ import numpy as np
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import ALLOWED, RuleEngine
 from nextbest.context import ContextBatch
-from nextbest.decision_journal import reward_cny
+from nextbest.rewards import reward_cny
 from simulators.population import CONTACT_WINDOW_DAYS, Population, sample_population
 from simulators.response import Outcome, ResponseModel, outcome_probabilities
 from simulators.scenario import Scenario

@@ -23,25 +23,14 @@ import pytest
 from nextbest import decision_journal
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
+from nextbest.decision_batch import DecisionBatch, new_decision_ids
 from nextbest.decision_journal import (
     JOURNAL_FILENAME,
-    DecisionBatch,
-    GroupCommitWriter,
     JournalCorruptError,
     JournalSchemaError,
     JournalWriter,
-    RewardConflictError,
-    RewardOutcome,
-    RewardRule,
-    RewardTimeError,
-    UnknownDecisionError,
-    epoch_us,
-    from_epoch_us,
     journal_file,
-    new_decision_ids,
-    open_sqlite,
     read_journal,
-    reward_cny,
 )
 from nextbest.decision_log import (
     DECISION_SCHEMA,
@@ -49,6 +38,16 @@ from nextbest.decision_log import (
     read_decisions,
     validate_decisions,
 )
+from nextbest.rewards import (
+    RewardConflictError,
+    RewardOutcome,
+    RewardRule,
+    RewardTimeError,
+    UnknownDecisionError,
+    reward_cny,
+)
+from nextbest.sqlite_writer import GroupCommitWriter, open_sqlite
+from nextbest.timestamps import epoch_us, from_epoch_us
 from simulators.scenario import Scenario
 
 N_ACTIONS = 5
@@ -974,7 +973,8 @@ WRITER_SCRIPT = textwrap.dedent(
     from collections import deque
     import numpy as np
     from test_decision_journal import RULE, make_batch
-    from nextbest.decision_journal import JournalWriter, RewardOutcome
+    from nextbest.decision_journal import JournalWriter
+    from nextbest.rewards import RewardOutcome
 
     path, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     writer = JournalWriter(path, RULE)

@@ -17,19 +17,21 @@ import pytest
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
 from nextbest.context import ContactHistory, ContextBatch, parse_customer
-from nextbest.decision_journal import epoch_us
 from nextbest.privacy import pseudonymise_many
-from serving.contact_store import (
-    _VECTOR_KEYS,
+from nextbest.timestamps import epoch_us
+from serving.contact_history import (
     ContactBatch,
     ContactEvents,
     ContactStore,
     SendSchedule,
-    SqliteContactStore,
-    _RowRanges,
     merge_contact_counts,
     merge_contact_history,
     merge_into_batch,
+)
+from serving.sqlite_contact_store import (
+    _VECTOR_KEYS,
+    SqliteContactStore,
+    _RowRanges,
     store_key,
     store_keys,
 )
@@ -914,7 +916,7 @@ def test_prune_deletes_only_contacts_older_than_the_cut(store: SqliteContactStor
 def test_prune_walks_the_table_in_chunks(
     store: SqliteContactStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("serving.contact_store._PRUNE_CHUNK_ROWS", 3)
+    monkeypatch.setattr("serving.sqlite_contact_store._PRUNE_CHUNK_ROWS", 3)
     stamps = [ago(days=40 if i % 2 else 1) for i in range(11)]
     store.record(contacts([f"d{i}" for i in range(11)], "sms", stamps)).result()
 

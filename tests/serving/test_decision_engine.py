@@ -72,7 +72,7 @@ def test_journal_batch_logs_the_distribution_drawn_from(
 ) -> None:
     """The journalled probabilities are the acting distribution's on the allowed actions,
     to the bit: epsilon-greedy never builds the dense ``(n, A)`` distribution for it."""
-    from nextbest.decision_journal import DecisionBatch
+    from nextbest.decision_batch import DecisionBatch
 
     d = engine_for(catalog, engine, store, exploration=exploration, epsilon=0.3).decide(batch)
     assert (d.dist is None) == (exploration == "epsilon_greedy")

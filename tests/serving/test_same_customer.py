@@ -22,14 +22,16 @@ from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
 from nextbest.catalog import ActionCatalog
-from nextbest.decision_journal import epoch_us, read_journal
+from nextbest.decision_journal import read_journal
 from nextbest.privacy import pseudonymise
+from nextbest.timestamps import epoch_us
 from serving import metrics
 from serving.app import create_app
-from serving.contact_store import ContactBatch, ContactEvents, SqliteContactStore
+from serving.contact_history import ContactBatch, ContactEvents
 from serving.schemas import BatchDecisionRequest, DecisionRequest, DecisionResponse
 from serving.service import ScoringService
 from serving.settings import Settings
+from serving.sqlite_contact_store import SqliteContactStore
 
 SMS = "sms:health_insurance:now"
 """An action the test model ranks first for the example customer; the SMS rules allow one
