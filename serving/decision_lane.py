@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.deps import authorize_key, parse_body
-from serving.schemas import BatchDecisionRequest, DecisionRequest
+from serving.schemas import DecisionRequest
 from serving.security import API_KEY_HEADER
 from serving.service import ScoringService
 
@@ -71,10 +71,10 @@ class DecisionLane:
             authorize_key(service, _api_key(scope), "decide")  # before reading any body
             body = await _read_body(receive)
             if path == SINGLE:
-                request = parse_body(DecisionRequest, body, {"catalog": service.catalog})
+                request = parse_body(DecisionRequest, body, service.validation_context)
                 answer = await service.decide_json(request)
             else:
-                batch = parse_body(BatchDecisionRequest, body, {"catalog": service.catalog})
+                batch = parse_body(service.batch_request, body, service.validation_context)
                 answer = await service.decide_batch(batch)
         except Exception as exc:
             handler = _handler(scope, exc)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ValidationError
 
+from serving.schemas import BATCH_ROW_LOCATIONS
 from serving.security import API_KEY_HEADER, AuthError, Principal, Scope
 from serving.service import ScoringService
 
@@ -92,10 +93,20 @@ def parse_body(model: type[ModelT], body: bytes, context: dict[str, Any] | None 
     ------
     fastapi.exceptions.RequestValidationError
         HTTP 422, one entry per violation, located under ``body``.
-    """
+    fastapi.HTTPException
+        HTTP 413: a batch over the cap of :func:`serving.schemas.batch_request_model`
+        (refused before its customers are validated)."""
     try:
         return model.model_validate_json(body, context=context)
     except ValidationError as exc:
+        for e in exc.errors(include_url=False, include_input=False):
+            if e["type"] == "too_long" and e["loc"] in BATCH_ROW_LOCATIONS:
+                ctx = e.get("ctx", {})
+                raise HTTPException(
+                    413,
+                    f"batch of {ctx.get('actual_length')} customers; "
+                    f"at most {ctx.get('max_length')} per request",
+                ) from None
         errors = [
             {"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
             for e in exc.errors(include_url=False, include_input=False, include_context=False)

@@ -7,13 +7,14 @@ context (so channel and offer names are checked in the same pass): see
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from nextbest.context import CustomerContext, require_aware
-from nextbest.customer_columns import CustomerColumns
+from nextbest.customer_columns import CustomerColumns, CustomerId
 from nextbest.timestamps import EPOCH
 from serving.campaigns import CAMPAIGN_ID_PATTERN
 
@@ -143,7 +144,8 @@ class BatchDecisionRequest(_Options):
     )
 
     customers: list[CustomerContext] | None = Field(default=None, min_length=1)
-    """The customers; more than the service's ``max_batch`` (10,000 by default): HTTP 413."""
+    """The customers; more than the service's ``max_batch`` (10,000 by default): HTTP 413,
+    before any customer is validated (:func:`batch_request_model`)."""
     columns: CustomerColumns | None = None
     """The customers as columns (see :class:`~nextbest.customer_columns.CustomerColumns`);
     instead of ``customers``."""
@@ -183,6 +185,36 @@ class BatchDecisionRequest(_Options):
         if self.columns is not None:
             return self.columns.customer_id
         return [c.customer_id for c in self.customers or ()]
+
+
+BATCH_ROW_LOCATIONS = (("customers",), ("columns", "customer_id"))
+"""Where a batch's customers are counted: :func:`batch_request_model` caps these lists."""
+
+
+@functools.cache
+def batch_request_model(max_rows: int) -> type[BatchDecisionRequest]:
+    """:class:`BatchDecisionRequest` refusing more than ``max_rows`` customers (the service's
+    ``max_batch``) with pydantic's ``too_long`` error at a :data:`BATCH_ROW_LOCATIONS`.
+
+    pydantic-core checks a list's length as it reads it, so an oversized batch is refused
+    before its customers are validated: without the cap, a body of hundreds of thousands of
+    customers would be validated in full (seconds of the event loop) before the service
+    refused it, and a customer's invalid field would answer 422 instead of 413.
+    """
+    columns = create_model(
+        "CustomerColumns",
+        __base__=CustomerColumns,
+        customer_id=(list[CustomerId], Field(min_length=1, max_length=max_rows)),
+    )
+    return create_model(
+        "BatchDecisionRequest",
+        __base__=BatchDecisionRequest,
+        customers=(
+            list[CustomerContext] | None,
+            Field(default=None, min_length=1, max_length=max_rows),
+        ),
+        columns=(columns | None, None),
+    )
 
 
 class RankedAction(BaseModel):

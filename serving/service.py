@@ -75,6 +75,7 @@ from serving.schemas import (
     ReloadResponse,
     RewardRequest,
     RewardResponse,
+    batch_request_model,
 )
 from serving.security import ApiKeys
 from serving.settings import Settings
@@ -467,6 +468,12 @@ class ScoringService:
     ) -> None:
         self.settings = settings
         self.catalog = catalog
+        self.validation_context: dict[str, Any] = {"catalog": catalog}
+        """What request bodies are validated with (:func:`serving.deps.parse_body`): channel and
+        offer names against the catalogue."""
+        self.batch_request = batch_request_model(settings.max_batch)
+        """The batch body's model: more than ``max_batch`` customers are refused (413) before
+        they are validated."""
         self.rules = rules
         self.campaigns = campaigns
         self.models = models

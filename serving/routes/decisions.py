@@ -44,7 +44,7 @@ async def decide(request: Request) -> Response:
     and journal the decision before answering. With ``explain``, every blocked action is
     listed with the rule that blocked it."""
     service = authorize(request, "decide")
-    body = parse_body(DecisionRequest, await request.body(), {"catalog": service.catalog})
+    body = parse_body(DecisionRequest, await request.body(), service.validation_context)
     return Response(await service.decide_json(body), media_type="application/json")
 
 
@@ -60,5 +60,5 @@ async def decide_batch(request: Request) -> Response:
     is journalled before the answer. The answer lists one object per customer, or with
     ``"answer": "columns"`` one array per field."""
     service = authorize(request, "decide")
-    body = parse_body(BatchDecisionRequest, await request.body(), {"catalog": service.catalog})
+    body = parse_body(service.batch_request, await request.body(), service.validation_context)
     return Response(await service.decide_batch(body), media_type="application/json")

@@ -172,16 +172,20 @@ def test_post_batch_decides_every_customer_in_order(
         assert 0 < d["propensity"] <= 1
 
 
+@pytest.mark.parametrize("invalid", [False, True])
 def test_post_batch_oversized_is_413(
-    api_settings: Settings, auth: dict[str, dict[str, str]]
+    api_settings: Settings, auth: dict[str, dict[str, str]], invalid: bool
 ) -> None:
     settings = api_settings.model_copy(update={"max_batch": 5})
     with TestClient(create_app(settings)) as client:
         customers = [customer(customer_id=f"big-{i}") for i in range(6)]
+        if invalid:  # refused for its size before any customer is validated: 413, not 422
+            customers[-1]["age"] = 999
         response = client.post(
             "/v1/decisions/batch", json={"customers": customers}, headers=auth["decide"]
         )
     assert response.status_code == 413
+    assert response.json()["detail"] == "batch of 6 customers; at most 5 per request"
 
 
 def test_post_decision_oversized_body_is_413(
@@ -387,13 +391,18 @@ def test_post_batch_columns_errors_name_the_field(
         assert f"exactly one of `customers` and `columns` is required, got {got}" in response.text
 
 
+@pytest.mark.parametrize("invalid", [False, True])
 def test_post_batch_columns_oversized_is_413(
-    api_settings: Settings, auth: dict[str, dict[str, str]], catalog: ActionCatalog
+    api_settings: Settings, auth: dict[str, dict[str, str]], catalog: ActionCatalog, invalid: bool
 ) -> None:
     settings = api_settings.model_copy(update={"max_batch": 5})
     columns = _columns([customer(customer_id=f"big-{i}") for i in range(6)], catalog)
+    if invalid:  # refused for its size before any column is validated: 413, not 422
+        columns["age"][-1] = 999
+        columns["customer_id"][-1] = columns["customer_id"][0]
     with TestClient(create_app(settings)) as client:
         response = client.post(
             "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
         )
     assert response.status_code == 413
+    assert response.json()["detail"] == "batch of 6 customers; at most 5 per request"
