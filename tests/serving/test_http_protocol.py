@@ -4,15 +4,23 @@ a real uvicorn server on it answers plain, streamed and keep-alive requests corr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import select
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from conftest import free_port
 
-from serving.http_protocol import CoalescingHttpToolsProtocol, _CoalescingTransport
+from serving.http_protocol import (
+    MAX_HEAD_BYTES,
+    CoalescingHttpToolsProtocol,
+    _CoalescingTransport,
+)
 
 
 class _RecordingTransport:
@@ -145,7 +153,9 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": answer})
 
 
-def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> None:
+@contextlib.contextmanager
+def _serving() -> Iterator[tuple[uvicorn.Server, int]]:
+    """A uvicorn server of :func:`_app` on the protocol, in a thread, and its port."""
     port = free_port()
     config = uvicorn.Config(
         _app,
@@ -153,7 +163,7 @@ def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> N
         port=port,
         loop="uvloop",
         http=CoalescingHttpToolsProtocol,
-        log_level="warning",
+        log_level="error",
         lifespan="off",
     )
     server = uvicorn.Server(config)
@@ -164,6 +174,46 @@ def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> N
         while not server.started:
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.02)
+        yield server, port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _exchange(port: int, head: bytes, body: bytes = b"") -> tuple[bytes, int]:
+    """Send ``head`` then ``body`` in 16 KiB writes, stopping when the server answers;
+    everything it answers until it closes the connection, and the bytes sent."""
+    data = head + body
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sent = 0
+        while sent < len(data) and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(data[sent : sent + 16384])
+            sent += len(data[sent : sent + 16384])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer, sent
+
+
+def test_a_request_head_over_the_limit_is_431_and_the_server_goes_on() -> None:
+    with _serving() as (_, port):
+        pad = b"x" * (256 * MAX_HEAD_BYTES)  # 16 MiB
+        too_big = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Pad: " + pad + b"\r\n\r\n"
+        answer, sent = _exchange(port, too_big)
+        assert answer.startswith(b"HTTP/1.1 431 ")
+        assert answer.endswith(b"Request header fields too large.")
+        assert sent < len(too_big)  # answered before the head was all sent
+        fits = b"x" * (MAX_HEAD_BYTES // 2)  # within the limit, over several reads
+        head = b"POST /echo HTTP/1.1\r\nHost: a\r\nX-Pad: " + fits + b"\r\n"
+        body = b"y" * (8 * MAX_HEAD_BYTES)  # a big body is not a big head
+        head += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        answer, _ = _exchange(port, head, body)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.endswith(b"echo:" + body)
+
+
+def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> None:
+    with _serving() as (server, port):
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         for i in range(20):  # one connection, kept alive
             payload = b'{"n": %d}' % i
@@ -183,6 +233,3 @@ def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> N
             for p in protocols
         )
         connection.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
