@@ -13,6 +13,9 @@ from collections.abc import Iterable
 
 PSEUDONYM_PREFIX = "cust_"
 PSEUDONYM_HEX_CHARS = 24
+MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64
+"""A pseudonymisation key's length: 16 bytes at least, 64 at most (BLAKE2b's key size; a
+longer key would have to be cut or hashed, and a cut would ignore its tail silently)."""
 
 
 def pseudonymise(customer_id: str, key: bytes) -> str:
@@ -35,9 +38,11 @@ def pseudonymise(customer_id: str, key: bytes) -> str:
 def pseudonymise_many(customer_ids: Iterable[str], key: bytes) -> list[str]:
     """:func:`pseudonymise` of every id, in order (a campaign's 10,000 keys in ~7 ms: the
     keyed hash state is set up once and copied per id)."""
-    if len(key) < 16:
-        raise ValueError("pseudonymisation key must be at least 16 bytes")
-    keyed = hashlib.blake2b(key=key[:64], digest_size=PSEUDONYM_HEX_CHARS // 2)
+    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise ValueError(
+            f"pseudonymisation key must be {MIN_KEY_BYTES}-{MAX_KEY_BYTES} bytes, got {len(key)}"
+        )
+    keyed = hashlib.blake2b(key=key, digest_size=PSEUDONYM_HEX_CHARS // 2)
     out = []
     for customer_id in customer_ids:
         state = keyed.copy()

@@ -45,6 +45,11 @@ LATENCY_BUCKETS = (
     10.0,
 )
 
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+"""Methods labelled by name in the metrics; any other is labelled ``other`` (a server that
+accepts arbitrary method names would otherwise let callers add label values without end)."""
 REQUESTS = Counter(
     "nextbest_http_requests_total",
     "HTTP requests by route template, method and status code.",
@@ -201,11 +206,12 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            key = (template, scope["method"], status)
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            key = (template, method, status)
             children = self._children.get(key)
             if children is None:
                 children = (
-                    REQUESTS.labels(route=template, method=scope["method"], status=str(status)),
+                    REQUESTS.labels(route=template, method=method, status=str(status)),
                     LATENCY.labels(route=template),
                 )
                 self._children[key] = children

@@ -426,8 +426,8 @@ class DeliveryRequest(BaseModel):
     message_id: str | None = Field(
         default=None, min_length=1, max_length=128, pattern=r"^[^\x00]+$"
     )
-    """The platform's id of a contact made outside the service (required without
-    ``decision_id``); no NUL characters (SQLite's JSON text ends at one)."""
+    """The platform's id of a contact made outside the service (instead of ``decision_id``:
+    exactly one of the two); no NUL characters (SQLite's JSON text ends at one)."""
     channel: str = Field(min_length=1, max_length=64)
     offer: str | None = Field(default=None, min_length=1, max_length=64)
     delivered_at: datetime
@@ -436,6 +436,23 @@ class DeliveryRequest(BaseModel):
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
         return _reported_time(value)
+
+    @model_validator(mode="after")
+    def _one_id(self) -> DeliveryRequest:
+        if (self.decision_id is None) == (self.message_id is None):
+            got = "neither" if self.decision_id is None else "both"
+            raise ValueError(
+                "exactly one of `decision_id` (a contact the service decided) and `message_id` "
+                f"(a contact made outside it) is required, got {got}"
+            )
+        return self
+
+    @property
+    def contact_id(self) -> str:
+        """The id the contact is stored under: the decision's, or the platform's message id."""
+        contact_id = self.decision_id or self.message_id
+        assert contact_id is not None  # one of the two (validated)
+        return contact_id
 
 
 class DeliveryResponse(BaseModel):

@@ -164,6 +164,8 @@ def read_keys(path: str | Path) -> list[StoredKey]:
         ]
     except FileNotFoundError:
         raise KeyFileError(f"{path}: API keys file not found") from None
+    except OSError as exc:  # a directory, no permission ...
+        raise KeyFileError(f"{path}: cannot read the API keys file ({exc.strerror})") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise KeyFileError(f"{path}: not a valid API keys file ({exc})") from None
 

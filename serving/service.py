@@ -970,9 +970,7 @@ class ScoringService:
             raise HTTPException(400, f"unknown channel {request.channel!r}")
         if request.offer is not None and request.offer not in self.catalog.offer_names:
             raise HTTPException(400, f"unknown offer {request.offer!r}")
-        contact_id = request.decision_id or request.message_id
-        if contact_id is None:
-            raise HTTPException(400, "give decision_id or message_id")
+        contact_id = request.contact_id
         contact = ContactBatch(
             contact_id=[contact_id],
             customer_key=[pseudonymise(request.customer_id, self._key)],

@@ -18,8 +18,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR
 from nextbest.compliance import DEFAULT_RULES_PATH
+from nextbest.privacy import MAX_KEY_BYTES, MIN_KEY_BYTES
 
 DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
+MIN_DISTINCT_KEY_BYTES = 8
+"""Outside ``local``, a pseudonymisation key needs this many distinct bytes (refuses keys
+such as ``aaaaaaaaaaaaaaaa``; a random key of 16 bytes or more has them)."""
 """The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
 DEFAULT_CAMPAIGNS_PATH = DEFAULT_CATALOG_DIR.parent / "serving" / "campaigns.yaml"
 
@@ -92,15 +96,29 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _safe_outside_local(self) -> Settings:
         key = self.pseudonymisation_key.get_secret_value().encode("utf-8")
-        if len(key) < 16:
+        if len(key) < MIN_KEY_BYTES:
             raise UnsafeSettingsError(
-                "pseudonymisation_key must be at least 16 bytes (NEXTBEST_PSEUDONYMISATION_KEY)"
+                f"pseudonymisation_key must be at least {MIN_KEY_BYTES} bytes "
+                "(NEXTBEST_PSEUDONYMISATION_KEY)"
+            )
+        if len(key) > MAX_KEY_BYTES:
+            raise UnsafeSettingsError(
+                f"pseudonymisation_key must be at most {MAX_KEY_BYTES} bytes, got {len(key)} "
+                "(NEXTBEST_PSEUDONYMISATION_KEY; BLAKE2b's key size): versions before this "
+                f"check used its first {MAX_KEY_BYTES} bytes only, so set it to those to keep "
+                "the same pseudonyms (and with them the contact history)"
             )
         if self.environment == "local":
             return self
         unsafe = []
-        if key == DEV_PSEUDONYMISATION_KEY.encode():
+        if key.strip().lower() == DEV_PSEUDONYMISATION_KEY.encode().lower():
             unsafe.append("pseudonymisation_key is the public development key")
+        elif len(set(key)) < MIN_DISTINCT_KEY_BYTES:
+            unsafe.append(
+                f"pseudonymisation_key has fewer than {MIN_DISTINCT_KEY_BYTES} distinct "
+                "characters (use a random key, e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))')"
+            )
         if self.api_keys_file is None:
             unsafe.append("api_keys_file is not set (the API would be open)")
         if self.docs:

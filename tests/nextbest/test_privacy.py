@@ -20,11 +20,15 @@ def test_pseudonymise_is_stable_and_keyed() -> None:
     assert "000123" not in a
 
 
-def test_pseudonymise_short_key_refused() -> None:
-    with pytest.raises(ValueError, match="at least 16 bytes"):
-        pseudonymise("C-1", b"short")
-    with pytest.raises(ValueError, match="at least 16 bytes"):
-        pseudonymise_many(["C-1"], b"short")
+def test_pseudonymise_short_or_long_key_refused() -> None:
+    """BLAKE2b keys are 16-64 bytes here: a longer key is refused, not cut (a cut key would
+    ignore its tail, so rotating the tail would change nothing)."""
+    for key in (b"short", b"K" * 65):
+        with pytest.raises(ValueError, match=f"16-64 bytes, got {len(key)}"):
+            pseudonymise("C-1", key)
+        with pytest.raises(ValueError, match=f"16-64 bytes, got {len(key)}"):
+            pseudonymise_many(["C-1"], key)
+    assert pseudonymise("C-1", b"K" * 64) != pseudonymise("C-1", b"K" * 63 + b"L")
 
 
 def test_pseudonymise_many_is_the_keyed_blake2b_of_each_id() -> None:

@@ -66,6 +66,18 @@ def test_get_metrics_counts_requests_actions_and_blocks(
     assert _sample(text, "nextbest_model_info", version=version) == 1
 
 
+def test_metrics_label_an_unknown_method_as_other(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    """A server that accepts any method name must not let callers add label values."""
+    method = "PROPFIND" + "X" * 50
+    assert api_client.request(method, "/healthz").status_code == 405
+    text = api_client.get("/metrics", headers=auth["metrics"]).text
+    assert method not in text
+    route = {"route": "/healthz", "method": "other", "status": "405"}
+    assert _sample(text, "nextbest_http_requests_total", **route) >= 1
+
+
 def test_post_reload_swaps_the_model_without_failing_requests_in_flight(
     api_client: TestClient,
     api_settings: Settings,

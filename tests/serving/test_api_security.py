@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from serving.app import create_app
-from serving.security import ApiKeys, AuthError, create_api_key
+from serving.security import ApiKeys, AuthError, KeyFileError, create_api_key
 from serving.settings import Settings
 
 
@@ -95,6 +95,35 @@ def test_create_settings_outside_local_refuses_unsafe_defaults(tmp_path: Path) -
     assert safe.environment == "production"
     with pytest.raises(ValidationError, match="at least 16 bytes"):
         Settings(pseudonymisation_key="short")
+    with pytest.raises(ValidationError, match="at most 64 bytes, got 70"):
+        Settings(pseudonymisation_key="k" * 70)  # would have been cut to 64 silently
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("nextbest-local-development-key-not-a-secret ", "public development key"),
+        ("NEXTBEST-LOCAL-DEVELOPMENT-KEY-NOT-A-SECRET", "public development key"),
+        ("a" * 16, "fewer than 8 distinct characters"),
+        ("abababababababababab", "fewer than 8 distinct characters"),
+    ],
+)
+def test_create_settings_outside_local_refuses_weak_pseudonymisation_keys(
+    tmp_path: Path, key: str, reason: str
+) -> None:
+    keys = tmp_path / "keys.json"
+    create_api_key(keys, "ops", ["admin"])
+    production = {"environment": "production", "api_keys_file": keys, "docs": False}
+    with pytest.raises(ValidationError, match=reason):
+        Settings(pseudonymisation_key=key, **production)
+    assert Settings(pseudonymisation_key=key, environment="local").environment == "local"
+
+
+def test_api_keys_file_that_is_a_directory_is_a_key_file_error(tmp_path: Path) -> None:
+    """``NEXTBEST_API_KEYS_FILE=""`` reads as the directory ``.``: a clear error, not a
+    traceback of the operating system's."""
+    with pytest.raises(KeyFileError, match=f"{tmp_path}: cannot read the API keys file"):
+        ApiKeys.from_file(tmp_path)
 
 
 def test_create_settings_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

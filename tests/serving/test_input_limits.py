@@ -151,6 +151,23 @@ def test_risk_assessment_dated_in_the_future_is_422(
     assert ok.status_code == 200  # today somewhere on earth
 
 
+@pytest.mark.parametrize("ids", [{}, {"decision_id": "0" * 32, "message_id": "m-1"}])
+def test_a_delivery_needs_exactly_one_of_decision_id_and_message_id(
+    api_client: TestClient, auth: dict[str, dict[str, str]], ids: dict[str, str]
+) -> None:
+    delivery = {
+        "customer_id": "c",
+        "channel": "sms",
+        "delivered_at": datetime.now(UTC).isoformat(),
+        **ids,
+    }
+    response = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
+    assert response.status_code == 422
+    got = "both" if ids else "neither"
+    assert "`decision_id` (a contact the service decided) and `message_id`" in response.text
+    assert f"got {got}" in response.text
+
+
 def test_a_repeated_delivery_reports_nothing_recorded(
     api_client: TestClient, auth: dict[str, dict[str, str]]
 ) -> None:
