@@ -530,6 +530,13 @@ def evaluate(
         list[str] | None,
         typer.Option(help="Target policy to evaluate (repeatable): logging, uniform, no_contact."),
     ] = None,
+    estimator: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Estimator (repeatable): ips, snips, dm, dr, switch-dr. Default: every one "
+            "the log supports (IPS, SNIPS and DR need its pscore; DM and DR need --model)."
+        ),
+    ] = None,
     alpha: Annotated[float, typer.Option(min=0.001, max=0.5, help="1 - confidence level.")] = 0.05,
     bootstrap: Annotated[int, typer.Option(min=10, help="Bootstrap resamples.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
@@ -553,18 +560,22 @@ def evaluate(
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
 ) -> None:
     """Off-policy evaluation of target policies on a decision log (IPS and SNIPS with
-    bootstrap intervals, and DM/DR/Switch-DR for a --model); prints the OPE table."""
+    bootstrap intervals, and DM/DR/Switch-DR for a --model); prints the OPE table. A log
+    without propensities is valued by DM only (with a --model)."""
     from nextbest.decision_log import DecisionLogError
     from nextbest.model_source import ModelSourceError
     from training.evaluation import (
         BASELINE_POLICIES,
         baseline_action_dist,
+        choose_estimators,
         model_scores,
+        no_estimator_message,
         ope_table,
+        reasons_left_out,
     )
     from training.logged_data import load_logged_bandit
     from training.neural_bandit import greedy_policy
-    from training.ope import OpeInputError
+    from training.ope import ESTIMATORS, OpeInputError
 
     try:
         cat = load_catalog(catalog_dir)
@@ -578,6 +589,13 @@ def evaluate(
             f"[bold red]bad --policy[/] {escape(unknown[0])!r}: known {list(BASELINE_POLICIES)}"
         )
         raise typer.Exit(code=2)
+    unknown = [e for e in estimator or [] if e not in ESTIMATORS]
+    if unknown:
+        console.print(
+            f"[bold red]bad --estimator[/] {escape(unknown[0])!r}: known {list(ESTIMATORS)}"
+        )
+        raise typer.Exit(code=2)
+    left_out: dict[str, str] = {}
     try:
         log = load_logged_bandit(logs, cat.n_actions, drop_pending=drop_pending)
         if log.catalog_version != cat.version:
@@ -593,9 +611,19 @@ def evaluate(
         if model is not None:
             resolved, scores = model_scores(model, tracking_uri, log)
             dists = {f"model {resolved.version}": greedy_policy(scores, log.candidates), **dists}
+        usable, left_out = choose_estimators(
+            estimator or tuple(ESTIMATORS), log, scores is not None
+        )
+        if estimator and left_out:  # asked for by name: refused, not silently dropped
+            name, why = next(iter(left_out.items()))
+            raise ValueError(f"--estimator {name}: {why}{_estimator_hint(why)}")
+        if not usable:
+            message = no_estimator_message(left_out)
+            raise ValueError(f"{message}{_estimator_hint(message)}")
         rows = ope_table(
             log,
             dists,
+            estimators=usable,
             estimated_rewards=scores,
             alpha=alpha,
             n_bootstrap_samples=bootstrap,
@@ -610,6 +638,23 @@ def evaluate(
         rows,
         alpha,
     )
+    for why, names_left_out in reasons_left_out(left_out).items():
+        console.print(
+            f"[yellow]left out[/] {', '.join(names_left_out)}: {escape(why)}"
+            f"{escape(_estimator_hint(why))}"
+        )
+
+
+def _estimator_hint(reasons: str) -> str:
+    """What to do about the reasons of :func:`training.evaluation.choose_estimators`."""
+    from training.evaluation import MISSING_PSCORE
+
+    if MISSING_PSCORE in reasons:
+        return (
+            " (log the behaviour policy's propensities; without them only DM, with --model, "
+            "can value a policy)"
+        )
+    return " (give --model)"
 
 
 def _print_ope_table(title: str, rows: list[dict[str, float | str]], alpha: float) -> None:
@@ -760,7 +805,7 @@ def export(
     import onnx
 
     from nextbest.features import ContextEncoder
-    from nextbest.model_source import ModelSourceError, resolve_model
+    from nextbest.model_source import ModelSourceError, resolve_model, unwritable_directory
     from nextbest.onnx_scoring import ModelSpecError, OnnxScorer, spec_path
     from nextbest.synthetic import random_context_batch
 
@@ -771,6 +816,11 @@ def export(
         raise typer.Exit(code=2) from None
     if out.suffix != ".onnx":
         console.print(f"[bold red]bad --out[/] {escape(str(out))}: must end in .onnx")
+        raise typer.Exit(code=2)
+    problem = "is a directory" if out.is_dir() else unwritable_directory(out.parent)
+    if problem:
+        where = out if out.is_dir() else out.parent
+        console.print(f"[bold red]bad --out[/] {escape(str(where))} {escape(problem)}")
         raise typer.Exit(code=2)
     encoder = ContextEncoder(cat)
     try:
@@ -792,12 +842,17 @@ def export(
     except (ModelSourceError, ModelSpecError) as exc:
         console.print(f"[bold red]cannot export[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".onnx.partial")
-    # one self-contained file: registry artifacts may keep weights in external data files
-    onnx.save(onnx.load(str(resolved.path)), str(partial))
-    partial.replace(out)  # atomic: a service watching the path never reads half a file
-    spec_path(out).write_text(json.dumps(scorer.spec, indent=2))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # one self-contained file: registry artifacts may keep weights in external data files
+        onnx.save(onnx.load(str(resolved.path)), str(partial))
+        partial.replace(out)  # atomic: a service watching the path never reads half a file
+        spec_path(out).write_text(json.dumps(scorer.spec, indent=2))
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        console.print(f"[bold red]cannot export[/] to {escape(str(out))}: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
     console.print(
         f"exported {escape(resolved.version)} ({scorer.model_kind}, features "
         f"{scorer.spec_version}, {cat.n_actions} actions) to {out}"
@@ -814,7 +869,13 @@ def promote(
     import mlflow
 
     from training.tracking import promote as promote_model
+    from training.tracking import tracking_client
 
+    try:
+        tracking_client(tracking_uri)
+    except ValueError as exc:
+        console.print(f"[bold red]cannot promote[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
     mlflow.set_tracking_uri(tracking_uri)
     promoted, reason = promote_model(model)
     console.print(("[bold green]promoted[/] " if promoted else "[bold yellow]kept[/] ") + reason)

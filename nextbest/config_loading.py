@@ -51,7 +51,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     Raises
     ------
     ConfigError
-        If the file is missing, is not valid YAML, or its top level is not a mapping.
+        If the file is missing or unreadable, is not UTF-8 or not valid YAML, or its top
+        level is not a mapping.
     """
     path = Path(path)
     try:
@@ -60,6 +61,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(path, "", "file not found") from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            path, "", f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

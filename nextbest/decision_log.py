@@ -131,9 +131,14 @@ def validate_decisions(
                 raise DecisionLogError(source, field.name, "required column is missing")
             table = table.append_column(field, pa.nulls(table.num_rows, type=field.type))
     table = table.select(DECISION_SCHEMA.names)
+    # before the cast, which refuses a null in a non-nullable field without naming the row
+    for name in REQUIRED_COLUMNS:
+        if table.column(name).null_count:
+            row = _first(pc.is_null(table.column(name)))
+            raise DecisionLogError(source, name, "must not be null (or empty)", row)
     try:
         table = table.cast(DECISION_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError) as exc:
         for field in DECISION_SCHEMA:
             try:
                 table.column(field.name).cast(field.type)
@@ -141,12 +146,9 @@ def validate_decisions(
                 raise DecisionLogError(
                     source, field.name, f"cannot be read as {field.type}: {exc}"
                 ) from None
-        raise
-    for name in REQUIRED_COLUMNS:
-        nulls = table.column(name).null_count
-        if nulls:
-            row = _first(pc.is_null(table.column(name)))
-            raise DecisionLogError(source, name, "must not be null", row)
+        raise DecisionLogError(
+            source, "*", f"cannot be read as the decision schema: {exc}"
+        ) from None
     n = table.num_rows
     if n == 0:
         return table

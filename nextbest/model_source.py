@@ -9,6 +9,7 @@ imported only then); anything else is a path to an ``.onnx`` file.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -121,3 +122,21 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
+
+
+def unwritable_directory(directory: str | Path) -> str | None:
+    """Why model files cannot be written into ``directory`` (created if missing), or None:
+    checked before slow work (training, a registry download) so that it fails first.
+
+    Returns a reason such as ``"is a file, not a directory"`` or ``"is below /x, which is a
+    file"``, to be prefixed with the option or key that named the directory.
+    """
+    directory = Path(directory)
+    existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        if existing == directory:
+            return "is a file, not a directory"
+        return f"is below {existing}, which is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is not writable"
+    return None

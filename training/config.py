@@ -5,12 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nextbest.config_loading import StrictModel, load_model
 
 
-class DataSpec(StrictModel):
+class TrainingSection(StrictModel):
+    """Base of every training-config section: besides unknown keys, refuses non-finite
+    floats (``.inf``, ``.nan``), which YAML reads as numbers and ``gt``/``ge`` bounds let
+    through (``inf > 0``), so a learning rate of ``.inf`` would train a model of NaN scores."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class DataSpec(TrainingSection):
     logs: Path
     """Decision log to learn from: ``.parquet``, a directory of parts, or ``.csv``."""
     holdout_share: float = Field(default=0.3, gt=0.0, lt=1.0)
@@ -21,7 +29,7 @@ class DataSpec(StrictModel):
     refusing the log."""
 
 
-class NeuralBanditSpec(StrictModel):
+class NeuralBanditSpec(TrainingSection):
     """The PyTorch neural bandit (see ``training.neural_bandit.NeuralBanditConfig``)."""
 
     hidden: int = Field(default=128, ge=1)
@@ -111,7 +119,7 @@ VW_ACTION_NAMESPACES = {
 """VW namespaces of the per-action features (one ADF line per allowed action)."""
 
 
-class VwBanditSpec(StrictModel):
+class VwBanditSpec(TrainingSection):
     """The Vowpal Wabbit ``--cb_explore_adf`` learner (see ``training.vw_bandit``).
 
     Every decision is a multi-line ADF example: a shared line with the context features in
@@ -180,14 +188,14 @@ class VwBanditSpec(StrictModel):
         return self
 
 
-class RewardSpec(StrictModel):
+class RewardSpec(TrainingSection):
     """How the log's reward is made (the simulator's and the bank's economics)."""
 
     complaint_penalty_cny: float = Field(default=300.0, ge=0)
     """CNY charged per complaint in the logged reward."""
 
 
-class PolicySpec(StrictModel):
+class PolicySpec(TrainingSection):
     kind: Literal["greedy", "softmax"] = "greedy"
     temperature: float = Field(default=1.0, gt=0)
     max_complaint_ratio: float | None = Field(default=None, gt=0)
@@ -195,7 +203,7 @@ class PolicySpec(StrictModel):
     a shadow price on complaints is raised until it holds (needs outcome heads). None: off."""
 
 
-class EvaluationSpec(StrictModel):
+class EvaluationSpec(TrainingSection):
     alpha: float = Field(default=0.05, gt=0, le=0.5)
     """1 - the confidence level of the OPE intervals; ``nextbest promote`` compares the 95%
     lower bound and refuses runs evaluated at another level."""
@@ -222,17 +230,45 @@ class EvaluationSpec(StrictModel):
         return self
 
 
-class TrackingSpec(StrictModel):
+class TrackingSpec(TrainingSection):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = Field(default="nextbest", min_length=1)
-    registered_model: str = Field(default="nextbest", min_length=1)
+    registered_model: str = Field(default="nextbest", min_length=1, max_length=256)
+    """Name the ONNX model is registered under (``models:/<name>@<alias>``)."""
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registrable(cls, value: str) -> str:
+        problem = registered_model_name_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} {problem}")
+        return value
 
 
-class ExportSpec(StrictModel):
+def registered_model_name_problem(name: str) -> str | None:
+    """Why MLflow's model registry (or a ``models:/<name>@<alias>`` URI) would refuse
+    ``name``, or None: checked at load so that a bad name fails before any training.
+
+    MLflow (``mlflow.utils.validation._validate_model_name``) refuses blank names, ``/`` and
+    ``:``, and names that resolve to another path (``.``, ``..x``); ``@`` would be read as
+    the start of an alias in a model URI.
+    """
+    if not name.strip():
+        return "is blank"
+    bad = sorted({c for c in name if c in "/:@"})
+    if bad:
+        listed = " or ".join(repr(c) for c in bad)
+        return f"must not contain {listed} (MLflow model names, models:/<name>@<alias> URIs)"
+    if name == "." or name.startswith(".."):
+        return "must not be '.' or start with '..' (MLflow treats names as paths)"
+    return None
+
+
+class ExportSpec(TrainingSection):
     dir: Path = Path("data/models")
 
 
-class TrainingConfig(StrictModel):
+class TrainingConfig(TrainingSection):
     """A training job: data, learner, acting policy, evaluation, tracking, export."""
 
     learner: Literal["neural_bandit", "vw_bandit"]

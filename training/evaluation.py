@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,70 @@ WEIGHTED_ESTIMATORS = ("ips", "snips", "dr")
 """Estimators whose value rests on the importance weights (their rows carry the ESS)."""
 BASELINE_POLICIES = ("logging", "uniform", "no_contact")
 """Target policies every log can be evaluated against without a model."""
+SWITCH_DR_LAMBDA = 100.0
+"""Importance weight above which Switch-DR drops DR's correction term."""
+
+
+def make_estimator(name: str) -> OffPolicyEstimator:
+    """The estimator of :data:`training.ope.ESTIMATORS` called ``name``, with this table's
+    settings (Switch-DR at :data:`SWITCH_DR_LAMBDA`)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; known: {list(ESTIMATORS)}")
+    return ESTIMATORS[name](lambda_=SWITCH_DR_LAMBDA) if name == "switch-dr" else ESTIMATORS[name]()
+
+
+MISSING_PSCORE = "the log has no propensities (its `pscore` column is empty)"
+"""Why an estimator with ``needs_pscore`` was left out."""
+MISSING_REWARD_MODEL = "no reward model's scores were given"
+"""Why an estimator with ``needs_reward_model`` was left out."""
+
+
+def choose_estimators(
+    names: Sequence[str], log: LoggedBandit, has_reward_model: bool
+) -> tuple[dict[str, OffPolicyEstimator], dict[str, str]]:
+    """The estimators among ``names`` that this log can feed, and the others with the reason.
+
+    An estimator with ``needs_pscore`` needs the log's propensities (its ``pscore`` column,
+    :data:`MISSING_PSCORE`); one with ``needs_reward_model`` needs a reward model's scores
+    for every action (:data:`MISSING_REWARD_MODEL`).
+
+    Returns
+    -------
+    usable : dict of name -> estimator, in the order of ``names``
+    left_out : dict of name -> reason
+
+    Raises
+    ------
+    ValueError
+        If a name is unknown.
+    """
+    usable: dict[str, OffPolicyEstimator] = {}
+    left_out: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        estimator = make_estimator(name)
+        if estimator.needs_pscore and log.pscore is None:
+            left_out[name] = MISSING_PSCORE
+        elif estimator.needs_reward_model and not has_reward_model:
+            left_out[name] = MISSING_REWARD_MODEL
+        else:
+            usable[name] = estimator
+    return usable, left_out
+
+
+def reasons_left_out(left_out: Mapping[str, str]) -> dict[str, list[str]]:
+    """The estimators :func:`choose_estimators` left out, grouped by reason (reason -> names)."""
+    grouped: dict[str, list[str]] = {}
+    for name, why in left_out.items():
+        grouped.setdefault(why, []).append(name)
+    return grouped
+
+
+def no_estimator_message(left_out: Mapping[str, str]) -> str:
+    """Why no estimator can value a policy, from what :func:`choose_estimators` left out."""
+    reasons = "; ".join(
+        f"{', '.join(names)}: {why}" for why, names in reasons_left_out(left_out).items()
+    )
+    return f"no estimator can value a policy on this log: {reasons}"
 
 
 def baseline_action_dist(name: str, log: LoggedBandit) -> np.ndarray:
@@ -52,9 +116,15 @@ def effective_sample_size(log: LoggedBandit, action_dist: np.ndarray) -> float:
     """
     if log.pscore is None or np.isnan(log.pscore).any():
         return float("nan")
-    weights = action_dist[np.arange(log.n_rounds), log.action] / log.pscore
-    squares = float(np.square(weights).sum())
-    return float(weights.sum()) ** 2 / squares if squares > 0 else 0.0
+    with np.errstate(over="ignore"):  # propensities below 1e-308: handled as infinite below
+        weights = action_dist[np.arange(log.n_rounds), log.action] / log.pscore
+    top = float(weights.max()) if log.n_rounds else 0.0
+    if not top > 0:
+        return 0.0
+    # the ratio is scale-free: scaled to at most 1, tiny propensities (1e-300) cannot overflow
+    # the squares; infinite weights (propensities below 1e-308) are the ones that count
+    weights = np.isinf(weights).astype(np.float64) if np.isinf(top) else weights / top
+    return float(weights.sum() ** 2 / np.square(weights).sum())
 
 
 def ess_text(ess: float) -> str:
@@ -81,7 +151,9 @@ def ope_table(
         Target policies. Probability on an action the rules blocked for that round is
         refused (a policy may only choose allowed actions).
     estimators : mapping of name -> estimator, optional
-        Default: IPS and SNIPS, plus DM, DR and Switch-DR when ``estimated_rewards`` is given.
+        Default: every estimator of :data:`training.ope.ESTIMATORS` the inputs support (see
+        :func:`choose_estimators`): IPS and SNIPS when the log has propensities, DM
+        when ``estimated_rewards`` is given, DR and Switch-DR when both are.
     estimated_rewards : (n, A), optional
         A reward model's predictions for every round and action.
 
@@ -94,13 +166,11 @@ def ope_table(
         undefined for that policy (SNIPS with no overlap at all).
     """
     if estimators is None:
-        names = ["ips", "snips"] + (
-            ["dm", "dr", "switch-dr"] if estimated_rewards is not None else []
+        estimators, left_out = choose_estimators(
+            tuple(ESTIMATORS), log, estimated_rewards is not None
         )
-        estimators = {
-            name: ESTIMATORS[name](lambda_=100.0) if name == "switch-dr" else ESTIMATORS[name]()
-            for name in names
-        }
+        if not estimators:
+            raise ValueError(no_estimator_message(left_out))
     rows: list[dict[str, float | str]] = []
     for policy_name, dist in policies.items():
         blocked_mass = (dist * ~log.candidates).sum(axis=1)

@@ -3,7 +3,8 @@
 Reads the logged-decision schema (``nextbest.decision_log``) from Parquet (a file or a
 directory of parts) or from CSV. CSV is for logs brought from elsewhere: one row per decision
 with the schema's column names; list columns (``context``, ``candidate_actions``,
-``action_dist``) are space-separated numbers; ``timestamp`` is ISO 8601 with an offset.
+``action_dist``) are space-separated numbers; ``timestamp`` is ISO 8601 with an offset; only
+an empty cell is null (``nan`` is a number, refused where values must be finite).
 """
 
 from __future__ import annotations
@@ -105,6 +106,10 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
             path,
             convert_options=pacsv.ConvertOptions(
                 column_types={name: pa.string() for name in LIST_COLUMNS},
+                # only the empty cell is null ("no outcome yet" for a reward); Arrow's default
+                # null spellings would read "nan", "NaN", "NA" ... as null too, so a NaN reward
+                # would pass as pending instead of being refused (as in Parquet)
+                null_values=[""],
                 strings_can_be_null=True,
             ),
         )

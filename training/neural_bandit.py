@@ -27,8 +27,9 @@ chose more often). Acting: argmax or softmax over the actions the rules allow.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -164,6 +165,10 @@ class NeuralBanditConfig:
 
     def __post_init__(self) -> None:
         _check_architecture(self.architecture)
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{field.name}` must be a finite number, got {value}")
         for name in ("hidden", "embedding", "epochs", "batch_size", "threads", "depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")

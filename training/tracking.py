@@ -75,6 +75,22 @@ ARTIFACTS_DIRNAME = "mlartifacts"
 """Beside a SQLite tracking store, the folder its new experiments keep their artifacts in."""
 
 
+def tracking_client(tracking_uri: str) -> MlflowClient:
+    """A client of the tracking store (and model registry) at ``tracking_uri``.
+
+    Raises
+    ------
+    ValueError
+        Naming the URI and MLflow's reason when it has no store for it (an unknown scheme,
+        a file store at an unusable path ...).
+    """
+    try:
+        return MlflowClient(tracking_uri=tracking_uri)
+    except mlflow.exceptions.MlflowException as exc:
+        reason = str(exc.message).strip().split(" See https://")[0]
+        raise ValueError(f"tracking URI {tracking_uri!r} cannot be used: {reason}") from None
+
+
 def use_experiment(tracking_uri: str, name: str) -> None:
     """Track to ``tracking_uri`` under experiment ``name``, creating it when missing.
 
@@ -83,8 +99,8 @@ def use_experiment(tracking_uri: str, name: str) -> None:
     ``./mlruns`` under whatever the working directory is: a store and its artifacts then
     move, and are deleted, together. Other stores keep their server's default.
     """
+    client = tracking_client(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
     if client.get_experiment_by_name(name) is None:
         location = None
         if tracking_uri.startswith("sqlite:///"):

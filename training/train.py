@@ -21,6 +21,7 @@ from nextbest.features import (
     action_features,
     aligned_context_columns,
 )
+from nextbest.model_source import unwritable_directory
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import PolicySpec, TrainingConfig
 from training.evaluation import baseline_action_dist, ess_text, model_scores, ope_table
@@ -201,15 +202,62 @@ def crossfit_rewards(
     folds = config.evaluation.crossfit_folds
     if folds == 0:
         return scores.astype(np.float64)
-    fold = _fold_of(holdout, folds, config.evaluation.seed)
+    fold = crossfit_folds(config, holdout)
     out = np.empty(scores.shape, np.float64)
     for k in range(folds):
         rows = fold == k
-        if rows.all() or not rows.any():
-            raise ValueError(f"too few held-out customers for {folds} cross-fitting folds")
         fitted = fit_model(config.ope_reward_model(), holdout.take(~rows), catalog, acting=False)
         out[rows] = fitted.scores(holdout.context[rows])
+    require_finite_scores(out, config.ope_reward_model(), "the cross-fitted DM/DR reward model")
     return out
+
+
+def require_finite_scores(scores: np.ndarray, config: TrainingConfig, what: str) -> None:
+    """Refuse scores ``(n, A)`` that are not all finite: a model that diverged in training
+    (its policy would be arbitrary and its value estimates NaN) must not be registered.
+
+    Raises
+    ------
+    ValueError
+        Naming how many scores are not finite and the settings that most likely caused it.
+    """
+    bad = ~np.isfinite(scores)
+    if not bad.any():
+        return
+    section = config.learner
+    raise ValueError(
+        f"{what} gives {int(bad.sum()):,} non-finite scores (NaN or infinite) out of "
+        f"{scores.size:,} on the held-out decisions: training diverged. Lower "
+        f"{section}.learning_rate (now {getattr(config, section).learning_rate:g}) or check the "
+        "log for extreme rewards; nothing was registered"
+    )
+
+
+def crossfit_folds(config: TrainingConfig, holdout: LoggedBandit) -> np.ndarray:
+    """Cross-fitting fold ``(n,)`` of every held-out decision (``evaluation.crossfit_folds``
+    of them, by customer), checked before any training: every fold must hold decisions.
+
+    Raises
+    ------
+    ValueError
+        If a fold would be empty (the reward model of another fold would then train on
+        nothing, or nothing would be scored), with what to change.
+    """
+    folds = config.evaluation.crossfit_folds
+    fold = _fold_of(holdout, folds, config.evaluation.seed)
+    sizes = np.bincount(fold, minlength=folds)
+    if (sizes == 0).any():
+        customers = (
+            f" of {len(np.unique(holdout.customer_key))} customers"
+            if holdout.customer_key is not None
+            else ""
+        )
+        raise ValueError(
+            f"{config.data.logs}: the {holdout.n_rounds} held-out decisions{customers} are "
+            f"too few for evaluation.crossfit_folds = {folds} (fold sizes {sizes.tolist()}): "
+            "use a larger log or data.holdout_share, fewer folds, or crossfit_folds: 0"
+        )
+    return fold
 
 
 def _fold_of(log: LoggedBandit, folds: int, seed: int) -> np.ndarray:
@@ -219,6 +267,19 @@ def _fold_of(log: LoggedBandit, folds: int, seed: int) -> np.ndarray:
     # salted apart from the holdout split, which put these customers below its share
     unit = customer_unit(log.customer_key, f"crossfit-{seed}")
     return np.minimum((unit * folds).astype(np.int64), folds - 1)
+
+
+def check_export_dir(directory: Path) -> None:
+    """Refuse an ``export.dir`` the ONNX model cannot be written to, before any training.
+
+    Raises
+    ------
+    ValueError
+        Naming ``export.dir``, the path and the reason (:func:`unwritable_directory`).
+    """
+    problem = unwritable_directory(directory)
+    if problem:
+        raise ValueError(f"export.dir {directory} {problem}")
 
 
 def run_training(
@@ -232,7 +293,10 @@ def run_training(
     Raises
     ------
     DecisionLogError, ValueError
-        Bad logs or a log made with another catalogue or feature spec, before training.
+        Before any training: bad logs, a log made with another catalogue or feature spec,
+        too few held-out customers for the cross-fitting folds, an unusable ``export.dir``
+        or tracking URI. After training, inside the run (which then ends FAILED and
+        registers nothing): a model whose held-out scores are not all finite.
     """
     encoder = ContextEncoder(catalog)
     log = load_logged_bandit(
@@ -253,7 +317,9 @@ def run_training(
         raise ValueError(
             f"{config.data.logs}: the log has no propensities (pscore): the held-out "
             "evaluation's IPS and DR need them; log the behaviour policy's propensities, or "
-            "evaluate such a log with the direct method (nextbest evaluate --model)"
+            "value an existing model on such a log with the direct method: nextbest "
+            f"evaluate --logs {config.data.logs} --model <.onnx file or models:/name@alias> "
+            "(DM only)"
         )
     if config.learner == "vw_bandit":
         check_vw_inputs(log, catalog, config.vw_bandit)
@@ -261,6 +327,9 @@ def run_training(
     if recipe is not None and engine is not None:
         recipe.check(catalog, engine)
     train, holdout, holdout_rows = split_log(log, config.data.holdout_share, config.data.split_seed)
+    if config.evaluation.crossfit_folds:
+        crossfit_folds(config, holdout)
+    check_export_dir(config.export.dir)
 
     use_experiment(config.tracking.uri, config.tracking.experiment)
     with mlflow.start_run(run_name=f"{config.learner}") as run:
@@ -287,6 +356,7 @@ def run_training(
         fitted = fit_model(config, train, catalog, on_epoch)
 
         scores = fitted.scores(holdout.context)
+        require_finite_scores(scores, config, "the trained model")
         target = target_distribution(config.policy, scores, holdout.candidates)
         chosen = target.argmax(axis=1)
         violations = int((~holdout.candidates[np.arange(holdout.n_rounds), chosen]).sum())

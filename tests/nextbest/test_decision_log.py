@@ -150,3 +150,23 @@ def test_write_decisions_bad_table_leaves_existing_parts_intact(tmp_path: Path) 
         write_decisions(bad, tmp_path / "log")
     assert first.read_bytes() == before
     assert [p.name for p in (tmp_path / "log").iterdir()] == [first.name]
+
+
+@pytest.mark.parametrize("column", ["action", "decision_id", "timestamp", "context"])
+def test_read_decisions_null_in_required_column_names_file_column_and_row(
+    tmp_path: Path, column: str
+) -> None:
+    """A null where the schema forbids one: the file, the column and the first row, not the
+    whole-table cast's "cannot evaluate ... non-nullable"."""
+    table = decisions_table(good_columns())
+    values = table.column(column).to_pylist()
+    values[4] = None
+    field = pa.field(column, table.schema.field(column).type, nullable=True)
+    table = table.set_column(
+        table.schema.get_field_index(column), field, pa.array(values, type=field.type)
+    )
+    path = tmp_path / "nulls.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(DecisionLogError, match="must not be null") as info:
+        read_decisions(path, n_actions=N_ACTIONS)
+    assert (info.value.source, info.value.column, info.value.row) == (str(path), column, 4)

@@ -112,8 +112,15 @@ def test_ope_without_pscore_points_to_dm(sim_log, catalog, tmp_path: Path) -> No
         )
     log = load_logged_bandit(to_csv(table, tmp_path / "log.csv"), catalog.n_actions)
     assert log.pscore is None
+    uniform = {"uniform": baseline_action_dist("uniform", log)}
     with pytest.raises(OpeInputError, match="use DirectMethod"):
-        ope_table(log, {"uniform": baseline_action_dist("uniform", log)})
+        ope_table(log, uniform, estimators={"ips": InverseProbabilityWeighting()})
+    # by default, the estimators the log supports: none without a reward model, else DM
+    with pytest.raises(ValueError, match=r"no estimator .* ips, snips, dr, switch-dr: .*`pscore`"):
+        ope_table(log, uniform)
+    q_hat = np.zeros(log.candidates.shape)
+    rows = ope_table(log, uniform, estimated_rewards=q_hat, n_bootstrap_samples=20)
+    assert [r["estimator"] for r in rows] == ["dm"]
 
 
 def test_ope_table_on_policy_ips_equals_mean_reward(sim_log, catalog) -> None:
@@ -150,6 +157,11 @@ def test_effective_sample_size_counts_the_decisions_an_estimate_rests_on() -> No
     # never agreeing: nothing to rest on; no propensities: undefined
     assert effective_sample_size(log, np.eye(n_actions)[(log.action + 1) % n_actions]) == 0.0
     assert np.isnan(effective_sample_size(replace(log, pscore=None), dist))
+    # valid but tiny propensities: the weights' squares must not overflow (scale-free ratio)
+    tiny = replace(log, pscore=np.full(n, 1e-300))
+    assert effective_sample_size(tiny, dist) == pytest.approx(7.0)
+    below_double = replace(log, pscore=np.where(np.arange(n) < 3, 5e-324, 1e-300))
+    assert effective_sample_size(below_double, dist) == pytest.approx(3.0)  # infinite weights
 
 
 def test_ope_table_blocked_action_policy_refused(sim_log, catalog) -> None:
@@ -311,3 +323,41 @@ def test_split_log_by_customer_and_independent_per_purpose(sim_log, catalog) -> 
     assert 0.1 < (validation & mask).mean() / mask.mean() < 0.5  # about 30%: independent
     with pytest.raises(ValueError, match="too small"):
         split_log(log.take(np.arange(1)), 0.3, 0)
+
+
+def _set_csv_cell(path: Path, row: int, column: str, value: str) -> None:
+    """Overwrite one cell (data row ``row``, 0-based) of a CSV file, as a user's edit would."""
+    import csv
+
+    with path.open(newline="") as handle:
+        lines = list(csv.reader(handle))
+    lines[row + 1][lines[0].index(column)] = value
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(lines)
+
+
+@pytest.mark.parametrize("spelling", ["nan", "NaN", "NA", "null"])
+def test_read_csv_decisions_reward_spelled_as_missing_is_refused_not_pending(
+    sim_log, catalog, tmp_path: Path, spelling: str
+) -> None:
+    """Only an empty cell means "no outcome yet" (the README's CSV convention): a NaN is a
+    bad reward, refused as in Parquet, and ``--drop-pending`` must not drop it silently."""
+    path = to_csv(read_decisions(sim_log).slice(0, 10), tmp_path / "log.csv")
+    _set_csv_cell(path, 3, "reward", spelling)
+    for drop_pending in (False, True):
+        with pytest.raises(DecisionLogError, match="reward") as info:
+            load_logged_bandit(path, catalog.n_actions, drop_pending=drop_pending)
+        assert info.value.column == "reward" and str(path) in str(info.value)
+    _set_csv_cell(path, 3, "reward", "")  # the empty cell: pending, dropped on request
+    assert load_logged_bandit(path, catalog.n_actions, drop_pending=True).n_rounds == 9
+
+
+@pytest.mark.parametrize("column", ["action", "decision_id", "customer_key"])
+def test_read_csv_decisions_empty_required_cell_names_file_column_and_row(
+    sim_log, catalog, tmp_path: Path, column: str
+) -> None:
+    path = to_csv(read_decisions(sim_log).slice(0, 10), tmp_path / "log.csv")
+    _set_csv_cell(path, 2, column, "")
+    with pytest.raises(DecisionLogError, match="must not be null") as info:
+        load_logged_bandit(path, catalog.n_actions)
+    assert (info.value.source, info.value.column, info.value.row) == (str(path), column, 2)

@@ -146,7 +146,9 @@ def test_train_log_without_propensities_refused_before_a_run(sim_log, tmp_path: 
     pq.write_table(table, logs / "part-0.parquet")
     result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, logs))])
     assert result.exit_code == 2
-    assert "no propensities" in " ".join(result.output.split())
+    flat = " ".join(result.output.split())
+    assert "no propensities" in flat
+    assert f"nextbest evaluate --logs {logs} --model" in flat  # a command that works on it
     assert not (tmp_path / "mlflow.db").exists()  # no run was opened
 
 
@@ -368,3 +370,187 @@ def test_a_second_model_is_valued_against_the_champion_on_its_own_held_out_decis
     lower = run.data.metrics["ope/model/dr/lower"]
     assert ("promoted" in again.output) == (lower > on_new_data), again.output
     assert f"{on_new_data:.4f}" in again.output
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training started although the inputs could be refused before it")
+
+
+def _log_without_propensities(sim_log: Path, out: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sim_log).slice(0, 400)
+    for name in ("pscore", "action_dist"):
+        column = table.schema.get_field_index(name)
+        table = table.set_column(
+            column, name, pa.nulls(table.num_rows, table.schema.field(name).type)
+        )
+    out.mkdir()
+    pq.write_table(table, out / "part-0.parquet")
+    return out
+
+
+def _linear_model(path: Path, catalog) -> Path:
+    """A small valid scoring model of this catalogue's features (no training needed)."""
+    from nextbest.features import ContextEncoder
+    from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
+
+    spec = ContextEncoder(catalog).spec
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(spec.n_context, catalog.n_actions)).astype(np.float32)
+    model = linear_scoring_model(weights, np.zeros(catalog.n_actions, np.float32), spec, "test")
+    return save_scoring_model(model, path, spec, "test")
+
+
+def test_train_non_finite_scores_refused_before_registering(
+    sim_log, tmp_path: Path, monkeypatch
+) -> None:
+    """A model that diverged (NaN scores) fails its run and moves no alias."""
+    import training.train as train_module
+
+    def diverged(config, train, catalog, on_epoch=None, acting=True):
+        return train_module.FittedModel(
+            kind="neural_bandit",
+            scores=lambda context: np.full((len(context), catalog.n_actions), np.nan),
+            export=_no_training,
+            history=[],
+            params={},
+        )
+
+    monkeypatch.setattr(train_module, "fit_model", diverged)
+    result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, sim_log))])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "non-finite scores" in flat and "neural_bandit.learning_rate" in flat
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.search_registered_models() == []
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+INFINITE_LEARNING_RATE = {
+    "neural_bandit": {"batch_size: 1024}": "batch_size: 1024, learning_rate: .inf}"},
+    "vw_bandit": {"learner: neural_bandit": "learner: vw_bandit\nvw_bandit: {learning_rate: .inf}"},
+}
+
+
+@pytest.mark.parametrize("learner", sorted(INFINITE_LEARNING_RATE))
+def test_train_infinite_learning_rate_refused_at_load(sim_log, tmp_path: Path, learner) -> None:
+    path = write_config(tmp_path, sim_log, **INFINITE_LEARNING_RATE[learner])
+    result = runner.invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert f"{learner}.learning_rate: Input should be a finite number" in flat
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_train_export_dir_that_is_a_file_refused_before_training(
+    sim_log, tmp_path: Path, monkeypatch
+) -> None:
+    import training.train as train_module
+
+    monkeypatch.setattr(train_module, "fit_model", _no_training)
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    config = str(write_config(tmp_path, sim_log))
+    for export_dir, reason in ((taken, "is a file"), (taken / "sub", f"is below {taken}")):
+        result = runner.invoke(app, ["train", "--config", config, "--export-dir", str(export_dir)])
+        assert result.exit_code == 2, result.output
+        flat = " ".join(result.output.split())
+        assert f"export.dir {export_dir}" in flat and reason in flat
+    assert not (tmp_path / "mlflow.db").exists()  # no run was opened
+
+
+def test_train_unregistrable_model_name_refused_at_load(sim_log, tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, sim_log, **{"experiment: test}": 'experiment: test, registered_model: "a/b@x"}'}
+    )
+    result = runner.invoke(app, ["train", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "tracking.registered_model" in result.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_train_too_few_held_out_customers_for_crossfit_refused_before_training(
+    sim_log, tmp_path: Path, monkeypatch
+) -> None:
+    """Two decisions of two customers: one held out, too few for two cross-fitting folds."""
+    import pyarrow.parquet as pq
+
+    import training.train as train_module
+    from training.logged_data import customer_unit
+
+    monkeypatch.setattr(train_module, "fit_model", _no_training)
+    table = pq.read_table(sim_log)
+    held = customer_unit(table.column("customer_key").to_numpy(zero_copy_only=False), "0") < 0.3
+    rows = [int(np.flatnonzero(held)[0]), int(np.flatnonzero(~held)[0])]
+    logs = tmp_path / "two"
+    logs.mkdir()
+    pq.write_table(table.take(rows), logs / "part-0.parquet")
+    result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, logs))])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "too few for evaluation.crossfit_folds = 2" in flat
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_train_and_promote_unusable_tracking_uri_exit_2(sim_log, tmp_path: Path, monkeypatch):
+    import training.train as train_module
+
+    monkeypatch.setattr(train_module, "fit_model", _no_training)
+    config = str(write_config(tmp_path, sim_log))
+    trained = runner.invoke(app, ["train", "--config", config, "--tracking-uri", "bogus://x"])
+    promoted = runner.invoke(app, ["promote", "--tracking-uri", "bogus://x"])
+    for result, verb in ((trained, "train"), (promoted, "promote")):
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        flat = " ".join(result.output.split())
+        assert f"cannot {verb} tracking URI 'bogus://x' cannot be used" in flat
+
+
+def test_evaluate_log_without_propensities_uses_dm_and_says_what_was_left_out(
+    sim_log, tmp_path: Path, catalog
+) -> None:
+    logs = _log_without_propensities(sim_log, tmp_path / "nops")
+    model = str(_linear_model(tmp_path / "m.onnx", catalog))
+    base = ["evaluate", "--logs", str(logs), "--bootstrap", "20"]
+    result = runner.invoke(app, [*base, "--model", model])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "│ dm" in result.output and "│ ips" not in result.output
+    assert "left out ips, snips, dr, switch-dr: the log has no propensities" in flat
+    assert "`pscore`" in flat
+    # nothing can value a policy without a model; an estimator asked for by name is refused
+    for extra, reason in (
+        ([], "no estimator can value a policy on this log"),
+        (["--model", model, "--estimator", "dr"], "--estimator dr: the log has no propensities"),
+        (["--estimator", "nope"], "bad --estimator 'nope'"),
+    ):
+        refused = runner.invoke(app, [*base, *extra])
+        assert refused.exit_code == 2, refused.output
+        assert reason in " ".join(refused.output.split())
+
+
+def test_evaluate_estimator_option_limits_the_table(sim_log, tmp_path: Path, catalog) -> None:
+    model = str(_linear_model(tmp_path / "m.onnx", catalog))
+    args = ["evaluate", "--logs", str(sim_log), "--bootstrap", "20", "--model", model]
+    result = runner.invoke(app, [*args, "--estimator", "snips", "--estimator", "dm"])
+    assert result.exit_code == 0, result.output
+    assert "│ snips" in result.output and "│ dm" in result.output
+    assert "│ ips" not in result.output and "│ dr" not in result.output
+    assert "left out" not in result.output
+
+
+def test_export_out_at_directory_or_below_file_refused(tmp_path: Path, catalog) -> None:
+    model = str(_linear_model(tmp_path / "m.onnx", catalog))
+    (tmp_path / "dir.onnx").mkdir()
+    (tmp_path / "afile").write_text("")
+    for out, reason in (
+        (tmp_path / "dir.onnx", "is a directory"),
+        (tmp_path / "afile" / "x.onnx", "is a file, not a directory"),
+    ):
+        result = runner.invoke(app, ["export", "--model", model, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert reason in " ".join(result.output.split())
+    assert not list(tmp_path.glob("*.partial"))

@@ -334,4 +334,4 @@ tracking: {{uri: "sqlite:///{tmp_path}/mlflow.db"}}
     assert result.exit_code == 2
     flat = " ".join(result.output.split())
     assert "no propensities (pscore)" in flat  # the learner could train; the evaluation cannot
-    assert "nextbest evaluate --model" in flat
+    assert f"nextbest evaluate --logs {logs} --model" in flat  # a command that works on it

@@ -1,0 +1,97 @@
+"""The training config refuses, at load and naming the key, values that would only fail (or
+worse, pass silently) after training: non-finite floats and unregistrable model names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import _validate_model_name
+
+from nextbest.config_loading import ConfigError
+from training.config import TrainingConfig, load_training_config, registered_model_name_problem
+from training.neural_bandit import NeuralBanditConfig
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "train.yaml"
+    path.write_text(f"data: {{logs: x}}\n{body}\n")
+    return path
+
+
+# ``gt=0`` and ``ge=0`` let ``.inf`` through: every float of every section must be finite
+NON_FINITE = [
+    ("neural_bandit: {learning_rate: .inf}", "neural_bandit.learning_rate"),
+    ("neural_bandit: {learning_rate: .nan}", "neural_bandit.learning_rate"),
+    ("neural_bandit: {weight_decay: .inf}", "neural_bandit.weight_decay"),
+    ("neural_bandit: {ips_clip: .inf}", "neural_bandit.ips_clip"),
+    ("vw_bandit: {learning_rate: .inf}", "vw_bandit.learning_rate"),
+    ("vw_bandit: {epsilon: .nan}", "vw_bandit.epsilon"),
+    ("vw_bandit: {cost_scale_cny: .inf}", "vw_bandit.cost_scale_cny"),
+    ("reward: {complaint_penalty_cny: .inf}", "reward.complaint_penalty_cny"),
+    ("policy: {kind: softmax, temperature: .inf}", "policy.temperature"),
+    ("evaluation: {alpha: .nan}", "evaluation.alpha"),
+]
+
+
+@pytest.mark.parametrize(("section", "key"), NON_FINITE)
+def test_load_training_config_non_finite_float_refused_naming_key(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    learner = "vw_bandit" if key.startswith("vw_bandit") else "neural_bandit"
+    path = _write(tmp_path, f"learner: {learner}\n{section}")
+    with pytest.raises(ConfigError, match="finite number") as info:
+        load_training_config(path)
+    assert info.value.key == key
+
+
+def test_load_training_config_non_finite_holdout_share_refused(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("learner: vw_bandit\ndata: {logs: x, holdout_share: .nan}\n")
+    with pytest.raises(ConfigError, match="finite number") as info:
+        load_training_config(path)
+    assert info.value.key == "data.holdout_share"
+
+
+def test_load_training_config_non_finite_reward_model_override_refused(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path, "learner: neural_bandit\nevaluation: {reward_model: {learning_rate: .inf}}"
+    )
+    with pytest.raises(ConfigError, match=r"evaluation\.reward_model\.learning_rate.*finite"):
+        load_training_config(path)
+
+
+def test_neural_bandit_config_non_finite_float_refused() -> None:
+    with pytest.raises(ValueError, match="`learning_rate` must be a finite number"):
+        NeuralBanditConfig(learning_rate=float("inf"))
+
+
+BAD_NAMES = ["bad/name@x", "a:b", "name@alias", " ", ".", "..x"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_load_training_config_unregistrable_model_name_refused(tmp_path: Path, name: str) -> None:
+    path = _write(tmp_path, f"learner: vw_bandit\ntracking: {{registered_model: {name!r}}}")
+    with pytest.raises(ConfigError) as info:
+        load_training_config(path)
+    assert info.value.key == "tracking.registered_model"
+    assert repr(name) in info.value.reason
+
+
+@pytest.mark.parametrize("name", [*BAD_NAMES, "nextbest", "next best.v2", "a..b", "x-1_2"])
+def test_registered_model_name_rules_agree_with_mlflow(name: str) -> None:
+    """What the config refuses is what MLflow's registry refuses (and ``@``, which a
+    ``models:/<name>@<alias>`` URI would read as the alias)."""
+    try:
+        _validate_model_name(name)
+        mlflow_refuses = False
+    except MlflowException:
+        mlflow_refuses = True
+    ours = registered_model_name_problem(name) is not None
+    assert ours == (mlflow_refuses or "@" in name)
+
+
+def test_training_config_finite_defaults_still_load() -> None:
+    for path in Path("configs/training").glob("*.yaml"):
+        assert isinstance(load_training_config(path), TrainingConfig), path
