@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -151,16 +152,17 @@ def test_post_decision_logs_only_pseudonymised_keys(
         json={"decision_id": decision["decision_id"], "converted": True},
         headers=auth["reward"],
     )
-    api_client.post(
+    delivered = api_client.post(
         "/v1/deliveries",
         json={
             "customer_id": raw,
             "decision_id": decision["decision_id"],
-            "channel": "app_push",
-            "delivered_at": "2030-01-01T00:00:00+00:00",
+            "channel": decision["chosen"]["channel"] or "app_push",
+            "delivered_at": datetime.now(UTC).isoformat(),
         },
         headers=auth["reward"],
     )
+    assert delivered.status_code == 200, delivered.text  # stored: its key is checked below
     api_client.post(
         "/v1/decisions",
         json={"customer": customer(customer_id=raw, age=-1)},

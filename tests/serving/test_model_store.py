@@ -115,9 +115,11 @@ def test_registry_alias_move_is_noticed_and_loaded(catalog, tmp_path: Path) -> N
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri, registry_uri=uri)
+    # an experiment of this store: the active one another test set belongs to another store
+    experiment = client.create_experiment("alias-move")
     for seed in (1, 2):
         path = write_model(catalog, tmp_path / f"m{seed}.onnx", seed=seed)
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment):
             import onnx
 
             mlflow.onnx.log_model(
