@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +352,24 @@ def test_read_csv_decisions_reward_spelled_as_missing_is_refused_not_pending(
         assert info.value.column == "reward" and str(path) in str(info.value)
     _set_csv_cell(path, 3, "reward", "")  # the empty cell: pending, dropped on request
     assert load_logged_bandit(path, catalog.n_actions, drop_pending=True).n_rounds == 9
+
+
+@pytest.mark.parametrize("column", ["timestamp", "reward_at"])
+def test_read_csv_decisions_time_without_utc_offset_refused(
+    sim_log, catalog, tmp_path: Path, column: str
+) -> None:
+    """The README's CSV convention: times carry their offset; one without it is refused
+    rather than read as UTC (a bank's local times would shift by its offset)."""
+    path = to_csv(read_decisions(sim_log).slice(0, 10), tmp_path / "log.csv")
+    lines = list(csv.reader(path.open(newline="")))
+    at = lines[0].index(column)
+    for line in lines[1:]:
+        line[at] = line[at] and datetime.fromisoformat(line[at]).strftime("%Y-%m-%dT%H:%M:%S")
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(lines)
+    with pytest.raises(DecisionLogError, match="UTC offset") as info:
+        load_logged_bandit(path, catalog.n_actions)
+    assert info.value.column == column and str(path) in str(info.value)
 
 
 @pytest.mark.parametrize("column", ["action", "decision_id", "customer_key"])

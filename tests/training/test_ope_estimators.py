@@ -146,6 +146,7 @@ BAD_INPUTS = [
     ({"pscore": np.r_[np.full(9, 0.5), 1.5]}, r"`pscore` must be in \(0, 1\], got 1.5 at round 9"),
     ({"pscore": np.full(9, 0.5)}, r"`pscore` must have shape \(10,\)"),
     ({"pscore": np.r_[np.nan, np.full(9, 0.5)]}, "`pscore` is missing at round 0"),
+    ({"pscore": np.r_[np.full(9, 0.5), 1e-320]}, "1e-320 at round 9 is too small"),
     ({"pscore": None}, "needs `pscore`.*use DirectMethod"),
     ({"pscore": np.full(10, np.nan)}, "needs `pscore`.*log the logging policy's propensity"),
     ({"action": np.r_[99, np.zeros(9, int)]}, r"`action` must be in \[0, 6\).*got 99 at round 0"),
@@ -173,10 +174,16 @@ def test_estimate_policy_value_empty_log_refused() -> None:
         )
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), "big"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "big", True, np.float32(-1)])
 def test_estimator_bad_lambda_refused(bad) -> None:
     with pytest.raises(ValueError, match="`lambda_` must be a non-negative number"):
         InverseProbabilityWeighting(lambda_=bad)
+
+
+@pytest.mark.parametrize("good", [5, 5.0, np.float32(5), np.int64(5), float("inf")])
+def test_estimator_lambda_takes_any_real_number(good) -> None:
+    """Numpy numbers as well (obp takes them)."""
+    assert SwitchDoublyRobust(lambda_=good).lambda_ == good
 
 
 def test_dm_needs_no_pscore(log) -> None:
@@ -205,7 +212,11 @@ def test_bootstrap_interval_seeded_is_reproducible() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"alpha": 0.0}, "alpha"), ({"n_bootstrap_samples": 0}, "n_bootstrap_samples")],
+    [
+        ({"alpha": 0.0}, "alpha"),
+        ({"n_bootstrap_samples": 0}, "n_bootstrap_samples"),
+        ({"n_bootstrap_samples": 2.5}, "`n_bootstrap_samples` must be a positive integer"),
+    ],
 )
 def test_bootstrap_interval_bad_settings_refused(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 BOOTSTRAP_CHUNK_ELEMENTS = 20_000_000
@@ -37,8 +39,14 @@ def bootstrap_interval(
         raise ValueError(f"`samples` must be a non-empty 1-d array, got shape {samples.shape}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"`alpha` must be in (0, 1), got {alpha}")
-    if n_bootstrap_samples < 1:
-        raise ValueError(f"`n_bootstrap_samples` must be positive, got {n_bootstrap_samples}")
+    if (
+        isinstance(n_bootstrap_samples, bool)
+        or not isinstance(n_bootstrap_samples, numbers.Integral)
+        or n_bootstrap_samples < 1
+    ):
+        raise ValueError(
+            f"`n_bootstrap_samples` must be a positive integer, got {n_bootstrap_samples!r}"
+        )
     rng = (
         random_state
         if isinstance(random_state, np.random.Generator)

@@ -13,6 +13,7 @@ round-wise estimate whose mean is the value of the evaluation policy ``pi_e``. W
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -111,7 +112,10 @@ def _at_position(array: np.ndarray, position: np.ndarray) -> np.ndarray:
 
 
 def _check_lambda(value: float, name: str) -> None:
-    if not isinstance(value, int | float) or np.isnan(value) or value < 0:
+    """Refuse anything but a real number >= 0 (numpy scalars included; inf: no clipping)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}")
+    if np.isnan(value) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative number, got {value!r}")
 
 

@@ -147,6 +147,14 @@ def check_ope_inputs(
         if bad.any():
             i = first_bad(bad)
             raise _fail(f"`pscore` must be in (0, 1], got {pscore_arr[i]} at round {i}")
+        with np.errstate(divide="ignore", over="ignore"):
+            bad = ~np.isfinite(1.0 / pscore_arr)
+        if bad.any():  # subnormal: its importance weight overflows to inf, the value to NaN
+            i = first_bad(bad)
+            raise _fail(
+                f"`pscore` {pscore_arr[i]} at round {i} is too small: its importance weight "
+                "1 / pscore is not a finite number"
+            )
 
     q_hat = as_3d("estimated_rewards_by_reg_model", estimated_rewards_by_reg_model)
     if q_hat is None and require_estimated_rewards:
