@@ -116,14 +116,30 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_head()
 
     def _refuse_head(self) -> None:
+        """Refuse the head being read: from now on the connection's bytes are dropped, and
+        the 431 goes out once the requests before it on the connection (pipelined) are
+        answered, so that theirs are not lost or taken for it."""
+        log.warning("request head over %d bytes refused (431)", MAX_HEAD_BYTES)
+        self._refused = True
+        if not self._answering():
+            self._send_refusal()
+
+    def _answering(self) -> bool:
+        """An earlier request of the connection is still being answered, or waiting to be."""
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
+
+    def _send_refusal(self) -> None:
         """Answer 431, end the sending side, and close :data:`LINGER_S` later: closing at
         once, with the client's unread bytes still arriving, would reset the connection and
         could discard the answer before the client reads it."""
-        log.warning("request head over %d bytes refused (431)", MAX_HEAD_BYTES)
-        self._refused = True
         self.transport.write(_HEAD_TOO_LARGE)
         self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refused and not self._answering() and not self.transport.is_closing():
+            self._send_refusal()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

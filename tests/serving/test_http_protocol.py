@@ -180,13 +180,16 @@ def _serving() -> Iterator[tuple[uvicorn.Server, int]]:
         thread.join(timeout=10)
 
 
-def _exchange(port: int, head: bytes, body: bytes = b"") -> tuple[bytes, int]:
-    """Send ``head`` then ``body`` in 16 KiB writes, stopping when the server answers;
-    everything it answers until it closes the connection, and the bytes sent."""
+def _exchange(
+    port: int, head: bytes, body: bytes = b"", stop_on_answer: bool = True
+) -> tuple[bytes, int]:
+    """Send ``head`` then ``body`` in 16 KiB writes, stopping when the server answers
+    (``stop_on_answer``); everything it answers until it closes the connection, and the
+    bytes sent."""
     data = head + body
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sent = 0
-        while sent < len(data) and not select.select([sock], [], [], 0)[0]:
+        while sent < len(data) and not (stop_on_answer and select.select([sock], [], [], 0)[0]):
             sock.sendall(data[sent : sent + 16384])
             sent += len(data[sent : sent + 16384])
         answer = b""
@@ -203,6 +206,12 @@ def test_a_request_head_over_the_limit_is_431_and_the_server_goes_on() -> None:
         assert answer.startswith(b"HTTP/1.1 431 ")
         assert answer.endswith(b"Request header fields too large.")
         assert sent < len(too_big)  # answered before the head was all sent
+        # pipelined behind a request still being answered: that answer first, then the 431
+        pipelined = b"GET /stream HTTP/1.1\r\nHost: a\r\n\r\n" + too_big[: 16 * MAX_HEAD_BYTES]
+        answer, _ = _exchange(port, pipelined, stop_on_answer=False)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.index(b"\r\nend\r\n0\r\n\r\n") < answer.index(b"HTTP/1.1 431 ")
+        assert answer.endswith(b"Request header fields too large.")
         fits = b"x" * (MAX_HEAD_BYTES // 2)  # within the limit, over several reads
         head = b"POST /echo HTTP/1.1\r\nHost: a\r\nX-Pad: " + fits + b"\r\n"
         body = b"y" * (8 * MAX_HEAD_BYTES)  # a big body is not a big head
