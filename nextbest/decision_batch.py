@@ -20,7 +20,8 @@ from nextbest.exploration import (
 
 @dataclass(frozen=True)
 class DecisionBatch:
-    """``n`` decisions as arrays, the input of :meth:`JournalWriter.submit`.
+    """``n`` decisions as arrays, the input of
+    :meth:`~nextbest.decision_journal.JournalWriter.submit`.
 
     Variable-length lists (candidates, action distribution) are flat arrays cut by
     ``candidate_offsets``, as in Arrow: the candidates of row ``i`` are

@@ -30,7 +30,8 @@ little-endian blobs, one per submitted batch):
     speed).
 ``rewards``
     At most one row per decision (its ``decision_id`` and ``seq``): ``converted``,
-    ``complaint``, ``opted_out``, ``value_cny``, ``reward`` (see :func:`reward_cny`),
+    ``complaint``, ``opted_out``, ``value_cny``, ``reward``
+    (see :func:`~nextbest.rewards.reward_cny`),
     ``reward_at_us`` (when the outcome happened, as the caller gave it, or null),
     ``received_at_us``, ``late`` (outside the attribution window).
 ``decision_log`` (a view)
@@ -49,7 +50,6 @@ valued by a :class:`~nextbest.rewards.RewardRule`.
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -76,8 +76,6 @@ from nextbest.rewards import (
 )
 from nextbest.sqlite_writer import GroupCommitWriter, Synchronous, open_sqlite
 from nextbest.timestamps import epoch_us, from_epoch_us
-
-log = logging.getLogger(__name__)
 
 JOURNAL_FILENAME = "journal.db"
 """Name of the journal inside a service state directory."""

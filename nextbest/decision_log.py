@@ -116,7 +116,8 @@ def validate_decisions(
 ) -> pa.Table:
     """Check a decision table against the schema and its invariants; return it in schema order.
 
-    Checks: required columns present and non-null, types castable to the schema, unique
+    Checks: required columns present and non-null, times with a time zone (a naive time
+    would be read as UTC), types castable to the schema, unique
     ``decision_id``, ``0 < pscore <= 1``, ``action`` within the catalogue and among the
     row's ``candidate_actions``, ``action_dist`` aligned with ``candidate_actions``, summing
     to 1 and agreeing with ``pscore``, and one context width.
@@ -131,6 +132,16 @@ def validate_decisions(
                 raise DecisionLogError(source, field.name, "required column is missing")
             table = table.append_column(field, pa.nulls(table.num_rows, type=field.type))
     table = table.select(DECISION_SCHEMA.names)
+    for field in DECISION_SCHEMA:
+        column_type = table.column(field.name).type
+        if pa.types.is_timestamp(column_type) and column_type.tz is None:
+            # the cast would read it as UTC: local times would shift by their offset
+            raise DecisionLogError(
+                source,
+                field.name,
+                "times must carry their UTC offset (a time zone; in CSV ISO 8601 with an "
+                "offset, e.g. 2026-01-06T19:05:00+08:00 or 2026-01-06T11:05:00Z)",
+            )
     # before the cast, which refuses a null in a non-nullable field without naming the row
     for name in REQUIRED_COLUMNS:
         if table.column(name).null_count:

@@ -110,7 +110,8 @@ class RewardOutcome:
 
 @dataclass(frozen=True)
 class RewardResult:
-    """What the journal holds for a decision's reward after :meth:`JournalWriter.submit_reward`.
+    """What the journal holds for a decision's reward after
+    :meth:`~nextbest.decision_journal.JournalWriter.submit_reward`.
 
     ``duplicate`` is True when the same outcome had been recorded before (the stored one is
     returned and nothing is written).

@@ -40,7 +40,6 @@ Redis or PostgreSQL store implements :class:`ContactStore`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -52,8 +51,6 @@ import numpy as np
 from nextbest.catalog import ActionCatalog
 from nextbest.context import ContactHistory, ContextBatch
 from nextbest.timestamps import epoch_us, from_epoch_us
-
-log = logging.getLogger(__name__)
 
 ContactKind = Literal["recommended", "delivered"]
 CONTACT_KINDS: tuple[ContactKind, ...] = ("recommended", "delivered")

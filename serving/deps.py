@@ -95,7 +95,7 @@ def parse_body(model: type[ModelT], body: bytes, context: dict[str, Any] | None 
         HTTP 422, one entry per violation, located under ``body``.
     fastapi.HTTPException
         HTTP 413: a batch over the cap of :func:`serving.schemas.batch_request_model`
-        (refused before its customers are validated)."""
+        (whatever else is wrong with it)."""
     try:
         return model.model_validate_json(body, context=context)
     except ValidationError as exc:

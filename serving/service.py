@@ -472,8 +472,8 @@ class ScoringService:
         """What request bodies are validated with (:func:`serving.deps.parse_body`): channel and
         offer names against the catalogue."""
         self.batch_request = batch_request_model(settings.max_batch)
-        """The batch body's model: more than ``max_batch`` customers are refused (413) before
-        they are validated."""
+        """The batch body's model: more than ``max_batch`` customers are refused (413, whatever
+        else is wrong with them)."""
         self.rules = rules
         self.campaigns = campaigns
         self.models = models

@@ -21,10 +21,10 @@ from nextbest.compliance import DEFAULT_RULES_PATH
 from nextbest.privacy import MAX_KEY_BYTES, MIN_KEY_BYTES
 
 DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
+"""The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
 MIN_DISTINCT_KEY_BYTES = 8
 """Outside ``local``, a pseudonymisation key needs this many distinct bytes (refuses keys
 such as ``aaaaaaaaaaaaaaaa``; a random key of 16 bytes or more has them)."""
-"""The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
 DEFAULT_CAMPAIGNS_PATH = DEFAULT_CATALOG_DIR.parent / "serving" / "campaigns.yaml"
 
 Environment = Literal["local", "staging", "production"]

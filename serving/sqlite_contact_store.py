@@ -474,8 +474,8 @@ class SqliteContactStore:
     def record(self, contacts: ContactBatch, inline: bool = False) -> Future[int]:
         """Store contacts; idempotent per contact id, a delivery replaces a recommendation.
         The future gives the rows inserted or replaced (0 for a contact already stored); it
-        fails with :class:`ContactConflictError` (nothing written) if a delivery names a
-        contact stored for another customer.
+        fails with :class:`~serving.contact_history.ContactConflictError` (nothing written)
+        if a delivery names a contact stored for another customer.
 
         Also prunes, at most every ``prune_every``, contacts older than the retention.
         ``inline``: commit on the calling thread when the writer is idle (see
@@ -502,8 +502,9 @@ class SqliteContactStore:
         self, contacts: ContactBatch, position: int | None, inline: bool = False
     ) -> Future[list[str]]:
         """Store recommended contacts whose customers have no contact stored after
-        ``position`` (the last row id the lookup saw, :attr:`ContactEvents.position`); the
-        future gives the contact ids refused, nothing stored for them.
+        ``position`` (the last row id the lookup saw,
+        :attr:`~serving.contact_history.ContactEvents.position`); the future gives the contact
+        ids refused, nothing stored for them.
 
         The check runs in the write's transaction, under SQLite's write lock: of two
         workers that decided for one customer on the same history, the second to commit is

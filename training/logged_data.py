@@ -96,8 +96,8 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
     ------
     DecisionLogError
         Naming the file, the column and the reason (unparseable numbers in a list column,
-        times without their UTC offset, missing columns, and every check of
-        ``validate_decisions``).
+        missing columns, and every check of ``validate_decisions``, times without their UTC
+        offset among them).
     """
     path = Path(path)
     if not path.exists():
@@ -121,14 +121,6 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
         column = raw.column(name)
         if name in LIST_COLUMNS:
             column = _parse_list_column(column, name, LIST_COLUMNS[name], str(path))
-        elif pa.types.is_timestamp(column.type) and column.type.tz is None:
-            # read as UTC, a time without its offset would shift by the bank's own offset
-            raise DecisionLogError(
-                str(path),
-                name,
-                "times must carry their UTC offset (ISO 8601, e.g. 2026-01-06T19:05:00+08:00 "
-                "or 2026-01-06T11:05:00Z)",
-            )
         columns[name] = column
     table = pa.table(columns)
     return validate_decisions(table, n_actions, source=str(path))

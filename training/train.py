@@ -203,18 +203,29 @@ def crossfit_rewards(
     if folds == 0:
         return scores.astype(np.float64)
     fold = crossfit_folds(config, holdout)
+    reward_model = config.ope_reward_model()
     out = np.empty(scores.shape, np.float64)
     for k in range(folds):
         rows = fold == k
-        fitted = fit_model(config.ope_reward_model(), holdout.take(~rows), catalog, acting=False)
+        fitted = fit_model(reward_model, holdout.take(~rows), catalog, acting=False)
         out[rows] = fitted.scores(holdout.context[rows])
-    require_finite_scores(out, config.ope_reward_model(), "the cross-fitted DM/DR reward model")
+    overridden = "learning_rate" in config.evaluation.reward_model
+    require_finite_scores(
+        out,
+        reward_model,
+        "the cross-fitted DM/DR reward model",
+        "evaluation.reward_model.learning_rate" if overridden else None,
+    )
     return out
 
 
-def require_finite_scores(scores: np.ndarray, config: TrainingConfig, what: str) -> None:
+def require_finite_scores(
+    scores: np.ndarray, config: TrainingConfig, what: str, setting: str | None = None
+) -> None:
     """Refuse scores ``(n, A)`` that are not all finite: a model that diverged in training
     (its policy would be arbitrary and its value estimates NaN) must not be registered.
+    ``setting``: the config key of the learning rate ``config`` trained with (default: its
+    learner's own).
 
     Raises
     ------
@@ -228,7 +239,8 @@ def require_finite_scores(scores: np.ndarray, config: TrainingConfig, what: str)
     raise ValueError(
         f"{what} gives {int(bad.sum()):,} non-finite scores (NaN or infinite) out of "
         f"{scores.size:,} on the held-out decisions: training diverged. Lower "
-        f"{section}.learning_rate (now {getattr(config, section).learning_rate:g}) or check the "
+        f"{setting or section + '.learning_rate'} (now "
+        f"{getattr(config, section).learning_rate:g}) or check the "
         "log for extreme rewards; nothing was registered"
     )
 

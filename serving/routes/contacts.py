@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1/deliveries", tags=["contacts"])
     "",
     response_model=DeliveryResponse,
     responses={
-        400: {"model": ErrorResponse, "description": "Unknown channel or offer, or no id."},
+        400: {"model": ErrorResponse, "description": "Unknown channel or offer."},
         401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
         403: {"model": ErrorResponse, "description": "The API key lacks the `reward` scope."},
         409: {"model": ErrorResponse, "description": "The decision was for another customer."},

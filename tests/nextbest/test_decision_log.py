@@ -134,6 +134,17 @@ def test_read_decisions_wrong_type_refused(tmp_path: Path) -> None:
     assert info.value.column == "action"
 
 
+def test_read_decisions_naive_times_refused(tmp_path: Path) -> None:
+    """A Parquet time without a time zone would be read as UTC: refused, like CSV's."""
+    table = decisions_table(good_columns())
+    at = table.schema.get_field_index("timestamp")
+    naive = table.column("timestamp").cast(pa.timestamp("us"))
+    pq.write_table(table.set_column(at, "timestamp", naive), tmp_path / "naive.parquet")
+    with pytest.raises(DecisionLogError, match="UTC offset") as info:
+        read_decisions(tmp_path / "naive.parquet")
+    assert info.value.column == "timestamp"
+
+
 def test_read_decisions_not_parquet_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(DecisionLogError, match="not a readable Parquet file"):

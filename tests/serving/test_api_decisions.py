@@ -179,7 +179,7 @@ def test_post_batch_oversized_is_413(
     settings = api_settings.model_copy(update={"max_batch": 5})
     with TestClient(create_app(settings)) as client:
         customers = [customer(customer_id=f"big-{i}") for i in range(6)]
-        if invalid:  # refused for its size before any customer is validated: 413, not 422
+        if invalid:  # refused for its size whatever else is wrong: 413, not 422
             customers[-1]["age"] = 999
         response = client.post(
             "/v1/decisions/batch", json={"customers": customers}, headers=auth["decide"]
@@ -397,7 +397,7 @@ def test_post_batch_columns_oversized_is_413(
 ) -> None:
     settings = api_settings.model_copy(update={"max_batch": 5})
     columns = _columns([customer(customer_id=f"big-{i}") for i in range(6)], catalog)
-    if invalid:  # refused for its size before any column is validated: 413, not 422
+    if invalid:  # refused for its size whatever else is wrong: 413, not 422
         columns["age"][-1] = 999
         columns["customer_id"][-1] = columns["customer_id"][0]
     with TestClient(create_app(settings)) as client:
