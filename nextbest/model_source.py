@@ -57,6 +57,8 @@ def resolve_model(
     """
     if not is_registry_uri(uri):
         path = Path(uri)
+        if path.is_dir():
+            raise ModelSourceError(f"model {uri!r}: a directory, not an .onnx file")
         if not path.is_file():
             raise ModelSourceError(f"model {uri!r}: no such file")
         return ResolvedModel(uri, path, f"file:{_file_digest(path)}")
@@ -79,8 +81,12 @@ def resolve_model(
     except mlflow.exceptions.MlflowException as exc:
         raise ModelSourceError(f"model {uri!r}: {exc.message}") from exc
     local_path = Path(local)
+    if local_path.is_file() and local_path.suffix != ".onnx":
+        raise ModelSourceError(
+            f"model {uri!r}: the artifact {local_path.name} is not an .onnx file"
+        )
     files = [local_path] if local_path.is_file() else sorted(local_path.rglob("*.onnx"))
-    if len(files) != 1 or files[0].suffix != ".onnx":
+    if len(files) != 1:
         raise ModelSourceError(
             f"model {uri!r}: expected one .onnx file in the artifact, found {len(files)}"
         )

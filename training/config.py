@@ -231,7 +231,7 @@ class EvaluationSpec(TrainingSection):
 
 
 class TrackingSpec(TrainingSection):
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = Field(default="sqlite:///mlflow.db", min_length=1)
     experiment: str = Field(default="nextbest", min_length=1)
     registered_model: str = Field(default="nextbest", min_length=1, max_length=256)
     """Name the ONNX model is registered under (``models:/<name>@<alias>``)."""

@@ -97,3 +97,11 @@ def test_training_config_finite_defaults_still_load() -> None:
     assert len(configs) >= 2  # vw_bandit.yaml, neural_bandit.yaml ...: not an empty glob
     for path in configs:
         assert isinstance(load_training_config(path), TrainingConfig), path
+
+
+def test_load_training_config_empty_tracking_uri_refused(tmp_path: Path) -> None:
+    """An empty URI would make MLflow fall back to a store of its own choosing."""
+    path = _write(tmp_path, "learner: neural_bandit\ntracking: {uri: ''}")
+    with pytest.raises(ConfigError) as info:
+        load_training_config(path)
+    assert info.value.key == "tracking.uri"
