@@ -35,13 +35,24 @@ def pseudonymise(customer_id: str, key: bytes) -> str:
     return pseudonymise_many((customer_id,), key)[0]
 
 
-def pseudonymise_many(customer_ids: Iterable[str], key: bytes) -> list[str]:
-    """:func:`pseudonymise` of every id, in order (a campaign's 10,000 keys in ~7 ms: the
-    keyed hash state is set up once and copied per id)."""
+def check_key(key: bytes) -> None:
+    """Refuse a pseudonymisation key outside :data:`MIN_KEY_BYTES`-:data:`MAX_KEY_BYTES`.
+
+    Raises
+    ------
+    ValueError
+        Naming the length allowed and the key's (never the key).
+    """
     if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
         raise ValueError(
             f"pseudonymisation key must be {MIN_KEY_BYTES}-{MAX_KEY_BYTES} bytes, got {len(key)}"
         )
+
+
+def pseudonymise_many(customer_ids: Iterable[str], key: bytes) -> list[str]:
+    """:func:`pseudonymise` of every id, in order (a campaign's 10,000 keys in ~7 ms: the
+    keyed hash state is set up once and copied per id)."""
+    check_key(key)
     keyed = hashlib.blake2b(key=key, digest_size=PSEUDONYM_HEX_CHARS // 2)
     out = []
     for customer_id in customer_ids:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from serving.schemas import BATCH_ROW_LOCATIONS
 from serving.security import API_KEY_HEADER, AuthError, Principal, Scope
-from serving.service import ScoringService
+from serving.service import ScoringService, oversized_batch
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -102,11 +102,7 @@ def parse_body(model: type[ModelT], body: bytes, context: dict[str, Any] | None 
         for e in exc.errors(include_url=False, include_input=False):
             if e["type"] == "too_long" and e["loc"] in BATCH_ROW_LOCATIONS:
                 ctx = e.get("ctx", {})
-                raise HTTPException(
-                    413,
-                    f"batch of {ctx.get('actual_length')} customers; "
-                    f"at most {ctx.get('max_length')} per request",
-                ) from None
+                raise oversized_batch(ctx["actual_length"], ctx["max_length"]) from None
         errors = [
             {"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
             for e in exc.errors(include_url=False, include_input=False, include_context=False)

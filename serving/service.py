@@ -105,6 +105,11 @@ async def _committed(future: Future[T]) -> T:
     return await asyncio.shield(asyncio.wrap_future(future))
 
 
+def oversized_batch(rows: int, max_rows: int) -> HTTPException:
+    """The 413 of a batch of ``rows`` customers, over the ``max_rows`` a request may hold."""
+    return HTTPException(413, f"batch of {rows} customers; at most {max_rows} per request")
+
+
 def _failed(exc: BaseException) -> Future[Any]:
     """A future that failed with ``exc`` (a write refused before it was queued)."""
     future: Future[Any] = Future()
@@ -695,9 +700,7 @@ class ScoringService:
         model = self._require_model()
         n = len(request)
         if n > self.settings.max_batch:
-            raise HTTPException(
-                413, f"batch of {n} customers; at most {self.settings.max_batch} per request"
-            )
+            raise oversized_batch(n, self.settings.max_batch)
         mask = self.candidate_mask(request.candidates, request.channels, request.campaign_id)
         now = datetime.now(UTC)
         keys = pseudonymise_many(request.customer_ids(), self._key)

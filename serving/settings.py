@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR
 from nextbest.compliance import DEFAULT_RULES_PATH
-from nextbest.privacy import MAX_KEY_BYTES, MIN_KEY_BYTES
+from nextbest.privacy import MAX_KEY_BYTES, check_key
 
 DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
 """The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
@@ -96,18 +96,17 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _safe_outside_local(self) -> Settings:
         key = self.pseudonymisation_key.get_secret_value().encode("utf-8")
-        if len(key) < MIN_KEY_BYTES:
-            raise UnsafeSettingsError(
-                f"pseudonymisation_key must be at least {MIN_KEY_BYTES} bytes "
-                "(NEXTBEST_PSEUDONYMISATION_KEY)"
+        try:
+            check_key(key)
+        except ValueError as exc:
+            hint = (
+                f"; versions before this check used the first {MAX_KEY_BYTES} bytes of a longer "
+                "key only, so set it to those to keep the same pseudonyms (and with them the "
+                "contact history)"
+                if len(key) > MAX_KEY_BYTES
+                else ""
             )
-        if len(key) > MAX_KEY_BYTES:
-            raise UnsafeSettingsError(
-                f"pseudonymisation_key must be at most {MAX_KEY_BYTES} bytes, got {len(key)} "
-                "(NEXTBEST_PSEUDONYMISATION_KEY; BLAKE2b's key size): versions before this "
-                f"check used its first {MAX_KEY_BYTES} bytes only, so set it to those to keep "
-                "the same pseudonyms (and with them the contact history)"
-            )
+            raise UnsafeSettingsError(f"{exc} (NEXTBEST_PSEUDONYMISATION_KEY){hint}") from None
         if self.environment == "local":
             return self
         unsafe = []
