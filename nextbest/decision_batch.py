@@ -202,7 +202,7 @@ class DecisionBatch:
             greedy_index = np.searchsorted(flat, np.arange(n) * n_actions + greedy)
             dist = epsilon_greedy_candidate_probabilities(counts, greedy_index, epsilon)
             if "pscore" not in fields:
-                fields["pscore"] = epsilon_greedy_pscore(allowed, greedy, action, epsilon)
+                fields["pscore"] = epsilon_greedy_pscore(allowed, greedy, action, epsilon, counts)
         elif action_dist is not None:
             dense = np.asarray(action_dist)
             if dense.shape != allowed.shape:

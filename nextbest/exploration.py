@@ -54,7 +54,11 @@ def epsilon_greedy_distribution(
 
 
 def epsilon_greedy_pscore(
-    allowed: np.ndarray, greedy: np.ndarray, action: np.ndarray, epsilon: float
+    allowed: np.ndarray,
+    greedy: np.ndarray,
+    action: np.ndarray,
+    epsilon: float,
+    counts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Probability each row's ``action`` has under :func:`epsilon_greedy_distribution`,
     float64 ``(n,)``, without building the ``(n, A)`` distribution (the same values).
@@ -63,8 +67,12 @@ def epsilon_greedy_pscore(
     ----------
     allowed : bool ``(n, A)``
     greedy, action : int ``(n,)``, allowed actions
+    counts : int ``(n,)``, optional
+        ``allowed``'s count per row, if the caller has it (else counted here).
     """
-    share, top = _epsilon_greedy_levels(np.count_nonzero(allowed, axis=1), epsilon)
+    if counts is None:
+        counts = np.count_nonzero(allowed, axis=1)
+    share, top = _epsilon_greedy_levels(counts, epsilon)
     return np.where(np.asarray(action) == np.asarray(greedy), top, share)
 
 

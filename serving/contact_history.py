@@ -142,14 +142,14 @@ class ContactBatch:
         channel_index = catalog.channel_index[actions]
         rows = np.flatnonzero(channel_index >= 0)
         picked = rows.tolist()
-        names = np.array([*catalog.channel_names, *catalog.offer_names, None], object)
-        offer_index = catalog.offer_index[actions[rows]]
-        offer_name = np.where(offer_index >= 0, len(catalog.channel_names) + offer_index, -1)
+        # every contact action is an offer on a channel (the catalogue builds them so)
+        channels = np.array(catalog.channel_names, object)
+        offers = np.array(catalog.offer_names, object)
         return cls(
             contact_id=[decision_id[i] for i in picked],
             customer_key=[customer_key[i] for i in picked],
-            channel=names[channel_index[rows]].tolist(),
-            offer=names[offer_name].tolist(),
+            channel=channels[channel_index[rows]].tolist(),
+            offer=offers[catalog.offer_index[actions[rows]]].tolist(),
             at_us=epoch_us(at),
             kind="recommended",
             latest_us=None if latest_us is None else np.asarray(latest_us, np.int64)[rows],
