@@ -82,15 +82,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if settings.docs else None,
         redoc_url="/redoc" if settings.docs else None,
     )
-    for module in (decisions, rewards, contacts, health):
-        app.include_router(module.router)
+    routers = [module.router for module in (decisions, rewards, contacts, health)]
+    for router in routers:
+        app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     # innermost first: the decision lane bypasses only FastAPI's own stack; metrics see the
     # 413s of the size limit too
     app.add_middleware(DecisionLane, routes=decisions.router.routes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestMetrics, routes=[r for router in routers for r in router.routes])
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -26,6 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (
@@ -182,11 +183,24 @@ def render() -> tuple[bytes, str]:
 
 class RequestMetrics:
     """ASGI middleware: request count and latency by route template (not by raw path, so
-    nothing a caller puts in a URL becomes a label)."""
+    nothing a caller puts in a URL becomes a label).
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``routes``: the routes of the application's routers, to find the template of a request
+    answered before routing (a 413 of the body size limit); a path no route matches is
+    ``unmatched``.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
+        self.routes = routes
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def template(self, scope: Scope) -> str:
+        """The route template of the request ``scope`` (``unmatched`` when none fits)."""
+        route = scope.get("route")
+        if route is None:  # answered before routing
+            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", None) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -204,8 +218,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = self.template(scope)
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             key = (template, method, status)
             children = self._children.get(key)

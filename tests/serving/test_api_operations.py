@@ -225,3 +225,21 @@ def test_service_starts_on_a_catalogue_without_the_example_channel(
 
     assert ready.status_code == 200, ready.text
     assert decided.status_code == 200, decided.text
+
+
+def test_metrics_label_a_body_refused_before_routing_with_its_route(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """The size limit answers 413 before the router runs; the request still counts under
+    the route it was sent to, and a path no route has stays ``unmatched``."""
+    settings = api_settings.model_copy(update={"max_body_bytes": 64})
+    with TestClient(create_app(settings)) as client:
+        body = b'{"customers": []}' + b" " * 100
+        headers = {**auth["decide"], "Content-Type": "application/json"}
+        assert client.post("/v1/decisions/batch", content=body, headers=headers).status_code == 413
+        assert client.post("/v1/nowhere", content=body, headers=headers).status_code == 413
+        text = client.get("/metrics", headers=auth["metrics"]).text
+    batch = {"route": "/v1/decisions/batch", "method": "POST", "status": "413"}
+    assert _sample(text, "nextbest_http_requests_total", **batch) >= 1
+    nowhere = {"route": "unmatched", "method": "POST", "status": "413"}
+    assert _sample(text, "nextbest_http_requests_total", **nowhere) >= 1
