@@ -11,10 +11,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -29,6 +29,8 @@ from serving.security import create_api_key
 from serving.settings import Settings
 
 PSEUDONYM_KEY = "test-pseudonymisation-key-0123456789"
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -115,10 +117,42 @@ def midday_timezone() -> str:
     return f"Etc/GMT{-offset:+d}" if offset else "Etc/UTC"
 
 
+def _utc_hour(moment: datetime) -> datetime:
+    """The UTC hour (date included) of ``moment``."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def in_one_utc_hour(attempt: Callable[[int], T]) -> T:
+    """``attempt(0)``, or ``attempt(1)`` if the UTC hour turned while ``attempt(0)`` ran.
+
+    For a test that compares answers the service gave at different moments: it reads the
+    clock for each decision, and the customer's local hour (model features; quiet hours) and
+    the UTC date (the latest risk-assessment date accepted) change when the UTC hour turns.
+    The service reads the clock between this function's two readings, so when both are in
+    one hour every answer of the attempt was given in that hour (with the same local hour
+    and date), and the test can compare them exactly.
+
+    ``attempt`` builds its customers (:func:`customer`: midday for the hour it runs in) and
+    makes the requests, and returns what they answered, asserting nothing that depends on
+    the time: an attempt that straddled the turn is thrown away. Its argument is the
+    attempt's number, to name customers the first attempt did not contact (its recommended
+    contacts count towards their caps). An attempt takes seconds, so the second one runs
+    within one hour.
+    """
+    for number in range(2):
+        start = datetime.now(UTC)
+        result = attempt(number)
+        if _utc_hour(datetime.now(UTC)) == _utc_hour(start):
+            return result
+    raise AssertionError("the UTC hour turned during both attempts")
+
+
 def customer(**overrides: Any) -> dict[str, Any]:
     """The OpenAPI example customer, assessed 30 days ago, with no contact history and at
     midday local time (:func:`midday_timezone`), so the answer does not depend on today's
-    date or the time of day; with ``overrides``."""
+    date or the time of day; with ``overrides``. Its local hour is 13 for a decision made
+    after the UTC hour turned: a test comparing two decisions makes them
+    :func:`in_one_utc_hour`."""
     data = copy.deepcopy(EXAMPLE_CUSTOMER)
     data["risk_assessed_on"] = (date.today() - timedelta(days=30)).isoformat()
     data["contact_history"] = {}

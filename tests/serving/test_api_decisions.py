@@ -8,9 +8,10 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
-from conftest import customer
+from conftest import customer, in_one_utc_hour
 from fastapi.testclient import TestClient
 
 from nextbest.catalog import ActionCatalog
@@ -218,20 +219,28 @@ def test_post_batch_as_columns_ranks_as_the_customer_objects(
     api_client: TestClient, auth: dict[str, dict[str, str]], catalog: ActionCatalog
 ) -> None:
     """The columnar body is another spelling of the same customers: same ranked actions and
-    scores (other ids: the first call's recommended contacts would cap the second's)."""
-    customers = [
-        customer(customer_id=f"col-{i}", age=20 + 3 * i, risk_tolerance=f"C{1 + i % 5}")
-        for i in range(12)
-    ]
-    twins = [{**c, "customer_id": f"twin-{c['customer_id']}"} for c in customers]
-    as_rows = api_client.post(
-        "/v1/decisions/batch", json={"customers": customers, "k": 4}, headers=auth["decide"]
-    )
-    as_columns = api_client.post(
-        "/v1/decisions/batch",
-        json={"columns": _columns(twins, catalog), "k": 4},
-        headers=auth["decide"],
-    )
+    scores (other ids: the first call's recommended contacts would cap the second's; both
+    calls in one hour: the local hour is a feature)."""
+
+    def both(attempt: int) -> tuple[httpx.Response, httpx.Response]:
+        customers = [
+            customer(
+                customer_id=f"col-{attempt}-{i}", age=20 + 3 * i, risk_tolerance=f"C{1 + i % 5}"
+            )
+            for i in range(12)
+        ]
+        twins = [{**c, "customer_id": f"twin-{c['customer_id']}"} for c in customers]
+        as_rows = api_client.post(
+            "/v1/decisions/batch", json={"customers": customers, "k": 4}, headers=auth["decide"]
+        )
+        as_columns = api_client.post(
+            "/v1/decisions/batch",
+            json={"columns": _columns(twins, catalog), "k": 4},
+            headers=auth["decide"],
+        )
+        return as_rows, as_columns
+
+    as_rows, as_columns = in_one_utc_hour(both)
     assert as_rows.status_code == as_columns.status_code == 200, as_columns.text
     rows, cols = as_rows.json()["decisions"], as_columns.json()["decisions"]
     assert [d["ranked"] for d in cols] == [d["ranked"] for d in rows]
@@ -250,20 +259,26 @@ def test_post_batch_columns_answer_holds_the_object_answers_values(
     api_client: TestClient, auth: dict[str, dict[str, str]], catalog: ActionCatalog
 ) -> None:
     """``"answer": "columns"`` gives the same ranked actions and scores as the object form,
-    one array per field, with shorter lists where fewer actions are allowed than asked."""
+    one array per field, with shorter lists where fewer actions are allowed than asked (both
+    calls in one hour: the local hour is a feature)."""
     offer = catalog.offer_names[0]
     candidates = [a.name for a in catalog.actions if a.offer == offer][:2]
-    customers = [customer(customer_id=f"ans-{i}", age=25 + 4 * i) for i in range(9)]
-    twins = [{**c, "customer_id": f"twin-{c['customer_id']}"} for c in customers]
     request = {"k": 4, "candidates": candidates}
-    objects = api_client.post(
-        "/v1/decisions/batch", json={**request, "customers": customers}, headers=auth["decide"]
-    )
-    columns = api_client.post(
-        "/v1/decisions/batch",
-        json={**request, "customers": twins, "answer": "columns"},
-        headers=auth["decide"],
-    )
+
+    def both(attempt: int) -> tuple[httpx.Response, httpx.Response]:
+        customers = [customer(customer_id=f"ans-{attempt}-{i}", age=25 + 4 * i) for i in range(9)]
+        twins = [{**c, "customer_id": f"twin-{c['customer_id']}"} for c in customers]
+        objects = api_client.post(
+            "/v1/decisions/batch", json={**request, "customers": customers}, headers=auth["decide"]
+        )
+        columns = api_client.post(
+            "/v1/decisions/batch",
+            json={**request, "customers": twins, "answer": "columns"},
+            headers=auth["decide"],
+        )
+        return objects, columns
+
+    objects, columns = in_one_utc_hour(both)
     assert objects.status_code == columns.status_code == 200, columns.text
     body = columns.json()
     assert "decisions" not in body

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -15,7 +16,7 @@ from fastapi.testclient import TestClient
 from serving.app import create_app
 from serving.decision_lane import DecisionLane
 from serving.settings import Settings
-from tests.serving.conftest import customer
+from tests.serving.conftest import customer, in_one_utc_hour
 
 BAD_REQUESTS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     # case: (path, scope of the key sent or None, request)
@@ -187,15 +188,26 @@ def test_post_decision_lane_answers_without_fastapi_routing(
     handled: list[str],
     path: str,
 ) -> None:
-    body = (
-        {"customer": customer(), "k": 2}
-        if path == "/v1/decisions"
-        else {"customers": [customer(customer_id="a"), customer(customer_id="b")], "k": 2}
-    )
-    lane = clients[0].post(path, json=body, headers=auth["decide"])
-    assert handled == []
-    plain = clients[1].post(path, json=body, headers=auth["decide"])
-    assert handled == [path]
+    def both(attempt: int) -> tuple[httpx.Response, list[str], httpx.Response, list[str]]:
+        """The lane's answer and the plain app's, each with the routes handled until then
+        (both in one hour: the local hour is a feature)."""
+        handled.clear()
+        body = (
+            {"customer": customer(customer_id=f"lane-{attempt}"), "k": 2}
+            if path == "/v1/decisions"
+            else {
+                "customers": [customer(customer_id=f"{c}-{attempt}") for c in "ab"],
+                "k": 2,
+            }
+        )
+        lane = clients[0].post(path, json=body, headers=auth["decide"])
+        after_lane = list(handled)
+        plain = clients[1].post(path, json=body, headers=auth["decide"])
+        return lane, after_lane, plain, list(handled)
+
+    lane, after_lane, plain, after_plain = in_one_utc_hour(both)
+    assert after_lane == []
+    assert after_plain == [path]
     assert lane.status_code == plain.status_code == 200
     lane_body, plain_body = lane.json(), plain.json()
     assert lane_body.keys() == plain_body.keys()

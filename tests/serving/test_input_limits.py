@@ -6,9 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
-from conftest import customer
+from conftest import customer, in_one_utc_hour
 from fastapi.testclient import TestClient
 
 from nextbest.catalog import ActionCatalog
@@ -122,24 +123,30 @@ def test_campaign_id_with_a_nul_is_422_when_any_campaign_is_accepted(
 def test_risk_assessment_dated_in_the_future_is_422(
     api_client: TestClient, auth: dict[str, dict[str, str]]
 ) -> None:
-    future = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
-    single = api_client.post(
-        "/v1/decisions",
-        json={"customer": customer(risk_assessed_on=future)},
-        headers=auth["decide"],
-    )
+    def refused(attempt: int) -> tuple[httpx.Response, httpx.Response]:
+        """The day after tomorrow, refused alone and in a batch (checked in one hour: after
+        UTC midnight it would be the service's tomorrow, and accepted)."""
+        future = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
+        single = api_client.post(
+            "/v1/decisions",
+            json={"customer": customer(risk_assessed_on=future)},
+            headers=auth["decide"],
+        )
+        batch = api_client.post(
+            "/v1/decisions/batch",
+            json={
+                "customers": [
+                    customer(customer_id="p"),
+                    customer(customer_id="f", risk_assessed_on=future),
+                ]
+            },
+            headers=auth["decide"],
+        )
+        return single, batch
+
+    single, batch = in_one_utc_hour(refused)
     assert single.status_code == 422
     assert "risk_assessed_on" in single.text and "in the future" in single.text
-    batch = api_client.post(
-        "/v1/decisions/batch",
-        json={
-            "customers": [
-                customer(customer_id="p"),
-                customer(customer_id="f", risk_assessed_on=future),
-            ]
-        },
-        headers=auth["decide"],
-    )
     assert batch.status_code == 422
     assert "row 1" in batch.text
     tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
