@@ -866,18 +866,15 @@ def promote(
 ) -> None:
     """Move the 'champion' alias to the challenger only if the challenger's DR lower bound
     beats the champion's DR value (exit 1 when it does not)."""
-    import mlflow
-
     from training.tracking import promote as promote_model
     from training.tracking import tracking_client
 
     try:
-        tracking_client(tracking_uri)
+        client = tracking_client(tracking_uri)
     except ValueError as exc:
         console.print(f"[bold red]cannot promote[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    mlflow.set_tracking_uri(tracking_uri)
-    promoted, reason = promote_model(model)
+    promoted, reason = promote_model(client, model)
     console.print(("[bold green]promoted[/] " if promoted else "[bold yellow]kept[/] ") + reason)
     if not promoted:
         raise typer.Exit(code=1)

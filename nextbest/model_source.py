@@ -3,7 +3,8 @@
 One resolver for everything that loads a model (``nextbest evaluate --model``, ``nextbest
 export`` and the scoring service): ``models:/<name>@<alias>``, ``models:/<name>/<version>``
 and ``runs:/<run id>/<path>`` are downloaded from the tracking server given (MLflow is
-imported only then); anything else is a path to an ``.onnx`` file.
+imported only then); anything else is a path to an ``.onnx`` file. :func:`mlflow_client`
+is the one way to reach a tracking server and its model registry (training uses it too).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -41,6 +46,19 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith(REGISTRY_SCHEMES)
 
 
+def mlflow_client(tracking_uri: str | None = None) -> MlflowClient:
+    """An MLflow client of the tracking store at ``tracking_uri`` whose model registry is that
+    same store (build every client of a tracking URI with this).
+
+    MLflow would otherwise take the registry from the process (``MLFLOW_REGISTRY_URI``,
+    ``mlflow.set_registry_uri``), and a model could be registered, promoted and loaded in
+    different stores. ``None``: MLflow's current tracking URI, and its registry.
+    """
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
 def resolve_model(
     uri: str, tracking_uri: str | None = None, download_dir: str | Path | None = None
 ) -> ResolvedModel:
@@ -63,10 +81,8 @@ def resolve_model(
             raise ModelSourceError(f"model {uri!r}: no such file")
         return ResolvedModel(uri, path, f"file:{_file_digest(path)}")
     import mlflow
-    from mlflow import MlflowClient
 
-    # the registry lives with the tracking store given (not a process-wide registry URI)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         pinned, version = _pin(client, uri)
         if pinned.startswith("models:/"):
@@ -96,16 +112,15 @@ def resolve_model(
 def registry_version(uri: str, tracking_uri: str | None = None) -> str:
     """The ``<name>/<version>`` a registry URI points at now (cheap: no download)."""
     import mlflow
-    from mlflow import MlflowClient
 
     try:
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client = mlflow_client(tracking_uri)
         return _pin(client, uri)[1]
     except mlflow.exceptions.MlflowException as exc:
         raise ModelSourceError(f"model {uri!r}: {exc.message}") from exc
 
 
-def _pin(client, uri: str) -> tuple[str, str]:
+def _pin(client: MlflowClient, uri: str) -> tuple[str, str]:
     """(download URI with an explicit version, ``<name>/<version>``)."""
     alias = _ALIAS.match(uri)
     if alias:

@@ -16,8 +16,10 @@ import mlflow
 import onnx
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from nextbest.decision_journal import journal_file, read_journal
+from nextbest.model_source import mlflow_client
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -76,7 +78,8 @@ ARTIFACTS_DIRNAME = "mlartifacts"
 
 
 def tracking_client(tracking_uri: str) -> MlflowClient:
-    """A client of the tracking store (and model registry) at ``tracking_uri``.
+    """A client of the tracking store (and model registry) at ``tracking_uri``
+    (:func:`nextbest.model_source.mlflow_client`), checked to be usable.
 
     Raises
     ------
@@ -85,14 +88,15 @@ def tracking_client(tracking_uri: str) -> MlflowClient:
         a file store at an unusable path ...).
     """
     try:
-        return MlflowClient(tracking_uri=tracking_uri)
+        return mlflow_client(tracking_uri)
     except mlflow.exceptions.MlflowException as exc:
         reason = str(exc.message).strip().split(" See https://")[0]
         raise ValueError(f"tracking URI {tracking_uri!r} cannot be used: {reason}") from None
 
 
-def use_experiment(tracking_uri: str, name: str) -> None:
-    """Track to ``tracking_uri`` under experiment ``name``, creating it when missing.
+def use_experiment(tracking_uri: str, name: str) -> MlflowClient:
+    """Track to ``tracking_uri`` under experiment ``name``, creating it when missing; returns
+    the client of that store (:func:`tracking_client`), for the run's model registry.
 
     A new experiment in a local SQLite store (``sqlite:///path/mlflow.db``) keeps its
     artifacts in ``path/mlartifacts``, beside the database, instead of MLflow's default
@@ -108,6 +112,7 @@ def use_experiment(tracking_uri: str, name: str) -> None:
             location = (database.resolve().parent / ARTIFACTS_DIRNAME).as_uri()
         client.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
+    return client
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -120,25 +125,45 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def register_onnx(onnx_path: Path, registered_model: str, spec_path: Path) -> tuple[str, str]:
-    """Log the ONNX model (with its feature spec) in the active run, register it and give it
-    the ``challenger`` alias. Returns (model version, model URI)."""
+def register_onnx(
+    client: MlflowClient, onnx_path: Path, registered_model: str, spec_path: Path
+) -> tuple[str, str]:
+    """Log the ONNX model (with its feature spec) in the active run, register it in
+    ``client``'s model registry and give it the ``challenger`` alias. Returns (model version,
+    model URI).
+
+    Registered through ``client``, not by ``log_model(registered_model_name=...)``: that
+    registers in the process-wide registry, which ``MLFLOW_REGISTRY_URI`` can point away
+    from the store that ``promote`` and the service read.
+    """
     info = mlflow.onnx.log_model(
         onnx.load(str(onnx_path)),
         name="model",
-        registered_model_name=registered_model,
         save_as_external_data=False,  # one self-contained .onnx file for the service
     )
     mlflow.log_artifact(str(spec_path), artifact_path="model_spec")
-    version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(registered_model, CHALLENGER, version)
+    try:
+        client.create_registered_model(registered_model)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    made = client.create_model_version(
+        registered_model, info.model_uri, run_id=info.run_id, model_id=info.model_id
+    )
+    version = str(made.version)
+    # the link from the logged model to its registered version that log_model would record
+    client.set_logged_model_tags(
+        info.model_id,
+        {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": registered_model, "version": version}])},
+    )
+    client.set_registered_model_alias(registered_model, CHALLENGER, version)
     return version, f"models:/{registered_model}@{CHALLENGER}"
 
 
-def promote(registered_model: str) -> tuple[bool, str]:
-    """Move ``champion`` to the challenger if its OPE lower bound beats the champion's value,
-    both estimated on the challenger's held-out decisions (the training run evaluates the
-    champion registered at the time, :data:`CHAMPION_METRIC`).
+def promote(client: MlflowClient, registered_model: str) -> tuple[bool, str]:
+    """Move ``champion`` to the challenger in ``client``'s registry if its OPE lower bound
+    beats the champion's value, both estimated on the challenger's held-out decisions (the
+    training run evaluates the champion registered at the time, :data:`CHAMPION_METRIC`).
 
     Fails closed: the challenger must have chosen no blocked action on its held-out data,
     its bound must be the 95% one (``evaluation.alpha`` 0.05), and with no champion yet it
@@ -151,7 +176,6 @@ def promote(registered_model: str) -> tuple[bool, str]:
     -------
     (promoted, reason)
     """
-    client = MlflowClient()
     try:
         challenger = client.get_model_version_by_alias(registered_model, CHALLENGER)
     except mlflow.exceptions.MlflowException:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow import MlflowClient
 
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
@@ -21,7 +20,7 @@ from nextbest.features import (
     action_features,
     aligned_context_columns,
 )
-from nextbest.model_source import unwritable_directory
+from nextbest.model_source import mlflow_client, unwritable_directory
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import PolicySpec, TrainingConfig
 from training.evaluation import baseline_action_dist, ess_text, model_scores, ope_table
@@ -109,7 +108,7 @@ def champion_on_holdout(
     that contradicts its spec, an unreadable model or run).
     """
     uri = config.tracking.uri
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # as resolve_model asks it
+    client = mlflow_client(uri)  # the registry resolve_model reads too
     champion = registered_champion(client, config.tracking.registered_model)
     if champion is None:
         return None
@@ -189,23 +188,26 @@ def _fit_vw_bandit(
 
 
 def crossfit_rewards(
-    config: TrainingConfig, holdout: LoggedBandit, catalog: ActionCatalog, scores: np.ndarray
+    config: TrainingConfig,
+    holdout: LoggedBandit,
+    catalog: ActionCatalog,
+    scores: np.ndarray,
+    fold: np.ndarray | None,
 ) -> np.ndarray:
     """Reward estimates for DM and DR on the held-out decisions, float64 ``(n, A)``.
 
     With ``evaluation.crossfit_folds = K >= 2`` the holdout is split into K folds by customer
-    and each fold is scored by the configured learner (with ``evaluation.reward_model``'s
-    overrides) fitted on the other folds, so the estimates' errors are independent of the
-    policy's choices (the policy picks the actions its own ``scores`` overrate, which biases
-    a DM built on them upwards). With 0, ``scores``.
+    (``fold``, from :func:`crossfit_folds`) and each fold is scored by the configured learner
+    (with ``evaluation.reward_model``'s overrides) fitted on the other folds, so the
+    estimates' errors are independent of the policy's choices (the policy picks the actions
+    its own ``scores`` overrate, which biases a DM built on them upwards). With 0 (``fold``
+    None), ``scores``.
     """
-    folds = config.evaluation.crossfit_folds
-    if folds == 0:
+    if fold is None:
         return scores.astype(np.float64)
-    fold = crossfit_folds(config, holdout)
     reward_model = config.ope_reward_model()
     out = np.empty(scores.shape, np.float64)
-    for k in range(folds):
+    for k in range(config.evaluation.crossfit_folds):
         rows = fold == k
         fitted = fit_model(reward_model, holdout.take(~rows), catalog, acting=False)
         out[rows] = fitted.scores(holdout.context[rows])
@@ -245,9 +247,10 @@ def require_finite_scores(
     )
 
 
-def crossfit_folds(config: TrainingConfig, holdout: LoggedBandit) -> np.ndarray:
+def crossfit_folds(config: TrainingConfig, holdout: LoggedBandit) -> np.ndarray | None:
     """Cross-fitting fold ``(n,)`` of every held-out decision (``evaluation.crossfit_folds``
-    of them, by customer), checked before any training: every fold must hold decisions.
+    of them, by customer; None when that is 0), for :func:`crossfit_rewards`. Computed
+    before any training, as it checks that every fold holds decisions.
 
     Raises
     ------
@@ -256,6 +259,8 @@ def crossfit_folds(config: TrainingConfig, holdout: LoggedBandit) -> np.ndarray:
         nothing, or nothing would be scored), with what to change.
     """
     folds = config.evaluation.crossfit_folds
+    if folds == 0:
+        return None
     fold = _fold_of(holdout, folds, config.evaluation.seed)
     sizes = np.bincount(fold, minlength=folds)
     if (sizes == 0).any():
@@ -339,11 +344,10 @@ def run_training(
     if recipe is not None and engine is not None:
         recipe.check(catalog, engine)
     train, holdout, holdout_rows = split_log(log, config.data.holdout_share, config.data.split_seed)
-    if config.evaluation.crossfit_folds:
-        crossfit_folds(config, holdout)
+    fold = crossfit_folds(config, holdout)
     check_export_dir(config.export.dir)
 
-    use_experiment(config.tracking.uri, config.tracking.experiment)
+    client = use_experiment(config.tracking.uri, config.tracking.experiment)
     with mlflow.start_run(run_name=f"{config.learner}") as run:
         mlflow.log_params(flatten("", config.model_dump(mode="json")))
         mlflow.set_tags(
@@ -396,7 +400,7 @@ def run_training(
         rows = ope_table(
             holdout,
             policies,
-            estimated_rewards=crossfit_rewards(config, holdout, catalog, scores),
+            estimated_rewards=crossfit_rewards(config, holdout, catalog, scores, fold),
             alpha=config.evaluation.alpha,
             n_bootstrap_samples=config.evaluation.bootstrap,
             seed=config.evaluation.seed,
@@ -437,7 +441,7 @@ def run_training(
 
         onnx_path = fitted.export(Path(config.export.dir) / f"{run.info.run_id}.onnx", encoder.spec)
         version, uri = register_onnx(
-            onnx_path, config.tracking.registered_model, spec_path(onnx_path)
+            client, onnx_path, config.tracking.registered_model, spec_path(onnx_path)
         )
         mlflow.log_text(
             _model_card(

@@ -54,11 +54,17 @@ def _config(folds: int) -> TrainingConfig:
     )
 
 
+def _crossfit(config: TrainingConfig, log: LoggedBandit, scores: np.ndarray) -> np.ndarray:
+    """``crossfit_rewards`` with the folds ``run_training`` computes before training."""
+    fold = train_module.crossfit_folds(config, log)
+    return train_module.crossfit_rewards(config, log, None, scores, fold)
+
+
 def test_crossfit_rewards_never_score_a_customer_seen_in_fitting(monkeypatch) -> None:
     log = _log(400)
     recorder = _Recorder([])
     monkeypatch.setattr(train_module, "fit_model", recorder)
-    out = train_module.crossfit_rewards(_config(3), log, None, np.zeros((400, 5)))
+    out = _crossfit(_config(3), log, np.zeros((400, 5)))
     assert len(recorder.seen) == 3
     fold = train_module._fold_of(log, 3, 0)
     for k, seen in enumerate(recorder.seen):
@@ -72,7 +78,8 @@ def test_crossfit_rewards_never_score_a_customer_seen_in_fitting(monkeypatch) ->
 
 def test_crossfit_rewards_off_uses_policy_scores() -> None:
     scores = np.arange(20, dtype=np.float32).reshape(4, 5)
-    out = train_module.crossfit_rewards(_config(0), _log(4), None, scores)
+    assert train_module.crossfit_folds(_config(0), _log(4)) is None
+    out = _crossfit(_config(0), _log(4), scores)
     np.testing.assert_array_equal(out, scores)
     assert out.dtype == np.float64
 
@@ -100,7 +107,7 @@ def test_crossfit_reward_model_takes_the_evaluation_overrides(monkeypatch) -> No
             "evaluation": {"reward_model": {"init_bias": False, "train_action_bias": True}},
         }
     )
-    train_module.crossfit_rewards(config, _log(400), None, np.zeros((400, 5)))
+    _crossfit(config, _log(400), np.zeros((400, 5)))
 
     assert len(seen) == 2
     assert all(not c.neural_bandit.init_bias and c.neural_bandit.train_action_bias for c in seen)

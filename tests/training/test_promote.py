@@ -10,7 +10,9 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
+from nextbest.cli import app
 from training.config import TrainingConfig
 from training.tracking import CHALLENGER, CHAMPION, CHAMPION_TAG, promote
 from training.train import champion_on_holdout
@@ -72,7 +74,7 @@ def champion_version(client: MlflowClient) -> str | None:
 
 def test_first_challenger_beating_the_logging_policy_is_promoted(client: MlflowClient) -> None:
     made = version(client, CHALLENGER, GOOD)
-    promoted, reason = promote(NAME)
+    promoted, reason = promote(client, NAME)
     assert promoted, reason
     assert champion_version(client) == made
 
@@ -104,7 +106,7 @@ def test_first_challenger_without_evidence_is_not_promoted(
     client: MlflowClient, metrics: dict[str, float], alpha: str | None, reason: str
 ) -> None:
     version(client, CHALLENGER, metrics, alpha)
-    promoted, why = promote(NAME)
+    promoted, why = promote(client, NAME)
     assert not promoted
     assert reason in why
     assert champion_version(client) is None
@@ -117,11 +119,11 @@ def test_challenger_must_beat_the_champion_on_its_own_held_out_decisions(
     # the champion's own run valued it at 3.0; on the challenger's decisions it is worth 2.0
     same_data = {**GOOD, "ope/champion/dr/value": 2.0}
     version(client, CHALLENGER, {**same_data, "ope/model/dr/lower": 1.9}, tags={TAG: old})
-    promoted, why = promote(NAME)
+    promoted, why = promote(client, NAME)
     assert not promoted and "does not beat champion" in why and "2.0000" in why
     assert champion_version(client) == old
     better = version(client, CHALLENGER, {**same_data, "ope/model/dr/lower": 2.5}, tags={TAG: old})
-    promoted, why = promote(NAME)
+    promoted, why = promote(client, NAME)
     assert promoted, why  # 2.5 beats 2.0 on the same decisions (not the 3.0 of another log)
     assert champion_version(client) == better
 
@@ -147,7 +149,7 @@ def test_champion_the_challenger_was_not_compared_with_is_kept(
     if "champion.unevaluated" not in tags and tags.get(TAG) != old:
         metrics["ope/champion/dr/value"] = 0.0
     version(client, CHALLENGER, metrics, tags=tags)
-    promoted, why = promote(NAME)
+    promoted, why = promote(client, NAME)
     assert not promoted and reason in why, why
     assert champion_version(client) == old
 
@@ -183,3 +185,43 @@ def test_a_champion_that_cannot_be_read_is_reported_not_raised(
     assert found[1].startswith("ModelSourceError"), found[1]
     client.delete_registered_model_alias(NAME, CHAMPION)
     assert champion_on_holdout(config, holdout, tmp_path) is None  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def registry_elsewhere(
+    client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """``MLFLOW_REGISTRY_URI`` naming another store than the tracking URI given (set after
+    ``client``, whose registry is its tracking store)."""
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{elsewhere}")
+    return elsewhere
+
+
+def test_promote_cli_uses_the_registry_of_the_tracking_uri_given(
+    client: MlflowClient, registry_elsewhere: Path
+) -> None:
+    made = version(client, CHALLENGER, GOOD)
+    uri = mlflow.get_tracking_uri()
+    result = CliRunner().invoke(app, ["promote", "--tracking-uri", uri, "--model", NAME])
+    assert result.exit_code == 0, result.output
+    assert champion_version(client) == made
+    assert not registry_elsewhere.exists()
+
+
+def test_promote_cli_builds_one_mlflow_client(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version(client, CHALLENGER, GOOD)
+    built = []
+    init = MlflowClient.__init__
+
+    def counted(self: MlflowClient, *args: object, **kwargs: object) -> None:
+        built.append(kwargs)
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MlflowClient, "__init__", counted)
+    uri = mlflow.get_tracking_uri()
+    result = CliRunner().invoke(app, ["promote", "--tracking-uri", uri, "--model", NAME])
+    assert result.exit_code == 0, result.output
+    assert len(built) == 1, built

@@ -372,6 +372,54 @@ def test_a_second_model_is_valued_against_the_champion_on_its_own_held_out_decis
     assert f"{on_new_data:.4f}" in again.output
 
 
+def test_train_and_promote_use_the_registry_of_the_tracking_uri(
+    sim_log, tmp_path: Path, monkeypatch
+) -> None:
+    """The challenger is registered, valued and promoted in ``tracking.uri``'s own registry,
+    whatever process-wide registry ``MLFLOW_REGISTRY_URI`` names (the service reads there)."""
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{elsewhere}")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trained = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, sim_log))])
+    assert trained.exit_code == 0, trained.output
+    promoted = runner.invoke(app, ["promote", "--tracking-uri", uri])
+    assert "promoted" in promoted.output, promoted.output
+    client = MlflowClient(uri, registry_uri=uri)
+    challenger = client.get_model_version_by_alias("nextbest", "challenger")
+    assert client.get_model_version_by_alias("nextbest", "champion").version == challenger.version
+    assert client.get_run(challenger.run_id).data.metrics["compliance/blocked_actions_chosen"] == 0
+    assert not elsewhere.exists()
+
+
+def test_train_computes_the_crossfit_folds_once(
+    sim_log, tmp_path: Path, monkeypatch, catalog
+) -> None:
+    """The folds checked before training are the folds the DM/DR reward models use."""
+    import training.train as train_module
+
+    def linear(config, train, catalog_, on_epoch=None, acting=True):
+        return train_module.FittedModel(
+            kind="neural_bandit",
+            scores=lambda context: np.zeros((len(context), catalog.n_actions)),
+            export=lambda path, spec: _linear_model(path, catalog),
+            history=[{"losses/train": 0.0}],
+            params={},
+        )
+
+    computed = []
+    fold_of = train_module._fold_of
+
+    def counted(*args, **kwargs):
+        computed.append(args[1:])
+        return fold_of(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit_model", linear)
+    monkeypatch.setattr(train_module, "_fold_of", counted)
+    result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, sim_log))])
+    assert result.exit_code == 0, result.output
+    assert computed == [(2, 0)]  # evaluation.crossfit_folds 2, evaluation.seed 0
+
+
 def _no_training(*args, **kwargs):
     raise AssertionError("training started although the inputs could be refused before it")
 
