@@ -9,11 +9,13 @@ with a :class:`ConfigError` such as::
 from __future__ import annotations
 
 import hashlib
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -40,9 +42,64 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base for config models: unknown keys are refused, instances are immutable."""
+    """Base for config models: unknown keys are refused, instances are immutable, and a
+    boolean is refused where a number is expected, at any depth (``epochs: true``, or
+    ``age: [18, true]``): pydantic would read it as 1 (or 0)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        assert info.field_name is not None  # field validators always know their field
+        expected = _boolean_for_number(cls.model_fields[info.field_name].annotation, value)
+        if expected:
+            raise ValueError(f"expected {expected}, got a boolean")
+        return value
+
+
+_SEQUENCES = (tuple, list, set, frozenset)
+
+
+def _boolean_for_number(annotation: Any, value: Any) -> str | None:
+    """What ``annotation`` expects (``"an integer"`` or ``"a number"``) where ``value``, or
+    an item or mapping value inside it, is a boolean in place of a number; None if there is
+    none. Unions that admit a boolean (``int | bool``, ``Any``) take it as one, and a nested
+    model's fields are its own validators' business."""
+    members = _members(annotation)
+    if isinstance(value, bool):
+        if bool in members or Any in members or object in members:
+            return None
+        if float in members:
+            return "a number"
+        return "an integer" if int in members else None
+    for member in members:
+        origin, args = get_origin(member), get_args(member)
+        if isinstance(value, _SEQUENCES) and origin in _SEQUENCES and args:
+            if origin is tuple and args[-1] is not Ellipsis:  # tuple[int, float]: by position
+                items = list(zip(args, value, strict=False))
+            else:
+                items = [(args[0], item) for item in value]
+        elif isinstance(value, Mapping) and origin in (dict, Mapping) and len(args) == 2:
+            items = [(args[1], item) for item in value.values()]
+        else:
+            continue
+        for inner, item in items:
+            expected = _boolean_for_number(inner, item)
+            if expected:
+                return expected
+        return None
+    return None
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a union (of one type otherwise), ``Annotated`` metadata removed."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return tuple(m for arg in get_args(annotation) for m in _members(arg))
+    return (annotation,)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -102,8 +159,13 @@ def config_error_from_validation(path: str | Path, exc: ValidationError) -> Conf
 def _reason(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key"
-    msg = str(error["msg"])
-    return msg.removeprefix("Value error, ")
+    return error_message(error)
+
+
+def error_message(error: Mapping[str, Any]) -> str:
+    """A pydantic error's message without the ``Value error, `` that pydantic puts before
+    the messages of validators (``expected an integer, got a boolean``)."""
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def load_model(

@@ -7,13 +7,14 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nextbest.config_loading import StrictModel, load_model
+from nextbest.config_loading import StrictModel, error_message, load_model
 
 
 class TrainingSection(StrictModel):
-    """Base of every training-config section: besides unknown keys, refuses non-finite
-    floats (``.inf``, ``.nan``), which YAML reads as numbers and ``gt``/``ge`` bounds let
-    through (``inf > 0``), so a learning rate of ``.inf`` would train a model of NaN scores."""
+    """Base of every training-config section: besides unknown keys and booleans for numbers
+    (:class:`StrictModel`), refuses non-finite floats (``.inf``, ``.nan``), which YAML reads
+    as numbers and ``gt``/``ge`` bounds let through (``inf > 0``), so a learning rate of
+    ``.inf`` would train a model of NaN scores."""
 
     model_config = ConfigDict(allow_inf_nan=False)
 
@@ -307,7 +308,7 @@ class TrainingConfig(TrainingSection):
             self.ope_reward_model()
         except ValidationError as exc:
             problems = "; ".join(
-                f"evaluation.reward_model{''.join(f'.{p}' for p in e['loc'])}: {e['msg']}"
+                f"evaluation.reward_model{''.join(f'.{p}' for p in e['loc'])}: {error_message(e)}"
                 for e in exc.errors()
             )
             raise ValueError(problems) from None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 
 import pytest
+from pydantic import Field
 
-from nextbest.config_loading import ConfigError, read_yaml
+from nextbest.config_loading import ConfigError, StrictModel, load_model, read_yaml
 
 
 @pytest.mark.parametrize(
@@ -26,3 +28,46 @@ def test_read_yaml_unusable_file_raises_config_error(
     with pytest.raises(ConfigError) as info:
         read_yaml(path)
     assert (info.value.path, info.value.key, info.value.reason) == (str(path), "", reason)
+
+
+class _Numbers(StrictModel):
+    """Numbers the ways config models declare them (scenario, catalogue, training)."""
+
+    count: int = 1
+    share: Annotated[float, Field(ge=0)] = 0.5
+    cap: int | None = None
+    ages: tuple[int, int] = (18, 65)
+    weights: tuple[Annotated[float, Field(ge=0)], ...] = ()
+    by_stage: dict[str, dict[str, float]] = Field(default_factory=dict)
+    flag: bool = False
+    count_or_flag: int | bool = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "reason"),
+    [
+        ("count: true", "count", "expected an integer, got a boolean"),
+        ("share: false", "share", "expected a number, got a boolean"),
+        ("cap: true", "cap", "expected an integer, got a boolean"),
+        ("ages: [18, true]", "ages", "expected an integer, got a boolean"),
+        ("weights: [0.5, true]", "weights", "expected a number, got a boolean"),
+        ("by_stage: {young: {email: true}}", "by_stage", "expected a number, got a boolean"),
+    ],
+)
+def test_load_model_boolean_for_a_number_refused_naming_key(
+    tmp_path: Path, body: str, key: str, reason: str
+) -> None:
+    """Pydantic reads a boolean as 1 or 0 where a number is expected; a config refuses it."""
+    path = tmp_path / "config.yaml"
+    path.write_text(body + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_model(path, _Numbers)
+    assert (info.value.key, info.value.reason) == (key, reason)
+
+
+def test_load_model_booleans_where_a_boolean_is_allowed_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("flag: true\ncount_or_flag: true\nparams: {x: true}\nages: [1, 2]\n")
+    loaded = load_model(path, _Numbers)
+    assert (loaded.flag, loaded.count_or_flag, loaded.params) == (True, True, {"x": True})

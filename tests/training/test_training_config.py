@@ -1,5 +1,6 @@
 """The training config refuses, at load and naming the key, values that would only fail (or
-worse, pass silently) after training: non-finite floats and unregistrable model names."""
+worse, pass silently) after training: non-finite floats, booleans for numbers and
+unregistrable model names."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_model_name
 
-from nextbest.config_loading import ConfigError
+from nextbest.config_loading import ConfigError, StrictModel
 from training.config import TrainingConfig, load_training_config, registered_model_name_problem
 from training.neural_bandit import NeuralBanditConfig
 
@@ -65,6 +66,70 @@ def test_load_training_config_non_finite_reward_model_override_refused(tmp_path:
 def test_neural_bandit_config_non_finite_float_refused() -> None:
     with pytest.raises(ValueError, match="`learning_rate` must be a finite number"):
         NeuralBanditConfig(learning_rate=float("inf"))
+
+
+def _number_fields() -> list[tuple[str, str, str]]:
+    """(section, field, what it expects) for every integer and float field of every section."""
+    out = []
+    for section, info in TrainingConfig.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, StrictModel)):
+            continue
+        for name, field in model.model_fields.items():
+            members = set(getattr(field.annotation, "__args__", (field.annotation,)))
+            if float in members:
+                out.append((section, name, "a number"))
+            elif int in members:
+                out.append((section, name, "an integer"))
+    return out
+
+
+NUMBER_FIELDS = _number_fields()
+
+
+def test_number_fields_cover_every_section() -> None:
+    sections = {section for section, _, _ in NUMBER_FIELDS}
+    assert sections == {"data", "reward", "neural_bandit", "vw_bandit", "policy", "evaluation"}
+    assert ("neural_bandit", "epochs", "an integer") in NUMBER_FIELDS
+    assert ("policy", "max_complaint_ratio", "a number") in NUMBER_FIELDS  # float | None
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+@pytest.mark.parametrize(("section", "name", "expected"), NUMBER_FIELDS)
+def test_load_training_config_boolean_for_a_number_refused_naming_key(
+    tmp_path: Path, section: str, name: str, expected: str, value: str
+) -> None:
+    """YAML's ``true`` would otherwise be read as 1 (``epochs: true`` trains one epoch)."""
+    learner = "vw_bandit" if section == "vw_bandit" else "neural_bandit"
+    if section == "data":
+        path = tmp_path / "train.yaml"
+        path.write_text(f"learner: {learner}\ndata: {{logs: x, {name}: {value}}}\n")
+    else:
+        path = _write(tmp_path, f"learner: {learner}\n{section}: {{{name}: {value}}}")
+    with pytest.raises(ConfigError) as info:
+        load_training_config(path)
+    assert (info.value.key, info.value.reason) == (
+        f"{section}.{name}",
+        f"expected {expected}, got a boolean",
+    )
+    assert f"{section}.{name}: expected {expected}, got a boolean" in str(info.value)
+
+
+def test_load_training_config_boolean_in_reward_model_override_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, "learner: neural_bandit\nevaluation: {reward_model: {epochs: true}}")
+    with pytest.raises(ConfigError) as info:
+        load_training_config(path)
+    assert info.value.reason == (
+        "evaluation.reward_model.epochs: expected an integer, got a boolean"
+    )
+
+
+def test_load_training_config_booleans_of_boolean_fields_still_read(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "learner: neural_bandit\nneural_bandit: {pair_terms: false, decay_intercepts: false}",
+    )
+    assert load_training_config(path).neural_bandit.decay_intercepts is False
 
 
 BAD_NAMES = ["bad/name@x", "a:b", "name@alias", " ", ".", "..x"]
