@@ -11,11 +11,14 @@ anyone trains on a file.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import queue
 import sqlite3
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +70,8 @@ PARQUET_OPTIONS: dict[str, object] = {
 }
 PSCORE_ATOL = 1e-4
 
+log = logging.getLogger(__name__)
+
 
 class DecisionLogError(ValueError):
     """A decision log that cannot be used: names the source, the column, the row and why."""
@@ -75,6 +80,46 @@ class DecisionLogError(ValueError):
         self.source, self.column, self.reason, self.row = source, column, reason, row
         where = f" row {row}" if row is not None else ""
         super().__init__(f"{source}: column {column!r}{where}: {reason}")
+
+
+def check_column_names(names: Sequence[str], source: str) -> None:
+    """Check the column names of a log file against the schema, before its columns are read.
+
+    A column that differs from a schema column only in case, surrounding spaces, ``-`` or
+    ``_`` (``Pscore``, ``" pscore"``, ``candidate-actions``) is refused: it would be left out
+    as unknown, and a log whose ``pscore`` is misspelt read as one without propensities.
+    Other columns outside the schema are left out with one warning naming them all.
+
+    Raises
+    ------
+    DecisionLogError
+        Naming ``source``, the column and the schema column it resembles.
+    """
+    unknown = [name for name in names if name not in DECISION_SCHEMA.names]
+    for name in unknown:
+        meant = _SPELLINGS.get(_spelling(name))
+        if meant is not None:
+            both = f" (the file also has {meant!r}: drop one)" if meant in names else ""
+            raise DecisionLogError(
+                source, name, f"not in the decision schema: did you mean {meant!r}?{both}"
+            )
+    if unknown:
+        described = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, DECISION_SCHEMA.names, n=1, cutoff=0.8)
+            described.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+        log.warning(
+            "%s: columns not in the decision schema, left out: %s", source, ", ".join(described)
+        )
+
+
+def _spelling(name: str) -> str:
+    """A column name without its case, surrounding spaces, ``-`` and ``_``."""
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+_SPELLINGS = {_spelling(name): name for name in DECISION_SCHEMA.names}
+"""Schema column of each :func:`_spelling` (no two schema columns share one)."""
 
 
 def decisions_table(columns: dict[str, object]) -> pa.Table:
@@ -373,7 +418,9 @@ def read_decisions(
     Raises
     ------
     DecisionLogError
-        If the file is missing, unreadable, or fails :func:`validate_decisions`.
+        If the file is missing, unreadable, has a misspelt schema column
+        (:func:`check_column_names`; other unknown columns are left out with a warning), or
+        fails :func:`validate_decisions`.
     """
     path = Path(path)
     # imported here: the journal module builds on this one
@@ -400,6 +447,7 @@ def read_decisions(
             part = pq.read_table(file)
         except (pa.ArrowInvalid, OSError) as exc:
             raise DecisionLogError(str(file), "*", f"not a readable Parquet file: {exc}") from None
+        check_column_names(part.column_names, str(file))
         tables.append(validate_decisions(part, n_actions, n_features, source=str(file)))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if len(tables) > 1:

@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 from nextbest.decision_log import (
     DECISION_SCHEMA,
     DecisionLogError,
+    check_column_names,
     read_decisions,
     validate_decisions,
 )
@@ -95,9 +96,10 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
     Raises
     ------
     DecisionLogError
-        Naming the file, the column and the reason (unparseable numbers in a list column,
-        missing columns, and every check of ``validate_decisions``, times without their UTC
-        offset among them).
+        Naming the file, the column and the reason (a misspelt schema column,
+        unparseable numbers in a list column, missing columns, and every check of
+        ``validate_decisions``, times without their UTC offset among them). Other columns
+        outside the schema are left out with a warning (``check_column_names``).
     """
     path = Path(path)
     if not path.exists():
@@ -116,6 +118,7 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
         )
     except (pa.ArrowInvalid, OSError) as exc:
         raise DecisionLogError(str(path), "*", f"not a readable CSV file: {exc}") from None
+    check_column_names(raw.column_names, str(path))
     columns = {}
     for name in raw.column_names:
         column = raw.column(name)

@@ -181,3 +181,62 @@ def test_read_decisions_null_in_required_column_names_file_column_and_row(
     with pytest.raises(DecisionLogError, match="must not be null") as info:
         read_decisions(path, n_actions=N_ACTIONS)
     assert (info.value.source, info.value.column, info.value.row) == (str(path), column, 4)
+
+
+def _renamed(table: pa.Table, old: str, new: str) -> pa.Table:
+    return table.rename_columns([new if name == old else name for name in table.column_names])
+
+
+@pytest.mark.parametrize(
+    ("spelt", "meant"),
+    [
+        ("Pscore", "pscore"),
+        ("PSCORE", "pscore"),
+        (" pscore", "pscore"),
+        ("pscore\t", "pscore"),
+        ("action-dist", "action_dist"),
+        ("Candidate-Actions", "candidate_actions"),
+        ("actiondist", "action_dist"),
+    ],
+)
+def test_read_decisions_misspelt_schema_column_refused(
+    tmp_path: Path, spelt: str, meant: str
+) -> None:
+    """Left out as unknown, a misspelt ``pscore`` would read as a log without propensities."""
+    table = _renamed(decisions_table(good_columns()), meant, spelt)
+    path = tmp_path / "typo.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(DecisionLogError) as info:
+        read_decisions(path)
+    assert info.value.column == spelt
+    assert str(info.value) == (
+        f"{path}: column {spelt!r}: not in the decision schema: did you mean {meant!r}?"
+    )
+
+
+def test_read_decisions_misspelt_copy_of_a_schema_column_refused(tmp_path: Path) -> None:
+    table = decisions_table(good_columns())
+    table = table.append_column("Pscore", table.column("pscore"))
+    pq.write_table(table, tmp_path / "both.parquet")
+    with pytest.raises(DecisionLogError, match="the file also has 'pscore': drop one"):
+        read_decisions(tmp_path / "both.parquet")
+
+
+def test_read_decisions_unknown_columns_read_with_one_warning_per_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = decisions_table(good_columns())
+    extra = decisions_table({**good_columns(), "decision_id": list("abcdef")})
+    extra = extra.append_column("channel_name", pa.array(["sms"] * 6))
+    extra = extra.append_column("segment", pa.array(["young"] * 6))
+    write_decisions(table, tmp_path / "log")
+    pq.write_table(extra, tmp_path / "log" / "part-extra.parquet")
+    with caplog.at_level("WARNING", logger="nextbest.decision_log"):
+        back = read_decisions(tmp_path / "log", n_actions=N_ACTIONS, n_features=3)
+    assert back.num_rows == 12 and back.column_names == table.column_names
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        f"{tmp_path / 'log' / 'part-extra.parquet'}: columns not in the decision schema, "
+        "left out: 'channel_name', 'segment'"
+    )

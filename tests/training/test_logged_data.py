@@ -381,3 +381,36 @@ def test_read_csv_decisions_empty_required_cell_names_file_column_and_row(
     with pytest.raises(DecisionLogError, match="must not be null") as info:
         load_logged_bandit(path, catalog.n_actions)
     assert (info.value.source, info.value.column, info.value.row) == (str(path), column, 2)
+
+
+def _rename_csv_column(path: Path, old: str, new: str) -> None:
+    lines = list(csv.reader(path.open(newline="")))
+    lines[0][lines[0].index(old)] = new
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows(lines)
+
+
+@pytest.mark.parametrize("spelt", ["Pscore", " pscore", "PScore ", "p_score"])
+def test_read_csv_decisions_misspelt_pscore_refused(
+    sim_log, catalog, tmp_path: Path, spelt: str
+) -> None:
+    """A header such as ``action, pscore`` (a space after the comma) or ``Pscore`` would
+    otherwise read the log as one without propensities."""
+    path = to_csv(read_decisions(sim_log).slice(0, 10), tmp_path / "log.csv")
+    _rename_csv_column(path, "pscore", spelt)
+    with pytest.raises(DecisionLogError, match="did you mean 'pscore'") as info:
+        load_logged_bandit(path, catalog.n_actions)
+    assert (info.value.source, info.value.column) == (str(path), spelt)
+
+
+def test_read_csv_decisions_unknown_column_warned_and_left_out(
+    sim_log, catalog, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = to_csv(read_decisions(sim_log).slice(0, 10), tmp_path / "log.csv")
+    _rename_csv_column(path, "pscore", "pscroe")
+    with caplog.at_level("WARNING", logger="nextbest.decision_log"):
+        log = load_logged_bandit(path, catalog.n_actions)
+    assert log.n_rounds == 10 and log.pscore is None  # read, as the warning says
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: columns not in the decision schema, left out: 'pscroe' (did you mean 'pscore'?)"
+    ]
