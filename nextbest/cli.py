@@ -98,7 +98,9 @@ def catalog(
     console.print(table)
 
 
-@app.command()
+@app.command(
+    short_help="Simulate, train, evaluate, register and serve a policy, end to end.",
+)
 def demo(
     customers: Annotated[int, typer.Option(min=1, help="Customers in the simulation.")] = 5_000,
     days: Annotated[int, typer.Option(min=1, max=365, help="Days to simulate.")] = 30,
@@ -366,7 +368,9 @@ def serving_demo(
         console.print(f"service stopped; its journal is {state_dir / 'journal.db'}")
 
 
-@app.command()
+@app.command(
+    short_help="Run the scoring API on the registry's champion or an ONNX file.",
+)
 def serve(
     model: Annotated[
         str | None,
@@ -521,7 +525,9 @@ def simulate(
         console.print(f"logged {summary.rows_logged:,} decisions to {out}")
 
 
-@app.command()
+@app.command(
+    short_help="Off-policy evaluation of a decision log; prints the OPE table.",
+)
 def evaluate(
     logs: Annotated[
         Path, typer.Option(help="Decision log: a .parquet file, a directory of parts, or .csv.")
@@ -681,7 +687,9 @@ def _number(value: object) -> str:
     return "undefined" if np.isnan(number) else f"{number:.4f}"
 
 
-@app.command()
+@app.command(
+    short_help="Train, evaluate off-policy, export to ONNX and register in MLflow.",
+)
 def train(
     config: Annotated[Path, typer.Option(help="Training config YAML.")] = DEFAULT_TRAINING_CONFIG,
     logs: Annotated[
@@ -786,7 +794,9 @@ def train(
         raise typer.Exit(code=1)
 
 
-@app.command()
+@app.command(
+    short_help="Export a model (registry or file) as a checked .onnx file with its feature spec.",
+)
 def export(
     model: Annotated[
         str, typer.Option(help="An .onnx file or models:/<name>@<alias> (or /<version>).")
@@ -859,7 +869,9 @@ def export(
     )
 
 
-@app.command()
+@app.command(
+    short_help="Move 'champion' to the challenger only if its DR lower bound beats the champion.",
+)
 def promote(
     tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI.")] = "sqlite:///mlflow.db",
     model: Annotated[str, typer.Option(help="Registered model name.")] = "nextbest",

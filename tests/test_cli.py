@@ -21,6 +21,15 @@ def test_help_every_subcommand(command: list[str]) -> None:
     assert "Usage" in result.output
 
 
+def test_command_list_describes_each_command_in_one_flowing_line() -> None:
+    """The top-level --help lists every command with its summary as text that wraps to the
+    terminal: a docstring's hard line breaks would cut the summaries into ragged pieces."""
+    for command in app.registered_commands:
+        assert command.callback is not None
+        summary = command.short_help or (command.callback.__doc__ or "").split("\n\n")[0]
+        assert summary and "\n" not in summary.strip(), command.callback.__name__
+
+
 def test_demo_small_population_simulates_and_shows_rules(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
