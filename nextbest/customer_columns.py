@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from itertools import chain, repeat
-from operator import attrgetter, is_
+from operator import attrgetter, is_, itemgetter
 from typing import Annotated, Any
 
 import numpy as np
@@ -284,17 +284,17 @@ class CustomerColumns(BaseModel):
         return value
 
 
+_NESTED: dict[str, type[BaseModel]] = {"contact_history": ContactHistory, "events": BehaviourEvents}
+"""The CustomerContext fields that are models of their own: their fields are columns."""
+
+
 def _context_fields() -> dict[str, tuple[str, Any]]:
-    nested: dict[str, type[BaseModel]] = {
-        "contact_history": ContactHistory,
-        "events": BehaviourEvents,
-    }
     out: dict[str, tuple[str, Any]] = {}
     for name, field in CustomerContext.model_fields.items():
-        if name not in nested:
+        if name not in _NESTED:
             out[name] = (name, field.get_default(call_default_factory=True))
             continue
-        for inner, inner_field in nested[name].model_fields.items():
+        for inner, inner_field in _NESTED[name].model_fields.items():
             out[inner] = (f"{name}.{inner}", inner_field.get_default(call_default_factory=True))
     return out
 
@@ -303,6 +303,71 @@ CONTEXT_FIELDS = _context_fields()
 """Column name -> (its attribute path in a CustomerContext, the CustomerContext default).
 
 The fields of ``contact_history`` and ``events`` are columns under their own names."""
+
+
+_KEYS = frozenset(CustomerContext.model_fields)
+_REQUIRED = frozenset(name for name, f in CustomerContext.model_fields.items() if f.is_required())
+_NESTED_KEYS = {name: frozenset(model.model_fields) for name, model in _NESTED.items()}
+_NOTHING: dict[str, Any] = {}
+
+
+def columns_of_objects(customers: Sequence[Any]) -> dict[str, Any] | None:
+    """The columns of customer objects as parsed from JSON (dicts, lists, texts, numbers),
+    to validate as a :class:`CustomerColumns`: ~3x faster for a big batch than validating
+    the objects one by one (no model object, no Python validator per customer).
+
+    None when an object is not shaped like a :class:`~nextbest.context.CustomerContext`:
+    not a mapping, a key it lacks or does not have, a nested part (``contact_history``,
+    ``events``, a per-channel or per-offer count) that is not a mapping. The values are
+    not checked here. Validating the columns checks them as the objects' own validation
+    would (the same entry types and rules), but names the column and row; a caller that
+    wants errors located in the objects validates the objects instead, when this is None or
+    the columns are refused.
+
+    A key that no customer gives is left out (the column's default is the CustomerContext
+    default for every customer); one that some customers give gets that default for the
+    others.
+    """
+    if not customers or not all(type(customer) is dict for customer in customers):
+        return None
+    given = set(chain.from_iterable(map(dict.keys, customers)))
+    if not given <= _KEYS:
+        return None
+    parts: dict[str, list[dict[str, Any]]] = {}
+    given_inside: dict[str, set[str]] = {}
+    for name, keys in _NESTED_KEYS.items():
+        if name in given:
+            parts[name] = [customer.get(name, _NOTHING) for customer in customers]
+            if not all(type(part) is dict for part in parts[name]):
+                return None
+            given_inside[name] = set(chain.from_iterable(map(dict.keys, parts[name])))
+            if not given_inside[name] <= keys:
+                return None
+    data: dict[str, Any] = {}
+    for column, (path, default) in CONTEXT_FIELDS.items():
+        outer, _, inner = path.partition(".")
+        if inner:
+            if inner not in given_inside.get(outer, ()):
+                continue
+            entries = [part.get(inner, default) for part in parts[outer]]
+        elif outer in _REQUIRED:
+            try:
+                entries = list(map(itemgetter(outer), customers))
+            except KeyError:  # a customer without it
+                return None
+        elif outer in given:
+            entries = [customer.get(outer, default) for customer in customers]
+        else:
+            continue
+        if column in PER_NAME_FIELDS:
+            if any(type(counts) is not dict for counts in entries):
+                return None
+            data[column] = _columns_by_name(entries)
+        elif column == "timezone" and all(type(zone) is str for zone in entries):
+            data[column] = entries[0] if len(set(entries)) == 1 else entries
+        else:
+            data[column] = entries
+    return data
 
 
 def _columns_by_name(per_customer: list[dict[str, int]]) -> dict[str, list[int]]:

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.deps import authorize_key, parse_body
+from serving.deps import authorize_key, parse_batch, parse_body
 from serving.schemas import DecisionRequest
 from serving.security import API_KEY_HEADER
 from serving.service import ScoringService
@@ -74,7 +74,7 @@ class DecisionLane:
                 request = parse_body(DecisionRequest, body, service.validation_context)
                 answer = await service.decide_json(request)
             else:
-                batch = parse_body(service.batch_request, body, service.validation_context)
+                batch = parse_batch(service.batch_request, body, service.validation_context)
                 answer = await service.decide_batch(batch)
         except Exception as exc:
             handler = _handler(scope, exc)

@@ -5,16 +5,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
+import pydantic_core
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ValidationError
 
-from serving.schemas import BATCH_ROW_LOCATIONS
+from nextbest.customer_columns import columns_of_objects
+from serving.schemas import BATCH_ROW_LOCATIONS, BatchDecisionRequest
 from serving.security import API_KEY_HEADER, AuthError, Principal, Scope
 from serving.service import ScoringService, oversized_batch
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+BatchT = TypeVar("BatchT", bound=BatchDecisionRequest)
 
 _api_key_header = APIKeyHeader(
     name=API_KEY_HEADER,
@@ -108,6 +111,46 @@ def parse_body(model: type[ModelT], body: bytes, context: dict[str, Any] | None 
             for e in exc.errors(include_url=False, include_input=False, include_context=False)
         ]
         raise RequestValidationError(errors) from None
+
+
+def parse_batch(model: type[BatchT], body: bytes, context: dict[str, Any] | None) -> BatchT:
+    """:func:`parse_body` for a batch request (``model``: the service's
+    :func:`~serving.schemas.batch_request_model`), with its customer objects validated as
+    columns (:func:`~nextbest.customer_columns.columns_of_objects`): a 10,000-customer body
+    of objects validates in about half the time.
+
+    The columns are validated as the objects would be (the same types and rules), so the
+    same requests are accepted and decided alike; a request they refuse, or whose objects
+    are not plainly shaped, is validated again as objects, so that its errors are located
+    in the objects (``customers.17.age``) and its size is answered 413 as before.
+    """
+    fast = _objects_as_columns(model, body, context)
+    return fast if fast is not None else parse_body(model, body, context)
+
+
+def _objects_as_columns(
+    model: type[BatchT], body: bytes, context: dict[str, Any] | None
+) -> BatchT | None:
+    """The request of ``body`` with its ``customers`` as ``columns``; None when that does
+    not apply (no objects, an object not plainly shaped, too many) or is refused."""
+    try:
+        data = pydantic_core.from_json(body)
+    except ValueError:
+        return None
+    if type(data) is not dict or "columns" in data:
+        return None
+    customers = data.get("customers")
+    if type(customers) is not list or len(customers) > (model.max_rows or len(customers)):
+        return None
+    columns = columns_of_objects(customers)
+    if columns is None:
+        return None
+    data["columns"] = columns
+    del data["customers"]
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError:
+        return None
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
@@ -143,6 +143,9 @@ class BatchDecisionRequest(_Options):
         },
     )
 
+    max_rows: ClassVar[int | None] = None
+    """Customers a request may hold at most (set by :func:`batch_request_model`)."""
+
     customers: list[CustomerContext] | None = Field(default=None, min_length=1)
     """The customers; more than the service's ``max_batch`` (10,000 by default): HTTP 413,
     whatever else is wrong with them (:func:`batch_request_model`)."""
@@ -208,7 +211,7 @@ def batch_request_model(max_rows: int) -> type[BatchDecisionRequest]:
         __base__=CustomerColumns,
         customer_id=(list[CustomerId], Field(min_length=1, max_length=max_rows)),
     )
-    return create_model(
+    capped = create_model(
         "BatchDecisionRequest",
         __base__=BatchDecisionRequest,
         customers=(
@@ -217,6 +220,8 @@ def batch_request_model(max_rows: int) -> type[BatchDecisionRequest]:
         ),
         columns=(columns | None, None),
     )
+    capped.max_rows = max_rows
+    return capped
 
 
 class RankedAction(BaseModel):

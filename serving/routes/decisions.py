@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from serving.deps import api_key_security, authorize, json_body, parse_body
+from serving.deps import api_key_security, authorize, json_body, parse_batch, parse_body
 from serving.schemas import (
     BatchDecisionColumnsResponse,
     BatchDecisionRequest,
@@ -60,5 +60,5 @@ async def decide_batch(request: Request) -> Response:
     is journalled before the answer. The answer lists one object per customer, or with
     ``"answer": "columns"`` one array per field."""
     service = authorize(request, "decide")
-    body = parse_body(service.batch_request, await request.body(), service.validation_context)
+    body = parse_batch(service.batch_request, await request.body(), service.validation_context)
     return Response(await service.decide_batch(body), media_type="application/json")

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
+from customers import make_customer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -27,6 +28,7 @@ from nextbest.customer_columns import (
     CONTEXT_FIELDS,
     PER_NAME_FIELDS,
     CustomerColumns,
+    columns_of_objects,
     context_batch,
 )
 
@@ -216,6 +218,85 @@ def test_json_round_trip_equal(batch: tuple[list[CustomerContext], datetime]) ->
     assert_same_batch(
         context_batch(again, CATALOG, now), ContextBatch.from_contexts(contexts, CATALOG, now)
     )
+
+
+def _as_objects(contexts: list[CustomerContext], dropped: list[set[str]]) -> list[Any]:
+    """The contexts as a JSON body's customer objects, each without the optional keys (top
+    level or nested) named in its ``dropped`` set."""
+    objects = json.loads(json.dumps([c.model_dump(mode="json") for c in contexts]))
+    for obj, keys in zip(objects, dropped, strict=False):
+        for key in keys:
+            outer, _, inner = key.partition(".")
+            if inner:
+                obj.get(outer, {}).pop(inner, None)
+            else:
+                obj.pop(outer, None)
+    return objects
+
+
+OPTIONAL_KEYS = [
+    *(path for path, _ in CONTEXT_FIELDS.values() if "." in path),
+    *(name for name, field in CustomerContext.model_fields.items() if not field.is_required()),
+]
+"""Keys a customer object may leave out (nested ones as ``outer.inner``)."""
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch=batches(),
+    dropped=st.lists(st.sets(st.sampled_from(OPTIONAL_KEYS)), max_size=10),
+)
+def test_objects_as_columns_equal_the_objects(
+    batch: tuple[list[CustomerContext], datetime], dropped: list[set[str]]
+) -> None:
+    """Customer objects turned into columns are accepted exactly when the objects are, and
+    give the batch the objects give, keys left out (the CustomerContext default) included."""
+    contexts, now = batch
+    objects = _as_objects(contexts, dropped)
+    data = columns_of_objects(objects)
+    assert data is not None
+    try:
+        expected = [parse_customer(obj, CATALOG) for obj in objects]
+    except ValidationError:  # a risk tolerance without its date, or the reverse
+        with pytest.raises(ValidationError):
+            CustomerColumns.model_validate(data, context={"catalog": CATALOG})
+        return
+    columns = CustomerColumns.model_validate(data, context={"catalog": CATALOG})
+    assert_same_batch(
+        context_batch(columns, CATALOG, now), ContextBatch.from_contexts(expected, CATALOG, now)
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda o: o.update(unknown=1),
+        lambda o: o.pop("age"),
+        lambda o: o.update(contact_history=None),
+        lambda o: o.update(events=[]),
+        lambda o: o["events"].update(what=1),
+        lambda o: o["contact_history"].update(contacts_7d=[1]),
+        lambda o: o["events"].update(offer_views_30d="3"),
+    ],
+    ids=[
+        "unknown key",
+        "required key missing",
+        "nested part null",
+        "nested part a list",
+        "unknown nested key",
+        "per-name counts a list",
+        "per-name counts a text",
+    ],
+)
+def test_objects_not_shaped_as_customers_are_not_columns(change: Any) -> None:
+    """An object that is not shaped like a customer gives no columns: the caller validates
+    the objects themselves, whose errors name the customer."""
+    objects = _as_objects([make_customer(CATALOG)] * 2, [])
+    assert columns_of_objects(objects) is not None
+    change(objects[1])
+    assert columns_of_objects(objects) is None
+    assert columns_of_objects([*objects[:1], "a customer"]) is None
+    assert columns_of_objects([]) is None
 
 
 def test_columns_mirror_customer_context_fields() -> None:
