@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -128,11 +129,19 @@ def parse_batch(model: type[BatchT], body: bytes, context: dict[str, Any] | None
     return fast if fast is not None else parse_body(model, body, context)
 
 
+_COLUMNS_KEY = re.compile(rb'"columns"\s*:')
+"""A ``columns`` key (or a text like it inside a value: then the objects are validated as
+such). Found in microseconds in a columns body, whose big value follows the key; a scan of a
+10,000-customer body of objects takes ~5 ms."""
+
+
 def _objects_as_columns(
     model: type[BatchT], body: bytes, context: dict[str, Any] | None
 ) -> BatchT | None:
     """The request of ``body`` with its ``customers`` as ``columns``; None when that does
     not apply (no objects, an object not plainly shaped, too many) or is refused."""
+    if _COLUMNS_KEY.search(body):  # the columns form, validated straight from the JSON
+        return None
     try:
         data = pydantic_core.from_json(body)
     except ValueError:

@@ -108,6 +108,7 @@ CHANGES: dict[str, dict[str, Any]] = {
     "k zero": {"customers": [customer()], "k": 0},
     "k a text": {"customers": [customer()], "k": "two"},
     "both forms": {"customers": [customer()], "columns": {"customer_id": ["a"]}},
+    "objects with a columns answer": {"customers": [customer()], "answer": "columns"},
     "no customers": {"customers": []},
     "customers not a list": {"customers": {"a": customer()}},
     "a customer not an object": {"customers": [customer(), "second"]},
