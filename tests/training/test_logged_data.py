@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -327,15 +328,22 @@ def test_split_log_by_customer_and_independent_per_purpose(sim_log, catalog) -> 
         split_log(log.take(np.arange(1)), 0.3, 0)
 
 
-def _set_csv_cell(path: Path, row: int, column: str, value: str) -> None:
-    """Overwrite one cell (data row ``row``, 0-based) of a CSV file, as a user's edit would."""
-    import csv
-
+def _edit_csv(path: Path, edit: Callable[[list[list[str]]], object]) -> None:
+    """Rewrite a CSV file after ``edit`` changed its lines (header first), as a user would."""
     with path.open(newline="") as handle:
         lines = list(csv.reader(handle))
-    lines[row + 1][lines[0].index(column)] = value
+    edit(lines)
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerows(lines)
+
+
+def _set_csv_cell(path: Path, row: int, column: str, value: str) -> None:
+    """Overwrite one cell (data row ``row``, 0-based) of a CSV file."""
+
+    def edit(lines: list[list[str]]) -> None:
+        lines[row + 1][lines[0].index(column)] = value
+
+    _edit_csv(path, edit)
 
 
 @pytest.mark.parametrize("spelling", ["nan", "NaN", "NA", "null"])
@@ -361,12 +369,13 @@ def test_read_csv_decisions_time_without_utc_offset_refused(
     """The README's CSV convention: times carry their offset; one without it is refused
     rather than read as UTC (a bank's local times would shift by its offset)."""
     path = to_csv(read_decisions(sim_log).slice(0, 10), tmp_path / "log.csv")
-    lines = list(csv.reader(path.open(newline="")))
-    at = lines[0].index(column)
-    for line in lines[1:]:
-        line[at] = line[at] and datetime.fromisoformat(line[at]).strftime("%Y-%m-%dT%H:%M:%S")
-    with path.open("w", newline="") as handle:
-        csv.writer(handle).writerows(lines)
+
+    def naive(lines: list[list[str]]) -> None:
+        at = lines[0].index(column)
+        for line in lines[1:]:
+            line[at] = line[at] and datetime.fromisoformat(line[at]).strftime("%Y-%m-%dT%H:%M:%S")
+
+    _edit_csv(path, naive)
     with pytest.raises(DecisionLogError, match="UTC offset") as info:
         load_logged_bandit(path, catalog.n_actions)
     assert info.value.column == column and str(path) in str(info.value)
@@ -384,10 +393,10 @@ def test_read_csv_decisions_empty_required_cell_names_file_column_and_row(
 
 
 def _rename_csv_column(path: Path, old: str, new: str) -> None:
-    lines = list(csv.reader(path.open(newline="")))
-    lines[0][lines[0].index(old)] = new
-    with path.open("w", newline="") as handle:
-        csv.writer(handle).writerows(lines)
+    def rename(lines: list[list[str]]) -> None:
+        lines[0][lines[0].index(old)] = new
+
+    _edit_csv(path, rename)
 
 
 @pytest.mark.parametrize("spelt", ["Pscore", " pscore", "PScore ", "p_score"])
