@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
@@ -58,14 +58,16 @@ class StrictModel(BaseModel):
         return value
 
 
-_SEQUENCES = (tuple, list, set, frozenset)
+_SEQUENCES = (tuple, list, set, frozenset, Sequence)
 
 
 def _boolean_for_number(annotation: Any, value: Any) -> str | None:
     """What ``annotation`` expects (``"an integer"`` or ``"a number"``) where ``value``, or
     an item or mapping value inside it, is a boolean in place of a number; None if there is
-    none. Unions that admit a boolean (``int | bool``, ``Any``) take it as one, and a nested
-    model's fields are its own validators' business."""
+    none. Unions that admit a boolean (``int | bool``, ``Any``) take it as one; a union of
+    containers is refused if any of them would read a boolean item as a number
+    (``list[str] | list[int]``: pydantic would pick the second); a nested model's fields are
+    its own validators' business."""
     members = _members(annotation)
     if isinstance(value, bool):
         if bool in members or Any in members or object in members:
@@ -88,7 +90,6 @@ def _boolean_for_number(annotation: Any, value: Any) -> str | None:
             expected = _boolean_for_number(inner, item)
             if expected:
                 return expected
-        return None
     return None
 
 

@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if settings.docs else None,
         redoc_url="/redoc" if settings.docs else None,
     )
+    # the routers' own routes (the app's list holds included routers, without a path)
     routers = [module.router for module in (decisions, rewards, contacts, health)]
     for router in routers:
         app.include_router(router)

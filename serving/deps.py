@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -19,6 +20,8 @@ from serving.service import ScoringService, oversized_batch
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 BatchT = TypeVar("BatchT", bound=BatchDecisionRequest)
+
+log = logging.getLogger(__name__)
 
 _api_key_header = APIKeyHeader(
     name=API_KEY_HEADER,
@@ -118,28 +121,54 @@ def parse_batch(model: type[BatchT], body: bytes, context: dict[str, Any] | None
     """:func:`parse_body` for a batch request (``model``: the service's
     :func:`~serving.schemas.batch_request_model`), with its customer objects validated as
     columns (:func:`~nextbest.customer_columns.columns_of_objects`): a 10,000-customer body
-    of objects validates in about half the time.
+    of objects goes from bytes to contexts in about half the time.
 
     The columns are validated as the objects would be (the same types and rules), so the
-    same requests are accepted and decided alike; a request they refuse, or whose objects
-    are not plainly shaped, is validated again as objects, so that its errors are located
-    in the objects (``customers.17.age``) and its size is answered 413 as before.
+    same requests are accepted and decided alike. A request the columns refuse, or whose
+    objects are not plainly shaped, is validated again as objects, so that its errors are
+    located in the objects (``customers.17.age``): a refused batch of objects costs both
+    validations. Should the objects pass where the columns did not, the request is served
+    as objects and the disagreement logged (the two validations are meant to agree).
+
+    Raises
+    ------
+    fastapi.exceptions.RequestValidationError
+        HTTP 422, as :func:`parse_body`.
+    fastapi.HTTPException
+        HTTP 413: more customers than ``model.max_rows`` (once the body is parsed, before
+        anything is validated).
     """
-    fast = _objects_as_columns(model, body, context)
-    return fast if fast is not None else parse_body(model, body, context)
+    data = _objects_as_columns(model, body)
+    if data is None:
+        return parse_body(model, body, context)
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        request = parse_body(model, body, context)  # the objects' own errors, as a rule
+        refused = [(e["type"], e["loc"][:2]) for e in exc.errors(include_input=False)[:3]]
+        log.warning(
+            "a batch of customer objects was refused as columns %s but accepted as objects: "
+            "the two validations disagree (served as objects)",
+            refused,
+        )
+        return request
 
 
 _COLUMNS_KEY = re.compile(rb'"columns"\s*:')
 """A ``columns`` key (or a text like it inside a value: then the objects are validated as
 such). Found in microseconds in a columns body, whose big value follows the key; a scan of a
-10,000-customer body of objects takes ~5 ms."""
+10,000-customer body of objects takes ~4 ms."""
 
 
-def _objects_as_columns(
-    model: type[BatchT], body: bytes, context: dict[str, Any] | None
-) -> BatchT | None:
-    """The request of ``body`` with its ``customers`` as ``columns``; None when that does
-    not apply (no objects, an object not plainly shaped, too many) or is refused."""
+def _objects_as_columns(model: type[BatchT], body: bytes) -> dict[str, Any] | None:
+    """The request data of ``body`` with its ``customers`` as ``columns``, to validate as
+    ``model``; None when that does not apply (no customer objects, or one not plainly shaped).
+
+    Raises
+    ------
+    fastapi.HTTPException
+        HTTP 413: more customers than ``model.max_rows``.
+    """
     if _COLUMNS_KEY.search(body):  # the columns form, validated straight from the JSON
         return None
     try:
@@ -149,17 +178,16 @@ def _objects_as_columns(
     if type(data) is not dict or "columns" in data:
         return None
     customers = data.get("customers")
-    if type(customers) is not list or len(customers) > (model.max_rows or len(customers)):
+    if type(customers) is not list:
         return None
+    if model.max_rows is not None and len(customers) > model.max_rows:
+        raise oversized_batch(len(customers), model.max_rows)
     columns = columns_of_objects(customers)
     if columns is None:
         return None
     data["columns"] = columns
     del data["customers"]
-    try:
-        return model.model_validate(data, context=context)
-    except ValidationError:
-        return None
+    return data
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

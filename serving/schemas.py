@@ -110,7 +110,9 @@ class DecisionRequest(_Options):
 class BatchDecisionRequest(_Options):
     """Many customers (a whole campaign) under the same options, as a list of customer
     objects (``customers``) or as one array per field (``columns``, the fast form: a
-    10,000-customer body validates in ~15-25 ms instead of ~200 ms). Exactly one of the two."""
+    10,000-customer body validates in ~15-25 ms; the service turns objects into columns,
+    ~95-115 ms from bytes to contexts: :func:`serving.deps.parse_batch`). Exactly one of the
+    two."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -204,7 +206,9 @@ def batch_request_model(max_rows: int) -> type[BatchDecisionRequest]:
     ``customers`` form it validates at most ``max_rows + 1`` customers (a 700,000-customer
     body was validated in full, ~1.5 s of the event loop, before the service refused it).
     In the ``columns`` form only ``customer_id`` stops early: the other columns are still
-    validated, which the body limit (``max_body_bytes``) bounds.
+    validated, which the body limit (``max_body_bytes``) bounds. The service's own parser
+    (:func:`serving.deps.parse_batch`) counts a body's customer objects once it is parsed,
+    before validating any (~40 ms per 10,000 customers), with the same 413.
     """
     columns = create_model(
         "CustomerColumns",

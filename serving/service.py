@@ -762,11 +762,11 @@ class ScoringService:
         self, settled: list[tuple[Decisions, list[str]] | BaseException]
     ) -> None:
         """A batch fails as a whole: withdraw the decisions its parts committed (``settled``:
-        each part's :meth:`settle` outcome), so that the journal holds no decision that was
-        not served. Their recommended contacts stay in the contact store and count towards
-        caps for their windows: more blocking for a while, never less (a row removed could
-        let a later row take its id, which :meth:`ContactStore.record_if_unchanged` relies
-        on never happening)."""
+        each part's :meth:`settle` outcome), so that the journal holds no decision of a
+        request answered with an error. Their recommended contacts stay in the contact store
+        and count towards caps for their windows: more blocking for a while, never less (a
+        row removed could let a later row take its id, which
+        :meth:`ContactStore.record_if_unchanged` relies on never happening)."""
         ids: list[str] = []
         for outcome in settled:
             if isinstance(outcome, _StillContactedError):  # its refused ones are withdrawn

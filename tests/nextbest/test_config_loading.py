@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +43,8 @@ class _Numbers(StrictModel):
     flag: bool = False
     count_or_flag: int | bool = 0
     params: dict[str, Any] = Field(default_factory=dict)
+    names_or_counts: list[str] | list[int] = Field(default_factory=list)
+    series: Sequence[int] = ()
 
 
 @pytest.mark.parametrize(
@@ -53,6 +56,8 @@ class _Numbers(StrictModel):
         ("ages: [18, true]", "ages", "expected an integer, got a boolean"),
         ("weights: [0.5, true]", "weights", "expected a number, got a boolean"),
         ("by_stage: {young: {email: true}}", "by_stage", "expected a number, got a boolean"),
+        ("names_or_counts: [1, true]", "names_or_counts", "expected an integer, got a boolean"),
+        ("series: [true]", "series", "expected an integer, got a boolean"),
     ],
 )
 def test_load_model_boolean_for_a_number_refused_naming_key(

@@ -216,11 +216,15 @@ def _columns(customers: list[dict[str, object]], catalog: ActionCatalog) -> dict
 
 
 def test_post_batch_as_columns_ranks_as_the_customer_objects(
-    api_client: TestClient, auth: dict[str, dict[str, str]], catalog: ActionCatalog
+    api_client: TestClient,
+    auth: dict[str, dict[str, str]],
+    catalog: ActionCatalog,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The columnar body is another spelling of the same customers: same ranked actions and
-    scores (other ids: the first call's recommended contacts would cap the second's; both
-    calls in one hour: the local hour is a feature)."""
+    scores as the objects validated one by one (the service would turn them into columns
+    too: not here), with other ids (the first call's recommended contacts would cap the
+    second's), both calls in one hour (the local hour is a feature)."""
 
     def both(attempt: int) -> tuple[httpx.Response, httpx.Response]:
         customers = [
@@ -230,9 +234,13 @@ def test_post_batch_as_columns_ranks_as_the_customer_objects(
             for i in range(12)
         ]
         twins = [{**c, "customer_id": f"twin-{c['customer_id']}"} for c in customers]
-        as_rows = api_client.post(
-            "/v1/decisions/batch", json={"customers": customers, "k": 4}, headers=auth["decide"]
-        )
+        with monkeypatch.context() as objects_only:
+            objects_only.setattr("serving.deps._objects_as_columns", lambda model, body: None)
+            as_rows = api_client.post(
+                "/v1/decisions/batch",
+                json={"customers": customers, "k": 4},
+                headers=auth["decide"],
+            )
         as_columns = api_client.post(
             "/v1/decisions/batch",
             json={"columns": _columns(twins, catalog), "k": 4},

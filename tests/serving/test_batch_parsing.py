@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 
 from nextbest.catalog import ActionCatalog
 from nextbest.context import MAX_COUNT, ContextBatch
-from nextbest.customer_columns import context_batch
+from nextbest.customer_columns import columns_of_objects, context_batch
 from serving.deps import parse_batch, parse_body
 from serving.schemas import BatchDecisionRequest, batch_request_model
 
@@ -124,8 +124,33 @@ def test_batch_of_objects_parses_as_objects_do(
     body: dict[str, Any], catalog: ActionCatalog
 ) -> None:
     """Accepted (and decided on the same batch) or refused (with the same errors, located
-    in the objects) exactly as when every object is validated as such."""
-    assert _outcome(parse_batch, body, catalog) == _outcome(parse_body, body, catalog)
+    in the objects) exactly as when every object is validated as such; an accepted batch of
+    objects is validated as columns."""
+    expected = _outcome(parse_body, body, catalog)
+    assert _outcome(parse_batch, body, catalog) == expected
+    if expected[0] == "200" and "columns" not in json.dumps(body):
+        request = parse_batch(MODEL, json.dumps(body).encode(), {"catalog": catalog})
+        assert request.columns is not None and request.customers is None
+
+
+def test_batch_accepted_as_objects_but_refused_as_columns_is_served_and_logged(
+    catalog: ActionCatalog, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Were the two validations ever to disagree, the request is served as objects (the
+    documented validation) and the disagreement is logged, without the customers' values."""
+
+    def wrong_columns(customers: list[Any]) -> dict[str, Any] | None:
+        data = columns_of_objects(customers)
+        assert data is not None
+        return {**data, "age": [-1] * len(customers)}
+
+    monkeypatch.setattr("serving.deps.columns_of_objects", wrong_columns)
+    body = {"customers": [customer(customer_id="a", age=33), customer(customer_id="b")]}
+    with caplog.at_level("WARNING", logger="serving.deps"):
+        request = parse_batch(MODEL, json.dumps(body).encode(), {"catalog": catalog})
+    assert request.customers is not None and request.customers[0].age == 33
+    assert "disagree" in caplog.text and "greater_than_equal" in caplog.text
+    assert '"a"' not in caplog.text and "33" not in caplog.text
 
 
 def test_batch_of_objects_keeps_the_values_given(catalog: ActionCatalog) -> None:
