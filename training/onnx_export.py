@@ -6,8 +6,11 @@ The exported graph maps ``context`` float32 ``(batch, F)`` to ``scores`` float32
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -28,6 +31,19 @@ __all__ = ["OnnxScorer", "export_reward_model", "spec_path"]
 MODEL_KIND = "neural_bandit"
 
 
+@contextmanager
+def _exporter_notes_quiet() -> Iterator[None]:
+    """The exporter's log notes (``torchvision is not installed. Skipping ...``, one line per
+    operator it would have registered) left out; its errors still show."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_reward_model(model: RewardModel, path: str | Path, spec: FeatureSpec) -> Path:
     """Write ``model`` as ONNX to ``path`` (spec inside and beside it); return the path."""
     n_features = model.context_net[0].in_features
@@ -37,7 +53,7 @@ def export_reward_model(model: RewardModel, path: str | Path, spec: FeatureSpec)
     example = torch.zeros(2, n_features)
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "model.onnx"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _exporter_notes_quiet():
             warnings.simplefilter("ignore")  # exporter chatter about deprecated internals
             torch.onnx.export(
                 model,

@@ -4,6 +4,7 @@ export scores exactly like the torch model."""
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -145,6 +146,19 @@ def test_export_onnx_scores_match_torch(fitted, request, catalog, tmp_path: Path
         greedy_policy(onnx_scores, allowed).argmax(axis=1),
         greedy_policy(torch_scores, allowed).argmax(axis=1),
     )
+
+
+def test_export_leaves_out_the_exporters_notes(
+    trained, catalog, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``nextbest train`` and the demo print results, not the exporter's notes on operators
+    it skips (one line each without torchvision); its logger's level is given back."""
+    model, _ = trained
+    before = logging.getLogger("torch.onnx").level
+    with caplog.at_level(logging.INFO):
+        export_reward_model(model, tmp_path / "model.onnx", ContextEncoder(catalog).spec)
+    assert not [r for r in caplog.records if r.name.startswith("torch.onnx")]
+    assert logging.getLogger("torch.onnx").level == before
 
 
 def test_economics_reproduce_the_logged_reward(log, catalog) -> None:
