@@ -63,15 +63,15 @@ def customer(customer_id: str) -> dict[str, Any]:
     """A typical customer payload (the API's OpenAPI example, assessed recently), in a time
     zone where it is now midday: the rules on the local hour (quiet hours 21:00-08:00 block
     SMS and calls) would otherwise change the work measured with the time of day."""
+    from nextbest.synthetic import midday_timezone
     from serving.schemas import EXAMPLE_CUSTOMER
 
-    offset = 12 - datetime.now(UTC).hour  # Etc/GMT-N is UTC+N
     return {
         **EXAMPLE_CUSTOMER,
         "customer_id": customer_id,
         "risk_assessed_on": (date.today() - timedelta(days=30)).isoformat(),
         "contact_history": {"contacts_30d": {"app_push": 1}},
-        "timezone": f"Etc/GMT{-offset:+d}" if offset else "Etc/UTC",
+        "timezone": midday_timezone(),
     }
 
 

@@ -6,10 +6,20 @@ population (no correlations, no latent traits): that is ``simulators/``.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import numpy as np
 
 from nextbest.catalog import ActionCatalog
 from nextbest.context import INCOME_BANDS, LIFECYCLE_STAGES, ContextBatch
+
+
+def midday_timezone(now: datetime | None = None) -> str:
+    """A time zone where it is between 12:00 and 13:00 at ``now`` (default: now), so that the
+    rules on the local hour (quiet hours 21:00-08:00 block SMS and calls) do not make a test's
+    or a benchmark's customers depend on when it runs. ``Etc/GMT-N`` is UTC+N."""
+    offset = 12 - (now or datetime.now(UTC)).astimezone(UTC).hour  # -11 .. 12
+    return f"Etc/GMT{-offset:+d}" if offset else "Etc/UTC"
 
 
 def random_context_batch(catalog: ActionCatalog, n: int, rng: np.random.Generator) -> ContextBatch:

@@ -18,7 +18,9 @@ from nextbest.context import (
     ContextBatch,
     CustomerContext,
     parse_customer,
+    time_zone,
 )
+from nextbest.synthetic import midday_timezone
 
 NOW = datetime(2026, 1, 5, 13, 30, tzinfo=UTC)  # Monday; 21:30 in Asia/Shanghai
 
@@ -533,3 +535,9 @@ def test_build_contexts_accepts_every_parsed_customer(
     # from_contexts skips from_columns' checks: they must hold for what it builds
     assert ContextBatch.from_columns(catalog, **batch.columns).row(0) == batch.row(0)
     assert 0 <= batch["local_hour"][0] <= 23
+
+
+@pytest.mark.parametrize("hour", range(24))
+def test_midday_timezone_puts_every_utc_hour_at_local_noon(hour: int) -> None:
+    now = datetime(2026, 3, 1, hour, 59, tzinfo=UTC)
+    assert now.astimezone(time_zone(midday_timezone(now))).hour == 12

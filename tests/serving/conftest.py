@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from nextbest.catalog import ActionCatalog
 from nextbest.features import ContextEncoder
 from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
+from nextbest.synthetic import midday_timezone
 from serving.app import create_app
 from serving.schemas import EXAMPLE_CUSTOMER
 from serving.security import create_api_key
@@ -110,13 +111,6 @@ def write_model(catalog: ActionCatalog, path: Path, seed: int = 0) -> Path:
     )
 
 
-def midday_timezone() -> str:
-    """A time zone where it is now between 12:00 and 13:00 (``Etc/GMT-N`` is UTC+N), so that
-    rules on the local hour (quiet hours 21:00-08:00) do not depend on when the tests run."""
-    offset = 12 - datetime.now(UTC).hour  # -11 .. 12
-    return f"Etc/GMT{-offset:+d}" if offset else "Etc/UTC"
-
-
 def _utc_hour(moment: datetime) -> datetime:
     """The UTC hour (date included) of ``moment``."""
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
@@ -149,9 +143,9 @@ def in_one_utc_hour(attempt: Callable[[int], T]) -> T:
 
 def customer(**overrides: Any) -> dict[str, Any]:
     """The OpenAPI example customer, assessed 30 days ago, with no contact history and at
-    midday local time (:func:`midday_timezone`), so the answer does not depend on today's
-    date or the time of day; with ``overrides``. Its local hour is 13 for a decision made
-    after the UTC hour turned: a test comparing two decisions makes them
+    midday local time (:func:`~nextbest.synthetic.midday_timezone`), so the answer does not
+    depend on today's date or the time of day; with ``overrides``. Its local hour is 13 for a
+    decision made after the UTC hour turned: a test comparing two decisions makes them
     :func:`in_one_utc_hour`."""
     data = copy.deepcopy(EXAMPLE_CUSTOMER)
     data["risk_assessed_on"] = (date.today() - timedelta(days=30)).isoformat()
