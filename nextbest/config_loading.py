@@ -43,38 +43,48 @@ class ConfigError(ValueError):
 
 class StrictModel(BaseModel):
     """Base for config models: unknown keys are refused, instances are immutable, and a
-    boolean is refused where a number is expected, at any depth (``epochs: true``, or
-    ``age: [18, true]``): pydantic would read it as 1 (or 0)."""
+    boolean is refused where a number is expected, or a number where a boolean is, at any
+    depth (``epochs: true``, ``age: [18, true]``, ``pair_terms: 1``): pydantic would read
+    the one as the other."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _refuse_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+    def _refuse_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         assert info.field_name is not None  # field validators always know their field
-        expected = _boolean_for_number(cls.model_fields[info.field_name].annotation, value)
-        if expected:
-            raise ValueError(f"expected {expected}, got a boolean")
+        mixed_up = _boolean_number_mix_up(cls.model_fields[info.field_name].annotation, value)
+        if mixed_up:
+            raise ValueError(mixed_up)
         return value
 
 
 _SEQUENCES = (tuple, list, set, frozenset, Sequence)
+_NUMBERS = (int, float)
 
 
-def _boolean_for_number(annotation: Any, value: Any) -> str | None:
-    """What ``annotation`` expects (``"an integer"`` or ``"a number"``) where ``value``, or
-    an item or mapping value inside it, is a boolean in place of a number; None if there is
-    none. Unions that admit a boolean (``int | bool``, ``Any``) take it as one; a union of
-    containers is refused if any of them would read a boolean item as a number
-    (``list[str] | list[int]``: pydantic would pick the second); a nested model's fields are
-    its own validators' business."""
+def _boolean_number_mix_up(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` (or an item or mapping value inside it) does not fit ``annotation``: a
+    boolean where it expects a number (``"expected an integer, got a boolean"``), or a
+    number where it expects a boolean; None if there is no such mix-up.
+
+    Unions that admit both (``int | bool``, ``Any``) take either; a union of containers is
+    refused if any of them would read an item as the other kind (``list[str] | list[int]``:
+    pydantic would pick the second); a nested model's fields are its own validators'
+    business."""
     members = _members(annotation)
+    if Any in members or object in members:
+        return None
     if isinstance(value, bool):
-        if bool in members or Any in members or object in members:
+        if bool in members:
             return None
         if float in members:
-            return "a number"
-        return "an integer" if int in members else None
+            return "expected a number, got a boolean"
+        return "expected an integer, got a boolean" if int in members else None
+    if isinstance(value, _NUMBERS):
+        if bool in members and not any(number in members for number in _NUMBERS):
+            return "expected a boolean (true or false), got a number"
+        return None
     for member in members:
         origin, args = get_origin(member), get_args(member)
         if isinstance(value, _SEQUENCES) and origin in _SEQUENCES and args:
@@ -87,9 +97,9 @@ def _boolean_for_number(annotation: Any, value: Any) -> str | None:
         else:
             continue
         for inner, item in items:
-            expected = _boolean_for_number(inner, item)
-            if expected:
-                return expected
+            mixed_up = _boolean_number_mix_up(inner, item)
+            if mixed_up:
+                return mixed_up
     return None
 
 

@@ -58,12 +58,15 @@ class _Numbers(StrictModel):
         ("by_stage: {young: {email: true}}", "by_stage", "expected a number, got a boolean"),
         ("names_or_counts: [1, true]", "names_or_counts", "expected an integer, got a boolean"),
         ("series: [true]", "series", "expected an integer, got a boolean"),
+        ("flag: 1", "flag", "expected a boolean (true or false), got a number"),
+        ("flag: 0.0", "flag", "expected a boolean (true or false), got a number"),
     ],
 )
-def test_load_model_boolean_for_a_number_refused_naming_key(
+def test_load_model_boolean_for_a_number_or_the_reverse_refused_naming_key(
     tmp_path: Path, body: str, key: str, reason: str
 ) -> None:
-    """Pydantic reads a boolean as 1 or 0 where a number is expected; a config refuses it."""
+    """Pydantic reads a boolean as 1 or 0 where a number is expected, and 1 or 0 as a boolean
+    where a boolean is; a config refuses both."""
     path = tmp_path / "config.yaml"
     path.write_text(body + "\n")
     with pytest.raises(ConfigError) as info:

@@ -132,6 +132,17 @@ def test_load_training_config_booleans_of_boolean_fields_still_read(tmp_path: Pa
     assert load_training_config(path).neural_bandit.decay_intercepts is False
 
 
+def test_load_training_config_number_for_a_boolean_refused_naming_key(tmp_path: Path) -> None:
+    """``pair_terms: 1`` would otherwise be read as true."""
+    path = _write(tmp_path, "learner: neural_bandit\nneural_bandit: {pair_terms: 1}")
+    with pytest.raises(ConfigError) as info:
+        load_training_config(path)
+    assert (info.value.key, info.value.reason) == (
+        "neural_bandit.pair_terms",
+        "expected a boolean (true or false), got a number",
+    )
+
+
 BAD_NAMES = ["bad/name@x", "a:b", "name@alias", " ", ".", "..x"]
 
 
