@@ -375,8 +375,8 @@ def serve(
     model: Annotated[
         str | None,
         typer.Option(
-            help="An .onnx file or models:/<name>@<alias> (default: NEXTBEST_MODEL_URI, "
-            "else models:/nextbest@champion)."
+            help="An .onnx file, models:/<name>@<alias> (or /<version>) or runs:/<run id>/<path> "
+            "(default: NEXTBEST_MODEL_URI, else models:/nextbest@champion)."
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -550,7 +550,8 @@ def evaluate(
         str | None,
         typer.Option(
             help="Also evaluate a model acting greedily over the allowed actions: an .onnx "
-            "file or models:/<name>@<alias> (DM, DR and Switch-DR then use its scores)."
+            "file, models:/<name>@<alias> (or /<version>) or runs:/<run id>/<path> (DM, DR and "
+            "Switch-DR then use its scores)."
         ),
     ] = None,
     tracking_uri: Annotated[
