@@ -18,7 +18,7 @@ import queue
 import sqlite3
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,13 +82,13 @@ class DecisionLogError(ValueError):
         super().__init__(f"{source}: column {column!r}{where}: {reason}")
 
 
-def check_column_names(names: Sequence[str], source: str) -> None:
-    """Check the column names of a log file against the schema, before its columns are read.
+def check_column_names(names: Sequence[str], source: str) -> list[str]:
+    """Check the column names of a log file against the schema, before its columns are read;
+    the columns outside the schema, to be left out (:func:`warn_unknown_columns`).
 
     A column that differs from a schema column only in case, surrounding spaces, ``-`` or
     ``_`` (``Pscore``, ``" pscore"``, ``candidate-actions``) is refused: it would be left out
     as unknown, and a log whose ``pscore`` is misspelt read as one without propensities.
-    Other columns outside the schema are left out with one warning naming them all.
 
     Raises
     ------
@@ -103,11 +103,17 @@ def check_column_names(names: Sequence[str], source: str) -> None:
             raise DecisionLogError(
                 source, name, f"not in the decision schema: did you mean {meant!r}?{both}"
             )
-    if unknown:
-        described = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, DECISION_SCHEMA.names, n=1, cutoff=0.8)
-            described.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return unknown
+
+
+def warn_unknown_columns(unknown: Iterable[str], source: str) -> None:
+    """One warning naming the columns of ``source`` (a file, or a directory of parts) that
+    are left out, each with the schema column it may have meant; none if there are none."""
+    described = []
+    for name in dict.fromkeys(unknown):
+        close = difflib.get_close_matches(name, DECISION_SCHEMA.names, n=1, cutoff=0.8)
+        described.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    if described:
         log.warning(
             "%s: columns not in the decision schema, left out: %s", source, ", ".join(described)
         )
@@ -419,7 +425,8 @@ def read_decisions(
     ------
     DecisionLogError
         If the file is missing, unreadable, has a misspelt schema column
-        (:func:`check_column_names`; other unknown columns are left out with a warning), or
+        (:func:`check_column_names`; other unknown columns are left out with one warning,
+        for all the parts of a directory), or
         fails :func:`validate_decisions`.
     """
     path = Path(path)
@@ -442,13 +449,15 @@ def read_decisions(
     else:
         raise DecisionLogError(str(path), "*", "no such file or directory")
     tables = []
+    unknown: list[str] = []
     for file in files:
         try:
             part = pq.read_table(file)
         except (pa.ArrowInvalid, OSError) as exc:
             raise DecisionLogError(str(file), "*", f"not a readable Parquet file: {exc}") from None
-        check_column_names(part.column_names, str(file))
+        unknown += check_column_names(part.column_names, str(file))
         tables.append(validate_decisions(part, n_actions, n_features, source=str(file)))
+    warn_unknown_columns(unknown, str(path))  # once for all the parts
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if len(tables) > 1:
         validate_decisions(table, n_actions, n_features, source=str(path))

@@ -25,6 +25,7 @@ from nextbest.decision_log import (
     check_column_names,
     read_decisions,
     validate_decisions,
+    warn_unknown_columns,
 )
 
 LIST_COLUMNS = {"context": np.float32, "candidate_actions": np.int32, "action_dist": np.float32}
@@ -99,7 +100,7 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
         Naming the file, the column and the reason (a misspelt schema column,
         unparseable numbers in a list column, missing columns, and every check of
         ``validate_decisions``, times without their UTC offset among them). Other columns
-        outside the schema are left out with a warning (``check_column_names``).
+        outside the schema are left out with a warning (``warn_unknown_columns``).
     """
     path = Path(path)
     if not path.exists():
@@ -118,7 +119,7 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
         )
     except (pa.ArrowInvalid, OSError) as exc:
         raise DecisionLogError(str(path), "*", f"not a readable CSV file: {exc}") from None
-    check_column_names(raw.column_names, str(path))
+    warn_unknown_columns(check_column_names(raw.column_names, str(path)), str(path))
     columns = {}
     for name in raw.column_names:
         column = raw.column(name)

@@ -222,21 +222,24 @@ def test_read_decisions_misspelt_copy_of_a_schema_column_refused(tmp_path: Path)
         read_decisions(tmp_path / "both.parquet")
 
 
-def test_read_decisions_unknown_columns_read_with_one_warning_per_file(
+def test_read_decisions_unknown_columns_read_with_one_warning_for_the_directory(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Unknown columns are left out, named once for the whole directory (a log of hundreds
+    of parts would otherwise repeat the same warning for each)."""
     table = decisions_table(good_columns())
-    extra = decisions_table({**good_columns(), "decision_id": list("abcdef")})
-    extra = extra.append_column("channel_name", pa.array(["sms"] * 6))
-    extra = extra.append_column("segment", pa.array(["young"] * 6))
     write_decisions(table, tmp_path / "log")
-    pq.write_table(extra, tmp_path / "log" / "part-extra.parquet")
+    for name, extras in [("a", ["channel_name", "segment"]), ("b", ["segment"])]:
+        extra = decisions_table({**good_columns(), "decision_id": [f"{name}{i}" for i in range(6)]})
+        for column in extras:
+            extra = extra.append_column(column, pa.array(["x"] * 6))
+        pq.write_table(extra, tmp_path / "log" / f"part-extra-{name}.parquet")
     with caplog.at_level("WARNING", logger="nextbest.decision_log"):
         back = read_decisions(tmp_path / "log", n_actions=N_ACTIONS, n_features=3)
-    assert back.num_rows == 12 and back.column_names == table.column_names
+    assert back.num_rows == 18 and back.column_names == table.column_names
     (record,) = caplog.records
     assert record.levelname == "WARNING"
     assert record.getMessage() == (
-        f"{tmp_path / 'log' / 'part-extra.parquet'}: columns not in the decision schema, "
+        f"{tmp_path / 'log'}: columns not in the decision schema, "
         "left out: 'channel_name', 'segment'"
     )
