@@ -175,7 +175,7 @@ def _objects_as_columns(model: type[BatchT], body: bytes) -> dict[str, Any] | No
         data = pydantic_core.from_json(body)
     except ValueError:
         return None
-    if type(data) is not dict or "columns" in data:
+    if type(data) is not dict or "columns" in data:  # a key the search missed: \u-escaped
         return None
     customers = data.get("customers")
     if type(customers) is not list:
