@@ -156,6 +156,10 @@ _INSERT_DECISIONS = (
     "campaign_id, version_id, chunk_id) SELECT {decision_id}, {timestamp_us}, {customer_key}, "
     "{action}, {pscore}, {campaign_id}, ?2, ?3 FROM packed"
 )
+_DECISIONS_FREE_PARAM = 4
+"""The first parameter number :data:`_INSERT_DECISIONS` leaves free (``?1`` the packed rows,
+``?2`` the version id, ``?3`` the chunk id): :func:`_decision_rows` numbers its shared values
+from here."""
 """All the decisions of a batch (:func:`_decision_rows`) in one statement: SQLite reads them
 without the GIL, where ``executemany`` takes the GIL back for every row (on a 10,000-row
 batch, thousands of hand-offs with the event loop's thread, each up to the 5 ms switch
@@ -233,8 +237,8 @@ def _chunk_row(batch: DecisionBatch) -> tuple[Any, ...]:
 def _decision_rows(batch: DecisionBatch) -> tuple[PackedRows, dict[str, str], tuple[Any, ...]]:
     """The ``decisions`` values of a batch but ``version_id`` and ``chunk_id``, for
     :data:`_INSERT_DECISIONS`: the rows packed, and the time and campaign when the same
-    for every row, as parameters ``?4`` and ``?5`` (placeholders and values; a NaN pscore,
-    unknown, is stored as null)."""
+    for every row, as parameters numbered from :data:`_DECISIONS_FREE_PARAM` (placeholders
+    and values; a NaN pscore, unknown, is stored as null)."""
     n = len(batch)
     fields = {
         "decision_id": text_field(batch.decision_id),
@@ -245,13 +249,13 @@ def _decision_rows(batch: DecisionBatch) -> tuple[PackedRows, dict[str, str], tu
     given: dict[str, str] = {}
     values: list[Any] = []
     if np.ndim(batch.timestamp_us) == 0:
-        given["timestamp_us"] = "?4"
+        given["timestamp_us"] = f"?{_DECISIONS_FREE_PARAM + len(values)}"
         values.append(int(batch.timestamp_us))
     else:
         fields["timestamp_us"] = int_field(batch.timestamp_us)
     campaign = batch.campaign_id
     if campaign is None or isinstance(campaign, str):
-        given["campaign_id"] = f"?{4 + len(values)}"
+        given["campaign_id"] = f"?{_DECISIONS_FREE_PARAM + len(values)}"
         values.append(campaign)
     else:
         fields["campaign_id"] = text_field(campaign)
