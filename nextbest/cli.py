@@ -52,7 +52,7 @@ def _load(catalog_dir: Path, rules_path: Path) -> tuple[ActionCatalog, RuleSet]:
         catalog = load_catalog(catalog_dir)
         return catalog, load_rules(rules_path, catalog)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
 
 
@@ -78,7 +78,7 @@ def catalog(
     try:
         cat = load_catalog(catalog_dir)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     table = Table(title=f"{cat.n_actions} actions (catalogue {cat.version})")
     for col in ("offer", "family", "risk", "min AUM", "ages", "value CNY", "channels", "ids"):
@@ -390,7 +390,6 @@ def serve(
     import socket
 
     import uvicorn
-    from pydantic import ValidationError
     from uvicorn.supervisors import Multiprocess
 
     from serving.http_protocol import CoalescingHttpToolsProtocol
@@ -401,16 +400,30 @@ def serve(
         check_port_free,
         reuse_port_supported,
     )
-    from serving.settings import Settings
+    from serving.security import KeyFileError
+    from serving.service import load_configuration
+    from serving.settings import SettingsError, load_settings, unknown_variables
     from serving.supervision import mark_supervisor
 
     if model is not None:
         os.environ["NEXTBEST_MODEL_URI"] = model
+    for variable in unknown_variables(os.environ):
+        console.print(f"[yellow]not a setting, ignored[/]: {escape(variable)}")
     try:
-        settings = Settings()  # validated here, once more in each worker
-    except ValidationError as exc:
-        console.print(f"[bold red]bad settings[/] {escape(str(exc))}")
+        settings = load_settings()  # validated here, once more in each worker
+        load_configuration(settings)  # the files too: each worker reads them again
+    except SettingsError as exc:
+        console.print(f"[bold red]bad settings[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
+    except (ConfigError, KeyFileError) as exc:
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    if settings.api_keys_file is None:
+        console.print(
+            "[yellow]authentication is off[/]: NEXTBEST_API_KEYS_FILE is not set, so every "
+            "request is served without a key (only NEXTBEST_ENVIRONMENT=local allows this; "
+            "keys: python -m serving.security create)"
+        )
     options: dict[str, Any] = {
         "factory": True,
         "host": host,
@@ -427,7 +440,7 @@ def serve(
         try:
             check_port_free(host, port)
         except OSError as exc:
-            console.print(f"[bold red]cannot serve[/] {escape(str(exc))}")
+            console.print(f"[bold red]cannot serve[/]: {escape(str(exc))}")
             raise typer.Exit(code=STARTUP_FAILURE) from None
     if workers > 1:  # every worker writes its samples here; /metrics adds them up
         metrics_dir = multiprocess_dir(settings.state_dir, os.getpid())
@@ -473,11 +486,11 @@ def simulate(
     try:
         world = load_scenario(scenario, cat)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     if out is not None and out.exists() and any(out.glob("*.parquet")):
         console.print(
-            f"[bold red]refused[/] {escape(str(out))} already holds a decision log; "
+            f"[bold red]refused[/]: {escape(str(out))} already holds a decision log; "
             "choose a new --out"
         )
         raise typer.Exit(code=2)
@@ -523,6 +536,8 @@ def simulate(
             )
         )
         console.print(f"logged {summary.rows_logged:,} decisions to {out}")
+    else:
+        console.print("no --out: the KPIs above only, no decision log written")
 
 
 @app.command(
@@ -587,7 +602,7 @@ def evaluate(
     try:
         cat = load_catalog(catalog_dir)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     names = policy or list(BASELINE_POLICIES)
     unknown = [p for p in names if p not in BASELINE_POLICIES]
@@ -637,7 +652,7 @@ def evaluate(
             seed=seed,
         )
     except (DecisionLogError, OpeInputError, ModelSourceError, ValueError) as exc:
-        console.print(f"[bold red]cannot evaluate[/] {escape(str(exc))}")
+        console.print(f"[bold red]cannot evaluate[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     _print_ope_table(
         f"Off-policy evaluation: {log.n_rounds:,} logged decisions, "
@@ -710,6 +725,13 @@ def train(
     export_dir: Annotated[
         Path | None, typer.Option(help="Where the ONNX model goes (overrides export.dir).")
     ] = None,
+    drop_pending: Annotated[
+        bool,
+        typer.Option(
+            help="Leave out decisions whose outcome is not known yet, as a live service's "
+            "journal has (sets data.drop_pending); without it they are refused."
+        ),
+    ] = False,
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
     rules_path: RulesOption = DEFAULT_RULES_PATH,
 ) -> None:
@@ -727,7 +749,7 @@ def train(
     try:
         cfg = load_training_config(config)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     raw = cfg.model_dump()
     if logs is not None:
@@ -736,6 +758,8 @@ def train(
         raw["tracking"]["uri"] = tracking_uri
     if export_dir is not None:
         raw["export"]["dir"] = export_dir
+    if drop_pending:
+        raw["data"]["drop_pending"] = True
     if epochs is not None:
         section, key = (
             ("vw_bandit", "passes") if cfg.learner == "vw_bandit" else ("neural_bandit", "epochs")
@@ -748,12 +772,12 @@ def train(
             f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()
         )
         option = f"--epochs {epochs}" if epochs is not None else "options"
-        console.print(f"[bold red]{option}[/] {escape(problems)}")
+        console.print(f"[bold red]{option}[/]: {escape(problems)}")
         raise typer.Exit(code=2) from None
     try:
         result = run_training(cfg, cat, RuleEngine(ruleset))
     except (DecisionLogError, OpeInputError, ValueError) as exc:
-        console.print(f"[bold red]cannot train[/] {escape(str(exc))}")
+        console.print(f"[bold red]cannot train[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     _print_ope_table(
         f"Held-out off-policy evaluation (run {result.run_id[:8]})",
@@ -778,7 +802,8 @@ def train(
     if thin:
         listed = "; ".join(
             f"{row['offer']}: chosen for {float(row['policy_share']):.0%}, "  # type: ignore[arg-type]
-            f"{row['conversions']} conversions in {row['logged']:,} logged decisions"
+            f"{row['conversions']} conversion{'' if row['conversions'] == 1 else 's'} in "
+            f"{row['logged']:,} logged decisions"
             for row in thin[:3]
         )
         more = f"; {len(thin) - 3} more" if len(thin) > 3 else ""
@@ -823,7 +848,7 @@ def export(
     try:
         cat = load_catalog(catalog_dir)
     except ConfigError as exc:
-        console.print(f"[bold red]config error[/] {escape(str(exc))}")
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     if out.suffix != ".onnx":
         console.print(f"[bold red]bad --out[/] {escape(str(out))}: must end in .onnx")
@@ -851,7 +876,7 @@ def export(
                 f"{bool(np.isfinite(scores).all())}), expected (1000, {cat.n_actions}) finite"
             )
     except (ModelSourceError, ModelSpecError) as exc:
-        console.print(f"[bold red]cannot export[/] {escape(str(exc))}")
+        console.print(f"[bold red]cannot export[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     partial = out.with_suffix(".onnx.partial")
     try:
@@ -883,12 +908,13 @@ def promote(
     from training.tracking import tracking_client
 
     try:
-        client = tracking_client(tracking_uri)
+        client = tracking_client(tracking_uri, must_exist=True)
     except ValueError as exc:
-        console.print(f"[bold red]cannot promote[/] {escape(str(exc))}")
+        console.print(f"[bold red]cannot promote[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     promoted, reason = promote_model(client, model)
-    console.print(("[bold green]promoted[/] " if promoted else "[bold yellow]kept[/] ") + reason)
+    verdict = "[bold green]promoted[/]: " if promoted else "[bold yellow]kept[/]: "
+    console.print(verdict + escape(reason))
     if not promoted:
         raise typer.Exit(code=1)
 

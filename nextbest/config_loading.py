@@ -160,22 +160,19 @@ def config_error_from_validation(path: str | Path, exc: ValidationError) -> Conf
     """
     errors = exc.errors(include_url=False)
     first = errors[0]
-    reason = _reason(first)
+    reason = error_message(first)
     if len(errors) > 1:
-        others = "; ".join(f"{dotted(e['loc'])}: {_reason(e)}" for e in errors[1:6])
+        others = "; ".join(f"{dotted(e['loc'])}: {error_message(e)}" for e in errors[1:6])
         reason = f"{reason} (also: {others})"
     return ConfigError(path, dotted(first["loc"]), reason)
 
 
-def _reason(error: dict[str, Any]) -> str:
+def error_message(error: Mapping[str, Any]) -> str:
+    """A pydantic error's message in the words of a config file: ``unknown key`` for a key
+    the model does not have, and without the ``Value error, `` that pydantic puts before the
+    messages of validators (``expected an integer, got a boolean``)."""
     if error["type"] == "extra_forbidden":
         return "unknown key"
-    return error_message(error)
-
-
-def error_message(error: Mapping[str, Any]) -> str:
-    """A pydantic error's message without the ``Value error, `` that pydantic puts before
-    the messages of validators (``expected an integer, got a boolean``)."""
     return str(error["msg"]).removeprefix("Value error, ")
 
 

@@ -74,12 +74,14 @@ log = logging.getLogger(__name__)
 
 
 class DecisionLogError(ValueError):
-    """A decision log that cannot be used: names the source, the column, the row and why."""
+    """A decision log that cannot be used: names the source, the column, the row and why;
+    column ``"*"`` is the log as a whole (a missing file, an unreadable one ...)."""
 
     def __init__(self, source: str, column: str, reason: str, row: int | None = None) -> None:
         self.source, self.column, self.reason, self.row = source, column, reason, row
-        where = f" row {row}" if row is not None else ""
-        super().__init__(f"{source}: column {column!r}{where}: {reason}")
+        where = "" if column == "*" else f" column {column!r}"
+        where += f" row {row}" if row is not None else ""
+        super().__init__(f"{source}:{where}: {reason}" if where else f"{source}: {reason}")
 
 
 def check_column_names(names: Sequence[str], source: str) -> list[str]:

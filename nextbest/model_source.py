@@ -46,17 +46,40 @@ def is_registry_uri(uri: str) -> bool:
     return uri.startswith(REGISTRY_SCHEMES)
 
 
-def mlflow_client(tracking_uri: str | None = None) -> MlflowClient:
+def mlflow_client(tracking_uri: str | None = None, must_exist: bool = False) -> MlflowClient:
     """An MLflow client of the tracking store at ``tracking_uri`` whose model registry is that
     same store (build every client of a tracking URI with this).
 
     MLflow would otherwise take the registry from the process (``MLFLOW_REGISTRY_URI``,
     ``mlflow.set_registry_uri``), and a model could be registered, promoted and loaded in
     different stores. ``None``: MLflow's current tracking URI, and its registry.
+
+    ``must_exist``, for readers: a ``sqlite:///`` store must be a file already. MLflow would
+    create an empty store there, and a mistyped path would read as "no such model".
+
+    Raises
+    ------
+    ModelSourceError
+        ``must_exist`` and the SQLite file is missing (names the URI and the file).
     """
     from mlflow import MlflowClient
 
+    missing = _missing_sqlite_store(tracking_uri) if must_exist else None
+    if missing is not None:
+        raise ModelSourceError(
+            f"tracking URI {tracking_uri!r}: no MLflow store at {missing} (nothing was tracked "
+            "there: check the path, or train a model first)"
+        )
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _missing_sqlite_store(tracking_uri: str | None) -> Path | None:
+    """The file a ``sqlite:///<path>`` URI names, if it does not exist (None otherwise, and
+    for every other kind of store)."""
+    if tracking_uri is None or not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    return None if str(path) in ("", ":memory:") or path.exists() else path
 
 
 def resolve_model(
@@ -82,7 +105,7 @@ def resolve_model(
         return ResolvedModel(uri, path, f"file:{_file_digest(path)}")
     import mlflow
 
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client(tracking_uri, must_exist=True)
     try:
         pinned, version = _pin(client, uri)
         if pinned.startswith("models:/"):
@@ -113,8 +136,8 @@ def registry_version(uri: str, tracking_uri: str | None = None) -> str:
     """The ``<name>/<version>`` a registry URI points at now (cheap: no download)."""
     import mlflow
 
+    client = mlflow_client(tracking_uri, must_exist=True)
     try:
-        client = mlflow_client(tracking_uri)
         return _pin(client, uri)[1]
     except mlflow.exceptions.MlflowException as exc:
         raise ModelSourceError(f"model {uri!r}: {exc.message}") from exc

@@ -143,7 +143,8 @@ class RewardConflictError(ValueError):
         self.decision_id, self.fields, self.stored = decision_id, fields, stored
         super().__init__(
             f"decision {decision_id!r} already has a different outcome recorded "
-            f"({', '.join(fields)} differ); rewards are recorded once and never changed"
+            f"({', '.join(fields)} {'differs' if len(fields) == 1 else 'differ'}); rewards are "
+            "recorded once and never changed"
         )
 
 

@@ -142,10 +142,12 @@ def _tune_gc() -> None:
 
 
 def _install_sighup(loop: asyncio.AbstractEventLoop, service: ScoringService) -> bool:
-    """SIGHUP reloads the model (in a thread: the loop keeps serving meanwhile)."""
+    """SIGHUP reloads the model and a changed API keys file (in a thread: the loop keeps
+    serving meanwhile)."""
 
     def reload() -> None:
         loop.run_in_executor(None, service.reload_model)
+        loop.run_in_executor(None, service.refresh_api_keys)
 
     try:
         loop.add_signal_handler(signal.SIGHUP, reload)
@@ -155,9 +157,11 @@ def _install_sighup(loop: asyncio.AbstractEventLoop, service: ScoringService) ->
 
 
 async def _watch_model(service: ScoringService, every_s: float) -> None:
-    """Reload when the registry alias (or the file) points at a new version."""
+    """Reload when the registry alias (or the file) points at a new version, and the API
+    keys when their file changed."""
     while True:
         await asyncio.sleep(every_s)
+        await asyncio.to_thread(service.refresh_api_keys)
         try:
             if await asyncio.to_thread(service.models.changed):
                 await asyncio.to_thread(service.reload_model)

@@ -10,10 +10,13 @@ created, and never stored.
 Scopes: ``decide`` (``/v1/decisions``), ``reward`` (``/v1/rewards``, ``/v1/deliveries``),
 ``metrics`` (``/metrics``) and ``admin`` (everything, and ``/v1/admin/...``).
 
-Create a key::
+Create a key, list the keys, revoke one (a running service reads the file again when it
+changes, at its next model check or on SIGHUP)::
 
     python -m serving.security create --keys-file data/serving/api_keys.json \\
         --name campaign-platform --scope decide --scope reward
+    python -m serving.security list --keys-file data/serving/api_keys.json
+    python -m serving.security revoke --keys-file data/serving/api_keys.json --key-id 1a2b3c4d
 """
 
 from __future__ import annotations
@@ -96,9 +99,17 @@ class ApiKeys:
         :data:`LOCAL_PRINCIPAL`).
     """
 
-    def __init__(self, keys: Iterable[StoredKey] | None) -> None:
+    def __init__(
+        self, keys: Iterable[StoredKey] | None, path: Path | None = None, stamp: object = None
+    ) -> None:
         self.enabled = keys is not None
         self._by_id = {k.key_id: k for k in keys or ()}
+        self.path = path
+        """The keys file they were read from (None: given directly)."""
+        self._stamp = stamp
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> ApiKeys:
@@ -111,7 +122,22 @@ class ApiKeys:
         """
         if path is None:
             return cls(None)
-        return cls(read_keys(path))
+        path = Path(path)
+        stamp = _file_stamp(path)  # before reading: a change meanwhile is read next time
+        return cls(read_keys(path), path, stamp)
+
+    def reloaded(self) -> ApiKeys | None:
+        """The keys file read again if it changed since these keys were read (a key created
+        or revoked); None when it did not, or for keys not read from a file.
+
+        Raises
+        ------
+        KeyFileError
+            The changed file cannot be read (the caller keeps these keys).
+        """
+        if self.path is None or _file_stamp(self.path) == self._stamp:
+            return None
+        return ApiKeys.from_file(self.path)
 
     def authenticate(self, presented: str | None, scope: Scope) -> Principal:
         """The principal of the presented key, if it carries ``scope``.
@@ -144,6 +170,16 @@ def _split(presented: str) -> tuple[str, str]:
         return "", presented
     key_id, _, secret = presented[len(KEY_PREFIX) :].partition("_")
     return key_id, secret
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a keys file is rewritten (inode, size, modification time; None
+    when missing): create and revoke replace the file, so its inode changes too."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def read_keys(path: str | Path) -> list[StoredKey]:
@@ -181,11 +217,19 @@ def create_api_key(path: str | Path, name: str, scopes: Sequence[str]) -> str:
     """Add a new key to the keys file (created if missing) and return the clear key.
 
     The clear key is returned once and never stored: only its salt and salted SHA-256. The
-    file is replaced atomically and readable by its owner only.
+    file is replaced atomically and readable by its owner only. Several keys may share a
+    name (a key being rotated: create the new one, move the callers, revoke the old one).
+
+    Raises
+    ------
+    KeyFileError
+        The existing file is not a valid keys file (it is left as it is).
     """
     scopes = _checked_scopes(list(scopes))
+    if not name.strip():
+        raise ValueError("the key's name must not be empty")
     path = Path(path)
-    entries = json.loads(path.read_text(encoding="utf-8"))["keys"] if path.exists() else []
+    entries = _entries(path) if path.exists() else []
     taken = {e["key_id"] for e in entries}
     key_id = secrets.token_hex(4)
     while key_id in taken:
@@ -202,17 +246,52 @@ def create_api_key(path: str | Path, name: str, scopes: Sequence[str]) -> str:
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
+    _write_entries(path, entries)
+    return f"{KEY_PREFIX}{key_id}_{secret}"
+
+
+def revoke_api_key(path: str | Path, key_id: str) -> StoredKey:
+    """Remove the key ``key_id`` from the keys file; returns it. A running service stops
+    accepting it at its next keys check (``NEXTBEST_RELOAD_POLL_SECONDS``) or on SIGHUP.
+
+    Raises
+    ------
+    KeyFileError
+        The file is missing or not a valid keys file, or holds no key ``key_id`` (nothing
+        is changed).
+    """
+    path = Path(path)
+    entries = _entries(path)
+    kept = [e for e in entries if e["key_id"] != key_id]
+    if len(kept) == len(entries):
+        raise KeyFileError(
+            f"{path}: no key with id {key_id!r} (python -m serving.security list shows them)"
+        )
+    (revoked,) = [k for k in read_keys(path) if k.key_id == key_id]
+    _write_entries(path, kept)
+    return revoked
+
+
+def _entries(path: Path) -> list[dict[str, object]]:
+    """The raw records of a keys file, after :func:`read_keys` has checked them."""
+    read_keys(path)
+    return list(json.loads(path.read_text(encoding="utf-8"))["keys"])
+
+
+def _write_entries(path: Path, entries: list[dict[str, object]]) -> None:
+    """Replace the keys file atomically (a reader sees the old file or the new one), readable
+    by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(path.suffix + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump({"keys": entries}, handle, indent=2)
     partial.replace(path)
-    return f"{KEY_PREFIX}{key_id}_{secret}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m serving.security create ...``: create a key and print it once."""
+    """``python -m serving.security create|list|revoke ...``: manage the keys of a keys file
+    (a created key is printed once)."""
     parser = argparse.ArgumentParser(prog="python -m serving.security", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser("create", help="create an API key and print it (once)")
@@ -221,13 +300,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     create.add_argument(
         "--scope", action="append", choices=SCOPES, required=True, help="repeatable"
     )
+    listing = sub.add_parser("list", help="list the keys: id, name, scopes, created (no secret)")
+    listing.add_argument("--keys-file", type=Path, required=True)
+    revoke = sub.add_parser("revoke", help="remove a key (running services drop it on reload)")
+    revoke.add_argument("--keys-file", type=Path, required=True)
+    revoke.add_argument("--key-id", required=True, help="the 8 hex characters after nbk_")
     args = parser.parse_args(argv)
-    key = create_api_key(args.keys_file, args.name, args.scope)
-    print(key)
-    print(
-        f"stored hashed in {args.keys_file}; this is the only time the key is shown",
-        file=sys.stderr,
-    )
+    try:
+        if args.command == "create":
+            key = create_api_key(args.keys_file, args.name, args.scope)
+            print(key)
+            print(
+                f"stored hashed in {args.keys_file}; this is the only time the key is shown",
+                file=sys.stderr,
+            )
+        elif args.command == "list":
+            for k in read_keys(args.keys_file):
+                print(f"{k.key_id}  {k.name}  {','.join(sorted(k.scopes))}  {k.created_at}")
+        else:
+            revoked = revoke_api_key(args.keys_file, args.key_id)
+            print(f"revoked {revoked.key_id} ({revoked.name}) in {args.keys_file}", file=sys.stderr)
+    except (KeyFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

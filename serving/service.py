@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from fastapi import HTTPException
@@ -77,7 +77,7 @@ from serving.schemas import (
     RewardResponse,
     batch_request_model,
 )
-from serving.security import ApiKeys
+from serving.security import ApiKeys, KeyFileError
 from serving.settings import Settings
 from serving.sqlite_contact_store import SqliteContactStore
 
@@ -453,6 +453,34 @@ class _BatchAnswer:
         }
 
 
+class Configuration(NamedTuple):
+    """What a service reads from its configuration files (:func:`load_configuration`)."""
+
+    catalog: ActionCatalog
+    rules: RuleEngine
+    campaigns: Campaigns
+    api_keys: ApiKeys
+
+
+def load_configuration(settings: Settings) -> Configuration:
+    """Read the catalogue, rule set, campaigns and API keys that ``settings`` name; the
+    files only (no model, no state). ``nextbest serve`` calls it before starting workers,
+    so that a bad file is one line of error rather than a worker's traceback.
+
+    Raises
+    ------
+    nextbest.config_loading.ConfigError, serving.security.KeyFileError
+        A bad configuration, named with its file and key.
+    """
+    catalog = load_catalog(settings.catalog_dir)
+    return Configuration(
+        catalog,
+        RuleEngine(load_rules(settings.rules_path, catalog)),
+        load_campaigns(settings.campaigns_path, catalog),
+        ApiKeys.from_file(settings.api_keys_file),
+    )
+
+
 class ScoringService:
     """Everything a request needs, built once per worker process.
 
@@ -486,6 +514,8 @@ class ScoringService:
         self.journal = journal
         self.contacts = contacts
         self.api_keys = api_keys
+        self._keys_failure: str | None = None
+        """The last keys-file error logged (:meth:`refresh_api_keys`)."""
         self._key = settings.pseudonym_key
         self._view = _ActionView.of(catalog)
         self._schedule = SendSchedule.of(catalog)
@@ -504,10 +534,12 @@ class ScoringService:
         nextbest.config_loading.ConfigError, serving.security.KeyFileError
             A bad configuration, named with its file and key.
         """
-        catalog = load_catalog(settings.catalog_dir)
-        rules = RuleEngine(load_rules(settings.rules_path, catalog))
-        campaigns = load_campaigns(settings.campaigns_path, catalog)
-        api_keys = ApiKeys.from_file(settings.api_keys_file)
+        catalog, rules, campaigns, api_keys = load_configuration(settings)
+        if settings.api_keys_file is None:
+            log.warning(
+                "authentication is off: NEXTBEST_API_KEYS_FILE is not set (the local "
+                "environment allows it; every request is served without a key)"
+            )
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         models = ModelStore(
             settings.model_uri,
@@ -991,6 +1023,20 @@ class ScoringService:
         return DeliveryResponse(contact_id=contact_id, recorded=bool(written))
 
     # ------------------------------------------------------------------ model
+
+    def refresh_api_keys(self) -> None:
+        """Read the API keys file again if it changed (a key created or revoked). A changed
+        file that cannot be read keeps the keys in force, and the reason is logged once."""
+        try:
+            fresh = self.api_keys.reloaded()
+        except KeyFileError as exc:
+            if str(exc) != self._keys_failure:
+                self._keys_failure = str(exc)
+                log.error("API keys not reloaded, the keys in force stay: %s", exc)
+            return
+        if fresh is not None:
+            self.api_keys, self._keys_failure = fresh, None
+            log.info("API keys reloaded from %s: %d keys", fresh.path, len(fresh))
 
     def note_model(self) -> None:
         """Publish the serving model's version in the metrics (after a load or reload)."""

@@ -9,16 +9,20 @@ pseudonymisation key, a service without API keys, and the interactive API docs.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR
 from nextbest.compliance import DEFAULT_RULES_PATH
+from nextbest.config_loading import error_message
 from nextbest.privacy import MAX_KEY_BYTES, check_key
+from serving.supervision import SUPERVISOR_ENV
 
 DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
 """The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
@@ -31,15 +35,25 @@ Environment = Literal["local", "staging", "production"]
 ExplorationKind = Literal["epsilon_greedy", "softmax"]
 
 
+ENV_PREFIX = "NEXTBEST_"
+OTHER_VARIABLES = frozenset({SUPERVISOR_ENV, "NEXTBEST_NOTEBOOK_DIR"})
+"""``NEXTBEST_`` variables that are not settings (the supervisor's process id for its
+workers, the notebooks' output folder)."""
+
+
 class UnsafeSettingsError(ValueError):
     """Settings that are only acceptable in the ``local`` environment, used elsewhere."""
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used: each environment variable at fault and the reason."""
 
 
 class Settings(BaseSettings):
     """Configuration of the scoring service (``nextbest serve``)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="NEXTBEST_", extra="forbid", frozen=True, validate_default=True
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
     )
 
     environment: Environment = "local"
@@ -111,17 +125,17 @@ class Settings(BaseSettings):
             return self
         unsafe = []
         if key.strip().lower() == DEV_PSEUDONYMISATION_KEY.encode().lower():
-            unsafe.append("pseudonymisation_key is the public development key")
+            unsafe.append("NEXTBEST_PSEUDONYMISATION_KEY is the public development key")
         elif len(set(key)) < MIN_DISTINCT_KEY_BYTES:
             unsafe.append(
-                f"pseudonymisation_key has fewer than {MIN_DISTINCT_KEY_BYTES} distinct "
+                f"NEXTBEST_PSEUDONYMISATION_KEY has fewer than {MIN_DISTINCT_KEY_BYTES} distinct "
                 "characters (use a random key, e.g. python -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))')"
             )
         if self.api_keys_file is None:
-            unsafe.append("api_keys_file is not set (the API would be open)")
+            unsafe.append("NEXTBEST_API_KEYS_FILE is not set (the API would be open)")
         if self.docs:
-            unsafe.append("docs are enabled (set NEXTBEST_DOCS=false)")
+            unsafe.append("the docs are on (set NEXTBEST_DOCS=false)")
         if unsafe:
             raise UnsafeSettingsError(
                 f"refusing to start in environment {self.environment!r}: " + "; ".join(unsafe)
@@ -132,3 +146,47 @@ class Settings(BaseSettings):
     def pseudonym_key(self) -> bytes:
         """The pseudonymisation key as bytes (for :func:`nextbest.privacy.pseudonymise`)."""
         return self.pseudonymisation_key.get_secret_value().encode("utf-8")
+
+
+_SECRET_FIELDS = frozenset(
+    name for name, field in Settings.model_fields.items() if field.annotation is SecretStr
+)
+
+
+def load_settings() -> Settings:
+    """The settings of the ``NEXTBEST_`` environment.
+
+    Raises
+    ------
+    SettingsError
+        Naming each variable at fault (``NEXTBEST_EPSILON=2: Input should be less than or
+        equal to 1``), rather than the field.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"])
+            variable = f"{ENV_PREFIX}{field.upper()}"
+            if not field:  # a check across settings names its variables itself
+                problems.append(error_message(error))
+            elif error["type"] == "missing" or field in _SECRET_FIELDS:  # no secret printed
+                problems.append(f"{variable}: {error_message(error)}")
+            else:
+                problems.append(f"{variable}={error['input']!s}: {error_message(error)}")
+        raise SettingsError("; ".join(problems)) from None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``NEXTBEST_`` variables of ``environ`` that set nothing, each with the setting it
+    most resembles (``NEXTBEST_EPSLION (did you mean NEXTBEST_EPSILON?)``): a misspelt
+    setting would otherwise leave its default in force without a word."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    unknown = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in known | OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
+        unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return unknown

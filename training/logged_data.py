@@ -10,6 +10,7 @@ an empty cell is null (``nan`` is a number, refused where values must be finite)
 from __future__ import annotations
 
 import hashlib
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from nextbest.decision_log import (
 )
 
 LIST_COLUMNS = {"context": np.float32, "candidate_actions": np.int32, "action_dist": np.float32}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,15 @@ def load_logged_bandit(
     reward_col = table.column("reward")
     if reward_col.null_count and drop_pending:
         table = table.filter(pc.is_valid(reward_col))
-        n, reward_col = table.num_rows, table.column("reward")
+        pending, n, reward_col = n - table.num_rows, table.num_rows, table.column("reward")
         if n == 0:
             raise DecisionLogError(source, "reward", "no decision has an outcome yet")
+        log.warning(
+            "%s: %d of %d decisions have no outcome yet: left out (drop_pending)",
+            source,
+            pending,
+            n + pending,
+        )
     if reward_col.null_count and require_reward:
         raise DecisionLogError(
             source,

@@ -77,18 +77,19 @@ ARTIFACTS_DIRNAME = "mlartifacts"
 """Beside a SQLite tracking store, the folder its new experiments keep their artifacts in."""
 
 
-def tracking_client(tracking_uri: str) -> MlflowClient:
+def tracking_client(tracking_uri: str, must_exist: bool = False) -> MlflowClient:
     """A client of the tracking store (and model registry) at ``tracking_uri``
-    (:func:`nextbest.model_source.mlflow_client`), checked to be usable.
+    (:func:`nextbest.model_source.mlflow_client`), checked to be usable; ``must_exist``: for
+    commands that only read it (a missing SQLite file is an error, not a new empty store).
 
     Raises
     ------
     ValueError
         Naming the URI and MLflow's reason when it has no store for it (an unknown scheme,
-        a file store at an unusable path ...).
+        a file store at an unusable path, a missing SQLite file with ``must_exist`` ...).
     """
     try:
-        return mlflow_client(tracking_uri)
+        return mlflow_client(tracking_uri, must_exist=must_exist)
     except mlflow.exceptions.MlflowException as exc:
         reason = str(exc.message).strip().split(" See https://")[0]
         raise ValueError(f"tracking URI {tracking_uri!r} cannot be used: {reason}") from None
@@ -241,7 +242,7 @@ def promote(client: MlflowClient, registered_model: str) -> tuple[bool, str]:
         if champion is None
         else f"champion v{champion.version}, DR value {value:.4f} on the same decisions"
     )
-    return True, f"promoted v{challenger.version} (DR lower bound {lower:.4f}) over {before}"
+    return True, f"v{challenger.version} (DR lower bound {lower:.4f}) over {before}"
 
 
 def _as_float(text: str | None) -> float | None:

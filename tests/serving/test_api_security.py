@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from serving.app import create_app
-from serving.security import ApiKeys, AuthError, KeyFileError, create_api_key
+from serving.security import (
+    ApiKeys,
+    AuthError,
+    KeyFileError,
+    create_api_key,
+    main,
+    revoke_api_key,
+)
 from serving.settings import Settings
 
 
@@ -83,7 +91,8 @@ def test_create_settings_outside_local_refuses_unsafe_defaults(tmp_path: Path) -
     with pytest.raises(ValidationError, match="public development key") as refused:
         Settings(environment="production")
     message = str(refused.value)
-    assert "api_keys_file" in message and "docs" in message
+    assert "NEXTBEST_PSEUDONYMISATION_KEY" in message and "NEXTBEST_API_KEYS_FILE" in message
+    assert "NEXTBEST_DOCS=false" in message
     keys = tmp_path / "keys.json"
     create_api_key(keys, "ops", ["admin"])
     safe = Settings(
@@ -154,3 +163,69 @@ def test_get_openapi_declares_the_api_key_on_every_keyed_route(api_settings: Set
     assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-API-Key")
     for path in ("/v1/decisions", "/v1/decisions/batch", "/v1/rewards"):
         assert schema["paths"][path]["post"]["security"] == [{"APIKeyHeader": []}], path
+
+
+def test_create_key_refuses_to_add_to_an_invalid_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": [{"key_id": "x"}]}')
+    with pytest.raises(KeyFileError, match="not a valid API keys file"):
+        create_api_key(path, "platform", ["decide"])
+    assert path.read_text() == '{"keys": [{"key_id": "x"}]}'  # left as it was
+
+
+def test_list_and_revoke_keys_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "keys.json"
+    old = create_api_key(path, "platform", ["decide"])
+    new = create_api_key(path, "platform", ["decide", "reward"])  # a rotation: same name
+    old_id, new_id = old.split("_")[1], new.split("_")[1]
+    assert main(["list", "--keys-file", str(path)]) == 0
+    listed = capsys.readouterr().out
+    assert (
+        f"{old_id}  platform  decide" in listed and f"{new_id}  platform  decide,reward" in listed
+    )
+    assert old.split("_", 2)[2] not in listed and new.split("_", 2)[2] not in listed
+
+    assert main(["revoke", "--keys-file", str(path), "--key-id", old_id]) == 0
+    keys = ApiKeys.from_file(path)
+    assert keys.authenticate(new, "reward").name == "platform"
+    with pytest.raises(AuthError) as denied:
+        keys.authenticate(old, "decide")
+    assert denied.value.status_code == 401
+
+    before = path.read_text()
+    assert main(["revoke", "--keys-file", str(path), "--key-id", old_id]) == 2
+    assert f"no key with id {old_id!r}" in capsys.readouterr().err
+    assert path.read_text() == before
+    assert main(["list", "--keys-file", str(tmp_path / "nope.json")]) == 2
+    assert "API keys file not found" in capsys.readouterr().err
+
+
+def test_running_service_drops_a_revoked_key_and_keeps_keys_over_a_broken_file(
+    api_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "own_keys.json"  # not the session's keys file: this test revokes
+    decide = create_api_key(path, "platform", ["decide"])
+    admin = {"X-API-Key": create_api_key(path, "ops", ["admin"])}
+    body = {"customer": customer()}
+    settings = api_settings.model_copy(update={"api_keys_file": path})
+    with TestClient(create_app(settings)) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        ok = client.post("/v1/decisions", json=body, headers={"X-API-Key": decide})
+        assert ok.status_code == 200
+        service.refresh_api_keys()  # unchanged file: nothing read
+        revoke_api_key(path, decide.split("_")[1])
+        still = client.post("/v1/decisions", json=body, headers={"X-API-Key": decide})
+        assert still.status_code == 200  # not reloaded yet
+        service.refresh_api_keys()
+        gone = client.post("/v1/decisions", json=body, headers={"X-API-Key": decide})
+        assert gone.status_code == 401
+        assert client.post("/v1/decisions", json=body, headers=admin).status_code == 200
+
+        path.write_text("{broken")
+        with caplog.at_level(logging.ERROR):
+            service.refresh_api_keys()
+            service.refresh_api_keys()
+        assert caplog.text.count("API keys not reloaded") == 1  # logged once, not per check
+        assert client.post("/v1/decisions", json=body, headers=admin).status_code == 200

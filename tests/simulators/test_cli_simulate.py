@@ -77,6 +77,16 @@ def test_simulate_same_seed_same_kpis(tmp_path: Path) -> None:
     assert a == b
 
 
+def test_simulate_without_out_says_no_log_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, SMALL_RUN)
+    assert result.exit_code == 0, result.output
+    assert "no --out: the KPIs above only, no decision log written" in _flat(result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_simulate_uniform_policy_runs(tmp_path: Path) -> None:
     result = runner.invoke(app, [*SMALL_RUN, "--policy", "uniform", "--out", str(tmp_path / "u")])
     assert result.exit_code == 0, result.output

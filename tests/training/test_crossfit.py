@@ -120,7 +120,7 @@ def test_crossfit_reward_model_takes_the_evaluation_overrides(monkeypatch) -> No
     [
         (
             {"reward_model": {"hiden": 8}},
-            r"evaluation\.reward_model\.hiden: Extra inputs are not permitted",
+            r"evaluation\.reward_model\.hiden: unknown key",
         ),
         ({"reward_model": {"init_bias": True}}, "need target 'outcomes'"),
         ({"reward_model": {"epochs": 0}}, r"evaluation\.reward_model\.epochs: Input should be"),

@@ -89,7 +89,9 @@ def test_read_csv_decisions_non_numeric_list_refused(sim_log, catalog, tmp_path:
     assert info.value.column == "candidate_actions"
 
 
-def test_load_logged_bandit_missing_reward_refused(sim_log, catalog, tmp_path: Path) -> None:
+def test_load_logged_bandit_missing_reward_refused(
+    sim_log, catalog, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     table = read_decisions(sim_log).slice(0, 20)
     rewards = table.column("reward").to_pylist()
     rewards[3] = None
@@ -100,8 +102,10 @@ def test_load_logged_bandit_missing_reward_refused(sim_log, catalog, tmp_path: P
     with pytest.raises(DecisionLogError, match="1 of 20 decisions have no outcome"):
         load_logged_bandit(path, catalog.n_actions)
     assert load_logged_bandit(path, catalog.n_actions, require_reward=False).n_rounds == 20
+    assert "left out" not in caplog.text
     kept = load_logged_bandit(path, catalog.n_actions, drop_pending=True)
     assert kept.n_rounds == 19
+    assert f"{path}: 1 of 20 decisions have no outcome yet: left out" in caplog.text
     np.testing.assert_array_equal(
         kept.reward, np.delete(np.array([*rewards[:3], 0.0, *rewards[4:]]), 3)
     )

@@ -124,9 +124,9 @@ def test_promote_first_challenger_then_keeps_champion(trained_run) -> None:
 
 
 def test_promote_unknown_model_kept(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app, ["promote", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--model", "nope"]
-    )
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MlflowClient(uri).search_registered_models()  # a store, without the model
+    result = runner.invoke(app, ["promote", "--tracking-uri", uri, "--model", "nope"])
     assert result.exit_code == 1
     assert "no 'challenger' version" in result.output
 
@@ -554,7 +554,7 @@ def test_train_and_promote_unusable_tracking_uri_exit_2(sim_log, tmp_path: Path,
         assert result.exit_code == 2, result.output
         assert result.exception is None or isinstance(result.exception, SystemExit)
         flat = " ".join(result.output.split())
-        assert f"cannot {verb} tracking URI 'bogus://x' cannot be used" in flat
+        assert f"cannot {verb}: tracking URI 'bogus://x' cannot be used" in flat
 
 
 def test_evaluate_log_without_propensities_uses_dm_and_says_what_was_left_out(
@@ -602,3 +602,45 @@ def test_export_out_at_directory_or_below_file_refused(tmp_path: Path, catalog) 
         assert result.exit_code == 2, result.output
         assert reason in " ".join(result.output.split())
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_train_drop_pending_option_sets_the_config(sim_log, tmp_path: Path, monkeypatch) -> None:
+    import training.train as train_module
+
+    seen = []
+
+    def stop(config, *args, **kwargs):
+        seen.append(config.data.drop_pending)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(train_module, "run_training", stop)
+    config = str(write_config(tmp_path, sim_log))
+    for extra in ([], ["--drop-pending"]):
+        result = runner.invoke(app, ["train", "--config", config, *extra])
+        assert result.exit_code == 2 and "stopped before training" in result.output
+    assert seen == [False, True]
+
+
+def test_commands_that_read_a_registry_refuse_a_missing_sqlite_store(tmp_path: Path) -> None:
+    """MLflow would create an empty store at a mistyped path and answer "no such model": the
+    readers name the missing file instead, and create nothing."""
+    missing = tmp_path / "nope.db"
+    uri = f"sqlite:///{missing}"
+    promoted = runner.invoke(app, ["promote", "--tracking-uri", uri])
+    exported = runner.invoke(
+        app,
+        [
+            "export",
+            "--model",
+            "models:/nextbest@champion",
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--tracking-uri",
+            uri,
+        ],
+    )
+    for result in (promoted, exported):
+        assert result.exit_code == 2, result.output
+        flat = " ".join(result.output.split())
+        assert f"tracking URI '{uri}': no MLflow store at {missing}" in flat
+    assert not missing.exists()

@@ -1,0 +1,120 @@
+"""``nextbest serve`` checks its settings and configuration files before any worker starts:
+one line naming the variable or file and the reason, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+from nextbest.cli import app
+from serving.security import create_api_key
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict[str, Any]]:
+    """A clean ``NEXTBEST_`` environment, and ``uvicorn.run`` recording its calls instead of
+    serving (the list stays empty when ``serve`` stops before starting)."""
+    for name in [n for n in os.environ if n.upper().startswith("NEXTBEST_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("NEXTBEST_STATE_DIR", str(tmp_path / "state"))
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda target, **options: calls.append(options))
+    return calls
+
+
+def serve(*args: str) -> Any:
+    return runner.invoke(app, ["serve", "--model", "model.onnx", *args])
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("NEXTBEST_API_KEYS_FILE", "{tmp}/nope.json", "{tmp}/nope.json: API keys file not found"),
+        ("NEXTBEST_API_KEYS_FILE", "{tmp}/bad.json", "{tmp}/bad.json"),
+        ("NEXTBEST_CAMPAIGNS_PATH", "{tmp}/nope.yaml", "{tmp}/nope.yaml"),
+        ("NEXTBEST_RULES_PATH", "{tmp}/nope.yaml", "{tmp}/nope.yaml"),
+        ("NEXTBEST_CATALOG_DIR", "{tmp}", "{tmp}"),
+    ],
+)
+def test_a_bad_configuration_file_is_one_line_before_any_worker(
+    started: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    variable: str,
+    value: str,
+    expected: str,
+) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    result = serve()
+    assert result.exit_code == 2, result.output
+    assert "config error" in result.output
+    assert expected.format(tmp=tmp_path) in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert started == []
+    assert not (tmp_path / "state").exists()  # nothing written
+
+
+def test_bad_settings_name_the_environment_variables(
+    started: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEXTBEST_EPSILON", "2")
+    monkeypatch.setenv("NEXTBEST_MAX_BATCH", "many")
+    result = serve()
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "NEXTBEST_EPSILON=2: Input should be less than or equal to 1" in output
+    assert "NEXTBEST_MAX_BATCH=many: Input should be a valid integer" in output
+    assert started == []
+
+
+def test_unsafe_settings_name_their_variables_and_never_print_the_secret(
+    started: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEXTBEST_ENVIRONMENT", "production")
+    monkeypatch.setenv("NEXTBEST_PSEUDONYMISATION_KEY", "aaaaaaaaaaaaaaaaaaaaaaaa")
+    result = serve()
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "NEXTBEST_PSEUDONYMISATION_KEY has fewer than 8 distinct" in output
+    assert "NEXTBEST_API_KEYS_FILE is not set" in output
+    assert "NEXTBEST_DOCS=false" in output
+    assert "aaaaaaaa" not in output
+    assert started == []
+
+
+def test_a_misspelt_setting_is_named_with_the_one_it_resembles(
+    started: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NEXTBEST_EPSLION", "0.2")
+    monkeypatch.setenv("NEXTBEST_NOTEBOOK_DIR", str(tmp_path))  # the notebooks' own: not named
+    result = serve()
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "NEXTBEST_EPSLION (did you mean NEXTBEST_EPSILON?)" in output
+    assert "NOTEBOOK_DIR" not in output
+    assert len(started) == 1
+
+
+def test_serving_without_api_keys_says_authentication_is_off(
+    started: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    result = serve()
+    assert result.exit_code == 0, result.output
+    assert "authentication is off" in result.output
+    assert len(started) == 1
+
+    keys = tmp_path / "keys.json"
+    create_api_key(keys, "platform", ["decide"])
+    monkeypatch.setenv("NEXTBEST_API_KEYS_FILE", str(keys))
+    result = serve()
+    assert result.exit_code == 0, result.output
+    assert "authentication is off" not in result.output
+    assert len(started) == 2
