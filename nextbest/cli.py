@@ -28,6 +28,17 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(soft_wrap=True)
+PIPED_WIDTH = 200
+"""Columns a table may take when the output is not a terminal (a file, a pager, a test):
+rich would otherwise assume 80 and cut names short."""
+
+
+def _print_table(table: Table, min_width: int = 0) -> None:
+    """Print ``table`` as wide as the terminal (at least ``min_width``), or, piped, as wide
+    as it needs up to :data:`PIPED_WIDTH`."""
+    width = console.width if console.is_terminal else PIPED_WIDTH
+    Console(width=max(width, min_width)).print(table)
+
 
 SCENARIOS_DIR = DEFAULT_CATALOG_DIR.parent / "scenarios"
 DEFAULT_TRAINING_CONFIG = DEFAULT_CATALOG_DIR.parent / "training" / "neural_bandit_outcomes.yaml"
@@ -95,7 +106,7 @@ def catalog(
             ", ".join(offer.channels),
             f"{ids.min()}-{ids.max()}",
         )
-    console.print(table)
+    _print_table(table)
 
 
 @app.command(
@@ -118,6 +129,13 @@ def demo(
     (logging every decision), train a neural bandit on the log, evaluate it off-policy and
     register it in MLflow, show what the compliance rules allow and why not, then start the
     scoring service on the registered model, send it a few requests over HTTP and stop it."""
+    from training.tracking import tracking_client
+
+    try:  # before the simulation: a bad URI would only show after it
+        tracking_client(tracking_uri)
+    except ValueError as exc:
+        console.print(f"[bold red]bad --tracking-uri[/] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
     run_dir = out / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
     console.rule("[bold]nextbest demo 1/4: simulate the playbook")
     simulate(
@@ -132,14 +150,22 @@ def demo(
         rules_path=rules_path,
     )
     console.rule("[bold]nextbest demo 2/4: train, evaluate off-policy, register in MLflow")
-    train(
-        config=DEFAULT_TRAINING_CONFIG,
-        logs=run_dir / "logs",
-        tracking_uri=tracking_uri,
-        epochs=None,
-        export_dir=run_dir / "models",
-        catalog_dir=catalog_dir,
-    )
+    try:
+        train(
+            config=DEFAULT_TRAINING_CONFIG,
+            logs=run_dir / "logs",
+            tracking_uri=tracking_uri,
+            epochs=None,
+            export_dir=run_dir / "models",
+            catalog_dir=catalog_dir,
+        )
+    except typer.Exit as exc:
+        if exc.exit_code == 2:  # its config, catalogue and tracking URI are checked: the log
+            console.print(
+                "[yellow]the demo trains on the log it just simulated[/]: give it more "
+                f"--customers or --days (now {customers:,} and {days}; defaults 5,000 and 30)"
+            )
+        raise
     rules_demo(customers=customers, seed=seed, catalog_dir=catalog_dir, rules_path=rules_path)
     serving_demo(
         model="models:/nextbest@challenger",
@@ -186,7 +212,7 @@ def rules_demo(customers: int, seed: int, catalog_dir: Path, rules_path: Path) -
             f"{counts[rule.id] / total:.1%}",
             f"{customers_hit[rule.id]:,}",
         )
-    console.print(table)
+    _print_table(table)
 
     tiers = value_tier(batch["aum_cny"])
     by_tier = Table(title="Allowed contact actions per customer, by value tier")
@@ -518,7 +544,7 @@ def simulate(
         table.add_column(label, justify="left" if key == "segment" else "right")
     for row in rows:
         table.add_row(*[_fmt(key, row[key]) for key in headers])
-    Console(width=max(console.width, 130)).print(table)
+    _print_table(table, 130)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "kpis.json").write_text(
@@ -695,7 +721,7 @@ def _print_ope_table(title: str, rows: list[dict[str, float | str]], alpha: floa
             *(_number(row[key]) for key in ("value", "lower", "upper")),
             ess_text(float(row["ess"])),
         )
-    Console(width=max(console.width, 100)).print(table)
+    _print_table(table, 100)
 
 
 def _number(value: object) -> str:
@@ -797,7 +823,7 @@ def train(
                 f"{float(row.get('complaint_rate', float('nan'))):.4%}",
                 f"{float(row.get('contact_rate', float('nan'))):.1%}",
             )
-        console.print(truth)
+        _print_table(truth)
     thin = [row for row in result.evidence or [] if row["thin"]]
     if thin:
         listed = "; ".join(
@@ -841,8 +867,13 @@ def export(
     import onnx
 
     from nextbest.features import ContextEncoder
-    from nextbest.model_source import ModelSourceError, resolve_model, unwritable_directory
-    from nextbest.onnx_scoring import ModelSpecError, OnnxScorer, spec_path
+    from nextbest.model_source import (
+        ModelSourceError,
+        is_registry_uri,
+        resolve_model,
+        unwritable_directory,
+    )
+    from nextbest.onnx_scoring import SOURCE_KEY, ModelSpecError, OnnxScorer, spec_path
     from nextbest.synthetic import random_context_batch
 
     try:
@@ -882,7 +913,11 @@ def export(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # one self-contained file: registry artifacts may keep weights in external data files
-        onnx.save(onnx.load(str(resolved.path)), str(partial))
+        exported = onnx.load(str(resolved.path))
+        if is_registry_uri(model):  # where it came from, for the service that serves the file
+            source = exported.metadata_props.add()
+            source.key, source.value = SOURCE_KEY, resolved.version
+        onnx.save(exported, str(partial))
         partial.replace(out)  # atomic: a service watching the path never reads half a file
         spec_path(out).write_text(json.dumps(scorer.spec, indent=2))
     except OSError as exc:

@@ -29,6 +29,9 @@ SPEC_KEY = "nextbest.feature_spec"
 """Metadata property of the ONNX model that holds its feature spec (JSON)."""
 MODEL_KIND_KEY = "nextbest.model_kind"
 """Metadata property naming the learner that produced the model (``neural_bandit``, ...)."""
+SOURCE_KEY = "nextbest.exported_from"
+"""Metadata property of an exported model (``nextbest export``): the registered version it
+was exported from (``nextbest/3``), so a service serving the file can say which it is."""
 OPSET = 18
 
 
@@ -150,6 +153,8 @@ class OnnxScorer:
         else:
             raise ModelSpecError(f"{self.path}: no feature spec inside the model or beside it")
         self.model_kind = props.get(MODEL_KIND_KEY, "unknown")
+        self.exported_from: str | None = props.get(SOURCE_KEY)
+        """The registered version the file was exported from (:data:`SOURCE_KEY`), if any."""
 
     @property
     def spec_version(self) -> str:

@@ -36,7 +36,8 @@ class LoadedModel:
 
     scorer: OnnxScorer
     version: str
-    """``<name>/<version>`` for registry models, ``file:<sha256 prefix>`` for files."""
+    """``<name>/<version>`` for registry models, ``file:<sha256 prefix>`` for files, and
+    ``<name>/<version> (file:<sha256 prefix>)`` for a file ``nextbest export`` wrote."""
     uri: str
     loaded_at: datetime
 
@@ -128,7 +129,10 @@ class ModelStore:
                 f"{bool(np.isfinite(scores).all())}); the catalogue has {self.n_actions} actions"
             )
         self._file_stamp = stamp
-        return LoadedModel(scorer, resolved.version, self.uri, datetime.now(UTC))
+        version = resolved.version
+        if scorer.exported_from and not is_registry_uri(self.uri):  # nextbest export's file
+            version = f"{scorer.exported_from} ({version})"
+        return LoadedModel(scorer, version, self.uri, datetime.now(UTC))
 
     def changed(self) -> bool:
         """Whether ``uri`` now points at another model than the current one: the registry

@@ -25,13 +25,16 @@ block its customer's channel until then)."""
 
 DECISION_ID_PATTERN = r"^[0-9a-f]{32}$"
 
+_EXAMPLE_DAY = datetime.now(UTC).date()
+"""The schema's example customers are dated from the day the service started: an example
+assessed over a year ago would have every product blocked by the suitability rules."""
 EXAMPLE_CUSTOMER: dict[str, Any] = {
     "customer_id": "c-0001",
     "age": 34,
     "aum_cny": 250000.0,
     "income_band": "middle",
     "risk_tolerance": "C3",
-    "risk_assessed_on": "2025-11-02",
+    "risk_assessed_on": (_EXAMPLE_DAY - timedelta(days=60)).isoformat(),
     "lifecycle_stage": "growth",
     "tenure_months": 20,
     "app_logins_30d": 9,
@@ -41,7 +44,7 @@ EXAMPLE_CUSTOMER: dict[str, Any] = {
     "contact_history": {
         "contacts_7d": {"app_push": 1},
         "contacts_30d": {"app_push": 2, "sms": 1},
-        "last_contact_at": "2026-01-03T19:30:00+08:00",
+        "last_contact_at": f"{_EXAMPLE_DAY - timedelta(days=3)}T19:30:00+08:00",
     },
     "timezone": "Asia/Shanghai",
     "events": {"mortgage_page_views_7d": 0, "offer_views_30d": {"wealth_r2": 3}},
@@ -101,10 +104,11 @@ class DecisionRequest(_Options):
     explain: bool = False
     """Also return every blocked action with the rule that blocked it."""
 
-    @model_validator(mode="after")
-    def _assessed_in_the_past(self) -> DecisionRequest:
-        _check_assessment_dates([self.customer.risk_assessed_on], "customer")
-        return self
+    @field_validator("customer")
+    @classmethod
+    def _assessed_in_the_past(cls, customer: CustomerContext) -> CustomerContext:
+        _check_assessment_dates([customer.risk_assessed_on], "customer")
+        return customer
 
 
 class BatchDecisionRequest(_Options):
@@ -130,7 +134,10 @@ class BatchDecisionRequest(_Options):
                         "aum_cny": [250000.0, 1200000.0],
                         "income_band": ["middle", "high"],
                         "risk_tolerance": ["C3", None],
-                        "risk_assessed_on": ["2026-03-01", None],
+                        "risk_assessed_on": [
+                            (_EXAMPLE_DAY - timedelta(days=200)).isoformat(),
+                            None,
+                        ],
                         "lifecycle_stage": ["growth", "mature"],
                         "tenure_months": [40, 150],
                         "app_logins_30d": [12, 0],
@@ -160,15 +167,27 @@ class BatchDecisionRequest(_Options):
     (:class:`BatchDecisionColumnsResponse`: the same values, encoded in about half the time
     for a big batch)."""
 
+    @field_validator("customers")
+    @classmethod
+    def _customers_assessed_in_the_past(
+        cls, customers: list[CustomerContext] | None
+    ) -> list[CustomerContext] | None:
+        _check_assessment_dates([c.risk_assessed_on for c in customers or []], "customers")
+        return customers
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_assessed_in_the_past(
+        cls, columns: CustomerColumns | None
+    ) -> CustomerColumns | None:
+        _check_assessment_dates(columns.risk_assessed_on or [] if columns else [], "columns")
+        return columns
+
     @model_validator(mode="after")
     def _one_form(self) -> BatchDecisionRequest:
         if (self.customers is None) == (self.columns is None):
             got = "neither" if self.customers is None else "both"
             raise ValueError(f"exactly one of `customers` and `columns` is required, got {got}")
-        if self.columns is not None:
-            _check_assessment_dates(self.columns.risk_assessed_on or [], "columns")
-        else:
-            _check_assessment_dates([c.risk_assessed_on for c in self.customers or []], "customers")
         ids = self.customer_ids()
         if len(set(ids)) < len(ids):  # every copy would see the same contact history
             seen: dict[str, int] = {}

@@ -70,3 +70,33 @@ def test_check_bad_catalog_exits_2_naming_file_and_key(tmp_path: Path) -> None:
 def test_demo_negative_customers_refused() -> None:
     result = runner.invoke(app, ["demo", "--customers", "-5"])
     assert result.exit_code == 2
+
+
+def test_catalog_piped_keeps_names_whole() -> None:
+    """Piped to a file or a pager, the table is not cut to 80 columns (``wealth_…``)."""
+    result = runner.invoke(app, ["catalog"])
+    assert result.exit_code == 0, result.output
+    assert "wealth_r1" in result.output and "relationship_manager" in result.output
+    assert "…" not in result.output
+
+
+def test_demo_too_small_to_train_says_which_options_to_raise(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            *("demo", "--customers", "50", "--days", "3", "--out", str(tmp_path)),
+            *("--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "give it more --customers or --days (now 50 and 3" in flat
+
+
+def test_demo_bad_tracking_uri_refused_before_simulating(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["demo", "--customers", "50", "--out", str(tmp_path), "--tracking-uri", "bogus://x"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "bad --tracking-uri tracking URI 'bogus://x' cannot be used" in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing simulated

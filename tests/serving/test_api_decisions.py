@@ -429,3 +429,20 @@ def test_post_batch_columns_oversized_is_413(
         )
     assert response.status_code == 413
     assert response.json()["detail"] == "batch of 6 customers; at most 5 per request"
+
+
+def test_the_schema_examples_are_customers_a_rule_set_can_serve(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    """The OpenAPI examples are what a new user sends first: they must be accepted, and not
+    have every product blocked by an expired risk assessment (they are dated from the day
+    the service started)."""
+    components = api_client.get("/openapi.json").json()["components"]["schemas"]
+    (single,) = components["DecisionRequest"]["examples"]
+    decided = api_client.post("/v1/decisions", json=single, headers=auth["decide"])
+    assert decided.status_code == 200, decided.text
+    rules = {b["rule"] for b in decided.json()["blocked"]}
+    assert "suitability_no_assessment" not in rules and "suitability_risk" in rules
+    for body in components["BatchDecisionRequest"]["examples"]:
+        batch = api_client.post("/v1/decisions/batch", json=body, headers=auth["decide"])
+        assert batch.status_code == 200, batch.text

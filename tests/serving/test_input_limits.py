@@ -147,8 +147,10 @@ def test_risk_assessment_dated_in_the_future_is_422(
     single, batch = in_one_utc_hour(refused)
     assert single.status_code == 422
     assert "risk_assessed_on" in single.text and "in the future" in single.text
+    assert [e["loc"] for e in single.json()["detail"]] == [["body", "customer"]]
     assert batch.status_code == 422
     assert "row 1" in batch.text
+    assert [e["loc"] for e in batch.json()["detail"]] == [["body", "customers"]]
     tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
     ok = api_client.post(
         "/v1/decisions",

@@ -324,6 +324,18 @@ def test_export_registered_model_scores_like_the_run(trained_run, tmp_path: Path
     original = OnnxScorer(next((tmp / "models").glob("*.onnx")))
     context = np.random.default_rng(0).normal(size=(64, len(exported.spec["context_names"])))
     np.testing.assert_array_equal(exported.scores(context), original.scores(context))
+    # the file says where it came from; a service serving it reports that version
+    from serving.model_store import ModelStore
+
+    registry = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    version = f"nextbest/{registry.get_model_version_by_alias('nextbest', 'challenger').version}"
+    assert exported.exported_from == version and original.exported_from is None
+    served = ModelStore(str(target), n_actions=exported.scores(context).shape[1])
+    try:
+        assert served.current is not None
+        assert re.fullmatch(rf"{version} \(file:[0-9a-f]+\)", served.current.version)
+    finally:
+        served.close()
 
 
 def test_export_model_of_another_feature_spec_refused(tmp_path: Path, catalog) -> None:
