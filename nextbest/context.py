@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from nextbest.catalog import ActionCatalog
+from nextbest.timestamps import elapsed_float32
 
 RISK_TOLERANCES = ("C1", "C2", "C3", "C4", "C5")
 INCOME_BANDS = ("low", "middle", "high", "very_high")
@@ -472,10 +473,12 @@ def _frozen_column(name: str, values: Any, expected: tuple[int, ...]) -> np.ndar
     return arr
 
 
-def _elapsed(now_utc: datetime, then: datetime | None, unit_s: float) -> float:
+def _elapsed(now_utc: datetime, then: datetime | None, unit_s: float) -> np.float32:
+    """Time from ``then`` to ``now_utc`` in units of ``unit_s`` seconds, at least 0, rounded
+    down to float32 (:func:`~nextbest.timestamps.elapsed_float32`); inf if ``then`` is None."""
     if then is None:
-        return float("inf")
-    return max(0.0, (now_utc - then).total_seconds() / unit_s)
+        return np.float32(np.inf)
+    return elapsed_float32(max(0.0, (now_utc - then).total_seconds() / unit_s))  # type: ignore[no-any-return]
 
 
 _RANGES: dict[str, tuple[float, float]] = {

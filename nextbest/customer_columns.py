@@ -48,6 +48,7 @@ from nextbest.context import (
     require_aware,
     time_zone,
 )
+from nextbest.timestamps import elapsed_float32
 
 
 def _entry(model: type[BaseModel], name: str) -> Any:
@@ -559,7 +560,8 @@ def _time_since(
     times: list[datetime | None] | None, now_us: int, unit_s: float, n: int
 ) -> np.ndarray:
     """float32 (N,): time from ``times`` to ``now`` in units of ``unit_s`` seconds, clamped at
-    0, inf where the time is null (everywhere when the column is left out)."""
+    0 and rounded down (:func:`~nextbest.timestamps.elapsed_float32`), inf where the time is
+    null (everywhere when the column is left out)."""
     if times is None:
         return np.full(n, np.inf, np.float32)
     # pyarrow takes each aware datetime to UTC in C++ (with its utcoffset, fold included)
@@ -569,7 +571,7 @@ def _time_since(
     # as timedelta.total_seconds(): exact microseconds / 1e6, correctly rounded (a gap beyond
     # 2**53 us, 285 years, is rounded once more: within 1 float64 ulp, far below float32's)
     seconds = delta_us / 1e6
-    return np.where(known, np.maximum(seconds / unit_s, 0.0), np.inf).astype(np.float32)
+    return elapsed_float32(np.where(known, np.maximum(seconds / unit_s, 0.0), np.inf))
 
 
 def _membership(rows: list[list[str]] | None, index: Mapping[str, int], n: int) -> np.ndarray:

@@ -50,7 +50,7 @@ import numpy as np
 
 from nextbest.catalog import ActionCatalog
 from nextbest.context import ContactHistory, ContextBatch
-from nextbest.timestamps import epoch_us, from_epoch_us
+from nextbest.timestamps import elapsed_float32, epoch_us, from_epoch_us
 
 ContactKind = Literal["recommended", "delivered"]
 CONTACT_KINDS: tuple[ContactKind, ...] = ("recommended", "delivered")
@@ -65,6 +65,11 @@ HORIZON_SLACK_US = 1_000_000
 """A stored contact up to 1 s after the caller's last contact is taken as that same contact
 (the batch form carries the last contact as float32 hours since ``now``)."""
 _US_PER_HOUR = 3_600_000_000
+DST_MARGIN_HOURS = 1
+"""Added to a scheduled contact's latest send: the schedule counts local hours, and a
+daylight-saving change before the window's end (a fall-back night, in any zone, at whatever
+hour it falls) moves that end up to an hour later in UTC (30 minutes on Lord Howe Island).
+Without it the gap to the next contact would count from up to an hour too early."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,8 @@ class SendSchedule:
 
     hours_later: np.ndarray
     """int16 ``(A, 24, 7)``: whole hours from a decision at local hour ``h`` on weekday ``d``
-    (0 = Monday) to the end of the action's next sending window; 0 for an immediate action
-    (and no contact)."""
+    (0 = Monday) to the end of the action's next sending window, plus :data:`DST_MARGIN_HOURS`;
+    0 for an immediate action (and no contact)."""
 
     @classmethod
     def of(cls, catalog: ActionCatalog) -> SendSchedule:
@@ -181,7 +186,7 @@ class SendSchedule:
             if saturday_only:
                 to_saturday = (5 - weekday) % 7
                 days = np.where((to_saturday == 0) & (days == 1), 7, to_saturday)
-            later = np.broadcast_to(days * 24 + end_hour - hour, (24, 7))
+            later = np.broadcast_to(days * 24 + end_hour - hour + DST_MARGIN_HOURS, (24, 7))
             slots.append(np.zeros((24, 7), np.int64) if end_hour < 0 else later)
         by_slot = np.stack(slots).astype(np.int16)
         contact = catalog.timing_index >= 0
@@ -196,8 +201,9 @@ class SendSchedule:
         epoch, int64 ``(n,)``: now for an immediate action, else the end of its next
         sending window in the customer's local time.
 
-        Whole hours are added to ``now``, whose minutes are kept: up to an hour past the
-        window's end, never before it.
+        Whole hours are added to ``now``, whose minutes are kept, and an hour more for a
+        daylight-saving change before the window ends (:data:`DST_MARGIN_HOURS`): up to two
+        hours past the window's end, never before it.
 
         Parameters
         ----------
@@ -398,7 +404,7 @@ def merge_into_batch(
         contacts_30d=c30,
         contacts_7d_total=c7.sum(axis=1),
         contacts_30d_total=c30.sum(axis=1),
-        hours_since_last_contact=np.minimum(hours, stored_hours),
+        hours_since_last_contact=elapsed_float32(np.minimum(hours, stored_hours)),
     )
 
 

@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from nextbest.context import ContactHistory, ContextBatch, parse_customer
 from nextbest.privacy import pseudonymise_many
 from nextbest.timestamps import epoch_us
 from serving.contact_history import (
+    DST_MARGIN_HOURS,
     ContactBatch,
     ContactEvents,
     ContactStore,
@@ -653,7 +655,31 @@ def test_a_scheduled_contact_may_be_sent_until_the_end_of_its_next_window(
     action = next(a for a in catalog.actions if a.channel == "sms" and a.timing == timing)
     schedule = SendSchedule.of(catalog)
     at = schedule.latest_send_us(np.array([action.id]), NOW, np.array([hour]), np.array([weekday]))
-    assert int(at[0]) == epoch_us(NOW) + hours_later * 3_600_000_000
+    margin = 0 if timing == "now" else DST_MARGIN_HOURS  # a daylight-saving change meanwhile
+    assert int(at[0]) == epoch_us(NOW) + (hours_later + margin) * 3_600_000_000
+
+
+@pytest.mark.parametrize(
+    ("zone", "decided", "timing", "window_end"),
+    [  # fall-back nights: the window's end comes an hour later in UTC than at the decision
+        ("America/New_York", datetime(2027, 11, 6, 22, 0), "morning", datetime(2027, 11, 7, 11)),
+        ("Europe/London", datetime(2027, 10, 30, 22, 0), "morning", datetime(2027, 10, 31, 11)),
+        ("Australia/Lord_Howe", datetime(2027, 4, 3, 22, 0), "morning", datetime(2027, 4, 4, 11)),
+        ("America/New_York", datetime(2027, 11, 6, 13, 30), "weekend", datetime(2027, 11, 13, 12)),
+        ("America/New_York", datetime(2027, 3, 13, 22, 0), "morning", datetime(2027, 3, 14, 11)),
+    ],
+)
+def test_a_scheduled_contact_is_never_counted_before_its_window_ends_across_dst(
+    catalog: ActionCatalog, zone: str, decided: datetime, timing: str, window_end: datetime
+) -> None:
+    tz = ZoneInfo(zone)
+    now = decided.replace(tzinfo=tz)
+    action = next(a for a in catalog.actions if a.channel == "sms" and a.timing == timing)
+    at = SendSchedule.of(catalog).latest_send_us(
+        np.array([action.id]), now, np.array([now.hour]), np.array([now.weekday()])
+    )
+    end = epoch_us(window_end.replace(tzinfo=tz))
+    assert end <= int(at[0]) <= end + 2 * 3_600_000_000
 
 
 def test_a_scheduled_contact_gaps_count_from_its_latest_send_its_counts_do_not_move() -> None:
