@@ -236,7 +236,8 @@ class ContactEvents:
     latest_us : int64 ``(m,)``
         The latest the contact may be sent: ``at_us`` unless a recommendation was scheduled
         for a later window (then that window's end, until its delivery is reported). Gaps
-        count from it; windows and counts from ``at_us``. Default: ``at_us``.
+        count from it, and a contact counts towards a window's cap while it may still be
+        sent within it. Default: ``at_us``.
     position : int or None
         The store's position when it was read (opaque; for SQLite the last row id): give it
         to :meth:`ContactStore.record_if_unchanged` with the contacts decided on these
@@ -294,13 +295,15 @@ class ContactStore(Protocol):
         ...
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
-        """Stored contacts of ``customer_keys`` ``(n,)`` later than ``since_us``, with the
-        contacts this store was given to record and has not committed yet (a decision must
-        see every contact decided before it), and the store's position."""
+        """Stored contacts of ``customer_keys`` ``(n,)`` that may be sent later than
+        ``since_us`` (by their latest time), with the contacts this store was given to
+        record and has not committed yet (a decision must see every contact decided before
+        it), and the store's position."""
         ...
 
     def prune(self, before_us: int) -> Future[int]:
-        """Delete contacts older than ``before_us``; the future gives the rows deleted."""
+        """Delete contacts older than ``before_us`` (by the latest they may be sent); the
+        future gives the rows deleted."""
         ...
 
     def close(self) -> None:
@@ -355,7 +358,8 @@ def merge_contact_counts(
         (contacts_7d, WINDOWS["contacts_7d"]),
         (contacts_30d, WINDOWS["contacts_30d"]),
     ):
-        inside = at > now_us - window // timedelta(microseconds=1)
+        # a scheduled contact counts while it may still be sent within the window
+        inside = latest > now_us - window // timedelta(microseconds=1)
         known = np.bincount(cell[inside & ~after], minlength=n * c).reshape(n, c)
         extra = np.bincount(cell[inside & after], minlength=n * c).reshape(n, c)
         merged.append((np.maximum(request, known) + extra).astype(np.float32))

@@ -211,7 +211,9 @@ def _lookup_sql(n_codes: int) -> str:
         "|| ',' || coalesce(c.latest_us, c.at_us)) "
         "FROM json_each(?1) AS k JOIN contact_events AS c "
         # a code added since this store opened (another catalogue's channel): left out
-        f"ON c.customer = k.value AND c.at_us > ?2 AND c.channel < {n_codes}"
+        # a scheduled contact counts while it may still be sent (coalesce: its latest time)
+        f"ON c.customer = k.value AND coalesce(c.latest_us, c.at_us) > ?2 "
+        f"AND c.channel < {n_codes}"
     )
 
 
@@ -277,9 +279,9 @@ class _StoredRows:
 
 
 def _events_of(keys: np.ndarray, pending: list[_StoredRows], since_us: int) -> ContactEvents:
-    """The contacts of ``pending`` writes after ``since_us`` as events of the looked-up
-    customers ``keys`` (store keys ``(n,)``; a customer listed twice gets its contacts
-    twice, once per row)."""
+    """The contacts of ``pending`` writes that may be sent after ``since_us``, as events of
+    the looked-up customers ``keys`` (store keys ``(n,)``; a customer listed twice gets its
+    contacts twice, once per row)."""
     customer = np.concatenate([p.customer for p in pending])
     at_us = np.concatenate([p.at_us for p in pending])
     # each pending contact's range of rows among the sorted keys (empty: not looked up)
@@ -287,7 +289,7 @@ def _events_of(keys: np.ndarray, pending: list[_StoredRows], since_us: int) -> C
     ordered = keys[order]
     first = np.searchsorted(ordered, customer, "left")
     counts = np.searchsorted(ordered, customer, "right") - first
-    counts[at_us <= since_us] = 0
+    counts[np.concatenate([p.latest_us for p in pending]) <= since_us] = 0
     contact = np.repeat(np.arange(len(customer)), counts)
     within = np.arange(len(contact)) - np.repeat(np.cumsum(counts) - counts, counts)
     return ContactEvents(
@@ -691,7 +693,8 @@ class SqliteContactStore:
         return self.contacts(customer_keys, epoch_us(now - LONGEST_WINDOW))
 
     def prune(self, before_us: int) -> Future[int]:
-        """Delete contacts older than ``before_us``; the future gives the rows deleted.
+        """Delete contacts older than ``before_us`` (by the latest they may be sent); the
+        future gives the rows deleted.
 
         Walks the table in rowid chunks, one short transaction each, so writers of other
         processes never wait long. The last row is never deleted: SQLite gives a new row the
@@ -705,7 +708,8 @@ class SqliteContactStore:
             def delete(conn: sqlite3.Connection) -> int | None:
                 nonlocal deleted
                 deleted += conn.execute(
-                    "DELETE FROM contact_events WHERE rowid >= ? AND rowid < ? AND at_us < ? "
+                    "DELETE FROM contact_events WHERE rowid >= ? AND rowid < ? "
+                    "AND coalesce(latest_us, at_us) < ? "
                     "AND rowid < (SELECT max(rowid) FROM contact_events)",
                     (start, start + _PRUNE_CHUNK_ROWS, int(before_us)),
                 ).rowcount

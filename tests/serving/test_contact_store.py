@@ -985,3 +985,47 @@ def test_one_customer_merge_keeps_the_latest_send_time() -> None:
     )
     assert merged.contacts_7d == {"sms": 1}
     assert merged.last_contact_at is not None and epoch_us(merged.last_contact_at) == latest
+
+
+def test_a_scheduled_contact_counts_towards_a_cap_while_it_may_still_be_sent() -> None:
+    """A weekend call decided last Monday may go out on Saturday: this Monday, 7 days after
+    the decision, it still counts in the 7-day window (it would not by its decision time),
+    and two days later it no longer does."""
+    decided = epoch_us(ago(days=7, hours=1))
+    latest = epoch_us(ago(days=2))  # Saturday's window end
+    sms = CHANNELS.index("sms")
+    none = np.zeros((1, len(CHANNELS)))
+    events = _scheduled_sms(decided, latest)
+    c7, c30, _ = merge_contact_counts(none, none, np.array([-np.inf]), events, epoch_us(NOW))
+    assert (c7[0, sms], c30[0, sms]) == (1, 1)
+    later = epoch_us(NOW + timedelta(days=5, hours=1))
+    c7, c30, _ = merge_contact_counts(none, none, np.array([-np.inf]), events, later)
+    assert (c7[0, sms], c30[0, sms]) == (0, 1)
+
+
+def test_the_store_finds_and_keeps_a_contact_while_it_may_still_be_sent(
+    store: SqliteContactStore,
+) -> None:
+    """Read back and pruned by the latest time it may be sent, not by its decision time:
+    pending in this store, committed, and after a prune."""
+    batch = ContactBatch(
+        ["late"],
+        ["cust_a"],
+        ["sms"],
+        [None],
+        epoch_us(ago(days=31)),
+        "recommended",
+        latest_us=np.array([epoch_us(ago(days=25))]),
+    )
+    window_start = epoch_us(ago(days=30))
+    gate = threading.Event()
+    store._writer.submit(lambda conn: gate.wait(10))  # hold the writer: the contact pends
+    written = store.record(batch)
+    assert len(store.contacts(["cust_a"], window_start).row) == 1  # pending
+    gate.set()
+    written.result()
+    assert len(store.contacts(["cust_a"], window_start).row) == 1  # committed
+    store.record(contacts(["last"], "sms", ago())).result()  # the prune keeps the last row
+    assert store.prune(window_start).result() == 0
+    assert len(store.contacts(["cust_a"], window_start).row) == 2
+    assert store.prune(epoch_us(ago(days=24))).result() == 1
