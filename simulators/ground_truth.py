@@ -25,6 +25,7 @@ from pydantic import Field
 
 from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
+from nextbest.compliance.reference import reference_rule
 from nextbest.config_loading import StrictModel, content_hash, load_model
 from nextbest.context import ContextBatch
 from nextbest.features import ContextEncoder
@@ -39,6 +40,10 @@ ORACLE = "myopic_oracle"
 POLICY_COLUMNS = ("value", "complaint", "conversion", "contact")
 """What :func:`replay_truth` records of every policy at every row."""
 CHUNK_ROWS = 8192
+REFERENCE_ROWS = 1_000
+"""Evaluated decisions (spread over the replay) at which each policy's most likely action
+is checked by the rules' reference semantics as well (:func:`reference_rule`: plain loops,
+independent of the rule engine's tables): ~0.1 ms a decision and policy."""
 """Decision points per ground-truth chunk (bounds memory: ~10 arrays of (chunk, A) floats)."""
 
 TargetPolicy = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -187,6 +192,10 @@ class TruthTable:
         The same KPIs of the oracle's action (contact: 1 if it contacts the customer).
     segment : int ``(m,)``, index into ``BEHAVIOURAL_SEGMENTS``
     blocked_mass : float64 ``(P,)``, total probability each policy put on blocked actions
+    reference_blocked : int64 ``(P,)``
+        Of the ``reference_checked`` decisions, how many times the policy's most likely
+        action is blocked by the rules' reference semantics (not by the engine).
+    reference_checked : int
     """
 
     policies: tuple[str, ...]
@@ -200,6 +209,8 @@ class TruthTable:
     oracle_contact: np.ndarray
     segment: np.ndarray
     blocked_mass: np.ndarray
+    reference_blocked: np.ndarray
+    reference_checked: int
 
     @property
     def n_rows(self) -> int:
@@ -221,6 +232,7 @@ class TruthTable:
                     "conversion_rate": float(self.conversion[:, j].mean()),
                     "contact_rate": float(self.contact[:, j].mean()),
                     "blocked_mass": float(self.blocked_mass[j]),
+                    "reference_blocked": int(self.reference_blocked[j]),
                 }
             )
         rows.append(
@@ -233,6 +245,7 @@ class TruthTable:
                 "conversion_rate": float(self.oracle_conversion.mean()),
                 "contact_rate": float(self.oracle_contact.mean()),
                 "blocked_mass": 0.0,
+                "reference_blocked": 0,
             }
         )
         return rows
@@ -304,10 +317,13 @@ def replay_truth(
         )
     }
     blocked = np.zeros(len(names))
+    reference_blocked = np.zeros(len(names), np.int64)
+    stride = max(1, int(rows.sum()) // REFERENCE_ROWS)
+    evaluated = 0  # decisions evaluated so far: every stride-th is checked by reference
     offset = 0
 
     def collect(customers: np.ndarray, batch: ContextBatch, allowed: np.ndarray) -> None:
-        nonlocal offset
+        nonlocal offset, evaluated
         start, offset = offset, offset + len(customers)
         if offset > len(rows):
             raise ValueError(f"replay made more decisions than the log's {len(rows)} rows")
@@ -325,12 +341,20 @@ def replay_truth(
                     "match its simulation recipe"
                 )
             mask = allowed[local]
+            checked = np.flatnonzero((evaluated + np.arange(len(local))) % stride == 0)
+            evaluated += len(local)
+            reference_rows = [sub.row(int(i)) for i in checked]
             outcome = sim.expected_outcome(customers[local][:, None], all_actions)
             q = outcome.expected_reward.astype(np.float64)
             cols = {k: np.empty((len(local), len(names))) for k in POLICY_COLUMNS}
             for j, name in enumerate(names):
                 dist = np.asarray(policies[name](log_rows, context, mask), np.float64)
                 blocked[j] += float(dist[~mask].sum())
+                top = dist[checked].argmax(axis=1)
+                reference_blocked[j] += sum(
+                    reference_rule(engine.ruleset, row, int(a)) is not None
+                    for row, a in zip(reference_rows, top, strict=True)
+                )
                 cols["value"][:, j] = (dist * q).sum(axis=1)
                 cols["complaint"][:, j] = (dist * outcome.complaint).sum(axis=1)
                 cols["conversion"][:, j] = (dist * outcome.convert).sum(axis=1)
@@ -371,4 +395,6 @@ def replay_truth(
         oracle_contact=stack("oracle_contact", (0,)),
         segment=stack("segment", (0,)).astype(np.int64),
         blocked_mass=blocked,
+        reference_blocked=reference_blocked,
+        reference_checked=len(range(0, evaluated, stride)),
     )

@@ -33,7 +33,15 @@ CHAMPION_TAG = "champion.version"
 CHAMPION_UNEVALUATED_TAG = "champion.unevaluated"
 """Why the run could not evaluate the champion on its held-out decisions."""
 COMPLIANCE_METRIC = "compliance/blocked_actions_chosen"
-"""Chosen actions the rules block, on the run's held-out decisions (must be 0)."""
+"""Chosen actions the rules block, on the run's held-out decisions (must be 0): by the log's
+candidate masks and, for a simulated log, by the current rules on the replayed customers
+(the engine's mask, and the rules' reference semantics at a sample of decisions)."""
+REFERENCE_CHECKED_METRIC = "compliance/reference_checked"
+"""Held-out decisions at which the policy's action was checked by the rules' reference
+semantics (:data:`simulators.ground_truth.REFERENCE_ROWS`; simulated logs only)."""
+RULESET_MISMATCH_TAG = "compliance.ruleset_mismatch"
+"""Set when the log's masks were made by another rule set than the run's: the log's rule set
+version and the run's."""
 LOGGING_METRIC = "ope/logging/dr/value"
 """What runs today, estimated in the same run: the bar when there is no champion yet."""
 LOGGED_REWARD_METRIC = "eval/holdout_mean_reward"

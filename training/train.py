@@ -4,6 +4,7 @@ decisions, export it to ONNX and track everything in MLflow."""
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from training.tracking import (
     CHAMPION_UNEVALUATED_TAG,
     COMPLIANCE_METRIC,
     LOGGED_REWARD_METRIC,
+    REFERENCE_CHECKED_METRIC,
+    RULESET_MISMATCH_TAG,
     data_fingerprint,
     flatten,
     register_onnx,
@@ -55,6 +58,8 @@ from training.tracking import (
 )
 from training.vw_bandit import MODEL_KIND as VW_MODEL_KIND
 from training.vw_bandit import check_vw_inputs, train_vw_bandit, vw_arguments
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -377,7 +382,15 @@ def run_training(
         chosen = target.argmax(axis=1)
         violations = int((~holdout.candidates[np.arange(holdout.n_rounds), chosen]).sum())
         violations += int((target * ~holdout.candidates).sum() > 1e-9)
-        mlflow.log_metric(COMPLIANCE_METRIC, violations)
+        if engine is not None and log.ruleset_version != engine.version:
+            # the log's masks are another rule set's: checked against them only
+            mlflow.set_tag(RULESET_MISMATCH_TAG, f"{log.ruleset_version} != {engine.version}")
+            _logger.warning(
+                "the log's candidate masks were made by rule set %s, not the current %s: the "
+                "compliance check on them is not a check against the current rules",
+                log.ruleset_version,
+                engine.version,
+            )
         evidence = choice_evidence(train, target, catalog)
         mlflow.log_dict(evidence.rows, "choice_evidence.json")
         if np.isfinite(evidence.thin_share):
@@ -435,6 +448,13 @@ def run_training(
                 )
             mlflow.log_dict(truth.summary(), "ground_truth.json")
             mlflow.log_dict(truth.by_segment(), "ground_truth_by_segment.json")
+            # the current rules on the replayed customers, by the engine and, at a sample of
+            # decisions, by the rules' reference semantics: neither trusts the log's masks
+            model = truth.policies.index("model")
+            violations += int(truth.blocked_mass[model] > 1e-9)
+            violations += int(truth.reference_blocked[model])
+            mlflow.log_metric(REFERENCE_CHECKED_METRIC, truth.reference_checked)
+        mlflow.log_metric(COMPLIANCE_METRIC, violations)
         _log_plots(
             rows, truth, fitted.history, holdout, chosen, catalog, encoder, config.evaluation.alpha
         )

@@ -14,6 +14,18 @@ from nextbest.compliance.engine import ALLOWED
 from nextbest.compliance.rules import RuleSet
 
 
+def reference_rule(ruleset: RuleSet, row: dict[str, Any], action: int) -> int | None:
+    """Index of the first rule of ``ruleset`` that blocks ``action`` for one customer
+    (``ContextBatch.row``), by plain loops; None if no rule does (the no-contact action,
+    id 0, is never blocked)."""
+    if action == 0:
+        return None
+    for rule in ruleset.rules:
+        if all(cond.holds(row, action) for cond in rule.conditions):
+            return rule.index
+    return None
+
+
 def reference_blocked_by(ruleset: RuleSet, row: dict[str, Any]) -> np.ndarray:
     """First blocking rule per action for one customer (``ContextBatch.row``), by plain loops.
 
@@ -22,11 +34,9 @@ def reference_blocked_by(ruleset: RuleSet, row: dict[str, Any]) -> np.ndarray:
     ndarray of uint8, shape (A,)
         Rule index, or ``ALLOWED`` (the no-contact action is never blocked).
     """
-    n_actions = ruleset.catalog.n_actions
-    out = np.full(n_actions, ALLOWED, np.uint8)
-    for action in range(1, n_actions):
-        for rule in ruleset.rules:
-            if all(cond.holds(row, action) for cond in rule.conditions):
-                out[action] = rule.index
-                break
+    out = np.full(ruleset.catalog.n_actions, ALLOWED, np.uint8)
+    for action in range(1, ruleset.catalog.n_actions):
+        rule = reference_rule(ruleset, row, action)
+        if rule is not None:
+            out[action] = rule
     return out

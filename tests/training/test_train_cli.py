@@ -239,6 +239,9 @@ def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path) -> No
         assert value <= oracle + 1e-9, policy  # nothing beats the best allowed action
         assert metrics[f"truth/{policy}/regret"] == pytest.approx(oracle - value)
         assert metrics[f"truth/{policy}/blocked_mass"] == 0.0
+        assert metrics[f"truth/{policy}/reference_blocked"] == 0.0
+    assert metrics["compliance/blocked_actions_chosen"] == 0.0
+    assert 0 < metrics["compliance/reference_checked"] <= 1_000  # spread over the replay
     assert metrics["truth/no_contact/value"] == 0.0
     # the oracle's own KPIs, not only its value
     assert 0 < metrics["truth/myopic_oracle/contact_rate"] <= 1
@@ -656,3 +659,54 @@ def test_commands_that_read_a_registry_refuse_a_missing_sqlite_store(tmp_path: P
         flat = " ".join(result.output.split())
         assert f"tracking URI '{uri}': no MLflow store at {missing}" in flat
     assert not missing.exists()
+
+
+def test_a_rule_engine_that_blocks_nothing_is_caught_by_the_reference_check(
+    catalog, engine, tmp_path: Path, monkeypatch
+) -> None:
+    """A bypassed mask (the engine allowing everything) makes a log, a replay and a policy
+    that agree with each other: only the rules' reference semantics, checked at a sample
+    of the replayed decisions, see the blocked actions, and the run fails its compliance
+    check (exit 1), so promote would refuse it."""
+    from nextbest.compliance import RuleEngine
+    from nextbest.compliance.engine import ALLOWED
+    from simulators.ground_truth import SimulationRecipe, simulate_log
+
+    def allow_everything(self, batch):
+        return np.full((len(batch), self.n_actions), ALLOWED, np.uint8)
+
+    monkeypatch.setattr(RuleEngine, "blocked_by", allow_everything)
+    out = tmp_path / "log"
+    recipe = SimulationRecipe.create(
+        Path("configs/scenarios/retail_bank.yaml"), 800, 4, "playbook", 0.3, 43, catalog, engine
+    )
+    simulate_log(recipe, catalog, engine, out)
+    result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, out))])
+    assert result.exit_code == 1, result.output
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(client.get_model_version_by_alias("nextbest", "challenger").run_id)
+    assert run.data.metrics["truth/model/blocked_mass"] == 0.0  # the engine sees nothing
+    assert run.data.metrics["truth/model/reference_blocked"] > 0
+    assert run.data.metrics["compliance/blocked_actions_chosen"] > 0
+
+
+def test_a_log_of_another_rule_set_is_tagged_and_said(
+    sim_log, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nextbest.decision_log import read_decisions
+
+    table = read_decisions(sim_log)
+    column = table.schema.get_field_index("ruleset_version")
+    table = table.set_column(column, "ruleset_version", pa.array(["older"] * table.num_rows))
+    pq.write_table(table, tmp_path / "log.parquet")
+    result = runner.invoke(
+        app, ["train", "--config", str(write_config(tmp_path, tmp_path / "log.parquet"))]
+    )
+    assert result.exit_code == 0, result.output
+    assert "made by rule set older, not the current" in caplog.text
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(client.get_model_version_by_alias("nextbest", "challenger").run_id)
+    assert run.data.tags["compliance.ruleset_mismatch"].startswith("older != ")
