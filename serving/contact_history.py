@@ -65,11 +65,6 @@ HORIZON_SLACK_US = 1_000_000
 """A stored contact up to 1 s after the caller's last contact is taken as that same contact
 (the batch form carries the last contact as float32 hours since ``now``)."""
 _US_PER_HOUR = 3_600_000_000
-DST_MARGIN_HOURS = 1
-"""Added to a scheduled contact's latest send: the schedule counts local hours, and a
-daylight-saving change before the window's end (a fall-back night, in any zone, at whatever
-hour it falls) moves that end up to an hour later in UTC (30 minutes on Lord Howe Island).
-Without it the gap to the next contact would count from up to an hour too early."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +136,8 @@ class ContactBatch:
         at : datetime
             Decision time (timezone-aware).
         latest_us : int64 ``(n,)``, optional
-            The latest each contact may be sent (:meth:`SendSchedule.latest_send_us`).
+            The latest each contact may be sent
+            (:meth:`nextbest.send_schedule.SendSchedule.latest_send_us`).
         """
         actions = np.asarray(action, np.intp)
         channel_index = catalog.channel_index[actions]
@@ -159,62 +155,6 @@ class ContactBatch:
             kind="recommended",
             latest_us=None if latest_us is None else np.asarray(latest_us, np.int64)[rows],
         )
-
-
-@dataclass(frozen=True)
-class SendSchedule:
-    """When a recommended contact is sent at the latest, by action (build once per catalogue
-    with :meth:`of`)."""
-
-    hours_later: np.ndarray
-    """int16 ``(A, 24, 7)``: whole hours from a decision at local hour ``h`` on weekday ``d``
-    (0 = Monday) to the end of the action's next sending window, plus :data:`DST_MARGIN_HOURS`;
-    0 for an immediate action (and no contact)."""
-
-    @classmethod
-    def of(cls, catalog: ActionCatalog) -> SendSchedule:
-        """The schedule of every action of ``catalog``: today's window if it has not ended,
-        else tomorrow's, or the next Saturday's for a weekend slot."""
-        timing = catalog.timing
-        end = np.array([-1 if t.immediate else int(t.end_hour or 0) for t in timing], np.int64)
-        weekend = np.array([t.weekend for t in timing], bool)
-        hour = np.arange(24)[:, None]
-        weekday = np.arange(7)[None, :]
-        slots = []
-        for end_hour, saturday_only in zip(end.tolist(), weekend.tolist(), strict=True):
-            days = (hour >= end_hour).astype(np.int64)  # today's window has ended
-            if saturday_only:
-                to_saturday = (5 - weekday) % 7
-                days = np.where((to_saturday == 0) & (days == 1), 7, to_saturday)
-            later = np.broadcast_to(days * 24 + end_hour - hour + DST_MARGIN_HOURS, (24, 7))
-            slots.append(np.zeros((24, 7), np.int64) if end_hour < 0 else later)
-        by_slot = np.stack(slots).astype(np.int16)
-        contact = catalog.timing_index >= 0
-        table = by_slot[np.maximum(catalog.timing_index, 0)]
-        table[~contact] = 0
-        return cls(table)
-
-    def latest_send_us(
-        self, action: np.ndarray, now: datetime, local_hour: np.ndarray, local_weekday: np.ndarray
-    ) -> np.ndarray:
-        """When each recommended contact is sent at the latest, microseconds since the
-        epoch, int64 ``(n,)``: now for an immediate action, else the end of its next
-        sending window in the customer's local time.
-
-        Whole hours are added to ``now``, whose minutes are kept, and an hour more for a
-        daylight-saving change before the window ends (:data:`DST_MARGIN_HOURS`): up to two
-        hours past the window's end, never before it.
-
-        Parameters
-        ----------
-        action : int ``(n,)``
-        now : datetime
-            Decision time (timezone-aware).
-        local_hour, local_weekday : int ``(n,)``
-            The customers' local hour (0..23) and weekday (0 = Monday) at ``now``.
-        """
-        hours = self.hours_later[action, local_hour, local_weekday].astype(np.int64)
-        return epoch_us(now) + hours * _US_PER_HOUR
 
 
 @dataclass(frozen=True)
@@ -480,7 +420,6 @@ __all__ = [
     "ContactConflictError",
     "ContactEvents",
     "ContactStore",
-    "SendSchedule",
     "merge_contact_counts",
     "merge_contact_history",
     "merge_into_batch",

@@ -48,6 +48,7 @@ from nextbest.rewards import (
     RewardTimeError,
     UnknownDecisionError,
 )
+from nextbest.send_schedule import SendSchedule
 from nextbest.timestamps import epoch_us
 from serving import metrics
 from serving.campaigns import Campaigns, load_campaigns
@@ -56,7 +57,6 @@ from serving.contact_history import (
     ContactBatch,
     ContactConflictError,
     ContactStore,
-    SendSchedule,
     merge_into_batch,
 )
 from serving.decision_engine import DecisionEngine, Decisions, pick

@@ -36,7 +36,8 @@ class Population:
     dishonest_debtor: np.ndarray  # (N,) bool
     opted_out_all: np.ndarray  # (N,) bool
     days_since_complaint: np.ndarray  # (N,) float32, inf = never
-    last_contact_hour: np.ndarray  # (N,) float64, simulation hour of the last contact, -inf
+    last_contact_hour: np.ndarray  # (N,) float64, simulation hour the last contact goes out
+    # at the latest (its sending window's end: may lie ahead), -inf
     mortgage_page_views_7d: np.ndarray  # (N,) float32
     offer_views_30d: np.ndarray  # (N, O) float32 product-page views per offer, last 30 days
     usual_login_hour: np.ndarray  # (N,) int8 usual local app-login hour, -1 without logins

@@ -20,6 +20,7 @@ from nextbest.catalog import ActionCatalog
 from nextbest.compliance import ALLOWED, RuleEngine
 from nextbest.context import ContextBatch
 from nextbest.rewards import reward_cny
+from nextbest.send_schedule import SendSchedule
 from simulators.population import CONTACT_WINDOW_DAYS, Population, sample_population
 from simulators.response import Outcome, ResponseModel, outcome_probabilities
 from simulators.scenario import Scenario
@@ -110,6 +111,7 @@ class BatchSimulator:
         gains = scenario.reward.aum_gain_cny
         self._aum_gain = np.array([gains.get(o.family, 0.0) for o in catalog.offers])
         self._renewal = self.model.renewal_offers
+        self._schedule = SendSchedule.of(catalog)
         self._capacity = {
             i: ch.daily_capacity * n_customers / scenario.bank_customers
             for i, ch in enumerate(catalog.channels)
@@ -151,7 +153,8 @@ class BatchSimulator:
         p = self.pop
         hour = self.hour[customers]
         now_hours = self.day * 24.0 + hour
-        since_contact = now_hours - p.last_contact_hour[customers]
+        # 0 while a scheduled contact may still go out (the service clamps the same way)
+        since_contact = np.maximum(now_hours - p.last_contact_hour[customers], 0.0)
         c7 = p.contacts_7d[customers]
         c30 = p.contacts_30d[customers]
         return ContextBatch.from_columns(
@@ -324,7 +327,10 @@ class BatchSimulator:
         np.add.at(p.contact_ring[slot], (who, chan), 1)
         np.add.at(p.contacts_7d, (who, chan), 1)
         np.add.at(p.contacts_30d, (who, chan), 1)
-        p.last_contact_hour[who] = self.day * 24.0 + self.hour[who]
+        # the latest the contact goes out, as the service records it: a morning SMS decided
+        # at 20:00 goes out by 11:00 tomorrow, and the gap to the next contact counts from then
+        sent = self._schedule.hours_until_sent(actions[contact], self.hour[who], self.weekday)
+        p.last_contact_hour[who] = self.day * 24.0 + self.hour[who] + sent
         p.fatigue[who] += np.float32(beh.fatigue.per_contact)
 
         conv = converted & contact

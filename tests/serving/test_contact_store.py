@@ -19,13 +19,12 @@ from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
 from nextbest.context import ContactHistory, ContextBatch, parse_customer
 from nextbest.privacy import pseudonymise_many
+from nextbest.send_schedule import DST_MARGIN_HOURS, SendSchedule
 from nextbest.timestamps import epoch_us
 from serving.contact_history import (
-    DST_MARGIN_HOURS,
     ContactBatch,
     ContactEvents,
     ContactStore,
-    SendSchedule,
     merge_contact_counts,
     merge_contact_history,
     merge_into_batch,

@@ -851,3 +851,34 @@ def test_contact_windows_drop_after_7_and_30_days(
             assert "contact_cap_channel_7d" in engine.explain_row(batch.row(0), action)
             assert engine.blocked_by(batch)[0, action] <= cap_7d
         wait_step(sim)
+
+
+def test_a_scheduled_contact_counts_from_when_it_goes_out(
+    make_sim: MakeSim, catalog: ActionCatalog, engine: RuleEngine
+) -> None:
+    """A morning SMS decided in the afternoon goes out tomorrow morning: tomorrow's context
+    counts the gap from then (the end of the morning window, as the service records it),
+    not from today's decision, so the 24-hour gap blocks every contact tomorrow."""
+    from nextbest.send_schedule import SendSchedule
+
+    sim = make_sim(3000, 17, decide_every_day=True)
+    customers, batch, codes = _today(sim)
+    morning_sms = next(
+        a.id for a in catalog.actions if a.channel == "sms" and a.timing == "morning"
+    )
+    chosen = (codes[:, morning_sms] == ALLOWED) & (sim.hour[customers] >= 12)
+    assert chosen.sum() >= 10
+    actions = np.where(chosen, morning_sms, 0)
+    hours_today = sim.hour[customers[chosen]].astype(float)
+    sent = SendSchedule.of(catalog).hours_until_sent(
+        np.full(int(chosen.sum()), morning_sms), sim.hour[customers[chosen]], sim.weekday
+    )
+    sim.step(customers, actions, sim.allowed(customers, batch))
+    who = customers[chosen]
+    tomorrow = sim.context(who)
+    expected = np.maximum(24.0 + sim.hour[who] - (hours_today + sent), 0.0)
+    np.testing.assert_allclose(tomorrow["hours_since_last_contact"], expected)
+    assert (expected < 24.0).all()  # within 24 hours of the send
+    gap = _rule(engine, "min_contact_gap")
+    blocked = engine.blocked_by(tomorrow)[:, 1:]
+    assert (blocked <= gap).all()  # every contact blocked, by the gap or an earlier rule
