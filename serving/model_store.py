@@ -122,11 +122,14 @@ class ModelStore:
             scores = scorer.scores(probe)
         except Exception as exc:  # ONNX Runtime raises its own exception types
             raise ModelSpecError(f"model {self.uri!r} fails on a probe batch: {exc}") from exc
-        wrong_width = self.n_actions is not None and scores.shape[1] != self.n_actions
-        if wrong_width or not np.isfinite(scores).all():
+        if self.n_actions is not None and scores.shape[1] != self.n_actions:
             raise ModelSpecError(
-                f"model {self.uri!r} scores shape {scores.shape} (finite: "
-                f"{bool(np.isfinite(scores).all())}); the catalogue has {self.n_actions} actions"
+                f"model {self.uri!r} scores {scores.shape[1]} actions; the catalogue has "
+                f"{self.n_actions}"
+            )
+        if not np.isfinite(scores).all():
+            raise ModelSpecError(
+                f"model {self.uri!r} gives non-finite scores (NaN or infinite) on a probe batch"
             )
         self._file_stamp = stamp
         version = resolved.version

@@ -52,7 +52,18 @@ def test_load_model_of_other_catalogue_size_refused(catalog, tmp_path: Path) -> 
         str(path), expected_spec_version=spec.version, n_actions=catalog.n_actions + 1
     )
     assert store.current is None
-    assert "actions" in store.status().last_error
+    assert f"scores {catalog.n_actions} actions; the catalogue has" in store.status().last_error
+
+
+def test_load_model_with_non_finite_scores_says_so(catalog, tmp_path: Path) -> None:
+    spec = ContextEncoder(catalog).spec
+    bias = np.zeros(catalog.n_actions, np.float32)
+    bias[5] = np.nan
+    weights = np.zeros((spec.n_context, catalog.n_actions), np.float32)
+    model = linear_scoring_model(weights, bias, spec, "t")
+    store = store_for(catalog, str(save_scoring_model(model, tmp_path / "nan.onnx", spec, "t")))
+    assert store.current is None
+    assert "non-finite scores (NaN or infinite)" in store.status().last_error
 
 
 def test_reload_broken_file_keeps_old_model(catalog, tmp_path: Path) -> None:
