@@ -113,9 +113,12 @@ def softmax_distribution(scores: np.ndarray, allowed: np.ndarray, temperature: f
     """Softmax of ``scores / temperature`` over the allowed actions, float64 ``(n, A)``."""
     if not temperature > 0:
         raise ValueError(f"`temperature` must be positive, got {temperature}")
-    masked = np.where(allowed, np.asarray(scores, np.float64) / temperature, -np.inf)
+    masked = np.where(allowed, np.asarray(scores, np.float64), -np.inf)
+    # the best allowed score subtracted before dividing: a tiny temperature then sends the
+    # others to -inf (not scores to +-inf, whose difference would be NaN)
     masked -= masked.max(axis=1, keepdims=True)
-    weights = np.exp(masked)
+    with np.errstate(over="ignore"):  # a gap past float64 over a tiny temperature: -inf, 0
+        weights = np.exp(masked / temperature)
     return weights / weights.sum(axis=1, keepdims=True)
 
 
