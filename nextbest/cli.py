@@ -915,6 +915,9 @@ def export(
         # one self-contained file: registry artifacts may keep weights in external data files
         exported = onnx.load(str(resolved.path))
         if is_registry_uri(model):  # where it came from, for the service that serves the file
+            kept = [p for p in exported.metadata_props if p.key != SOURCE_KEY]
+            del exported.metadata_props[:]
+            exported.metadata_props.extend(kept)
             source = exported.metadata_props.add()
             source.key, source.value = SOURCE_KEY, resolved.version
         onnx.save(exported, str(partial))

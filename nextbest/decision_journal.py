@@ -156,14 +156,14 @@ _INSERT_DECISIONS = (
     "campaign_id, version_id, chunk_id) SELECT {decision_id}, {timestamp_us}, {customer_key}, "
     "{action}, {pscore}, {campaign_id}, ?2, ?3 FROM packed"
 )
-_DECISIONS_FREE_PARAM = 4
-"""The first parameter number :data:`_INSERT_DECISIONS` leaves free (``?1`` the packed rows,
-``?2`` the version id, ``?3`` the chunk id): :func:`_decision_rows` numbers its shared values
-from here."""
 """All the decisions of a batch (:func:`_decision_rows`) in one statement: SQLite reads them
 without the GIL, where ``executemany`` takes the GIL back for every row (on a 10,000-row
 batch, thousands of hand-offs with the event loop's thread, each up to the 5 ms switch
 interval)."""
+_DECISIONS_FREE_PARAM = 4
+"""The first parameter number :data:`_INSERT_DECISIONS` leaves free (``?1`` the packed rows,
+``?2`` the version id, ``?3`` the chunk id): :func:`_decision_rows` numbers its shared values
+from here."""
 CHUNK_CODEC = "lz4"
 """Compression of the chunk blobs (LZ4 frames, through pyarrow): an exploration policy's
 probabilities shrink thirty-fold in about a millisecond per 10,000 decisions."""

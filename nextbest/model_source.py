@@ -136,8 +136,8 @@ def registry_version(uri: str, tracking_uri: str | None = None) -> str:
     """The ``<name>/<version>`` a registry URI points at now (cheap: no download)."""
     import mlflow
 
-    client = mlflow_client(tracking_uri, must_exist=True)
     try:
+        client = mlflow_client(tracking_uri, must_exist=True)
         return _pin(client, uri)[1]
     except mlflow.exceptions.MlflowException as exc:
         raise ModelSourceError(f"model {uri!r}: {exc.message}") from exc

@@ -10,19 +10,23 @@ contact sequence the service would block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 
 from nextbest.catalog import ActionCatalog
-from nextbest.timestamps import epoch_us
+from nextbest.timestamps import US_PER_HOUR, epoch_us
 
-_US_PER_HOUR = 3_600_000_000
 DST_MARGIN_HOURS = 1
 """Added to a scheduled contact's latest send: the schedule counts local hours, and a
 daylight-saving change before the window's end (a fall-back night, in any zone, at whatever
 hour it falls) moves that end up to an hour later in UTC (30 minutes on Lord Howe Island).
 Without it the gap to the next contact would count from up to an hour too early."""
+
+LONGEST_WAIT = timedelta(days=8)
+"""Longer than any wait from a decision to the latest send: a weekend slot decided on a
+Saturday after its window goes out the next Saturday (under 7 days and 13 hours, with the
+daylight-saving hour). Stores may bound their searches with it."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class SendSchedule:
         contact = catalog.timing_index >= 0
         table = by_slot[np.maximum(catalog.timing_index, 0)]
         table[~contact] = 0
+        if table.max(initial=0) >= LONGEST_WAIT // timedelta(hours=1):
+            raise ValueError(f"a timing slot waits longer than {LONGEST_WAIT} to be sent")
         return cls(table)
 
     def latest_send_us(
@@ -77,9 +83,8 @@ class SendSchedule:
         local_hour, local_weekday : int ``(n,)``
             The customers' local hour (0..23) and weekday (0 = Monday) at ``now``.
         """
-        return (
-            epoch_us(now) + self.hours_until_sent(action, local_hour, local_weekday) * _US_PER_HOUR
-        )
+        hours = self.hours_until_sent(action, local_hour, local_weekday)
+        return epoch_us(now) + hours * US_PER_HOUR
 
     def hours_until_sent(
         self, action: np.ndarray, local_hour: np.ndarray, local_weekday: np.ndarray | int

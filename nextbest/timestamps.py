@@ -10,6 +10,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+US_PER_HOUR = 3_600_000_000
 
 
 def epoch_us(moment: datetime) -> int:

@@ -27,7 +27,7 @@ from serving.middleware import BodySizeLimit
 from serving.routes import contacts, decisions, health, rewards
 from serving.schemas import BatchDecisionRequest, DecisionRequest, DeliveryRequest, RewardRequest
 from serving.service import ScoringService
-from serving.settings import Settings
+from serving.settings import Settings, load_settings
 from serving.supervision import follow_supervisor
 
 log = logging.getLogger("nextbest.serving")
@@ -38,7 +38,7 @@ RAW_BODY_MODELS = (DecisionRequest, BatchDecisionRequest, RewardRequest, Deliver
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The scoring API for ``settings`` (default: from the ``NEXTBEST_`` environment)."""
-    settings = settings or Settings()
+    settings = settings or load_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -161,8 +161,8 @@ async def _watch_model(service: ScoringService, every_s: float) -> None:
     keys when their file changed."""
     while True:
         await asyncio.sleep(every_s)
-        await asyncio.to_thread(service.refresh_api_keys)
         try:
+            await asyncio.to_thread(service.refresh_api_keys)
             if await asyncio.to_thread(service.models.changed):
                 await asyncio.to_thread(service.reload_model)
         except Exception:  # the watcher must outlive a registry that is briefly down

@@ -50,7 +50,7 @@ import numpy as np
 
 from nextbest.catalog import ActionCatalog
 from nextbest.context import ContactHistory, ContextBatch
-from nextbest.timestamps import elapsed_float32, epoch_us, from_epoch_us
+from nextbest.timestamps import US_PER_HOUR, elapsed_float32, epoch_us, from_epoch_us
 
 ContactKind = Literal["recommended", "delivered"]
 CONTACT_KINDS: tuple[ContactKind, ...] = ("recommended", "delivered")
@@ -64,7 +64,6 @@ LONGEST_WINDOW = max(WINDOWS.values())
 HORIZON_SLACK_US = 1_000_000
 """A stored contact up to 1 s after the caller's last contact is taken as that same contact
 (the batch form carries the last contact as float32 hours since ``now``)."""
-_US_PER_HOUR = 3_600_000_000
 
 
 @dataclass(frozen=True)
@@ -334,13 +333,13 @@ def merge_into_batch(
     now_us = epoch_us(now)
     hours = batch["hours_since_last_contact"].astype(np.float64)
     known = np.isfinite(hours)
-    horizon = np.where(known, now_us - np.where(known, hours, 0.0) * _US_PER_HOUR, -np.inf)
+    horizon = np.where(known, now_us - np.where(known, hours, 0.0) * US_PER_HOUR, -np.inf)
     c7, c30, stored_last = merge_contact_counts(
         batch["contacts_7d"], batch["contacts_30d"], horizon, events, now_us, count_recommended
     )
     stored_hours = np.where(
         np.isfinite(stored_last),
-        np.maximum(0.0, (now_us - stored_last) / _US_PER_HOUR),
+        np.maximum(0.0, (now_us - stored_last) / US_PER_HOUR),
         np.inf,
     )
     return batch.replace(

@@ -262,14 +262,13 @@ def revoke_api_key(path: str | Path, key_id: str) -> StoredKey:
     """
     path = Path(path)
     entries = _entries(path)
-    kept = [e for e in entries if e["key_id"] != key_id]
-    if len(kept) == len(entries):
+    revoked = [k for k in read_keys(path) if k.key_id == key_id]
+    if not revoked:
         raise KeyFileError(
             f"{path}: no key with id {key_id!r} (python -m serving.security list shows them)"
         )
-    (revoked,) = [k for k in read_keys(path) if k.key_id == key_id]
-    _write_entries(path, kept)
-    return revoked
+    _write_entries(path, [e for e in entries if e["key_id"] != key_id])
+    return revoked[0]
 
 
 def _entries(path: Path) -> list[dict[str, object]]:

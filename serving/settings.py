@@ -183,9 +183,10 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     most resembles (``NEXTBEST_EPSLION (did you mean NEXTBEST_EPSILON?)``): a misspelt
     setting would otherwise leave its default in force without a word."""
     known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    accepted = known | OTHER_VARIABLES
     unknown = []
     for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() in known | OTHER_VARIABLES:
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in accepted:
             continue
         close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
         unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)

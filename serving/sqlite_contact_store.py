@@ -29,6 +29,7 @@ from pydantic_core import to_json
 
 from nextbest.packed_rows import PackedRows, int_field, text_field
 from nextbest.privacy import PSEUDONYM_HEX_CHARS, PSEUDONYM_PREFIX
+from nextbest.send_schedule import LONGEST_WAIT
 from nextbest.sqlite_writer import GroupCommitWriter, Synchronous, open_sqlite
 from nextbest.timestamps import epoch_us
 from serving.contact_history import (
@@ -211,9 +212,10 @@ def _lookup_sql(n_codes: int) -> str:
         "|| ',' || coalesce(c.latest_us, c.at_us)) "
         "FROM json_each(?1) AS k JOIN contact_events AS c "
         # a code added since this store opened (another catalogue's channel): left out
-        # a scheduled contact counts while it may still be sent (coalesce: its latest time)
-        f"ON c.customer = k.value AND coalesce(c.latest_us, c.at_us) > ?2 "
-        f"AND c.channel < {n_codes}"
+        # a scheduled contact counts while it may still be sent (coalesce: its latest time);
+        # its decision is at most LONGEST_WAIT earlier, which keeps the index seek on at_us
+        f"ON c.customer = k.value AND c.at_us > ?2 - {LONGEST_WAIT // timedelta(microseconds=1)} "
+        f"AND coalesce(c.latest_us, c.at_us) > ?2 AND c.channel < {n_codes}"
     )
 
 
@@ -284,12 +286,13 @@ def _events_of(keys: np.ndarray, pending: list[_StoredRows], since_us: int) -> C
     contacts twice, once per row)."""
     customer = np.concatenate([p.customer for p in pending])
     at_us = np.concatenate([p.at_us for p in pending])
+    latest_us = np.concatenate([p.latest_us for p in pending])
     # each pending contact's range of rows among the sorted keys (empty: not looked up)
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     first = np.searchsorted(ordered, customer, "left")
     counts = np.searchsorted(ordered, customer, "right") - first
-    counts[np.concatenate([p.latest_us for p in pending]) <= since_us] = 0
+    counts[latest_us <= since_us] = 0
     contact = np.repeat(np.arange(len(customer)), counts)
     within = np.arange(len(contact)) - np.repeat(np.cumsum(counts) - counts, counts)
     return ContactEvents(
@@ -298,7 +301,7 @@ def _events_of(keys: np.ndarray, pending: list[_StoredRows], since_us: int) -> C
         np.concatenate([p.channel for p in pending])[contact],
         at_us[contact],
         np.concatenate([np.full(len(p), p.delivered) for p in pending])[contact],
-        np.concatenate([p.latest_us for p in pending])[contact],
+        latest_us[contact],
     )
 
 
@@ -621,8 +624,8 @@ class SqliteContactStore:
         return future
 
     def _pending_of(self, keys: np.ndarray, since_us: int) -> ContactEvents | None:
-        """This store's contacts not yet committed for ``keys`` ``(n,)`` after
-        ``since_us`` (None: no write pending).
+        """This store's contacts not yet committed for ``keys`` ``(n,)`` that may be sent
+        after ``since_us`` (None: no write pending).
 
         Without them, a decision made while an earlier decision's contact is still being
         committed (a request of the next coalesced group, a batch meanwhile) would not see
@@ -645,7 +648,8 @@ class SqliteContactStore:
             self._pending.pop(write, None)
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:
-        """Stored contacts of ``customer_keys`` ``(n,)`` after ``since_us``, in one query.
+        """Stored contacts of ``customer_keys`` ``(n,)`` that may be sent after ``since_us``
+        (by their latest time), in one query.
 
         Sees every write committed so far, by any process, and this store's writes still
         being committed. Contacts on channels not in ``channels`` (a catalogue that dropped

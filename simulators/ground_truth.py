@@ -24,8 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from nextbest.catalog import ActionCatalog
-from nextbest.compliance import RuleEngine
-from nextbest.compliance.reference import reference_rule
+from nextbest.compliance import ALLOWED, RuleEngine
+from nextbest.compliance.reference import reference_blocked_by, reference_rule
 from nextbest.config_loading import StrictModel, content_hash, load_model
 from nextbest.context import ContextBatch
 from nextbest.features import ContextEncoder
@@ -40,11 +40,15 @@ ORACLE = "myopic_oracle"
 POLICY_COLUMNS = ("value", "complaint", "conversion", "contact")
 """What :func:`replay_truth` records of every policy at every row."""
 CHUNK_ROWS = 8192
+"""Decision points per ground-truth chunk (bounds memory: ~10 arrays of (chunk, A) floats)."""
 REFERENCE_ROWS = 1_000
 """Evaluated decisions (spread over the replay) at which each policy's most likely action
 is checked by the rules' reference semantics as well (:func:`reference_rule`: plain loops,
 independent of the rule engine's tables): ~0.1 ms a decision and policy."""
-"""Decision points per ground-truth chunk (bounds memory: ~10 arrays of (chunk, A) floats)."""
+MASK_ROWS = 50
+"""Of those, how many have the engine's whole mask checked by the reference semantics, every
+action (:func:`reference_blocked_by`, ~3 ms a decision): an action allowed that a rule
+blocks, wherever it is, not only among the actions the policies pick."""
 
 TargetPolicy = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 """``policy(rows, context, allowed) -> dist``: log row indices int ``(m,)``, encoded contexts
@@ -196,6 +200,9 @@ class TruthTable:
         Of the ``reference_checked`` decisions, how many times the policy's most likely
         action is blocked by the rules' reference semantics (not by the engine).
     reference_checked : int
+    mask_disagreements : int
+        Of the first :data:`MASK_ROWS` checked decisions, how many have an action the
+        engine's mask allows and the reference semantics block (must be 0).
     """
 
     policies: tuple[str, ...]
@@ -211,6 +218,7 @@ class TruthTable:
     blocked_mass: np.ndarray
     reference_blocked: np.ndarray
     reference_checked: int
+    mask_disagreements: int
 
     @property
     def n_rows(self) -> int:
@@ -318,12 +326,13 @@ def replay_truth(
     }
     blocked = np.zeros(len(names))
     reference_blocked = np.zeros(len(names), np.int64)
-    stride = max(1, int(rows.sum()) // REFERENCE_ROWS)
+    stride = max(1, -(-int(rows.sum()) // REFERENCE_ROWS))  # at most REFERENCE_ROWS checked
+    mask_disagreements = 0
     evaluated = 0  # decisions evaluated so far: every stride-th is checked by reference
     offset = 0
 
     def collect(customers: np.ndarray, batch: ContextBatch, allowed: np.ndarray) -> None:
-        nonlocal offset, evaluated
+        nonlocal offset, evaluated, mask_disagreements
         start, offset = offset, offset + len(customers)
         if offset > len(rows):
             raise ValueError(f"replay made more decisions than the log's {len(rows)} rows")
@@ -342,8 +351,13 @@ def replay_truth(
                 )
             mask = allowed[local]
             checked = np.flatnonzero((evaluated + np.arange(len(local))) % stride == 0)
-            evaluated += len(local)
             reference_rows = [sub.row(int(i)) for i in checked]
+            for i, row in zip(checked.tolist(), reference_rows, strict=True):
+                if evaluated + i < MASK_ROWS * stride:  # the first MASK_ROWS checked: whole mask
+                    # the mask may block more (the simulator's daily capacity), never less
+                    rule_blocks = reference_blocked_by(engine.ruleset, row) != ALLOWED
+                    mask_disagreements += int((mask[i] & rule_blocks).any())
+            evaluated += len(local)
             outcome = sim.expected_outcome(customers[local][:, None], all_actions)
             q = outcome.expected_reward.astype(np.float64)
             cols = {k: np.empty((len(local), len(names))) for k in POLICY_COLUMNS}
@@ -397,4 +411,5 @@ def replay_truth(
         blocked_mass=blocked,
         reference_blocked=reference_blocked,
         reference_checked=len(range(0, evaluated, stride)),
+        mask_disagreements=mask_disagreements,
     )

@@ -14,9 +14,16 @@ import numpy as np
 from nextbest.catalog import ActionCatalog
 from nextbest.context import INCOME_BANDS, LIFECYCLE_STAGES
 from nextbest.segments import LIFE_STAGES
+from nextbest.send_schedule import LONGEST_WAIT
 from simulators.scenario import Scenario, SignalSpec
 
 CONTACT_WINDOW_DAYS = 30
+DAYS_AHEAD = LONGEST_WAIT.days
+"""How many days after its decision a contact may go out at the latest
+(:data:`nextbest.send_schedule.LONGEST_WAIT`)."""
+CONTACT_RING_DAYS = CONTACT_WINDOW_DAYS + DAYS_AHEAD
+"""Days of the contact ring: the 30 of the longest window, and the days a scheduled contact's
+send day may lie ahead of today (its slot must not be the one being recycled)."""
 
 
 @dataclass
@@ -46,7 +53,7 @@ class Population:
     consent: np.ndarray  # (N, C) bool
     opt_out: np.ndarray  # (N, C) bool
     holds: np.ndarray  # (N, O) bool
-    contact_ring: np.ndarray  # (30, N, C) uint8: contacts per day, ring buffer
+    contact_ring: np.ndarray  # (CONTACT_RING_DAYS, N, C) uint8: contacts by the day they go out
     contacts_7d: np.ndarray  # (N, C) int16
     contacts_30d: np.ndarray  # (N, C) int16
     # latent
@@ -185,7 +192,7 @@ def sample_population(
         consent=consent,
         opt_out=np.zeros((n, c), bool),
         holds=holds,
-        contact_ring=np.zeros((CONTACT_WINDOW_DAYS, n, c), np.uint8),
+        contact_ring=np.zeros((CONTACT_RING_DAYS, n, c), np.uint8),
         contacts_7d=np.zeros((n, c), np.int16),
         contacts_30d=np.zeros((n, c), np.int16),
         life_stage=stage,

@@ -21,7 +21,13 @@ from nextbest.compliance import ALLOWED, RuleEngine
 from nextbest.context import ContextBatch
 from nextbest.rewards import reward_cny
 from nextbest.send_schedule import SendSchedule
-from simulators.population import CONTACT_WINDOW_DAYS, Population, sample_population
+from simulators.population import (
+    CONTACT_RING_DAYS,
+    CONTACT_WINDOW_DAYS,
+    DAYS_AHEAD,
+    Population,
+    sample_population,
+)
 from simulators.response import Outcome, ResponseModel, outcome_probabilities
 from simulators.scenario import Scenario
 
@@ -323,13 +329,18 @@ class BatchSimulator:
         of = self.catalog.offer_index[actions].astype(np.int64)
         contact = ch >= 0
         who, chan = customers[contact], ch[contact]
-        slot = self.day % CONTACT_WINDOW_DAYS
-        np.add.at(p.contact_ring[slot], (who, chan), 1)
+        # the latest the contact goes out, as the service records it: a morning SMS decided
+        # at 20:00 goes out by 11:00 tomorrow. The gap to the next contact counts from then,
+        # and the contact counts in the 7- and 30-day windows from today until that many days
+        # after the day it goes out (its ring slot is that day's)
+        sent = self._schedule.hours_until_sent(actions[contact], self.hour[who], self.weekday)
+        ahead = (self.hour[who] + sent) // 24
+        if len(ahead) and ahead.max() > DAYS_AHEAD:
+            raise RuntimeError(f"a contact scheduled {ahead.max()} days ahead, past DAYS_AHEAD")
+        slot = (self.day + ahead) % CONTACT_RING_DAYS
+        np.add.at(p.contact_ring, (slot, who, chan), 1)
         np.add.at(p.contacts_7d, (who, chan), 1)
         np.add.at(p.contacts_30d, (who, chan), 1)
-        # the latest the contact goes out, as the service records it: a morning SMS decided
-        # at 20:00 goes out by 11:00 tomorrow, and the gap to the next contact counts from then
-        sent = self._schedule.hours_until_sent(actions[contact], self.hour[who], self.weekday)
         p.last_contact_hour[who] = self.day * 24.0 + self.hour[who] + sent
         p.fatigue[who] += np.float32(beh.fatigue.per_contact)
 
@@ -364,8 +375,8 @@ class BatchSimulator:
         self.day += 1
 
         # rolling contact windows
-        p.contacts_7d -= p.contact_ring[(self.day - 7) % CONTACT_WINDOW_DAYS]
-        slot = self.day % CONTACT_WINDOW_DAYS
+        p.contacts_7d -= p.contact_ring[(self.day - 7) % CONTACT_RING_DAYS]
+        slot = (self.day - CONTACT_WINDOW_DAYS) % CONTACT_RING_DAYS
         p.contacts_30d -= p.contact_ring[slot]
         p.contact_ring[slot] = 0
 

@@ -34,11 +34,15 @@ CHAMPION_UNEVALUATED_TAG = "champion.unevaluated"
 """Why the run could not evaluate the champion on its held-out decisions."""
 COMPLIANCE_METRIC = "compliance/blocked_actions_chosen"
 """Chosen actions the rules block, on the run's held-out decisions (must be 0): by the log's
-candidate masks and, for a simulated log, by the current rules on the replayed customers
-(the engine's mask, and the rules' reference semantics at a sample of decisions)."""
+candidate masks and, for a simulated log, by the rules' reference semantics on the replayed
+customers at a sample of decisions, plus any of those decisions whose engine mask the
+reference semantics disagree with (:data:`MASK_DISAGREEMENTS_METRIC`)."""
 REFERENCE_CHECKED_METRIC = "compliance/reference_checked"
 """Held-out decisions at which the policy's action was checked by the rules' reference
 semantics (:data:`simulators.ground_truth.REFERENCE_ROWS`; simulated logs only)."""
+MASK_DISAGREEMENTS_METRIC = "compliance/mask_disagreements"
+"""Replayed decisions (of the first 50 checked) where the rule engine's mask allows an action
+that the rules' reference semantics block (must be 0; counted in :data:`COMPLIANCE_METRIC`)."""
 RULESET_MISMATCH_TAG = "compliance.ruleset_mismatch"
 """Set when the log's masks were made by another rule set than the run's: the log's rule set
 version and the run's."""

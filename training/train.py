@@ -47,6 +47,7 @@ from training.tracking import (
     CHAMPION_UNEVALUATED_TAG,
     COMPLIANCE_METRIC,
     LOGGED_REWARD_METRIC,
+    MASK_DISAGREEMENTS_METRIC,
     REFERENCE_CHECKED_METRIC,
     RULESET_MISMATCH_TAG,
     data_fingerprint,
@@ -448,12 +449,13 @@ def run_training(
                 )
             mlflow.log_dict(truth.summary(), "ground_truth.json")
             mlflow.log_dict(truth.by_segment(), "ground_truth_by_segment.json")
-            # the current rules on the replayed customers, by the engine and, at a sample of
-            # decisions, by the rules' reference semantics: neither trusts the log's masks
-            model = truth.policies.index("model")
-            violations += int(truth.blocked_mass[model] > 1e-9)
-            violations += int(truth.reference_blocked[model])
+            # the current rules on the replayed customers by their reference semantics, at a
+            # sample of decisions: the policy's action, and the engine's whole mask (the
+            # policy acted under that mask, so only the reference can find it wrong)
+            violations += int(truth.reference_blocked[truth.policies.index("model")])
+            violations += truth.mask_disagreements
             mlflow.log_metric(REFERENCE_CHECKED_METRIC, truth.reference_checked)
+            mlflow.log_metric(MASK_DISAGREEMENTS_METRIC, truth.mask_disagreements)
         mlflow.log_metric(COMPLIANCE_METRIC, violations)
         _log_plots(
             rows, truth, fitted.history, holdout, chosen, catalog, encoder, config.evaluation.alpha

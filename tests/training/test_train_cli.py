@@ -245,8 +245,9 @@ def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path) -> No
         assert value <= oracle + 1e-9, policy  # nothing beats the best allowed action
         assert metrics[f"truth/{policy}/regret"] == pytest.approx(oracle - value)
         assert metrics[f"truth/{policy}/blocked_mass"] == 0.0
-        assert metrics[f"truth/{policy}/reference_blocked"] == 0.0
+    assert metrics["truth/model/reference_blocked"] == 0.0
     assert metrics["compliance/blocked_actions_chosen"] == 0.0
+    assert metrics["compliance/mask_disagreements"] == 0.0
     assert 0 < metrics["compliance/reference_checked"] <= 1_000  # spread over the replay
     assert metrics["truth/no_contact/value"] == 0.0
     # the oracle's own KPIs, not only its value
@@ -693,9 +694,13 @@ def test_a_rule_engine_that_blocks_nothing_is_caught_by_the_reference_check(
     assert result.exit_code == 1, result.output
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(client.get_model_version_by_alias("nextbest", "challenger").run_id)
-    assert run.data.metrics["truth/model/blocked_mass"] == 0.0  # the engine sees nothing
-    assert run.data.metrics["truth/model/reference_blocked"] > 0
-    assert run.data.metrics["compliance/blocked_actions_chosen"] > 0
+    metrics = run.data.metrics
+    assert metrics["truth/model/blocked_mass"] == 0.0  # the engine sees nothing
+    assert metrics["truth/model/reference_blocked"] > 0
+    assert metrics["compliance/mask_disagreements"] > 0  # the engine's masks, checked whole
+    assert metrics["compliance/blocked_actions_chosen"] == (
+        metrics["truth/model/reference_blocked"] + metrics["compliance/mask_disagreements"]
+    )
 
 
 def test_a_log_of_another_rule_set_is_tagged_and_said(
