@@ -901,3 +901,31 @@ def test_a_scheduled_contact_counts_from_when_it_goes_out(
     gap = _rule(engine, "min_contact_gap")
     blocked = engine.blocked_by(tomorrow)[:, 1:]
     assert (blocked <= gap).all()  # every contact blocked, by the gap or an earlier rule
+
+
+def test_a_weekend_call_decided_on_monday_still_caps_the_monday_after(
+    make_sim: MakeSim, catalog: ActionCatalog, engine: RuleEngine
+) -> None:
+    """An outbound call for the weekend, decided on a Monday, goes out on Saturday: seven
+    days after the decision it is still within the 7-day window of its send, so the channel's
+    cap (one call in 7 days) blocks another call, as the service blocks it."""
+    sim = make_sim(3000, 21, decide_every_day=True)
+    while sim.weekday != 0:  # to a Monday
+        wait_step(sim)
+    customers, _, codes = _today(sim)
+    call = next(
+        a.id for a in catalog.actions if a.channel == "outbound_call" and a.timing == "weekend"
+    )
+    chosen = codes[:, call] == ALLOWED
+    assert chosen.sum() >= 10
+    sim.step(customers, np.where(chosen, call, 0), codes == ALLOWED)
+    who = customers[chosen]
+    for _ in range(6):
+        wait_step(sim)
+    assert sim.weekday == 0  # the Monday after
+    ch = catalog.channel_names.index("outbound_call")
+    np.testing.assert_array_equal(sim.pop.contacts_7d[who, ch], 1)
+    calls = _channel_columns(catalog, "outbound_call")
+    blocked = engine.blocked_by(sim.context(who))[:, calls]
+    assert (blocked != ALLOWED).all()
+    assert (blocked <= _rule(engine, "contact_cap_channel_7d")).all()
