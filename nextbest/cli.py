@@ -444,12 +444,6 @@ def serve(
     except (ConfigError, KeyFileError) as exc:
         console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    if settings.api_keys_file is None:
-        console.print(
-            "[yellow]authentication is off[/]: NEXTBEST_API_KEYS_FILE is not set, so every "
-            "request is served without a key (only NEXTBEST_ENVIRONMENT=local allows this; "
-            "keys: python -m serving.security create)"
-        )
     options: dict[str, Any] = {
         "factory": True,
         "host": host,

@@ -537,8 +537,9 @@ class ScoringService:
         catalog, rules, campaigns, api_keys = load_configuration(settings)
         if settings.api_keys_file is None:
             log.warning(
-                "authentication is off: NEXTBEST_API_KEYS_FILE is not set (the local "
-                "environment allows it; every request is served without a key)"
+                "authentication is off: NEXTBEST_API_KEYS_FILE is not set, so every request "
+                "is served without a key (only NEXTBEST_ENVIRONMENT=local allows this; keys: "
+                "python -m serving.security create)"
             )
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         models = ModelStore(

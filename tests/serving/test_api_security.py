@@ -229,3 +229,14 @@ def test_running_service_drops_a_revoked_key_and_keeps_keys_over_a_broken_file(
             service.refresh_api_keys()
         assert caplog.text.count("API keys not reloaded") == 1  # logged once, not per check
         assert client.post("/v1/decisions", json=body, headers=admin).status_code == 200
+
+
+def test_a_service_without_api_keys_says_authentication_is_off(
+    api_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_settings = api_settings.model_copy(update={"api_keys_file": None})
+    for settings, said in ((open_settings, True), (api_settings, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), TestClient(create_app(settings)):
+            pass
+        assert ("authentication is off: NEXTBEST_API_KEYS_FILE is not set" in caplog.text) == said

@@ -12,7 +12,6 @@ import uvicorn
 from typer.testing import CliRunner
 
 from nextbest.cli import app
-from serving.security import create_api_key
 
 runner = CliRunner()
 
@@ -112,20 +111,3 @@ def test_a_misspelt_setting_is_named_with_the_one_it_resembles(
     assert "NEXTBEST_EPSLION (did you mean NEXTBEST_EPSILON?)" in output
     assert "NOTEBOOK_DIR" not in output
     assert len(started) == 1
-
-
-def test_serving_without_api_keys_says_authentication_is_off(
-    started: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    result = serve()
-    assert result.exit_code == 0, result.output
-    assert "authentication is off" in result.output
-    assert len(started) == 1
-
-    keys = tmp_path / "keys.json"
-    create_api_key(keys, "platform", ["decide"])
-    monkeypatch.setenv("NEXTBEST_API_KEYS_FILE", str(keys))
-    result = serve()
-    assert result.exit_code == 0, result.output
-    assert "authentication is off" not in result.output
-    assert len(started) == 2
