@@ -867,7 +867,13 @@ def export(
         resolve_model,
         unwritable_directory,
     )
-    from nextbest.onnx_scoring import SOURCE_KEY, ModelSpecError, OnnxScorer, spec_path
+    from nextbest.onnx_scoring import (
+        SOURCE_KEY,
+        ModelSpecError,
+        OnnxScorer,
+        set_metadata,
+        spec_path,
+    )
     from nextbest.synthetic import random_context_batch
 
     try:
@@ -909,11 +915,7 @@ def export(
         # one self-contained file: registry artifacts may keep weights in external data files
         exported = onnx.load(str(resolved.path))
         if is_registry_uri(model):  # where it came from, for the service that serves the file
-            kept = [p for p in exported.metadata_props if p.key != SOURCE_KEY]
-            del exported.metadata_props[:]
-            exported.metadata_props.extend(kept)
-            source = exported.metadata_props.add()
-            source.key, source.value = SOURCE_KEY, resolved.version
+            set_metadata(exported, **{SOURCE_KEY: resolved.version})
         onnx.save(exported, str(partial))
         partial.replace(out)  # atomic: a service watching the path never reads half a file
         spec_path(out).write_text(json.dumps(scorer.spec, indent=2))

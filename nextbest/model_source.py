@@ -64,7 +64,8 @@ def mlflow_client(tracking_uri: str | None = None, must_exist: bool = False) -> 
     """
     from mlflow import MlflowClient
 
-    missing = _missing_sqlite_store(tracking_uri) if must_exist else None
+    store = sqlite_store_path(tracking_uri) if must_exist else None
+    missing = store if store is not None and not store.exists() else None
     if missing is not None:
         raise ModelSourceError(
             f"tracking URI {tracking_uri!r}: no MLflow store at {missing} (nothing was tracked "
@@ -73,13 +74,13 @@ def mlflow_client(tracking_uri: str | None = None, must_exist: bool = False) -> 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _missing_sqlite_store(tracking_uri: str | None) -> Path | None:
-    """The file a ``sqlite:///<path>`` URI names, if it does not exist (None otherwise, and
-    for every other kind of store)."""
+def sqlite_store_path(tracking_uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///<path>`` tracking URI (None for every other kind
+    of store, and for an in-memory database)."""
     if tracking_uri is None or not tracking_uri.startswith("sqlite:///"):
         return None
-    path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
-    return None if str(path) in ("", ":memory:") or path.exists() else path
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
 
 
 def resolve_model(

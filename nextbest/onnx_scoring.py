@@ -44,16 +44,23 @@ def spec_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".spec.json")
 
 
-def attach_spec(model: onnx.ModelProto, spec: FeatureSpec, model_kind: str) -> onnx.ModelProto:
-    """Store ``spec`` and ``model_kind`` in the model's metadata properties (in place)."""
+def set_metadata(model: onnx.ModelProto, **values: str) -> onnx.ModelProto:
+    """Set metadata properties of ``model`` (in place), replacing any of the same keys."""
     props = {p.key: p.value for p in model.metadata_props}
-    props[SPEC_KEY] = json.dumps(spec.to_dict(), sort_keys=True)
-    props[MODEL_KIND_KEY] = model_kind
+    props.update(values)
     del model.metadata_props[:]
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     return model
+
+
+def attach_spec(model: onnx.ModelProto, spec: FeatureSpec, model_kind: str) -> onnx.ModelProto:
+    """Store ``spec`` and ``model_kind`` in the model's metadata properties (in place)."""
+    return set_metadata(
+        model,
+        **{SPEC_KEY: json.dumps(spec.to_dict(), sort_keys=True), MODEL_KIND_KEY: model_kind},
+    )
 
 
 def save_scoring_model(

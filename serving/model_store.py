@@ -23,6 +23,7 @@ from nextbest.model_source import (
     resolve_model,
 )
 from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
+from serving.file_stamp import FileStamp, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ModelStore:
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self._reload_lock = threading.Lock()
-        self._file_stamp: tuple[int, int] | None = None
+        self._file_stamp: FileStamp | None = None
         self.reload()
 
     def reload(self) -> bool:
@@ -106,7 +107,7 @@ class ModelStore:
             return True
 
     def _load(self) -> LoadedModel:
-        stamp = None if is_registry_uri(self.uri) else _stamp(Path(self.uri))
+        stamp = None if is_registry_uri(self.uri) else file_stamp(Path(self.uri))
         resolved = resolve_model(self.uri, self.tracking_uri)
         scorer = OnnxScorer(resolved.path, threads=self.threads)
         if self.expected_spec_version is not None:
@@ -145,7 +146,8 @@ class ModelStore:
             version = registry_version(self.uri, self.tracking_uri)
             return self.current is None or version != self.current.version
         path = Path(self.uri)
-        return path.exists() and _stamp(path) != self._file_stamp
+        stamp = file_stamp(path)
+        return stamp is not None and stamp != self._file_stamp
 
     def status(self) -> ModelStatus:
         model = self.current
@@ -157,9 +159,3 @@ class ModelStore:
 
     def close(self) -> None:
         """Nothing to release (sessions go with their last reference); kept for symmetry."""
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    """(mtime ns, size) of a model file: changes when a new file is moved into place."""
-    info = path.stat()
-    return info.st_mtime_ns, info.st_size

@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from serving.file_stamp import FileStamp, file_stamp
+
 Scope = Literal["decide", "reward", "metrics", "admin"]
 SCOPES: tuple[Scope, ...] = ("decide", "reward", "metrics", "admin")
 KEY_PREFIX = "nbk_"
@@ -100,7 +102,10 @@ class ApiKeys:
     """
 
     def __init__(
-        self, keys: Iterable[StoredKey] | None, path: Path | None = None, stamp: object = None
+        self,
+        keys: Iterable[StoredKey] | None,
+        path: Path | None = None,
+        stamp: FileStamp | None = None,
     ) -> None:
         self.enabled = keys is not None
         self._by_id = {k.key_id: k for k in keys or ()}
@@ -123,7 +128,7 @@ class ApiKeys:
         if path is None:
             return cls(None)
         path = Path(path)
-        stamp = _file_stamp(path)  # before reading: a change meanwhile is read next time
+        stamp = file_stamp(path)  # before reading: a change meanwhile is read next time
         return cls(read_keys(path), path, stamp)
 
     def reloaded(self) -> ApiKeys | None:
@@ -135,7 +140,7 @@ class ApiKeys:
         KeyFileError
             The changed file cannot be read (the caller keeps these keys).
         """
-        if self.path is None or _file_stamp(self.path) == self._stamp:
+        if self.path is None or file_stamp(self.path) == self._stamp:
             return None
         return ApiKeys.from_file(self.path)
 
@@ -172,22 +177,22 @@ def _split(presented: str) -> tuple[str, str]:
     return key_id, secret
 
 
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a keys file is rewritten (inode, size, modification time; None
-    when missing): create and revoke replace the file, so its inode changes too."""
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return info.st_ino, info.st_size, info.st_mtime_ns
-
-
 def read_keys(path: str | Path) -> list[StoredKey]:
     """The stored keys of a keys file (``{"keys": [...]}``)."""
-    path = Path(path)
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[list[StoredKey], list[dict[str, object]]]:
+    """The stored keys of a keys file and its raw records, from one read.
+
+    Raises
+    ------
+    KeyFileError
+        Missing or unreadable file, malformed JSON, or a record without its fields.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return [
+        keys = [
             StoredKey(
                 key_id=str(entry["key_id"]),
                 name=str(entry["name"]),
@@ -198,6 +203,7 @@ def read_keys(path: str | Path) -> list[StoredKey]:
             )
             for entry in data["keys"]
         ]
+        return keys, list(data["keys"])
     except FileNotFoundError:
         raise KeyFileError(f"{path}: API keys file not found") from None
     except OSError as exc:  # a directory, no permission ...
@@ -229,7 +235,7 @@ def create_api_key(path: str | Path, name: str, scopes: Sequence[str]) -> str:
     if not name.strip():
         raise ValueError("the key's name must not be empty")
     path = Path(path)
-    entries = _entries(path) if path.exists() else []
+    entries = _read(path)[1] if path.exists() else []
     taken = {e["key_id"] for e in entries}
     key_id = secrets.token_hex(4)
     while key_id in taken:
@@ -261,20 +267,14 @@ def revoke_api_key(path: str | Path, key_id: str) -> StoredKey:
         is changed).
     """
     path = Path(path)
-    entries = _entries(path)
-    revoked = [k for k in read_keys(path) if k.key_id == key_id]
+    keys, entries = _read(path)
+    revoked = [k for k in keys if k.key_id == key_id]
     if not revoked:
         raise KeyFileError(
             f"{path}: no key with id {key_id!r} (python -m serving.security list shows them)"
         )
     _write_entries(path, [e for e in entries if e["key_id"] != key_id])
     return revoked[0]
-
-
-def _entries(path: Path) -> list[dict[str, object]]:
-    """The raw records of a keys file, after :func:`read_keys` has checked them."""
-    read_keys(path)
-    return list(json.loads(path.read_text(encoding="utf-8"))["keys"])
 
 
 def _write_entries(path: Path, entries: list[dict[str, object]]) -> None:

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR
 from nextbest.compliance import DEFAULT_RULES_PATH
-from nextbest.config_loading import error_message
+from nextbest.config_loading import dotted, error_message
 from nextbest.privacy import MAX_KEY_BYTES, check_key
 from serving.supervision import SUPERVISOR_ENV
 
@@ -167,7 +167,7 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
-            field = ".".join(str(part) for part in error["loc"])
+            field = dotted(error["loc"])
             variable = f"{ENV_PREFIX}{field.upper()}"
             if not field:  # a check across settings names its variables itself
                 problems.append(error_message(error))

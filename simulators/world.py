@@ -24,7 +24,6 @@ from nextbest.send_schedule import SendSchedule
 from simulators.population import (
     CONTACT_RING_DAYS,
     CONTACT_WINDOW_DAYS,
-    DAYS_AHEAD,
     Population,
     sample_population,
 )
@@ -334,9 +333,7 @@ class BatchSimulator:
         # and the contact counts in the 7- and 30-day windows from today until that many days
         # after the day it goes out (its ring slot is that day's)
         sent = self._schedule.hours_until_sent(actions[contact], self.hour[who], self.weekday)
-        ahead = (self.hour[who] + sent) // 24
-        if len(ahead) and ahead.max() > DAYS_AHEAD:
-            raise RuntimeError(f"a contact scheduled {ahead.max()} days ahead, past DAYS_AHEAD")
+        ahead = (self.hour[who] + sent) // 24  # at most DAYS_AHEAD: SendSchedule.of checks
         slot = (self.day + ahead) % CONTACT_RING_DAYS
         np.add.at(p.contact_ring, (slot, who, chan), 1)
         np.add.at(p.contacts_7d, (who, chan), 1)

@@ -19,7 +19,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from nextbest.decision_journal import journal_file, read_journal
-from nextbest.model_source import mlflow_client
+from nextbest.model_source import mlflow_client, sqlite_store_path
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -120,8 +120,8 @@ def use_experiment(tracking_uri: str, name: str) -> MlflowClient:
     mlflow.set_tracking_uri(tracking_uri)
     if client.get_experiment_by_name(name) is None:
         location = None
-        if tracking_uri.startswith("sqlite:///"):
-            database = Path(tracking_uri.removeprefix("sqlite:///"))
+        database = sqlite_store_path(tracking_uri)
+        if database is not None:
             location = (database.resolve().parent / ARTIFACTS_DIRNAME).as_uri()
         client.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)

@@ -13,7 +13,7 @@ from test_decision_engine import write_model
 
 from nextbest.catalog import ActionCatalog
 from nextbest.features import ContextEncoder
-from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
+from nextbest.onnx_scoring import SOURCE_KEY, linear_scoring_model, save_scoring_model, set_metadata
 from nextbest.synthetic import random_context_batch
 from serving.decision_engine import DecisionEngine
 from serving.model_store import ModelStore
@@ -149,3 +149,18 @@ def test_registry_alias_move_is_noticed_and_loaded(catalog, tmp_path: Path) -> N
     assert store.reload()
     assert store.status().model_version == "nb/2"
     assert not store.changed()
+
+
+def test_an_exported_file_reports_the_version_it_came_from_once(catalog, tmp_path: Path) -> None:
+    """``nextbest export`` marks the file with its registered version (set_metadata replaces
+    the mark of a file exported again, it does not add a second one)."""
+    import onnx
+
+    path = write_model(catalog, tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    set_metadata(model, **{SOURCE_KEY: "nextbest/2"})
+    set_metadata(model, **{SOURCE_KEY: "nextbest/3"})
+    assert [p.value for p in model.metadata_props if p.key == SOURCE_KEY] == ["nextbest/3"]
+    onnx.save(model, str(path))
+    version = store_for(catalog, str(path)).status().model_version
+    assert version is not None and version.startswith("nextbest/3 (file:")
