@@ -262,6 +262,25 @@ def test_decide_uniform_pscore_is_one_over_allowed(
     np.testing.assert_allclose(decision.pscore, 1.0 / allowed.sum(axis=1))
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.2, 0.02])
+def test_playbook_greedy_is_first_allowed_preference(
+    make_sim: MakeSim, catalog: ActionCatalog, keep: float
+) -> None:
+    """The playbook's choice is the first allowed action of the customer's preference list,
+    also deep in the list (masks thinned at random block most first preferences)."""
+    sim = make_sim(3000, 4)
+    _, batch, codes = _today(sim)
+    allowed = (codes == ALLOWED) & (np.random.default_rng(5).random(codes.shape) < keep)
+    allowed[:, 0] = True  # no contact stays allowed
+    policy = PlaybookPolicy(catalog, 0.1)
+    preferences = policy._preferences[policy.profiles(batch)]
+    expected = [next(a for a in prefs if allowed[i, a]) for i, prefs in enumerate(preferences)]
+    positions = [list(prefs).index(a) for prefs, a in zip(preferences, expected, strict=True)]
+    if keep < 1.0:  # the thinned masks do reach deep into the lists
+        assert max(positions) >= 8
+    np.testing.assert_array_equal(policy.greedy(batch, allowed), expected)
+
+
 @pytest.mark.parametrize("epsilon", [1.0, 0.3])
 def test_epsilon_greedy_sampling_frequencies(epsilon: float) -> None:
     """Sampled frequencies agree with probability() within 5 standard errors."""
