@@ -30,6 +30,13 @@ Measured, in the same run:
   per second with p99 <= 20 ms, every decision journalled).
 
 The last line of output is the JSON of these figures.
+
+``--soak SECONDS`` runs only a memory check instead: one worker under ``wrk -c16`` for that
+long, in rounds of 20 seconds, reading the worker's resident memory after each round. Last
+line: ``{"soak_s", "decisions", "rss_anon_start_mb", "rss_anon_mid_mb", "rss_anon_end_mb",
+"second_half_growth_mb", "state_mb"}``: the anonymous memory (the heap, SQLite's page caches)
+at the start, half-way and at the end, its growth over the second half (a leak keeps
+growing; caches stop at their caps), and the state directory's size on disk.
 """
 
 import argparse
@@ -469,6 +476,60 @@ def main() -> None:
     print(json.dumps(results))
 
 
+SOAK_ROUND_SECONDS = 20
+
+
+def rss_anon_mb(pid: int) -> float:
+    """Anonymous resident memory of process ``pid`` in MiB (heap and caches, not mapped
+    files), from ``/proc``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no RssAnon in /proc/{pid}/status")
+
+
+def soak(seconds: int) -> None:
+    """The ``--soak`` memory check (module docstring)."""
+    from serving.security import create_api_key
+
+    binary = ensure_wrk()
+    if binary is None:
+        raise SystemExit("--soak needs wrk")
+    work = Path(tempfile.mkdtemp(prefix="nextbest-soak-"))
+    model = build_model(work / "model.onnx")
+    keys = work / "keys.json"
+    key = create_api_key(keys, "benchmark", ["decide"])
+    server, port = start_full(model, work / "state", keys, workers=1)
+    url, script = f"http://127.0.0.1:{port}/v1/decisions", lua_script(work, key)
+    rounds = max(2, seconds // SOAK_ROUND_SECONDS)
+    try:
+        wrk(binary, url, script, 16, WARMUP_SECONDS)
+        memory, decisions = [rss_anon_mb(server.pid)], 0
+        for i in range(rounds):
+            run = wrk(binary, url, script, 16, SOAK_ROUND_SECONDS)
+            decisions += round(run["rps"] * SOAK_ROUND_SECONDS)
+            memory.append(rss_anon_mb(server.pid))
+            print(f"round {i + 1}/{rounds}: {run['rps']:,.0f} /s, {memory[-1]:.0f} MiB", flush=True)
+    finally:
+        stop(server)
+    state_mb = sum(f.stat().st_size for f in (work / "state").iterdir()) / 2**20
+    shutil.rmtree(work, ignore_errors=True)
+    mid = memory[len(memory) // 2]
+    print(
+        json.dumps(
+            {
+                "soak_s": rounds * SOAK_ROUND_SECONDS,
+                "decisions": decisions,
+                "rss_anon_start_mb": round(memory[0]),
+                "rss_anon_mid_mb": round(mid),
+                "rss_anon_end_mb": round(memory[-1]),
+                "second_half_growth_mb": round(memory[-1] - mid, 1),
+                "state_mb": round(state_mb),
+            }
+        )
+    )
+
+
 def serve_minimal(port: int, model: Path) -> None:
     """The baseline server (same uvicorn settings as ``nextbest serve``)."""
     import uvicorn
@@ -490,8 +551,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minimal-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--soak", type=int, metavar="SECONDS", help="only the memory check, this long"
+    )
     args = parser.parse_args()
     if args.minimal_server:
         serve_minimal(args.minimal_server, args.model)
+    elif args.soak is not None:
+        if args.soak < 2 * SOAK_ROUND_SECONDS:
+            parser.error(f"--soak: at least {2 * SOAK_ROUND_SECONDS} seconds, got {args.soak}")
+        soak(args.soak)
     else:
         main()
