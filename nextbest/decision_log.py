@@ -15,6 +15,7 @@ import difflib
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 import uuid
@@ -82,6 +83,28 @@ class DecisionLogError(ValueError):
         where = "" if column == "*" else f" column {column!r}"
         where += f" row {row}" if row is not None else ""
         super().__init__(f"{source}:{where}: {reason}" if where else f"{source}: {reason}")
+
+
+_ROW_COUNT = re.compile(r"Expected \d+ columns, got \d+")
+_QUOTED = re.compile(r"'.*'", re.DOTALL)
+
+
+def arrow_reason(exc: BaseException) -> str:
+    """pyarrow's reason for refusing a file or a column, without the data it quotes: a log's
+    rows hold customer keys, and a user's file may hold personal data in any column, so
+    neither a row's text nor a cell's value may reach a message (which lands in job logs).
+
+    ``CSV parse error: Expected 13 columns, got 14: <the row>`` keeps its first part;
+    ``Failed to parse string: 'value' as ...`` gets the value replaced; what follows any
+    other quote character is cut.
+    """
+    text = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    counted = _ROW_COUNT.search(text)
+    if counted is not None:  # the row's text follows the counts
+        return text[: counted.end()] + " (the row's text is not shown)"
+    text = _QUOTED.sub("<value not shown>", text)
+    cut = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut] + "<not shown>"
 
 
 def check_column_names(names: Sequence[str], source: str) -> list[str]:
@@ -155,7 +178,9 @@ def decisions_table(columns: dict[str, object]) -> pa.Table:
             try:
                 arrays.append(pa.array(columns[field.name], type=field.type))
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-                raise DecisionLogError("<columns>", field.name, f"cannot convert: {exc}") from None
+                raise DecisionLogError(
+                    "<columns>", field.name, f"cannot convert: {arrow_reason(exc)}"
+                ) from None
         else:
             arrays.append(pa.nulls(n, type=field.type))
     return pa.Table.from_arrays(arrays, schema=DECISION_SCHEMA)
@@ -208,10 +233,10 @@ def validate_decisions(
                 table.column(field.name).cast(field.type)
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
                 raise DecisionLogError(
-                    source, field.name, f"cannot be read as {field.type}: {exc}"
+                    source, field.name, f"cannot be read as {field.type}: {arrow_reason(exc)}"
                 ) from None
         raise DecisionLogError(
-            source, "*", f"cannot be read as the decision schema: {exc}"
+            source, "*", f"cannot be read as the decision schema: {arrow_reason(exc)}"
         ) from None
     n = table.num_rows
     if n == 0:
@@ -456,7 +481,9 @@ def read_decisions(
         try:
             part = pq.read_table(file)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise DecisionLogError(str(file), "*", f"not a readable Parquet file: {exc}") from None
+            raise DecisionLogError(
+                str(file), "*", f"not a readable Parquet file: {arrow_reason(exc)}"
+            ) from None
         unknown += check_column_names(part.column_names, str(file))
         tables.append(validate_decisions(part, n_actions, n_features, source=str(file)))
     warn_unknown_columns(unknown, str(path))  # once for all the parts

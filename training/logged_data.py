@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 from nextbest.decision_log import (
     DECISION_SCHEMA,
     DecisionLogError,
+    arrow_reason,
     check_column_names,
     read_decisions,
     validate_decisions,
@@ -30,6 +31,8 @@ from nextbest.decision_log import (
 )
 
 LIST_COLUMNS = {"context": np.float32, "candidate_actions": np.int32, "action_dist": np.float32}
+TEXT_COLUMNS = tuple(f.name for f in DECISION_SCHEMA if pa.types.is_string(f.type))
+"""Schema columns a CSV log holds as text (ids, versions), whatever their cells look like."""
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,9 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
         raw = pacsv.read_csv(
             path,
             convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in LIST_COLUMNS},
+                # text columns stay text: ids "007" and "7", or a version hash "123456e78901",
+                # would otherwise be read as numbers and come out as "7" and inf
+                column_types={name: pa.string() for name in [*LIST_COLUMNS, *TEXT_COLUMNS]},
                 # only the empty cell is null ("no outcome yet" for a reward); Arrow's default
                 # null spellings would read "nan", "NaN", "NA" ... as null too, so a NaN reward
                 # would pass as pending instead of being refused (as in Parquet)
@@ -121,7 +126,9 @@ def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Tab
             ),
         )
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DecisionLogError(str(path), "*", f"not a readable CSV file: {exc}") from None
+        raise DecisionLogError(
+            str(path), "*", f"not a readable CSV file: {arrow_reason(exc)}"
+        ) from None
     warn_unknown_columns(check_column_names(raw.column_names, str(path)), str(path))
     columns = {}
     for name in raw.column_names:
@@ -140,7 +147,7 @@ def _parse_list_column(column: pa.ChunkedArray, name: str, dtype: type, source: 
         return pc.cast(tokens, pa.list_(pa.from_numpy_dtype(dtype)))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise DecisionLogError(
-            source, name, f"entries must be space-separated numbers: {exc}"
+            source, name, f"entries must be space-separated numbers: {arrow_reason(exc)}"
         ) from None
 
 

@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 from nextbest.catalog import ActionCatalog
 from nextbest.cli import app
 from nextbest.compliance import RuleEngine
-from nextbest.decision_log import DecisionLogError, read_decisions
+from nextbest.decision_log import DecisionLogError, arrow_reason, read_decisions
 from simulators.policies import PlaybookPolicy
 from simulators.rollout import run_policy
 from simulators.scenario import Scenario
 from simulators.world import BatchSimulator
 from training.evaluation import baseline_action_dist, effective_sample_size, ope_table
-from training.logged_data import LoggedBandit, load_logged_bandit, split_log
+from training.logged_data import LoggedBandit, load_logged_bandit, read_csv_decisions, split_log
 from training.ope import InverseProbabilityWeighting, OpeInputError
 
 LIST_COLUMNS = ("context", "candidate_actions", "action_dist")
@@ -87,6 +87,67 @@ def test_read_csv_decisions_non_numeric_list_refused(sim_log, catalog, tmp_path:
     with pytest.raises(DecisionLogError, match="space-separated numbers") as info:
         load_logged_bandit(path, catalog.n_actions)
     assert info.value.column == "candidate_actions"
+
+
+def test_read_csv_text_columns_stay_text(sim_log, catalog, tmp_path: Path) -> None:
+    """Ids and versions that look like numbers are read as the text they are: "007" and
+    "7" stay two customers, a version hash "123456e78901" is not a float."""
+    table = read_decisions(sim_log).slice(0, 4)
+    table = table.set_column(
+        table.schema.get_field_index("customer_key"),
+        "customer_key",
+        pa.array(["007", "7", "007", "1e3"]),
+    )
+    table = table.set_column(
+        table.schema.get_field_index("decision_id"),
+        "decision_id",
+        pa.array(["001", "1", "01", "1.0"]),
+    )
+    versions = pa.array(["123456e78901"] * 4)
+    table = table.set_column(
+        table.schema.get_field_index("ruleset_version"), "ruleset_version", versions
+    )
+    read = read_csv_decisions(to_csv(table, tmp_path / "log.csv"), catalog.n_actions)
+    assert read.column("customer_key").to_pylist() == ["007", "7", "007", "1e3"]
+    assert read.column("decision_id").to_pylist() == ["001", "1", "01", "1.0"]
+    assert read.column("ruleset_version").to_pylist() == ["123456e78901"] * 4
+
+
+def test_read_csv_errors_do_not_quote_the_data(sim_log, catalog, tmp_path: Path) -> None:
+    """A refused CSV log is named with the reason, never with a row's text or a cell's value
+    (a user's file may hold personal data; the message lands in job logs)."""
+    table = read_decisions(sim_log).slice(0, 3)
+    path = to_csv(table, tmp_path / "log.csv")
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    marker = "Zhang San 110101199003071234"
+    extra = lines[1] + f",{marker}"  # one field too many
+    path.write_text("\n".join([lines[0], extra, *lines[2:]]) + "\n")
+    n = len(header)
+    with pytest.raises(DecisionLogError, match=f"Expected {n} columns, got {n + 1}") as info:
+        read_csv_decisions(path, catalog.n_actions)
+    assert "Zhang" not in str(info.value) and "1101" not in str(info.value)
+    cells = lines[1].split(",")
+    cells[header.index('"context"')] = f'"0.5 {marker}"'
+    path.write_text("\n".join([lines[0], ",".join(cells)]) + "\n")
+    with pytest.raises(DecisionLogError, match="space-separated numbers") as info:
+        read_csv_decisions(path, catalog.n_actions)
+    assert "Zhang" not in str(info.value) and "1101" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("CSV parse error: Expected 3 columns, got 4: 4,ZHANG,5,6", "Expected 3 columns, got 4"),
+        ("Failed to parse string: 'ZHANG' as a scalar of type int64", "of type int64"),
+        ("In CSV column #0: CSV conversion error to int64: invalid value 'ZHANG'", "#0"),
+        ("Failed to parse string: 'O'ZHANG' as a scalar of type double", "of type double"),
+        ('unexpected "ZHANG', "unexpected"),
+    ],
+)
+def test_arrow_reason_keeps_the_reason_drops_the_data(message: str, shown: str) -> None:
+    reason = arrow_reason(pa.ArrowInvalid(message))
+    assert shown in reason and "ZHANG" not in reason
 
 
 def test_load_logged_bandit_missing_reward_refused(
