@@ -69,7 +69,10 @@ PARQUET_OPTIONS: dict[str, object] = {
         "campaign_id",
     ],
 }
-PSCORE_ATOL = 1e-4
+PSCORE_RTOL, PSCORE_ATOL = 1e-3, 1e-7
+"""How far a row's ``pscore`` may be from its ``action_dist`` entry for the chosen action:
+relative, so that a propensity of 1e-5 logged beside a distribution entry of 1e-4 (a
+tenfold importance weight) is refused, with a floor for float32 rounding."""
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +265,8 @@ def validate_decisions(
 
     pscore_col = table.column("pscore")
     pscore = pscore_col.to_numpy(zero_copy_only=False).astype(np.float64)
-    has_pscore = ~np.isnan(pscore) if pscore_col.null_count < n else np.zeros(n, bool)
+    # an empty cell (null) is a missing propensity; a NaN is a bad one, refused below
+    has_pscore = pscore_col.is_valid().to_numpy(zero_copy_only=False)
     bad = has_pscore & ~((pscore > 0) & (pscore <= 1))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -405,7 +409,10 @@ def _check_action_dist(
         raise DecisionLogError(source, "action_dist", "must be non-negative and sum to 1", row)
     chosen = ids == action[rows][owner]
     chosen_p = np.bincount(owner, weights=np.where(chosen, probs, 0.0), minlength=len(rows))
-    mismatch = has_pscore[rows] & (np.abs(chosen_p - pscore[rows]) > PSCORE_ATOL)
+    logged = pscore[rows]
+    mismatch = has_pscore[rows] & (
+        np.abs(chosen_p - logged) > PSCORE_ATOL + PSCORE_RTOL * np.maximum(chosen_p, logged)
+    )
     if mismatch.any():
         i = int(np.flatnonzero(mismatch)[0])
         raise DecisionLogError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -70,6 +71,17 @@ BAD_LOGS = [
     ({"action_dist": [[-0.5, 1.0, 0.5]] * 6}, "action_dist", "non-negative"),
     ({"action_dist": [[0.5, 0.5]] * 6}, "action_dist", "candidate_actions has 3"),
     ({"pscore": [0.4, 0.25, 0.25, 0.5, 0.25, 0.25]}, "pscore", "differs from the action_dist"),
+    # a tenfold importance weight, below any absolute tolerance
+    (
+        {
+            "pscore": [1e-5, 0.25, 0.25, 0.5, 0.25, 0.25],
+            "action_dist": [[0.9999, 1e-4, 0.0]] + [[0.25, 0.5, 0.25]] * 5,
+        },
+        "pscore",
+        "differs from the action_dist",
+    ),
+    # NaN is a bad propensity, not a missing one (a missing one is an empty cell, null)
+    ({"pscore": [float("nan")] * 6, "action_dist": [None] * 6}, "pscore", "got nan"),
     ({"candidate_actions": [[]] + [[0, 1, 3]] * 5}, "candidate_actions", "must not be empty"),
     # one bad value would otherwise reach the trainers silently (a NaN weight poisons a model)
     ({"pscore": [0.5, None, 0.25, 0.5, 0.25, 0.25]}, "pscore", "missing on this row"),
@@ -88,6 +100,17 @@ BAD_LOGS = [
         "lists action 3 twice",
     ),
 ]
+
+
+def test_validate_decisions_pscore_agrees_within_float32_rounding() -> None:
+    """A distribution stored as float32 beside a float64 propensity agrees."""
+    cols = good_columns()
+    dist = np.array([0.1234567, 0.654321, 0.0], np.float64)
+    dist[2] = 1.0 - dist[:2].sum()
+    cols["action_dist"] = [dist.astype(np.float32).tolist()] * 6
+    cols["action"] = [0] * 6
+    cols["pscore"] = [float(dist[0])] * 6
+    validate_decisions(decisions_table(cols), n_actions=N_ACTIONS, n_features=3)
 
 
 @pytest.mark.parametrize(("override", "column", "reason"), BAD_LOGS)
