@@ -190,14 +190,14 @@ def ope_table(
                 "ess": ess if est_name in WEIGHTED_ESTIMATORS else float("nan"),
             }
             try:
-                rounds = est.estimate_round_rewards(
+                rounds, normaliser = est.estimate_round_terms(
                     log.reward, log.action, dist, log.pscore, estimated_rewards
                 )
             except UndefinedEstimateError as exc:
                 nan = float("nan")
                 rows.append({**row, "value": nan, "lower": nan, "upper": nan, "note": str(exc)})
                 continue
-            interval = bootstrap_interval(rounds, alpha, n_bootstrap_samples, seed)
+            interval = bootstrap_interval(rounds, alpha, n_bootstrap_samples, seed, normaliser)
             rows.append(
                 {
                     **row,

@@ -203,6 +203,42 @@ def test_bootstrap_interval_covers_mean_at_nominal_rate() -> None:
     assert 80 <= covered <= 98
 
 
+def test_snips_interval_covers_the_truth_at_nominal_rate() -> None:
+    """SNIPS's interval renormalises in every resample. Resampling its round rewards, each
+    divided by the whole sample's mean weight, gives IPS's interval scaled by a constant: on
+    this log (a rare action the target favours, worth nothing) it covered the truth in 44%
+    of 300 replications (a training audit's count)."""
+    rng = np.random.default_rng(11)
+    logging = np.array([0.5, 0.02, 0.48])
+    target = np.array([0.0, 0.5, 0.5])
+    truth = 0.5 * 0.0 + 0.5 * 0.9
+    n, covered, replications = 300, 0, 150
+    for _ in range(replications):
+        action = rng.choice(3, n, p=logging)
+        reward = np.where(action == 2, rng.random(n) < 0.9, 0.0).astype(float)
+        interval = SelfNormalizedInverseProbabilityWeighting().estimate_interval(
+            reward,
+            action,
+            np.broadcast_to(target, (n, 3)).copy(),
+            logging[action],
+            alpha=0.05,
+            n_bootstrap_samples=300,
+            random_state=rng,
+        )
+        covered += interval["lower"] <= truth <= interval["upper"]
+    assert covered >= 0.85 * replications, covered
+
+
+def test_bootstrap_interval_normaliser_without_weight_is_left_out() -> None:
+    """A resample whose divisor sums to 0 has no value: it is left out, not counted as 0."""
+    samples = np.array([0.0, 0.0, 3.0])
+    normaliser = np.array([0.0, 0.0, 3.0])  # value 1 wherever defined
+    interval = bootstrap_interval(
+        samples, n_bootstrap_samples=200, random_state=0, normaliser=normaliser
+    )
+    assert interval["lower"] == interval["upper"] == 1.0
+
+
 def test_bootstrap_interval_seeded_is_reproducible() -> None:
     samples = np.random.default_rng(0).normal(size=500)
     assert bootstrap_interval(samples, random_state=5) == bootstrap_interval(

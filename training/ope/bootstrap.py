@@ -15,8 +15,10 @@ def bootstrap_interval(
     alpha: float = 0.05,
     n_bootstrap_samples: int = 1000,
     random_state: int | np.random.Generator | None = None,
+    normaliser: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Percentile bootstrap interval of the mean of ``samples``.
+    """Percentile bootstrap interval of the mean of ``samples`` (with ``normaliser``: of
+    ``mean(samples) / mean(normaliser)``, the ratio recomputed in every resample).
 
     Parameters
     ----------
@@ -27,6 +29,9 @@ def bootstrap_interval(
     n_bootstrap_samples : int
         Number of resamples (with replacement, each of size n).
     random_state : int, Generator or None
+    normaliser : ndarray, shape (n,), optional
+        A self-normalised estimate's per-round divisor (SNIPS: the importance weights).
+        Resamples whose divisor sums to 0 have no value and are left out.
 
     Returns
     -------
@@ -37,6 +42,12 @@ def bootstrap_interval(
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim != 1 or len(samples) == 0:
         raise ValueError(f"`samples` must be a non-empty 1-d array, got shape {samples.shape}")
+    if normaliser is not None:
+        normaliser = np.asarray(normaliser, dtype=np.float64)
+        if normaliser.shape != samples.shape:
+            raise ValueError(
+                f"`normaliser` has shape {normaliser.shape}, `samples` {samples.shape}"
+            )
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"`alpha` must be in (0, 1), got {alpha}")
     if (
@@ -60,7 +71,17 @@ def bootstrap_interval(
         k = min(chunk, n_bootstrap_samples - done)
         idx = rng.integers(0, n, size=(k, n))
         means[done : done + k] = samples[idx].mean(axis=1)
+        if normaliser is not None:
+            divisor = normaliser[idx].mean(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                means[done : done + k] = np.where(
+                    divisor > 0, means[done : done + k] / divisor, np.nan
+                )
         done += k
+    means = means[~np.isnan(means)]
+    if len(means) == 0:  # only with a normaliser that is 0 throughout
+        nan = float("nan")
+        return {"mean": nan, "lower": nan, "upper": nan, "alpha": alpha}
     return {
         "mean": float(means.mean()),
         "lower": float(np.percentile(means, 100 * alpha / 2)),

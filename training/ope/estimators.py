@@ -42,6 +42,13 @@ class OffPolicyEstimator:
     ) -> np.ndarray:
         raise NotImplementedError
 
+    def _normaliser(
+        self, action: np.ndarray, dist: np.ndarray, pscore: np.ndarray | None, position: np.ndarray
+    ) -> np.ndarray | None:
+        """A self-normalised estimator's per-round divisor, mean 1 over the sample (None: the
+        estimate is a plain mean)."""
+        return None
+
     def estimate_round_rewards(
         self,
         reward: np.ndarray,
@@ -52,6 +59,23 @@ class OffPolicyEstimator:
         position: np.ndarray | None = None,
     ) -> np.ndarray:
         """Round-wise estimates, shape (n,); their mean is the policy value."""
+        return self.estimate_round_terms(
+            reward, action, action_dist, pscore, estimated_rewards_by_reg_model, position
+        )[0]
+
+    def estimate_round_terms(
+        self,
+        reward: np.ndarray,
+        action: np.ndarray,
+        action_dist: np.ndarray,
+        pscore: np.ndarray | None = None,
+        estimated_rewards_by_reg_model: np.ndarray | None = None,
+        position: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The round-wise estimates ``(n,)`` and, for a self-normalised estimator (SNIPS), the
+        per-round divisor ``(n,)`` whose mean is 1 over the sample (else None). A resample's
+        value is ``mean(rounds[i]) / mean(divisor[i])``: :func:`bootstrap_interval` with
+        ``normaliser`` recomputes the ratio in every resample, as the estimator does."""
         args = check_ope_inputs(
             reward,
             action,
@@ -64,7 +88,8 @@ class OffPolicyEstimator:
             estimator=type(self).__name__,
         )
         reward_, action_, dist, pscore_, q_hat, position_ = args
-        return self._round_rewards(reward_, action_, dist, pscore_, q_hat, position_)
+        rounds = self._round_rewards(reward_, action_, dist, pscore_, q_hat, position_)
+        return rounds, self._normaliser(action_, dist, pscore_, position_)
 
     def estimate_policy_value(
         self,
@@ -95,10 +120,10 @@ class OffPolicyEstimator:
         random_state: int | np.random.Generator | None = None,
     ) -> dict[str, float]:
         """Bootstrap interval of the policy value: ``{"mean", "lower", "upper", "alpha"}``."""
-        rounds = self.estimate_round_rewards(
+        rounds, normaliser = self.estimate_round_terms(
             reward, action, action_dist, pscore, estimated_rewards_by_reg_model, position
         )
-        return bootstrap_interval(rounds, alpha, n_bootstrap_samples, random_state)
+        return bootstrap_interval(rounds, alpha, n_bootstrap_samples, random_state, normaliser)
 
 
 def _factual(array: np.ndarray, action: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -151,6 +176,12 @@ class SelfNormalizedInverseProbabilityWeighting(InverseProbabilityWeighting):
                 "logged action (use IPS, whose estimate is then 0)"
             )
         return reward * weights / weights.mean()
+
+    def _normaliser(
+        self, action: np.ndarray, dist: np.ndarray, pscore: np.ndarray | None, position: np.ndarray
+    ) -> np.ndarray:
+        weights = self._weights(action, dist, pscore, position)
+        return weights / weights.mean()
 
 
 @dataclass(frozen=True)
