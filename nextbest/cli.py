@@ -420,6 +420,7 @@ def serve(
 
     from serving.http_protocol import CoalescingHttpToolsProtocol
     from serving.metrics import multiprocess_dir
+    from serving.pseudonym_binding import PseudonymKeyError, bind_pseudonym_key
     from serving.reuse_port import (
         STARTUP_FAILURE,
         ReusePortListener,
@@ -438,6 +439,10 @@ def serve(
     try:
         settings = load_settings()  # validated here, once more in each worker
         load_configuration(settings)  # the files too: each worker reads them again
+        bind_pseudonym_key(settings.state_dir, settings.pseudonym_key, record=False)
+    except PseudonymKeyError as exc:
+        console.print(f"[bold red]cannot serve[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
     except SettingsError as exc:
         console.print(f"[bold red]bad settings[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None

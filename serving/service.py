@@ -61,6 +61,7 @@ from serving.contact_history import (
 )
 from serving.decision_engine import DecisionEngine, Decisions, pick
 from serving.model_store import LoadedModel, ModelStore
+from serving.pseudonym_binding import PseudonymKeyError, bind_pseudonym_key
 from serving.schemas import (
     EXAMPLE_CUSTOMER,
     BatchDecisionRequest,
@@ -78,7 +79,7 @@ from serving.schemas import (
     batch_request_model,
 )
 from serving.security import ApiKeys, KeyFileError
-from serving.settings import Settings
+from serving.settings import DEV_PSEUDONYMISATION_KEY, Settings
 from serving.sqlite_contact_store import SqliteContactStore
 
 log = logging.getLogger("nextbest.serving")
@@ -535,6 +536,12 @@ class ScoringService:
             A bad configuration, named with its file and key.
         """
         catalog, rules, campaigns, api_keys = load_configuration(settings)
+        if settings.pseudonym_key == DEV_PSEUDONYMISATION_KEY.encode():
+            log.warning(
+                "pseudonyms are made with the public development key: anyone can recompute "
+                "a customer's from the id (NEXTBEST_PSEUDONYMISATION_KEY is not set; only "
+                "NEXTBEST_ENVIRONMENT=local allows this, and a state directory keeps its key)"
+            )
         if settings.api_keys_file is None:
             log.warning(
                 "authentication is off: NEXTBEST_API_KEYS_FILE is not set, so every request "
@@ -568,6 +575,13 @@ class ScoringService:
         contacts = SqliteContactStore(
             settings.state_dir, catalog.channel_names, synchronous=settings.journal_synchronous
         )
+        try:  # both files exist now: a first start records the key's fingerprint
+            bind_pseudonym_key(settings.state_dir, settings.pseudonym_key)
+        except PseudonymKeyError:
+            models.close()
+            journal.close()
+            contacts.close()
+            raise
         service = cls(
             settings, catalog, rules, campaigns, models, engine, journal, contacts, api_keys
         )

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import customer
 from fastapi.testclient import TestClient
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from serving.app import create_app
+from serving.pseudonym_binding import PseudonymKeyError, bind_pseudonym_key, key_fingerprint
 from serving.security import (
     ApiKeys,
     AuthError,
@@ -20,7 +21,8 @@ from serving.security import (
     main,
     revoke_api_key,
 )
-from serving.settings import Settings
+from serving.service import ScoringService
+from serving.settings import DEV_PSEUDONYMISATION_KEY, Settings
 
 
 def test_post_decision_without_key_is_401(api_client: TestClient) -> None:
@@ -240,3 +242,43 @@ def test_a_service_without_api_keys_says_authentication_is_off(
         with caplog.at_level(logging.WARNING), TestClient(create_app(settings)):
             pass
         assert ("authentication is off: NEXTBEST_API_KEYS_FILE is not set" in caplog.text) == said
+
+
+def test_a_state_directory_keeps_its_pseudonymisation_key(
+    api_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first start records the key's fingerprint in the journal and the contact store;
+    a start with another key is refused (its customers' stored contacts would not be found,
+    and caps and gaps would count from zero), and the files keep their fingerprint."""
+    with TestClient(create_app(api_settings)):
+        pass
+    other = api_settings.model_copy(
+        update={"pseudonymisation_key": SecretStr("another-key-of-the-same-bank-0123")}
+    )
+    with pytest.raises(PseudonymKeyError, match="another pseudonymisation key"):
+        ScoringService.start(other)
+    with pytest.raises(PseudonymKeyError, match=r"journal\.db"):
+        bind_pseudonym_key(other.state_dir, other.pseudonym_key, record=False)
+    bind_pseudonym_key(api_settings.state_dir, api_settings.pseudonym_key, record=False)
+    with TestClient(create_app(api_settings)) as client:  # the first key still serves
+        assert client.get("/readyz").status_code == 200
+    # a fingerprint reveals nothing of the key, and tells keys apart
+    assert key_fingerprint(b"k" * 16) != key_fingerprint(b"k" * 17)
+    assert "k" * 16 not in key_fingerprint(b"k" * 16)
+
+
+def test_the_public_development_key_is_said(
+    api_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = api_settings.model_copy(
+        update={"pseudonymisation_key": SecretStr(DEV_PSEUDONYMISATION_KEY)}
+    )
+    for settings, said in ((dev, True), (api_settings, False)):
+        caplog.clear()
+        state = settings.state_dir.with_name(f"state-{said}")
+        with (
+            caplog.at_level(logging.WARNING),
+            TestClient(create_app(settings.model_copy(update={"state_dir": state}))),
+        ):
+            pass
+        assert ("public development key" in caplog.text) == said

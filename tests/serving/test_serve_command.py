@@ -111,3 +111,26 @@ def test_a_misspelt_setting_is_named_with_the_one_it_resembles(
     assert "NEXTBEST_EPSLION (did you mean NEXTBEST_EPSILON?)" in output
     assert "NOTEBOOK_DIR" not in output
     assert len(started) == 1
+
+
+def test_a_state_directory_of_another_key_is_one_line_before_any_worker(
+    started: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    from serving.pseudonym_binding import STATE_FILES, bind_pseudonym_key
+    from serving.settings import load_settings
+
+    monkeypatch.setenv("NEXTBEST_PSEUDONYMISATION_KEY", "the-key-this-state-was-written-with")
+    settings = load_settings()
+    settings.state_dir.mkdir(parents=True)
+    for name, table in STATE_FILES:  # the meta tables a service's stores make
+        with sqlite3.connect(settings.state_dir / name) as conn:
+            conn.execute(f"CREATE TABLE {table} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    bind_pseudonym_key(settings.state_dir, settings.pseudonym_key)
+    monkeypatch.setenv("NEXTBEST_PSEUDONYMISATION_KEY", "a-new-key-nobody-told-the-state")
+    result = serve()
+    assert result.exit_code == 2, result.output
+    assert "another pseudonymisation key" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert started == []
