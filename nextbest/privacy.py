@@ -1,4 +1,4 @@
-"""Personal data protection: pseudonymous customer keys and masking of sensitive numbers.
+"""Personal data protection: pseudonymous customer keys and message ids.
 
 Raw customer identifiers are never written to logs, metrics or decision files: they are
 replaced by a keyed hash (BLAKE2b in its keyed MAC mode), so records of one customer can be
@@ -62,8 +62,19 @@ def pseudonymise_many(customer_ids: Iterable[str], key: bytes) -> list[str]:
     return out
 
 
-def mask_number(value: str, keep_last: int = 4) -> str:
-    """Mask a national ID or account number, keeping only the last ``keep_last`` characters."""
-    if len(value) <= keep_last:
-        return "*" * len(value)
-    return "*" * (len(value) - keep_last) + value[-keep_last:]
+MESSAGE_PREFIX = "msg_"
+
+
+def message_key(message_id: str, key: bytes) -> str:
+    """Stable pseudonymous key for a marketing platform's message id under ``key``: ``msg_``
+    and 24 hex characters. Platforms often build message ids from the customer number, so the
+    contact store keeps this instead of the id; its hash input is kept apart from customer
+    ids' (the same text as a customer id and as a message id gives unrelated keys).
+
+    Raises
+    ------
+    ValueError
+        As :func:`pseudonymise`, for a key of the wrong length.
+    """
+    hashed = pseudonymise("message\x00" + message_id, key)
+    return MESSAGE_PREFIX + hashed[len(PSEUDONYM_PREFIX) :]

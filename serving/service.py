@@ -40,7 +40,7 @@ from nextbest.customer_columns import CustomerColumns, context_batch
 from nextbest.decision_batch import DecisionBatch, new_decision_ids
 from nextbest.decision_journal import JournalWriter
 from nextbest.features import ContextEncoder
-from nextbest.privacy import pseudonymise, pseudonymise_many
+from nextbest.privacy import message_key, pseudonymise, pseudonymise_many
 from nextbest.rewards import (
     RewardConflictError,
     RewardOutcome,
@@ -1021,8 +1021,9 @@ class ScoringService:
         if request.offer is not None and request.offer not in self.catalog.offer_names:
             raise HTTPException(400, f"unknown offer {request.offer!r}")
         contact_id = request.contact_id
+        stored_id = request.decision_id or message_key(contact_id, self._key)  # no raw ids
         contact = ContactBatch(
-            contact_id=[contact_id],
+            contact_id=[stored_id],
             customer_key=[pseudonymise(request.customer_id, self._key)],
             channel=[request.channel],
             offer=[request.offer],

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from nextbest.privacy import mask_number, pseudonymise, pseudonymise_many
+from nextbest.privacy import message_key, pseudonymise, pseudonymise_many
 
 KEY = b"0123456789abcdef-test-key"
 
@@ -43,6 +43,8 @@ def test_pseudonymise_many_is_the_keyed_blake2b_of_each_id() -> None:
     assert pseudonymise_many([], KEY) == []
 
 
-def test_mask_number_keeps_last_four() -> None:
-    assert mask_number("110101199003077777") == "*" * 14 + "7777"
-    assert mask_number("123") == "***"
+def test_message_key_is_keyed_and_apart_from_customer_pseudonyms() -> None:
+    key = message_key("m-1", KEY)
+    assert key.startswith("msg_") and len(key) == 4 + 24
+    assert key == message_key("m-1", KEY) != message_key("m-1", KEY[::-1])
+    assert key[4:] != pseudonymise("m-1", KEY)[5:]  # the same text as a customer id

@@ -3,6 +3,7 @@ that is not a number."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from nextbest.catalog import ActionCatalog
 from nextbest.compliance import RuleEngine
 from nextbest.context import MAX_COUNT, ContextBatch, parse_customer
 from nextbest.features import ContextEncoder
+from nextbest.privacy import message_key
 from serving.app import create_app
 from serving.decision_engine import DecisionEngine
 from serving.settings import Settings
@@ -189,6 +191,31 @@ def test_a_repeated_delivery_reports_nothing_recorded(
     first = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
     again = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
     assert (first.json()["recorded"], again.json()["recorded"]) == (True, False)
+
+
+def test_a_message_id_is_stored_pseudonymised(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """Platforms build message ids from customer numbers: the contact store keeps a keyed
+    hash of one, never its text; the same id reported again is still the same contact."""
+    marker = "msg-110101199003071234"
+    delivery = {
+        "customer_id": "c-110101199003071234",
+        "message_id": marker,
+        "channel": "sms",
+        "delivered_at": datetime.now(UTC).isoformat(),
+    }
+    with TestClient(create_app(api_settings)) as client:
+        first = client.post("/v1/deliveries", json=delivery, headers=auth["reward"]).json()
+        again = client.post("/v1/deliveries", json=delivery, headers=auth["reward"]).json()
+    assert first == {"contact_id": marker, "recorded": True}  # the caller's id, echoed
+    assert again == {"contact_id": marker, "recorded": False}
+    stored = api_settings.state_dir / "contacts.db"
+    with sqlite3.connect(stored) as conn:
+        ids = [r[0] for r in conn.execute("SELECT contact_id FROM contact_events")]
+    assert ids == [message_key(marker, api_settings.pseudonym_key)]
+    files = b"".join(p.read_bytes() for p in api_settings.state_dir.iterdir() if p.is_file())
+    assert b"110101199003071234" not in files
 
 
 @pytest.mark.parametrize("when", ["1969-12-31T23:00:00+00:00", IN_TWO_DAYS])
