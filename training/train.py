@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -437,7 +437,10 @@ def run_training(
 
         truth: TruthTable | None = None
         if recipe is not None and engine is not None:
-            truth = _ground_truth(config, recipe, catalog, engine, log, holdout_rows, fitted)
+            evaluated = {k: v for k, v in policies.items() if k == "champion"}
+            truth = _ground_truth(
+                config, recipe, catalog, engine, log, holdout_rows, fitted, evaluated
+            )
             for row in truth.summary():
                 name = row["policy"]
                 mlflow.log_metrics(
@@ -501,10 +504,14 @@ def _ground_truth(
     log: LoggedBandit,
     holdout_rows: np.ndarray,
     fitted: FittedModel,
+    evaluated: Mapping[str, np.ndarray],
 ) -> TruthTable:
-    """Exact value of the model and the baselines on the held-out decisions (replay)."""
+    """Exact value of the model, the baselines and the ``evaluated`` policies (the champion:
+    distributions over actions on the held-out decisions, float ``(n_holdout, A)``, in log
+    order) on the held-out decisions (replay)."""
     n_actions = catalog.n_actions
     logging_dist = log.logging_dist
+    holdout_position = np.cumsum(holdout_rows) - 1  # a held-out log row's row in ``evaluated``
 
     def model(rows: np.ndarray, context: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         return target_distribution(config.policy, fitted.scores(context), allowed)
@@ -522,6 +529,8 @@ def _ground_truth(
         policies["logging"] = lambda rows, context, allowed: logging_dist[rows]
     policies["uniform"] = uniform
     policies["no_contact"] = no_contact
+    for name, dist in evaluated.items():
+        policies[name] = lambda rows, context, allowed, d=dist: d[holdout_position[rows]]
     return replay_truth(recipe, catalog, engine, holdout_rows, policies, log.context)
 
 

@@ -231,6 +231,25 @@ def recipe_log(tmp_path_factory, catalog, engine):
     return out
 
 
+def test_the_champion_gets_its_true_value_next_to_its_estimates(recipe_log, tmp_path: Path) -> None:
+    """On a simulated log the run replays the champion too. The same config trained twice
+    gives the same model: the champion's true value is then the new model's, to the digit
+    (which also shows each held-out decision read the champion's own row)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = str(write_config(tmp_path, recipe_log))
+    assert runner.invoke(app, ["train", "--config", config]).exit_code == 0
+    client = MlflowClient(uri, registry_uri=uri)
+    client.set_registered_model_alias("nextbest", "champion", "1")
+    second = runner.invoke(app, ["train", "--config", config])
+    assert second.exit_code == 0, second.output
+    run = client.get_run(client.get_model_version_by_alias("nextbest", "challenger").run_id)
+    metrics = run.data.metrics
+    assert metrics["truth/champion/value"] == pytest.approx(metrics["truth/model/value"], abs=1e-9)
+    assert metrics["truth/champion/blocked_mass"] == 0.0
+    truth_file = client.download_artifacts(run.info.run_id, "ground_truth.json", str(tmp_path))
+    assert "champion" in {r["policy"] for r in json.loads(Path(truth_file).read_text())}
+
+
 def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, recipe_log))])
     assert result.exit_code == 0, result.output
