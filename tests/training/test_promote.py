@@ -43,8 +43,10 @@ def version(
     metrics: dict[str, float],
     alpha: str | None = "0.05",
     tags: dict[str, str] | None = None,
+    folds: str | None = "2",
 ) -> str:
-    """A registered version whose run logged ``metrics``, ``tags`` (and ``evaluation.alpha``)."""
+    """A registered version whose run logged ``metrics``, ``tags`` (and ``evaluation.alpha``,
+    ``evaluation.crossfit_folds``)."""
     found = client.get_experiment_by_name(EXPERIMENT)
     experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment) as run:  # no active experiment set
@@ -52,6 +54,8 @@ def version(
         mlflow.set_tags(tags or {})
         if alpha is not None:
             mlflow.log_param("evaluation.alpha", alpha)
+        if folds is not None:
+            mlflow.log_param("evaluation.crossfit_folds", folds)
     made = client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id)
     client.set_registered_model_alias(NAME, alias, made.version)
     return str(made.version)
@@ -225,3 +229,15 @@ def test_promote_cli_builds_one_mlflow_client(
     result = CliRunner().invoke(app, ["promote", "--tracking-uri", uri, "--model", NAME])
     assert result.exit_code == 0, result.output
     assert len(built) == 1, built
+
+
+@pytest.mark.parametrize("folds", ["0", None])
+def test_a_challenger_valued_with_its_own_reward_model_is_not_promoted(
+    client: MlflowClient, folds: str | None
+) -> None:
+    """DR with the challenger's own scores as its reward model favours the challenger's
+    choices: without cross-fitting (or without the setting logged) there is no promotion."""
+    version(client, CHALLENGER, GOOD, folds=folds)
+    promoted, why = promote(client, NAME)
+    assert not promoted and "evaluation.crossfit_folds" in why and "cross-fitted" in why
+    assert champion_version(client) is None
