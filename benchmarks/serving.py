@@ -34,7 +34,8 @@ The last line of output is the JSON of these figures.
 ``--soak SECONDS`` runs only a memory check instead: one worker under ``wrk -c16`` for that
 long, in rounds of 20 seconds, reading the worker's resident memory after each round. Last
 line: ``{"soak_s", "decisions", "rss_anon_start_mb", "rss_anon_mid_mb", "rss_anon_end_mb",
-"second_half_growth_mb", "state_mb"}``: the anonymous memory (the heap, SQLite's page caches)
+"second_half_growth_mb", "state_mb"}`` (``decisions`` from wrk's rates x the rounds' length):
+the anonymous memory (the heap, SQLite's page caches)
 at the start, half-way and at the end, its growth over the second half (a leak keeps
 growing; caches stop at their caps), and the state directory's size on disk.
 """
@@ -499,21 +500,26 @@ def soak(seconds: int) -> None:
     model = build_model(work / "model.onnx")
     keys = work / "keys.json"
     key = create_api_key(keys, "benchmark", ["decide"])
-    server, port = start_full(model, work / "state", keys, workers=1)
-    url, script = f"http://127.0.0.1:{port}/v1/decisions", lua_script(work, key)
     rounds = max(2, seconds // SOAK_ROUND_SECONDS)
     try:
-        wrk(binary, url, script, 16, WARMUP_SECONDS)
-        memory, decisions = [rss_anon_mb(server.pid)], 0
-        for i in range(rounds):
-            run = wrk(binary, url, script, 16, SOAK_ROUND_SECONDS)
-            decisions += round(run["rps"] * SOAK_ROUND_SECONDS)
-            memory.append(rss_anon_mb(server.pid))
-            print(f"round {i + 1}/{rounds}: {run['rps']:,.0f} /s, {memory[-1]:.0f} MiB", flush=True)
+        server, port = start_full(model, work / "state", keys, workers=1)
+        url, script = f"http://127.0.0.1:{port}/v1/decisions", lua_script(work, key)
+        try:
+            wrk(binary, url, script, 16, WARMUP_SECONDS)
+            memory, decisions = [rss_anon_mb(server.pid)], 0
+            for i in range(rounds):
+                run = wrk(binary, url, script, 16, SOAK_ROUND_SECONDS)
+                decisions += round(run["rps"] * SOAK_ROUND_SECONDS)  # wrk's rate x the round
+                memory.append(rss_anon_mb(server.pid))
+                print(
+                    f"round {i + 1}/{rounds}: {run['rps']:,.0f} /s, {memory[-1]:.0f} MiB",
+                    flush=True,
+                )
+        finally:
+            stop(server)
+        state_mb = sum(f.stat().st_size for f in (work / "state").iterdir()) / 2**20
     finally:
-        stop(server)
-    state_mb = sum(f.stat().st_size for f in (work / "state").iterdir()) / 2**20
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     mid = memory[len(memory) // 2]
     print(
         json.dumps(

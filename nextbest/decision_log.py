@@ -89,7 +89,12 @@ class DecisionLogError(ValueError):
 
 
 _ROW_COUNT = re.compile(r"Expected \d+ columns, got \d+")
-_QUOTED = re.compile(r"'.*'", re.DOTALL)
+_QUOTED = re.compile(r"(?<![A-Za-z])'.*'(?![A-Za-z])", re.DOTALL)
+"""A quoted value: from an opening quote (not an apostrophe inside a word) to the last
+closing one."""
+_OPENING_QUOTE = re.compile(r"(?<![A-Za-z])['\"]")
+_LONG_NUMBER = re.compile(r"\d[\d.]{4,}")
+"""Five digits or more: a phone or an id number that a cast error prints unquoted."""
 
 
 def arrow_reason(exc: BaseException) -> str:
@@ -98,16 +103,17 @@ def arrow_reason(exc: BaseException) -> str:
     neither a row's text nor a cell's value may reach a message (which lands in job logs).
 
     ``CSV parse error: Expected 13 columns, got 14: <the row>`` keeps its first part;
-    ``Failed to parse string: 'value' as ...`` gets the value replaced; what follows any
-    other quote character is cut.
+    ``Failed to parse string: 'value' as ...`` gets the value replaced; numbers of five
+    digits or more (``Integer value 13812345678 not in range``) are replaced; what follows
+    any other opening quote is cut.
     """
     text = (str(exc).splitlines() or [""])[0] or type(exc).__name__
     counted = _ROW_COUNT.search(text)
     if counted is not None:  # the row's text follows the counts
         return text[: counted.end()] + " (the row's text is not shown)"
-    text = _QUOTED.sub("<value not shown>", text)
-    cut = min((i for i in (text.find("'"), text.find('"')) if i >= 0), default=-1)
-    return text if cut < 0 else text[:cut] + "<not shown>"
+    text = _LONG_NUMBER.sub("<number not shown>", _QUOTED.sub("<value not shown>", text))
+    quote = _OPENING_QUOTE.search(text)
+    return text if quote is None else text[: quote.start()] + "<not shown>"
 
 
 def check_column_names(names: Sequence[str], source: str) -> list[str]:

@@ -68,13 +68,20 @@ MESSAGE_PREFIX = "msg_"
 def message_key(message_id: str, key: bytes) -> str:
     """Stable pseudonymous key for a marketing platform's message id under ``key``: ``msg_``
     and 24 hex characters. Platforms often build message ids from the customer number, so the
-    contact store keeps this instead of the id; its hash input is kept apart from customer
-    ids' (the same text as a customer id and as a message id gives unrelated keys).
+    contact store keeps this instead of the id. BLAKE2b's personalisation keeps it apart from
+    customer pseudonyms (the same text as a customer id and as a message id gives unrelated
+    keys).
 
     Raises
     ------
     ValueError
         As :func:`pseudonymise`, for a key of the wrong length.
     """
-    hashed = pseudonymise("message\x00" + message_id, key)
-    return MESSAGE_PREFIX + hashed[len(PSEUDONYM_PREFIX) :]
+    check_key(key)
+    digest = hashlib.blake2b(
+        message_id.encode("utf-8"),
+        key=key,
+        digest_size=PSEUDONYM_HEX_CHARS // 2,
+        person=b"nextbest-msgid",
+    )
+    return MESSAGE_PREFIX + digest.hexdigest()

@@ -22,7 +22,6 @@ FINGERPRINT_NAME = "pseudonym_key"
 """The meta entry holding the key's fingerprint."""
 STATE_FILES = ((JOURNAL_FILENAME, "journal_meta"), (CONTACTS_FILENAME, "store_meta"))
 """The state files bound to the key, with their meta table (``key``, ``value``)."""
-_LABEL = b"nextbest pseudonymisation key fingerprint"
 
 
 class PseudonymKeyError(RuntimeError):
@@ -30,14 +29,17 @@ class PseudonymKeyError(RuntimeError):
 
 
 def key_fingerprint(key: bytes) -> str:
-    """24 hex characters identifying ``key`` (a keyed BLAKE2b hash of a fixed label)."""
-    return hashlib.blake2b(_LABEL, key=key, digest_size=12).hexdigest()
+    """24 hex characters identifying ``key``: BLAKE2b keyed with it, personalised apart from
+    every other hash made with the key (pseudonyms, message keys)."""
+    return hashlib.blake2b(b"", key=key, digest_size=12, person=b"nextbest-keyfp").hexdigest()
 
 
 def bind_pseudonym_key(state_dir: Path, key: bytes, record: bool = True) -> None:
-    """Check that the state files in ``state_dir`` were written under ``key``; with
-    ``record``, a file without a fingerprint gets this key's (files that do not exist yet
-    are skipped: their stores record it when they first open them through this function).
+    """Check that the state files in ``state_dir`` were written under ``key``; then, with
+    ``record``, give the files without a fingerprint this key's. Every file is checked before
+    any is written, so a refused key leaves no trace. Files that do not exist yet, or whose
+    store has not made its meta table, are skipped (``ScoringService.start`` calls this
+    after opening its stores).
 
     Raises
     ------
@@ -45,25 +47,17 @@ def bind_pseudonym_key(state_dir: Path, key: bytes, record: bool = True) -> None
         Naming the file and what to do.
     """
     fingerprint = key_fingerprint(key)
+    unbound = []
     for name, table in STATE_FILES:
         path = Path(state_dir) / name
         if not path.is_file():
             continue
-        conn = open_sqlite(path, read_only=not record)
-        try:
-            if record:
-                conn.execute(
-                    f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", (FINGERPRINT_NAME, fingerprint)
-                )
-            try:
-                found = conn.execute(
-                    f"SELECT value FROM {table} WHERE key = ?", (FINGERPRINT_NAME,)
-                ).fetchone()
-            except sqlite3.OperationalError:  # a file its store has not prepared yet
-                found = None
-        finally:
-            conn.close()
-        if found is not None and found[0] != fingerprint:
+        prepared, found = _recorded(path, table)
+        if not prepared:
+            continue
+        if found is None:
+            unbound.append((path, table))
+        elif found != fingerprint:
             raise PseudonymKeyError(
                 f"{path} was written under another pseudonymisation key "
                 "(NEXTBEST_PSEUDONYMISATION_KEY): its customers' pseudonyms would not match "
@@ -71,6 +65,32 @@ def bind_pseudonym_key(state_dir: Path, key: bytes, record: bool = True) -> None
                 "Set the key it was written with, or start on a new state directory "
                 "(NEXTBEST_STATE_DIR)"
             )
+    if not record:
+        return
+    for path, table in unbound:
+        conn = open_sqlite(path)
+        try:  # another worker may record the same fingerprint first: then this is a no-op
+            conn.execute(
+                f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", (FINGERPRINT_NAME, fingerprint)
+            )
+        finally:
+            conn.close()
+    if unbound:  # two starts with different keys at once: one of them is refused here
+        bind_pseudonym_key(state_dir, key, record=False)
+
+
+def _recorded(path: Path, table: str) -> tuple[bool, str | None]:
+    """Whether ``path`` has its meta ``table`` yet, and the fingerprint recorded there."""
+    conn = open_sqlite(path, read_only=True)
+    try:
+        row = conn.execute(
+            f"SELECT value FROM {table} WHERE key = ?", (FINGERPRINT_NAME,)
+        ).fetchone()
+    except sqlite3.OperationalError:  # no such table: its store has not prepared the file
+        return False, None
+    finally:
+        conn.close()
+    return True, None if row is None else str(row[0])
 
 
 __all__ = [

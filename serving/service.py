@@ -79,7 +79,7 @@ from serving.schemas import (
     batch_request_model,
 )
 from serving.security import ApiKeys, KeyFileError
-from serving.settings import DEV_PSEUDONYMISATION_KEY, Settings
+from serving.settings import Settings, is_development_key
 from serving.sqlite_contact_store import SqliteContactStore
 
 log = logging.getLogger("nextbest.serving")
@@ -536,10 +536,10 @@ class ScoringService:
             A bad configuration, named with its file and key.
         """
         catalog, rules, campaigns, api_keys = load_configuration(settings)
-        if settings.pseudonym_key == DEV_PSEUDONYMISATION_KEY.encode():
+        if is_development_key(settings.pseudonym_key):
             log.warning(
                 "pseudonyms are made with the public development key: anyone can recompute "
-                "a customer's from the id (NEXTBEST_PSEUDONYMISATION_KEY is not set; only "
+                "a customer's from the id (set NEXTBEST_PSEUDONYMISATION_KEY; only "
                 "NEXTBEST_ENVIRONMENT=local allows this, and a state directory keeps its key)"
             )
         if settings.api_keys_file is None:

@@ -25,6 +25,13 @@ from nextbest.privacy import MAX_KEY_BYTES, check_key
 from serving.supervision import SUPERVISOR_ENV
 
 DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
+
+
+def is_development_key(key: bytes) -> bool:
+    """Whether ``key`` is the public development key (in any case, with spaces around it)."""
+    return key.strip().lower() == DEV_PSEUDONYMISATION_KEY.encode().lower()
+
+
 """The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
 MIN_DISTINCT_KEY_BYTES = 8
 """Outside ``local``, a pseudonymisation key needs this many distinct bytes (refuses keys
@@ -124,7 +131,7 @@ class Settings(BaseSettings):
         if self.environment == "local":
             return self
         unsafe = []
-        if key.strip().lower() == DEV_PSEUDONYMISATION_KEY.encode().lower():
+        if is_development_key(key):
             unsafe.append("NEXTBEST_PSEUDONYMISATION_KEY is the public development key")
         elif len(set(key)) < MIN_DISTINCT_KEY_BYTES:
             unsafe.append(

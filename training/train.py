@@ -278,7 +278,8 @@ def crossfit_folds(config: TrainingConfig, holdout: LoggedBandit) -> np.ndarray 
         raise ValueError(
             f"{config.data.logs}: the {holdout.n_rounds} held-out decisions{customers} are "
             f"too few for evaluation.crossfit_folds = {folds} (fold sizes {sizes.tolist()}): "
-            "use a larger log or data.holdout_share, fewer folds, or crossfit_folds: 0"
+            "use a larger log or data.holdout_share, fewer folds, or crossfit_folds: 0 (a run "
+            "valued without cross-fitting cannot be promoted)"
         )
     return fold
 
@@ -437,7 +438,7 @@ def run_training(
 
         truth: TruthTable | None = None
         if recipe is not None and engine is not None:
-            evaluated = {k: v for k, v in policies.items() if k == "champion"}
+            evaluated = {"champion": policies["champion"]} if "champion" in policies else {}
             truth = _ground_truth(
                 config, recipe, catalog, engine, log, holdout_rows, fitted, evaluated
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import customer
 from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 
+from nextbest.privacy import pseudonymise
 from serving.app import create_app
 from serving.pseudonym_binding import PseudonymKeyError, bind_pseudonym_key, key_fingerprint
 from serving.security import (
@@ -244,9 +246,7 @@ def test_a_service_without_api_keys_says_authentication_is_off(
         assert ("authentication is off: NEXTBEST_API_KEYS_FILE is not set" in caplog.text) == said
 
 
-def test_a_state_directory_keeps_its_pseudonymisation_key(
-    api_settings: Settings, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_state_directory_keeps_its_pseudonymisation_key(api_settings: Settings) -> None:
     """The first start records the key's fingerprint in the journal and the contact store;
     a start with another key is refused (its customers' stored contacts would not be found,
     and caps and gaps would count from zero), and the files keep their fingerprint."""
@@ -262,9 +262,29 @@ def test_a_state_directory_keeps_its_pseudonymisation_key(
     bind_pseudonym_key(api_settings.state_dir, api_settings.pseudonym_key, record=False)
     with TestClient(create_app(api_settings)) as client:  # the first key still serves
         assert client.get("/readyz").status_code == 200
-    # a fingerprint reveals nothing of the key, and tells keys apart
+    # a fingerprint tells keys apart, and is no pseudonym of any customer id
     assert key_fingerprint(b"k" * 16) != key_fingerprint(b"k" * 17)
-    assert "k" * 16 not in key_fingerprint(b"k" * 16)
+    assert key_fingerprint(b"k" * 16) not in pseudonymise("", b"k" * 16)
+
+
+def test_a_refused_key_leaves_no_trace(api_settings: Settings) -> None:
+    """Every file is checked before any is written: a journal without a fingerprint (made
+    again from scratch) beside a contact store of key A does not take key B's on a refused
+    start, so key A still starts."""
+    with TestClient(create_app(api_settings)):
+        pass
+    journal = api_settings.state_dir / "journal.db"
+    with sqlite3.connect(journal) as conn:
+        conn.execute("DELETE FROM journal_meta WHERE key = 'pseudonym_key'")
+    other = b"another-key-of-the-same-bank-0123"
+    with pytest.raises(PseudonymKeyError, match=r"contacts\.db"):
+        bind_pseudonym_key(api_settings.state_dir, other)
+    bind_pseudonym_key(api_settings.state_dir, api_settings.pseudonym_key)  # still key A's
+    with sqlite3.connect(journal) as conn:
+        (recorded,) = conn.execute(
+            "SELECT value FROM journal_meta WHERE key = 'pseudonym_key'"
+        ).fetchone()
+    assert recorded == key_fingerprint(api_settings.pseudonym_key)
 
 
 def test_the_public_development_key_is_said(

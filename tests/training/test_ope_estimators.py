@@ -206,8 +206,8 @@ def test_bootstrap_interval_covers_mean_at_nominal_rate() -> None:
 def test_snips_interval_covers_the_truth_at_nominal_rate() -> None:
     """SNIPS's interval renormalises in every resample. Resampling its round rewards, each
     divided by the whole sample's mean weight, gives IPS's interval scaled by a constant: on
-    this log (a rare action the target favours, worth nothing) it covered the truth in 44%
-    of 300 replications (a training audit's count)."""
+    this log (a rare action the target favours, worth nothing) that covered the truth in 75
+    of these 150 replications."""
     rng = np.random.default_rng(11)
     logging = np.array([0.5, 0.02, 0.48])
     target = np.array([0.0, 0.5, 0.5])

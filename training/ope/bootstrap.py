@@ -31,7 +31,10 @@ def bootstrap_interval(
     random_state : int, Generator or None
     normaliser : ndarray, shape (n,), optional
         A self-normalised estimate's per-round divisor (SNIPS: the importance weights).
-        Resamples whose divisor sums to 0 have no value and are left out.
+        Resamples whose divisor sums to 0 have no value and are left out. When only a handful
+        of rounds carry weight, most resamples repeat the same few and the interval narrows
+        to almost nothing: no bootstrap interval is reliable there; read the effective sample
+        size beside it.
 
     Returns
     -------
@@ -78,10 +81,11 @@ def bootstrap_interval(
                     divisor > 0, means[done : done + k] / divisor, np.nan
                 )
         done += k
-    means = means[~np.isnan(means)]
-    if len(means) == 0:  # only with a normaliser that is 0 throughout
-        nan = float("nan")
-        return {"mean": nan, "lower": nan, "upper": nan, "alpha": alpha}
+    if normaliser is not None:
+        means = means[~np.isnan(means)]  # resamples without weight have no value
+        if len(means) == 0:  # the weight is 0 throughout
+            nan = float("nan")
+            return {"mean": nan, "lower": nan, "upper": nan, "alpha": alpha}
     return {
         "mean": float(means.mean()),
         "lower": float(np.percentile(means, 100 * alpha / 2)),

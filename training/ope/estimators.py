@@ -42,13 +42,6 @@ class OffPolicyEstimator:
     ) -> np.ndarray:
         raise NotImplementedError
 
-    def _normaliser(
-        self, action: np.ndarray, dist: np.ndarray, pscore: np.ndarray | None, position: np.ndarray
-    ) -> np.ndarray | None:
-        """A self-normalised estimator's per-round divisor, mean 1 over the sample (None: the
-        estimate is a plain mean)."""
-        return None
-
     def estimate_round_rewards(
         self,
         reward: np.ndarray,
@@ -87,9 +80,19 @@ class OffPolicyEstimator:
             require_estimated_rewards=self.needs_reward_model,
             estimator=type(self).__name__,
         )
-        reward_, action_, dist, pscore_, q_hat, position_ = args
-        rounds = self._round_rewards(reward_, action_, dist, pscore_, q_hat, position_)
-        return rounds, self._normaliser(action_, dist, pscore_, position_)
+        return self._round_terms(*args)
+
+    def _round_terms(
+        self,
+        reward: np.ndarray,
+        action: np.ndarray,
+        dist: np.ndarray,
+        pscore: np.ndarray | None,
+        q_hat: np.ndarray | None,
+        position: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`estimate_round_terms` on checked inputs (a plain mean: no divisor)."""
+        return self._round_rewards(reward, action, dist, pscore, q_hat, position), None
 
     def estimate_policy_value(
         self,
@@ -169,19 +172,19 @@ class SelfNormalizedInverseProbabilityWeighting(InverseProbabilityWeighting):
     estimator_name: ClassVar[str] = "snipw"
 
     def _round_rewards(self, reward, action, dist, pscore, q_hat, position) -> np.ndarray:
+        return self._round_terms(reward, action, dist, pscore, q_hat, position)[0]
+
+    def _round_terms(
+        self, reward, action, dist, pscore, q_hat, position
+    ) -> tuple[np.ndarray, np.ndarray]:
         weights = self._weights(action, dist, pscore, position)
         if weights.sum() == 0:
             raise UndefinedEstimateError(
                 "SNIPS is undefined: the evaluation policy gives zero probability to every "
                 "logged action (use IPS, whose estimate is then 0)"
             )
-        return reward * weights / weights.mean()
-
-    def _normaliser(
-        self, action: np.ndarray, dist: np.ndarray, pscore: np.ndarray | None, position: np.ndarray
-    ) -> np.ndarray:
-        weights = self._weights(action, dist, pscore, position)
-        return weights / weights.mean()
+        divisor = weights / weights.mean()
+        return reward * divisor, divisor
 
 
 @dataclass(frozen=True)
