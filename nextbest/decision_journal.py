@@ -403,10 +403,11 @@ class JournalWriter:
 
         def record(conn: sqlite3.Connection) -> RewardResult:
             found = conn.execute(
-                "SELECT seq, timestamp_us, action FROM decisions WHERE decision_id = ?",
+                "SELECT seq, timestamp_us, action FROM decisions WHERE decision_id = ? "
+                "AND decision_id NOT IN (SELECT decision_id FROM withdrawn)",
                 (decision_id,),
             ).fetchone()
-            if found is None:
+            if found is None:  # or withdrawn: journalled, never served
                 raise UnknownDecisionError(decision_id)
             seq, decided_us, action = found
             stored = conn.execute(

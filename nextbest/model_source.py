@@ -39,6 +39,11 @@ class ResolvedModel:
     """The local ``.onnx`` file."""
     version: str
     """``<name>/<version>`` for registry models, ``file:<sha256 prefix>`` for local files."""
+    content: bytes
+    """The file's bytes, read once: the version's digest and a session built from them
+    belong to the same file, even if it is replaced meanwhile."""
+    stat: os.stat_result
+    """The file's status from the same open handle (what a watcher compares)."""
 
 
 def is_registry_uri(uri: str) -> bool:
@@ -103,7 +108,8 @@ def resolve_model(
             raise ModelSourceError(f"model {uri!r}: a directory, not an .onnx file")
         if not path.is_file():
             raise ModelSourceError(f"model {uri!r}: no such file")
-        return ResolvedModel(uri, path, f"file:{_file_digest(path)}")
+        content, stat = _read(path)
+        return ResolvedModel(uri, path, f"file:{_digest(content)}", content, stat)
     import mlflow
 
     client = mlflow_client(tracking_uri, must_exist=True)
@@ -130,7 +136,8 @@ def resolve_model(
         raise ModelSourceError(
             f"model {uri!r}: expected one .onnx file in the artifact, found {len(files)}"
         )
-    return ResolvedModel(uri, files[0], version)
+    content, stat = _read(files[0])
+    return ResolvedModel(uri, files[0], version, content, stat)
 
 
 def registry_version(uri: str, tracking_uri: str | None = None) -> str:
@@ -161,12 +168,14 @@ def _pin(client: MlflowClient, uri: str) -> tuple[str, str]:
     )
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
+def _read(path: Path) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and its status, from one open handle."""
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+        return handle.read(), os.fstat(handle.fileno())
+
+
+def _digest(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()[:12]
 
 
 def unwritable_directory(directory: str | Path) -> str | None:

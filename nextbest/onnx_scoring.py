@@ -132,16 +132,20 @@ class OnnxScorer:
     ----------
     path : the ``.onnx`` file.
     threads : intra-op threads of the session (1 suits a server with one worker per core).
+    content : the file's bytes, already read (the session is built from them, so a file
+        replaced meanwhile cannot slip in under the version they were hashed for)
     """
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1, content: bytes | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.path = Path(path)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
+                str(self.path) if content is None else content,
+                options,
+                providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # ONNX Runtime raises its own exception types
             raise ModelSpecError(f"{self.path}: cannot load ONNX model: {exc}") from exc
@@ -153,12 +157,17 @@ class OnnxScorer:
                 f"got inputs {inputs} and outputs {outputs}"
             )
         props = dict(self.session.get_modelmeta().custom_metadata_map)
-        if SPEC_KEY in props:
-            self.spec: dict[str, Any] = json.loads(props[SPEC_KEY])
-        elif spec_path(self.path).exists():
-            self.spec = json.loads(spec_path(self.path).read_text())
-        else:
-            raise ModelSpecError(f"{self.path}: no feature spec inside the model or beside it")
+        try:
+            if SPEC_KEY in props:
+                self.spec: dict[str, Any] = json.loads(props[SPEC_KEY])
+            elif spec_path(self.path).exists():
+                self.spec = json.loads(spec_path(self.path).read_text())
+            else:
+                raise ModelSpecError(f"{self.path}: no feature spec inside the model or beside it")
+        except json.JSONDecodeError as exc:
+            raise ModelSpecError(f"{self.path}: its feature spec is not JSON: {exc}") from None
+        if not isinstance(self.spec, dict) or not isinstance(self.spec.get("context_names"), list):
+            raise ModelSpecError(f"{self.path}: its feature spec has no context_names list")
         self.model_kind = props.get(MODEL_KIND_KEY, "unknown")
         self.exported_from: str | None = props.get(SOURCE_KEY)
         """The registered version the file was exported from (:data:`SOURCE_KEY`), if any."""

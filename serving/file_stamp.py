@@ -3,6 +3,7 @@ file and its API keys file when their stamp changes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 FileStamp = tuple[int, int, int]
@@ -19,4 +20,9 @@ def file_stamp(path: Path) -> FileStamp | None:
         info = path.stat()
     except OSError:
         return None
+    return stamp_of(info)
+
+
+def stamp_of(info: os.stat_result) -> FileStamp:
+    """The stamp of a file whose status is ``info`` (``os.stat`` or ``os.fstat``)."""
     return info.st_ino, info.st_size, info.st_mtime_ns

@@ -9,6 +9,7 @@ step is not installed: the old one keeps serving and the error is kept for ``/re
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,12 +24,14 @@ from nextbest.model_source import (
     resolve_model,
 )
 from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
-from serving.file_stamp import FileStamp, file_stamp
+from serving.file_stamp import FileStamp, file_stamp, stamp_of
 
 log = logging.getLogger(__name__)
 
-PROBE_ROWS = 8
-"""Contexts scored before a new model is installed (catches shape and runtime errors)."""
+PROBE_ROWS = (1, 8)
+"""Batches of contexts scored before a new model is installed (catches shape and runtime
+errors; two sizes, so that a graph fixed to one batch size is refused: the service scores
+one customer, a group of requests or thousands at a time)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class ModelStore:
         self.last_error: str | None = None
         self._reload_lock = threading.Lock()
         self._file_stamp: FileStamp | None = None
+        self._failed_version: str | None = None
+        """The registry version that last failed to load: the watcher does not fetch it
+        again until the alias moves (a reload by hand still tries)."""
         self.reload()
 
     def reload(self) -> bool:
@@ -97,19 +103,34 @@ class ModelStore:
         with self._reload_lock:
             try:
                 model = self._load()
-            except (ModelSourceError, ModelSpecError, OSError) as exc:
+            except Exception as exc:  # whatever a broken file or registry raises
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("model %s not loaded, %s", self.uri, self.last_error)
+                if is_registry_uri(self.uri) and not isinstance(exc, ModelSourceError):
+                    # the version's own files are broken (a source error may pass: retried)
+                    try:
+                        self._failed_version = registry_version(self.uri, self.tracking_uri)
+                    except ModelSourceError:
+                        self._failed_version = None
                 return False
             self.current = model  # one reference assignment: the atomic swap
             self.last_error = None
+            self._failed_version = None
             log.info("serving model %s (features %s)", model.version, model.spec_version)
             return True
 
     def _load(self) -> LoadedModel:
-        stamp = None if is_registry_uri(self.uri) else file_stamp(Path(self.uri))
-        resolved = resolve_model(self.uri, self.tracking_uri)
-        scorer = OnnxScorer(resolved.path, threads=self.threads)
+        # a registry model is downloaded into a directory removed once its session is built
+        with tempfile.TemporaryDirectory(prefix="nextbest-model-") as download:
+            resolved = resolve_model(self.uri, self.tracking_uri, download_dir=download)
+            scorer = OnnxScorer(resolved.path, threads=self.threads, content=resolved.content)
+        stamp = None if is_registry_uri(self.uri) else stamp_of(resolved.stat)
+        batch = scorer.session.get_inputs()[0].shape[0]
+        if isinstance(batch, int):
+            raise ModelSpecError(
+                f"model {self.uri!r} takes batches of exactly {batch} contexts; the service "
+                "scores any number at a time (export it with a dynamic batch axis)"
+            )
         if self.expected_spec_version is not None:
             scorer.require_features(
                 self.expected_spec_version,
@@ -118,20 +139,27 @@ class ModelStore:
                 "retrain, or change the catalogue",
             )
         n_context = len(scorer.spec["context_names"])
-        probe = np.zeros((PROBE_ROWS, n_context), np.float32)
-        try:
-            scores = scorer.scores(probe)
-        except Exception as exc:  # ONNX Runtime raises its own exception types
-            raise ModelSpecError(f"model {self.uri!r} fails on a probe batch: {exc}") from exc
-        if self.n_actions is not None and scores.shape[1] != self.n_actions:
-            raise ModelSpecError(
-                f"model {self.uri!r} scores {scores.shape[1]} actions; the catalogue has "
-                f"{self.n_actions}"
-            )
-        if not np.isfinite(scores).all():
-            raise ModelSpecError(
-                f"model {self.uri!r} gives non-finite scores (NaN or infinite) on a probe batch"
-            )
+        for rows in PROBE_ROWS:
+            try:
+                scores = scorer.scores(np.zeros((rows, n_context), np.float32))
+            except Exception as exc:  # ONNX Runtime raises its own exception types
+                raise ModelSpecError(
+                    f"model {self.uri!r} fails on a probe batch of {rows}: {exc}"
+                ) from exc
+            if scores.ndim != 2 or len(scores) != rows:
+                raise ModelSpecError(
+                    f"model {self.uri!r} scores {rows} contexts as shape {scores.shape}, "
+                    f"not ({rows}, actions)"
+                )
+            if self.n_actions is not None and scores.shape[1] != self.n_actions:
+                raise ModelSpecError(
+                    f"model {self.uri!r} scores {scores.shape[1]} actions; the catalogue has "
+                    f"{self.n_actions}"
+                )
+            if not np.isfinite(scores).all():
+                raise ModelSpecError(
+                    f"model {self.uri!r} gives non-finite scores (NaN or infinite) on a probe batch"
+                )
         self._file_stamp = stamp
         version = resolved.version
         if scorer.exported_from and not is_registry_uri(self.uri):  # nextbest export's file
@@ -144,6 +172,8 @@ class ModelStore:
         :class:`ModelSourceError` while the registry is unreachable."""
         if is_registry_uri(self.uri):
             version = registry_version(self.uri, self.tracking_uri)
+            if version == self._failed_version:  # tried already: wait for the alias to move
+                return False
             return self.current is None or version != self.current.version
         path = Path(self.uri)
         stamp = file_stamp(path)

@@ -221,6 +221,15 @@ def test_withdrawn_decisions_stay_in_the_file_and_out_of_every_reader(
     assert view == ["w0", "w2", "w4"]
 
 
+def test_a_reward_for_a_withdrawn_decision_is_refused(journal: JournalWriter) -> None:
+    """A withdrawn decision was never served: its outcome has nothing to attach to."""
+    journal.submit(make_batch(["kept", "gone"], seed=4)).result()
+    journal.withdraw(["gone"]).result()
+    with pytest.raises(UnknownDecisionError):
+        journal.record_reward("gone", RewardOutcome(True, False, False, 100.0))
+    assert journal.record_reward("kept", RewardOutcome(True, False, False, 100.0)).reward > 0
+
+
 def test_a_journal_from_before_withdrawals_is_read_and_upgraded(tmp_path: Path) -> None:
     with JournalWriter(tmp_path, RULE) as writer:
         writer.submit(make_batch(["o0", "o1"], seed=4)).result()

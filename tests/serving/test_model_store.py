@@ -4,6 +4,7 @@ swaps are atomic under concurrent scoring, registry alias moves are noticed."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from test_decision_engine import write_model
 
 from nextbest.catalog import ActionCatalog
 from nextbest.features import ContextEncoder
-from nextbest.onnx_scoring import SOURCE_KEY, linear_scoring_model, save_scoring_model, set_metadata
+from nextbest.onnx_scoring import (
+    SOURCE_KEY,
+    SPEC_KEY,
+    linear_scoring_model,
+    save_scoring_model,
+    set_metadata,
+)
 from nextbest.synthetic import random_context_batch
 from serving.decision_engine import DecisionEngine
 from serving.model_store import ModelStore
@@ -164,3 +171,137 @@ def test_an_exported_file_reports_the_version_it_came_from_once(catalog, tmp_pat
     onnx.save(model, str(path))
     version = store_for(catalog, str(path)).status().model_version
     assert version is not None and version.startswith("nextbest/3 (file:")
+
+
+def _edited(path: Path, out: Path, edit) -> Path:
+    """A copy of the ONNX file at ``path`` with ``edit(model)`` applied."""
+    import onnx
+
+    model = onnx.load(str(path))
+    edit(model)
+    onnx.save(model, str(out))
+    return out
+
+
+def _fixed_batch(model, rows: int = 8) -> None:
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = rows
+
+
+def _one_dimensional(model) -> None:
+    from onnx import helper
+
+    from nextbest.onnx_scoring import OUTPUT_NAME
+
+    node = next(n for n in model.graph.node if OUTPUT_NAME in n.output)
+    node.output[0] = "scores_2d"
+    model.graph.node.append(helper.make_node("ReduceSum", ["scores_2d"], [OUTPUT_NAME], keepdims=0))
+    del model.graph.output[0].type.tensor_type.shape.dim[1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda m: set_metadata(m, **{SPEC_KEY: "{not json"}), "not JSON"),
+        (lambda m: set_metadata(m, **{SPEC_KEY: '{"version": "x"}'}), "context_names"),
+        (_one_dimensional, "as shape"),
+        (_fixed_batch, "batches of exactly 8"),
+    ],
+)
+def test_reload_onto_any_broken_model_keeps_the_old_one_and_says_why(
+    catalog, tmp_path: Path, edit, reason: str
+) -> None:
+    """Whatever is wrong with the new file (its spec unreadable, its output not one row of
+    scores per context, a graph fixed to one batch size, which a probe at that size alone
+    would pass), the reload is refused with the reason and the old model keeps serving."""
+    good = write_model(catalog, tmp_path / "good.onnx")
+    served = tmp_path / "served.onnx"
+    shutil.copy(good, served)
+    store = store_for(catalog, str(served))
+    before = store.current
+    assert before is not None
+    _edited(good, served, edit)
+    assert store.reload() is False  # refused, not raised
+    assert store.current is before
+    assert reason in store.status().last_error
+
+
+def test_a_file_replaced_during_a_load_is_served_under_its_own_version(
+    catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version is the digest of the bytes the session is built from: a file renamed into
+    place between the two reads can no longer be served under the old file's version."""
+    import nextbest.model_source as model_source
+
+    first = write_model(catalog, tmp_path / "a.onnx", seed=1)
+    second = write_model(catalog, tmp_path / "b.onnx", seed=2)
+    served = tmp_path / "served.onnx"
+    shutil.copy(first, served)
+    read = model_source._read
+
+    def read_then_replace(path: Path):
+        content = read(path)
+        shutil.copy(second, served)  # lands right after the read
+        return content
+
+    monkeypatch.setattr(model_source, "_read", read_then_replace)
+    store = store_for(catalog, str(served))
+    monkeypatch.undo()
+    context = np.zeros((1, ContextEncoder(catalog).spec.n_context), np.float32)
+    context[0, :5] = 1.0
+    first_scores = store_for(catalog, str(first)).current.scorer.scores(context)
+    assert store.current.version == store_for(catalog, str(first)).current.version
+    np.testing.assert_array_equal(store.current.scorer.scores(context), first_scores)
+    assert store.changed()  # the file on disk is now another one
+
+
+def test_registry_reloads_leave_no_downloads_behind(
+    catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    import onnx
+    from mlflow import MlflowClient
+
+    from nextbest.onnx_scoring import spec_path
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment("downloads")
+    path = write_model(catalog, tmp_path / "m.onnx")
+    with mlflow.start_run(experiment_id=experiment):
+        mlflow.onnx.log_model(
+            onnx.load(str(path)),
+            name="model",
+            registered_model_name="nb",
+            save_as_external_data=False,
+        )
+        mlflow.log_artifact(str(spec_path(path)))
+    broken = _edited(path, tmp_path / "broken.onnx", _fixed_batch)
+    with mlflow.start_run(experiment_id=experiment):
+        mlflow.onnx.log_model(
+            onnx.load(str(broken)),
+            name="model",
+            registered_model_name="nb",
+            save_as_external_data=False,
+        )
+        mlflow.log_artifact(str(spec_path(path)), "model")
+    client.set_registered_model_alias("nb", "champion", "1")
+    store = store_for(catalog, "models:/nb@champion", tracking_uri=uri)
+    for _ in range(3):
+        assert store.reload()
+    assert store.status().model_version == "nb/1"
+    # a broken version under the alias is fetched once, not again at every poll
+    client.set_registered_model_alias("nb", "champion", "2")
+    assert store.changed()
+    assert not store.reload()
+    assert "batches of exactly 8" in store.status().last_error
+    assert store.status().model_version == "nb/1"
+    assert not store.changed()
+    client.set_registered_model_alias("nb", "champion", "1")
+    assert not store.changed()  # back on the version it serves
+    assert not list(temp.glob("nextbest-model-*"))
