@@ -897,7 +897,7 @@ def export(
     encoder = ContextEncoder(cat)
     try:
         resolved = resolve_model(model, tracking_uri)
-        scorer = OnnxScorer(resolved.path)
+        scorer = OnnxScorer(resolved.path, content=resolved.content)
         scorer.require_features(
             encoder.spec.version,
             model,

@@ -141,6 +141,10 @@ class OnnxScorer:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.path = Path(path)
+        if content is not None:  # weights kept in files beside the model are found there
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.path.parent)
+            )
         try:
             self.session = ort.InferenceSession(
                 str(self.path) if content is None else content,
@@ -166,8 +170,14 @@ class OnnxScorer:
                 raise ModelSpecError(f"{self.path}: no feature spec inside the model or beside it")
         except json.JSONDecodeError as exc:
             raise ModelSpecError(f"{self.path}: its feature spec is not JSON: {exc}") from None
-        if not isinstance(self.spec, dict) or not isinstance(self.spec.get("context_names"), list):
-            raise ModelSpecError(f"{self.path}: its feature spec has no context_names list")
+        if (
+            not isinstance(self.spec, dict)
+            or not isinstance(self.spec.get("context_names"), list)
+            or "version" not in self.spec
+        ):
+            raise ModelSpecError(
+                f"{self.path}: its feature spec lacks a context_names list or a version"
+            )
         self.model_kind = props.get(MODEL_KIND_KEY, "unknown")
         self.exported_from: str | None = props.get(SOURCE_KEY)
         """The registered version the file was exported from (:data:`SOURCE_KEY`), if any."""

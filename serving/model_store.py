@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from nextbest.model_source import (
-    ModelSourceError,
     is_registry_uri,
     registry_version,
     resolve_model,
@@ -93,25 +93,27 @@ class ModelStore:
         self._reload_lock = threading.Lock()
         self._file_stamp: FileStamp | None = None
         self._failed_version: str | None = None
-        """The registry version that last failed to load: the watcher does not fetch it
-        again until the alias moves (a reload by hand still tries)."""
+        """The registry version whose files last failed to load (:class:`ModelSpecError`):
+        while another model serves, the watcher does not fetch it again until the alias
+        moves (a reload by hand still tries)."""
+        self._loading_version: str | None = None
+        """The version the running load resolved (under ``_reload_lock``)."""
         self.reload()
 
     def reload(self) -> bool:
         """Load ``uri`` again and install it; False (old model kept, error recorded) on
         failure. Thread-safe: concurrent reloads run one after the other."""
         with self._reload_lock:
+            self._loading_version = None
             try:
                 model = self._load()
             except Exception as exc:  # whatever a broken file or registry raises
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("model %s not loaded, %s", self.uri, self.last_error)
-                if is_registry_uri(self.uri) and not isinstance(exc, ModelSourceError):
-                    # the version's own files are broken (a source error may pass: retried)
-                    try:
-                        self._failed_version = registry_version(self.uri, self.tracking_uri)
-                    except ModelSourceError:
-                        self._failed_version = None
+                # only a fault of the version's own files is not fetched again; anything
+                # else (the registry, the disk, memory) may pass, and is retried
+                if isinstance(exc, ModelSpecError) and is_registry_uri(self.uri):
+                    self._failed_version = self._loading_version
                 return False
             self.current = model  # one reference assignment: the atomic swap
             self.last_error = None
@@ -120,9 +122,13 @@ class ModelStore:
             return True
 
     def _load(self) -> LoadedModel:
+        registry = is_registry_uri(self.uri)
         # a registry model is downloaded into a directory removed once its session is built
-        with tempfile.TemporaryDirectory(prefix="nextbest-model-") as download:
+        with (
+            tempfile.TemporaryDirectory(prefix="nextbest-model-") if registry else nullcontext(None)
+        ) as download:
             resolved = resolve_model(self.uri, self.tracking_uri, download_dir=download)
+            self._loading_version = resolved.version
             scorer = OnnxScorer(resolved.path, threads=self.threads, content=resolved.content)
         stamp = None if is_registry_uri(self.uri) else stamp_of(resolved.stat)
         batch = scorer.session.get_inputs()[0].shape[0]
@@ -172,8 +178,8 @@ class ModelStore:
         :class:`ModelSourceError` while the registry is unreachable."""
         if is_registry_uri(self.uri):
             version = registry_version(self.uri, self.tracking_uri)
-            if version == self._failed_version:  # tried already: wait for the alias to move
-                return False
+            if version == self._failed_version and self.current is not None:
+                return False  # its files are broken: wait for the alias to move
             return self.current is None or version != self.current.version
         path = Path(self.uri)
         stamp = file_stamp(path)

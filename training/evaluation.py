@@ -223,6 +223,6 @@ def model_scores(
         If it reads another feature spec than the log has.
     """
     resolved = resolve_model(uri, tracking_uri, download_dir)
-    scorer = OnnxScorer(resolved.path)
+    scorer = OnnxScorer(resolved.path, content=resolved.content)
     scorer.require_features(log.feature_spec_version, uri, "the log has")
     return resolved, scorer.scores(log.context).astype(np.float64)

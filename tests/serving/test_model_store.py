@@ -188,15 +188,30 @@ def _fixed_batch(model, rows: int = 8) -> None:
         value.type.tensor_type.shape.dim[0].dim_value = rows
 
 
-def _one_dimensional(model) -> None:
-    from onnx import helper
+def _scores_through(model, node_type: str, constant: list[int], **attributes) -> None:
+    """Route the scores through ``node_type(scores, constant)`` before the output."""
+    from onnx import helper, numpy_helper
 
     from nextbest.onnx_scoring import OUTPUT_NAME
 
     node = next(n for n in model.graph.node if OUTPUT_NAME in n.output)
-    node.output[0] = "scores_2d"
-    model.graph.node.append(helper.make_node("ReduceSum", ["scores_2d"], [OUTPUT_NAME], keepdims=0))
-    del model.graph.output[0].type.tensor_type.shape.dim[1]
+    node.output[0] = "raw_scores"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(constant), "constant"))
+    model.graph.node.append(
+        helper.make_node(node_type, ["raw_scores", "constant"], [OUTPUT_NAME], **attributes)
+    )
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+
+
+def _one_dimensional(model) -> None:
+    """One score per context, not one per action."""
+    _scores_through(model, "ReduceSum", [1], keepdims=0)
+
+
+def _eight_rows_inside(model) -> None:
+    """A batch axis declared free, but a graph that only works for 8 contexts."""
+    n_actions = model.graph.initializer[1].dims[0]
+    _scores_through(model, "Reshape", [8, n_actions])
 
 
 @pytest.mark.parametrize(
@@ -204,8 +219,9 @@ def _one_dimensional(model) -> None:
     [
         (lambda m: set_metadata(m, **{SPEC_KEY: "{not json"}), "not JSON"),
         (lambda m: set_metadata(m, **{SPEC_KEY: '{"version": "x"}'}), "context_names"),
-        (_one_dimensional, "as shape"),
+        (_one_dimensional, "as shape (1,)"),
         (_fixed_batch, "batches of exactly 8"),
+        (_eight_rows_inside, "fails on a probe batch of 1"),
     ],
 )
 def test_reload_onto_any_broken_model_keeps_the_old_one_and_says_why(
@@ -304,4 +320,28 @@ def test_registry_reloads_leave_no_downloads_behind(
     assert not store.changed()
     client.set_registered_model_alias("nb", "champion", "1")
     assert not store.changed()  # back on the version it serves
+    with mlflow.start_run(experiment_id=experiment):  # version 3, a good one
+        mlflow.onnx.log_model(
+            onnx.load(str(write_model(catalog, tmp_path / "m3.onnx", seed=3))),
+            name="model",
+            registered_model_name="nb",
+            save_as_external_data=True,  # its weights in a file beside it
+        )
+    client.set_registered_model_alias("nb", "champion", "3")
+    assert store.changed()
+    # a fault that may pass (the disk, here) does not mark the version: it is tried again
+    import nextbest.model_source as model_source
+
+    def disk_full(path: Path):
+        raise OSError(28, "No space left on device")
+
+    read = model_source._read
+    model_source._read = disk_full
+    try:
+        assert not store.reload()
+    finally:
+        model_source._read = read
+    assert store.changed()
+    assert store.reload()
+    assert store.status().model_version == "nb/3"
     assert not list(temp.glob("nextbest-model-*"))
