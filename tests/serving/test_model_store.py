@@ -124,11 +124,23 @@ def test_reload_during_scoring_never_fails_a_request(catalog, engine, tmp_path: 
     assert len(versions) == 2 and seen <= versions
 
 
+def register(mlflow, experiment: str, path: Path, external: bool = False) -> None:
+    """Log the ONNX file at ``path`` as a new version of registered model ``nb`` (with its
+    weights in a file beside it when ``external``, as MLflow does by default)."""
+    import onnx
+
+    with mlflow.start_run(experiment_id=experiment):
+        mlflow.onnx.log_model(
+            onnx.load(str(path)),
+            name="model",
+            registered_model_name="nb",
+            save_as_external_data=external,
+        )
+
+
 def test_registry_alias_move_is_noticed_and_loaded(catalog, tmp_path: Path) -> None:
     mlflow = pytest.importorskip("mlflow")
     from mlflow import MlflowClient
-
-    from nextbest.onnx_scoring import spec_path
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -136,17 +148,7 @@ def test_registry_alias_move_is_noticed_and_loaded(catalog, tmp_path: Path) -> N
     # an experiment of this store: the active one another test set belongs to another store
     experiment = client.create_experiment("alias-move")
     for seed in (1, 2):
-        path = write_model(catalog, tmp_path / f"m{seed}.onnx", seed=seed)
-        with mlflow.start_run(experiment_id=experiment):
-            import onnx
-
-            mlflow.onnx.log_model(
-                onnx.load(str(path)),
-                name="model",
-                registered_model_name="nb",
-                save_as_external_data=False,
-            )
-            mlflow.log_artifact(str(spec_path(path)))
+        register(mlflow, experiment, write_model(catalog, tmp_path / f"m{seed}.onnx", seed=seed))
     client.set_registered_model_alias("nb", "champion", "1")
     store = store_for(catalog, "models:/nb@champion", tracking_uri=uri)
     assert store.status().model_version == "nb/1"
@@ -275,10 +277,7 @@ def test_registry_reloads_leave_no_downloads_behind(
     catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mlflow = pytest.importorskip("mlflow")
-    import onnx
     from mlflow import MlflowClient
-
-    from nextbest.onnx_scoring import spec_path
 
     temp = tmp_path / "tmp"
     temp.mkdir()
@@ -289,23 +288,8 @@ def test_registry_reloads_leave_no_downloads_behind(
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("downloads")
     path = write_model(catalog, tmp_path / "m.onnx")
-    with mlflow.start_run(experiment_id=experiment):
-        mlflow.onnx.log_model(
-            onnx.load(str(path)),
-            name="model",
-            registered_model_name="nb",
-            save_as_external_data=False,
-        )
-        mlflow.log_artifact(str(spec_path(path)))
-    broken = _edited(path, tmp_path / "broken.onnx", _fixed_batch)
-    with mlflow.start_run(experiment_id=experiment):
-        mlflow.onnx.log_model(
-            onnx.load(str(broken)),
-            name="model",
-            registered_model_name="nb",
-            save_as_external_data=False,
-        )
-        mlflow.log_artifact(str(spec_path(path)), "model")
+    register(mlflow, experiment, path)
+    register(mlflow, experiment, _edited(path, tmp_path / "broken.onnx", _fixed_batch))
     client.set_registered_model_alias("nb", "champion", "1")
     store = store_for(catalog, "models:/nb@champion", tracking_uri=uri)
     for _ in range(3):
@@ -320,13 +304,8 @@ def test_registry_reloads_leave_no_downloads_behind(
     assert not store.changed()
     client.set_registered_model_alias("nb", "champion", "1")
     assert not store.changed()  # back on the version it serves
-    with mlflow.start_run(experiment_id=experiment):  # version 3, a good one
-        mlflow.onnx.log_model(
-            onnx.load(str(write_model(catalog, tmp_path / "m3.onnx", seed=3))),
-            name="model",
-            registered_model_name="nb",
-            save_as_external_data=True,  # its weights in a file beside it
-        )
+    # version 3, a good one, its weights in a file beside it
+    register(mlflow, experiment, write_model(catalog, tmp_path / "m3.onnx", seed=3), True)
     client.set_registered_model_alias("nb", "champion", "3")
     assert store.changed()
     # a fault that may pass (the disk, here) does not mark the version: it is tried again
