@@ -96,41 +96,50 @@ class ModelStore:
         """The registry version whose files last failed to load (:class:`ModelSpecError`):
         while another model serves, the watcher does not fetch it again until the alias
         moves (a reload by hand still tries)."""
-        self._loading_version: str | None = None
-        """The version the running load resolved (under ``_reload_lock``)."""
         self.reload()
 
     def reload(self) -> bool:
         """Load ``uri`` again and install it; False (old model kept, error recorded) on
         failure. Thread-safe: concurrent reloads run one after the other."""
         with self._reload_lock:
-            self._loading_version = None
+            registry = is_registry_uri(self.uri)
+            resolved = None
             try:
-                model = self._load()
+                # a registry model is downloaded into a directory removed once it is loaded
+                with (
+                    tempfile.TemporaryDirectory(prefix="nextbest-model-")
+                    if registry
+                    else nullcontext(None)
+                ) as download:
+                    resolved = resolve_model(self.uri, self.tracking_uri, download_dir=download)
+                    scorer = OnnxScorer(
+                        resolved.path, threads=self.threads, content=resolved.content
+                    )
+                model = self._checked(scorer, resolved.version)
             except Exception as exc:  # whatever a broken file or registry raises
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("model %s not loaded, %s", self.uri, self.last_error)
                 # only a fault of the version's own files is not fetched again; anything
                 # else (the registry, the disk, memory) may pass, and is retried
-                if isinstance(exc, ModelSpecError) and is_registry_uri(self.uri):
-                    self._failed_version = self._loading_version
+                if isinstance(exc, ModelSpecError) and registry and resolved is not None:
+                    self._failed_version = resolved.version
                 return False
             self.current = model  # one reference assignment: the atomic swap
+            self._file_stamp = None if registry else stamp_of(resolved.stat)
             self.last_error = None
             self._failed_version = None
             log.info("serving model %s (features %s)", model.version, model.spec_version)
             return True
 
-    def _load(self) -> LoadedModel:
-        registry = is_registry_uri(self.uri)
-        # a registry model is downloaded into a directory removed once its session is built
-        with (
-            tempfile.TemporaryDirectory(prefix="nextbest-model-") if registry else nullcontext(None)
-        ) as download:
-            resolved = resolve_model(self.uri, self.tracking_uri, download_dir=download)
-            self._loading_version = resolved.version
-            scorer = OnnxScorer(resolved.path, threads=self.threads, content=resolved.content)
-        stamp = None if is_registry_uri(self.uri) else stamp_of(resolved.stat)
+    def _checked(self, scorer: OnnxScorer, version: str) -> LoadedModel:
+        """``scorer`` (of ``version``) as a model to serve, once it passes every check.
+
+        Raises
+        ------
+        ModelSpecError
+            A fixed batch size, another feature spec or catalogue size, a probe batch it
+            fails or scores wrongly.
+        """
         batch = scorer.session.get_inputs()[0].shape[0]
         if isinstance(batch, int):
             raise ModelSpecError(
@@ -166,8 +175,6 @@ class ModelStore:
                 raise ModelSpecError(
                     f"model {self.uri!r} gives non-finite scores (NaN or infinite) on a probe batch"
                 )
-        self._file_stamp = stamp
-        version = resolved.version
         if scorer.exported_from and not is_registry_uri(self.uri):  # nextbest export's file
             version = f"{scorer.exported_from} ({version})"
         return LoadedModel(scorer, version, self.uri, datetime.now(UTC))

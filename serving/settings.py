@@ -25,13 +25,6 @@ from nextbest.privacy import MAX_KEY_BYTES, check_key
 from serving.supervision import SUPERVISOR_ENV
 
 DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
-
-
-def is_development_key(key: bytes) -> bool:
-    """Whether ``key`` is the public development key (in any case, with spaces around it)."""
-    return key.strip().lower() == DEV_PSEUDONYMISATION_KEY.encode().lower()
-
-
 """The pseudonymisation key of the ``local`` environment: public, so refused elsewhere."""
 MIN_DISTINCT_KEY_BYTES = 8
 """Outside ``local``, a pseudonymisation key needs this many distinct bytes (refuses keys
@@ -54,6 +47,11 @@ class UnsafeSettingsError(ValueError):
 
 class SettingsError(ValueError):
     """Settings that cannot be used: each environment variable at fault and the reason."""
+
+
+def is_development_key(key: bytes) -> bool:
+    """Whether ``key`` is the public development key (in any case, with spaces around it)."""
+    return key.strip().lower() == DEV_PSEUDONYMISATION_KEY.encode().lower()
 
 
 class Settings(BaseSettings):
