@@ -183,8 +183,9 @@ def promote(client: MlflowClient, registered_model: str) -> tuple[bool, str]:
     training run evaluates the champion registered at the time, :data:`CHAMPION_METRIC`).
 
     Fails closed: the challenger must have chosen no blocked action on its held-out data,
-    its bound must be the 95% one (``evaluation.alpha`` 0.05), and with no champion yet it
-    must beat what runs today (the logging policy's DR value in the same run, else the
+    checked against masks of the current rule set (no :data:`RULESET_MISMATCH_TAG`), its
+    bound must be the 95% one (``evaluation.alpha`` 0.05), and with no champion yet it must
+    beat what runs today (the logging policy's DR value in the same run, else the
     logged mean reward of its held-out decisions, else doing nothing: 0). A champion the
     challenger's run did not evaluate (it became champion later, or its features or acting
     policy could not be read) is not replaced automatically.
@@ -205,6 +206,14 @@ def promote(client: MlflowClient, registered_model: str) -> tuple[bool, str]:
     if violations is None or violations != 0:
         return False, (
             f"challenger v{challenger.version}: {COMPLIANCE_METRIC} is {violations} (must be 0)"
+        )
+    mismatch = tags.get(RULESET_MISMATCH_TAG)
+    if mismatch is not None:
+        return False, (
+            f"challenger v{challenger.version} was checked against its log's candidate masks, "
+            f"made by another rule set than its run's ({RULESET_MISMATCH_TAG}: {mismatch}): "
+            "its compliance check and values are not under the current rules; train it on a "
+            "log made under the current rule set (or move the alias by hand if that is intended)"
         )
     alpha = params.get(ALPHA_PARAM)
     if _as_float(alpha) != PROMOTION_ALPHA:

@@ -241,3 +241,13 @@ def test_a_challenger_valued_with_its_own_reward_model_is_not_promoted(
     promoted, why = promote(client, NAME)
     assert not promoted and "evaluation.crossfit_folds" in why and "cross-fitted" in why
     assert champion_version(client) is None
+
+
+def test_a_challenger_checked_against_another_rule_sets_masks_is_not_promoted(
+    client: MlflowClient,
+) -> None:
+    """Its compliance check and values are under the log's rules, not the current ones."""
+    version(client, CHALLENGER, GOOD, tags={"compliance.ruleset_mismatch": "older != rs-2"})
+    promoted, why = promote(client, NAME)
+    assert not promoted and "older != rs-2" in why and "current rule set" in why
+    assert champion_version(client) is None
