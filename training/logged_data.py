@@ -88,6 +88,25 @@ class LoggedBandit:
             complaint=pick(self.complaint),
         )
 
+    def fingerprint(self, recipe: str | None = None) -> str:
+        """16 hex characters of SHA-256 over these decisions as read: every array, the
+        versions, and ``recipe`` (a simulated log's recipe as JSON). A run tags what it
+        trained on, not the files read again: a service journal grows under a running
+        service, and a log renamed or copied holds the same decisions."""
+        digest = hashlib.sha256()
+        for name in FINGERPRINTED:
+            array = getattr(self, name)
+            digest.update(f"{name}:{None if array is None else array.shape}".encode())
+            if array is None:
+                continue
+            if array.dtype == object:  # customer keys: text, joined by a byte they never hold
+                digest.update("\x1f".join(map(str, array)).encode())
+            else:
+                digest.update(np.ascontiguousarray(array).view(np.uint8).data)
+        for text in (self.feature_spec_version, self.ruleset_version, self.catalog_version, recipe):
+            digest.update(f"\x1e{text}".encode())
+        return digest.hexdigest()[:16]
+
     @property
     def n_rounds(self) -> int:
         return len(self.action)
@@ -95,6 +114,20 @@ class LoggedBandit:
     @property
     def n_actions(self) -> int:
         return self.candidates.shape[1]
+
+
+FINGERPRINTED = (
+    "context",
+    "action",
+    "reward",
+    "pscore",
+    "candidates",
+    "logging_dist",
+    "customer_key",
+    "converted",
+    "complaint",
+)
+"""The arrays :meth:`LoggedBandit.fingerprint` covers (all of them)."""
 
 
 def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Table:

@@ -7,7 +7,6 @@ every new model, ``champion`` for the one the service loads (moved by :func:`pro
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from nextbest.decision_journal import journal_file, read_journal
 from nextbest.model_source import mlflow_client, sqlite_store_path
 
 CHALLENGER = "challenger"
@@ -57,36 +55,6 @@ CROSSFIT_PARAM = "evaluation.crossfit_folds"
 """A run valued with its own model's scores as the DM/DR reward model (``0``) rates its own
 choices highly (optimistic by +72% on the retail benchmark's log, README): promotion needs
 the cross-fitted reward model."""
-
-
-def data_fingerprint(path: str | Path) -> str:
-    """SHA-256 over the bytes of a log file or of every file of a log directory; for a
-    service journal, over its decisions and outcomes as read (its files change under a
-    running service, and recent commits may still sit in the write-ahead log)."""
-    path = Path(path)
-    journal = journal_file(path)
-    if journal is not None:
-        table = read_journal(journal).select(["decision_id", "action", "pscore", "reward"])
-        digest = hashlib.sha256()
-        for column in table.columns:
-            for chunk in column.chunks:
-                for buffer in chunk.buffers():
-                    if buffer is not None:
-                        digest.update(buffer)
-        return digest.hexdigest()[:16]
-    # a directory is read as its visible .parquet parts; a named file is read whatever its name
-    files = (
-        sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
-        if path.is_dir()
-        else [path]
-    )
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 ARTIFACTS_DIRNAME = "mlartifacts"

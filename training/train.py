@@ -50,7 +50,6 @@ from training.tracking import (
     MASK_DISAGREEMENTS_METRIC,
     REFERENCE_CHECKED_METRIC,
     RULESET_MISMATCH_TAG,
-    data_fingerprint,
     flatten,
     register_onnx,
     registered_champion,
@@ -359,7 +358,9 @@ def run_training(
         mlflow.log_params(flatten("", config.model_dump(mode="json")))
         mlflow.set_tags(
             {
-                "data.fingerprint": data_fingerprint(config.data.logs),
+                "data.fingerprint": log.fingerprint(
+                    None if recipe is None else recipe.model_dump_json()
+                ),
                 "data.rounds": str(log.n_rounds),
                 "data.simulated": str(recipe is not None).lower(),
                 "catalog.version": catalog.version,

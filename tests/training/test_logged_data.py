@@ -371,16 +371,31 @@ def test_evaluate_cli_log_without_action_dist_evaluates_the_rest(tmp_path: Path,
     assert "uniform" in result.output and "logging" not in result.output
 
 
-def test_data_fingerprint_any_file_name(tmp_path: Path, sim_log) -> None:
-    from training.tracking import data_fingerprint
+def test_fingerprint_is_of_the_decisions_read_not_the_files(
+    tmp_path: Path, sim_log, catalog
+) -> None:
+    import dataclasses
 
-    (part,) = sorted(sim_log.glob("*.parquet"))[:1]
-    a = tmp_path / "a.pq"
-    a.write_bytes(part.read_bytes())
-    b = tmp_path / "b.pq"
-    b.write_bytes(part.read_bytes() + b"x")
-    assert data_fingerprint(a) != data_fingerprint(b)
-    assert data_fingerprint(sim_log) == data_fingerprint(sim_log)
+    import pyarrow.parquet as pq
+
+    from training.logged_data import FINGERPRINTED
+
+    log = load_logged_bandit(sim_log, catalog.n_actions)
+    table = read_decisions(sim_log)
+    renamed = tmp_path / "renamed.parquet"
+    pq.write_table(table, renamed)  # other files, other name, the same decisions
+    assert load_logged_bandit(renamed, catalog.n_actions).fingerprint() == log.fingerprint()
+    assert len(log.fingerprint()) == 16
+    assert log.fingerprint("recipe-a") != log.fingerprint("recipe-b") != log.fingerprint()
+    rewards = table.column("reward").to_numpy().copy()
+    rewards[0] += 1.0
+    changed = tmp_path / "changed.parquet"
+    column = table.schema.get_field_index("reward")
+    pq.write_table(table.set_column(column, "reward", pa.array(rewards)), changed)
+    assert load_logged_bandit(changed, catalog.n_actions).fingerprint() != log.fingerprint()
+    assert log.take(np.arange(1, log.n_rounds)).fingerprint() != log.fingerprint()
+    arrays = {f.name for f in dataclasses.fields(log) if not f.name.endswith("_version")}
+    assert arrays == set(FINGERPRINTED)  # a new array cannot escape the fingerprint
 
 
 def test_split_log_by_customer_and_independent_per_purpose(sim_log, catalog) -> None:

@@ -58,7 +58,7 @@ def trained_run(sim_log, tmp_path_factory):
     return tmp, result
 
 
-def test_train_registers_challenger_with_artifacts(trained_run) -> None:
+def test_train_registers_challenger_with_artifacts(trained_run, sim_log, catalog) -> None:
     tmp, result = trained_run
     assert result.exit_code == 0, result.output
     assert "0 chosen actions blocked by a rule" in result.output
@@ -76,7 +76,14 @@ def test_train_registers_challenger_with_artifacts(trained_run) -> None:
     rounds = int(run.data.tags["data.rounds"])  # ~30% held out: the logging policy's ESS
     assert 0.15 * rounds < metrics["ope/logging/ess"] < 0.45 * rounds
     assert run.data.params["neural_bandit.epochs"] == "6"
-    assert len(run.data.tags["data.fingerprint"]) == 16
+    from simulators.ground_truth import read_recipe
+    from training.logged_data import load_logged_bandit
+
+    read = load_logged_bandit(sim_log, catalog.n_actions)
+    recipe = read_recipe(sim_log)  # a simulated log's recipe is part of its data
+    assert run.data.tags["data.fingerprint"] == read.fingerprint(
+        None if recipe is None else recipe.model_dump_json()
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     expected = {"config.json", "ope_table.json", "model_card.md", "plots", "model_spec"}
     assert expected | {"choice_evidence.json"} <= artifacts
@@ -250,7 +257,7 @@ def test_the_champion_gets_its_true_value_next_to_its_estimates(recipe_log, tmp_
     assert "champion" in {r["policy"] for r in json.loads(Path(truth_file).read_text())}
 
 
-def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path) -> None:
+def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path, catalog) -> None:
     result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, recipe_log))])
     assert result.exit_code == 0, result.output
     assert "Ground truth" in result.output
@@ -269,6 +276,13 @@ def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path) -> No
     assert metrics["compliance/mask_disagreements"] == 0.0
     assert 0 < metrics["compliance/reference_checked"] <= 1_000  # spread over the replay
     assert metrics["truth/no_contact/value"] == 0.0
+    from simulators.ground_truth import read_recipe
+    from training.logged_data import load_logged_bandit
+
+    read = load_logged_bandit(recipe_log, catalog.n_actions)
+    fingerprint = run.data.tags["data.fingerprint"]  # the recipe is part of the data
+    assert fingerprint == read.fingerprint(read_recipe(recipe_log).model_dump_json())
+    assert fingerprint != read.fingerprint()
     # the oracle's own KPIs, not only its value
     assert 0 < metrics["truth/myopic_oracle/contact_rate"] <= 1
     assert 0 < metrics["truth/myopic_oracle/conversion_rate"] < 1
