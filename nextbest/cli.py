@@ -862,6 +862,7 @@ def export(
     it reads this catalogue's features and scores every action in ONNX Runtime, and write
     the .onnx file with its feature spec beside it (for a service without registry access)."""
     import json
+    import tempfile
 
     import onnx
 
@@ -895,39 +896,41 @@ def export(
         console.print(f"[bold red]bad --out[/] {escape(str(where))} {escape(problem)}")
         raise typer.Exit(code=2)
     encoder = ContextEncoder(cat)
-    try:
-        resolved = resolve_model(model, tracking_uri)
-        scorer = OnnxScorer(resolved.path, content=resolved.content)
-        scorer.require_features(
-            encoder.spec.version,
-            model,
-            "this catalogue and encoder make",
-            "retrain on a log of this catalogue",
-        )
-        probe = encoder.encode(random_context_batch(cat, 1000, np.random.default_rng(0)))
-        scores = scorer.scores(probe)
-        if scores.shape != (1000, cat.n_actions) or not np.isfinite(scores).all():
-            raise ModelSpecError(
-                f"model {model!r} gives scores of shape {scores.shape} (finite: "
-                f"{bool(np.isfinite(scores).all())}), expected (1000, {cat.n_actions}) finite"
+    # a registry model's download lives only while it is checked and written out
+    with tempfile.TemporaryDirectory(prefix="nextbest-export-") as download:
+        try:
+            resolved = resolve_model(model, tracking_uri, download)
+            scorer = OnnxScorer(resolved.path, content=resolved.content)
+            scorer.require_features(
+                encoder.spec.version,
+                model,
+                "this catalogue and encoder make",
+                "retrain on a log of this catalogue",
             )
-    except (ModelSourceError, ModelSpecError) as exc:
-        console.print(f"[bold red]cannot export[/]: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
-    partial = out.with_suffix(".onnx.partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # one self-contained file: registry artifacts may keep weights in external data files
-        exported = onnx.load(str(resolved.path))
-        if is_registry_uri(model):  # where it came from, for the service that serves the file
-            set_metadata(exported, **{SOURCE_KEY: resolved.version})
-        onnx.save(exported, str(partial))
-        partial.replace(out)  # atomic: a service watching the path never reads half a file
-        spec_path(out).write_text(json.dumps(scorer.spec, indent=2))
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        console.print(f"[bold red]cannot export[/] to {escape(str(out))}: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
+            probe = encoder.encode(random_context_batch(cat, 1000, np.random.default_rng(0)))
+            scores = scorer.scores(probe)
+            if scores.shape != (1000, cat.n_actions) or not np.isfinite(scores).all():
+                raise ModelSpecError(
+                    f"model {model!r} gives scores of shape {scores.shape} (finite: "
+                    f"{bool(np.isfinite(scores).all())}), expected (1000, {cat.n_actions}) finite"
+                )
+        except (ModelSourceError, ModelSpecError) as exc:
+            console.print(f"[bold red]cannot export[/]: {escape(str(exc))}")
+            raise typer.Exit(code=2) from None
+        partial = out.with_suffix(".onnx.partial")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # one self-contained file: registry artifacts may keep weights in external data files
+            exported = onnx.load(str(resolved.path))
+            if is_registry_uri(model):  # where it came from, for the service that serves the file
+                set_metadata(exported, **{SOURCE_KEY: resolved.version})
+            onnx.save(exported, str(partial))
+            partial.replace(out)  # atomic: a service watching the path never reads half a file
+            spec_path(out).write_text(json.dumps(scorer.spec, indent=2))
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            console.print(f"[bold red]cannot export[/] to {escape(str(out))}: {escape(str(exc))}")
+            raise typer.Exit(code=2) from None
     console.print(
         f"exported {escape(resolved.version)} ({scorer.model_kind}, features "
         f"{scorer.spec_version}, {cat.n_actions} actions) to {out}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -213,7 +214,8 @@ def model_scores(
     uri: str, tracking_uri: str | None, log: LoggedBandit, download_dir: Path | None = None
 ) -> tuple[ResolvedModel, np.ndarray]:
     """A model (an ONNX file or ``models:/...``) resolved and its scores on the log's
-    contexts, float64 ``(n, A)``.
+    contexts, float64 ``(n, A)``. A registry model is downloaded into ``download_dir``, or
+    into a temporary directory removed before returning (the result's ``path`` is then gone).
 
     Raises
     ------
@@ -222,6 +224,9 @@ def model_scores(
     ModelSpecError
         If it reads another feature spec than the log has.
     """
+    if download_dir is None:  # a registry model's download is removed once it has scored
+        with tempfile.TemporaryDirectory(prefix="nextbest-model-") as scratch:
+            return model_scores(uri, tracking_uri, log, Path(scratch))
     resolved = resolve_model(uri, tracking_uri, download_dir)
     scorer = OnnxScorer(resolved.path, content=resolved.content)
     scorer.require_features(log.feature_spec_version, uri, "the log has")

@@ -381,6 +381,27 @@ def test_export_registered_model_scores_like_the_run(trained_run, tmp_path: Path
         served.close()
 
 
+def test_registry_downloads_are_removed_after_export_and_evaluate(
+    trained_run, sim_log, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    tmp, _ = trained_run
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    model = "models:/nextbest@challenger"
+    out = tmp_path / "m.onnx"
+    exported = runner.invoke(
+        app, ["export", "--model", model, "--out", str(out), "--tracking-uri", uri]
+    )
+    assert exported.exit_code == 0, exported.output
+    evaluated = _evaluate(tmp, sim_log, model)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert list(scratch.iterdir()) == []  # each registry download lived for its command only
+
+
 def test_export_model_of_another_feature_spec_refused(tmp_path: Path, catalog) -> None:
     from nextbest.features import ContextEncoder
     from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
