@@ -53,6 +53,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -403,20 +404,25 @@ class JournalWriter:
 
         def record(conn: sqlite3.Connection) -> RewardResult:
             found = conn.execute(
-                "SELECT seq, timestamp_us, action FROM decisions WHERE decision_id = ? "
+                "SELECT seq, timestamp_us, action, customer_key FROM decisions "
+                "WHERE decision_id = ? "
                 "AND decision_id NOT IN (SELECT decision_id FROM withdrawn)",
                 (decision_id,),
             ).fetchone()
             if found is None:  # or withdrawn: journalled, never served
                 raise UnknownDecisionError(decision_id)
-            seq, decided_us, action = found
+            seq, decided_us, action, customer_key = found
             stored = conn.execute(
                 "SELECT converted, complaint, opted_out, value_cny, reward, reward_at_us, "
                 "received_at_us, late FROM rewards WHERE decision_id = ?",
                 (decision_id,),
             ).fetchone()
             if stored is not None:
-                return _repeat(decision_id, outcome, given_at_us, stored)
+                return replace(
+                    _repeat(decision_id, outcome, given_at_us, stored),
+                    customer_key=customer_key,
+                    action=action,
+                )
             happened_us = received_us if given_at_us is None else given_at_us
             if happened_us < decided_us:
                 raise RewardTimeError(
@@ -445,7 +451,14 @@ class JournalWriter:
                 ),
             )
             return RewardResult(
-                decision_id, outcome, value, from_epoch_us(received_us), bool(late), duplicate=False
+                decision_id,
+                outcome,
+                value,
+                from_epoch_us(received_us),
+                bool(late),
+                duplicate=False,
+                customer_key=customer_key,
+                action=action,
             )
 
         return self._writer.submit(record)

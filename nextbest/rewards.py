@@ -114,7 +114,8 @@ class RewardResult:
     :meth:`~nextbest.decision_journal.JournalWriter.submit_reward`.
 
     ``duplicate`` is True when the same outcome had been recorded before (the stored one is
-    returned and nothing is written).
+    returned and nothing is written). ``customer_key`` and ``action`` are the decision's
+    (pseudonymised customer, action index), for what the outcome asks of later decisions.
     """
 
     decision_id: str
@@ -123,6 +124,13 @@ class RewardResult:
     received_at: datetime
     late: bool
     duplicate: bool
+    customer_key: str | None = None
+    action: int | None = None
+
+    @property
+    def happened_at(self) -> datetime:
+        """When the outcome happened: as reported, else when it was received."""
+        return self.outcome.reward_at or self.received_at
 
 
 class UnknownDecisionError(LookupError):

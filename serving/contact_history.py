@@ -34,6 +34,9 @@ write's own transaction, a customer with a contact stored after that position: o
 workers that decided for one customer on the same history, the second to commit decides
 again on the history with the first's contact.
 
+The store also keeps what customers asked for through reported outcomes (opt-outs,
+complaints: :mod:`serving.customer_restrictions`), merged into later decisions the same way.
+
 The SQLite implementation is :class:`serving.sqlite_contact_store.SqliteContactStore`; a
 Redis or PostgreSQL store implements :class:`ContactStore`.
 """
@@ -51,6 +54,7 @@ import numpy as np
 from nextbest.catalog import ActionCatalog
 from nextbest.context import ContactHistory, ContextBatch
 from nextbest.timestamps import US_PER_HOUR, elapsed_float32, epoch_us, from_epoch_us
+from serving.customer_restrictions import CustomerRestrictions, Restriction
 
 ContactKind = Literal["recommended", "delivered"]
 CONTACT_KINDS: tuple[ContactKind, ...] = ("recommended", "delivered")
@@ -240,9 +244,18 @@ class ContactStore(Protocol):
         it), and the store's position."""
         ...
 
+    def restrict(self, restrictions: Sequence[Restriction]) -> Future[int]:
+        """Store restrictions (an opt-out, a complaint: idempotent, a complaint keeps its
+        latest time); the future resolves once every worker's next lookup sees them."""
+        ...
+
+    def restrictions(self, customer_keys: Sequence[str]) -> CustomerRestrictions:
+        """The stored restrictions of ``customer_keys`` ``(n,)``, in one query."""
+        ...
+
     def prune(self, before_us: int) -> Future[int]:
         """Delete contacts older than ``before_us`` (by the latest they may be sent); the
-        future gives the rows deleted."""
+        future gives the rows deleted. Restrictions are kept."""
         ...
 
     def close(self) -> None:

@@ -44,6 +44,7 @@ from nextbest.privacy import message_key, pseudonymise, pseudonymise_many
 from nextbest.rewards import (
     RewardConflictError,
     RewardOutcome,
+    RewardResult,
     RewardRule,
     RewardTimeError,
     UnknownDecisionError,
@@ -59,6 +60,7 @@ from serving.contact_history import (
     ContactStore,
     merge_into_batch,
 )
+from serving.customer_restrictions import Restriction, apply_restrictions
 from serving.decision_engine import DecisionEngine, Decisions, pick
 from serving.model_store import LoadedModel, ModelStore
 from serving.pseudonym_binding import PseudonymKeyError, bind_pseudonym_key
@@ -827,7 +829,8 @@ class ScoringService:
     def _merge_stored(
         self, keys: list[str], raw: ContextBatch, now: datetime
     ) -> tuple[ContextBatch, int | None]:
-        """The customers with their stored contacts merged in (one store query), and the
+        """The customers with their stored contacts and restrictions (opt-outs, complaints
+        reported with outcomes) merged in (two store queries), and the
         store's position for :meth:`ContactStore.record_if_unchanged`. None when
         recommendations are not counted (``count_recommended=False``): then another
         worker's recommendation cannot block either, and a delivery reported to another
@@ -838,6 +841,9 @@ class ScoringService:
             batch = merge_into_batch(
                 raw, events, now, count_recommended=self.settings.count_recommended
             )
+        restrictions = self.contacts.restrictions(keys)
+        if len(restrictions):
+            batch = apply_restrictions(batch, restrictions, now)
         return batch, events.position if self.settings.count_recommended else None
 
     def _engine_decide(self, batch: ContextBatch, part: _Part) -> Decisions:
@@ -1004,6 +1010,9 @@ class ScoringService:
             raise HTTPException(409, str(exc)) from None
         except RewardTimeError as exc:
             raise HTTPException(400, str(exc)) from None
+        restrictions = self._restrictions_of(result)
+        if restrictions:  # again for a duplicate: a retry after a crash in between stores them
+            await asyncio.wrap_future(self.contacts.restrict(restrictions))
         return RewardResponse(
             decision_id=result.decision_id,
             reward=result.reward,
@@ -1011,6 +1020,22 @@ class ScoringService:
             duplicate=result.duplicate,
             received_at=result.received_at,
         )
+
+    def _restrictions_of(self, result: RewardResult) -> list[Restriction]:
+        """What an outcome asks of later decisions for its customer: an opt-out of the
+        channel that contacted them (of every channel for a decision without one), a
+        complaint (every channel, from when it happened)."""
+        if result.customer_key is None or result.action is None:
+            return []
+        at_us = epoch_us(result.happened_at)
+        out = []
+        if result.outcome.opted_out:
+            index = int(self.catalog.channel_index[result.action])
+            channel = self.catalog.channel_names[index] if index >= 0 else None
+            out.append(Restriction(result.customer_key, "opt_out", channel, at_us))
+        if result.outcome.complaint:
+            out.append(Restriction(result.customer_key, "complaint", None, at_us))
+        return out
 
     async def record_delivery(self, request: DeliveryRequest) -> DeliveryResponse:
         """Record a delivered contact (keyed by its decision id, or the platform's message

@@ -39,6 +39,12 @@ from serving.contact_history import (
     ContactConflictError,
     ContactEvents,
 )
+from serving.customer_restrictions import (
+    EVERY_CHANNEL,
+    RESTRICTION_KINDS,
+    CustomerRestrictions,
+    Restriction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,13 @@ CONTACTS_DDL = (
         code INTEGER PRIMARY KEY,
         name TEXT NOT NULL UNIQUE
     )""",
+    """CREATE TABLE IF NOT EXISTS restrictions (
+        customer INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        channel INTEGER NOT NULL,
+        at_us INTEGER NOT NULL,
+        PRIMARY KEY (customer, kind, channel)
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS contact_events (
         contact_id TEXT PRIMARY KEY,
         customer INTEGER NOT NULL,
@@ -63,7 +76,9 @@ CONTACTS_DDL = (
         latest_us INTEGER
     )""",
 )
-"""The store's tables (idempotent DDL): one row per contact, ``customer`` the
+"""The store's tables (idempotent DDL): ``restrictions`` one row per customer, kind
+(:data:`~serving.customer_restrictions.RESTRICTION_KINDS` index) and channel code (-1: every
+channel), never pruned; ``contact_events`` one row per contact, ``customer`` the
 :func:`store_key` of the pseudonymised customer key (by the file's :data:`KeyScheme`, in
 ``store_meta`` under ``customer_keys``), ``channel`` a code of
 ``channel_codes`` (codes never change, so a file outlives catalogue versions), ``kind`` 0
@@ -217,6 +232,15 @@ def _lookup_sql(n_codes: int) -> str:
         f"ON c.customer = k.value AND c.at_us > ?2 - {LONGEST_WAIT // timedelta(microseconds=1)} "
         f"AND coalesce(c.latest_us, c.at_us) > ?2 AND c.channel < {n_codes}"
     )
+
+
+_COMPLAINT = RESTRICTION_KINDS.index("complaint")
+_ANY_RESTRICTION = "SELECT EXISTS (SELECT 1 FROM restrictions)"
+_RESTRICTIONS_OF = (
+    "SELECT k.key, r.kind, r.channel, r.at_us FROM json_each(?1) AS k "
+    "JOIN restrictions AS r ON r.customer = k.value"
+)
+"""``?1`` a JSON array of store keys; rows (index among the keys, kind, channel code, time)."""
 
 
 def _last_row_id(conn: sqlite3.Connection) -> int:
@@ -691,6 +715,52 @@ class SqliteContactStore:
             np.concatenate([np.asarray(stored.latest_us), np.asarray(pending.latest_us)]),
             position,
         )
+
+    def restrict(self, restrictions: Sequence[Restriction]) -> Future[int]:
+        """Store ``restrictions``; an opt-out already stored is kept, a complaint keeps its
+        latest time. The future gives the rows inserted or changed, once committed."""
+        params = [
+            (
+                int(store_key(r.customer_key, self.key_scheme)),
+                RESTRICTION_KINDS.index(r.kind),
+                EVERY_CHANNEL
+                if r.channel is None
+                else int(self._code_of_index[self._index_of[r.channel]]),
+                int(r.at_us),
+            )
+            for r in restrictions
+        ]
+
+        def upsert(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO restrictions VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (customer, kind, channel) DO UPDATE SET at_us = excluded.at_us "
+                f"WHERE excluded.kind = {_COMPLAINT} AND excluded.at_us > restrictions.at_us",
+                params,
+            )
+            return conn.total_changes - before
+
+        return self._writer.submit(upsert, rows=len(params))
+
+    def restrictions(self, customer_keys: Sequence[str]) -> CustomerRestrictions:
+        """The stored restrictions of ``customer_keys`` ``(n,)`` (committed by any process),
+        in one query; restrictions on channels not in ``channels`` are left out."""
+        n = len(customer_keys)
+        reader = self._reader()
+        if not n or reader.execute(_ANY_RESTRICTION).fetchone()[0] == 0:
+            return CustomerRestrictions.none(n)
+        keys = to_json(store_keys(customer_keys, self.key_scheme).tolist()).decode()
+        rows = reader.execute(_RESTRICTIONS_OF, (keys,)).fetchall()
+        if not rows:
+            return CustomerRestrictions.none(n)
+        row, kind, code, at_us = np.array(rows, np.int64).T
+        every = code == EVERY_CHANNEL
+        coded = (code >= 0) & (code < len(self._channel_of_code))
+        channel = np.full(len(code), EVERY_CHANNEL, np.int64)
+        channel[coded] = self._channel_of_code[code[coded]]
+        known = every | (coded & (channel >= 0))
+        return CustomerRestrictions(n, row[known], kind[known], channel[known], at_us[known])
 
     def history(self, customer_keys: Sequence[str], now: datetime) -> ContactEvents:
         """Stored contacts of ``customer_keys`` within the longest window before ``now``."""

@@ -160,3 +160,60 @@ def test_post_delivery_message_id_with_nul_is_422(
     response = api_client.post("/v1/deliveries", json=delivery, headers=auth["reward"])
     assert response.status_code == 422
     assert ["body", "message_id"] in [e["loc"] for e in response.json()["detail"]]
+
+
+def _explained(client: TestClient, headers: dict[str, str], customer_id: str) -> dict:
+    response = client.post(
+        "/v1/decisions",
+        json={"customer": customer(customer_id=customer_id), "k": 50, "explain": True},
+        headers=headers,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_an_opt_out_reported_with_an_outcome_blocks_that_channel_at_once_on_every_worker(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """The platform's own record (the request's ``opt_outs``) may lag: the service honours
+    an opt-out it was told of from the next decision on, on any worker and endpoint."""
+    # recommendations not counted, so the minimum gap does not block the next decision
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as other:
+        first = _explained(one, auth["decide"], "opting-out")
+        channel = first["chosen"]["channel"]
+        assert channel is not None
+        reward = {"decision_id": first["decision_id"], "opted_out": True}
+        for _ in range(2):  # a retried report stores nothing twice and still answers
+            assert one.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
+        after = _explained(other, auth["decide"], "opting-out")
+        assert all(r["channel"] != channel for r in after["ranked"])
+        rules = {b["rule"] for b in after["blocked"] if b["action"].startswith(f"{channel}:")}
+        assert "channel_opt_out" in rules
+        assert after["ranked"], "the other channels stay open"
+        batch = other.post(
+            "/v1/decisions/batch",
+            json={"customers": [customer(customer_id="opting-out")], "k": 50},
+            headers=auth["decide"],
+        )
+        assert batch.status_code == 200, batch.text
+        (decided,) = batch.json()["decisions"]
+        assert all(not a.startswith(f"{channel}:") for a in decided["ranked"])
+        # another customer is not touched
+        bystander = _explained(other, auth["decide"], "not-opting-out")
+        assert "channel_opt_out" not in {b["rule"] for b in bystander["blocked"]}
+
+
+def test_a_complaint_reported_with_an_outcome_suppresses_every_contact(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        first = _explained(client, auth["decide"], "complaining")
+        assert first["chosen"]["channel"] is not None
+        reward = {"decision_id": first["decision_id"], "complaint": True}
+        assert client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
+        after = _explained(client, auth["decide"], "complaining")
+    assert after["chosen"]["channel"] is None  # only "no contact" is left
+    assert [r["channel"] for r in after["ranked"]] == [None]
+    assert "complaint_suppression" in {b["rule"] for b in after["blocked"]}

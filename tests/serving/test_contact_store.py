@@ -1028,3 +1028,46 @@ def test_the_store_finds_and_keeps_a_contact_while_it_may_still_be_sent(
     assert store.prune(window_start).result() == 0
     assert len(store.contacts(["cust_a"], window_start).row) == 2
     assert store.prune(epoch_us(ago(days=24))).result() == 1
+
+
+def test_restrictions_are_stored_per_customer_kept_and_merged(
+    store: SqliteContactStore, catalog: ActionCatalog, tmp_path: Path
+) -> None:
+    from serving.customer_restrictions import Restriction, apply_restrictions
+
+    keys = ["cust_a", "cust_b", "cust_c"]
+    assert len(store.restrictions(keys)) == 0  # nothing stored: one cheap query
+    early, late = epoch_us(ago(days=40)), epoch_us(ago(days=2))
+    written = store.restrict(
+        [
+            Restriction("cust_a", "opt_out", "sms", early),
+            Restriction("cust_a", "complaint", None, late),
+            Restriction("cust_b", "opt_out", None, early),
+        ]
+    ).result()
+    assert written == 3
+    # a repeat changes nothing; an older complaint does not move the latest
+    repeat = [Restriction("cust_a", "opt_out", "sms", late)]
+    assert store.restrict(repeat).result() == 0
+    assert store.restrict([Restriction("cust_a", "complaint", None, early)]).result() == 0
+    store.prune(epoch_us(NOW)).result()  # contacts are pruned, restrictions kept
+    with SqliteContactStore(tmp_path, catalog.channel_names) as other:  # another worker
+        found = other.restrictions(keys)
+    assert found.n == 3 and len(found) == 3
+    assert set(found.row.tolist()) == {0, 1}  # cust_c has none
+    batch = ContextBatch.from_contexts([customer(catalog)] * 3, catalog, NOW)
+    merged = apply_restrictions(batch, found, NOW)
+    sms = catalog.channel_names.index("sms")
+    assert merged["opt_out"][0, sms] and merged["opt_out"][0].sum() == 1
+    assert merged["opted_out_all"].tolist() == [False, True, False]
+    assert merged["days_since_complaint"][0] == 2.0  # the latest of the two complaints
+    assert np.isinf(merged["days_since_complaint"][1:]).all()
+    # the request's own restrictions are never removed
+    opted = ContextBatch.from_contexts(
+        [parse_customer({**customer(catalog).model_dump(), "opt_outs": ["wechat"]}, catalog)],
+        catalog,
+        NOW,
+    )
+    wechat = catalog.channel_names.index("wechat")
+    none = type(found).none(1)
+    assert apply_restrictions(opted, none, NOW)["opt_out"][0, wechat]
