@@ -21,9 +21,11 @@ CONTACT_WINDOW_DAYS = 30
 DAYS_AHEAD = LONGEST_WAIT.days
 """How many days after its decision a contact may go out at the latest
 (:data:`nextbest.send_schedule.LONGEST_WAIT`)."""
-CONTACT_RING_DAYS = CONTACT_WINDOW_DAYS + DAYS_AHEAD
-"""Days of the contact ring: the 30 of the longest window, and the days a scheduled contact's
-send day may lie ahead of today (its slot must not be the one being recycled)."""
+CONTACT_RING_DAYS = CONTACT_WINDOW_DAYS + DAYS_AHEAD + 1
+"""Days of the contact ring: the 30 of the longest window, the day before them (a contact of
+that day still counts until the hour it went out, as the service's rolling windows count
+it), and the days a scheduled contact's send day may lie ahead of today (its slot must not
+be the one being recycled)."""
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Population:
     opt_out: np.ndarray  # (N, C) bool
     holds: np.ndarray  # (N, O) bool
     contact_ring: np.ndarray  # (CONTACT_RING_DAYS, N, C) uint8: contacts by the day they go out
+    send_hour_ring: np.ndarray  # (N, CONTACT_RING_DAYS) uint8: by the ring's days, the latest
+    # hour of the day one of the customer's contacts goes out at the latest (0 without one)
     contacts_7d: np.ndarray  # (N, C) int16
     contacts_30d: np.ndarray  # (N, C) int16
     # latent
@@ -193,6 +197,7 @@ def sample_population(
         opt_out=np.zeros((n, c), bool),
         holds=holds,
         contact_ring=np.zeros((CONTACT_RING_DAYS, n, c), np.uint8),
+        send_hour_ring=np.zeros((n, CONTACT_RING_DAYS), np.uint8),
         contacts_7d=np.zeros((n, c), np.int16),
         contacts_30d=np.zeros((n, c), np.int16),
         life_stage=stage,

@@ -160,8 +160,7 @@ class BatchSimulator:
         now_hours = self.day * 24.0 + hour
         # 0 while a scheduled contact may still go out (the service clamps the same way)
         since_contact = np.maximum(now_hours - p.last_contact_hour[customers], 0.0)
-        c7 = p.contacts_7d[customers]
-        c30 = p.contacts_30d[customers]
+        c7, c30 = self.window_counts(customers)
         return ContextBatch.from_columns(
             self.catalog,
             age=p.age[customers],
@@ -192,6 +191,24 @@ class BatchSimulator:
             offer_views_30d=p.offer_views_30d[customers],
             usual_login_hour=p.usual_login_hour[customers],
         )
+
+    def window_counts(self, customers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Contacts of ``customers`` in the 7- and 30-day windows before their decision hour
+        today, int16 ``(n, C)`` each, as the service counts them: a contact counts while the
+        latest it goes out lies less than the window before now. The contacts going out on
+        the window's first day count if they went out after today's decision hour (of two on
+        that day, both count if the later one did: more blocking, never less)."""
+        p = self.pop
+        hour = self.hour[customers]
+        counts = []
+        for days, base in ((7, p.contacts_7d), (CONTACT_WINDOW_DAYS, p.contacts_30d)):
+            window = base[customers]
+            if self.day >= days:
+                first = (self.day - days) % CONTACT_RING_DAYS
+                late = p.send_hour_ring[customers, first] > hour
+                window = window + p.contact_ring[first, customers] * late[:, None]
+            counts.append(window)
+        return counts[0], counts[1]
 
     def blocked_by(self, customers: np.ndarray, batch: ContextBatch) -> np.ndarray:
         """Blocking code per (customer, action), uint8 ``(n, A)``, read-only: a rule index, a
@@ -333,11 +350,12 @@ class BatchSimulator:
         # and the contact counts in the 7- and 30-day windows from today until that many days
         # after the day it goes out (its ring slot is that day's)
         sent = self._schedule.hours_until_sent(actions[contact], self.hour[who], self.weekday)
-        ahead = (self.hour[who] + sent) // 24  # at most DAYS_AHEAD: SendSchedule.of checks
+        ahead, send_hour = np.divmod(self.hour[who] + sent, 24)  # ahead <= DAYS_AHEAD
         slot = (self.day + ahead) % CONTACT_RING_DAYS
         # ``who`` holds each customer once (one decision a day), so plain fancy-index
         # increments count every contact (``np.add.at`` would allow repeats, ~10x slower)
         p.contact_ring[slot, who, chan] += 1
+        p.send_hour_ring[who, slot] = np.maximum(p.send_hour_ring[who, slot], send_hour)
         p.contacts_7d[who, chan] += 1
         p.contacts_30d[who, chan] += 1
         p.last_contact_hour[who] = self.day * 24.0 + self.hour[who] + sent
@@ -373,11 +391,13 @@ class BatchSimulator:
         n = p.n
         self.day += 1
 
-        # rolling contact windows
+        # rolling contact windows: the counts hold the send days after the window's first
+        # day; its first day's contacts are added by the hour (:meth:`window_counts`)
         p.contacts_7d -= p.contact_ring[(self.day - 7) % CONTACT_RING_DAYS]
-        slot = (self.day - CONTACT_WINDOW_DAYS) % CONTACT_RING_DAYS
-        p.contacts_30d -= p.contact_ring[slot]
-        p.contact_ring[slot] = 0
+        p.contacts_30d -= p.contact_ring[(self.day - CONTACT_WINDOW_DAYS) % CONTACT_RING_DAYS]
+        recycled = (self.day - CONTACT_WINDOW_DAYS - 1) % CONTACT_RING_DAYS
+        p.contact_ring[recycled] = 0
+        p.send_hour_ring[:, recycled] = 0
 
         p.fatigue *= self._fatigue_decay
         p.days_since_complaint += 1.0
