@@ -78,7 +78,10 @@ def customer(customer_id: str) -> dict[str, Any]:
         **EXAMPLE_CUSTOMER,
         "customer_id": customer_id,
         "risk_assessed_on": (date.today() - timedelta(days=30)).isoformat(),
-        "contact_history": {"contacts_30d": {"app_push": 1}},
+        "contact_history": {
+            "contacts_30d": {"app_push": 1},
+            "last_contact_at": (datetime.now(UTC) - timedelta(days=10)).isoformat(),
+        },
         "timezone": midday_timezone(),
     }
 

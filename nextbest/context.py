@@ -39,6 +39,12 @@ MAX_AUM_CNY = 1e15
 """Largest assets under management accepted, CNY."""
 
 
+LAST_CONTACT_REQUIRED = (
+    "last_contact_at is required when contacts are counted: the minimum gap between "
+    "contacts is measured from it (without it the last contact could have been a minute ago)"
+)
+
+
 class ContactHistory(BaseModel):
     """Summary of recent contacts with the customer, per channel."""
 
@@ -76,6 +82,8 @@ class ContactHistory(BaseModel):
                     f"({self.contacts_30d.get(channel, 0)}): "
                     "the 7-day window is inside the 30-day one"
                 )
+        if self.last_contact_at is None and any(self.contacts_30d.values()):
+            raise ValueError(LAST_CONTACT_REQUIRED)
         return self
 
 

@@ -29,13 +29,21 @@ from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nextbest.catalog import ActionCatalog
 from nextbest.context import (
     CONTEXT_COLUMNS,
     DEFAULT_TIMEZONE,
     INCOME_BANDS,
+    LAST_CONTACT_REQUIRED,
     LIFECYCLE_STAGES,
     MAX_COUNT,
     RISK_TOLERANCES,
@@ -252,6 +260,18 @@ class CustomerColumns(BaseModel):
             except ValueError as exc:
                 raise _at_row(row, exc) from None
         return value
+
+    @model_validator(mode="after")
+    def _last_contact_when_counted(self) -> CustomerColumns:
+        counted = [np.asarray(counts) > 0 for counts in self.contacts_30d.values()]
+        if not counted:
+            return self
+        missing = np.logical_or.reduce(counted)
+        if self.last_contact_at is not None:
+            missing &= _is_null(self.last_contact_at)
+        if missing.any():
+            raise _at_row(int(np.flatnonzero(missing)[0]), ValueError(LAST_CONTACT_REQUIRED))
+        return self
 
     @field_validator("timezone")
     @classmethod

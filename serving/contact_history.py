@@ -17,9 +17,9 @@ in :func:`merge_contact_counts`:
   stored contact at or before the horizon may already be counted by the caller, so per
   channel and window the larger of the two counts is kept (**maximum**). Adding those too
   would count twice every contact the caller learned of from the same delivery report.
-* A request without ``last_contact_at`` has no horizon: every stored contact is added (a
-  caller that sends counts without a last-contact time may be counted twice, which errs on
-  the side of contacting less, never more).
+* A request without ``last_contact_at`` has no horizon: every stored contact is added. Such
+  a request counts no contacts of its own (counts without a last-contact time are refused
+  by validation: the minimum gap could not be checked).
 * The last contact is the later of the two; recommendations count as contacts (the
   service cannot know the platform did not send them) unless ``count_recommended=False``.
 

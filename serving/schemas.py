@@ -143,6 +143,10 @@ class BatchDecisionRequest(_Options):
                         "app_logins_30d": [12, 0],
                         "consented_channels": [["app_push", "sms"], ["sms"]],
                         "contacts_30d": {"sms": [1, 0]},
+                        "last_contact_at": [
+                            f"{_EXAMPLE_DAY - timedelta(days=12)}T10:00:00+08:00",
+                            None,
+                        ],
                         "timezone": "Asia/Shanghai",
                     },
                     "campaign_id": "always_on",

@@ -295,6 +295,7 @@ def test_build_contexts_channel_and_offer_columns(catalog: ActionCatalog) -> Non
         contact_history={
             "contacts_7d": {"sms": 1, "app_push": 2},
             "contacts_30d": {"sms": 3, "app_push": 2, "branch_invite": 1},
+            "last_contact_at": NOW - timedelta(days=2),
         },
     )
     ch = catalog.channel_names

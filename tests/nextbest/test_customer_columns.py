@@ -122,6 +122,9 @@ def customers(
     channels = st.sampled_from(CATALOG.channel_names)
     offers = st.sampled_from(CATALOG.offer_names)
     month = draw(st.dictionaries(channels, _counts(), max_size=4))
+    last_contact = draw(event_times(now, zones))
+    if last_contact is None:  # counted contacts need a last one: without it, none are
+        month = {}
     week = {
         name: draw(st.integers(0, count)) for name, count in month.items() if draw(st.booleans())
     }
@@ -150,7 +153,7 @@ def customers(
         "contact_history": {
             "contacts_7d": week,
             "contacts_30d": month,
-            "last_contact_at": draw(event_times(now, zones)),
+            "last_contact_at": last_contact,
         },
         "timezone": tz_name,
         "events": {
@@ -337,7 +340,12 @@ def _body(catalog: ActionCatalog) -> dict[str, Any]:
         "timezone": ["Asia/Shanghai", "Asia/Kolkata", "Europe/London", "UTC"],
         "contacts_30d": {"sms": [0, 2, 4, 1], "app_push": [1, 0, 0, 0]},
         "contacts_7d": {"sms": [0, 2, 1, 0]},
-        "last_contact_at": [None, "2026-01-04T19:30:00+08:00", "2026-01-05T10:00:00Z", None],
+        "last_contact_at": [
+            "2026-01-03T09:00:00+08:00",
+            "2026-01-04T19:30:00+08:00",
+            "2026-01-05T10:00:00Z",
+            "2025-12-20T12:00:00Z",
+        ],
         "mortgage_page_views_7d": [0, 0, 3, 0],
         "days_to_product_maturity": [None, 12, None, 0],
         "days_since_last_login": [2, None, 0, 400],

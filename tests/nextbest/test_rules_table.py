@@ -34,7 +34,13 @@ ALL_CHANNELS_BUT_SMS = ["app_push", "wechat", "outbound_call", "relationship_man
 
 
 def _history(c7: dict[str, int], c30: dict[str, int] | None = None) -> dict[str, Any]:
-    return {"contact_history": {"contacts_7d": c7, "contacts_30d": c30 if c30 is not None else c7}}
+    return {
+        "contact_history": {
+            "contacts_7d": c7,
+            "contacts_30d": c30 if c30 is not None else c7,
+            "last_contact_at": ago(days=3),  # outside the minimum gap
+        }
+    }
 
 
 # rule id -> (blocked case, allowed neighbour)

@@ -805,15 +805,6 @@ MERGES = [
         id="stored before the caller's last contact: maximum",
     ),
     pytest.param(
-        {"contacts_7d": {"sms": 1}, "contacts_30d": {"sms": 1}},
-        [("sms", ago(days=1), True)],
-        True,
-        2,
-        2,
-        ago(days=1),
-        id="counts without a last contact: added (errs towards fewer contacts)",
-    ),
-    pytest.param(
         {},
         [("sms", ago(days=1), False), ("sms", ago(days=3), True)],
         False,

@@ -53,7 +53,11 @@ def test_counts_at_their_limit_are_decided(
 ) -> None:
     big = customer(
         events={"mortgage_page_views_7d": MAX_COUNT, "days_since_last_login": 36_500},
-        contact_history={"contacts_7d": {"sms": MAX_COUNT}, "contacts_30d": {"sms": MAX_COUNT}},
+        contact_history={
+            "contacts_7d": {"sms": MAX_COUNT},
+            "contacts_30d": {"sms": MAX_COUNT},
+            "last_contact_at": "2026-01-01T09:00:00+08:00",
+        },
         aum_cny=1e15,
     )
     response = api_client.post("/v1/decisions", json={"customer": big}, headers=auth["decide"])
@@ -79,6 +83,36 @@ def test_columns_past_the_count_limit_are_422(
     )
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"][:4] == ["body", "columns", "contacts_30d", "sms"]
+
+
+def test_counted_contacts_without_a_last_contact_time_are_422(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    """The minimum gap is measured from the last contact: counts without its time would
+    let a contact a minute after the last one through."""
+    counted = customer(contact_history={"contacts_7d": {"sms": 1}, "contacts_30d": {"sms": 1}})
+    single = api_client.post("/v1/decisions", json={"customer": counted}, headers=auth["decide"])
+    assert single.status_code == 422, single.text
+    assert "last_contact_at is required" in single.text
+    columns = {
+        "customer_id": ["a", "b"],
+        "age": [30, 40],
+        "aum_cny": [1e4, 1e5],
+        "income_band": ["low", "middle"],
+        "lifecycle_stage": ["growth", "mature"],
+        "tenure_months": [3, 40],
+        "app_logins_30d": [1, 2],
+        "contacts_30d": {"sms": [0, 2]},
+        "last_contact_at": ["2026-01-01T09:00:00+08:00", None],
+    }
+    batch = api_client.post(
+        "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
+    )
+    assert batch.status_code == 422, batch.text
+    assert "row 1: last_contact_at is required" in batch.text
+    columns["last_contact_at"] = [None, "2026-01-01T09:00:00+08:00"]  # row 0 counts none
+    fine = api_client.post("/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"])
+    assert fine.status_code == 200, fine.text
 
 
 @pytest.mark.parametrize("n", [1, 3])
