@@ -44,8 +44,9 @@ def behavioural_segment(
 ) -> np.ndarray:
     """Index into :data:`BEHAVIOURAL_SEGMENTS`, shape ``(N,)`` int8.
 
-    Dormant: no login for 60+ days or in the decline lifecycle stage (index 3); potential:
-    AUM of 1,000,000 CNY or more (asset growth); active: everyone else (cross-sell).
+    Dormant: no login for more than :data:`DORMANT_AFTER_DAYS` (60) days or in the decline
+    lifecycle stage (index 3); potential: AUM of 1,000,000 CNY or more (asset growth);
+    active: everyone else (cross-sell).
     """
     dormant = (days_since_last_login > DORMANT_AFTER_DAYS) | (lifecycle_stage == 3)
     potential = aum_cny >= VALUE_TIER_BOUNDS_CNY[0]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nextbest.catalog import ActionCatalog
+from nextbest.segments import DORMANT_AFTER_DAYS
 from simulators.population import Population
 from simulators.scenario import Scenario
 
@@ -226,7 +227,7 @@ def outcome_probabilities(
         model.renewal_offers[of] & maturing, need * np.float32(trig.maturity_renewal_boost), need
     )
     need = np.where(model.activation_offers[of], need * model.activation_need_factor[stage], need)
-    dormant = pop.days_since_last_login[customers] > 60
+    dormant = pop.days_since_last_login[customers] > DORMANT_AFTER_DAYS  # as the segment
     need = np.where(
         model.winback_offers[of] & dormant, need * np.float32(trig.dormant_winback_boost), need
     )
