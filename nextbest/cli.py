@@ -961,6 +961,66 @@ def promote(
         raise typer.Exit(code=1)
 
 
+@app.command(
+    short_help="Which rule blocked which action for one served decision (from the journal).",
+)
+def trace(
+    decision_id: Annotated[str, typer.Argument(help="The decision id the service answered.")],
+    journal: Annotated[
+        Path, typer.Option(help="The service's state directory or its journal.db.")
+    ] = Path("data/serving"),
+    catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
+    every: Annotated[
+        bool, typer.Option("--all", help="Name every blocked action, not the first few per rule.")
+    ] = False,
+) -> None:
+    """Audit one decision after the fact: when it was made, for whom (the pseudonymised
+    key), what was chosen under which rule set, and for every action not chosen whether a
+    rule blocked it (which) or the request left it out."""
+    from nextbest.decision_journal import JournalSchemaError, decision_trace
+    from nextbest.rewards import UnknownDecisionError
+
+    try:
+        cat = load_catalog(catalog_dir)
+        found = decision_trace(journal, decision_id)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    except (FileNotFoundError, JournalSchemaError) as exc:
+        console.print(f"[bold red]bad --journal[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    except UnknownDecisionError:
+        console.print(f"[bold red]unknown decision[/] {escape(decision_id)} in {journal}")
+        raise typer.Exit(code=1) from None
+    names = [a.name for a in cat.actions]
+    if len(found.candidate) != len(names):
+        console.print(
+            f"[bold red]catalogue mismatch[/]: the decision had {len(found.candidate)} actions, "
+            f"{catalog_dir} has {len(names)}"
+        )
+        raise typer.Exit(code=2)
+    console.print(
+        f"decision {escape(found.decision_id)} at {found.timestamp.isoformat()} for "
+        f"{escape(found.customer_key)}: {escape(names[found.action])} "
+        f"(rule set {escape(found.ruleset_version)}; "
+        f"{int(found.candidate.sum())} of {len(names)} actions were candidates)"
+    )
+    if found.blocked_by is None:
+        console.print("the journal holds no rule per action for this decision")
+        return
+    table = Table(title="Actions not open to the decision")
+    for column in ("rule", "actions", "which"):
+        table.add_column(column)
+    rows = [*found.blocked().items(), ("(left out by the request)", found.left_out())]
+    for rule, actions in rows:
+        if not actions:
+            continue
+        shown = actions if every else actions[:3]
+        which = ", ".join(names[a] for a in shown) + ("" if len(shown) == len(actions) else ", ...")
+        table.add_row(escape(rule), str(len(actions)), escape(which))
+    _print_table(table)
+
+
 def _fmt(key: str, value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.2f}" if key == "value_per_customer" else f"{value:.2%}"

@@ -56,6 +56,12 @@ class DecisionBatch:
     candidate_mask : bool ``(n, A)`` or None
         The allowed actions as a mask, instead of ``candidate_actions`` (exactly one of the
         two; :meth:`from_mask` keeps its mask): the journal packs it into its bitmap as it is.
+    blocked_by : uint8 ``(n, A)`` or None
+        For traceability: per action, the index in ``rule_ids`` of the first rule that
+        blocked it, 255 (:data:`~nextbest.compliance.ALLOWED`) where the rules allowed it
+        (an allowed action may still not be a candidate: the request left it out).
+    rule_ids : sequence of str or None
+        The rule set's rule ids in order (given with ``blocked_by``).
     """
 
     decision_id: Sequence[str]
@@ -74,9 +80,20 @@ class DecisionBatch:
     feature_spec_version: str
     campaign_id: str | Sequence[str | None] | None = None
     candidate_mask: np.ndarray | None = None
+    blocked_by: np.ndarray | None = None
+    rule_ids: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.decision_id)
+        if self.blocked_by is not None:
+            blocked = np.asarray(self.blocked_by)
+            if blocked.ndim != 2 or len(blocked) != n or blocked.dtype != np.uint8:
+                raise ValueError(
+                    f"blocked_by must be uint8 of shape (n={n}, A), got {blocked.dtype} "
+                    f"{blocked.shape}"
+                )
+            if self.rule_ids is None:
+                raise ValueError("blocked_by needs rule_ids (the rules its codes index)")
         if self.candidate_mask is not None and (
             self.candidate_mask.ndim != 2 or len(self.candidate_mask) != n
         ):

@@ -34,6 +34,13 @@ little-endian blobs, one per submitted batch):
     (see :func:`~nextbest.rewards.reward_cny`),
     ``reward_at_us`` (when the outcome happened, as the caller gave it, or null),
     ``received_at_us``, ``late`` (outside the attribution window).
+``rule_sets``, ``chunk_blocks``
+    Traceability: which rule blocked which action, for every decision. ``chunk_blocks``
+    holds per chunk ``blocked_by`` (uint8 ``(rows, n_actions)``, compressed: the index of
+    the first rule that blocked each action, 255 where the rules allowed it), and
+    ``rule_sets`` the rule ids those indices name, per ``ruleset_version`` (a JSON list).
+    Read with :func:`decision_trace`. Chunks written without it (before it existed, or by
+    a writer not given the rules) have no row.
 ``decision_log`` (a view)
     The scalar columns joined (versions, rewards), one row per decision, for ad-hoc SQL;
     the arrays are read by :func:`read_journal`.
@@ -50,10 +57,11 @@ valued by a :class:`~nextbest.rewards.RewardRule`.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -132,6 +140,14 @@ JOURNAL_DDL = (
     """CREATE TABLE IF NOT EXISTS withdrawn (
         decision_id TEXT PRIMARY KEY
     ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS rule_sets (
+        ruleset_version TEXT PRIMARY KEY,
+        rule_ids TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS chunk_blocks (
+        chunk_id INTEGER PRIMARY KEY REFERENCES decision_chunks (chunk_id),
+        blocked_by BLOB NOT NULL
+    )""",
     "DROP VIEW IF EXISTS decision_log",  # a file from before withdrawals: the view without
     """CREATE VIEW decision_log AS
         SELECT d.seq, d.decision_id, d.timestamp_us, d.customer_key, d.action, d.pscore,
@@ -355,6 +371,13 @@ class JournalWriter:
         def append(conn: sqlite3.Connection) -> int:
             version_id = known if known is not None else self._version_id(conn, served_by)
             chunk_id = conn.execute(_INSERT_CHUNK, _chunk_row(decisions)).lastrowid
+            if decisions.blocked_by is not None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO rule_sets VALUES (?, ?)",
+                    (decisions.ruleset_version, json.dumps(list(decisions.rule_ids or ()))),
+                )
+                blocked = np.ascontiguousarray(decisions.blocked_by, np.uint8)
+                conn.execute("INSERT INTO chunk_blocks VALUES (?, ?)", (chunk_id, _pack(blocked)))
             statement = rows.sql(_INSERT_DECISIONS, **given)
             conn.execute(statement, (rows.param, version_id, chunk_id, *constants))
             used.append(version_id)
@@ -670,6 +693,131 @@ def _decision_scan(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, dict[str, p
         "version_id": pa.array(np.array(versions, np.int64)),
         "chunk_id": pa.array(np.array(chunk_ids, np.int64)),
     }
+
+
+ALLOWED_CODE = 255
+"""``blocked_by``'s code for an action the rules allowed (``nextbest.compliance.ALLOWED``)."""
+
+
+@dataclass(frozen=True)
+class DecisionTrace:
+    """What the journal says about one decision, for an audit after the fact: for whom
+    (the pseudonymised key), when, what was chosen, and per action whether it was a
+    candidate and which rule blocked it.
+
+    Attributes
+    ----------
+    decision_id, customer_key, ruleset_version : str
+    timestamp : datetime (UTC)
+    action : int
+        The chosen action.
+    candidate : bool ``(A,)``
+        The actions the decision could choose (allowed by the rules and by the request).
+    blocked_by : uint8 ``(A,)`` or None
+        Index in ``rule_ids`` of the first rule that blocked each action, 255 where the
+        rules allowed it; None for a decision journalled without it.
+    rule_ids : tuple of str or None
+    """
+
+    decision_id: str
+    timestamp: datetime
+    customer_key: str
+    action: int
+    ruleset_version: str
+    candidate: np.ndarray
+    blocked_by: np.ndarray | None
+    rule_ids: tuple[str, ...] | None
+
+    def blocked(self) -> dict[str, list[int]]:
+        """The actions each rule blocked (rule id -> action ids, in rule-set order); empty
+        when the rules were not journalled."""
+        if self.blocked_by is None or self.rule_ids is None:
+            return {}
+        out: dict[str, list[int]] = {}
+        for code in np.unique(self.blocked_by[self.blocked_by != ALLOWED_CODE]).tolist():
+            out[self.rule_ids[code]] = np.flatnonzero(self.blocked_by == code).tolist()
+        return out
+
+    def left_out(self) -> list[int]:
+        """The actions the rules allowed but the request left out (its candidates, channels
+        or campaign); empty when the rules were not journalled."""
+        if self.blocked_by is None:
+            return []
+        return np.flatnonzero((self.blocked_by == ALLOWED_CODE) & ~self.candidate).tolist()
+
+
+def decision_trace(path: str | Path, decision_id: str) -> DecisionTrace:
+    """The journal's record of one decision (:class:`DecisionTrace`), withdrawn ones
+    included (journalled, never served).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a journal.
+    UnknownDecisionError
+        If the journal has no such decision.
+    """
+    file = journal_file(path)
+    if file is None:
+        raise FileNotFoundError(f"{path}: not a decision journal (no {JOURNAL_FILENAME})")
+    conn = open_sqlite(file, read_only=True)
+    try:
+        _check_schema(conn, file)
+        conn.execute("BEGIN")  # one snapshot
+        found = conn.execute(
+            "SELECT d.seq, d.timestamp_us, d.customer_key, d.action, d.chunk_id, "
+            "v.ruleset_version FROM decisions AS d JOIN versions AS v USING (version_id) "
+            "WHERE d.decision_id = ?",
+            (decision_id,),
+        ).fetchone()
+        if found is None:
+            raise UnknownDecisionError(decision_id)
+        seq, stamp, key, action, chunk_id, ruleset = found
+        rows, n_actions, codec, candidates = conn.execute(
+            "SELECT rows, n_actions, codec, candidates FROM decision_chunks WHERE chunk_id = ?",
+            (chunk_id,),
+        ).fetchone()
+        row = seq - _first_seq(conn, chunk_id, seq, rows)
+        width = -(-n_actions // 8)
+        bits = _unpack(candidates, codec, rows * width, "u1").reshape(rows, width)
+        candidate = np.unpackbits(bits[row])[:n_actions].astype(bool)
+        blocked_by = rule_ids = None
+        stored = conn.execute(
+            "SELECT c.blocked_by, r.rule_ids FROM chunk_blocks AS c, rule_sets AS r "
+            "WHERE c.chunk_id = ? AND r.ruleset_version = ?",
+            (chunk_id, ruleset),
+        ).fetchone()
+        if stored is not None:
+            codes = _unpack(stored[0], codec, rows * n_actions, "u1").reshape(rows, n_actions)
+            blocked_by, rule_ids = codes[row].copy(), tuple(json.loads(stored[1]))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return DecisionTrace(
+        decision_id,
+        from_epoch_us(stamp),
+        key,
+        int(action),
+        ruleset,
+        candidate,
+        blocked_by,
+        rule_ids,
+    )
+
+
+def _first_seq(conn: sqlite3.Connection, chunk_id: int, seq: int, rows: int) -> int:
+    """The first ``seq`` of chunk ``chunk_id``, which holds decision ``seq``: a chunk's
+    ``rows`` decisions are consecutive and chunks are in ``seq`` order, so a binary search
+    over the ``rows`` before it (by primary key) finds it."""
+    lo, hi = seq - rows + 1, seq  # the first is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = conn.execute("SELECT chunk_id FROM decisions WHERE seq = ?", (mid,)).fetchone()
+        if found is not None and found[0] == chunk_id:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 class JournalCorruptError(ValueError):

@@ -893,6 +893,8 @@ class ScoringService:
             ruleset_version=self.rules.version,
             catalog_version=self.catalog.version,
             feature_spec_version=result.feature_spec_version,
+            blocked_by=result.blocked_by,
+            rule_ids=self.rules.rule_ids,
         )
 
     async def settle(

@@ -1082,3 +1082,48 @@ def test_read_journal_arrow_types(journal: JournalWriter) -> None:
     table = read_journal(journal.path)
     assert table.schema.field("context").type == pa.list_(pa.float32())
     assert table.schema.field("timestamp").type == pa.timestamp("us", tz="UTC")
+
+
+def test_decision_trace_names_the_rule_of_every_blocked_action(journal: JournalWriter) -> None:
+    """Traceability: per decision, for whom, when, and which rule blocked which action (or
+    that the request left it out), read back from any row of any chunk."""
+    from nextbest.decision_journal import ALLOWED_CODE, decision_trace
+
+    rules = ("consent", "quiet_hours", "suitability")
+    batches = []
+    for chunk, n in enumerate((7, 40, 3)):
+        plain = make_batch(new_decision_ids(n), seed=chunk)
+        rng = np.random.default_rng(10 + chunk)
+        allowed = np.zeros((n, N_ACTIONS), bool)
+        allowed[np.arange(n).repeat(np.diff(plain.candidate_offsets)), plain.candidates()] = True
+        codes = np.where(allowed, ALLOWED_CODE, rng.integers(0, len(rules), (n, N_ACTIONS)))
+        left_out = ~allowed & (rng.random((n, N_ACTIONS)) < 0.3)  # rules allowed, request not
+        codes = np.where(left_out, ALLOWED_CODE, codes).astype(np.uint8)
+        batch = replace(plain, blocked_by=codes, rule_ids=rules)
+        journal.submit(batch).result()
+        batches.append(batch)
+    untraced = make_batch(new_decision_ids(2), seed=9)  # a writer not given the rules
+    journal.submit(untraced).result()
+    for batch in batches:
+        for row in (0, len(batch) // 2, len(batch) - 1):
+            found = decision_trace(journal.path, batch.decision_id[row])
+            assert found.customer_key == batch.customer_key[row]
+            assert found.action == batch.action[row] and found.timestamp == T0
+            assert found.ruleset_version == "r1"
+            np.testing.assert_array_equal(found.blocked_by, batch.blocked_by[row])
+            codes = batch.blocked_by[row]
+            for rule, actions in found.blocked().items():
+                assert (codes[actions] == rules.index(rule)).all()
+            blocked = sorted(a for actions in found.blocked().values() for a in actions)
+            assert blocked == np.flatnonzero(codes != ALLOWED_CODE).tolist()
+            assert (
+                found.left_out()
+                == np.flatnonzero((codes == ALLOWED_CODE) & ~found.candidate).tolist()
+            )
+            assert found.candidate[found.action]
+    plain = decision_trace(journal.path, untraced.decision_id[1])
+    assert plain.blocked_by is None and plain.blocked() == {} and plain.left_out() == []
+    with pytest.raises(UnknownDecisionError):
+        decision_trace(journal.path, "0" * 32)
+    with pytest.raises(ValueError, match="rule_ids"):
+        replace(batches[0], rule_ids=None)

@@ -217,3 +217,57 @@ def test_a_complaint_reported_with_an_outcome_suppresses_every_contact(
     assert after["chosen"]["channel"] is None  # only "no contact" is left
     assert [r["channel"] for r in after["ranked"]] == [None]
     assert "complaint_suppression" in {b["rule"] for b in after["blocked"]}
+
+
+def test_every_served_decision_can_be_traced_to_its_rules_afterwards(
+    api_client: TestClient, api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """Traceability after the fact: the journal says which rule blocked which action for
+    each decision, as the answer's ``explain`` said it, and ``nextbest trace`` prints it."""
+    from typer.testing import CliRunner
+
+    from nextbest.cli import app
+    from nextbest.decision_journal import decision_trace
+
+    asked = customer(customer_id="traced", consented_channels=["app_push", "sms", "wechat"])
+    response = api_client.post(
+        "/v1/decisions",
+        json={
+            "customer": asked,
+            "k": 3,
+            "explain": True,
+            "channels": ["app_push"],
+        },
+        headers=auth["decide"],
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    found = decision_trace(api_settings.state_dir, answer["decision_id"])
+    explained: dict[str, list[str]] = {}
+    for blocked in answer["blocked"]:
+        explained.setdefault(blocked["rule"], []).append(blocked["action"])
+    names = [a.name for a in api_client.app.state.service.catalog.actions]
+    assert {r: [names[a] for a in acts] for r, acts in found.blocked().items()} == explained
+    assert "consent" in explained  # calls, managers, branches: no consent
+    assert found.left_out()  # SMS and WeChat: the rules allowed them, the request did not
+    assert all(names[a].split(":")[0] in {"sms", "wechat"} for a in found.left_out())
+    assert names[found.action] == answer["chosen"]["action"]
+    assert found.customer_key.startswith("cust_") and "traced" not in found.customer_key
+    batch = api_client.post(
+        "/v1/decisions/batch",
+        json={"customers": [customer(customer_id=f"traced-{i}") for i in range(3)]},
+        headers=auth["decide"],
+    )
+    assert batch.status_code == 200, batch.text
+    for decision in batch.json()["decisions"]:
+        traced = decision_trace(api_settings.state_dir, decision["decision_id"])
+        assert names[traced.action] == decision["action"] and traced.blocked_by is not None
+    printed = CliRunner().invoke(
+        app, ["trace", answer["decision_id"], "--journal", str(api_settings.state_dir), "--all"]
+    )
+    assert printed.exit_code == 0, printed.output
+    text = " ".join(printed.output.split())
+    assert answer["chosen"]["action"] in text and "consent" in text
+    assert "left out by the request" in text
+    unknown = CliRunner().invoke(app, ["trace", "0" * 32, "--journal", str(api_settings.state_dir)])
+    assert unknown.exit_code == 1 and "unknown decision" in unknown.output
