@@ -734,7 +734,10 @@ def guard_complaints(
     base = float(model.complaint_penalty)
 
     def rate(extra: float) -> float:
-        scores = predict_rewards(model, context) - extra * complaints
+        # scored by the model with the price set, in its own float32 arithmetic: the rate
+        # found is then exactly the exported policy's
+        model.complaint_penalty.fill_(base + extra)
+        scores = predict_rewards(model, context)
         chosen = np.where(allowed, scores, -np.inf).argmax(axis=1)
         return float(complaints[np.arange(len(rows)), chosen].mean())
 

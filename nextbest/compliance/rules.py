@@ -18,12 +18,14 @@ Rules are listed in precedence order: when several rules block a pair, the first
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
@@ -230,6 +232,9 @@ def _parse(expr: str, rule: RuleSpec, catalog: ActionCatalog, source: str, key: 
             column = _customer_column(rref[2], fail, scalar_only=True)
             return _cross(expr, values, column, op, action_first=True, fail=fail)
         value = _normalise(lname, rvalue, op, fail, side="action", catalog=catalog)
+        for v in value if isinstance(value, list) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise fail(f"action.{lname} must be compared with a finite number, got {v!r}")
         return ActionCondition(expr, values, op, value)
 
     # lkind == "customer"
@@ -246,9 +251,25 @@ def _parse(expr: str, rule: RuleSpec, catalog: ActionCatalog, source: str, key: 
         if op not in ORDERING_OPS:
             raise fail(f"per-channel column {column!r} takes {list(ORDERING_OPS)}")
         per_channel = _per_channel(rvalue, catalog, fail)
+        _check_kind(column, per_channel, fail)
         return ChannelCondition(expr, column, op, per_channel, catalog.channel_index)
     value = _normalise(column, rvalue, op, fail, side="customer", catalog=catalog)
+    _check_kind(column, value, fail)
     return CustomerCondition(expr, column, op, value, catalog.n_actions)
+
+
+def _check_kind(column: str, value: Any, fail: Any) -> None:
+    """Refuse a value of another kind than ``column``'s: a flag compares with true/false, a
+    number with a finite number (``.nan`` or ``.inf`` would switch a cap off, ``true`` would
+    be read as 1)."""
+    flag = CONTEXT_COLUMNS[column].dtype is np.bool_
+    for v in value if isinstance(value, list | tuple) else (value,):
+        if flag and not isinstance(v, bool):
+            raise fail(f"{column} is true or false; got {v!r}")
+        if not flag and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise fail(f"{column} is a number; got {v!r}")
+        if not flag and not math.isfinite(v):
+            raise fail(f"{column} must be compared with a finite number, got {v!r}")
 
 
 def _action_values(name: str, catalog: ActionCatalog, fail: Any) -> list[Any]:

@@ -105,6 +105,53 @@ BAD_RULE_FILES = [
         id="per_channel_param_unknown_channel",
     ),
     pytest.param(
+        _file(_rule(["customer.contacts_7d_total >= param.cap"], {"cap": float("nan")})),
+        "rules.0.block_when.0",
+        "contacts_7d_total must be compared with a finite number, got nan",
+        id="nan_cap_would_switch_the_rule_off",
+    ),
+    pytest.param(
+        _file(_rule(["customer.days_since_complaint < param.days"], {"days": float("inf")})),
+        "rules.0.block_when.0",
+        "days_since_complaint must be compared with a finite number, got inf",
+        id="infinite_period",
+    ),
+    pytest.param(
+        _file(
+            _rule(
+                ["customer.contacts_7d >= param.cap"],
+                {"cap": {**CAPS, "sms": float("nan"), "branch_invite": 1}},
+            )
+        ),
+        "rules.0.block_when.0",
+        "contacts_7d must be compared with a finite number, got nan",
+        id="nan_per_channel_cap",
+    ),
+    pytest.param(
+        _file(_rule(["customer.contacts_7d_total >= param.cap"], {"cap": True})),
+        "rules.0.block_when.0",
+        "contacts_7d_total is a number; got True",
+        id="boolean_cap",
+    ),
+    pytest.param(
+        _file(_rule(["customer.age >= true"])),
+        "rules.0.block_when.0",
+        "age is a number; got True",
+        id="boolean_age",
+    ),
+    pytest.param(
+        _file(_rule(["customer.litigation == 1"])),
+        "rules.0.block_when.0",
+        "litigation is true or false; got 1",
+        id="number_for_a_flag",
+    ),
+    pytest.param(
+        _file(_rule(["customer.age < param.a"], {"a": "nan"})),
+        "rules.0.block_when.0",
+        "age must be compared with a finite number, got nan",
+        id="nan_as_text",
+    ),
+    pytest.param(
         _file(_rule(["action.risk_level > R9"])),
         "rules.0.block_when.0",
         "risk level must be one of R1..R5, got 'R9'",

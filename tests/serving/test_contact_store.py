@@ -879,6 +879,8 @@ def test_merge_into_batch_random_customers_agrees_with_one_at_a_time(
         c30 = {ch: int(k) for ch, k in zip(CHANNELS, rng.integers(0, 3, 6), strict=True) if k}
         c7 = {ch: min(k, int(rng.integers(0, 2))) for ch, k in c30.items()}
         last = ago(days=float(rng.uniform(0, 20))) if i % 3 else None
+        if last is None:  # counted contacts need a last one: a third count none (no horizon)
+            c30, c7 = {}, {}
         histories.append(
             {
                 "contacts_7d": c7,
