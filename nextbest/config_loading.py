@@ -113,14 +113,56 @@ def _members(annotation: Any) -> tuple[Any, ...]:
     return (annotation,)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: a second ``days: 0`` would switch a rule's period off unseen)."""
+
+
+def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            line = first.get(key)
+        except TypeError:  # an unhashable key: construct_mapping names it
+            continue
+        if line is None:
+            first[key] = key_node.start_mark.line + 1
+        else:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} appears twice (first at line {line})",
+                key_node.start_mark,
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_without_repeats,  # type: ignore[arg-type]
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML text safely, refusing a key repeated in a mapping.
+
+    Raises
+    ------
+    yaml.YAMLError
+        Malformed YAML, or a repeated key (its line, and the first one's, in the message).
+    """
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML file whose top level must be a mapping.
 
     Raises
     ------
     ConfigError
-        If the file is missing or unreadable, is not UTF-8 or not valid YAML, or its top
-        level is not a mapping.
+        If the file is missing or unreadable, is not UTF-8 or not valid YAML, repeats a key
+        in a mapping, or its top level is not a mapping.
     """
     path = Path(path)
     try:
@@ -134,7 +176,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             path, "", f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

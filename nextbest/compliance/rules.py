@@ -47,6 +47,7 @@ from nextbest.config_loading import (
     StrictModel,
     config_error_from_validation,
     content_hash,
+    load_yaml_text,
     read_yaml,
 )
 from nextbest.context import CONTEXT_COLUMNS, INCOME_BANDS, LIFECYCLE_STAGES, RISK_TOLERANCES
@@ -170,7 +171,7 @@ def load_rules(path: str | Path, catalog: ActionCatalog) -> RuleSet:
 def rules_from_yaml(text: str, catalog: ActionCatalog, source: str = "<string>") -> RuleSet:
     """Parse a rule set from YAML text (tests, notebooks)."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, "", f"malformed YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -79,3 +79,34 @@ def test_load_model_booleans_where_a_boolean_is_allowed_still_read(tmp_path: Pat
     path.write_text("flag: true\ncount_or_flag: true\nparams: {x: true}\nages: [1, 2]\n")
     loaded = load_model(path, _Numbers)
     assert (loaded.flag, loaded.count_or_flag, loaded.params) == (True, True, {"x": True})
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("days: 30\nname: a\ndays: 0\n", "days", 3),  # the second one used to win
+        ("rules:\n  - id: r\n    params: {days: 30, days: 0}\n", "days", 3),
+        ("neural_bandit:\n  hidden: 8\nneural_bandit:\n  hidden: 16\n", "neural_bandit", 3),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(
+    tmp_path: Path, text: str, key: str, line: int
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"line {line}.*key '{key}' appears twice \(first at"):
+        read_yaml(path)
+
+
+def test_the_same_key_in_different_mappings_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("a: {x: 1}\nb: {x: 2}\nlist:\n  - {id: 1}\n  - {id: 2}\n")
+    assert read_yaml(path) == {"a": {"x": 1}, "b": {"x": 2}, "list": [{"id": 1}, {"id": 2}]}
+
+
+def test_every_shipped_config_reads_without_repeated_keys() -> None:
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        assert read_yaml(path)
