@@ -83,13 +83,12 @@ from nextbest.rewards import (
     UnknownDecisionError,
     reward_cny,
 )
-from nextbest.sqlite_writer import GroupCommitWriter, Synchronous, open_sqlite
+from nextbest.sqlite_writer import SQLITE_HEADER, GroupCommitWriter, Synchronous, open_sqlite
 from nextbest.timestamps import epoch_us, from_epoch_us
 
 JOURNAL_FILENAME = "journal.db"
 """Name of the journal inside a service state directory."""
 JOURNAL_SCHEMA_ID = "nextbest.decision-journal/2"
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 JOURNAL_DDL = (
@@ -577,7 +576,7 @@ def journal_file(path: str | Path) -> Path | None:
     if not path.is_file():
         return None
     with path.open("rb") as handle:
-        return path if handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC else None
+        return path if handle.read(len(SQLITE_HEADER)) == SQLITE_HEADER else None
 
 
 _READ_CHUNK = 100_000

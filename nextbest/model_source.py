@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from nextbest.sqlite_writer import SQLITE_HEADER
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -69,14 +72,49 @@ def mlflow_client(tracking_uri: str | None = None, must_exist: bool = False) -> 
     """
     from mlflow import MlflowClient
 
-    store = sqlite_store_path(tracking_uri) if must_exist else None
-    missing = store if store is not None and not store.exists() else None
-    if missing is not None:
+    if tracking_uri is not None and not tracking_uri.strip():
+        raise ModelSourceError("tracking URI is empty (the default is sqlite:///mlflow.db)")
+    store = sqlite_store_path(tracking_uri)
+    if store is not None and store.exists():
+        problem = not_an_mlflow_store(store)
+        if problem:  # MLflow would add its tables to it (a service's journal, say)
+            raise ModelSourceError(f"tracking URI {tracking_uri!r}: {store} {problem}")
+    elif must_exist and store is not None:
         raise ModelSourceError(
-            f"tracking URI {tracking_uri!r}: no MLflow store at {missing} (nothing was tracked "
+            f"tracking URI {tracking_uri!r}: no MLflow store at {store} (nothing was tracked "
             "there: check the path, or train a model first)"
         )
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def not_an_mlflow_store(path: Path) -> str | None:
+    """Why the existing file ``path`` cannot be an MLflow SQLite store, or None (an MLflow
+    store, or an empty file or database MLflow may set up)."""
+    if path.is_dir():
+        return "is a directory, not a database file"
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if not header:
+        return None
+    if header != SQLITE_HEADER:
+        return "is not a SQLite database"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"cannot be read as a SQLite database: {exc}"
+    if tables and not {"experiments", "alembic_version"} <= tables:
+        shown = ", ".join(sorted(tables)[:4])
+        return f"is a SQLite database but not an MLflow store (its tables: {shown}, ...)"
+    return None
 
 
 def sqlite_store_path(tracking_uri: str | None) -> Path | None:

@@ -34,6 +34,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+"""The first bytes of every SQLite database file."""
 SQLITE_MIN_WRITER_VERSION = (3, 38, 0)
 """Writers need the JSON ``->>`` operator (SQLite 3.38, 2022)."""
 Synchronous = Literal["NORMAL", "FULL"]

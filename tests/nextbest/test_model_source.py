@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,32 @@ def test_mlflow_client_registry_is_its_tracking_store(
     mlflow_client(uri).create_registered_model("here")
     assert mlflow.MlflowClient(uri, registry_uri=uri).get_registered_model("here").name == "here"
     assert not elsewhere.exists()
+
+
+def test_a_database_that_is_not_an_mlflow_store_is_refused_and_left_alone(
+    tmp_path: Path,
+) -> None:
+    """MLflow would add its ~60 tables to any SQLite file it is pointed at (a service's
+    journal, say), and a file that is not a database failed with SQLAlchemy's traceback."""
+    import sqlite3
+
+    journal = tmp_path / "journal.db"
+    with sqlite3.connect(journal) as conn:
+        conn.execute("CREATE TABLE journal_meta (key TEXT PRIMARY KEY, value TEXT)")
+    before = journal.read_bytes()
+    text = tmp_path / "notes.db"
+    text.write_text("not a database")
+    for path, reason in (
+        (journal, "is a SQLite database but not an MLflow store (its tables: journal_meta"),
+        (text, "is not a SQLite database"),
+        (tmp_path, "is a directory"),
+    ):
+        for must_exist in (False, True):  # writers (train) and readers alike
+            with pytest.raises(ModelSourceError, match=re.escape(reason)):
+                mlflow_client(f"sqlite:///{path}", must_exist=must_exist)
+    assert journal.read_bytes() == before
+    with pytest.raises(ModelSourceError, match="tracking URI is empty"):
+        mlflow_client("  ")
+    fresh = tmp_path / "new.db"
+    mlflow_client(f"sqlite:///{fresh}").search_experiments()  # a new store is set up
+    mlflow_client(f"sqlite:///{fresh}", must_exist=True).search_experiments()  # and reread
