@@ -45,6 +45,10 @@ DEFAULT_TRAINING_CONFIG = DEFAULT_CATALOG_DIR.parent / "training" / "neural_band
 """The factorised outcome model: the best measured on small (the demo's) and large logs."""
 
 
+MAX_SEED = 2**31 - 1
+"""Seeds every generator takes (numpy, torch, Vowpal Wabbit)."""
+
+
 class PolicyName(StrEnum):
     """Logging policies the simulator can run."""
 
@@ -113,9 +117,11 @@ def catalog(
     short_help="Simulate, train, evaluate, register and serve a policy, end to end.",
 )
 def demo(
-    customers: Annotated[int, typer.Option(min=1, help="Customers in the simulation.")] = 5_000,
+    customers: Annotated[
+        int, typer.Option(min=1, max=50_000_000, help="Customers in the simulation.")
+    ] = 5_000,
     days: Annotated[int, typer.Option(min=1, max=365, help="Days to simulate.")] = 30,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed.")] = 7,
     out: Annotated[Path, typer.Option(help="Where the demo writes its run folders.")] = Path(
         "data/demo"
     ),
@@ -129,6 +135,7 @@ def demo(
     (logging every decision), train a neural bandit on the log, evaluate it off-policy and
     register it in MLflow, show what the compliance rules allow and why not, then start the
     scoring service on the registered model, send it a few requests over HTTP and stop it."""
+    from nextbest.model_source import unwritable_directory
     from training.tracking import tracking_client
 
     try:  # before the simulation: a bad URI would only show after it
@@ -136,6 +143,10 @@ def demo(
     except ValueError as exc:
         console.print(f"[bold red]bad --tracking-uri[/] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
+    problem = unwritable_directory(out)
+    if problem:
+        console.print(f"[bold red]bad --out[/] {escape(str(out))} {escape(problem)}")
+        raise typer.Exit(code=2)
     run_dir = out / datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S-%f")
     console.rule("[bold]nextbest demo 1/4: simulate the playbook")
     simulate(
@@ -488,13 +499,17 @@ def simulate(
     scenario: Annotated[
         Path, typer.Option(help="Scenario YAML (population and behaviour).")
     ] = SCENARIOS_DIR / "retail_bank.yaml",
-    customers: Annotated[int, typer.Option(min=1, help="Population size.")] = 100_000,
+    customers: Annotated[
+        int, typer.Option(min=1, max=50_000_000, help="Population size.")
+    ] = 100_000,
     days: Annotated[int, typer.Option(min=1, max=3650, help="Days to simulate.")] = 90,
     policy: Annotated[PolicyName, typer.Option(help="Logging policy.")] = PolicyName.playbook,
     epsilon: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Exploration rate of the playbook.")
     ] = 0.1,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same run).")] = 7,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Random seed (same seed, same run).")
+    ] = 7,
     out: Annotated[
         Path | None, typer.Option(help="Directory for the decision log (Parquet) and KPIs.")
     ] = None,
@@ -504,6 +519,7 @@ def simulate(
     """Simulate customer journeys under a logging policy; log decisions and print KPIs."""
     from rich.progress import Progress
 
+    from nextbest.model_source import unwritable_directory
     from simulators.ground_truth import SimulationRecipe, simulate_log
     from simulators.scenario import load_scenario
 
@@ -513,6 +529,10 @@ def simulate(
     except ConfigError as exc:
         console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
+    problem = None if out is None else unwritable_directory(out)
+    if problem:
+        console.print(f"[bold red]bad --out[/] {escape(str(out))} {escape(problem)}")
+        raise typer.Exit(code=2)
     if out is not None and out.exists() and any(out.glob("*.parquet")):
         console.print(
             f"[bold red]refused[/]: {escape(str(out))} already holds a decision log; "
@@ -584,8 +604,10 @@ def evaluate(
         ),
     ] = None,
     alpha: Annotated[float, typer.Option(min=0.001, max=0.5, help="1 - confidence level.")] = 0.05,
-    bootstrap: Annotated[int, typer.Option(min=10, help="Bootstrap resamples.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    bootstrap: Annotated[
+        int, typer.Option(min=10, max=100_000, help="Bootstrap resamples.")
+    ] = 1000,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Bootstrap seed.")] = 0,
     model: Annotated[
         str | None,
         typer.Option(
@@ -918,6 +940,7 @@ def export(
             console.print(f"[bold red]cannot export[/]: {escape(str(exc))}")
             raise typer.Exit(code=2) from None
         partial = out.with_suffix(".onnx.partial")
+        spec_partial = spec_path(out).with_suffix(".json.partial")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             # one self-contained file: registry artifacts may keep weights in external data files
@@ -925,10 +948,14 @@ def export(
             if is_registry_uri(model):  # where it came from, for the service that serves the file
                 set_metadata(exported, **{SOURCE_KEY: resolved.version})
             onnx.save(exported, str(partial))
-            partial.replace(out)  # atomic: a service watching the path never reads half a file
-            spec_path(out).write_text(json.dumps(scorer.spec, indent=2))
+            spec_partial.write_text(json.dumps(scorer.spec, indent=2))
+            # both written before either replaces the old pair; each rename is atomic (a
+            # service watching the path never reads half a file)
+            spec_partial.replace(spec_path(out))
+            partial.replace(out)
         except OSError as exc:
             partial.unlink(missing_ok=True)
+            spec_partial.unlink(missing_ok=True)
             console.print(f"[bold red]cannot export[/] to {escape(str(out))}: {escape(str(exc))}")
             raise typer.Exit(code=2) from None
     console.print(

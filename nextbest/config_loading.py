@@ -45,9 +45,10 @@ class StrictModel(BaseModel):
     """Base for config models: unknown keys are refused, instances are immutable, and a
     boolean is refused where a number is expected, or a number where a boolean is, at any
     depth (``epochs: true``, ``age: [18, true]``, ``pair_terms: 1``): pydantic would read
-    the one as the other."""
+    the one as the other. Numbers must be finite: a config has no use for ``.inf`` or
+    ``.nan`` (a cost of ``.inf`` made every simulated reward infinite)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -129,6 +129,9 @@ def check_column_names(names: Sequence[str], source: str) -> list[str]:
     DecisionLogError
         Naming ``source``, the column and the schema column it resembles.
     """
+    repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if repeated is not None:
+        raise DecisionLogError(source, repeated, "the file has this column twice: drop one")
     unknown = [name for name in names if name not in DECISION_SCHEMA.names]
     for name in unknown:
         meant = _SPELLINGS.get(_spelling(name))

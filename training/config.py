@@ -5,18 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from nextbest.config_loading import StrictModel, error_message, load_model
 
+MAX_SEED = 2**31 - 1
+"""Seeds every generator takes (numpy, torch, Vowpal Wabbit's ``--random_seed``)."""
+MAX_BOOTSTRAP = 100_000
+"""Bootstrap resamples at most (more only costs memory: 10**12 asked for terabytes)."""
+MAX_WIDTH = 16_384
+"""Hidden and embedding sizes at most."""
+
 
 class TrainingSection(StrictModel):
-    """Base of every training-config section: besides unknown keys and booleans for numbers
-    (:class:`StrictModel`), refuses non-finite floats (``.inf``, ``.nan``), which YAML reads
-    as numbers and ``gt``/``ge`` bounds let through (``inf > 0``), so a learning rate of
-    ``.inf`` would train a model of NaN scores."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
+    """Base of every training-config section (:class:`StrictModel`: unknown keys, booleans
+    for numbers and non-finite floats refused; ``gt``/``ge`` bounds alone let ``.inf``
+    through, and a learning rate of ``.inf`` would train a model of NaN scores)."""
 
 
 class DataSpec(TrainingSection):
@@ -24,7 +28,7 @@ class DataSpec(TrainingSection):
     """Decision log to learn from: ``.parquet``, a directory of parts, or ``.csv``."""
     holdout_share: float = Field(default=0.3, gt=0.0, lt=1.0)
     """Share of decisions kept out of training and used for off-policy evaluation."""
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
     drop_pending: bool = False
     """Leave out decisions whose outcome has not arrived (a live service journal) instead of
     refusing the log."""
@@ -33,8 +37,8 @@ class DataSpec(TrainingSection):
 class NeuralBanditSpec(TrainingSection):
     """The PyTorch neural bandit (see ``training.neural_bandit.NeuralBanditConfig``)."""
 
-    hidden: int = Field(default=128, ge=1)
-    embedding: int = Field(default=64, ge=1)
+    hidden: int = Field(default=128, ge=1, le=MAX_WIDTH)
+    embedding: int = Field(default=64, ge=1, le=MAX_WIDTH)
     epochs: int = Field(default=6, ge=1)
     batch_size: int = Field(default=4096, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
@@ -49,7 +53,7 @@ class NeuralBanditSpec(TrainingSection):
     """First-stage (direct) epochs of the ``dr`` loss."""
     warm_start_epochs: int = Field(default=0, ge=0)
     """Behaviour-cloning epochs on the logging policy's choices before learning rewards."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     architecture: Literal["embedding", "factorised"] = "embedding"
     """``embedding``: context vector dotted with action embeddings; ``factorised``: one
     context-dependent term per channel, offer, timing ... summed per action."""
@@ -64,7 +68,7 @@ class NeuralBanditSpec(TrainingSection):
     """False: weight decay spares the intercepts (each channel's, offer's and slot's own level)
     and the aligned-column networks, which every action shares; per-action biases stay
     decayed."""
-    aligned_hidden: int = Field(default=0, ge=0)
+    aligned_hidden: int = Field(default=0, ge=0, le=MAX_WIDTH)
     """> 0: one small MLP of this width per action factor over the context columns aligned
     with its members (an offer's holdings and page views ...), shared by all members; 0: off."""
     init_bias: bool = False
@@ -135,7 +139,7 @@ class VwBanditSpec(TrainingSection):
     """``--epsilon``: uniform exploration share (``epsilon`` and ``bag``)."""
     gamma_scale: float = Field(default=10.0, gt=0.0)
     """``--gamma_scale`` of ``squarecb`` (larger: greedier)."""
-    bag: int = Field(default=5, ge=2)
+    bag: int = Field(default=5, ge=2, le=100)
     """``--bag``: number of bootstrapped models (``bag``)."""
     softmax_lambda: float = Field(default=1.0, gt=0.0)
     """``--lambda`` of ``softmax`` (inverse temperature over VW's costs)."""
@@ -160,7 +164,7 @@ class VwBanditSpec(TrainingSection):
     cost_scale_cny: float | None = Field(default=None, gt=0.0)
     """CNY per unit of VW cost (``cost = -reward / cost_scale_cny``); None: the standard
     deviation of the training rewards. Scores are returned in CNY either way."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     """``--random_seed`` (bag's bootstrap draws)."""
 
     @field_validator("interactions")
@@ -208,12 +212,12 @@ class EvaluationSpec(TrainingSection):
     alpha: float = Field(default=0.05, gt=0, le=0.5)
     """1 - the confidence level of the OPE intervals; ``nextbest promote`` compares the 95%
     lower bound and refuses runs evaluated at another level."""
-    bootstrap: int = Field(default=500, ge=10)
-    seed: int = 0
+    bootstrap: int = Field(default=500, ge=10, le=MAX_BOOTSTRAP)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     ground_truth: bool = True
     """For simulated logs (with ``simulation.json``): replay the simulator and log every
     policy's true value next to its estimates."""
-    crossfit_folds: int = Field(default=2, ge=0)
+    crossfit_folds: int = Field(default=2, ge=0, le=50)
     """DM and DR use a reward model cross-fitted on the held-out decisions in this many folds
     (by customer), independent of the policy's own scores, which are optimistic about the
     actions they pick; 0 uses the policy's scores."""

@@ -347,3 +347,14 @@ def test_load_catalog_several_errors_listed_in_reason(catalog_dir: Path) -> None
         load_catalog(catalog_dir)
     assert info.value.key == "offers.5.risk_level"
     assert "also: offers.6.family" in info.value.reason
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_a_non_finite_figure_is_refused_naming_it(catalog_dir: Path, value: str) -> None:
+    """A cost of .inf made every simulated reward infinite, and the log was then refused
+    for its rewards, far from the cause."""
+    path = catalog_dir / "channels.yaml"
+    path.write_text(path.read_text().replace("cost_cny: 0.05", f"cost_cny: {value}", 1))
+    with pytest.raises(ConfigError, match="finite number") as info:
+        load_catalog(catalog_dir)
+    assert info.value.key == "channels.1.cost_cny"

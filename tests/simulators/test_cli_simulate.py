@@ -149,3 +149,28 @@ def test_simulate_existing_log_refused_and_untouched(tmp_path: Path) -> None:
     assert "refused" in flat and "already holds a decision log" in flat
     assert _snapshot(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+def test_simulate_and_demo_refuse_an_out_that_is_a_file(tmp_path: Path) -> None:
+    """Both crashed with FileExistsError / NotADirectoryError tracebacks."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("")
+    for args in (
+        ["simulate", "--customers", "10", "--days", "1", "--out", str(afile)],
+        ["simulate", "--customers", "10", "--days", "1", "--out", str(afile / "x")],
+        [
+            "demo",
+            "--customers",
+            "10",
+            "--days",
+            "1",
+            "--out",
+            str(afile),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+        ],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "bad --out" in result.output and "file, not a directory" in result.output
+    assert afile.read_text() == ""

@@ -506,3 +506,18 @@ def test_read_csv_decisions_unknown_column_warned_and_left_out(
     assert [r.getMessage() for r in caplog.records] == [
         f"{path}: columns not in the decision schema, left out: 'pscroe' (did you mean 'pscore'?)"
     ]
+
+
+def test_a_csv_log_with_a_column_twice_is_refused_naming_it(
+    sim_log, catalog, tmp_path: Path
+) -> None:
+    path = to_csv(read_decisions(sim_log).slice(0, 10), tmp_path / "log.csv")
+
+    def twice(lines: list[list[str]]) -> None:
+        at = lines[0].index("pscore")
+        for line in lines:
+            line.append(line[at])
+
+    _edit_csv(path, twice)
+    with pytest.raises(DecisionLogError, match=r"pscore.*this column twice"):
+        load_logged_bandit(path, catalog.n_actions)

@@ -181,3 +181,25 @@ def test_load_training_config_empty_tracking_uri_refused(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         load_training_config(path)
     assert info.value.key == "tracking.uri"
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("evaluation: {seed: -1}", "evaluation.seed"),
+        ("neural_bandit: {seed: 1180591620717411303424}", "neural_bandit.seed"),
+        ("data: {logs: x, split_seed: -3}", "data.split_seed"),
+        ("evaluation: {bootstrap: 1000000000000}", "evaluation.bootstrap"),
+        ("neural_bandit: {hidden: 2000000000}", "neural_bandit.hidden"),
+    ],
+)
+def test_out_of_range_sizes_and_seeds_are_refused_naming_the_key(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    """They crashed deep inside numpy, torch or the bootstrap (a 7 TiB allocation)."""
+    path = tmp_path / "c.yaml"
+    body = section if section.startswith("data:") else f"data: {{logs: x}}\n{section}"
+    path.write_text(f"learner: neural_bandit\n{body}\n")
+    with pytest.raises(ConfigError) as info:
+        load_training_config(path)
+    assert info.value.key == key
