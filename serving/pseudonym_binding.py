@@ -81,13 +81,18 @@ def bind_pseudonym_key(state_dir: Path, key: bytes, record: bool = True) -> None
 
 def _recorded(path: Path, table: str) -> tuple[bool, str | None]:
     """Whether ``path`` has its meta ``table`` yet, and the fingerprint recorded there."""
-    conn = open_sqlite(path, read_only=True)
+    try:
+        conn = open_sqlite(path, read_only=True)
+    except sqlite3.DatabaseError as exc:  # not a database at all
+        raise PseudonymKeyError(f"{path} cannot be read as a SQLite database: {exc}") from None
     try:
         row = conn.execute(
             f"SELECT value FROM {table} WHERE key = ?", (FINGERPRINT_NAME,)
         ).fetchone()
     except sqlite3.OperationalError:  # no such table: its store has not prepared the file
         return False, None
+    except sqlite3.DatabaseError as exc:
+        raise PseudonymKeyError(f"{path} cannot be read as a SQLite database: {exc}") from None
     finally:
         conn.close()
     return True, None if row is None else str(row[0])

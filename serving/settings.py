@@ -13,9 +13,9 @@ import difflib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR
@@ -108,9 +108,18 @@ class Settings(BaseSettings):
     """``NORMAL``: acknowledged decisions survive a killed process; ``FULL``: also power loss."""
     onnx_threads: int = Field(default=1, ge=1, le=64)
     """ONNX Runtime intra-op threads per worker."""
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     """Seed of the exploration draws (None: from the operating system)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _a_directory(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a directory (empty: the working directory, unsaid)")
+        if Path(value).exists() and not Path(value).is_dir():
+            raise ValueError(f"{value} is a file, not a directory")
+        return value
 
     @model_validator(mode="after")
     def _safe_outside_local(self) -> Settings:

@@ -134,3 +134,38 @@ def test_a_state_directory_of_another_key_is_one_line_before_any_worker(
     assert "another pseudonymisation key" in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert started == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        ("journal", "journal.db cannot be read as a SQLite database: file is not a database"),
+        ("contacts", "contacts.db cannot be read as a SQLite database: file is not a database"),
+        ("state_file", "NEXTBEST_STATE_DIR={tmp}/afile: {tmp}/afile is a file, not a directory"),
+        ("empty_state", "NEXTBEST_STATE_DIR=: must name a directory"),
+        ("seed", "NEXTBEST_SEED=-1: Input should be greater than or equal to 0"),
+    ],
+)
+def test_an_unusable_state_or_seed_is_one_line_before_any_worker(
+    started: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    setup: str,
+    expected: str,
+) -> None:
+    """They were tracebacks (exit 1 or 3) from a worker or the key check."""
+    state = tmp_path / "state"
+    if setup in ("journal", "contacts"):
+        state.mkdir()
+        (state / f"{setup}.db").write_text("garbage")
+    elif setup == "state_file":
+        (tmp_path / "afile").write_text("")
+        monkeypatch.setenv("NEXTBEST_STATE_DIR", str(tmp_path / "afile"))
+    elif setup == "empty_state":
+        monkeypatch.setenv("NEXTBEST_STATE_DIR", "")
+    else:
+        monkeypatch.setenv("NEXTBEST_SEED", "-1")
+    result = serve()
+    assert result.exit_code == 2, result.output
+    assert expected.format(tmp=tmp_path) in " ".join(result.output.split())
+    assert "Traceback" not in result.output and started == []
