@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -821,11 +823,17 @@ def train(
         option = f"--epochs {epochs}" if epochs is not None else "options"
         console.print(f"[bold red]{option}[/]: {escape(problems)}")
         raise typer.Exit(code=2) from None
+    # a SIGTERM ends the run as failed, as Ctrl-C does (it stayed RUNNING for good)
+    main = threading.current_thread() is threading.main_thread()  # handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         result = run_training(cfg, cat, RuleEngine(ruleset))
     except (DecisionLogError, OpeInputError, ValueError) as exc:
         console.print(f"[bold red]cannot train[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     _print_ope_table(
         f"Held-out off-policy evaluation (run {result.run_id[:8]})",
         result.ope,
@@ -1046,6 +1054,11 @@ def trace(
         which = ", ".join(names[a] for a in shown) + ("" if len(shown) == len(actions) else ", ...")
         table.add_row(escape(rule), str(len(actions)), escape(which))
     _print_table(table)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM as an exception: the MLflow run in progress ends FAILED on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def _fmt(key: str, value: object) -> str:

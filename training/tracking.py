@@ -90,7 +90,14 @@ def use_experiment(tracking_uri: str, name: str) -> MlflowClient:
     """
     client = tracking_client(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    if client.get_experiment_by_name(name) is None:
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"tracking.experiment {name!r} was deleted in {tracking_uri}: restore it "
+            f"(mlflow experiments restore --experiment-id {found.experiment_id}) or choose "
+            "another name"
+        )
+    if found is None:
         location = None
         database = sqlite_store_path(tracking_uri)
         if database is not None:
@@ -166,7 +173,14 @@ def promote(client: MlflowClient, registered_model: str) -> tuple[bool, str]:
         challenger = client.get_model_version_by_alias(registered_model, CHALLENGER)
     except mlflow.exceptions.MlflowException:
         return False, f"model {registered_model!r} has no {CHALLENGER!r} version"
-    metrics, params, tags = _run_data(client, challenger.run_id)  # one fetch of its run
+    run = None if challenger.run_id is None else client.get_run(challenger.run_id)
+    if run is None or run.info.status != "FINISHED":
+        status = "no run" if run is None else f"a {run.info.status} run"
+        return False, (
+            f"challenger v{challenger.version} comes from {status}: only a training run that "
+            "finished (its model card, checks and values all logged) is promoted"
+        )
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
     lower = metrics.get(PROMOTION_METRIC)
     if lower is None:
         return False, f"the challenger's run has no {PROMOTION_METRIC!r} metric"
@@ -251,16 +265,6 @@ def _as_float(text: str | None) -> float | None:
         return None if text is None else float(text)
     except ValueError:
         return None
-
-
-def _run_data(
-    client: MlflowClient, run_id: str | None
-) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
-    """The metrics, params and tags of run ``run_id`` (empty without a run)."""
-    if run_id is None:
-        return {}, {}, {}
-    data = client.get_run(run_id).data
-    return data.metrics, data.params, data.tags
 
 
 def registered_champion(client: MlflowClient, registered_model: str) -> ModelVersion | None:

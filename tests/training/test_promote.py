@@ -251,3 +251,19 @@ def test_a_challenger_checked_against_another_rule_sets_masks_is_not_promoted(
     promoted, why = promote(client, NAME)
     assert not promoted and "older != rs-2" in why and "current rule set" in why
     assert champion_version(client) is None
+
+
+@pytest.mark.parametrize("status", ["FAILED", "RUNNING", "KILLED"])
+def test_a_challenger_whose_run_did_not_finish_is_not_promoted(
+    client: MlflowClient, status: str
+) -> None:
+    """Training registers the challenger before its run ends: a run that failed or was
+    killed after that (its checks or card not logged) must not be promoted."""
+    made = version(client, CHALLENGER, GOOD)
+    run_id = client.get_model_version(NAME, made).run_id
+    client.update_run(run_id, status=status)
+    promoted, why = promote(client, NAME)
+    assert not promoted and f"a {status} run" in why
+    assert champion_version(client) is None
+    client.update_run(run_id, status="FINISHED")
+    assert promote(client, NAME)[0]

@@ -777,3 +777,41 @@ def test_a_log_of_another_rule_set_is_tagged_and_said(
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(client.get_model_version_by_alias("nextbest", "challenger").run_id)
     assert run.data.tags["compliance.ruleset_mismatch"].startswith("older != ")
+
+
+def test_a_terminated_training_ends_its_run_as_failed(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler stopping the job) left the MLflow run RUNNING for good; with
+    train's handler it ends FAILED, as after Ctrl-C."""
+    import subprocess
+    import sys
+    import textwrap
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, mlflow
+        from nextbest.cli import _terminated
+        signal.signal(signal.SIGTERM, _terminated)
+        mlflow.set_tracking_uri({uri!r})
+        with mlflow.start_run() as run:
+            print(run.info.run_id, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 128 + 15, done.stderr
+    run_id = done.stdout.split()[0]
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_a_deleted_experiment_is_named_not_a_traceback(sim_log, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    config = write_config(tmp_path, sim_log, **{"experiment: test}": "experiment: gone}"})
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "'gone' was deleted" in " ".join(result.output.split())
