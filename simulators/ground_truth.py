@@ -55,6 +55,12 @@ TargetPolicy = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 float32 ``(m, F)``, allowed bool ``(m, A)`` -> action distribution float ``(m, A)``."""
 
 
+SIMULATOR_REVISION = 1
+"""Raised whenever a change to the simulator changes the trajectories a recipe makes (1:
+contact windows counted by the hour, 2026-11-25); a recipe of another revision cannot be
+replayed. Recipes written before revisions were recorded read as 0."""
+
+
 class SimulationRecipe(StrictModel):
     """Everything needed to replay a simulated decision log exactly."""
 
@@ -69,6 +75,8 @@ class SimulationRecipe(StrictModel):
     seed: int
     catalog_version: str
     ruleset_version: str
+    simulator_revision: int = 0
+    """:data:`SIMULATOR_REVISION` of the code that made the log."""
 
     @classmethod
     def create(
@@ -93,6 +101,7 @@ class SimulationRecipe(StrictModel):
             seed=seed,
             catalog_version=catalog.version,
             ruleset_version=engine.ruleset.version,
+            simulator_revision=SIMULATOR_REVISION,
         )
 
     def check(self, catalog: ActionCatalog, engine: RuleEngine) -> None:
@@ -104,6 +113,13 @@ class SimulationRecipe(StrictModel):
         ValueError
             Naming what changed.
         """
+        if self.simulator_revision != SIMULATOR_REVISION:
+            raise ValueError(
+                f"{RECIPE_FILE}: made by simulator revision {self.simulator_revision}, this "
+                f"code's is {SIMULATOR_REVISION}: its replay would not be the log's world "
+                "(simulate the log again, or turn the ground-truth replay off: "
+                "evaluation.ground_truth: false)"
+            )
         if not self.scenario.exists():
             raise ValueError(f"{RECIPE_FILE}: scenario {self.scenario} no longer exists")
         if content_hash(self.scenario.read_text()) != self.scenario_hash:

@@ -322,6 +322,29 @@ def test_train_replay_refuses_log_that_differs_from_recipe(
     assert "does not match its simulation recipe" in " ".join(result.output.split())
 
 
+def test_a_log_of_an_older_simulator_is_refused_before_a_run_opens(
+    recipe_log, tmp_path: Path
+) -> None:
+    """It failed after training, in its run, as a log that 'does not match its recipe'."""
+    import json
+    import shutil
+
+    from simulators.ground_truth import RECIPE_FILE
+
+    copy = tmp_path / "log"
+    shutil.copytree(recipe_log, copy)
+    recipe = json.loads((copy / RECIPE_FILE).read_text())
+    del recipe["simulator_revision"]  # as recipes written before revisions were recorded
+    (copy / RECIPE_FILE).write_text(json.dumps(recipe))
+    result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, copy))])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert "made by simulator revision 0" in output and "ground_truth: false" in output
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(
+        f"sqlite:///{tmp_path}/mlflow.db"
+    ).search_runs(["0"])
+
+
 def _evaluate(tmp: Path, logs: Path, model: str):
     uri = f"sqlite:///{tmp}/mlflow.db"
     args = ["--logs", str(logs), "--model", model, "--tracking-uri", uri, "--bootstrap", "20"]
