@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -677,11 +679,15 @@ def evaluate(
             )
         if not policy and log.logging_dist is None:
             names = [name for name in names if name != "logging"]  # no logged distribution
-        dists = {name: baseline_action_dist(name, log) for name in names}
+        # made one at a time by the table (each is (n, A) float64)
+        dists: dict[str, Callable[[], np.ndarray]] = {
+            name: partial(baseline_action_dist, name, log) for name in names
+        }
         scores = None
         if model is not None:
             resolved, scores = model_scores(model, tracking_uri, log)
-            dists = {f"model {resolved.version}": greedy_policy(scores, log.candidates), **dists}
+            greedy = partial(greedy_policy, scores, log.candidates)
+            dists = {f"model {resolved.version}": greedy, **dists}
         usable, left_out = choose_estimators(
             estimator or tuple(ESTIMATORS), log, scores is not None
         )
