@@ -192,24 +192,57 @@ def _read(path: Path) -> tuple[list[StoredKey], list[dict[str, object]]]:
     """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        keys = [
-            StoredKey(
-                key_id=str(entry["key_id"]),
-                name=str(entry["name"]),
-                salt=bytes.fromhex(entry["salt"]),
-                digest=bytes.fromhex(entry["sha256"]),
-                scopes=frozenset(_checked_scopes(entry["scopes"])),
-                created_at=str(entry.get("created_at", "")),
-            )
-            for entry in data["keys"]
-        ]
-        return keys, list(data["keys"])
     except FileNotFoundError:
         raise KeyFileError(f"{path}: API keys file not found") from None
     except OSError as exc:  # a directory, no permission ...
         raise KeyFileError(f"{path}: cannot read the API keys file ({exc.strerror})") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise KeyFileError(f"{path}: not a valid API keys file ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{path}: not a valid API keys file (not JSON: {exc})") from None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise KeyFileError(f'{path}: not a valid API keys file (expected {{"keys": [...]}})')
+    return [_stored_key(path, i, entry) for i, entry in enumerate(entries)], list(entries)
+
+
+def _stored_key(path: Path, i: int, entry: object) -> StoredKey:
+    """Record ``i`` of a keys file as a :class:`StoredKey`.
+
+    Raises
+    ------
+    KeyFileError
+        Naming the record and field (``keys.2.salt``) and the reason.
+    """
+
+    def bad(field: str, reason: str) -> KeyFileError:
+        where = f"keys.{i}.{field}" if field else f"keys.{i}"
+        return KeyFileError(f"{path}: not a valid API keys file ({where}: {reason})")
+
+    if not isinstance(entry, dict):
+        raise bad("", "must be an object")
+    for field in ("key_id", "name", "salt", "sha256"):
+        if not isinstance(entry.get(field), str):
+            raise bad(field, "missing" if field not in entry else "must be a string")
+    raw: dict[str, bytes] = {}
+    for field in ("salt", "sha256"):
+        try:
+            raw[field] = bytes.fromhex(entry[field])
+        except ValueError:
+            raise bad(field, "must be hexadecimal") from None
+    scopes = entry.get("scopes")
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise bad("scopes", "must be a list of scope names")
+    try:
+        checked = _checked_scopes(scopes)
+    except ValueError as exc:
+        raise bad("scopes", str(exc)) from None
+    return StoredKey(
+        key_id=entry["key_id"],
+        name=entry["name"],
+        salt=raw["salt"],
+        digest=raw["sha256"],
+        scopes=frozenset(checked),
+        created_at=str(entry.get("created_at", "")),
+    )
 
 
 def _checked_scopes(scopes: Sequence[str]) -> list[str]:

@@ -302,3 +302,37 @@ def test_the_public_development_key_is_said(
         ):
             pass
         assert ("public development key" in caplog.text) == said
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"keys": [{"key_id": "x"}]}', "keys.0.name: missing"),
+        ('{"keys": [1]}', "keys.0: must be an object"),
+        ('{"keys": 3}', 'expected {"keys": [...]}'),
+        ("[]", 'expected {"keys": [...]}'),
+        ("{nope", "not JSON"),
+        (
+            '{"keys": [{"key_id": "a", "name": "n", "salt": "zz", "sha256": "00", "scopes": []}]}',
+            "keys.0.salt: must be hexadecimal",
+        ),
+        (
+            '{"keys": [{"key_id": "a", "name": "n", "salt": "00", "sha256": "00", "scopes": 5}]}',
+            "keys.0.scopes: must be a list of scope names",
+        ),
+        (
+            '{"keys": [{"key_id": 7, "name": "n", "salt": "00", "sha256": "00", "scopes": []}]}',
+            "keys.0.key_id: must be a string",
+        ),
+    ],
+)
+def test_a_bad_keys_file_names_the_record_and_field(tmp_path: Path, text: str, reason: str) -> None:
+    """The messages showed Python's internals (``('keys')``, ``'int' object is not
+    iterable``)."""
+    from serving.security import read_keys
+
+    path = tmp_path / "keys.json"
+    path.write_text(text)
+    with pytest.raises(KeyFileError) as info:
+        read_keys(path)
+    assert reason in str(info.value) and "object is not" not in str(info.value)
