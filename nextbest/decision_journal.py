@@ -623,12 +623,8 @@ def read_journal(
     JournalCorruptError
         If its decisions and their arrays do not line up.
     """
-    file = journal_file(path)
-    if file is None:
-        raise FileNotFoundError(f"{path}: not a decision journal (no {JOURNAL_FILENAME})")
-    conn = open_sqlite(file, read_only=True)
+    conn, file = _open_journal(path)
     try:
-        _check_schema(conn, file)
         conn.execute("BEGIN")  # one snapshot for the scans
         versions = conn.execute(
             f"SELECT version_id, {', '.join(VERSION_FIELDS)} FROM versions ORDER BY version_id"
@@ -675,6 +671,29 @@ def read_journal(
     if rewarded_only:
         table = table.filter(table.column("reward").is_valid())
     return table
+
+
+def _open_journal(path: str | Path) -> tuple[sqlite3.Connection, Path]:
+    """A read-only connection to the journal at ``path`` (file or state directory), its
+    layout checked, and the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a journal.
+    JournalSchemaError
+        If the journal was written in another layout.
+    """
+    file = journal_file(path)
+    if file is None:
+        raise FileNotFoundError(f"{path}: not a decision journal (no {JOURNAL_FILENAME})")
+    conn = open_sqlite(file, read_only=True)
+    try:
+        _check_schema(conn, file)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, file
 
 
 def _decision_scan(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, dict[str, pa.Array]]:
@@ -756,12 +775,8 @@ def decision_trace(path: str | Path, decision_id: str) -> DecisionTrace:
     UnknownDecisionError
         If the journal has no such decision.
     """
-    file = journal_file(path)
-    if file is None:
-        raise FileNotFoundError(f"{path}: not a decision journal (no {JOURNAL_FILENAME})")
-    conn = open_sqlite(file, read_only=True)
+    conn, _ = _open_journal(path)
     try:
-        _check_schema(conn, file)
         conn.execute("BEGIN")  # one snapshot
         found = conn.execute(
             "SELECT d.seq, d.timestamp_us, d.customer_key, d.action, d.chunk_id, "

@@ -65,19 +65,22 @@ def test_counts_at_their_limit_are_decided(
     assert all(np.isfinite(r["score"]) for r in response.json()["ranked"])
 
 
+TWO_CUSTOMERS = {
+    "customer_id": ["a", "b"],
+    "age": [30, 40],
+    "aum_cny": [1e4, 1e5],
+    "income_band": ["low", "middle"],
+    "lifecycle_stage": ["growth", "mature"],
+    "tenure_months": [3, 40],
+    "app_logins_30d": [1, 2],
+}
+"""The required columns of a two-customer batch."""
+
+
 def test_columns_past_the_count_limit_are_422(
     api_client: TestClient, auth: dict[str, dict[str, str]]
 ) -> None:
-    columns = {
-        "customer_id": ["a", "b"],
-        "age": [30, 40],
-        "aum_cny": [1e4, 1e5],
-        "income_band": ["low", "middle"],
-        "lifecycle_stage": ["growth", "mature"],
-        "tenure_months": [3, 40],
-        "app_logins_30d": [1, 2],
-        "contacts_30d": {"sms": [0, 10**39]},
-    }
+    columns = {**TWO_CUSTOMERS, "contacts_30d": {"sms": [0, 10**39]}}
     response = api_client.post(
         "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
     )
@@ -95,13 +98,7 @@ def test_counted_contacts_without_a_last_contact_time_are_422(
     assert single.status_code == 422, single.text
     assert "last_contact_at is required" in single.text
     columns = {
-        "customer_id": ["a", "b"],
-        "age": [30, 40],
-        "aum_cny": [1e4, 1e5],
-        "income_band": ["low", "middle"],
-        "lifecycle_stage": ["growth", "mature"],
-        "tenure_months": [3, 40],
-        "app_logins_30d": [1, 2],
+        **TWO_CUSTOMERS,
         "contacts_30d": {"sms": [0, 2]},
         "last_contact_at": ["2026-01-01T09:00:00+08:00", None],
     }
