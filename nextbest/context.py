@@ -127,8 +127,9 @@ class CustomerContext(BaseModel):
 
     customer_id: str = Field(min_length=1, max_length=128)
     """The bank's customer identifier; pseudonymised before anything is logged."""
-    age: int = Field(ge=0, le=120)
-    aum_cny: float = Field(ge=0, le=MAX_AUM_CNY, allow_inf_nan=False)
+    # strict numbers: a boolean is refused (lax validation read "age": true as 1)
+    age: int = Field(ge=0, le=120, strict=True)
+    aum_cny: float = Field(ge=0, le=MAX_AUM_CNY, allow_inf_nan=False, strict=True)
     """Assets under management, CNY."""
     income_band: Literal["low", "middle", "high", "very_high"]
     risk_tolerance: Literal["C1", "C2", "C3", "C4", "C5"] | None = None
@@ -136,8 +137,8 @@ class CustomerContext(BaseModel):
     risk_assessed_on: date | None = None
     """Date of the risk assessment; required with ``risk_tolerance``."""
     lifecycle_stage: Literal["new", "growth", "mature", "decline"]
-    tenure_months: int = Field(ge=0, le=1500)
-    app_logins_30d: int = Field(ge=0, le=10_000)
+    tenure_months: int = Field(ge=0, le=1500, strict=True)
+    app_logins_30d: int = Field(ge=0, le=10_000, strict=True)
     holdings: list[str] = Field(default_factory=list)
     """Offer names the customer already holds."""
     consented_channels: list[str] = Field(default_factory=list)

@@ -93,6 +93,8 @@ CHANGES: dict[str, dict[str, Any]] = {
     "count over the maximum": _with("contact_history", {"contacts_30d": {"sms": MAX_COUNT + 1}}),
     "count on an unknown channel": _with("contact_history", {"contacts_30d": {"fax": 1}}),
     "count a fraction": _with("contact_history", {"contacts_30d": {"sms": 1.5}}),
+    "assets a boolean": _with("aum_cny", False),
+    "logins a boolean": _with("app_logins_30d", True),
     "counts without a last contact": _with("contact_history", {"contacts_30d": {"sms": 1}}),
     "last contact naive": _with("contact_history.last_contact_at", "2026-01-01T00:00:00"),
     "login hour 24": _with("events.usual_login_hour", 24),

@@ -290,3 +290,20 @@ def test_a_delivery_cannot_move_a_contact_to_another_customer_or_back_in_time(
         ]
         again = client.post("/v1/decisions", json=body, headers=auth["decide"]).json()
     assert again["chosen"]["action"] == "no_contact"  # the gap still counts from the decision
+
+
+def test_a_boolean_for_a_number_is_422_naming_the_field(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    """Lax validation read ``"age": true`` as age 1 (and an assessment-free minor)."""
+    single = api_client.post(
+        "/v1/decisions", json={"customer": customer(age=True)}, headers=auth["decide"]
+    )
+    assert single.status_code == 422, single.text
+    assert single.json()["detail"][0]["loc"][-1] == "age"
+    columns = {**TWO_CUSTOMERS, "tenure_months": [3, False]}
+    batch = api_client.post(
+        "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
+    )
+    assert batch.status_code == 422, batch.text
+    assert batch.json()["detail"][0]["loc"][:4] == ["body", "columns", "tenure_months", 1]
