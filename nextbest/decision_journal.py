@@ -339,6 +339,8 @@ class JournalWriter:
         )
         self._version_ids: dict[tuple[str, ...], int] = {}
         """Ids of the versions rows committed so far, by served-by tuple."""
+        self._rule_sets: set[str] = set()
+        """Rule-set versions whose ``rule_sets`` row this writer has seen committed."""
 
     def submit(self, decisions: DecisionBatch, inline: bool = False) -> Future[int]:
         """Queue a batch of decisions; the future gives the number of rows once committed.
@@ -366,15 +368,18 @@ class JournalWriter:
         known = self._version_ids.get(served_by)
         used: list[int] = []
         rows, given, constants = _decision_rows(decisions)  # here: the writer runs GIL-free
+        traced = decisions.blocked_by is not None
+        new_rules = traced and decisions.ruleset_version not in self._rule_sets
 
         def append(conn: sqlite3.Connection) -> int:
             version_id = known if known is not None else self._version_id(conn, served_by)
             chunk_id = conn.execute(_INSERT_CHUNK, _chunk_row(decisions)).lastrowid
-            if decisions.blocked_by is not None:
+            if new_rules:  # once per rule-set version and writer (a version's ids never change)
                 conn.execute(
                     "INSERT OR IGNORE INTO rule_sets VALUES (?, ?)",
                     (decisions.ruleset_version, json.dumps(list(decisions.rule_ids or ()))),
                 )
+            if traced:
                 blocked = np.ascontiguousarray(decisions.blocked_by, np.uint8)
                 conn.execute("INSERT INTO chunk_blocks VALUES (?, ?)", (chunk_id, _pack(blocked)))
             statement = rows.sql(_INSERT_DECISIONS, **given)
@@ -383,9 +388,12 @@ class JournalWriter:
             return len(decisions)
 
         def remember(future: Future[int]) -> None:
-            # only a committed versions row is known for good (a rolled-back one is not)
-            if known is None and used and not future.cancelled() and future.exception() is None:
+            # only a committed row is known for good (a rolled-back one is not)
+            committed = not future.cancelled() and future.exception() is None
+            if known is None and used and committed:
                 self._version_ids[served_by] = used[0]
+            if new_rules and committed:
+                self._rule_sets.add(decisions.ruleset_version)
 
         submit = self._writer.submit_inline if inline else self._writer.submit
         future = submit(append, rows=len(decisions))
