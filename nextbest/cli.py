@@ -987,6 +987,8 @@ def promote(
 ) -> None:
     """Move the 'champion' alias to the challenger only if the challenger's DR lower bound
     beats the champion's DR value (exit 1 when it does not)."""
+    import mlflow
+
     from training.tracking import promote as promote_model
     from training.tracking import tracking_client
 
@@ -994,6 +996,11 @@ def promote(
         client = tracking_client(tracking_uri, must_exist=True)
     except ValueError as exc:
         console.print(f"[bold red]cannot promote[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    try:
+        client.get_registered_model(model)
+    except mlflow.exceptions.MlflowException:  # a mistyped --model: not a refusal on evidence
+        console.print(f"[bold red]bad --model[/] {escape(model)!r}: no such registered model")
         raise typer.Exit(code=2) from None
     promoted, reason = promote_model(client, model)
     verdict = "[bold green]promoted[/]: " if promoted else "[bold yellow]kept[/]: "

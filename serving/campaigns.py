@@ -25,8 +25,9 @@ class Campaign(StrictModel):
 
     id: str = Field(min_length=1, max_length=64, pattern=CAMPAIGN_ID_PATTERN)
     description: str = ""
-    offers: tuple[str, ...] | None = None
-    """Offers the campaign may recommend (None: every offer)."""
+    offers: tuple[str, ...] | None = Field(default=None, min_length=1)
+    """Offers the campaign may recommend (None: every offer; an empty list, which would
+    allow only waiting, is refused)."""
 
     @field_validator("offers")
     @classmethod
@@ -38,13 +39,17 @@ class Campaign(StrictModel):
             unknown = [o for o in value if o not in catalog.offer_names]
             if unknown:
                 raise ValueError(f"unknown offer {unknown[0]!r}")
+        repeated = next((o for i, o in enumerate(value or ()) if o in (value or ())[:i]), None)
+        if repeated is not None:
+            raise ValueError(f"offer {repeated!r} is listed twice")
         return value
 
 
 class CampaignsFile(StrictModel):
     """The campaigns file."""
 
-    campaigns: tuple[Campaign, ...]
+    campaigns: tuple[Campaign, ...] = Field(min_length=1)
+    """At least one (to accept any campaign id, run without a campaigns file)."""
 
 
 class Campaigns:

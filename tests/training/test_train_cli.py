@@ -136,12 +136,16 @@ def test_promote_first_challenger_then_keeps_champion(trained_run) -> None:
     assert "already the champion" in again.output
 
 
-def test_promote_unknown_model_kept(tmp_path: Path) -> None:
+def test_promote_unknown_model_is_a_bad_argument(tmp_path: Path) -> None:
+    """A mistyped --model is exit 2 naming it, not the exit 1 of a refusal on evidence."""
     uri = f"sqlite:///{tmp_path}/m.db"
-    MlflowClient(uri).search_registered_models()  # a store, without the model
+    client = MlflowClient(uri)
+    client.create_registered_model("nextbest")  # a store, with another model
     result = runner.invoke(app, ["promote", "--tracking-uri", uri, "--model", "nope"])
-    assert result.exit_code == 1
-    assert "no 'challenger' version" in result.output
+    assert result.exit_code == 2
+    assert "bad --model 'nope': no such registered model" in " ".join(result.output.split())
+    kept = runner.invoke(app, ["promote", "--tracking-uri", uri])  # no challenger: a refusal
+    assert kept.exit_code == 1 and "no 'challenger' version" in kept.output
 
 
 def test_train_log_without_propensities_refused_before_a_run(sim_log, tmp_path: Path) -> None:
