@@ -1041,10 +1041,11 @@ def trace(
         console.print(f"[bold red]unknown decision[/] {escape(decision_id)} in {journal}")
         raise typer.Exit(code=1) from None
     names = [a.name for a in cat.actions]
-    if len(found.candidate) != len(names):
+    if found.catalog_version != cat.version:  # its action ids name other actions here
         console.print(
-            f"[bold red]catalogue mismatch[/]: the decision had {len(found.candidate)} actions, "
-            f"{catalog_dir} has {len(names)}"
+            f"[bold red]catalogue mismatch[/]: the decision was made with catalogue "
+            f"{escape(found.catalog_version)}, {escape(str(catalog_dir))} is {cat.version} "
+            "(pass the catalogue it was made with: --catalog)"
         )
         raise typer.Exit(code=2)
     console.print(

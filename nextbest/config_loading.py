@@ -122,6 +122,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _mapping_without_repeats(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     first: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys may be
+            continue  # given again explicitly (YAML: the explicit one wins)
         key = loader.construct_object(key_node, deep=True)
         try:
             line = first.get(key)

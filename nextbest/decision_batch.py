@@ -94,6 +94,16 @@ class DecisionBatch:
                 )
             if self.rule_ids is None:
                 raise ValueError("blocked_by needs rule_ids (the rules its codes index)")
+            if self.candidate_mask is not None:  # the same actions as the mask
+                width = self.candidate_mask.shape[1]
+                fits = blocked.shape[1] == width
+            else:  # at least every listed candidate
+                width = int(np.max(self.candidate_actions, initial=-1)) + 1
+                fits = blocked.shape[1] >= width
+            if not fits:
+                raise ValueError(
+                    f"blocked_by has {blocked.shape[1]} actions, the candidates {width}"
+                )
         if self.candidate_mask is not None and (
             self.candidate_mask.ndim != 2 or len(self.candidate_mask) != n
         ):

@@ -75,6 +75,7 @@ from nextbest.decision_batch import VERSION_FIELDS, DecisionBatch
 from nextbest.decision_log import DECISION_SCHEMA
 from nextbest.packed_rows import PackedRows, int_field, real_field, text_field
 from nextbest.rewards import (
+    DecidedFor,
     RewardConflictError,
     RewardOutcome,
     RewardResult,
@@ -235,6 +236,8 @@ def _chunk_row(batch: DecisionBatch) -> tuple[Any, ...]:
             actions = actions[order]
             dist = None if dist is None else dist[order]
         n_actions = int(actions.max()) + 1 if len(actions) else 0
+        if batch.blocked_by is not None:  # the rules' array spans the whole catalogue
+            n_actions = max(n_actions, batch.blocked_by.shape[1])
         width = -(-n_actions // 8)
         bits = np.zeros(n * width * 8, bool)
         bits[np.repeat(np.arange(n, dtype=np.int64) * width * 8, np.diff(offsets)) + actions] = True
@@ -434,32 +437,37 @@ class JournalWriter:
 
         def record(conn: sqlite3.Connection) -> RewardResult:
             found = conn.execute(
-                "SELECT seq, timestamp_us, action, customer_key FROM decisions "
-                "WHERE decision_id = ? "
-                "AND decision_id NOT IN (SELECT decision_id FROM withdrawn)",
+                "SELECT d.seq, d.timestamp_us, d.action, d.customer_key, v.catalog_version "
+                "FROM decisions AS d JOIN versions AS v USING (version_id) "
+                "WHERE d.decision_id = ? "
+                "AND d.decision_id NOT IN (SELECT decision_id FROM withdrawn)",
                 (decision_id,),
             ).fetchone()
             if found is None:  # or withdrawn: journalled, never served
                 raise UnknownDecisionError(decision_id)
-            seq, decided_us, action, customer_key = found
+            seq, decided_us, action, customer_key, catalog_version = found
+            decision = DecidedFor(customer_key, int(action), catalog_version)
             stored = conn.execute(
                 "SELECT converted, complaint, opted_out, value_cny, reward, reward_at_us, "
                 "received_at_us, late FROM rewards WHERE decision_id = ?",
                 (decision_id,),
             ).fetchone()
             if stored is not None:
-                return replace(
-                    _repeat(decision_id, outcome, given_at_us, stored),
-                    customer_key=customer_key,
-                    action=action,
-                )
+                try:
+                    repeated = _repeat(decision_id, outcome, given_at_us, stored)
+                except RewardConflictError as exc:
+                    exc.decision = decision
+                    raise
+                return replace(repeated, decision=decision)
             happened_us = received_us if given_at_us is None else given_at_us
             if happened_us < decided_us:
-                raise RewardTimeError(
+                early = RewardTimeError(
                     f"the outcome of decision {decision_id!r} is dated "
                     f"{from_epoch_us(happened_us).isoformat()}, before the decision "
                     f"({from_epoch_us(decided_us).isoformat()})"
                 )
+                early.decision = decision
+                raise early
             late = happened_us - decided_us > rule.attribution_window // timedelta(microseconds=1)
             cost = rule.contact_cost_cny[action] if 0 <= action < len(rule.contact_cost_cny) else 0
             value = float(
@@ -487,8 +495,7 @@ class JournalWriter:
                 from_epoch_us(received_us),
                 bool(late),
                 duplicate=False,
-                customer_key=customer_key,
-                action=action,
+                decision=decision,
             )
 
         return self._writer.submit(record)
@@ -733,7 +740,8 @@ class DecisionTrace:
 
     Attributes
     ----------
-    decision_id, customer_key, ruleset_version : str
+    decision_id, customer_key, ruleset_version, catalog_version : str
+        ``catalog_version``: the catalogue the action indices belong to.
     timestamp : datetime (UTC)
     action : int
         The chosen action.
@@ -750,6 +758,7 @@ class DecisionTrace:
     customer_key: str
     action: int
     ruleset_version: str
+    catalog_version: str
     candidate: np.ndarray
     blocked_by: np.ndarray | None
     rule_ids: tuple[str, ...] | None
@@ -788,13 +797,13 @@ def decision_trace(path: str | Path, decision_id: str) -> DecisionTrace:
         conn.execute("BEGIN")  # one snapshot
         found = conn.execute(
             "SELECT d.seq, d.timestamp_us, d.customer_key, d.action, d.chunk_id, "
-            "v.ruleset_version FROM decisions AS d JOIN versions AS v USING (version_id) "
-            "WHERE d.decision_id = ?",
+            "v.ruleset_version, v.catalog_version FROM decisions AS d "
+            "JOIN versions AS v USING (version_id) WHERE d.decision_id = ?",
             (decision_id,),
         ).fetchone()
         if found is None:
             raise UnknownDecisionError(decision_id)
-        seq, stamp, key, action, chunk_id, ruleset = found
+        seq, stamp, key, action, chunk_id, ruleset, catalog_version = found
         rows, n_actions, codec, candidates = conn.execute(
             "SELECT rows, n_actions, codec, candidates FROM decision_chunks WHERE chunk_id = ?",
             (chunk_id,),
@@ -821,6 +830,7 @@ def decision_trace(path: str | Path, decision_id: str) -> DecisionTrace:
         key,
         int(action),
         ruleset,
+        catalog_version,
         candidate,
         blocked_by,
         rule_ids,

@@ -109,13 +109,23 @@ class RewardOutcome:
 
 
 @dataclass(frozen=True)
+class DecidedFor:
+    """Whom a journalled decision was for and what it chose: the pseudonymised customer key,
+    the action index and the catalogue version that index belongs to."""
+
+    customer_key: str
+    action: int
+    catalog_version: str
+
+
+@dataclass(frozen=True)
 class RewardResult:
     """What the journal holds for a decision's reward after
     :meth:`~nextbest.decision_journal.JournalWriter.submit_reward`.
 
     ``duplicate`` is True when the same outcome had been recorded before (the stored one is
-    returned and nothing is written). ``customer_key`` and ``action`` are the decision's
-    (pseudonymised customer, action index), for what the outcome asks of later decisions.
+    returned and nothing is written). ``decision``: whom and what the decision was for, for
+    what the outcome asks of later decisions.
     """
 
     decision_id: str
@@ -124,8 +134,7 @@ class RewardResult:
     received_at: datetime
     late: bool
     duplicate: bool
-    customer_key: str | None = None
-    action: int | None = None
+    decision: DecidedFor | None = None
 
     @property
     def happened_at(self) -> datetime:
@@ -144,8 +153,11 @@ class UnknownDecisionError(LookupError):
 class RewardConflictError(ValueError):
     """A second, different outcome for a decision whose reward is already recorded (HTTP 409).
 
-    ``fields`` names what differs; ``stored`` is the outcome kept.
+    ``fields`` names what differs; ``stored`` is the outcome kept; ``decision`` whom it was
+    for (set by the journal: an opt-out in the refused report still binds).
     """
+
+    decision: DecidedFor | None = None
 
     def __init__(self, decision_id: str, fields: list[str], stored: RewardOutcome) -> None:
         self.decision_id, self.fields, self.stored = decision_id, fields, stored
@@ -157,4 +169,7 @@ class RewardConflictError(ValueError):
 
 
 class RewardTimeError(ValueError):
-    """An outcome dated before its decision (HTTP 400/422)."""
+    """An outcome dated before its decision (HTTP 400/422); ``decision`` whom it was for,
+    when the journal found it."""
+
+    decision: DecidedFor | None = None

@@ -42,9 +42,9 @@ from nextbest.decision_journal import JournalWriter
 from nextbest.features import ContextEncoder
 from nextbest.privacy import message_key, pseudonymise, pseudonymise_many
 from nextbest.rewards import (
+    DecidedFor,
     RewardConflictError,
     RewardOutcome,
-    RewardResult,
     RewardRule,
     RewardTimeError,
     UnknownDecisionError,
@@ -994,7 +994,11 @@ class ScoringService:
 
     async def record_reward(self, request: RewardRequest) -> RewardResponse:
         """Store the outcome of a decision (idempotent); 404 unknown decision, 409 a
-        different outcome already stored, 400 an outcome dated before its decision."""
+        different outcome already stored, 400 an outcome dated before its decision.
+
+        An opt-out or complaint in the report binds later decisions whatever the answer:
+        also on a repeat, and on a refused (409, 400) report, since the customer said it
+        whether or not the journal takes the report."""
         outcome = RewardOutcome(
             converted=request.converted,
             complaint=request.complaint,
@@ -1008,11 +1012,14 @@ class ScoringService:
             )
         except UnknownDecisionError as exc:
             raise HTTPException(404, str(exc)) from None
-        except RewardConflictError as exc:
-            raise HTTPException(409, str(exc)) from None
-        except RewardTimeError as exc:
-            raise HTTPException(400, str(exc)) from None
-        restrictions = self._restrictions_of(result)
+        except (RewardConflictError, RewardTimeError) as exc:
+            # the report's own opt-out or complaint, at receipt (its date is in question)
+            restrictions = self._restrictions_of(exc.decision, outcome, datetime.now(UTC))
+            if restrictions:
+                await asyncio.wrap_future(self.contacts.restrict(restrictions))
+            status = 409 if isinstance(exc, RewardConflictError) else 400
+            raise HTTPException(status, str(exc)) from None
+        restrictions = self._restrictions_of(result.decision, result.outcome, result.happened_at)
         if restrictions:  # again for a duplicate: a retry after a crash in between stores them
             await asyncio.wrap_future(self.contacts.restrict(restrictions))
         return RewardResponse(
@@ -1023,20 +1030,25 @@ class ScoringService:
             received_at=result.received_at,
         )
 
-    def _restrictions_of(self, result: RewardResult) -> list[Restriction]:
-        """What an outcome asks of later decisions for its customer: an opt-out of the
-        channel that contacted them (of every channel for a decision without one), a
-        complaint (every channel, from when it happened)."""
-        if result.customer_key is None or result.action is None:
+    def _restrictions_of(
+        self, decision: DecidedFor | None, outcome: RewardOutcome, at: datetime
+    ) -> list[Restriction]:
+        """What an outcome asks of later decisions for the decision's customer: an opt-out
+        of the channel that contacted them, a complaint (every channel) from ``at``. The
+        channel is read only from the catalogue the decision was made with: for a decision
+        of another catalogue version (its action ids may have moved), or without a channel,
+        the opt-out is of every channel."""
+        if decision is None:
             return []
-        at_us = epoch_us(result.happened_at)
+        at_us = epoch_us(at)
         out = []
-        if result.outcome.opted_out:
-            index = int(self.catalog.channel_index[result.action])
+        if outcome.opted_out:
+            same = decision.catalog_version == self.catalog.version
+            index = int(self.catalog.channel_index[decision.action]) if same else -1
             channel = self.catalog.channel_names[index] if index >= 0 else None
-            out.append(Restriction(result.customer_key, "opt_out", channel, at_us))
-        if result.outcome.complaint:
-            out.append(Restriction(result.customer_key, "complaint", None, at_us))
+            out.append(Restriction(decision.customer_key, "opt_out", channel, at_us))
+        if outcome.complaint:
+            out.append(Restriction(decision.customer_key, "complaint", None, at_us))
         return out
 
     async def record_delivery(self, request: DeliveryRequest) -> DeliveryResponse:

@@ -98,6 +98,12 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_lines(
         read_yaml(path)
 
 
+def test_merge_keys_still_work_and_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {days: 30, id: r}\nrule:\n  <<: *b\n  days: 7\n")
+    assert read_yaml(path)["rule"] == {"days": 7, "id": "r"}
+
+
 def test_the_same_key_in_different_mappings_is_fine(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("a: {x: 1}\nb: {x: 2}\nlist:\n  - {id: 1}\n  - {id: 2}\n")

@@ -1127,3 +1127,32 @@ def test_decision_trace_names_the_rule_of_every_blocked_action(journal: JournalW
         decision_trace(journal.path, "0" * 32)
     with pytest.raises(ValueError, match="rule_ids"):
         replace(batches[0], rule_ids=None)
+
+
+def test_a_trace_spans_the_catalogue_even_when_no_candidate_reaches_its_end(
+    journal: JournalWriter,
+) -> None:
+    """Candidates given as a list size the chunk by the largest one: the rules' array,
+    which spans every action, must still be read back (its chunk was read too short)."""
+    from typer.testing import CliRunner
+
+    from nextbest.cli import app
+    from nextbest.decision_journal import ALLOWED_CODE, decision_trace
+
+    plain = make_batch(new_decision_ids(4), seed=3)
+    width = N_ACTIONS + 3  # actions past every candidate
+    codes = np.full((4, width), 1, np.uint8)
+    codes[np.arange(4).repeat(np.diff(plain.candidate_offsets)), plain.candidates()] = ALLOWED_CODE
+    batch = replace(plain, blocked_by=codes, rule_ids=("a", "b"))
+    journal.submit(batch).result()
+    found = decision_trace(journal.path, batch.decision_id[2])
+    np.testing.assert_array_equal(found.blocked_by, codes[2])
+    assert len(found.candidate) == width and found.catalog_version == "c1"
+    with pytest.raises(ValueError, match="blocked_by has 2 actions"):
+        replace(plain, blocked_by=codes[:, :2], rule_ids=("a", "b"))
+    # the command refuses to name actions from another catalogue than the decision's
+    result = CliRunner().invoke(
+        app, ["trace", batch.decision_id[2], "--journal", str(journal.path)]
+    )
+    assert result.exit_code == 2
+    assert "made with catalogue c1" in " ".join(result.output.split())

@@ -271,3 +271,49 @@ def test_every_served_decision_can_be_traced_to_its_rules_afterwards(
     assert "left out by the request" in text
     unknown = CliRunner().invoke(app, ["trace", "0" * 32, "--journal", str(api_settings.state_dir)])
     assert unknown.exit_code == 1 and "unknown decision" in unknown.output
+
+
+def test_an_opt_out_in_a_refused_report_still_binds(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """A second, different report (409) or one dated before its decision (400) is not
+    journalled, but the customer's opt-out in it holds from the next decision on."""
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        first = _explained(client, auth["decide"], "changing-mind")
+        channel = first["chosen"]["channel"]
+        reward = {"decision_id": first["decision_id"], "converted": False}
+        assert client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
+        later = {**reward, "opted_out": True}
+        refused = client.post("/v1/rewards", json=later, headers=auth["reward"])
+        assert refused.status_code == 409, refused.text
+        after = _explained(client, auth["decide"], "changing-mind")
+        assert all(r["channel"] != channel for r in after["ranked"])
+        second = _explained(client, auth["decide"], "early-report")
+        early = {
+            "decision_id": second["decision_id"],
+            "complaint": True,
+            "occurred_at": "2020-01-01T00:00:00+00:00",
+        }
+        refused = client.post("/v1/rewards", json=early, headers=auth["reward"])
+        assert refused.status_code == 400, refused.text
+        suppressed = _explained(client, auth["decide"], "early-report")
+    assert suppressed["chosen"]["channel"] is None
+    assert "complaint_suppression" in {b["rule"] for b in suppressed["blocked"]}
+
+
+def test_an_opt_out_for_a_decision_of_another_catalogue_blocks_every_channel(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """Action ids may move between catalogue versions: the channel of an older decision
+    cannot be read from the current catalogue, so its opt-out is of every channel."""
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        first = _explained(client, auth["decide"], "old-catalogue")
+        with sqlite3.connect(api_settings.state_dir / "journal.db") as conn:
+            conn.execute("UPDATE versions SET catalog_version = 'older'")
+        reward = {"decision_id": first["decision_id"], "opted_out": True}
+        assert client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
+        after = _explained(client, auth["decide"], "old-catalogue")
+    assert after["chosen"]["channel"] is None
+    assert "opted_out_all" in {b["rule"] for b in after["blocked"]}
