@@ -233,9 +233,17 @@ def _parse(expr: str, rule: RuleSpec, catalog: ActionCatalog, source: str, key: 
             column = _customer_column(rref[2], fail, scalar_only=True)
             return _cross(expr, values, column, op, action_first=True, fail=fail)
         value = _normalise(lname, rvalue, op, fail, side="action", catalog=catalog)
+        flag = all(isinstance(a, bool) for a in values if a is not None)
+        numeric = not flag and all(
+            isinstance(a, int | float) and not isinstance(a, bool) for a in values if a is not None
+        )
         for v in value if isinstance(value, list) else (value,):
             if isinstance(v, float) and not math.isfinite(v):
                 raise fail(f"action.{lname} must be compared with a finite number, got {v!r}")
+            if numeric and isinstance(v, bool):
+                raise fail(f"action.{lname} is a number; got {v!r}")
+            if flag and not isinstance(v, bool):
+                raise fail(f"action.{lname} is true or false; got {v!r}")
         return ActionCondition(expr, values, op, value)
 
     # lkind == "customer"

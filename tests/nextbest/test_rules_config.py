@@ -146,6 +146,18 @@ BAD_RULE_FILES = [
         id="number_for_a_flag",
     ),
     pytest.param(
+        _file(_rule(["action.cost_cny > true"])),
+        "rules.0.block_when.0",
+        "action.cost_cny is a number; got True",
+        id="boolean_for_an_action_number",
+    ),
+    pytest.param(
+        _file(_rule(["action.credit == 1"])),
+        "rules.0.block_when.0",
+        "action.credit is true or false; got 1",
+        id="number_for_an_action_flag",
+    ),
+    pytest.param(
         _file(_rule(["customer.age < param.a"], {"a": "nan"})),
         "rules.0.block_when.0",
         "age must be compared with a finite number, got nan",
