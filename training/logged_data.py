@@ -215,11 +215,16 @@ def load_logged_bandit(
     if n == 0:
         raise DecisionLogError(source, "*", "the log holds no decisions")
     reward_col = table.column("reward")
+    if reward_col.null_count == n and (require_reward or drop_pending):
+        raise DecisionLogError(
+            source,
+            "reward",
+            f"none of the {n} decisions has an outcome (the column is missing or empty): a "
+            "log to learn from or evaluate needs the rewards of its decisions",
+        )
     if reward_col.null_count and drop_pending:
         table = table.filter(pc.is_valid(reward_col))
         pending, n, reward_col = n - table.num_rows, table.num_rows, table.column("reward")
-        if n == 0:
-            raise DecisionLogError(source, "reward", "no decision has an outcome yet")
         log.warning(
             "%s: %d of %d decisions have no outcome yet: left out (drop_pending)",
             source,

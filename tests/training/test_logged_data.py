@@ -552,3 +552,15 @@ def test_ope_table_makes_one_policy_array_at_a_time(sim_log, catalog) -> None:
         n_bootstrap_samples=20,
     )
     assert lazy == eager and len(made) == 3
+
+
+def test_a_log_without_rewards_says_so_not_that_they_are_pending(
+    sim_log, catalog, tmp_path: Path
+) -> None:
+    """A missing reward column read as 'N of N decisions have no outcome yet', pointing to
+    --drop-pending, which then found nothing left."""
+    table = read_decisions(sim_log).slice(0, 10)
+    path = to_csv(table.drop_columns(["reward"]), tmp_path / "log.csv")
+    for drop_pending in (False, True):
+        with pytest.raises(DecisionLogError, match="column is missing or empty"):
+            load_logged_bandit(path, catalog.n_actions, drop_pending=drop_pending)
