@@ -241,6 +241,16 @@ class TrackingSpec(TrainingSection):
     registered_model: str = Field(default="nextbest", min_length=1, max_length=256)
     """Name the ONNX model is registered under (``models:/<name>@<alias>``)."""
 
+    @field_validator("uri", "experiment", "registered_model")
+    @classmethod
+    def _no_outer_space(cls, value: str) -> str:
+        if value != value.strip() or not value.strip():
+            raise ValueError(
+                f"{value!r} is blank or starts or ends with white space (a name that looks "
+                "like another in the MLflow UI)"
+            )
+        return value
+
     @field_validator("registered_model")
     @classmethod
     def _registrable(cls, value: str) -> str:

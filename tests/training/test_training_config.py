@@ -203,3 +203,21 @@ def test_out_of_range_sizes_and_seeds_are_refused_naming_the_key(
     with pytest.raises(ConfigError) as info:
         load_training_config(path)
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('tracking: {experiment: "   "}', "tracking.experiment"),
+        ('tracking: {registered_model: "a b\\n"}', "tracking.registered_model"),
+        ('tracking: {uri: " sqlite:///m.db"}', "tracking.uri"),
+    ],
+)
+def test_tracking_names_with_outer_white_space_are_refused(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"learner: neural_bandit\ndata: {{logs: x}}\n{section}\n")
+    with pytest.raises(ConfigError, match="white space") as info:
+        load_training_config(path)
+    assert info.value.key == key
