@@ -161,9 +161,10 @@ class VwBanditSpec(TrainingSection):
     (``x``) with an action namespace, or two different action namespaces."""
     constant: bool = True
     """Learn a constant (bias) feature; False passes ``--noconstant``."""
-    cost_scale_cny: float | None = Field(default=None, gt=0.0)
+    cost_scale_cny: float | None = Field(default=None, ge=1e-3, le=1e6)
     """CNY per unit of VW cost (``cost = -reward / cost_scale_cny``); None: the standard
-    deviation of the training rewards. Scores are returned in CNY either way."""
+    deviation of the training rewards. Scores are returned in CNY either way. Bounded: a
+    scale of 1e-300 made every cost astronomic and VW diverge, blamed on its learning rate."""
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     """``--random_seed`` (bag's bootstrap draws)."""
 

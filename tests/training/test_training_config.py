@@ -191,6 +191,7 @@ def test_load_training_config_empty_tracking_uri_refused(tmp_path: Path) -> None
         ("data: {logs: x, split_seed: -3}", "data.split_seed"),
         ("evaluation: {bootstrap: 1000000000000}", "evaluation.bootstrap"),
         ("neural_bandit: {hidden: 2000000000}", "neural_bandit.hidden"),
+        ("vw_bandit: {cost_scale_cny: 1.0e-300}", "vw_bandit.cost_scale_cny"),
     ],
 )
 def test_out_of_range_sizes_and_seeds_are_refused_naming_the_key(
