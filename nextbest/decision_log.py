@@ -497,9 +497,11 @@ def read_decisions(
         try:
             part = pq.read_table(file)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise DecisionLogError(
-                str(file), "*", f"not a readable Parquet file: {arrow_reason(exc)}"
-            ) from None
+            if file.suffix == ".parquet":
+                reason = "not a readable Parquet file"
+            else:  # a journal.db that is not a SQLite database lands here too
+                reason = "neither a service journal (SQLite) nor a readable Parquet file"
+            raise DecisionLogError(str(file), "*", f"{reason}: {arrow_reason(exc)}") from None
         unknown += check_column_names(part.column_names, str(file))
         tables.append(validate_decisions(part, n_actions, n_features, source=str(file)))
     warn_unknown_columns(unknown, str(path))  # once for all the parts

@@ -174,6 +174,9 @@ def test_read_decisions_not_parquet_refused(tmp_path: Path) -> None:
         read_decisions(tmp_path / "junk.parquet")
     with pytest.raises(DecisionLogError, match="no such file"):
         read_decisions(tmp_path / "missing.parquet")
+    (tmp_path / "journal.db").write_text("garbage")  # a damaged journal is not "Parquet"
+    with pytest.raises(DecisionLogError, match=r"neither a service journal \(SQLite\) nor"):
+        read_decisions(tmp_path / "journal.db")
 
 
 def test_write_decisions_bad_table_leaves_existing_parts_intact(tmp_path: Path) -> None:
