@@ -96,6 +96,9 @@ class ModelStore:
         """The registry version whose files last failed to load (:class:`ModelSpecError`):
         while another model serves, the watcher does not fetch it again until the alias
         moves (a reload by hand still tries)."""
+        self._failed_stamp: FileStamp | None = None
+        """The same for a local file: the stamp of the file that last failed to load; the
+        watcher reads it again only once the file changes."""
         self.reload()
 
     def reload(self) -> bool:
@@ -121,13 +124,17 @@ class ModelStore:
                 log.error("model %s not loaded, %s", self.uri, self.last_error)
                 # only a fault of the version's own files is not fetched again; anything
                 # else (the registry, the disk, memory) may pass, and is retried
-                if isinstance(exc, ModelSpecError) and registry and resolved is not None:
-                    self._failed_version = resolved.version
+                if isinstance(exc, ModelSpecError) and resolved is not None:
+                    if registry:
+                        self._failed_version = resolved.version
+                    else:
+                        self._failed_stamp = stamp_of(resolved.stat)
                 return False
             self.current = model  # one reference assignment: the atomic swap
             self._file_stamp = None if registry else stamp_of(resolved.stat)
             self.last_error = None
             self._failed_version = None
+            self._failed_stamp = None
             log.info("serving model %s (features %s)", model.version, model.spec_version)
             return True
 
@@ -190,6 +197,8 @@ class ModelStore:
             return self.current is None or version != self.current.version
         path = Path(self.uri)
         stamp = file_stamp(path)
+        if stamp is not None and stamp == self._failed_stamp and self.current is not None:
+            return False  # the same broken file: wait for it to change
         return stamp is not None and stamp != self._file_stamp
 
     def status(self) -> ModelStatus:

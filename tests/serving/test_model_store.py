@@ -82,7 +82,9 @@ def test_reload_broken_file_keeps_old_model(catalog, tmp_path: Path) -> None:
     assert store.reload() is False
     assert store.current is old
     assert "cannot load ONNX model" in store.status().last_error
+    assert not store.changed()  # the same broken file is not read again at every poll
     write_model(catalog, path, seed=1)
+    assert store.changed()
     assert store.reload() is True
     assert store.current is not old and store.status().last_error is None
 
