@@ -23,8 +23,11 @@ from nextbest.model_source import (
     registry_version,
     resolve_model,
 )
-from nextbest.onnx_scoring import ModelSpecError, OnnxScorer
+from nextbest.onnx_scoring import ModelSpecError, OnnxScorer, spec_path
 from serving.file_stamp import FileStamp, file_stamp, stamp_of
+
+ModelStamp = tuple[FileStamp, FileStamp | None]
+"""A local model's stamp and its sidecar spec's (None without one)."""
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +94,12 @@ class ModelStore:
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self._reload_lock = threading.Lock()
-        self._file_stamp: FileStamp | None = None
+        self._file_stamp: ModelStamp | None = None
         self._failed_version: str | None = None
         """The registry version whose files last failed to load (:class:`ModelSpecError`):
         while another model serves, the watcher does not fetch it again until the alias
         moves (a reload by hand still tries)."""
-        self._failed_stamp: FileStamp | None = None
+        self._failed_stamp: ModelStamp | None = None
         """The same for a local file: the stamp of the file that last failed to load; the
         watcher reads it again only once the file changes."""
         self.reload()
@@ -107,6 +110,9 @@ class ModelStore:
         with self._reload_lock:
             registry = is_registry_uri(self.uri)
             resolved = None
+            # a spec kept beside a local model is watched too; its stamp is taken first, so
+            # a spec replaced during the load differs at the next poll
+            spec_before = None if registry else file_stamp(spec_path(Path(self.uri)))
             try:
                 # a registry model is downloaded into a directory removed once it is loaded
                 with (
@@ -128,10 +134,10 @@ class ModelStore:
                     if registry:
                         self._failed_version = resolved.version
                     else:
-                        self._failed_stamp = stamp_of(resolved.stat)
+                        self._failed_stamp = (stamp_of(resolved.stat), spec_before)
                 return False
             self.current = model  # one reference assignment: the atomic swap
-            self._file_stamp = None if registry else stamp_of(resolved.stat)
+            self._file_stamp = None if registry else (stamp_of(resolved.stat), spec_before)
             self.last_error = None
             self._failed_version = None
             self._failed_stamp = None
@@ -196,10 +202,13 @@ class ModelStore:
                 return False  # its files are broken: wait for the alias to move
             return self.current is None or version != self.current.version
         path = Path(self.uri)
-        stamp = file_stamp(path)
-        if stamp is not None and stamp == self._failed_stamp and self.current is not None:
+        model = file_stamp(path)
+        if model is None:
+            return False
+        stamp = (model, file_stamp(spec_path(path)))
+        if stamp == self._failed_stamp and self.current is not None:
             return False  # the same broken file: wait for it to change
-        return stamp is not None and stamp != self._file_stamp
+        return stamp != self._file_stamp
 
     def status(self) -> ModelStatus:
         model = self.current

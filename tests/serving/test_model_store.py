@@ -326,3 +326,29 @@ def test_registry_reloads_leave_no_downloads_behind(
     assert store.reload()
     assert store.status().model_version == "nb/3"
     assert not list(temp.glob("nextbest-model-*"))
+
+
+def test_a_spec_kept_beside_the_model_is_watched_too(catalog, tmp_path: Path) -> None:
+    """A model without its spec inside reads the sidecar: replacing only the sidecar is a
+    change to reload (the watcher looked at the model file alone)."""
+    import json
+
+    from nextbest.onnx_scoring import spec_path
+
+    def without_spec(model) -> None:
+        kept = [p for p in model.metadata_props if p.key != SPEC_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+
+    good = write_model(catalog, tmp_path / "good.onnx")
+    path = _edited(good, tmp_path / "bare.onnx", without_spec)
+    spec = json.loads(spec_path(good).read_text())
+    spec_path(path).write_text(json.dumps(spec))
+    store = store_for(catalog, str(path))
+    assert store.current is not None and not store.changed()
+    spec_path(path).write_text(json.dumps(spec, indent=1))  # the same spec, a new file
+    assert store.changed()
+    assert store.reload() and not store.changed()
+    spec_path(path).write_text("{not json")
+    assert store.changed() and store.reload() is False
+    assert not store.changed()  # the broken pair is not read again until one changes
