@@ -564,3 +564,18 @@ def test_a_log_without_rewards_says_so_not_that_they_are_pending(
     for drop_pending in (False, True):
         with pytest.raises(DecisionLogError, match="column is missing or empty"):
             load_logged_bandit(path, catalog.n_actions, drop_pending=drop_pending)
+
+
+def test_raw_customer_ids_in_a_log_are_warned_of_without_printing_them(
+    sim_log, catalog, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = read_decisions(sim_log).slice(0, 10)
+    column = table.schema.get_field_index("customer_key")
+    raw = ["110101199003071234"] * 3 + table.column("customer_key").to_pylist()[3:]
+    path = to_csv(table.set_column(column, "customer_key", pa.array(raw)), tmp_path / "log.csv")
+    load_logged_bandit(path, catalog.n_actions)
+    assert "3 of 10 customer keys are not pseudonyms" in caplog.text
+    assert "110101199003071234" not in caplog.text
+    caplog.clear()
+    load_logged_bandit(sim_log, catalog.n_actions)
+    assert "not pseudonyms" not in caplog.text
