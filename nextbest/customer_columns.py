@@ -53,6 +53,7 @@ from nextbest.context import (
     CustomerContext,
     check_channel_names,
     check_offer_names,
+    known_time_zones,
     require_aware,
     time_zone,
 )
@@ -279,15 +280,9 @@ class CustomerColumns(BaseModel):
         if isinstance(value, str):
             time_zone(value)
             return value
-        unknown = []
-        for name in set(value):
-            try:
-                time_zone(name)
-            except ValueError:
-                unknown.append(name)
-        if unknown:
-            bad = set(unknown)
-            row = next(i for i, name in enumerate(value) if name in bad)
+        unknown = set(value) - known_time_zones()
+        if unknown:  # refused at the first: none is looked up on disk
+            row = next(i for i, name in enumerate(value) if name in unknown)
             try:
                 time_zone(value[row])
             except ValueError as exc:

@@ -22,6 +22,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import ClientDisconnect
 
 from serving.decision_lane import DecisionLane
+from serving.deps import MAX_REPORTED_ERRORS
 from serving.metrics import RequestMetrics
 from serving.middleware import BodySizeLimit
 from serving.routes import contacts, decisions, health, rewards
@@ -101,7 +102,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """422 naming each offending field; the offending values are not echoed back (they may
     be personal data)."""
     assert isinstance(exc, RequestValidationError)
-    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    errors = exc.errors()
+    detail = [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in errors[:MAX_REPORTED_ERRORS]
+    ]
+    if len(errors) > MAX_REPORTED_ERRORS:
+        more = len(errors) - MAX_REPORTED_ERRORS
+        detail.append({"loc": ["body"], "msg": f"and {more} more", "type": "more_errors"})
     return JSONResponse({"detail": detail}, status_code=422)
 
 

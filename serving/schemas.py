@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, ClassVar, Literal
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from nextbest.context import CustomerContext, require_aware
+from nextbest.context import MAX_NAMES, CustomerContext, require_aware
 from nextbest.customer_columns import CustomerColumns, CustomerId
 from nextbest.timestamps import EPOCH
 from serving.campaigns import CAMPAIGN_ID_PATTERN
@@ -219,6 +220,24 @@ BATCH_ROW_LOCATIONS = (("customers",), ("columns", "customer_id"))
 """Where a batch's customers are counted: :func:`batch_request_model` caps these lists."""
 
 
+def _capped(annotation: Any, max_rows: int) -> Any:
+    """``annotation`` of a :class:`CustomerColumns` field with every column list capped at
+    ``max_rows`` entries and every per-customer list or per-name mapping at
+    :data:`MAX_NAMES`: pydantic-core stops a list at its cap, where without one a column of
+    400,000 invalid entries made as many errors (a 1.2 MB body, a 47 MB answer, 560 MB)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        return Union[tuple(_capped(arm, max_rows) for arm in args)]  # noqa: UP007
+    if origin is list:
+        (item,) = args
+        inner = Annotated[item, Field(max_length=MAX_NAMES)] if get_origin(item) is list else item
+        return Annotated[list[inner], Field(max_length=max_rows)]  # type: ignore[valid-type]
+    if origin is dict:
+        key, value = args
+        return Annotated[dict[key, _capped(value, max_rows)], Field(max_length=MAX_NAMES)]  # type: ignore[valid-type]
+    return annotation
+
+
 @functools.cache
 def batch_request_model(max_rows: int) -> type[BatchDecisionRequest]:
     """:class:`BatchDecisionRequest` refusing more than ``max_rows`` customers (the service's
@@ -233,10 +252,16 @@ def batch_request_model(max_rows: int) -> type[BatchDecisionRequest]:
     (:func:`serving.deps.parse_batch`) counts a body's customer objects once it is parsed,
     before validating any (~40 ms per 10,000 customers), with the same 413.
     """
+    capped_columns: dict[str, Any] = {
+        name: (_capped(field.annotation, max_rows), field)
+        for name, field in CustomerColumns.model_fields.items()
+        if name != "customer_id"
+    }
     columns = create_model(
         "CustomerColumns",
         __base__=CustomerColumns,
         customer_id=(list[CustomerId], Field(min_length=1, max_length=max_rows)),
+        **capped_columns,
     )
     capped = create_model(
         "BatchDecisionRequest",
