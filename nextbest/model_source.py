@@ -117,6 +117,16 @@ def not_an_mlflow_store(path: Path) -> str | None:
     return None
 
 
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/\s@]+@")
+
+
+def redacted(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced by ``***``: error
+    messages of an MLflow client repeat its tracking URI, and ``/readyz`` and the log show
+    them."""
+    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
 def sqlite_store_path(tracking_uri: str | None) -> Path | None:
     """The database file of a ``sqlite:///<path>`` tracking URI (None for every other kind
     of store, and for an in-memory database)."""

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic.json_schema import models_json_schema
 from starlette.requests import ClientDisconnect
 
+from nextbest.model_source import redacted
 from serving.decision_lane import DecisionLane
 from serving.deps import MAX_REPORTED_ERRORS
 from serving.metrics import RequestMetrics
@@ -167,11 +168,16 @@ def _install_sighup(loop: asyncio.AbstractEventLoop, service: ScoringService) ->
 async def _watch_model(service: ScoringService, every_s: float) -> None:
     """Reload when the registry alias (or the file) points at a new version, and the API
     keys when their file changed."""
+    failing: str | None = None  # the last failure logged: the same one is logged once
     while True:
         await asyncio.sleep(every_s)
         try:
             await asyncio.to_thread(service.refresh_api_keys)
             if await asyncio.to_thread(service.models.changed):
                 await asyncio.to_thread(service.reload_model)
-        except Exception:  # the watcher must outlive a registry that is briefly down
-            log.exception("model watch failed; the current model keeps serving")
+            failing = None
+        except Exception as exc:  # the watcher must outlive a registry that is briefly down
+            reason = redacted(f"{type(exc).__name__}: {exc}")
+            if reason != failing:
+                log.warning("model watch failed (%s); the current model keeps serving", reason)
+                failing = reason

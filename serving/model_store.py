@@ -20,6 +20,7 @@ import numpy as np
 
 from nextbest.model_source import (
     is_registry_uri,
+    redacted,
     registry_version,
     resolve_model,
 )
@@ -126,7 +127,7 @@ class ModelStore:
                     )
                 model = self._checked(scorer, resolved.version)
             except Exception as exc:  # whatever a broken file or registry raises
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = redacted(f"{type(exc).__name__}: {exc}")
                 log.error("model %s not loaded, %s", self.uri, self.last_error)
                 # only a fault of the version's own files is not fetched again; anything
                 # else (the registry, the disk, memory) may pass, and is retried

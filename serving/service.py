@@ -551,6 +551,9 @@ class ScoringService:
                 "python -m serving.security create)"
             )
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        # the journal and the contact store hold pseudonymised customers and their features:
+        # the owner's only (the files themselves take the umask)
+        settings.state_dir.chmod(0o700)
         models = ModelStore(
             settings.model_uri,
             tracking_uri=settings.tracking_uri,

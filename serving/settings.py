@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from nextbest.catalog import DEFAULT_CATALOG_DIR
 from nextbest.compliance import DEFAULT_RULES_PATH
 from nextbest.config_loading import dotted, error_message
+from nextbest.model_source import redacted
 from nextbest.privacy import MAX_KEY_BYTES, check_key
 from serving.supervision import SUPERVISOR_ENV
 
@@ -150,6 +151,16 @@ class Settings(BaseSettings):
             unsafe.append("NEXTBEST_API_KEYS_FILE is not set (the API would be open)")
         if self.docs:
             unsafe.append("the docs are on (set NEXTBEST_DOCS=false)")
+        if redacted(self.tracking_uri) != self.tracking_uri:
+            unsafe.append(
+                "NEXTBEST_TRACKING_URI holds credentials (give them to MLflow as "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+            )
+        if self.api_keys_file is not None and self.reload_poll_seconds == 0:
+            unsafe.append(
+                "NEXTBEST_RELOAD_POLL_SECONDS=0 with an API keys file: a revoked key would "
+                "keep working until a SIGHUP or a restart"
+            )
         if unsafe:
             raise UnsafeSettingsError(
                 f"refusing to start in environment {self.environment!r}: " + "; ".join(unsafe)

@@ -336,3 +336,28 @@ def test_a_bad_keys_file_names_the_record_and_field(tmp_path: Path, text: str, r
     with pytest.raises(KeyFileError) as info:
         read_keys(path)
     assert reason in str(info.value) and "object is not" not in str(info.value)
+
+
+def test_credentials_in_urls_are_redacted_and_refused_outside_local(tmp_path: Path) -> None:
+    """An MLflow client's errors repeat its tracking URI: /readyz (no key needed) and the
+    log showed the password. Outside local such a URI, or a keys file never re-read, is
+    refused."""
+    from nextbest.model_source import redacted
+
+    text = "API request to http://svc:Sup3rS3cret@10.0.0.1:5000/api failed; sqlite:///a.db"
+    assert redacted(text) == "API request to http://***@10.0.0.1:5000/api failed; sqlite:///a.db"
+    safe = {
+        "environment": "production",
+        "pseudonymisation_key": "k3y-Wq8#zLp2@Vn5!rT9",
+        "api_keys_file": tmp_path / "keys.json",
+        "docs": False,
+    }
+    Settings(**safe)  # accepted as it is
+    with pytest.raises(ValueError, match="NEXTBEST_TRACKING_URI holds credentials"):
+        Settings(**safe, tracking_uri="http://svc:Sup3rS3cret@10.0.0.1:5000")
+    with pytest.raises(ValueError, match="revoked key would keep working"):
+        Settings(**safe, reload_poll_seconds=0)
+
+
+def test_the_state_directory_is_the_owners_only(api_client: TestClient, api_settings) -> None:
+    assert api_settings.state_dir.stat().st_mode & 0o777 == 0o700
