@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import uvicorn
 from conftest import free_port
 
@@ -241,4 +242,33 @@ def test_uvicorn_on_the_protocol_answers_keep_alive_and_streamed_requests() -> N
             isinstance(p.transport, _CoalescingTransport)  # type: ignore[attr-defined]
             for p in protocols
         )
+        connection.close()
+
+
+def test_a_client_that_never_sends_a_whole_request_is_timed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection that sent nothing, or a head without its body, was held for good."""
+    import serving.http_protocol
+
+    monkeypatch.setattr(serving.http_protocol, "READ_TIMEOUT_S", 0.5)
+    with _serving() as (_, port):
+        for partial in (
+            b"",  # connected, silent
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly part",
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(partial)
+                started = time.monotonic()
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 408 "), answer
+                assert time.monotonic() - started < 5  # closed by the server, not by us
+        # a connection kept alive between whole requests is timed out only after its last
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for _ in range(3):
+            connection.request("POST", "/echo", body=b"x")
+            assert connection.getresponse().read() == b"echo:x"
+            time.sleep(0.3)  # under the timeout each time: the timer restarts per request
         connection.close()
