@@ -50,6 +50,17 @@ class SettingsError(ValueError):
     """Settings that cannot be used: each environment variable at fault and the reason."""
 
 
+PUBLIC_KEY_MARKS = (b"pseudonymisation-key", b"not-a-secret", b"0123456789", b"abcdefgh")
+"""Parts of the keys this repository publishes (development, tests, benchmarks) and of
+trivial sequences: a key holding one is not a secret."""
+
+
+def looks_public(key: bytes) -> bool:
+    """Whether ``key`` holds a :data:`PUBLIC_KEY_MARKS` part (in any case)."""
+    lowered = key.lower()
+    return any(mark in lowered for mark in PUBLIC_KEY_MARKS)
+
+
 def is_development_key(key: bytes) -> bool:
     """Whether ``key`` is the public development key (in any case, with spaces around it)."""
     return key.strip().lower() == DEV_PSEUDONYMISATION_KEY.encode().lower()
@@ -141,6 +152,12 @@ class Settings(BaseSettings):
         unsafe = []
         if is_development_key(key):
             unsafe.append("NEXTBEST_PSEUDONYMISATION_KEY is the public development key")
+        elif looks_public(key):
+            unsafe.append(
+                "NEXTBEST_PSEUDONYMISATION_KEY holds a part of a key this repository publishes "
+                "or a plain sequence (use a random key, e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))')"
+            )
         elif len(set(key)) < MIN_DISTINCT_KEY_BYTES:
             unsafe.append(
                 f"NEXTBEST_PSEUDONYMISATION_KEY has fewer than {MIN_DISTINCT_KEY_BYTES} distinct "

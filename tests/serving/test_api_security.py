@@ -101,7 +101,7 @@ def test_create_settings_outside_local_refuses_unsafe_defaults(tmp_path: Path) -
     create_api_key(keys, "ops", ["admin"])
     safe = Settings(
         environment="production",
-        pseudonymisation_key="a-real-secret-from-the-vault-0123456789",
+        pseudonymisation_key="a-real-secret-from-the-vault-Xq7#pL2v",
         api_keys_file=keys,
         docs=False,
     )
@@ -119,6 +119,10 @@ def test_create_settings_outside_local_refuses_unsafe_defaults(tmp_path: Path) -
         ("NEXTBEST-LOCAL-DEVELOPMENT-KEY-NOT-A-SECRET", "public development key"),
         ("a" * 16, "fewer than 8 distinct characters"),
         ("abababababababababab", "fewer than 8 distinct characters"),
+        ("test-pseudonymisation-key-0123456789", "a key this repository publishes"),
+        ("benchmark-pseudonymisation-key-0123456789", "a key this repository publishes"),
+        ("0123456789abcdef", "a key this repository publishes or a plain sequence"),
+        ("nextbest-local-development-key-not-a-secret2", "a key this repository publishes"),
     ],
 )
 def test_create_settings_outside_local_refuses_weak_pseudonymisation_keys(
