@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     """Count recommended (not yet reported delivered) contacts towards caps and gaps."""
     max_batch: int = Field(default=10_000, ge=1, le=100_000)
     """Customers per batch request at most (more: HTTP 413)."""
-    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     """Request bodies larger than this are refused with HTTP 413 before they are read."""
     api_keys_file: Path | None = None
     """JSON file of hashed API keys (``python -m serving.security create``); None disables
