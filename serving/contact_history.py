@@ -253,6 +253,12 @@ class ContactStore(Protocol):
         """The stored restrictions of ``customer_keys`` ``(n,)``, in one query."""
         ...
 
+    def lookup(
+        self, customer_keys: Sequence[str], since_us: int
+    ) -> tuple[ContactEvents, CustomerRestrictions]:
+        """:meth:`contacts` and :meth:`restrictions` together (what a decision reads)."""
+        ...
+
     def prune(self, before_us: int) -> Future[int]:
         """Delete contacts older than ``before_us`` (by the latest they may be sent); the
         future gives the rows deleted. Restrictions are kept."""

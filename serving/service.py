@@ -838,13 +838,12 @@ class ScoringService:
         recommendations are not counted (``count_recommended=False``): then another
         worker's recommendation cannot block either, and a delivery reported to another
         worker meanwhile is not checked for."""
-        events = self.contacts.contacts(keys, epoch_us(now - LONGEST_WINDOW))
+        events, restrictions = self.contacts.lookup(keys, epoch_us(now - LONGEST_WINDOW))
         batch = raw
         if len(events.row):
             batch = merge_into_batch(
                 raw, events, now, count_recommended=self.settings.count_recommended
             )
-        restrictions = self.contacts.restrictions(keys)
         if len(restrictions):
             batch = apply_restrictions(batch, restrictions, now)
         return batch, events.position if self.settings.count_recommended else None

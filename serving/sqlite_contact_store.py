@@ -243,6 +243,12 @@ _RESTRICTIONS_OF = (
 """``?1`` a JSON array of store keys; rows (index among the keys, kind, channel code, time)."""
 
 
+def _json_keys(integers: np.ndarray) -> str:
+    """Store keys as the JSON array the lookups read (TEXT: SQLite 3.45 reads BLOBs as
+    JSONB)."""
+    return to_json(integers.tolist()).decode()
+
+
 def _last_row_id(conn: sqlite3.Connection) -> int:
     """The store's last row id (0 when empty): new rows take the ids above it."""
     return int(conn.execute("SELECT coalesce(max(rowid), 0) FROM contact_events").fetchone()[0])
@@ -679,14 +685,29 @@ class SqliteContactStore:
         being committed. Contacts on channels not in ``channels`` (a catalogue that dropped
         one) are left out.
         """
-        n = len(customer_keys)
-        if n == 0:
+        if len(customer_keys) == 0:
             return ContactEvents.empty(0)
         integers = store_keys(customer_keys, self.key_scheme)
+        return self._contacts(integers, _json_keys(integers), int(since_us))
+
+    def lookup(
+        self, customer_keys: Sequence[str], since_us: int
+    ) -> tuple[ContactEvents, CustomerRestrictions]:
+        """:meth:`contacts` and :meth:`restrictions` of ``customer_keys`` together, their
+        store keys computed once."""
+        if len(customer_keys) == 0:
+            return ContactEvents.empty(0), CustomerRestrictions.none(0)
+        integers = store_keys(customer_keys, self.key_scheme)
+        keys = _json_keys(integers)
+        contacts = self._contacts(integers, keys, int(since_us))
+        return contacts, self._restrictions(len(integers), keys)
+
+    def _contacts(self, integers: np.ndarray, keys: str, since_us: int) -> ContactEvents:
+        """:meth:`contacts` of the store keys ``integers`` ``(n,)`` (``keys``: as JSON)."""
+        n = len(integers)
         # before the query: a write committed in between is then counted twice, never missed
-        pending = self._pending_of(integers, int(since_us))
-        keys = to_json(integers.tolist()).decode()  # TEXT: SQLite 3.45 reads BLOBs as JSONB
-        position, text = self._reader().execute(self._lookup, (keys, int(since_us))).fetchone()
+        pending = self._pending_of(integers, since_us)
+        position, text = self._reader().execute(self._lookup, (keys, since_us)).fetchone()
         stored = ContactEvents.empty(n, position)
         if text:
             triples = np.fromstring(text, np.int64, sep=",").reshape(-1, 3)
@@ -746,11 +767,16 @@ class SqliteContactStore:
     def restrictions(self, customer_keys: Sequence[str]) -> CustomerRestrictions:
         """The stored restrictions of ``customer_keys`` ``(n,)`` (committed by any process),
         in one query; restrictions on channels not in ``channels`` are left out."""
-        n = len(customer_keys)
+        if len(customer_keys) == 0:
+            return CustomerRestrictions.none(0)
+        integers = store_keys(customer_keys, self.key_scheme)
+        return self._restrictions(len(integers), _json_keys(integers))
+
+    def _restrictions(self, n: int, keys: str) -> CustomerRestrictions:
+        """:meth:`restrictions` of ``n`` customers whose store keys are ``keys`` (JSON)."""
         reader = self._reader()
-        if not n or reader.execute(_ANY_RESTRICTION).fetchone()[0] == 0:
+        if reader.execute(_ANY_RESTRICTION).fetchone()[0] == 0:
             return CustomerRestrictions.none(n)
-        keys = to_json(store_keys(customer_keys, self.key_scheme).tolist()).decode()
         rows = reader.execute(_RESTRICTIONS_OF, (keys,)).fetchall()
         if not rows:
             return CustomerRestrictions.none(n)

@@ -1046,6 +1046,10 @@ def test_restrictions_are_stored_per_customer_kept_and_merged(
     store.prune(epoch_us(NOW)).result()  # contacts are pruned, restrictions kept
     with SqliteContactStore(tmp_path, catalog.channel_names) as other:  # another worker
         found = other.restrictions(keys)
+        events, together = other.lookup(keys, 0)  # what a decision reads: both at once
+    for name in ("row", "kind", "channel", "at_us"):
+        np.testing.assert_array_equal(getattr(together, name), getattr(found, name))
+    assert events.n == 3 and together.n == 3
     assert found.n == 3 and len(found) == 3
     assert set(found.row.tolist()) == {0, 1}  # cust_c has none
     batch = ContextBatch.from_contexts([customer(catalog)] * 3, catalog, NOW)
