@@ -233,17 +233,14 @@ def _parse(expr: str, rule: RuleSpec, catalog: ActionCatalog, source: str, key: 
             column = _customer_column(rref[2], fail, scalar_only=True)
             return _cross(expr, values, column, op, action_first=True, fail=fail)
         value = _normalise(lname, rvalue, op, fail, side="action", catalog=catalog)
-        flag = all(isinstance(a, bool) for a in values if a is not None)
-        numeric = not flag and all(
-            isinstance(a, int | float) and not isinstance(a, bool) for a in values if a is not None
-        )
-        for v in value if isinstance(value, list) else (value,):
-            if isinstance(v, float) and not math.isfinite(v):
-                raise fail(f"action.{lname} must be compared with a finite number, got {v!r}")
-            if numeric and isinstance(v, bool):
-                raise fail(f"action.{lname} is a number; got {v!r}")
-            if flag and not isinstance(v, bool):
-                raise fail(f"action.{lname} is true or false; got {v!r}")
+        present = [a for a in values if a is not None]
+        if all(isinstance(a, bool) for a in present):
+            kind = "flag"
+        elif all(isinstance(a, int | float) for a in present):
+            kind = "number"
+        else:  # names (channel, offer ...): checked by _normalise
+            kind = "text"
+        _check_kind(f"action.{lname}", kind, value, fail)
         return ActionCondition(expr, values, op, value)
 
     # lkind == "customer"
@@ -260,25 +257,30 @@ def _parse(expr: str, rule: RuleSpec, catalog: ActionCatalog, source: str, key: 
         if op not in ORDERING_OPS:
             raise fail(f"per-channel column {column!r} takes {list(ORDERING_OPS)}")
         per_channel = _per_channel(rvalue, catalog, fail)
-        _check_kind(column, per_channel, fail)
+        _check_kind(column, _column_kind(column), per_channel, fail)
         return ChannelCondition(expr, column, op, per_channel, catalog.channel_index)
     value = _normalise(column, rvalue, op, fail, side="customer", catalog=catalog)
-    _check_kind(column, value, fail)
+    _check_kind(column, _column_kind(column), value, fail)
     return CustomerCondition(expr, column, op, value, catalog.n_actions)
 
 
-def _check_kind(column: str, value: Any, fail: Any) -> None:
-    """Refuse a value of another kind than ``column``'s: a flag compares with true/false, a
-    number with a finite number (``.nan`` or ``.inf`` would switch a cap off, ``true`` would
-    be read as 1)."""
-    flag = CONTEXT_COLUMNS[column].dtype is np.bool_
+def _column_kind(column: str) -> str:
+    """``flag`` or ``number``: what a customer column holds."""
+    return "flag" if CONTEXT_COLUMNS[column].dtype is np.bool_ else "number"
+
+
+def _check_kind(label: str, kind: str, value: Any, fail: Any) -> None:
+    """Refuse a value of another kind than what ``label`` (a customer column, an action
+    attribute) holds: a ``flag`` compares with true/false, a ``number`` with a finite number
+    (``.nan`` or ``.inf`` would switch a cap off, ``true`` would be read as 1); any float
+    compared must be finite."""
     for v in value if isinstance(value, list | tuple) else (value,):
-        if flag and not isinstance(v, bool):
-            raise fail(f"{column} is true or false; got {v!r}")
-        if not flag and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise fail(f"{column} is a number; got {v!r}")
-        if not flag and not math.isfinite(v):
-            raise fail(f"{column} must be compared with a finite number, got {v!r}")
+        if kind == "flag" and not isinstance(v, bool):
+            raise fail(f"{label} is true or false; got {v!r}")
+        if kind == "number" and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise fail(f"{label} is a number; got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise fail(f"{label} must be compared with a finite number, got {v!r}")
 
 
 def _action_values(name: str, catalog: ActionCatalog, fail: Any) -> list[Any]:
