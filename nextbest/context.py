@@ -220,13 +220,13 @@ def require_aware(value: datetime | None) -> datetime | None:
     return value
 
 
-@lru_cache(maxsize=1024)
 @cache
 def known_time_zones() -> frozenset[str]:
     """The IANA zone names this system knows (read once)."""
     return frozenset(available_timezones())
 
 
+@lru_cache(maxsize=1024)
 def time_zone(name: str) -> ZoneInfo:
     """The IANA time zone ``name`` (cached); an unknown name raises ``ValueError``.
 
