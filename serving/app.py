@@ -23,7 +23,6 @@ from starlette.requests import ClientDisconnect
 
 from nextbest.model_source import redacted
 from serving.decision_lane import DecisionLane
-from serving.deps import MAX_REPORTED_ERRORS
 from serving.metrics import RequestMetrics
 from serving.middleware import BodySizeLimit
 from serving.routes import contacts, decisions, health, rewards
@@ -97,6 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, routes=[r for router in routers for r in router.routes])
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+MAX_REPORTED_ERRORS = 20
+"""Validation errors an answer names at most (then one entry counting the rest): a body of
+many bad entries must not make a far larger answer."""
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
