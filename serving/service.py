@@ -844,8 +844,7 @@ class ScoringService:
             batch = merge_into_batch(
                 raw, events, now, count_recommended=self.settings.count_recommended
             )
-        if len(restrictions):
-            batch = apply_restrictions(batch, restrictions, now)
+        batch = apply_restrictions(batch, restrictions, now)  # as it is without any
         return batch, events.position if self.settings.count_recommended else None
 
     def _engine_decide(self, batch: ContextBatch, part: _Part) -> Decisions:

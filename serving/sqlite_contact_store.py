@@ -235,7 +235,6 @@ def _lookup_sql(n_codes: int) -> str:
 
 
 _COMPLAINT = RESTRICTION_KINDS.index("complaint")
-_ANY_RESTRICTION = "SELECT EXISTS (SELECT 1 FROM restrictions)"
 _RESTRICTIONS_OF = (
     "SELECT k.key, r.kind, r.channel, r.at_us FROM json_each(?1) AS k "
     "JOIN restrictions AS r ON r.customer = k.value"
@@ -774,10 +773,7 @@ class SqliteContactStore:
 
     def _restrictions(self, n: int, keys: str) -> CustomerRestrictions:
         """:meth:`restrictions` of ``n`` customers whose store keys are ``keys`` (JSON)."""
-        reader = self._reader()
-        if reader.execute(_ANY_RESTRICTION).fetchone()[0] == 0:
-            return CustomerRestrictions.none(n)
-        rows = reader.execute(_RESTRICTIONS_OF, (keys,)).fetchall()
+        rows = self._reader().execute(_RESTRICTIONS_OF, (keys,)).fetchall()
         if not rows:
             return CustomerRestrictions.none(n)
         row, kind, code, at_us = np.array(rows, np.int64).T

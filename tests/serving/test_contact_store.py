@@ -1059,12 +1059,20 @@ def test_restrictions_are_stored_per_customer_kept_and_merged(
     assert merged["opted_out_all"].tolist() == [False, True, False]
     assert merged["days_since_complaint"][0] == 2.0  # the latest of the two complaints
     assert np.isinf(merged["days_since_complaint"][1:]).all()
-    # the request's own restrictions are never removed
+    # the request's own restrictions are never removed: its wechat opt-out stays beside a
+    # stored SMS one, and its complaint of yesterday beats a stored one of 40 days ago
+    own = {"opt_outs": ["wechat"], "last_complaint_at": ago(days=1)}
     opted = ContextBatch.from_contexts(
-        [parse_customer({**customer(catalog).model_dump(), "opt_outs": ["wechat"]}, catalog)],
-        catalog,
-        NOW,
+        [parse_customer({**customer(catalog).model_dump(), **own}, catalog)], catalog, NOW
     )
+    stored = type(found)(
+        1,
+        np.array([0, 0]),
+        np.array([0, 1]),  # kinds: opt-out, complaint
+        np.array([sms, -1]),
+        np.array([epoch_us(ago(days=40))] * 2),
+    )
+    kept = apply_restrictions(opted, stored, NOW)
     wechat = catalog.channel_names.index("wechat")
-    none = type(found).none(1)
-    assert apply_restrictions(opted, none, NOW)["opt_out"][0, wechat]
+    assert kept["opt_out"][0, wechat] and kept["opt_out"][0, sms]
+    assert kept["days_since_complaint"][0] == pytest.approx(1.0, abs=1e-4)
