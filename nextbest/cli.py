@@ -20,7 +20,7 @@ from rich.table import Table
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR, ActionCatalog, load_catalog
 from nextbest.compliance import DEFAULT_RULES_PATH, RuleEngine, RuleSet, load_rules
-from nextbest.config_loading import ConfigError
+from nextbest.config_loading import MAX_BOOTSTRAP, MAX_SEED, ConfigError
 from nextbest.features import ContextEncoder
 from nextbest.segments import VALUE_TIERS, value_tier
 from nextbest.synthetic import random_context_batch
@@ -49,8 +49,8 @@ DEFAULT_TRAINING_CONFIG = DEFAULT_CATALOG_DIR.parent / "training" / "neural_band
 """The factorised outcome model: the best measured on small (the demo's) and large logs."""
 
 
-MAX_SEED = 2**31 - 1
-"""Seeds every generator takes (numpy, torch, Vowpal Wabbit)."""
+MAX_CUSTOMERS = 50_000_000
+"""A simulated population at most (a million customers take ~1.8 GiB)."""
 
 
 class PolicyName(StrEnum):
@@ -122,7 +122,7 @@ def catalog(
 )
 def demo(
     customers: Annotated[
-        int, typer.Option(min=1, max=50_000_000, help="Customers in the simulation.")
+        int, typer.Option(min=1, max=MAX_CUSTOMERS, help="Customers in the simulation.")
     ] = 5_000,
     days: Annotated[int, typer.Option(min=1, max=365, help="Days to simulate.")] = 30,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed.")] = 7,
@@ -504,7 +504,7 @@ def simulate(
         Path, typer.Option(help="Scenario YAML (population and behaviour).")
     ] = SCENARIOS_DIR / "retail_bank.yaml",
     customers: Annotated[
-        int, typer.Option(min=1, max=50_000_000, help="Population size.")
+        int, typer.Option(min=1, max=MAX_CUSTOMERS, help="Population size.")
     ] = 100_000,
     days: Annotated[int, typer.Option(min=1, max=3650, help="Days to simulate.")] = 90,
     policy: Annotated[PolicyName, typer.Option(help="Logging policy.")] = PolicyName.playbook,
@@ -609,7 +609,7 @@ def evaluate(
     ] = None,
     alpha: Annotated[float, typer.Option(min=0.001, max=0.5, help="1 - confidence level.")] = 0.05,
     bootstrap: Annotated[
-        int, typer.Option(min=10, max=100_000, help="Bootstrap resamples.")
+        int, typer.Option(min=10, max=MAX_BOOTSTRAP, help="Bootstrap resamples.")
     ] = 1000,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Bootstrap seed.")] = 0,
     model: Annotated[

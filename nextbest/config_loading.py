@@ -41,6 +41,13 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+MAX_SEED = 2**31 - 1
+"""The largest seed a config, a command or a setting takes: every generator accepts it (numpy,
+torch, Vowpal Wabbit's ``--random_seed``)."""
+MAX_BOOTSTRAP = 100_000
+"""Bootstrap resamples at most (more only costs memory: 10**12 asked for terabytes)."""
+
+
 class StrictModel(BaseModel):
     """Base for config models: unknown keys are refused, instances are immutable, and a
     boolean is refused where a number is expected, or a number where a boolean is, at any

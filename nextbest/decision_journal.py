@@ -71,6 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic_core import to_json
 
+from nextbest.compliance.engine import ALLOWED
 from nextbest.decision_batch import VERSION_FIELDS, DecisionBatch
 from nextbest.decision_log import DECISION_SCHEMA
 from nextbest.packed_rows import PackedRows, int_field, real_field, text_field
@@ -728,10 +729,6 @@ def _decision_scan(rows: list[tuple[Any, ...]]) -> tuple[np.ndarray, dict[str, p
     }
 
 
-ALLOWED_CODE = 255
-"""``blocked_by``'s code for an action the rules allowed (``nextbest.compliance.ALLOWED``)."""
-
-
 @dataclass(frozen=True)
 class DecisionTrace:
     """What the journal says about one decision, for an audit after the fact: for whom
@@ -769,7 +766,7 @@ class DecisionTrace:
         if self.blocked_by is None or self.rule_ids is None:
             return {}
         out: dict[str, list[int]] = {}
-        for code in np.unique(self.blocked_by[self.blocked_by != ALLOWED_CODE]).tolist():
+        for code in np.unique(self.blocked_by[self.blocked_by != ALLOWED]).tolist():
             out[self.rule_ids[code]] = np.flatnonzero(self.blocked_by == code).tolist()
         return out
 
@@ -778,7 +775,7 @@ class DecisionTrace:
         or campaign); empty when the rules were not journalled."""
         if self.blocked_by is None:
             return []
-        return np.flatnonzero((self.blocked_by == ALLOWED_CODE) & ~self.candidate).tolist()
+        return np.flatnonzero((self.blocked_by == ALLOWED) & ~self.candidate).tolist()
 
 
 def decision_trace(path: str | Path, decision_id: str) -> DecisionTrace:

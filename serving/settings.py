@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nextbest.catalog import DEFAULT_CATALOG_DIR
 from nextbest.compliance import DEFAULT_RULES_PATH
-from nextbest.config_loading import dotted, error_message
+from nextbest.config_loading import MAX_SEED, dotted, error_message
 from nextbest.model_source import redacted
 from nextbest.privacy import MAX_KEY_BYTES, check_key
 from serving.supervision import SUPERVISOR_ENV
@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     """``NORMAL``: acknowledged decisions survive a killed process; ``FULL``: also power loss."""
     onnx_threads: int = Field(default=1, ge=1, le=64)
     """ONNX Runtime intra-op threads per worker."""
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     """Seed of the exploration draws (None: from the operating system)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

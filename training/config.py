@@ -7,12 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from nextbest.config_loading import StrictModel, error_message, load_model
+from nextbest.config_loading import MAX_BOOTSTRAP, MAX_SEED, StrictModel, error_message, load_model
 
-MAX_SEED = 2**31 - 1
-"""Seeds every generator takes (numpy, torch, Vowpal Wabbit's ``--random_seed``)."""
-MAX_BOOTSTRAP = 100_000
-"""Bootstrap resamples at most (more only costs memory: 10**12 asked for terabytes)."""
 MAX_WIDTH = 16_384
 """Hidden and embedding sizes at most."""
 

@@ -1087,7 +1087,8 @@ def test_read_journal_arrow_types(journal: JournalWriter) -> None:
 def test_decision_trace_names_the_rule_of_every_blocked_action(journal: JournalWriter) -> None:
     """Traceability: per decision, for whom, when, and which rule blocked which action (or
     that the request left it out), read back from any row of any chunk."""
-    from nextbest.decision_journal import ALLOWED_CODE, decision_trace
+    from nextbest.compliance.engine import ALLOWED
+    from nextbest.decision_journal import decision_trace
 
     rules = ("consent", "quiet_hours", "suitability")
     batches = []
@@ -1096,9 +1097,9 @@ def test_decision_trace_names_the_rule_of_every_blocked_action(journal: JournalW
         rng = np.random.default_rng(10 + chunk)
         allowed = np.zeros((n, N_ACTIONS), bool)
         allowed[np.arange(n).repeat(np.diff(plain.candidate_offsets)), plain.candidates()] = True
-        codes = np.where(allowed, ALLOWED_CODE, rng.integers(0, len(rules), (n, N_ACTIONS)))
+        codes = np.where(allowed, ALLOWED, rng.integers(0, len(rules), (n, N_ACTIONS)))
         left_out = ~allowed & (rng.random((n, N_ACTIONS)) < 0.3)  # rules allowed, request not
-        codes = np.where(left_out, ALLOWED_CODE, codes).astype(np.uint8)
+        codes = np.where(left_out, ALLOWED, codes).astype(np.uint8)
         batch = replace(plain, blocked_by=codes, rule_ids=rules)
         journal.submit(batch).result()
         batches.append(batch)
@@ -1115,10 +1116,9 @@ def test_decision_trace_names_the_rule_of_every_blocked_action(journal: JournalW
             for rule, actions in found.blocked().items():
                 assert (codes[actions] == rules.index(rule)).all()
             blocked = sorted(a for actions in found.blocked().values() for a in actions)
-            assert blocked == np.flatnonzero(codes != ALLOWED_CODE).tolist()
+            assert blocked == np.flatnonzero(codes != ALLOWED).tolist()
             assert (
-                found.left_out()
-                == np.flatnonzero((codes == ALLOWED_CODE) & ~found.candidate).tolist()
+                found.left_out() == np.flatnonzero((codes == ALLOWED) & ~found.candidate).tolist()
             )
             assert found.candidate[found.action]
     plain = decision_trace(journal.path, untraced.decision_id[1])
@@ -1137,12 +1137,13 @@ def test_a_trace_spans_the_catalogue_even_when_no_candidate_reaches_its_end(
     from typer.testing import CliRunner
 
     from nextbest.cli import app
-    from nextbest.decision_journal import ALLOWED_CODE, decision_trace
+    from nextbest.compliance.engine import ALLOWED
+    from nextbest.decision_journal import decision_trace
 
     plain = make_batch(new_decision_ids(4), seed=3)
     width = N_ACTIONS + 3  # actions past every candidate
     codes = np.full((4, width), 1, np.uint8)
-    codes[np.arange(4).repeat(np.diff(plain.candidate_offsets)), plain.candidates()] = ALLOWED_CODE
+    codes[np.arange(4).repeat(np.diff(plain.candidate_offsets)), plain.candidates()] = ALLOWED
     batch = replace(plain, blocked_by=codes, rule_ids=("a", "b"))
     journal.submit(batch).result()
     found = decision_trace(journal.path, batch.decision_id[2])
