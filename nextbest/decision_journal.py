@@ -85,7 +85,13 @@ from nextbest.rewards import (
     UnknownDecisionError,
     reward_cny,
 )
-from nextbest.sqlite_writer import SQLITE_HEADER, GroupCommitWriter, Synchronous, open_sqlite
+from nextbest.sqlite_writer import (
+    SQLITE_HEADER,
+    GroupCommitWriter,
+    Synchronous,
+    file_header,
+    open_sqlite,
+)
 from nextbest.timestamps import epoch_us, from_epoch_us
 
 JOURNAL_FILENAME = "journal.db"
@@ -189,6 +195,13 @@ probabilities shrink thirty-fold in about a millisecond per 10,000 decisions."""
 
 def _pack(raw: np.ndarray) -> bytes:
     return pa.compress(raw, codec=CHUNK_CODEC, asbytes=True)  # type: ignore[no-any-return]
+
+
+def _candidate_mask(blob: bytes, codec: str, rows: int, n_actions: int) -> np.ndarray:
+    """A chunk's ``candidates`` bitmap as a bool mask ``(rows, n_actions)``."""
+    width = -(-n_actions // 8)
+    packed = _unpack(blob, codec, rows * width, "u1").reshape(rows, width)
+    return np.unpackbits(packed, axis=1)[:, :n_actions].astype(bool)
 
 
 def _unpack(blob: bytes, codec: str, nbytes: int, dtype: str) -> np.ndarray:
@@ -591,8 +604,7 @@ def journal_file(path: str | Path) -> Path | None:
         path = path / JOURNAL_FILENAME
     if not path.is_file():
         return None
-    with path.open("rb") as handle:
-        return path if handle.read(len(SQLITE_HEADER)) == SQLITE_HEADER else None
+    return path if file_header(path) == SQLITE_HEADER else None
 
 
 _READ_CHUNK = 100_000
@@ -806,9 +818,7 @@ def decision_trace(path: str | Path, decision_id: str) -> DecisionTrace:
             (chunk_id,),
         ).fetchone()
         row = seq - _first_seq(conn, chunk_id, seq, rows)
-        width = -(-n_actions // 8)
-        bits = _unpack(candidates, codec, rows * width, "u1").reshape(rows, width)
-        candidate = np.unpackbits(bits[row])[:n_actions].astype(bool)
+        candidate = _candidate_mask(candidates, codec, rows, n_actions)[row]
         blocked_by = rule_ids = None
         stored = conn.execute(
             "SELECT c.blocked_by, r.rule_ids FROM chunk_blocks AS c, rule_sets AS r "
@@ -901,9 +911,7 @@ def _chunk_arrays(
     parts: list[tuple[np.ndarray, ...]] = []
     rows_in_block = 0
     for _, rows, n_features, n_actions, codec, context, bitmap, dist in chunks:
-        width = -(-n_actions // 8)
-        packed = _unpack(bitmap, codec, rows * width, "u1").reshape(rows, width)
-        allowed = np.unpackbits(packed, axis=1)[:, :n_actions].astype(bool)
+        allowed = _candidate_mask(bitmap, codec, rows, n_actions)
         counts = np.count_nonzero(allowed, axis=1)
         flat = np.flatnonzero(allowed)
         candidates = (flat - np.repeat(np.arange(rows, dtype=np.int64) * n_actions, counts)).astype(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nextbest.sqlite_writer import SQLITE_HEADER
+from nextbest.sqlite_writer import SQLITE_HEADER, file_header
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -93,8 +93,7 @@ def not_an_mlflow_store(path: Path) -> str | None:
     if path.is_dir():
         return "is a directory, not a database file"
     try:
-        with path.open("rb") as handle:
-            header = handle.read(len(SQLITE_HEADER))
+        header = file_header(path)
     except OSError as exc:
         return f"cannot be read: {exc.strerror}"
     if not header:

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 PSEUDONYM_PREFIX = "cust_"
 PSEUDONYM_HEX_CHARS = 24
+PSEUDONYM_PATTERN = f"{PSEUDONYM_PREFIX}[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}"
+"""A regular expression of what :func:`pseudonymise` makes (match it whole)."""
 MIN_KEY_BYTES, MAX_KEY_BYTES = 16, 64
 """A pseudonymisation key's length: 16 bytes at least, 64 at most (BLAKE2b's key size; a
 longer key would have to be cut or hashed, and a cut would ignore its tail silently)."""

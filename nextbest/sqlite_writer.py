@@ -36,6 +36,21 @@ log = logging.getLogger(__name__)
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 """The first bytes of every SQLite database file."""
+
+
+def file_header(path: Path) -> bytes:
+    """The first bytes of the file ``path``, as many as :data:`SQLITE_HEADER` (fewer for a
+    shorter file: ``b""`` for an empty one).
+
+    Raises
+    ------
+    OSError
+        If it cannot be read.
+    """
+    with path.open("rb") as handle:
+        return handle.read(len(SQLITE_HEADER))
+
+
 SQLITE_MIN_WRITER_VERSION = (3, 38, 0)
 """Writers need the JSON ``->>`` operator (SQLite 3.38, 2022)."""
 Synchronous = Literal["NORMAL", "FULL"]

@@ -11,6 +11,7 @@ from numpy.typing import ArrayLike
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 US_PER_HOUR = 3_600_000_000
+US_PER_DAY = 24 * US_PER_HOUR
 
 
 def epoch_us(moment: datetime) -> int:

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from nextbest.context import ContextBatch
-from nextbest.timestamps import elapsed_float32, epoch_us
+from nextbest.timestamps import US_PER_DAY, elapsed_float32, epoch_us
 
 RestrictionKind = Literal["opt_out", "complaint"]
 RESTRICTION_KINDS: tuple[RestrictionKind, ...] = ("opt_out", "complaint")
@@ -30,7 +30,6 @@ RESTRICTION_KINDS: tuple[RestrictionKind, ...] = ("opt_out", "complaint")
 EVERY_CHANNEL = -1
 """The channel of a restriction on every channel (a complaint; an opt-out reported for a
 decision that contacted no one)."""
-US_PER_DAY = 86_400_000_000
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from nextbest.catalog import DEFAULT_CATALOG_DIR
 from nextbest.compliance import DEFAULT_RULES_PATH
 from nextbest.config_loading import MAX_SEED, dotted, error_message
-from nextbest.model_source import redacted
+from nextbest.model_source import redacted, unwritable_directory
 from nextbest.privacy import MAX_KEY_BYTES, check_key
 from serving.supervision import SUPERVISOR_ENV
 
@@ -129,8 +129,9 @@ class Settings(BaseSettings):
     def _a_directory(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
             raise ValueError("must name a directory (empty: the working directory, unsaid)")
-        if Path(value).exists() and not Path(value).is_dir():
-            raise ValueError(f"{value} is a file, not a directory")
+        problem = unwritable_directory(value)
+        if problem:
+            raise ValueError(f"{value} {problem}")
         return value
 
     @model_validator(mode="after")

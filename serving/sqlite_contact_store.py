@@ -28,7 +28,7 @@ import numpy as np
 from pydantic_core import to_json
 
 from nextbest.packed_rows import PackedRows, int_field, text_field
-from nextbest.privacy import PSEUDONYM_HEX_CHARS, PSEUDONYM_PREFIX
+from nextbest.privacy import PSEUDONYM_HEX_CHARS, PSEUDONYM_PATTERN, PSEUDONYM_PREFIX
 from nextbest.send_schedule import LONGEST_WAIT
 from nextbest.sqlite_writer import GroupCommitWriter, Synchronous, open_sqlite
 from nextbest.timestamps import epoch_us
@@ -149,7 +149,7 @@ KeyScheme = Literal["digest", "hashed"]
   10,000 keys, where hashing them again took 4.6-7.4 ms); any other key is hashed;
 * ``hashed``: every key hashed (files written before ``digest``; their integers cannot be
   recomputed, so they keep this scheme)."""
-_PSEUDONYM = re.compile(f"{PSEUDONYM_PREFIX}[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
+_PSEUDONYM = re.compile(PSEUDONYM_PATTERN)
 _PSEUDONYM_CHARS = len(PSEUDONYM_PREFIX) + PSEUDONYM_HEX_CHARS
 _PREFIX_BYTES = np.frombuffer(PSEUDONYM_PREFIX.encode(), np.uint8)
 _READ_HEX = 16

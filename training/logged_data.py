@@ -29,7 +29,7 @@ from nextbest.decision_log import (
     validate_decisions,
     warn_unknown_columns,
 )
-from nextbest.privacy import PSEUDONYM_HEX_CHARS, PSEUDONYM_PREFIX
+from nextbest.privacy import PSEUDONYM_HEX_CHARS, PSEUDONYM_PATTERN, PSEUDONYM_PREFIX
 
 LIST_COLUMNS = {"context": np.float32, "candidate_actions": np.int32, "action_dist": np.float32}
 TEXT_COLUMNS = tuple(f.name for f in DECISION_SCHEMA if pa.types.is_string(f.type))
@@ -129,10 +129,6 @@ FINGERPRINTED = (
     "complaint",
 )
 """The arrays :meth:`LoggedBandit.fingerprint` covers (all of them)."""
-
-
-PSEUDONYM_PATTERN = f"^{PSEUDONYM_PREFIX}[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}$"
-"""What :func:`nextbest.privacy.pseudonymise` makes of a customer id."""
 
 
 def read_csv_decisions(path: str | Path, n_actions: int | None = None) -> pa.Table:
@@ -273,7 +269,7 @@ def load_logged_bandit(
     candidates = np.zeros((n, n_actions), bool)
     candidates[rows, ids] = True
     keys = table.column("customer_key")
-    plain = pc.sum(pc.invert(pc.match_substring_regex(keys, PSEUDONYM_PATTERN))).as_py() or 0
+    plain = pc.sum(pc.invert(pc.match_substring_regex(keys, f"^{PSEUDONYM_PATTERN}$"))).as_py() or 0
     if plain:  # kept in memory only (the split, the fingerprint), but they should not exist
         log.warning(
             "%s: %d of %d customer keys are not pseudonyms (%s followed by %d hex digits): "

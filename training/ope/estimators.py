@@ -171,9 +171,6 @@ class SelfNormalizedInverseProbabilityWeighting(InverseProbabilityWeighting):
 
     estimator_name: ClassVar[str] = "snipw"
 
-    def _round_rewards(self, reward, action, dist, pscore, q_hat, position) -> np.ndarray:
-        return self._round_terms(reward, action, dist, pscore, q_hat, position)[0]
-
     def _round_terms(
         self, reward, action, dist, pscore, q_hat, position
     ) -> tuple[np.ndarray, np.ndarray]:
