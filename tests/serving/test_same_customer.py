@@ -94,14 +94,14 @@ def test_a_bad_request_grouped_with_good_ones_fails_alone(
     poison = pseudonymise("poison-1", greedy_settings.pseudonym_key)
     with TestClient(create_app(greedy_settings)) as client:
         store = client.app.state.service.contacts
-        lookup = store.contacts
+        lookup = store.lookup  # what a decision reads
 
         def refuse_poison(keys: list[str], since_us: int):  # type: ignore[no-untyped-def]
             if poison in keys:
                 raise ValueError("cannot look this customer up")
             return lookup(keys, since_us)
 
-        monkeypatch.setattr(store, "contacts", refuse_poison)
+        monkeypatch.setattr(store, "lookup", refuse_poison)
         bodies = [{"customer": customer(customer_id=f"good-{i}")} for i in range(3)]
         bodies.append({"customer": customer(customer_id="poison-1")})
         answers = _post_together(client, bodies, auth["decide"])
@@ -237,9 +237,9 @@ def _other_worker_decides_during_lookup(
     process would) right after ``first``'s next contact-store lookup: both then decide on
     the same history. Returns ``second``'s answer, once ``first``'s lookup has returned."""
     answers: list[DecisionResponse] = []
-    lookup = first.contacts.contacts
+    lookup = first.contacts.lookup  # what a decision reads
 
-    def lookup_then_other_worker(keys: list[str], since_us: int) -> ContactEvents:
+    def lookup_then_other_worker(keys: list[str], since_us: int) -> tuple[Any, Any]:
         events = lookup(keys, since_us)
         if not answers:
             if "customers" in body:  # a batch: its body, decoded
@@ -253,7 +253,7 @@ def _other_worker_decides_during_lookup(
             worker.join(30)
         return events
 
-    first.contacts.contacts = lookup_then_other_worker  # type: ignore[method-assign]
+    first.contacts.lookup = lookup_then_other_worker  # type: ignore[method-assign]
     return answers
 
 
@@ -526,10 +526,10 @@ def test_a_second_round_contact_write_refused_at_once_withdraws_it(
     request fails and neither round's decision stays journalled."""
     first, second = ScoringService.start(greedy_settings), ScoringService.start(greedy_settings)
     key = pseudonymise("redo-1", greedy_settings.pseudonym_key)
-    lookup, record = first.contacts.contacts, first.contacts.record_if_unchanged
+    lookup, record = first.contacts.lookup, first.contacts.record_if_unchanged
     writes: list[int] = []
 
-    def lookup_then_other_worker(keys: list[str], since_us: int) -> ContactEvents:
+    def lookup_then_other_worker(keys: list[str], since_us: int) -> tuple[Any, Any]:
         events = lookup(keys, since_us)
         if not writes:
             old = epoch_us(datetime.now(UTC)) - 48 * 3_600_000_000
@@ -543,7 +543,7 @@ def test_a_second_round_contact_write_refused_at_once_withdraws_it(
             raise RuntimeError("contact store closed")
         return record(*args, **kwargs)
 
-    first.contacts.contacts = lookup_then_other_worker  # type: ignore[method-assign]
+    first.contacts.lookup = lookup_then_other_worker  # type: ignore[method-assign]
     first.contacts.record_if_unchanged = second_write_refused  # type: ignore[method-assign]
     body = {"customer": customer(customer_id="redo-1"), "candidates": [SMS]}
     try:
