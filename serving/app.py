@@ -25,15 +25,27 @@ from nextbest.model_source import redacted
 from serving.decision_lane import DecisionLane
 from serving.metrics import RequestMetrics
 from serving.middleware import BodySizeLimit
-from serving.routes import contacts, decisions, health, rewards
-from serving.schemas import BatchDecisionRequest, DecisionRequest, DeliveryRequest, RewardRequest
+from serving.routes import consents, contacts, decisions, health, rewards
+from serving.schemas import (
+    BatchDecisionRequest,
+    ConsentRequest,
+    DecisionRequest,
+    DeliveryRequest,
+    RewardRequest,
+)
 from serving.service import ScoringService
 from serving.settings import Settings, load_settings
 from serving.supervision import follow_supervisor
 
 log = logging.getLogger("nextbest.serving")
 
-RAW_BODY_MODELS = (DecisionRequest, BatchDecisionRequest, RewardRequest, DeliveryRequest)
+RAW_BODY_MODELS = (
+    DecisionRequest,
+    BatchDecisionRequest,
+    RewardRequest,
+    DeliveryRequest,
+    ConsentRequest,
+)
 """Request bodies validated from raw JSON by the routes (documented in the schema here)."""
 
 
@@ -84,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc" if settings.docs else None,
     )
     # the routers' own routes (the app's list holds included routers, without a path)
-    routers = [module.router for module in (decisions, rewards, contacts, health)]
+    routers = [module.router for module in (decisions, rewards, contacts, consents, health)]
     for router in routers:
         app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -34,8 +34,9 @@ write's own transaction, a customer with a contact stored after that position: o
 workers that decided for one customer on the same history, the second to commit decides
 again on the history with the first's contact.
 
-The store also keeps what customers asked for through reported outcomes (opt-outs,
-complaints: :mod:`serving.customer_restrictions`), merged into later decisions the same way.
+The store also keeps what customers asked for through the service (opt-outs and complaints
+reported with outcomes, consents that lift opt-outs: :mod:`serving.customer_restrictions`),
+merged into later decisions the same way.
 
 The SQLite implementation is :class:`serving.sqlite_contact_store.SqliteContactStore`; a
 Redis or PostgreSQL store implements :class:`ContactStore`.
@@ -245,8 +246,9 @@ class ContactStore(Protocol):
         ...
 
     def restrict(self, restrictions: Sequence[Restriction]) -> Future[int]:
-        """Store restrictions (an opt-out, a complaint: idempotent, a complaint keeps its
-        latest time); the future resolves once every worker's next lookup sees them."""
+        """Store restrictions (an opt-out, a complaint, a consent: idempotent, one per
+        customer, kind and channel keeping its latest time); the future resolves once every
+        worker's next lookup sees them."""
         ...
 
     def restrictions(self, customer_keys: Sequence[str]) -> CustomerRestrictions:

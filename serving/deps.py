@@ -88,6 +88,7 @@ def api_key_security() -> dict[str, Any]:
 
 DecideKey = Annotated[Principal, Depends(require("decide"))]
 RewardKey = Annotated[Principal, Depends(require("reward"))]
+ConsentKey = Annotated[Principal, Depends(require("consent"))]
 MetricsKey = Annotated[Principal, Depends(require("metrics"))]
 AdminKey = Annotated[Principal, Depends(require("admin"))]
 

@@ -87,6 +87,10 @@ DECIDED_AGAIN = Counter(
     "Customers decided again because another worker contacted them between this worker's "
     "contact-history lookup and its commit.",
 )
+CONSENTS = Counter(
+    "nextbest_consents_total",
+    "Consents recorded (POST /v1/consents): stored opt-outs before them stop binding.",
+)
 JOURNAL_WAIT = Histogram(
     "nextbest_journal_commit_wait_seconds",
     "Time a request waits for its decisions to be committed to the journal.",

@@ -521,6 +521,50 @@ class DeliveryResponse(BaseModel):
     recorded: bool
 
 
+class ConsentRequest(BaseModel):
+    """A customer consented again to be contacted, after an opt-out the service was told of
+    with a decision's outcome (``POST /v1/rewards``, ``opted_out``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "customer_id": "c-0001",
+                    "channels": ["sms"],
+                    "given_at": "2026-01-08T10:30:00+08:00",
+                }
+            ]
+        },
+    )
+
+    customer_id: str = Field(min_length=1, max_length=128)
+    """The bank's customer identifier (pseudonymised before it is stored)."""
+    channels: list[str] | None = Field(default=None, min_length=1, max_length=64)
+    """The channels consented to; default: every channel."""
+    given_at: datetime | None = None
+    """When the customer consented (with a time zone); default: when it is received. Only
+    opt-outs stored before it are lifted."""
+
+    @field_validator("given_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else _reported_time(value)
+
+
+class ConsentResponse(BaseModel):
+    """The consent recorded, and the customer's stored opt-outs after it."""
+
+    given_at: datetime
+    """When the consent was given (as stored)."""
+    lifted: list[str]
+    """Channels a stored opt-out blocked before this consent and no longer does."""
+    still_opted_out: list[str]
+    """Channels the service's stored opt-outs still block (an opt-out later than the
+    consent, or on a channel not consented to). The request's own ``opt_outs`` and
+    ``consented_channels`` are the platform's and are not shown here."""
+
+
 class Health(BaseModel):
     """Liveness: the process answers."""
 

@@ -36,8 +36,10 @@ from typing import Literal
 
 from serving.file_stamp import FileStamp, file_stamp
 
-Scope = Literal["decide", "reward", "metrics", "admin"]
-SCOPES: tuple[Scope, ...] = ("decide", "reward", "metrics", "admin")
+Scope = Literal["decide", "reward", "consent", "metrics", "admin"]
+SCOPES: tuple[Scope, ...] = ("decide", "reward", "consent", "metrics", "admin")
+"""``consent`` lifts stored opt-outs (``POST /v1/consents``): a key of its own, apart from the
+platform's ``reward`` key that reports them."""
 KEY_PREFIX = "nbk_"
 API_KEY_HEADER = "X-API-Key"
 

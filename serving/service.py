@@ -60,7 +60,7 @@ from serving.contact_history import (
     ContactStore,
     merge_into_batch,
 )
-from serving.customer_restrictions import Restriction, apply_restrictions
+from serving.customer_restrictions import Restriction, apply_restrictions, opt_outs_in_force
 from serving.decision_engine import DecisionEngine, Decisions, pick
 from serving.model_store import LoadedModel, ModelStore
 from serving.pseudonym_binding import PseudonymKeyError, bind_pseudonym_key
@@ -69,6 +69,8 @@ from serving.schemas import (
     BatchDecisionRequest,
     BlockedAction,
     ChosenAction,
+    ConsentRequest,
+    ConsentResponse,
     DecisionRequest,
     DecisionResponse,
     DeliveryRequest,
@@ -1077,6 +1079,39 @@ class ScoringService:
                 409, f"{contact_id!r} was recorded for another customer than customer_id"
             ) from None
         return DeliveryResponse(contact_id=contact_id, recorded=bool(written))
+
+    async def record_consent(self, request: ConsentRequest) -> ConsentResponse:
+        """Record that a customer consented again (to the named channels, or to every one):
+        the opt-outs the service stored for them before ``given_at`` stop binding, on every
+        worker, from the next decision on; 400 for an unknown channel. The answer says which
+        channels the consent freed and which the stored opt-outs still block."""
+        unknown = sorted(set(request.channels or ()) - set(self._channel_of))
+        if unknown:
+            raise HTTPException(400, f"unknown channel {unknown[0]!r}")
+        given_at = request.given_at or datetime.now(UTC)
+        key = pseudonymise(request.customer_id, self._key)
+        before = self._stored_opt_outs(key)
+        consents = [
+            Restriction(key, "consent", channel, epoch_us(given_at))
+            for channel in (request.channels or [None])
+        ]
+        await asyncio.wrap_future(self.contacts.restrict(consents))
+        metrics.CONSENTS.inc()
+        after = self._stored_opt_outs(key)
+        names = self.catalog.channel_names
+        return ConsentResponse(
+            given_at=given_at,
+            lifted=[c for c, b, a in zip(names, before, after, strict=True) if b and not a],
+            still_opted_out=[c for c, a in zip(names, after, strict=True) if a],
+        )
+
+    def _stored_opt_outs(self, key: str) -> np.ndarray:
+        """bool ``(C,)``: the channels the stored opt-outs in force block for pseudonymised
+        customer ``key``."""
+        in_force = opt_outs_in_force(self.contacts.restrictions([key]), len(self._channel_of))
+        if not len(in_force.rows):
+            return np.zeros(len(self._channel_of), bool)
+        return in_force.channels[0]
 
     # ------------------------------------------------------------------ model
 

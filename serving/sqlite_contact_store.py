@@ -78,9 +78,9 @@ CONTACTS_DDL = (
 )
 """The store's tables (idempotent DDL): ``restrictions`` one row per customer, kind
 (:data:`~serving.customer_restrictions.RESTRICTION_KINDS` index) and channel code (-1: every
-channel), never pruned; ``contact_events`` one row per contact, ``customer`` the
-:func:`store_key` of the pseudonymised customer key (by the file's :data:`KeyScheme`, in
-``store_meta`` under ``customer_keys``), ``channel`` a code of
+channel) with its latest time, never pruned; ``contact_events`` one row per contact,
+``customer`` the :func:`store_key` of the pseudonymised customer key (by the file's
+:data:`KeyScheme`, in ``store_meta`` under ``customer_keys``), ``channel`` a code of
 ``channel_codes`` (codes never change, so a file outlives catalogue versions), ``kind`` 0
 recommended, 1 delivered, ``at_us`` microseconds since the epoch (UTC), ``latest_us`` the
 latest a recommendation for a later window may be sent (null: ``at_us``; a delivery sets
@@ -234,7 +234,6 @@ def _lookup_sql(n_codes: int) -> str:
     )
 
 
-_COMPLAINT = RESTRICTION_KINDS.index("complaint")
 _RESTRICTIONS_OF = (
     "SELECT k.key, r.kind, r.channel, r.at_us FROM json_each(?1) AS k "
     "JOIN restrictions AS r ON r.customer = k.value"
@@ -737,8 +736,9 @@ class SqliteContactStore:
         )
 
     def restrict(self, restrictions: Sequence[Restriction]) -> Future[int]:
-        """Store ``restrictions``; an opt-out already stored is kept, a complaint keeps its
-        latest time. The future gives the rows inserted or changed, once committed."""
+        """Store ``restrictions``: one row per customer, kind and channel, keeping its latest
+        time (an earlier one changes nothing). The future gives the rows inserted or
+        changed, once committed."""
         params = [
             (
                 int(store_key(r.customer_key, self.key_scheme)),
@@ -756,7 +756,7 @@ class SqliteContactStore:
             conn.executemany(
                 "INSERT INTO restrictions VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (customer, kind, channel) DO UPDATE SET at_us = excluded.at_us "
-                f"WHERE excluded.kind = {_COMPLAINT} AND excluded.at_us > restrictions.at_us",
+                "WHERE excluded.at_us > restrictions.at_us",
                 params,
             )
             return conn.total_changes - before

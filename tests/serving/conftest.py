@@ -26,7 +26,7 @@ from nextbest.onnx_scoring import linear_scoring_model, save_scoring_model
 from nextbest.synthetic import midday_timezone
 from serving.app import create_app
 from serving.schemas import EXAMPLE_CUSTOMER
-from serving.security import create_api_key
+from serving.security import SCOPES, create_api_key
 from serving.settings import Settings
 
 PSEUDONYM_KEY = "test-pseudonymisation-key-0123456789"
@@ -163,12 +163,11 @@ def api_model(catalog: ActionCatalog, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def api_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A keys file and one clear key per scope (``decide``, ``reward``, ``metrics``,
-    ``admin``)."""
+    """A keys file and one clear key per scope (:data:`~serving.security.SCOPES`)."""
     path = tmp_path_factory.mktemp("keys") / "api_keys.json"
     keys = {
         scope: create_api_key(path, f"test-{scope}", [scope])
-        for scope in ("decide", "reward", "metrics", "admin")
+        for scope in SCOPES
     }
     return path, keys
 

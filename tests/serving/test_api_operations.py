@@ -163,6 +163,10 @@ def test_post_decision_logs_only_pseudonymised_keys(
         headers=auth["reward"],
     )
     assert delivered.status_code == 200, delivered.text  # stored: its key is checked below
+    consented = api_client.post(
+        "/v1/consents", json={"customer_id": raw, "channels": ["sms"]}, headers=auth["consent"]
+    )
+    assert consented.status_code == 200, consented.text  # stored as well
     api_client.post(
         "/v1/decisions",
         json={"customer": customer(customer_id=raw, age=-1)},

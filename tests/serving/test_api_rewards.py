@@ -1,4 +1,5 @@
-"""POST /v1/rewards and /v1/deliveries: idempotent outcomes, late flags, contact history."""
+"""POST /v1/rewards, /v1/deliveries and /v1/consents: idempotent outcomes, late flags, contact
+history, opt-outs and the consents that lift them."""
 
 from __future__ import annotations
 
@@ -317,3 +318,117 @@ def test_an_opt_out_for_a_decision_of_another_catalogue_blocks_every_channel(
         after = _explained(client, auth["decide"], "old-catalogue")
     assert after["chosen"]["channel"] is None
     assert "opted_out_all" in {b["rule"] for b in after["blocked"]}
+
+
+def _opted_out_rules(answer: dict, channel: str) -> set[str]:
+    """The rules an explained answer names as blocking actions on ``channel``."""
+    return {b["rule"] for b in answer["blocked"] if b["action"].startswith(f"{channel}:")}
+
+
+def test_a_consent_lifts_the_stored_opt_out_on_every_worker_and_is_kept(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """A customer who opted out (reported with an outcome) and consents again is offered
+    the channel again, on any worker; a consent dated before the opt-out lifts nothing."""
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as other:
+        first = _explained(one, auth["decide"], "returning")
+        channel = first["chosen"]["channel"]
+        assert channel is not None
+        reported = datetime.now(UTC)
+        reward = {
+            "decision_id": first["decision_id"],
+            "opted_out": True,
+            "occurred_at": reported.isoformat(),
+        }
+        assert one.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
+        assert "channel_opt_out" in _opted_out_rules(
+            _explained(other, auth["decide"], "returning"), channel
+        )
+
+        consent = {"customer_id": "returning", "channels": [channel]}
+        # lifting a compliance block takes its own scope: the platform's reward key cannot
+        assert one.post("/v1/consents", json=consent, headers=auth["reward"]).status_code == 403
+        assert one.post("/v1/consents", json=consent).status_code == 401
+        early = {**consent, "given_at": (reported - timedelta(hours=1)).isoformat()}
+        stale = one.post("/v1/consents", json=early, headers=auth["consent"])
+        assert stale.status_code == 200, stale.text
+        assert stale.json()["lifted"] == [] and stale.json()["still_opted_out"] == [channel]
+        assert "channel_opt_out" in _opted_out_rules(
+            _explained(other, auth["decide"], "returning"), channel
+        )
+
+        given = one.post("/v1/consents", json=consent, headers=auth["consent"])
+        assert given.status_code == 200, given.text
+        assert given.json()["lifted"] == [channel] and given.json()["still_opted_out"] == []
+        after = _explained(other, auth["decide"], "returning")
+        assert "channel_opt_out" not in _opted_out_rules(after, channel)
+        assert any(r["channel"] == channel for r in after["ranked"])
+        # the request's own opt-out is the platform's: a consent never lifts it
+        own = other.post(
+            "/v1/decisions",
+            json={"customer": customer(customer_id="returning", opt_outs=[channel]), "k": 50},
+            headers=auth["decide"],
+        )
+        assert own.status_code == 200 and all(r["channel"] != channel for r in own.json()["ranked"])
+    with sqlite3.connect(api_settings.state_dir / "contacts.db") as conn:
+        kinds = sorted(k for (k,) in conn.execute("SELECT kind FROM restrictions"))
+    assert kinds == [0, 2]  # the opt-out and the consent stay, for the audit trail
+
+
+def test_a_consent_to_one_channel_after_an_opt_out_of_every_channel_frees_that_one(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        first = _explained(client, auth["decide"], "all-out")
+        with sqlite3.connect(api_settings.state_dir / "journal.db") as conn:
+            conn.execute("UPDATE versions SET catalog_version = 'older'")  # every channel
+        reward = {"decision_id": first["decision_id"], "opted_out": True}
+        assert client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
+        consent = {"customer_id": "all-out", "channels": ["app_push"]}
+        given = client.post("/v1/consents", json=consent, headers=auth["consent"])
+        assert given.status_code == 200, given.text
+        channels = list(client.app.state.service.catalog.channel_names)
+        assert given.json()["lifted"] == ["app_push"]
+        assert given.json()["still_opted_out"] == [c for c in channels if c != "app_push"]
+        after = _explained(client, auth["decide"], "all-out")
+        assert "opted_out_all" not in {b["rule"] for b in after["blocked"]}
+        assert "channel_opt_out" in _opted_out_rules(after, "sms")
+        assert "channel_opt_out" not in _opted_out_rules(after, "app_push")
+        assert {r["channel"] for r in after["ranked"]} <= {"app_push", None}
+        everything = client.post(
+            "/v1/consents", json={"customer_id": "all-out"}, headers=auth["consent"]
+        )
+        assert everything.status_code == 200, everything.text
+        assert everything.json()["still_opted_out"] == []
+        assert set(everything.json()["lifted"]) == set(channels) - {"app_push"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"customer_id": "c-1", "channels": ["fax"]}, 400, None),
+        ({"customer_id": "c-1", "channels": []}, 422, "channels"),
+        ({"customer_id": ""}, 422, "customer_id"),
+        ({"customer_id": "c-1", "given_at": "2026-01-08T10:30:00"}, 422, "given_at"),
+        ({"customer_id": "c-1", "given_at": "2999-01-01T00:00:00+00:00"}, 422, "given_at"),
+        ({"customer_id": "c-1", "scope": "all"}, 422, "scope"),
+    ],
+)
+def test_post_consent_bad_input_is_refused_and_names_the_field(
+    api_client: TestClient,
+    api_settings: Settings,
+    auth: dict[str, dict[str, str]],
+    body: dict,
+    status: int,
+    field: str | None,
+) -> None:
+    response = api_client.post("/v1/consents", json=body, headers=auth["consent"])
+    assert response.status_code == status, response.text
+    if field is None:
+        assert "fax" in response.json()["detail"]
+    else:
+        assert ["body", field] in [e["loc"][:2] for e in response.json()["detail"]]
+    with sqlite3.connect(api_settings.state_dir / "contacts.db") as conn:
+        assert conn.execute("SELECT count(*) FROM restrictions").fetchone() == (0,)

@@ -19,7 +19,7 @@ from serving.security import create_api_key
 from serving.settings import Settings
 
 EXAMPLES_PER_OPERATION = 250
-"""Four POST operations carry the generated bodies: 4 x 250 >= 1,000 cases."""
+"""Five POST operations carry the generated bodies: 5 x 250 >= 1,000 cases."""
 CASES: Counter[str] = Counter()
 
 # schemathesis loads the schema when the module is collected; creating the app is cheap (the

@@ -1039,10 +1039,10 @@ def test_restrictions_are_stored_per_customer_kept_and_merged(
         ]
     ).result()
     assert written == 3
-    # a repeat changes nothing; an older complaint does not move the latest
-    repeat = [Restriction("cust_a", "opt_out", "sms", late)]
-    assert store.restrict(repeat).result() == 0
+    # a repeat changes nothing; an older one does not move the latest, a later one does
+    assert store.restrict([Restriction("cust_a", "opt_out", "sms", early)]).result() == 0
     assert store.restrict([Restriction("cust_a", "complaint", None, early)]).result() == 0
+    assert store.restrict([Restriction("cust_b", "opt_out", None, late)]).result() == 1
     store.prune(epoch_us(NOW)).result()  # contacts are pruned, restrictions kept
     with SqliteContactStore(tmp_path, catalog.channel_names) as other:  # another worker
         found = other.restrictions(keys)
@@ -1076,3 +1076,48 @@ def test_restrictions_are_stored_per_customer_kept_and_merged(
     wechat = catalog.channel_names.index("wechat")
     assert kept["opt_out"][0, wechat] and kept["opt_out"][0, sms]
     assert kept["days_since_complaint"][0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_stored_opt_out_binds_until_a_later_consent_and_again_after_a_later_opt_out(
+    store: SqliteContactStore, catalog: ActionCatalog
+) -> None:
+    """Per channel, the latest opt-out (of it or of every channel) against the latest
+    consent (to it or to every channel); a tie keeps the opt-out."""
+    from serving.customer_restrictions import Restriction, apply_restrictions, opt_outs_in_force
+
+    channels = catalog.channel_names
+    sms, push = channels.index("sms"), channels.index("app_push")
+    t = [epoch_us(ago(days=d)) for d in (30, 20, 10, 5)]
+
+    def in_force(key: str) -> tuple[list[str], bool]:
+        found = opt_outs_in_force(store.restrictions([key]), len(channels))
+        if not len(found.rows):
+            return [], False
+        return [c for c, on in zip(channels, found.channels[0], strict=True) if on], bool(
+            found.every[0]
+        )
+
+    store.restrict([Restriction("cust_a", "opt_out", "sms", t[1])]).result()
+    assert in_force("cust_a") == (["sms"], False)
+    store.restrict([Restriction("cust_a", "consent", "sms", t[0])]).result()  # before it
+    assert in_force("cust_a") == (["sms"], False)
+    store.restrict([Restriction("cust_a", "consent", "app_push", t[2])]).result()  # elsewhere
+    assert in_force("cust_a") == (["sms"], False)
+    store.restrict([Restriction("cust_a", "consent", "sms", t[1])]).result()  # a tie
+    assert in_force("cust_a") == (["sms"], False)
+    store.restrict([Restriction("cust_a", "consent", None, t[2])]).result()  # every channel
+    assert in_force("cust_a") == ([], False)
+    store.restrict([Restriction("cust_a", "opt_out", "sms", t[3])]).result()  # opted out again
+    assert in_force("cust_a") == (["sms"], False)
+
+    store.restrict([Restriction("cust_b", "opt_out", None, t[1])]).result()
+    assert in_force("cust_b") == (list(channels), True)
+    store.restrict([Restriction("cust_b", "consent", "app_push", t[2])]).result()
+    assert in_force("cust_b") == ([c for c in channels if c != "app_push"], False)
+
+    keys = ["cust_a", "cust_b", "cust_c"]
+    batch = ContextBatch.from_contexts([customer(catalog)] * 3, catalog, NOW)
+    merged = apply_restrictions(batch, store.restrictions(keys), NOW)
+    assert merged["opt_out"][0].tolist() == [i == sms for i in range(len(channels))]
+    assert merged["opt_out"][1].tolist() == [i != push for i in range(len(channels))]
+    assert not merged["opt_out"][2].any() and not merged["opted_out_all"].any()

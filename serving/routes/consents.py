@@ -1,0 +1,40 @@
+"""``POST /v1/consents``: a customer consented again, lifting the opt-outs the service stored."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from serving.deps import ConsentKey, ServiceDep, json_body, parse_body
+from serving.schemas import (
+    ConsentRequest,
+    ConsentResponse,
+    ErrorResponse,
+    ValidationErrorResponse,
+)
+
+router = APIRouter(prefix="/v1/consents", tags=["contacts"])
+
+
+@router.post(
+    "",
+    response_model=ConsentResponse,
+    responses={
+        400: {"model": ErrorResponse, "description": "Unknown channel."},
+        401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
+        403: {"model": ErrorResponse, "description": "The API key lacks the `consent` scope."},
+        413: {"model": ErrorResponse, "description": "Body too large."},
+        422: {"model": ValidationErrorResponse, "description": "Schema violations."},
+    },
+    openapi_extra=json_body(ConsentRequest),
+    summary="Report a customer's renewed consent",
+)
+async def record_consent(
+    request: Request, service: ServiceDep, _key: ConsentKey
+) -> ConsentResponse:
+    """Opt-outs the service stored from reported outcomes (``POST /v1/rewards``) stop
+    binding the consented channels (default: every channel) once they are older than
+    ``given_at``; a later opt-out binds again. The request's own ``opt_outs`` and
+    ``consented_channels`` stay the platform's to keep: this lifts only what the service
+    stored. Every consent is kept beside the opt-outs, for the audit trail."""
+    body = parse_body(ConsentRequest, await request.body())
+    return await service.record_consent(body)
