@@ -84,6 +84,20 @@ def _check_assessment_dates(dates: list[date | None], where: str) -> None:
         )
 
 
+def _check_complaint_times(times: list[datetime | None], where: str) -> None:
+    """Refuse a complaint dated after now plus :data:`FUTURE_SKEW`: the complaint rule
+    counts its days from it, so a typo in the year would suppress the customer for years.
+    (A last contact may lie ahead: a send the platform has scheduled.)"""
+    latest = datetime.now(UTC) + FUTURE_SKEW
+    if max(filter(None, times), default=latest) > latest:
+        row = next(i for i, t in enumerate(times) if t is not None and t > latest)
+        at = "" if where == "customer" else f" (row {row})"
+        raise ValueError(
+            f"{where}{at}: last_complaint_at {times[row]} is in the future "
+            f"(after {latest.isoformat(timespec='seconds')})"
+        )
+
+
 class DecisionRequest(_Options):
     """One customer to decide for."""
 
@@ -107,8 +121,9 @@ class DecisionRequest(_Options):
 
     @field_validator("customer")
     @classmethod
-    def _assessed_in_the_past(cls, customer: CustomerContext) -> CustomerContext:
+    def _dated_in_the_past(cls, customer: CustomerContext) -> CustomerContext:
         _check_assessment_dates([customer.risk_assessed_on], "customer")
+        _check_complaint_times([customer.last_complaint_at], "customer")
         return customer
 
 
@@ -174,18 +189,20 @@ class BatchDecisionRequest(_Options):
 
     @field_validator("customers")
     @classmethod
-    def _customers_assessed_in_the_past(
+    def _customers_dated_in_the_past(
         cls, customers: list[CustomerContext] | None
     ) -> list[CustomerContext] | None:
         _check_assessment_dates([c.risk_assessed_on for c in customers or []], "customers")
+        _check_complaint_times([c.last_complaint_at for c in customers or []], "customers")
         return customers
 
     @field_validator("columns")
     @classmethod
-    def _columns_assessed_in_the_past(
+    def _columns_dated_in_the_past(
         cls, columns: CustomerColumns | None
     ) -> CustomerColumns | None:
         _check_assessment_dates(columns.risk_assessed_on or [] if columns else [], "columns")
+        _check_complaint_times(columns.last_complaint_at or [] if columns else [], "columns")
         return columns
 
     @model_validator(mode="after")

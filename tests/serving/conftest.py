@@ -165,10 +165,7 @@ def api_model(catalog: ActionCatalog, tmp_path_factory: pytest.TempPathFactory) 
 def api_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A keys file and one clear key per scope (:data:`~serving.security.SCOPES`)."""
     path = tmp_path_factory.mktemp("keys") / "api_keys.json"
-    keys = {
-        scope: create_api_key(path, f"test-{scope}", [scope])
-        for scope in SCOPES
-    }
+    keys = {scope: create_api_key(path, f"test-{scope}", [scope]) for scope in SCOPES}
     return path, keys
 
 

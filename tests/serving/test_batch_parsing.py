@@ -85,6 +85,7 @@ CHANGES: dict[str, dict[str, Any]] = {
     "opted out as a number": _with("opted_out_all", 2),
     "complaint time naive": _with("last_complaint_at", "2026-01-01T00:00:00"),
     "complaint time not a time": _with("last_complaint_at", "yesterday"),
+    "complaint in the future": _with("last_complaint_at", FUTURE + "T00:00:00+00:00"),
     "time zone unknown": _with("timezone", "Mars/Olympus"),
     "time zone null": _with("timezone", None),
     "time zone a number": _with("timezone", 8),

@@ -193,6 +193,47 @@ def test_risk_assessment_dated_in_the_future_is_422(
     assert ok.status_code == 200  # today somewhere on earth
 
 
+def test_a_complaint_dated_in_the_future_is_422_in_every_form(
+    api_client: TestClient, auth: dict[str, dict[str, str]]
+) -> None:
+    """The complaint rule counts its days from it: a typo in the year would suppress the
+    customer for years. A few minutes ahead (another clock) is accepted."""
+    ahead = (datetime.now(UTC) + timedelta(days=400)).isoformat()
+    single = api_client.post(
+        "/v1/decisions",
+        json={"customer": customer(last_complaint_at=ahead)},
+        headers=auth["decide"],
+    )
+    assert single.status_code == 422
+    assert "last_complaint_at" in single.text and "in the future" in single.text
+    objects = api_client.post(
+        "/v1/decisions/batch",
+        json={
+            "customers": [
+                customer(customer_id="p"),
+                customer(customer_id="f", last_complaint_at=ahead),
+            ]
+        },
+        headers=auth["decide"],
+    )
+    assert objects.status_code == 422 and "row 1" in objects.text
+    columns = {**TWO_CUSTOMERS, "last_complaint_at": [None, ahead]}
+    columnar = api_client.post(
+        "/v1/decisions/batch", json={"columns": columns}, headers=auth["decide"]
+    )
+    assert columnar.status_code == 422, columnar.text
+    assert "row 1" in columnar.text and "last_complaint_at" in columnar.text
+    assert [e["loc"] for e in columnar.json()["detail"]] == [["body", "columns"]]
+    skewed = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()
+    ok = api_client.post(
+        "/v1/decisions",
+        json={"customer": customer(last_complaint_at=skewed), "explain": True},
+        headers=auth["decide"],
+    )
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["chosen"]["channel"] is None  # suppressed, as a complaint of now is
+
+
 @pytest.mark.parametrize("ids", [{}, {"decision_id": "0" * 32, "message_id": "m-1"}])
 def test_a_delivery_needs_exactly_one_of_decision_id_and_message_id(
     api_client: TestClient, auth: dict[str, dict[str, str]], ids: dict[str, str]
