@@ -198,9 +198,7 @@ class BatchDecisionRequest(_Options):
 
     @field_validator("columns")
     @classmethod
-    def _columns_dated_in_the_past(
-        cls, columns: CustomerColumns | None
-    ) -> CustomerColumns | None:
+    def _columns_dated_in_the_past(cls, columns: CustomerColumns | None) -> CustomerColumns | None:
         _check_assessment_dates(columns.risk_assessed_on or [] if columns else [], "columns")
         _check_complaint_times(columns.last_complaint_at or [] if columns else [], "columns")
         return columns

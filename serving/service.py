@@ -426,9 +426,13 @@ class _BatchAnswer:
         if valid.all():
             ranked_lists = ranked_names.tolist()
             score_lists = ranked_scores.tolist()
-        else:  # fewer allowed actions than asked for: shorter lists
-            ranked_lists = [r[v].tolist() for r, v in zip(ranked_names, valid, strict=True)]
-            score_lists = [s[v].tolist() for s, v in zip(ranked_scores, valid, strict=True)]
+        else:  # fewer allowed actions than asked for: shorter lists, cut from flat ones
+            # (two numpy calls a row: ~3 ms a 2,500-row part, against ~1 ms)
+            ends = np.cumsum(valid.sum(axis=1)).tolist()
+            cuts = list(zip([0, *ends[:-1]], ends, strict=True))
+            flat_names, flat_scores = ranked_names[valid].tolist(), ranked_scores[valid].tolist()
+            ranked_lists = [flat_names[a:b] for a, b in cuts]
+            score_lists = [flat_scores[a:b] for a, b in cuts]
         return {
             "decision_id": decision_ids,
             "action": names[result.action].tolist(),
