@@ -219,6 +219,10 @@ class TruthTable:
     mask_disagreements : int
         Of the first :data:`MASK_ROWS` checked decisions, how many have an action the
         engine's mask allows and the reference semantics block (must be 0).
+    logged_q : float64 ``(m,)`` or None
+        The expected reward of the action the log took at each decision point (None unless
+        the replay was given the log's actions): what a perfect reward model would predict
+        for it (:meth:`exact_model_dr`).
     """
 
     policies: tuple[str, ...]
@@ -235,10 +239,40 @@ class TruthTable:
     reference_blocked: np.ndarray
     reference_checked: int
     mask_disagreements: int
+    logged_q: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
         return len(self.oracle_value)
+
+    def exact_model_dr(self, policy: str, weight: np.ndarray, reward: np.ndarray) -> np.ndarray:
+        """``(m,)`` the per-decision terms of the doubly robust estimate of ``policy`` had
+        its reward model been exact (the simulator's expected rewards): ``sum_a pi(a|x) q(x,
+        a) + w (r - q(x, a_logged))``. Their mean minus the policy's true value is the
+        importance-weighted correction's noise alone, which no reward model removes: how
+        close a DR estimate can come on this log.
+
+        Parameters
+        ----------
+        weight : float ``(m,)``
+            ``pi(a_logged | x) / pscore`` at each decision point.
+        reward : float ``(m,)``
+            The logged reward.
+
+        Raises
+        ------
+        ValueError
+            Without :attr:`logged_q`, or with arrays of another length.
+        """
+        if self.logged_q is None:
+            raise ValueError("the replay was not given the log's actions: no logged_q")
+        weight, reward = np.asarray(weight, np.float64), np.asarray(reward, np.float64)
+        if weight.shape != (self.n_rows,) or reward.shape != (self.n_rows,):
+            raise ValueError(
+                f"weight {weight.shape} and reward {reward.shape} must be ({self.n_rows},)"
+            )
+        value = self.value[:, self.policies.index(policy)]
+        return value + weight * (reward - self.logged_q)
 
     def summary(self) -> list[dict[str, float | str]]:
         """One row per policy (and the oracle): value, regret, rates, per decision."""
@@ -306,6 +340,7 @@ def replay_truth(
     rows: np.ndarray,
     policies: Mapping[str, TargetPolicy],
     logged_context: np.ndarray | None = None,
+    logged_action: np.ndarray | None = None,
 ) -> TruthTable:
     """Replay the log of ``recipe`` and score ``policies`` exactly at the selected rows.
 
@@ -317,6 +352,9 @@ def replay_truth(
     logged_context : float32 ``(n_log, F)``, optional
         The log's encoded contexts; when given, every replayed context is checked against
         it, so a log that does not match its recipe is refused rather than misjudged.
+    logged_action : int ``(n_log,)``, optional
+        The log's actions; when given, the table keeps each selected decision's expected
+        reward of its logged action (:attr:`TruthTable.logged_q`).
 
     Raises
     ------
@@ -338,6 +376,7 @@ def replay_truth(
             "oracle_conversion",
             "oracle_contact",
             "segment",
+            "logged_q",
         )
     }
     blocked = np.zeros(len(names))
@@ -397,6 +436,8 @@ def replay_truth(
             parts["oracle_complaint"].append(outcome.complaint[pick])
             parts["oracle_conversion"].append(outcome.convert[pick])
             parts["oracle_contact"].append(contact_action[best].astype(np.float64))
+            if logged_action is not None:
+                parts["logged_q"].append(q[np.arange(len(local)), logged_action[log_rows]])
             parts["segment"].append(
                 behavioural_segment(
                     sub["aum_cny"], sub["days_since_last_login"], sub["lifecycle_stage"]
@@ -428,4 +469,5 @@ def replay_truth(
         reference_blocked=reference_blocked,
         reference_checked=len(range(0, evaluated, stride)),
         mask_disagreements=mask_disagreements,
+        logged_q=None if logged_action is None else stack("logged_q", (0,)),
     )

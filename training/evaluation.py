@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from nextbest.onnx_scoring import OnnxScorer
 from training.logged_data import LoggedBandit
 from training.ope import ESTIMATORS, OffPolicyEstimator, bootstrap_interval
 from training.ope.inputs import UndefinedEstimateError
+
+if TYPE_CHECKING:
+    from simulators.ground_truth import TruthTable
 
 WEIGHTED_ESTIMATORS = ("ips", "snips", "dr")
 """Estimators whose value rests on the importance weights (their rows carry the ESS)."""
@@ -212,6 +216,37 @@ def ope_table(
             )
         del dist  # before the next policy's array is made
     return rows
+
+
+def exact_model_dr(
+    truth: TruthTable,
+    policy: str,
+    dist: np.ndarray,
+    log: LoggedBandit,
+    alpha: float,
+    n_bootstrap_samples: int,
+    seed: int,
+) -> dict[str, float]:
+    """The doubly robust estimate of ``policy`` on a simulated log had its reward model been
+    exact (:meth:`~simulators.ground_truth.TruthTable.exact_model_dr`), with its bootstrap
+    interval: ``dr_exact_value``, ``dr_exact_lower``, ``dr_exact_upper``. Its distance from
+    the true value is the importance-weighted correction's noise alone; no reward model makes
+    DR closer on this log than about this interval's half-width.
+
+    ``dist``: the policy's action distribution ``(n, A)`` on ``log``'s rounds, which are
+    ``truth``'s decision points in order; ``log`` needs propensities.
+    """
+    if log.pscore is None:
+        raise ValueError(MISSING_PSCORE)
+    rounds = np.arange(log.n_rounds)
+    weight = dist[rounds, log.action] / log.pscore
+    samples = truth.exact_model_dr(policy, weight, log.reward)
+    interval = bootstrap_interval(samples, alpha, n_bootstrap_samples, seed)
+    return {
+        "dr_exact_value": float(samples.mean()),
+        "dr_exact_lower": interval["lower"],
+        "dr_exact_upper": interval["upper"],
+    }
 
 
 def _blocked_mass(dist: np.ndarray, allowed: np.ndarray, rows: int = 65_536) -> np.ndarray:

@@ -24,7 +24,13 @@ from nextbest.features import (
 from nextbest.model_source import mlflow_client, unwritable_directory
 from simulators.ground_truth import TruthTable, read_recipe, replay_truth
 from training.config import PolicySpec, TrainingConfig
-from training.evaluation import baseline_action_dist, ess_text, model_scores, ope_table
+from training.evaluation import (
+    baseline_action_dist,
+    ess_text,
+    exact_model_dr,
+    model_scores,
+    ope_table,
+)
 from training.evidence import (
     NOTABLE_SHARE,
     THIN_EVIDENCE_CONVERSIONS,
@@ -438,12 +444,25 @@ def run_training(
         mlflow.log_metric(LOGGED_REWARD_METRIC, float(holdout.reward.mean()))
 
         truth: TruthTable | None = None
+        truth_rows: list[dict[str, float | str]] | None = None
         if recipe is not None and engine is not None:
             evaluated = {"champion": policies["champion"]} if "champion" in policies else {}
             truth = _ground_truth(
                 config, recipe, catalog, engine, log, holdout_rows, fitted, evaluated
             )
-            for row in truth.summary():
+            truth_rows = truth.summary()
+            if holdout.pscore is not None:  # how close DR could come with an exact model
+                model_row = next(r for r in truth_rows if r["policy"] == "model")
+                model_row |= exact_model_dr(
+                    truth,
+                    "model",
+                    target,
+                    holdout,
+                    config.evaluation.alpha,
+                    config.evaluation.bootstrap,
+                    config.evaluation.seed,
+                )
+            for row in truth_rows:
                 name = row["policy"]
                 mlflow.log_metrics(
                     {
@@ -452,7 +471,7 @@ def run_training(
                         if k != "policy" and np.isfinite(float(v))
                     }
                 )
-            mlflow.log_dict(truth.summary(), "ground_truth.json")
+            mlflow.log_dict(truth_rows, "ground_truth.json")
             mlflow.log_dict(truth.by_segment(), "ground_truth_by_segment.json")
             # the current rules on the replayed customers by their reference semantics, at a
             # sample of decisions: the policy's action, and the engine's whole mask (the
@@ -477,7 +496,7 @@ def run_training(
                 log,
                 holdout,
                 rows,
-                truth,
+                truth_rows,
                 violations,
                 version,
                 catalog,
@@ -493,7 +512,7 @@ def run_training(
         onnx_path,
         rows,
         violations,
-        None if truth is None else truth.summary(),
+        truth_rows,
         evidence.rows,
     )
 
@@ -533,7 +552,9 @@ def _ground_truth(
     policies["no_contact"] = no_contact
     for name, dist in evaluated.items():
         policies[name] = lambda rows, context, allowed, d=dist: d[holdout_position[rows]]
-    return replay_truth(recipe, catalog, engine, holdout_rows, policies, log.context)
+    return replay_truth(
+        recipe, catalog, engine, holdout_rows, policies, log.context, logged_action=log.action
+    )
 
 
 def _log_plots(rows, truth, epochs, holdout, chosen, catalog, encoder, alpha) -> None:
@@ -647,9 +668,18 @@ def _model_card(
             + "\n".join(
                 f"| {r['policy']} | {r['value']:.4f} | {r['regret']:.4f} "
                 f"| {r.get('complaint_rate', float('nan')):.5f} |"
-                for r in truth.summary()
+                for r in truth
             )
         )
+        model = next(r for r in truth if r["policy"] == "model")
+        if "dr_exact_value" in model:
+            truth_section += (
+                "\n\nDR with an *exact* reward model (the simulator's expected rewards) would "
+                f"estimate the model at {model['dr_exact_value']:.4f} "
+                f"[{model['dr_exact_lower']:.4f}, {model['dr_exact_upper']:.4f}] against its "
+                f"true {model['value']:.4f}: the importance-weighted correction's noise on this "
+                "log, which no reward model removes."
+            )
     evidence_table = "\n".join(
         f"| {r['offer']} | {float(r['policy_share']):.1%} | {r['logged']:,} "
         f"| {'unknown' if r['conversions'] is None else format(r['conversions'], ',')} "
