@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import pydantic_core
@@ -14,7 +14,12 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ValidationError
 
 from nextbest.customer_columns import columns_of_objects
-from serving.schemas import BATCH_ROW_LOCATIONS, BatchDecisionRequest
+from serving.schemas import (
+    BATCH_ROW_LOCATIONS,
+    BatchDecisionRequest,
+    ErrorResponse,
+    ValidationErrorResponse,
+)
 from serving.security import API_KEY_HEADER, AuthError, Principal, Scope
 from serving.service import ScoringService, oversized_batch
 
@@ -84,6 +89,31 @@ def api_key_security() -> dict[str, Any]:
     """``openapi_extra`` declaring that a route takes the API key header (for routes that
     check it with :func:`authorize`)."""
     return {"security": [{_api_key_header.scheme_name: []}]}
+
+
+def error_responses(
+    scope: Scope, own: Mapping[int, str] | None = None, body: bool = True
+) -> dict[int | str, dict[str, Any]]:
+    """A route's documented errors (its ``responses``): 401 and 403 for an API key checked
+    for ``scope``, with ``body`` 413 and 422 for a JSON body, and ``own``, the route's own
+    statuses with their descriptions (``{404: "No decision with this id."}``)."""
+    errors: dict[int, str] = {
+        **(own or {}),
+        401: "Missing or unknown API key.",
+        403: f"The API key lacks the `{scope}` scope.",
+    }
+    if body:
+        errors.setdefault(413, "Body too large.")
+    out: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in sorted(errors.items())
+    }
+    if body:
+        out[422] = {
+            "model": ValidationErrorResponse,
+            "description": "Schema violations, fields named.",
+        }
+    return out
 
 
 DecideKey = Annotated[Principal, Depends(require("decide"))]

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from serving.deps import ConsentKey, ServiceDep, json_body, parse_body
-from serving.schemas import (
-    ConsentRequest,
-    ConsentResponse,
-    ErrorResponse,
-    ValidationErrorResponse,
-)
+from serving.deps import ConsentKey, ServiceDep, error_responses, json_body, parse_body
+from serving.schemas import ConsentRequest, ConsentResponse
 
 router = APIRouter(prefix="/v1/consents", tags=["contacts"])
 
@@ -18,13 +13,7 @@ router = APIRouter(prefix="/v1/consents", tags=["contacts"])
 @router.post(
     "",
     response_model=ConsentResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "Unknown channel."},
-        401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
-        403: {"model": ErrorResponse, "description": "The API key lacks the `consent` scope."},
-        413: {"model": ErrorResponse, "description": "Body too large."},
-        422: {"model": ValidationErrorResponse, "description": "Schema violations."},
-    },
+    responses=error_responses("consent", {400: "Unknown channel."}),
     openapi_extra=json_body(ConsentRequest),
     summary="Report a customer's renewed consent",
 )

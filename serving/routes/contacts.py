@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from serving.deps import RewardKey, ServiceDep, json_body, parse_body
-from serving.schemas import (
-    DeliveryRequest,
-    DeliveryResponse,
-    ErrorResponse,
-    ValidationErrorResponse,
-)
+from serving.deps import RewardKey, ServiceDep, error_responses, json_body, parse_body
+from serving.schemas import DeliveryRequest, DeliveryResponse
 
 router = APIRouter(prefix="/v1/deliveries", tags=["contacts"])
 
@@ -18,14 +13,10 @@ router = APIRouter(prefix="/v1/deliveries", tags=["contacts"])
 @router.post(
     "",
     response_model=DeliveryResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "Unknown channel or offer."},
-        401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
-        403: {"model": ErrorResponse, "description": "The API key lacks the `reward` scope."},
-        409: {"model": ErrorResponse, "description": "The decision was for another customer."},
-        413: {"model": ErrorResponse, "description": "Body too large."},
-        422: {"model": ValidationErrorResponse, "description": "Schema violations."},
-    },
+    responses=error_responses(
+        "reward",
+        {400: "Unknown channel or offer.", 409: "The decision was for another customer."},
+    ),
     openapi_extra=json_body(DeliveryRequest),
     summary="Report a delivered contact",
 )

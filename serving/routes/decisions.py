@@ -9,26 +9,28 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from serving.deps import api_key_security, authorize, json_body, parse_batch, parse_body
+from serving.deps import (
+    api_key_security,
+    authorize,
+    error_responses,
+    json_body,
+    parse_batch,
+    parse_body,
+)
 from serving.schemas import (
     BatchDecisionColumnsResponse,
     BatchDecisionRequest,
     BatchDecisionResponse,
     DecisionRequest,
     DecisionResponse,
-    ErrorResponse,
-    ValidationErrorResponse,
 )
 
 router = APIRouter(prefix="/v1/decisions", tags=["decisions"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse, "description": "Unknown action id, channel or campaign."},
-    401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
-    403: {"model": ErrorResponse, "description": "The API key lacks the `decide` scope."},
-    413: {"model": ErrorResponse, "description": "Body or batch too large."},
-    422: {"model": ValidationErrorResponse, "description": "Schema violations, fields named."},
-}
+_ERRORS = error_responses(
+    "decide",
+    {400: "Unknown action id, channel or campaign.", 413: "Body or batch too large."},
+)
 
 
 @router.post(

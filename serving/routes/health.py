@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from serving import metrics
-from serving.deps import AdminKey, MetricsKey, ServiceDep
-from serving.schemas import ErrorResponse, Health, Readiness, ReloadResponse
+from serving.deps import AdminKey, MetricsKey, ServiceDep, error_responses
+from serving.schemas import Health, Readiness, ReloadResponse
 
 router = APIRouter(tags=["operations"])
 
@@ -38,8 +38,7 @@ async def readyz(service: ServiceDep, response: Response) -> Readiness:
     response_class=Response,
     responses={
         200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format."},
-        401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
-        403: {"model": ErrorResponse, "description": "The API key lacks the `metrics` scope."},
+        **error_responses("metrics", body=False),
     },
     summary="Prometheus metrics",
 )
@@ -53,10 +52,7 @@ async def prometheus_metrics(_key: MetricsKey) -> Response:
 @router.post(
     "/v1/admin/reload",
     response_model=ReloadResponse,
-    responses={
-        401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
-        403: {"model": ErrorResponse, "description": "The API key lacks the `admin` scope."},
-    },
+    responses=error_responses("admin", body=False),
     summary="Reload the model now",
 )
 async def reload_model(service: ServiceDep, _key: AdminKey) -> ReloadResponse:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from serving.deps import RewardKey, ServiceDep, json_body, parse_body
-from serving.schemas import ErrorResponse, RewardRequest, RewardResponse, ValidationErrorResponse
+from serving.deps import RewardKey, ServiceDep, error_responses, json_body, parse_body
+from serving.schemas import RewardRequest, RewardResponse
 
 router = APIRouter(prefix="/v1/rewards", tags=["rewards"])
 
@@ -13,15 +13,14 @@ router = APIRouter(prefix="/v1/rewards", tags=["rewards"])
 @router.post(
     "",
     response_model=RewardResponse,
-    responses={
-        400: {"model": ErrorResponse, "description": "Outcome dated before its decision."},
-        401: {"model": ErrorResponse, "description": "Missing or unknown API key."},
-        403: {"model": ErrorResponse, "description": "The API key lacks the `reward` scope."},
-        404: {"model": ErrorResponse, "description": "No decision with this id."},
-        409: {"model": ErrorResponse, "description": "A different outcome is already stored."},
-        413: {"model": ErrorResponse, "description": "Body too large."},
-        422: {"model": ValidationErrorResponse, "description": "Schema violations."},
-    },
+    responses=error_responses(
+        "reward",
+        {
+            400: "Outcome dated before its decision.",
+            404: "No decision with this id.",
+            409: "A different outcome is already stored.",
+        },
+    ),
     openapi_extra=json_body(RewardRequest),
     summary="Record the outcome of a decision",
 )
