@@ -153,6 +153,22 @@ def test_campaign_id_with_a_nul_is_422_when_any_campaign_is_accepted(
     assert response.json()["detail"][0]["loc"] == ["body", "campaign_id"]
 
 
+def _alone_and_second_in_a_batch(
+    client: TestClient, auth: dict[str, dict[str, str]], **fields: object
+) -> tuple[httpx.Response, httpx.Response]:
+    """The answers to a customer with ``fields`` decided alone, and second of two in a batch
+    of customer objects."""
+    single = client.post(
+        "/v1/decisions", json={"customer": customer(**fields)}, headers=auth["decide"]
+    )
+    batch = client.post(
+        "/v1/decisions/batch",
+        json={"customers": [customer(customer_id="p"), customer(customer_id="f", **fields)]},
+        headers=auth["decide"],
+    )
+    return single, batch
+
+
 def test_risk_assessment_dated_in_the_future_is_422(
     api_client: TestClient, auth: dict[str, dict[str, str]]
 ) -> None:
@@ -160,22 +176,7 @@ def test_risk_assessment_dated_in_the_future_is_422(
         """The day after tomorrow, refused alone and in a batch (checked in one hour: after
         UTC midnight it would be the service's tomorrow, and accepted)."""
         future = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
-        single = api_client.post(
-            "/v1/decisions",
-            json={"customer": customer(risk_assessed_on=future)},
-            headers=auth["decide"],
-        )
-        batch = api_client.post(
-            "/v1/decisions/batch",
-            json={
-                "customers": [
-                    customer(customer_id="p"),
-                    customer(customer_id="f", risk_assessed_on=future),
-                ]
-            },
-            headers=auth["decide"],
-        )
-        return single, batch
+        return _alone_and_second_in_a_batch(api_client, auth, risk_assessed_on=future)
 
     single, batch = in_one_utc_hour(refused)
     assert single.status_code == 422
@@ -199,23 +200,9 @@ def test_a_complaint_dated_in_the_future_is_422_in_every_form(
     """The complaint rule counts its days from it: a typo in the year would suppress the
     customer for years. A few minutes ahead (another clock) is accepted."""
     ahead = (datetime.now(UTC) + timedelta(days=400)).isoformat()
-    single = api_client.post(
-        "/v1/decisions",
-        json={"customer": customer(last_complaint_at=ahead)},
-        headers=auth["decide"],
-    )
+    single, objects = _alone_and_second_in_a_batch(api_client, auth, last_complaint_at=ahead)
     assert single.status_code == 422
     assert "last_complaint_at" in single.text and "in the future" in single.text
-    objects = api_client.post(
-        "/v1/decisions/batch",
-        json={
-            "customers": [
-                customer(customer_id="p"),
-                customer(customer_id="f", last_complaint_at=ahead),
-            ]
-        },
-        headers=auth["decide"],
-    )
     assert objects.status_code == 422 and "row 1" in objects.text
     columns = {**TWO_CUSTOMERS, "last_complaint_at": [None, ahead]}
     columnar = api_client.post(
