@@ -96,13 +96,11 @@ class ModelStore:
         self.last_error: str | None = None
         self._reload_lock = threading.Lock()
         self._file_stamp: ModelStamp | None = None
-        self._failed_version: str | None = None
-        """The registry version whose files last failed to load (:class:`ModelSpecError`):
-        while another model serves, the watcher does not fetch it again until the alias
-        moves (a reload by hand still tries)."""
-        self._failed_stamp: ModelStamp | None = None
-        """The same for a local file: the stamp of the file that last failed to load; the
-        watcher reads it again only once the file changes."""
+        self._failed: str | ModelStamp | None = None
+        """What last failed to load for a fault of its own files (:class:`ModelSpecError`):
+        the registry version, or the local file's stamp. While another model serves, the
+        watcher does not fetch it again until the alias moves or the file changes (a reload
+        by hand still tries)."""
         self.reload()
 
     def reload(self) -> bool:
@@ -132,16 +130,14 @@ class ModelStore:
                 # only a fault of the version's own files is not fetched again; anything
                 # else (the registry, the disk, memory) may pass, and is retried
                 if isinstance(exc, ModelSpecError) and resolved is not None:
-                    if registry:
-                        self._failed_version = resolved.version
-                    else:
-                        self._failed_stamp = (stamp_of(resolved.stat), spec_before)
+                    self._failed = (
+                        resolved.version if registry else (stamp_of(resolved.stat), spec_before)
+                    )
                 return False
             self.current = model  # one reference assignment: the atomic swap
             self._file_stamp = None if registry else (stamp_of(resolved.stat), spec_before)
             self.last_error = None
-            self._failed_version = None
-            self._failed_stamp = None
+            self._failed = None
             log.info("serving model %s (features %s)", model.version, model.spec_version)
             return True
 
@@ -199,7 +195,7 @@ class ModelStore:
         :class:`ModelSourceError` while the registry is unreachable."""
         if is_registry_uri(self.uri):
             version = registry_version(self.uri, self.tracking_uri)
-            if version == self._failed_version and self.current is not None:
+            if version == self._failed and self.current is not None:
                 return False  # its files are broken: wait for the alias to move
             return self.current is None or version != self.current.version
         path = Path(self.uri)
@@ -207,7 +203,7 @@ class ModelStore:
         if model is None:
             return False
         stamp = (model, file_stamp(spec_path(path)))
-        if stamp == self._failed_stamp and self.current is not None:
+        if stamp == self._failed and self.current is not None:
             return False  # the same broken file: wait for it to change
         return stamp != self._file_stamp
 
