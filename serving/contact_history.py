@@ -55,7 +55,7 @@ import numpy as np
 from nextbest.catalog import ActionCatalog
 from nextbest.context import ContactHistory, ContextBatch
 from nextbest.timestamps import US_PER_HOUR, elapsed_float32, epoch_us, from_epoch_us
-from serving.customer_restrictions import CustomerRestrictions, Restriction
+from serving.customer_restrictions import Consent, CustomerRestrictions, Restriction
 
 ContactKind = Literal["recommended", "delivered"]
 CONTACT_KINDS: tuple[ContactKind, ...] = ("recommended", "delivered")
@@ -249,6 +249,12 @@ class ContactStore(Protocol):
         """Store restrictions (an opt-out, a complaint, a consent: idempotent, one per
         customer, kind and channel keeping its latest time); the future resolves once every
         worker's next lookup sees them."""
+        ...
+
+    def consent(self, consent: Consent) -> Future[int]:
+        """Store a customer's renewed consent: its restrictions (as :meth:`restrict`) and a
+        row a channel in an append-only consent log, in one write; the future resolves once
+        every worker's next lookup sees it."""
         ...
 
     def restrictions(self, customer_keys: Sequence[str]) -> CustomerRestrictions:

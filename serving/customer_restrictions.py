@@ -15,8 +15,13 @@ A customer who consents again to a channel is reported with ``POST /v1/consents`
 opt-out the service stored binds a channel while it is at least as late as the latest
 consent to that channel (or to every channel); the consent lifts an earlier opt-out and
 nothing else (never the request's own ``opt_outs``, never a complaint, never a later
-opt-out). Every kind keeps its latest time, so nothing is deleted and the history of who
-asked for what stays in the store.
+opt-out). Reports arrive late and clocks differ, so each side is dated the way that keeps
+the block: an opt-out at the later of when it happened and when the service heard of it,
+a consent at the earlier of when it was given and when the service heard of it
+(:attr:`Consent.counted_from_us`). An opt-out either dated or reported after a consent
+therefore binds, and only a consent both given and reported after an opt-out lifts it.
+The restrictions table keeps each kind's latest time (the state); every consent is also
+appended, with who reported it, to the store's consent log (the audit trail).
 """
 
 from __future__ import annotations
@@ -48,6 +53,33 @@ class Restriction:
     kind: RestrictionKind
     channel: str | None
     at_us: int
+
+
+@dataclass(frozen=True)
+class Consent:
+    """A customer's renewed consent, as the service stores it: the pseudonymised customer,
+    the channel names (None: every channel), when it was given and when the service received
+    it (microseconds since the epoch, UTC), and who reported it (an API key id)."""
+
+    customer_key: str
+    channels: tuple[str, ...] | None
+    given_us: int
+    received_us: int
+    reported_by: str
+
+    @property
+    def counted_from_us(self) -> int:
+        """When the consent counts from: the earlier of given and received (a consent dated
+        ahead of the service's clock never overtakes an opt-out it has not heard of yet)."""
+        return min(self.given_us, self.received_us)
+
+    def restrictions(self) -> list[Restriction]:
+        """The consent as restrictions of kind ``consent``, one per channel, at
+        :attr:`counted_from_us`."""
+        return [
+            Restriction(self.customer_key, "consent", channel, self.counted_from_us)
+            for channel in (self.channels or (None,))
+        ]
 
 
 @dataclass(frozen=True)
@@ -168,6 +200,7 @@ def apply_restrictions(
 __all__ = [
     "EVERY_CHANNEL",
     "RESTRICTION_KINDS",
+    "Consent",
     "CustomerRestrictions",
     "OptOutsInForce",
     "Restriction",

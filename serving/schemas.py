@@ -557,21 +557,24 @@ class ConsentRequest(BaseModel):
     """The bank's customer identifier (pseudonymised before it is stored)."""
     channels: list[str] | None = Field(default=None, min_length=1, max_length=64)
     """The channels consented to; default: every channel."""
-    given_at: datetime | None = None
-    """When the customer consented (with a time zone); default: when it is received. Only
-    opt-outs stored before it are lifted."""
+    given_at: datetime
+    """When the customer gave the consent (with a time zone; at most a few minutes ahead of
+    the service's clock), as the bank records it. The consent counts from the earlier of this
+    and its receipt: an opt-out dated or reported at or after that keeps binding."""
 
     @field_validator("given_at")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        return None if value is None else _reported_time(value)
+    def _aware(cls, value: datetime) -> datetime:
+        return _reported_time(value)
 
 
 class ConsentResponse(BaseModel):
     """The consent recorded, and the customer's stored opt-outs after it."""
 
     given_at: datetime
-    """When the consent was given (as stored)."""
+    """When the consent was given (as reported)."""
+    counted_from: datetime
+    """When it counts from: the earlier of ``given_at`` and its receipt."""
     lifted: list[str]
     """Channels a stored opt-out blocked before this consent and no longer does."""
     still_opted_out: list[str]

@@ -50,7 +50,7 @@ from nextbest.rewards import (
     UnknownDecisionError,
 )
 from nextbest.send_schedule import SendSchedule
-from nextbest.timestamps import epoch_us
+from nextbest.timestamps import epoch_us, from_epoch_us
 from serving import metrics
 from serving.campaigns import Campaigns, load_campaigns
 from serving.contact_history import (
@@ -60,7 +60,12 @@ from serving.contact_history import (
     ContactStore,
     merge_into_batch,
 )
-from serving.customer_restrictions import Restriction, apply_restrictions, opt_outs_in_force
+from serving.customer_restrictions import (
+    Consent,
+    Restriction,
+    apply_restrictions,
+    opt_outs_in_force,
+)
 from serving.decision_engine import DecisionEngine, Decisions, pick
 from serving.model_store import LoadedModel, ModelStore
 from serving.pseudonym_binding import PseudonymKeyError, bind_pseudonym_key
@@ -1021,12 +1026,15 @@ class ScoringService:
             raise HTTPException(404, str(exc)) from None
         except (RewardConflictError, RewardTimeError) as exc:
             # the report's own opt-out or complaint, at receipt (its date is in question)
-            restrictions = self._restrictions_of(exc.decision, outcome, datetime.now(UTC))
+            now = datetime.now(UTC)
+            restrictions = self._restrictions_of(exc.decision, outcome, now, now)
             if restrictions:
                 await asyncio.wrap_future(self.contacts.restrict(restrictions))
             status = 409 if isinstance(exc, RewardConflictError) else 400
             raise HTTPException(status, str(exc)) from None
-        restrictions = self._restrictions_of(result.decision, result.outcome, result.happened_at)
+        restrictions = self._restrictions_of(
+            result.decision, result.outcome, result.happened_at, result.received_at
+        )
         if restrictions:  # again for a duplicate: a retry after a crash in between stores them
             await asyncio.wrap_future(self.contacts.restrict(restrictions))
         return RewardResponse(
@@ -1038,24 +1046,30 @@ class ScoringService:
         )
 
     def _restrictions_of(
-        self, decision: DecidedFor | None, outcome: RewardOutcome, at: datetime
+        self,
+        decision: DecidedFor | None,
+        outcome: RewardOutcome,
+        at: datetime,
+        received: datetime,
     ) -> list[Restriction]:
-        """What an outcome asks of later decisions for the decision's customer: an opt-out
-        of the channel that contacted them, a complaint (every channel) from ``at``. The
-        channel is read only from the catalogue the decision was made with: for a decision
-        of another catalogue version (its action ids may have moved), or without a channel,
-        the opt-out is of every channel."""
+        """What an outcome (that happened ``at``, first ``received``) asks of later decisions
+        for the decision's customer: an opt-out of the channel that contacted them, dated
+        the later of the two (a consent must come after both to lift it), and a complaint
+        (every channel) from ``at``. The channel is read only from the catalogue the
+        decision was made with: for a decision of another catalogue version (its action ids
+        may have moved), or without a channel, the opt-out is of every channel."""
         if decision is None:
             return []
-        at_us = epoch_us(at)
         out = []
         if outcome.opted_out:
             same = decision.catalog_version == self.catalog.version
             index = int(self.catalog.channel_index[decision.action]) if same else -1
             channel = self.catalog.channel_names[index] if index >= 0 else None
-            out.append(Restriction(decision.customer_key, "opt_out", channel, at_us))
+            out.append(
+                Restriction(decision.customer_key, "opt_out", channel, epoch_us(max(at, received)))
+            )
         if outcome.complaint:
-            out.append(Restriction(decision.customer_key, "complaint", None, at_us))
+            out.append(Restriction(decision.customer_key, "complaint", None, epoch_us(at)))
         return out
 
     async def record_delivery(self, request: DeliveryRequest) -> DeliveryResponse:
@@ -1084,27 +1098,32 @@ class ScoringService:
             ) from None
         return DeliveryResponse(contact_id=contact_id, recorded=bool(written))
 
-    async def record_consent(self, request: ConsentRequest) -> ConsentResponse:
-        """Record that a customer consented again (to the named channels, or to every one):
-        the opt-outs the service stored for them before ``given_at`` stop binding, on every
-        worker, from the next decision on; 400 for an unknown channel. The answer says which
-        channels the consent freed and which the stored opt-outs still block."""
+    async def record_consent(self, request: ConsentRequest, reported_by: str) -> ConsentResponse:
+        """Record that a customer consented again (to the named channels, or to every one),
+        reported by API key ``reported_by``: the opt-outs the service stored for them stop
+        binding, on every worker from the next decision on, where both dated and reported
+        before the consent counts (:class:`~serving.customer_restrictions.Consent`); 400
+        for an unknown channel. The answer says which channels the consent freed and which
+        the stored opt-outs still block."""
         unknown = sorted(set(request.channels or ()) - set(self._channel_of))
         if unknown:
             raise HTTPException(400, f"unknown channel {unknown[0]!r}")
-        given_at = request.given_at or datetime.now(UTC)
         key = pseudonymise(request.customer_id, self._key)
+        consent = Consent(
+            key,
+            None if request.channels is None else tuple(request.channels),
+            epoch_us(request.given_at),
+            epoch_us(datetime.now(UTC)),
+            reported_by,
+        )
         before = self._stored_opt_outs(key)
-        consents = [
-            Restriction(key, "consent", channel, epoch_us(given_at))
-            for channel in (request.channels or [None])
-        ]
-        await asyncio.wrap_future(self.contacts.restrict(consents))
+        await asyncio.wrap_future(self.contacts.consent(consent))
         metrics.CONSENTS.inc()
         after = self._stored_opt_outs(key)
         names = self.catalog.channel_names
         return ConsentResponse(
-            given_at=given_at,
+            given_at=request.given_at,
+            counted_from=from_epoch_us(consent.counted_from_us),
             lifted=[c for c, b, a in zip(names, before, after, strict=True) if b and not a],
             still_opted_out=[c for c, a in zip(names, after, strict=True) if a],
         )

@@ -42,6 +42,7 @@ from serving.contact_history import (
 from serving.customer_restrictions import (
     EVERY_CHANNEL,
     RESTRICTION_KINDS,
+    Consent,
     CustomerRestrictions,
     Restriction,
 )
@@ -66,6 +67,13 @@ CONTACTS_DDL = (
         at_us INTEGER NOT NULL,
         PRIMARY KEY (customer, kind, channel)
     ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS consent_log (
+        customer INTEGER NOT NULL,
+        channel INTEGER NOT NULL,
+        given_us INTEGER NOT NULL,
+        received_us INTEGER NOT NULL,
+        reported_by TEXT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS contact_events (
         contact_id TEXT PRIMARY KEY,
         customer INTEGER NOT NULL,
@@ -78,7 +86,9 @@ CONTACTS_DDL = (
 )
 """The store's tables (idempotent DDL): ``restrictions`` one row per customer, kind
 (:data:`~serving.customer_restrictions.RESTRICTION_KINDS` index) and channel code (-1: every
-channel) with its latest time, never pruned; ``contact_events`` one row per contact,
+channel) with its latest time, never pruned; ``consent_log`` every consent reported, append
+only (channel -1: every channel; ``reported_by`` the API key id); ``contact_events`` one row
+per contact,
 ``customer`` the :func:`store_key` of the pseudonymised customer key (by the file's
 :data:`KeyScheme`, in ``store_meta`` under ``customer_keys``), ``channel`` a code of
 ``channel_codes`` (codes never change, so a file outlives catalogue versions), ``kind`` 0
@@ -234,6 +244,12 @@ def _lookup_sql(n_codes: int) -> str:
     )
 
 
+_UPSERT_RESTRICTION = (
+    "INSERT INTO restrictions VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (customer, kind, channel) DO UPDATE SET at_us = excluded.at_us "
+    "WHERE excluded.at_us > restrictions.at_us"
+)
+"""One restriction (customer, kind, channel code, time): inserted, or its time moved later."""
 _RESTRICTIONS_OF = (
     "SELECT k.key, r.kind, r.channel, r.at_us FROM json_each(?1) AS k "
     "JOIN restrictions AS r ON r.customer = k.value"
@@ -743,9 +759,7 @@ class SqliteContactStore:
             (
                 int(store_key(r.customer_key, self.key_scheme)),
                 RESTRICTION_KINDS.index(r.kind),
-                EVERY_CHANNEL
-                if r.channel is None
-                else int(self._code_of_index[self._index_of[r.channel]]),
+                self._channel_code(r.channel),
                 int(r.at_us),
             )
             for r in restrictions
@@ -753,15 +767,38 @@ class SqliteContactStore:
 
         def upsert(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
-            conn.executemany(
-                "INSERT INTO restrictions VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (customer, kind, channel) DO UPDATE SET at_us = excluded.at_us "
-                "WHERE excluded.at_us > restrictions.at_us",
-                params,
-            )
+            conn.executemany(_UPSERT_RESTRICTION, params)
             return conn.total_changes - before
 
         return self._writer.submit(upsert, rows=len(params))
+
+    def consent(self, consent: Consent) -> Future[int]:
+        """Store ``consent``: its restrictions (:meth:`Consent.restrictions`, as
+        :meth:`restrict`) and one row a channel in the consent log, in one transaction. The
+        future gives the restriction rows inserted or changed, once committed."""
+        customer = int(store_key(consent.customer_key, self.key_scheme))
+        kind = RESTRICTION_KINDS.index("consent")
+        codes = [self._channel_code(c) for c in consent.channels or (None,)]
+        states = [(customer, kind, code, consent.counted_from_us) for code in codes]
+        log = [
+            (customer, code, consent.given_us, consent.received_us, consent.reported_by)
+            for code in codes
+        ]
+
+        def write(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(_UPSERT_RESTRICTION, states)
+            changed = conn.total_changes - before
+            conn.executemany("INSERT INTO consent_log VALUES (?, ?, ?, ?, ?)", log)
+            return changed
+
+        return self._writer.submit(write, rows=len(codes))
+
+    def _channel_code(self, channel: str | None) -> int:
+        """The stored code of channel name ``channel`` (None: :data:`EVERY_CHANNEL`)."""
+        if channel is None:
+            return EVERY_CHANNEL
+        return int(self._code_of_index[self._index_of[channel]])
 
     def restrictions(self, customer_keys: Sequence[str]) -> CustomerRestrictions:
         """The stored restrictions of ``customer_keys`` ``(n,)`` (committed by any process),

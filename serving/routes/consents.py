@@ -18,12 +18,14 @@ router = APIRouter(prefix="/v1/consents", tags=["contacts"])
     summary="Report a customer's renewed consent",
 )
 async def record_consent(
-    request: Request, service: ServiceDep, _key: ConsentKey
+    request: Request, service: ServiceDep, principal: ConsentKey
 ) -> ConsentResponse:
     """Opt-outs the service stored from reported outcomes (``POST /v1/rewards``) stop
-    binding the consented channels (default: every channel) once they are older than
-    ``given_at``; a later opt-out binds again. The request's own ``opt_outs`` and
+    binding the consented channels (default: every channel) where they were both dated and
+    reported before the consent (which counts from the earlier of ``given_at`` and its
+    receipt); a later opt-out binds again. The request's own ``opt_outs`` and
     ``consented_channels`` stay the platform's to keep: this lifts only what the service
-    stored. Every consent is kept beside the opt-outs, for the audit trail."""
+    stored. Every consent is logged with the API key that reported it, for the audit
+    trail."""
     body = parse_body(ConsentRequest, await request.body())
-    return await service.record_consent(body)
+    return await service.record_consent(body, principal.key_id)

@@ -164,7 +164,9 @@ def test_post_decision_logs_only_pseudonymised_keys(
     )
     assert delivered.status_code == 200, delivered.text  # stored: its key is checked below
     consented = api_client.post(
-        "/v1/consents", json={"customer_id": raw, "channels": ["sms"]}, headers=auth["consent"]
+        "/v1/consents",
+        json={"customer_id": raw, "channels": ["sms"], "given_at": datetime.now(UTC).isoformat()},
+        headers=auth["consent"],
     )
     assert consented.status_code == 200, consented.text  # stored as well
     api_client.post(

@@ -325,32 +325,31 @@ def _opted_out_rules(answer: dict, channel: str) -> set[str]:
     return {b["rule"] for b in answer["blocked"] if b["action"].startswith(f"{channel}:")}
 
 
-def test_a_consent_lifts_the_stored_opt_out_on_every_worker_and_is_kept(
+def _now(minutes: float = 0.0) -> str:
+    return (datetime.now(UTC) + timedelta(minutes=minutes)).isoformat()
+
+
+def test_a_consent_lifts_the_stored_opt_out_on_every_worker_and_is_logged(
     api_settings: Settings, auth: dict[str, dict[str, str]]
 ) -> None:
     """A customer who opted out (reported with an outcome) and consents again is offered
-    the channel again, on any worker; a consent dated before the opt-out lifts nothing."""
+    the channel again, on any worker; a consent given before the opt-out lifts nothing."""
     settings = api_settings.model_copy(update={"count_recommended": False})
     with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as other:
         first = _explained(one, auth["decide"], "returning")
         channel = first["chosen"]["channel"]
         assert channel is not None
-        reported = datetime.now(UTC)
-        reward = {
-            "decision_id": first["decision_id"],
-            "opted_out": True,
-            "occurred_at": reported.isoformat(),
-        }
+        reward = {"decision_id": first["decision_id"], "opted_out": True, "occurred_at": _now()}
         assert one.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
         assert "channel_opt_out" in _opted_out_rules(
             _explained(other, auth["decide"], "returning"), channel
         )
 
-        consent = {"customer_id": "returning", "channels": [channel]}
+        consent = {"customer_id": "returning", "channels": [channel], "given_at": _now()}
         # lifting a compliance block takes its own scope: the platform's reward key cannot
         assert one.post("/v1/consents", json=consent, headers=auth["reward"]).status_code == 403
         assert one.post("/v1/consents", json=consent).status_code == 401
-        early = {**consent, "given_at": (reported - timedelta(hours=1)).isoformat()}
+        early = {**consent, "given_at": _now(-60)}
         stale = one.post("/v1/consents", json=early, headers=auth["consent"])
         assert stale.status_code == 200, stale.text
         assert stale.json()["lifted"] == [] and stale.json()["still_opted_out"] == [channel]
@@ -360,6 +359,9 @@ def test_a_consent_lifts_the_stored_opt_out_on_every_worker_and_is_kept(
 
         given = one.post("/v1/consents", json=consent, headers=auth["consent"])
         assert given.status_code == 200, given.text
+        key_id = one.app.state.service.api_keys.authenticate(
+            auth["consent"]["X-API-Key"], "consent"
+        ).key_id
         assert given.json()["lifted"] == [channel] and given.json()["still_opted_out"] == []
         after = _explained(other, auth["decide"], "returning")
         assert "channel_opt_out" not in _opted_out_rules(after, channel)
@@ -373,7 +375,74 @@ def test_a_consent_lifts_the_stored_opt_out_on_every_worker_and_is_kept(
         assert own.status_code == 200 and all(r["channel"] != channel for r in own.json()["ranked"])
     with sqlite3.connect(api_settings.state_dir / "contacts.db") as conn:
         kinds = sorted(k for (k,) in conn.execute("SELECT kind FROM restrictions"))
-    assert kinds == [0, 2]  # the opt-out and the consent stay, for the audit trail
+        logged = conn.execute(
+            "SELECT given_us, received_us, reported_by FROM consent_log"
+        ).fetchall()
+    assert kinds == [0, 2]  # the state: the opt-out and the latest consent
+    # the audit trail: both consents, each with when it was given, received, and by which key
+    assert [r[2] for r in logged] == [key_id, key_id]
+    assert logged[0][0] < logged[1][0] and all(r[0] <= r[1] + 1_000_000 for r in logged)
+
+
+@pytest.mark.parametrize(
+    ("consent_minutes", "opt_out_minutes", "first"),
+    [
+        (4.0, 0.1, "consent"),  # a consent dated ahead of the service's clock, then an opt-out
+        (2.0, 3.0, "opt_out"),  # a consent given before the opt-out, reported after it
+        (0.0, 0.0, "consent"),  # an opt-out just before the consent, reported after it
+    ],
+    ids=["consent-dated-ahead", "consent-given-before", "opt-out-reported-after"],
+)
+def test_an_opt_out_dated_or_reported_after_the_consent_keeps_binding(
+    api_settings: Settings,
+    auth: dict[str, dict[str, str]],
+    consent_minutes: float,
+    opt_out_minutes: float,
+    first: str,
+) -> None:
+    """A consent lifts only an opt-out both dated and reported before it: clocks differ and
+    reports arrive late, and a customer's STOP must never be lost to either. (Times are
+    minutes after the decision, which an outcome cannot precede; the service accepts
+    reports up to five minutes ahead of its clock.)"""
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        decided = _explained(client, auth["decide"], "ordering")
+        channel = decided["chosen"]["channel"]
+        assert channel is not None
+        reports = {  # built in this order: at equal offsets the opt-out is the earlier
+            "opt_out": (
+                "/v1/rewards",
+                {
+                    "decision_id": decided["decision_id"],
+                    "opted_out": True,
+                    "occurred_at": _now(opt_out_minutes),
+                },
+                "reward",
+            ),
+            "consent": (
+                "/v1/consents",
+                {
+                    "customer_id": "ordering",
+                    "channels": [channel],
+                    "given_at": _now(consent_minutes),
+                },
+                "consent",
+            ),
+        }
+        for name in (first, ({"opt_out", "consent"} - {first}).pop()):
+            path, body, scope = reports[name]
+            answer = client.post(path, json=body, headers=auth[scope])
+            assert answer.status_code == 200, answer.text
+        single = _explained(client, auth["decide"], "ordering")
+        assert "channel_opt_out" in _opted_out_rules(single, channel)
+        batch = client.post(
+            "/v1/decisions/batch",
+            json={"customers": [customer(customer_id="ordering")], "k": 50},
+            headers=auth["decide"],
+        )
+        assert batch.status_code == 200, batch.text
+        ranked = batch.json()["decisions"][0]["ranked"]
+        assert ranked and not any(a.startswith(f"{channel}:") for a in ranked), ranked
 
 
 def test_a_consent_to_one_channel_after_an_opt_out_of_every_channel_frees_that_one(
@@ -386,7 +455,7 @@ def test_a_consent_to_one_channel_after_an_opt_out_of_every_channel_frees_that_o
             conn.execute("UPDATE versions SET catalog_version = 'older'")  # every channel
         reward = {"decision_id": first["decision_id"], "opted_out": True}
         assert client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 200
-        consent = {"customer_id": "all-out", "channels": ["app_push"]}
+        consent = {"customer_id": "all-out", "channels": ["app_push"], "given_at": _now()}
         given = client.post("/v1/consents", json=consent, headers=auth["consent"])
         assert given.status_code == 200, given.text
         channels = list(client.app.state.service.catalog.channel_names)
@@ -398,22 +467,28 @@ def test_a_consent_to_one_channel_after_an_opt_out_of_every_channel_frees_that_o
         assert "channel_opt_out" not in _opted_out_rules(after, "app_push")
         assert {r["channel"] for r in after["ranked"]} <= {"app_push", None}
         everything = client.post(
-            "/v1/consents", json={"customer_id": "all-out"}, headers=auth["consent"]
+            "/v1/consents",
+            json={"customer_id": "all-out", "given_at": _now()},
+            headers=auth["consent"],
         )
         assert everything.status_code == 200, everything.text
         assert everything.json()["still_opted_out"] == []
         assert set(everything.json()["lifted"]) == set(channels) - {"app_push"}
 
 
+GIVEN = "2026-01-08T10:30:00+08:00"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
-        ({"customer_id": "c-1", "channels": ["fax"]}, 400, None),
-        ({"customer_id": "c-1", "channels": []}, 422, "channels"),
-        ({"customer_id": ""}, 422, "customer_id"),
+        ({"customer_id": "c-1", "channels": ["fax"], "given_at": GIVEN}, 400, None),
+        ({"customer_id": "c-1", "channels": [], "given_at": GIVEN}, 422, "channels"),
+        ({"customer_id": "", "given_at": GIVEN}, 422, "customer_id"),
+        ({"customer_id": "c-1"}, 422, "given_at"),
         ({"customer_id": "c-1", "given_at": "2026-01-08T10:30:00"}, 422, "given_at"),
         ({"customer_id": "c-1", "given_at": "2999-01-01T00:00:00+00:00"}, 422, "given_at"),
-        ({"customer_id": "c-1", "scope": "all"}, 422, "scope"),
+        ({"customer_id": "c-1", "given_at": GIVEN, "scope": "all"}, 422, "scope"),
     ],
 )
 def test_post_consent_bad_input_is_refused_and_names_the_field(

@@ -326,6 +326,24 @@ def test_the_replay_gives_the_logged_actions_expected_reward(recipe_log, catalog
     rows = np.ones(log.n_rounds, bool)
     dist = log.logging_dist
     assert dist is not None and log.pscore is not None
+
+    def logged(r: np.ndarray, context: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The policy that takes the logged action: its value is the logged action's."""
+        return np.eye(catalog.n_actions)[log.action[r]]
+
+    # a sample of the rows: the table's rows must be the selected log rows, in order
+    some = np.random.default_rng(3).random(log.n_rounds) < 0.3
+    sampled = replay_truth(
+        read_recipe(recipe_log),
+        catalog,
+        engine,
+        some,
+        {"logged": logged},
+        log.context,
+        logged_action=log.action,
+    )
+    assert sampled.logged_q is not None and len(sampled.logged_q) == some.sum()
+    np.testing.assert_array_equal(sampled.value[:, 0], sampled.logged_q)
     truth = replay_truth(
         read_recipe(recipe_log),
         catalog,
