@@ -755,15 +755,7 @@ class SqliteContactStore:
         """Store ``restrictions``: one row per customer, kind and channel, keeping its latest
         time (an earlier one changes nothing). The future gives the rows inserted or
         changed, once committed."""
-        params = [
-            (
-                int(store_key(r.customer_key, self.key_scheme)),
-                RESTRICTION_KINDS.index(r.kind),
-                self._channel_code(r.channel),
-                int(r.at_us),
-            )
-            for r in restrictions
-        ]
+        params = self._restriction_rows(restrictions)
 
         def upsert(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
@@ -776,13 +768,10 @@ class SqliteContactStore:
         """Store ``consent``: its restrictions (:meth:`Consent.restrictions`, as
         :meth:`restrict`) and one row a channel in the consent log, in one transaction. The
         future gives the restriction rows inserted or changed, once committed."""
-        customer = int(store_key(consent.customer_key, self.key_scheme))
-        kind = RESTRICTION_KINDS.index("consent")
-        codes = [self._channel_code(c) for c in consent.channels or (None,)]
-        states = [(customer, kind, code, consent.counted_from_us) for code in codes]
+        states = self._restriction_rows(consent.restrictions())
         log = [
             (customer, code, consent.given_us, consent.received_us, consent.reported_by)
-            for code in codes
+            for customer, _, code, _ in states
         ]
 
         def write(conn: sqlite3.Connection) -> int:
@@ -792,13 +781,24 @@ class SqliteContactStore:
             conn.executemany("INSERT INTO consent_log VALUES (?, ?, ?, ?, ?)", log)
             return changed
 
-        return self._writer.submit(write, rows=len(codes))
+        return self._writer.submit(write, rows=len(states))
 
-    def _channel_code(self, channel: str | None) -> int:
-        """The stored code of channel name ``channel`` (None: :data:`EVERY_CHANNEL`)."""
-        if channel is None:
-            return EVERY_CHANNEL
-        return int(self._code_of_index[self._index_of[channel]])
+    def _restriction_rows(
+        self, restrictions: Sequence[Restriction]
+    ) -> list[tuple[int, int, int, int]]:
+        """``restrictions`` as rows of the restrictions table: store key, kind index,
+        channel code (:data:`EVERY_CHANNEL` for every channel), time."""
+        return [
+            (
+                int(store_key(r.customer_key, self.key_scheme)),
+                RESTRICTION_KINDS.index(r.kind),
+                EVERY_CHANNEL
+                if r.channel is None
+                else int(self._code_of_index[self._index_of[r.channel]]),
+                int(r.at_us),
+            )
+            for r in restrictions
+        ]
 
     def restrictions(self, customer_keys: Sequence[str]) -> CustomerRestrictions:
         """The stored restrictions of ``customer_keys`` ``(n,)`` (committed by any process),
