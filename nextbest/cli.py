@@ -859,6 +859,15 @@ def train(
                 f"{float(row.get('contact_rate', float('nan'))):.1%}",
             )
         _print_table(truth)
+        model = next((r for r in result.truth if r["policy"] == "model"), {})
+        if "dr_exact_value" in model:
+            interval = f"[{_number(model['dr_exact_lower'])}, {_number(model['dr_exact_upper'])}]"
+            console.print(
+                f"DR with an exact reward model: {_number(model['dr_exact_value'])} "
+                f"{escape(interval)} for a true {_number(model['value'])} (how close any DR "
+                "can come on this log)",
+                highlight=False,
+            )
     thin = [row for row in result.evidence or [] if row["thin"]]
     if thin:
         listed = "; ".join(

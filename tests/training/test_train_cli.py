@@ -265,6 +265,7 @@ def test_train_simulated_log_logs_ground_truth(recipe_log, tmp_path: Path, catal
     result = runner.invoke(app, ["train", "--config", str(write_config(tmp_path, recipe_log))])
     assert result.exit_code == 0, result.output
     assert "Ground truth" in result.output
+    assert "DR with an exact reward model" in " ".join(result.output.split())
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = MlflowClient()
     run = client.get_run(client.get_model_version_by_alias("nextbest", "challenger").run_id)
