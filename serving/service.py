@@ -1111,7 +1111,7 @@ class ScoringService:
         key = pseudonymise(request.customer_id, self._key)
         consent = Consent(
             key,
-            None if request.channels is None else tuple(request.channels),
+            None if request.channels is None else tuple(dict.fromkeys(request.channels)),
             epoch_us(request.given_at),
             epoch_us(datetime.now(UTC)),
             reported_by,
