@@ -64,6 +64,36 @@ CatalogOption = Annotated[
     Path, typer.Option("--catalog", help="Directory with channels.yaml, offers.yaml, timing.yaml.")
 ]
 RulesOption = Annotated[Path, typer.Option("--rules", help="Compliance rule-set YAML file.")]
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Only the decisions made at or after this time: ISO 8601 with a time zone "
+        "(2026-11-20T00:00:00+08:00). A live journal spans several model and rule-set "
+        "versions, which one run cannot mix."
+    ),
+]
+UntilOption = Annotated[
+    str | None,
+    typer.Option(help="Only the decisions made before this time (ISO 8601, with a time zone)."),
+]
+
+
+def _moment_option(name: str, value: str | None) -> datetime | None:
+    """Option ``name``'s ``value`` as a time with a time zone (None when not given); exit 2
+    with the reason otherwise."""
+    if value is None:
+        return None
+    from pydantic import AwareDatetime, TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(AwareDatetime).validate_python(value)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        console.print(
+            f"[bold red]bad {name}[/] {escape(repr(value))}: {escape(reason)} (ISO 8601 with "
+            "a time zone, such as 2026-11-20T00:00:00+08:00)"
+        )
+        raise typer.Exit(code=2) from None
 
 
 def _load(catalog_dir: Path, rules_path: Path) -> tuple[ActionCatalog, RuleSet]:
@@ -630,6 +660,8 @@ def evaluate(
             "journal has some); without it they are refused."
         ),
     ] = False,
+    since: SinceOption = None,
+    until: UntilOption = None,
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
 ) -> None:
     """Off-policy evaluation of target policies on a decision log (IPS and SNIPS with
@@ -670,7 +702,13 @@ def evaluate(
         raise typer.Exit(code=2)
     left_out: dict[str, str] = {}
     try:
-        log = load_logged_bandit(logs, cat.n_actions, drop_pending=drop_pending)
+        log = load_logged_bandit(
+            logs,
+            cat.n_actions,
+            drop_pending=drop_pending,
+            since=_moment_option("--since", since),
+            until=_moment_option("--until", until),
+        )
         if log.catalog_version != cat.version:
             raise DecisionLogError(
                 str(logs),
@@ -787,6 +825,8 @@ def train(
             "journal has (sets data.drop_pending); without it they are refused."
         ),
     ] = False,
+    since: SinceOption = None,
+    until: UntilOption = None,
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
     rules_path: RulesOption = DEFAULT_RULES_PATH,
 ) -> None:
@@ -815,6 +855,9 @@ def train(
         raw["export"]["dir"] = export_dir
     if drop_pending:
         raw["data"]["drop_pending"] = True
+    for key, value in (("since", since), ("until", until)):
+        if value is not None:
+            raw["data"][key] = _moment_option(f"--{key}", value)
     if epochs is not None:
         section, key = (
             ("vw_bandit", "passes") if cfg.learner == "vw_bandit" else ("neural_bandit", "epochs")

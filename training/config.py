@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nextbest.config_loading import MAX_BOOTSTRAP, MAX_SEED, StrictModel, error_message, load_model
 
@@ -28,6 +34,20 @@ class DataSpec(TrainingSection):
     drop_pending: bool = False
     """Leave out decisions whose outcome has not arrived (a live service journal) instead of
     refusing the log."""
+    since: AwareDatetime | None = None
+    """Learn only from decisions made at or after this time (with a time zone): a live
+    journal spans several model, rule-set or catalogue versions, and grows."""
+    until: AwareDatetime | None = None
+    """... and before this time."""
+
+    @model_validator(mode="after")
+    def _window(self) -> DataSpec:
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError(
+                f"since ({self.since.isoformat()}) must come before until "
+                f"({self.until.isoformat()})"
+            )
+        return self
 
 
 class NeuralBanditSpec(TrainingSection):

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -185,8 +186,69 @@ def _parse_list_column(column: pa.ChunkedArray, name: str, dtype: type, source: 
         ) from None
 
 
+def _within(
+    table: pa.Table, source: str, since: datetime | None, until: datetime | None
+) -> pa.Table:
+    """The decisions of ``table`` made in ``[since, until)``; refused when none is.
+
+    Raises
+    ------
+    DecisionLogError
+        No decision in the window (naming the log's own first and last).
+    """
+    for name, bound in (("since", since), ("until", until)):
+        if bound is not None and bound.tzinfo is None:
+            raise ValueError(f"{name} {bound.isoformat()} needs a time zone")
+    stamps = table.column("timestamp")
+    inside = [
+        compare(stamps, pa.scalar(bound, stamps.type))
+        for compare, bound in ((pc.greater_equal, since), (pc.less, until))
+        if bound is not None
+    ]
+    kept = table.filter(inside[0] if len(inside) == 1 else pc.and_(*inside))
+    if kept.num_rows == 0:
+        first, last = pc.min_max(stamps).values()
+        raise DecisionLogError(
+            source,
+            "timestamp",
+            f"no decision between {_moment(since)} and {_moment(until)}: the log runs from "
+            f"{_moment(first.as_py())} to {_moment(last.as_py())}",
+        )
+    log.info("%s: %d of %d decisions in the time window", source, kept.num_rows, table.num_rows)
+    return kept
+
+
+def _moment(moment: datetime | None) -> str:
+    return "the start" if moment is None else moment.isoformat(timespec="seconds")
+
+
+def _mixed_versions(table: pa.Table, name: str) -> str:
+    """Why a log mixing several values of version column ``name`` is refused: each with its
+    decisions and time span, and how to keep the latest."""
+    spans = table.group_by(name).aggregate(
+        [("timestamp", "min"), ("timestamp", "max"), ("timestamp", "count")]
+    )
+    rows = sorted(spans.to_pylist(), key=lambda r: r["timestamp_min"])
+    listed = "; ".join(
+        f"{r[name]}: {r['timestamp_count']:,} decisions, {_moment(r['timestamp_min'])} to "
+        f"{_moment(r['timestamp_max'])}"
+        for r in rows
+    )
+    latest = _moment(rows[-1]["timestamp_min"])
+    return (
+        f"mixes several versions ({listed}); evaluate each version separately: to keep the "
+        f"latest, data.since: {latest} in a training config, --since {latest} for nextbest "
+        "train and evaluate"
+    )
+
+
 def load_logged_bandit(
-    path: str | Path, n_actions: int, require_reward: bool = True, drop_pending: bool = False
+    path: str | Path,
+    n_actions: int,
+    require_reward: bool = True,
+    drop_pending: bool = False,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> LoggedBandit:
     """Load a decision log (``.csv``, ``.parquet`` or a directory of parts) as arrays.
 
@@ -200,6 +262,10 @@ def load_logged_bandit(
     drop_pending : bool
         Instead, leave those decisions out (a live service journal always has some); only
         sound when callers report every outcome, converted or not, within the window.
+    since, until : datetime, optional (with a time zone)
+        Keep only the decisions made at or after ``since`` and before ``until``: a live
+        journal outgrows what is worth learning from, and spans several model, rule-set or
+        catalogue versions, which one evaluation cannot mix.
 
     Raises
     ------
@@ -215,6 +281,9 @@ def load_logged_bandit(
     n = table.num_rows
     if n == 0:
         raise DecisionLogError(source, "*", "the log holds no decisions")
+    if since is not None or until is not None:
+        table = _within(table, source, since, until)
+        n = table.num_rows
     reward_col = table.column("reward")
     if reward_col.null_count == n and (require_reward or drop_pending):
         raise DecisionLogError(
@@ -242,9 +311,7 @@ def load_logged_bandit(
         )
     for name in ("feature_spec_version", "ruleset_version", "catalog_version"):
         if pc.count_distinct(table.column(name)).as_py() > 1:
-            raise DecisionLogError(
-                source, name, "mixes several versions: evaluate each version separately"
-            )
+            raise DecisionLogError(source, name, _mixed_versions(table, name))
     context = _dense_list(table.column("context"), np.float32)
     action = table.column("action").to_numpy().astype(np.int64)
     reward = reward_col.to_numpy(zero_copy_only=False).astype(np.float64)

@@ -328,8 +328,13 @@ def run_training(
         registers nothing): a model whose held-out scores are not all finite.
     """
     encoder = ContextEncoder(catalog)
+    windowed = config.data.since is not None or config.data.until is not None
     log = load_logged_bandit(
-        config.data.logs, catalog.n_actions, drop_pending=config.data.drop_pending
+        config.data.logs,
+        catalog.n_actions,
+        drop_pending=config.data.drop_pending,
+        since=config.data.since,
+        until=config.data.until,
     )
     if log.catalog_version != catalog.version:
         raise ValueError(
@@ -353,6 +358,12 @@ def run_training(
     if config.learner == "vw_bandit":
         check_vw_inputs(log, catalog, config.vw_bandit)
     recipe = read_recipe(config.data.logs) if config.evaluation.ground_truth else None
+    if recipe is not None and windowed:
+        raise ValueError(
+            f"{config.data.logs}: data.since / data.until keep part of a simulated log, and "
+            "the ground-truth replay needs the whole of it: set evaluation.ground_truth: false "
+            "to learn from the window without it"
+        )
     if recipe is not None and engine is not None:
         recipe.check(catalog, engine)
     train, holdout, holdout_rows = split_log(log, config.data.holdout_share, config.data.split_seed)

@@ -579,3 +579,82 @@ def test_raw_customer_ids_in_a_log_are_warned_of_without_printing_them(
     caplog.clear()
     load_logged_bandit(sim_log, catalog.n_actions)
     assert "not pseudonyms" not in caplog.text
+
+
+def _versioned_log(tmp_path: Path, catalog) -> tuple[Path, list]:
+    """Six decisions over three days: rule set r1 on the first two, r2 on the third."""
+    from datetime import UTC, datetime
+
+    from nextbest.decision_log import decisions_table, write_decisions
+
+    times = [datetime(2026, 1, day, hour, tzinfo=UTC) for day in (5, 6, 7) for hour in (9, 15)]
+    n = len(times)
+    table = decisions_table(
+        {
+            "decision_id": [f"d{i}" for i in range(n)],
+            "timestamp": times,
+            "customer_key": ["cust_x"] * n,
+            "context": [[0.0, 1.0]] * n,
+            "candidate_actions": [[0, 1]] * n,
+            "action": [0, 1] * 3,
+            "pscore": [0.5] * n,
+            "action_dist": [[0.5, 0.5]] * n,
+            "reward": [1.0, 0.0] * 3,
+            "policy": ["p"] * n,
+            "model_version": ["m"] * n,
+            "ruleset_version": ["r1"] * 4 + ["r2"] * 2,
+            "catalog_version": [catalog.version] * n,
+            "feature_spec_version": ["f"] * n,
+        }
+    )
+    return write_decisions(table, tmp_path / "log.parquet"), times
+
+
+def test_a_log_mixing_versions_names_them_and_a_time_window_keeps_one(
+    tmp_path: Path, catalog
+) -> None:
+    """A live journal spans rule-set changes: the refusal names each version's span and
+    how to keep the latest, and ``since`` / ``until`` select decisions by time."""
+    from datetime import timedelta
+
+    path, times = _versioned_log(tmp_path, catalog)
+    with pytest.raises(DecisionLogError) as info:
+        load_logged_bandit(path, catalog.n_actions)
+    message = str(info.value)
+    assert info.value.column == "ruleset_version"
+    assert "r1: 4 decisions, 2026-01-05T09:00:00+00:00 to 2026-01-06T15:00:00+00:00" in message
+    assert "r2: 2 decisions" in message
+    assert "--since 2026-01-07T09:00:00+00:00" in message
+    latest = load_logged_bandit(path, catalog.n_actions, since=times[4])
+    assert latest.n_rounds == 2 and latest.ruleset_version == "r2"
+    first_day = load_logged_bandit(path, catalog.n_actions, until=times[2])
+    assert first_day.n_rounds == 2 and first_day.ruleset_version == "r1"
+    np.testing.assert_array_equal(first_day.action, [0, 1])
+    middle = load_logged_bandit(path, catalog.n_actions, since=times[1], until=times[3])
+    assert middle.n_rounds == 2  # since is inside, until outside
+    with pytest.raises(DecisionLogError, match="no decision between") as empty:
+        load_logged_bandit(path, catalog.n_actions, since=times[-1] + timedelta(seconds=1))
+    assert "the log runs from 2026-01-05T09:00:00+00:00 to 2026-01-07T15:00:00+00:00" in str(
+        empty.value
+    )
+    with pytest.raises(ValueError, match="needs a time zone"):
+        load_logged_bandit(path, catalog.n_actions, since=times[4].replace(tzinfo=None))
+
+
+def test_evaluate_cli_since_keeps_one_version_and_refuses_a_time_without_zone(
+    tmp_path: Path, catalog
+) -> None:
+    path, _ = _versioned_log(tmp_path, catalog)
+    mixed = CliRunner().invoke(app, ["evaluate", "--logs", str(path), "--bootstrap", "20"])
+    assert mixed.exit_code == 2 and "--since" in " ".join(mixed.output.split())
+    ok = CliRunner().invoke(
+        app,
+        ["evaluate", "--logs", str(path), "--bootstrap", "20", "--since", "2026-01-07T00:00Z"],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "snips" in ok.output
+    naive = CliRunner().invoke(
+        app, ["evaluate", "--logs", str(path), "--since", "2026-01-07T00:00"]
+    )
+    assert naive.exit_code == 2 and "bad --since" in naive.output
+    assert "time zone" in " ".join(naive.output.split())

@@ -222,3 +222,36 @@ def test_tracking_names_with_outer_white_space_are_refused(
     with pytest.raises(ConfigError, match="white space") as info:
         load_training_config(path)
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("window", "key", "reason"),
+    [
+        ("since: 2026-11-20 00:00:00", "data.since", "timezone"),
+        ("since: 2026-11-20", "data.since", "timezone"),
+        ("until: soon", "data.until", "datetime"),
+        (
+            "since: 2026-11-21T00:00:00+08:00, until: 2026-11-20T00:00:00+08:00",
+            "data",
+            "must come before until",
+        ),
+    ],
+)
+def test_load_training_config_time_window_refused_naming_key(
+    tmp_path: Path, window: str, key: str, reason: str
+) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(f"learner: neural_bandit\ndata: {{logs: x, {window}}}\n")
+    with pytest.raises(ConfigError, match=reason) as info:
+        load_training_config(path)
+    assert info.value.key == key
+
+
+def test_load_training_config_time_window_with_zones() -> None:
+    config = TrainingConfig.model_validate(
+        {"learner": "neural_bandit", "data": {"logs": "x", "since": "2026-11-20T00:00:00+08:00"}}
+    )
+    assert (
+        config.data.since is not None and config.data.since.utcoffset().total_seconds() == 8 * 3600
+    )
+    assert config.data.until is None
