@@ -6,7 +6,7 @@ import json
 import signal
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -22,6 +22,7 @@ from nextbest.catalog import DEFAULT_CATALOG_DIR, ActionCatalog, load_catalog
 from nextbest.compliance import DEFAULT_RULES_PATH, RuleEngine, RuleSet, load_rules
 from nextbest.config_loading import MAX_BOOTSTRAP, MAX_SEED, ConfigError
 from nextbest.features import ContextEncoder
+from nextbest.rewards import ATTRIBUTION_WINDOW
 from nextbest.segments import VALUE_TIERS, value_tier
 from nextbest.synthetic import random_context_batch
 
@@ -1059,6 +1060,55 @@ def promote(
     console.print(verdict + escape(reason))
     if not promoted:
         raise typer.Exit(code=1)
+
+
+@app.command(
+    short_help="Move a service journal's decisions made before a time into an archive journal.",
+)
+def archive(
+    before: Annotated[
+        str,
+        typer.Option(
+            help="Move the decisions made before this time: ISO 8601 with a time zone "
+            "(2026-10-01T00:00:00+08:00); at least the attribution window ago."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The archive's directory: a new one, or an earlier archive of the same journal."
+        ),
+    ],
+    journal: Annotated[
+        Path, typer.Option(help="The service's state directory or its journal.db.")
+    ] = Path("data/serving"),
+    attribution_days: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="The service's attribution window, in days (NEXTBEST_ATTRIBUTION_WINDOW): "
+            "decisions whose outcome may still be reported stay.",
+        ),
+    ] = ATTRIBUTION_WINDOW / timedelta(days=1),
+) -> None:
+    """Move the decisions of a service journal made before --before, with their outcomes,
+    withdrawals and rule blocks, into an archive journal (whole committed parts, oldest
+    first, while the service keeps writing). The archive reads as a journal: nextbest
+    train, evaluate and trace take its directory."""
+    from nextbest.decision_journal import JournalCorruptError, JournalSchemaError
+    from nextbest.journal_archive import ArchiveError, archive_journal
+
+    cutoff = _moment_option("--before", before)
+    assert cutoff is not None  # the option is required
+    try:
+        result = archive_journal(journal, cutoff, out, timedelta(days=attribution_days))
+    except (ArchiveError, JournalSchemaError, JournalCorruptError, OSError) as exc:
+        console.print(f"[bold red]cannot archive[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    console.print(
+        f"archived {result.decisions:,} decisions ({result.chunks:,} committed parts) into "
+        f"{escape(str(result.archive))}; {result.kept:,} stay in {escape(str(journal))}"
+    )
 
 
 @app.command(

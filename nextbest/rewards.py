@@ -45,6 +45,11 @@ def reward_cny(
     )
 
 
+ATTRIBUTION_WINDOW = timedelta(days=30)
+"""How long after a decision its outcome is attributed to it by default (the service's
+``NEXTBEST_ATTRIBUTION_WINDOW``): later outcomes are stored but flagged ``late``."""
+
+
 @dataclass(frozen=True)
 class RewardRule:
     """How the journal turns a reported outcome into a reward, and when it is late.
@@ -61,7 +66,7 @@ class RewardRule:
 
     complaint_penalty_cny: float
     contact_cost_cny: np.ndarray
-    attribution_window: timedelta = timedelta(days=30)
+    attribution_window: timedelta = ATTRIBUTION_WINDOW
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.complaint_penalty_cny) or self.complaint_penalty_cny < 0:
@@ -80,7 +85,7 @@ class RewardRule:
         cls,
         catalog: ActionCatalog,
         complaint_penalty_cny: float,
-        attribution_window: timedelta = timedelta(days=30),
+        attribution_window: timedelta = ATTRIBUTION_WINDOW,
     ) -> RewardRule:
         """The rule with each action's contact cost taken from its channel in ``catalog``."""
         cost = np.array([c or 0.0 for c in catalog.attribute("cost_cny")], np.float64)

@@ -23,6 +23,7 @@ from nextbest.compliance import DEFAULT_RULES_PATH
 from nextbest.config_loading import MAX_SEED, dotted, error_message
 from nextbest.model_source import redacted, unwritable_directory
 from nextbest.privacy import MAX_KEY_BYTES, check_key
+from nextbest.rewards import ATTRIBUTION_WINDOW
 from serving.supervision import SUPERVISOR_ENV
 
 DEV_PSEUDONYMISATION_KEY = "nextbest-local-development-key-not-a-secret"
@@ -96,7 +97,7 @@ class Settings(BaseSettings):
     """Exploration rate of epsilon-greedy."""
     temperature: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     """Temperature of softmax exploration (score units)."""
-    attribution_window: timedelta = Field(default=timedelta(days=30), gt=timedelta(0))
+    attribution_window: timedelta = Field(default=ATTRIBUTION_WINDOW, gt=timedelta(0))
     """A reward later than this after its decision is stored but flagged late."""
     complaint_penalty_cny: float = Field(default=300.0, ge=0.0, allow_inf_nan=False)
     """Price of a complaint in the logged reward (as in training's reward spec)."""

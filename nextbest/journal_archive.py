@@ -1,0 +1,293 @@
+"""Moving a service journal's old decisions into an archive journal, so the live one stays the
+size of what is still worth reading.
+
+A service journals every decision it serves (:mod:`nextbest.decision_journal`), and nothing
+removes them: months of traffic make every read of the state directory (training, evaluation,
+``nextbest trace``) slower. :func:`archive_journal` moves the decisions made before a cutoff,
+with their rewards, withdrawals and per-action rule blocks, into another journal file of the
+same layout, while the service keeps writing:
+
+* An archive is a journal: ``nextbest train``, ``evaluate`` and ``trace`` read it as they read
+  a state directory, so the audit trail (which rule blocked what, for whom, when) goes with the
+  decisions.
+* Whole chunks move (a chunk is one committed part: its decisions share its arrays), oldest
+  first, in steps of about :data:`STEP_DECISIONS` decisions; a step stops at the first chunk
+  holding a decision at or after the cutoff, and the newest chunk never moves (SQLite numbers
+  new rows after the last one; an empty table would number them from 1 again).
+* Each step copies, checks the copy, and only then deletes, in two transactions: a crash
+  between the two leaves the decisions in both files, and archiving again (to the same
+  archive) finishes the move. Nothing is lost either way.
+* A decision whose outcome may still be reported stays: the cutoff must be at least the
+  attribution window old (a reward for an archived decision would be refused as unknown).
+* The live journal's file does not shrink: SQLite reuses the freed pages for new decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from nextbest.decision_journal import (
+    JOURNAL_DDL,
+    JOURNAL_FILENAME,
+    JOURNAL_SCHEMA_ID,
+    JournalCorruptError,
+    JournalSchemaError,
+    journal_file,
+)
+from nextbest.sqlite_writer import open_sqlite
+from nextbest.timestamps import epoch_us
+
+STEP_DECISIONS = 50_000
+"""Decisions moved per step at most: each step holds the live journal's write lock while it
+deletes, short enough that the service's writers wait for it rather than fail."""
+BUSY_TIMEOUT_MS = 30_000
+"""How long a step waits for the service's writers to let go of a journal."""
+
+
+class ArchiveError(ValueError):
+    """The archive cannot be made: names the file or setting at fault and why."""
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    """What :func:`archive_journal` moved, and what it left."""
+
+    decisions: int
+    chunks: int
+    archive: Path
+    """The archive's journal file."""
+    kept: int
+    """Decisions left in the live journal."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Whole chunks to move: the decisions ``first_seq..last_seq`` (``decisions`` of them,
+    consecutive) and the chunks ``chunk_ids`` they fill."""
+
+    first_seq: int
+    last_seq: int
+    chunk_ids: list[int]
+    decisions: int
+
+
+def archive_journal(
+    journal: str | Path,
+    before: datetime,
+    archive: str | Path,
+    attribution_window: timedelta,
+    now: datetime | None = None,
+    step_decisions: int = STEP_DECISIONS,
+) -> ArchiveResult:
+    """Move the decisions of ``journal`` (a file or state directory) made before ``before``
+    into the journal in directory ``archive`` (created, or an earlier archive of the same
+    journal, added to).
+
+    Raises
+    ------
+    ArchiveError
+        ``before`` without a time zone or within ``attribution_window`` of ``now``; no
+        journal at ``journal``; ``archive`` the journal's own directory; an archive holding
+        other rows under the same ids (another journal's archive).
+    JournalSchemaError
+        Either journal in another layout.
+    JournalCorruptError
+        A chunk whose decisions are not as many as its rows.
+    """
+    if before.tzinfo is None:
+        raise ArchiveError(f"before {before.isoformat()} needs a time zone")
+    now = now or datetime.now(UTC)
+    if before > now - attribution_window:
+        raise ArchiveError(
+            f"before {before.isoformat(timespec='seconds')} is within the attribution window "
+            f"({attribution_window / timedelta(days=1):g} days) of now: outcomes of those "
+            "decisions may still be "
+            "reported, and a reward for an archived decision is refused as unknown"
+        )
+    source = journal_file(journal)
+    if source is None:
+        raise ArchiveError(f"{journal}: not a decision journal (no {JOURNAL_FILENAME})")
+    target = Path(archive) / JOURNAL_FILENAME
+    if target.resolve() == source.resolve():
+        raise ArchiveError(f"{archive}: the archive must be another directory than the journal")
+    conn = open_sqlite(source, busy_timeout_ms=BUSY_TIMEOUT_MS)
+    moved = chunks = 0
+    try:
+        _check_layout(conn, "main", source)
+        _create(target)
+        conn.execute("ATTACH DATABASE ? AS archive", (str(target),))
+        _check_layout(conn, "archive", target)
+        cutoff = epoch_us(before)
+        while (step := _next_step(conn, cutoff, step_decisions, source)) is not None:
+            _copy(conn, step, target)
+            _delete(conn, step)
+            moved += step.decisions
+            chunks += len(step.chunk_ids)
+        (kept,) = conn.execute("SELECT count(*) FROM main.decisions").fetchone()
+    finally:
+        conn.close()
+    return ArchiveResult(moved, chunks, target, kept)
+
+
+def _create(target: Path) -> None:
+    """A journal at ``target`` in this version's layout (its tables added if missing)."""
+    conn = open_sqlite(target, busy_timeout_ms=BUSY_TIMEOUT_MS)
+    try:
+        for statement in JOURNAL_DDL:
+            conn.execute(statement)
+    finally:
+        conn.close()
+
+
+def _check_layout(conn: sqlite3.Connection, schema: str, file: Path) -> None:
+    """Refuse a journal (database ``schema`` of ``conn``) written in another layout."""
+    found = conn.execute(f"SELECT value FROM {schema}.journal_meta WHERE key = 'schema'").fetchone()
+    if found is not None and found[0] != JOURNAL_SCHEMA_ID:
+        raise JournalSchemaError(
+            f"{file}: decision journal in layout {found[0]!r}; this version archives "
+            f"{JOURNAL_SCHEMA_ID!r}"
+        )
+
+
+def _next_step(conn: sqlite3.Connection, cutoff_us: int, limit: int, file: Path) -> _Step | None:
+    """The oldest whole chunks (in ``seq`` order) whose decisions were all made before
+    ``cutoff_us``, about ``limit`` decisions (at least one chunk); None when the oldest chunk
+    is not entirely before the cutoff, or is the newest chunk."""
+    (newest,) = conn.execute("SELECT max(chunk_id) FROM main.decisions").fetchone()
+    rows = conn.execute(
+        "SELECT seq, chunk_id, timestamp_us FROM main.decisions ORDER BY seq LIMIT ?", (limit,)
+    ).fetchall()
+    members: dict[int, list[tuple[int, int]]] = {}
+    for seq, chunk_id, at in rows:
+        members.setdefault(chunk_id, []).append((seq, at))
+    sizes = dict(
+        conn.execute(
+            "SELECT chunk_id, rows FROM main.decision_chunks WHERE chunk_id IN "
+            "(SELECT value FROM json_each(?))",
+            (json.dumps(list(members)),),
+        ).fetchall()
+    )
+    taken: list[int] = []
+    seqs: list[int] = []
+    for chunk_id, found in members.items():
+        if len(found) < sizes.get(chunk_id, 0) and not taken:  # one chunk past the limit
+            found = conn.execute(
+                "SELECT seq, timestamp_us FROM main.decisions WHERE seq >= ? ORDER BY seq LIMIT ?",
+                (found[0][0], sizes[chunk_id]),
+            ).fetchall()
+        if len(found) != sizes.get(chunk_id):
+            if taken:  # cut short by the limit: the next step takes it
+                break
+            raise JournalCorruptError(
+                f"{file}: chunk {chunk_id} holds {sizes.get(chunk_id)} rows, its decisions "
+                f"are {len(found)}"
+            )
+        if chunk_id == newest or max(at for _, at in found) >= cutoff_us:
+            break
+        taken.append(chunk_id)
+        seqs += [seq for seq, _ in found]
+    if not taken:
+        return None
+    if seqs[-1] - seqs[0] + 1 != len(seqs):
+        raise JournalCorruptError(f"{file}: decisions {seqs[0]}..{seqs[-1]} are not consecutive")
+    return _Step(seqs[0], seqs[-1], taken, len(seqs))
+
+
+_IN_CHUNKS = "chunk_id IN (SELECT value FROM json_each(:chunks))"
+_IN_SEQS = "seq BETWEEN :first AND :last"
+_COPY = (
+    "INSERT OR IGNORE INTO archive.versions SELECT * FROM main.versions",
+    "INSERT OR IGNORE INTO archive.rule_sets SELECT * FROM main.rule_sets",
+    f"INSERT OR IGNORE INTO archive.decision_chunks SELECT * FROM main.decision_chunks "
+    f"WHERE {_IN_CHUNKS}",
+    f"INSERT OR IGNORE INTO archive.chunk_blocks SELECT * FROM main.chunk_blocks "
+    f"WHERE {_IN_CHUNKS}",
+    f"INSERT OR IGNORE INTO archive.decisions SELECT * FROM main.decisions WHERE {_IN_SEQS}",
+    f"INSERT OR IGNORE INTO archive.rewards SELECT * FROM main.rewards WHERE {_IN_SEQS}",
+    "INSERT OR IGNORE INTO archive.withdrawn SELECT w.decision_id FROM main.withdrawn AS w "
+    f"JOIN main.decisions AS d USING (decision_id) WHERE d.{_IN_SEQS}",
+)
+"""Copy a step's rows (``INSERT OR IGNORE``: a step copied before a crash is copied again)."""
+_DIFFERENT = (
+    (
+        "versions",
+        "SELECT count(*) FROM main.versions AS m JOIN archive.versions AS a "
+        "USING (version_id) WHERE (m.policy, m.model_version, m.ruleset_version, "
+        "m.catalog_version, m.feature_spec_version) IS NOT (a.policy, a.model_version, "
+        "a.ruleset_version, a.catalog_version, a.feature_spec_version)",
+    ),
+    (
+        "decisions",
+        "SELECT count(*) FROM main.decisions AS m LEFT JOIN archive.decisions AS a "
+        f"USING (seq) WHERE m.{_IN_SEQS} AND (a.decision_id IS NOT m.decision_id "
+        "OR a.chunk_id IS NOT m.chunk_id OR a.timestamp_us IS NOT m.timestamp_us)",
+    ),
+    (
+        "rewards",
+        "SELECT count(*) FROM main.rewards AS m LEFT JOIN archive.rewards AS a "
+        f"USING (decision_id) WHERE m.{_IN_SEQS} AND (a.seq IS NOT m.seq OR a.reward IS NOT "
+        "m.reward OR a.received_at_us IS NOT m.received_at_us)",
+    ),
+    (
+        "decision_chunks",
+        "SELECT count(*) FROM main.decision_chunks AS m LEFT JOIN "
+        f"archive.decision_chunks AS a USING (chunk_id) WHERE m.{_IN_CHUNKS} AND "
+        "(a.rows IS NOT m.rows OR a.context IS NOT m.context)",
+    ),
+)
+"""After a copy, the rows of the step that the archive does not hold as they are: must be 0."""
+
+
+def _copy(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
+    """Copy ``step``'s rows into the archive and check them there, in one transaction of the
+    archive (committed before anything is deleted).
+
+    Raises
+    ------
+    ArchiveError
+        The archive holds other rows under the same ids (another journal's archive).
+    """
+    params = {"first": step.first_seq, "last": step.last_seq, "chunks": json.dumps(step.chunk_ids)}
+    conn.execute("BEGIN")
+    try:
+        for statement in _COPY:
+            conn.execute(statement, params)
+        for table, query in _DIFFERENT:
+            (different,) = conn.execute(query, params).fetchone()
+            if different:
+                raise ArchiveError(
+                    f"{target}: holds {different} {table} rows other than this journal's "
+                    "under the same ids: it is another journal's archive (archive into a new "
+                    "directory)"
+                )
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _delete(conn: sqlite3.Connection, step: _Step) -> None:
+    """Delete ``step``'s rows from the live journal, in one transaction."""
+    params = {"first": step.first_seq, "last": step.last_seq, "chunks": json.dumps(step.chunk_ids)}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "DELETE FROM main.withdrawn WHERE decision_id IN "
+            f"(SELECT decision_id FROM main.decisions WHERE {_IN_SEQS})",
+            params,
+        )
+        conn.execute(f"DELETE FROM main.rewards WHERE {_IN_SEQS}", params)
+        conn.execute(f"DELETE FROM main.decisions WHERE {_IN_SEQS}", params)
+        conn.execute(f"DELETE FROM main.chunk_blocks WHERE {_IN_CHUNKS}", params)
+        conn.execute(f"DELETE FROM main.decision_chunks WHERE {_IN_CHUNKS}", params)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+__all__ = ["STEP_DECISIONS", "ArchiveError", "ArchiveResult", "archive_journal"]

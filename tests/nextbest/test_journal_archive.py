@@ -1,0 +1,151 @@
+"""Archiving a journal's old decisions: nothing lost, nothing doubled, the audit trail kept,
+the live journal still written to, and a crash between copy and delete finished by a rerun."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from test_decision_journal import N_ACTIONS, RULE, T0, make_batch
+from typer.testing import CliRunner
+
+from nextbest import journal_archive
+from nextbest.cli import app
+from nextbest.compliance.engine import ALLOWED
+from nextbest.decision_batch import new_decision_ids
+from nextbest.decision_journal import JournalWriter, decision_trace, read_journal
+from nextbest.journal_archive import ArchiveError, archive_journal
+from nextbest.rewards import RewardOutcome, UnknownDecisionError
+
+DAY = timedelta(days=1)
+WINDOW = timedelta(days=2)
+NOW = T0 + 10 * DAY
+SIZES = (30, 20, 40, 10, 25)
+"""Decisions journalled on days 0..4, one committed part a day."""
+
+
+def _journal(path: Path) -> tuple[JournalWriter, list[list[str]]]:
+    """A journal of one part a day (SIZES), every part with its rules per action, some
+    outcomes, and one withdrawn decision on day 1."""
+    path.mkdir()
+    writer = JournalWriter(path, RULE)  # a state directory, as the service's
+    days = []
+    for day, n in enumerate(SIZES):
+        ids = new_decision_ids(n)
+        batch = make_batch(ids, seed=day, at=T0 + day * DAY)
+        codes = np.full((n, N_ACTIONS), 1, np.uint8)
+        codes[np.arange(n), batch.action] = ALLOWED
+        writer.submit(replace(batch, blocked_by=codes, rule_ids=("consent", "quiet"))).result()
+        for decision_id in ids[::3]:
+            outcome = RewardOutcome(True, False, False, 100.0 + day)
+            writer.submit_reward(decision_id, outcome, T0 + day * DAY + timedelta(hours=2))
+        days.append(ids)
+    writer.withdraw([days[1][4]]).result()
+    writer.flush()
+    return writer, days
+
+
+def _ids(table: pa.Table) -> list[str]:
+    return table.column("decision_id").to_pylist()
+
+
+def test_archive_moves_whole_old_days_with_outcomes_and_rules(tmp_path: Path) -> None:
+    writer, days = _journal(tmp_path / "live")
+    before = read_journal(tmp_path / "live")
+    result = archive_journal(
+        tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "archive", WINDOW, now=NOW, step_decisions=25
+    )
+    assert (result.decisions, result.chunks, result.kept) == (90, 3, 35)
+    archived, live = read_journal(tmp_path / "archive"), read_journal(tmp_path / "live")
+    # every row exactly once, as it was (outcomes included); the withdrawn one in neither
+    assert archived.num_rows + live.num_rows == before.num_rows == sum(SIZES) - 1
+    assert archived.equals(before.slice(0, archived.num_rows))
+    assert live.equals(before.slice(archived.num_rows))
+    assert days[1][4] not in _ids(archived) + _ids(live)
+    assert set(_ids(archived)) == set(days[0] + days[1] + days[2]) - {days[1][4]}
+    # the audit trail goes with the decisions
+    found = decision_trace(tmp_path / "archive", days[0][7])
+    assert found.blocked() == {"quiet": [a for a in range(N_ACTIONS) if a != found.action]}
+    with pytest.raises(UnknownDecisionError):
+        decision_trace(tmp_path / "live", days[0][7])
+    # the service keeps writing to the live journal; outcomes of archived decisions are
+    # unknown there (hence the attribution window)
+    late = make_batch(new_decision_ids(5), seed=7, at=NOW)
+    writer.submit(late).result()
+    assert _ids(read_journal(tmp_path / "live"))[-5:] == late.decision_id
+    with pytest.raises(UnknownDecisionError):
+        writer.submit_reward(days[0][0], RewardOutcome(False, False, False, 0.0)).result()
+    writer.close()
+    # again: nothing more is old enough, nothing changes
+    again = archive_journal(
+        tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "archive", WINDOW, now=NOW
+    )
+    assert again.decisions == 0 and read_journal(tmp_path / "archive").equals(archived)
+
+
+def test_the_newest_part_stays_and_a_crash_between_copy_and_delete_is_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, days = _journal(tmp_path / "live")
+    writer.close()
+    before = read_journal(tmp_path / "live")
+    calls = []
+
+    def crash(conn, step) -> None:  # the copy committed, then the process dies
+        calls.append(step)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(journal_archive, "_delete", crash)
+        with pytest.raises(KeyboardInterrupt):
+            archive_journal(tmp_path / "live", NOW - WINDOW, tmp_path / "archive", WINDOW, now=NOW)
+    assert calls and read_journal(tmp_path / "live").equals(before)  # nothing deleted
+    assert read_journal(tmp_path / "archive").num_rows == sum(SIZES) - 1 - len(days[4])
+    result = archive_journal(tmp_path / "live", NOW - WINDOW, tmp_path / "archive", WINDOW, now=NOW)
+    assert result.kept == len(days[4])  # everything is old enough, but the newest part stays
+    archived, live = read_journal(tmp_path / "archive"), read_journal(tmp_path / "live")
+    assert _ids(live) == days[4]
+    assert archived.equals(before.slice(0, archived.num_rows))  # copied once, not twice
+
+
+def test_archive_refuses_what_it_cannot_do_safely(tmp_path: Path) -> None:
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    live = tmp_path / "live"
+    with pytest.raises(ArchiveError, match="attribution window"):
+        archive_journal(live, NOW - WINDOW + timedelta(minutes=1), tmp_path / "a", WINDOW, now=NOW)
+    with pytest.raises(ArchiveError, match="time zone"):
+        archive_journal(live, (T0 + DAY).replace(tzinfo=None), tmp_path / "a", WINDOW, now=NOW)
+    with pytest.raises(ArchiveError, match="not a decision journal"):
+        archive_journal(tmp_path / "nowhere", T0 + DAY, tmp_path / "a", WINDOW, now=NOW)
+    with pytest.raises(ArchiveError, match="another directory"):
+        archive_journal(live, T0 + DAY, live, WINDOW, now=NOW)
+    # another journal's archive holds other decisions under the same numbers
+    other, _ = _journal(tmp_path / "other")
+    other.close()
+    archive_journal(tmp_path / "other", T0 + 1.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    with pytest.raises(ArchiveError, match="another journal's archive"):
+        archive_journal(live, T0 + 1.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    assert read_journal(live).num_rows == sum(SIZES) - 1  # nothing moved
+
+
+def test_archive_command(tmp_path: Path) -> None:
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    args = [
+        "archive",
+        *("--journal", str(tmp_path / "live"), "--out", str(tmp_path / "archive")),
+        *("--attribution-days", "2"),  # the journal's decisions are of early November
+    ]
+    done = CliRunner().invoke(app, [*args, "--before", (T0 + 1.5 * DAY).isoformat()])
+    assert done.exit_code == 0, done.output
+    assert "archived 50 decisions (2 committed parts)" in " ".join(done.output.split())
+    assert read_journal(tmp_path / "archive").num_rows == 49  # one of them withdrawn
+    recent = CliRunner().invoke(app, [*args, "--before", "2999-01-01T00:00:00+00:00"])
+    assert recent.exit_code == 2 and "attribution window" in " ".join(recent.output.split())
+    naive = CliRunner().invoke(app, [*args, "--before", "2026-11-01T00:00"])
+    assert naive.exit_code == 2 and "bad --before" in naive.output
