@@ -589,7 +589,7 @@ def _repeat(
         if old != new
     ]
     if differs:
-        raise RewardConflictError(decision_id, differs, kept)
+        raise RewardConflictError(decision_id, differs, kept, from_epoch_us(received_us))
     return RewardResult(decision_id, kept, reward, from_epoch_us(received_us), bool(late), True)
 
 

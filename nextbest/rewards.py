@@ -158,14 +158,18 @@ class UnknownDecisionError(LookupError):
 class RewardConflictError(ValueError):
     """A second, different outcome for a decision whose reward is already recorded (HTTP 409).
 
-    ``fields`` names what differs; ``stored`` is the outcome kept; ``decision`` whom it was
-    for (set by the journal: an opt-out in the refused report still binds).
+    ``fields`` names what differs; ``stored`` is the outcome kept and ``received_at`` when it
+    was first received; ``decision`` whom it was for (set by the journal: an opt-out in the
+    refused report, or in the stored one, still binds).
     """
 
     decision: DecidedFor | None = None
 
-    def __init__(self, decision_id: str, fields: list[str], stored: RewardOutcome) -> None:
+    def __init__(
+        self, decision_id: str, fields: list[str], stored: RewardOutcome, received_at: datetime
+    ) -> None:
         self.decision_id, self.fields, self.stored = decision_id, fields, stored
+        self.received_at = received_at
         super().__init__(
             f"decision {decision_id!r} already has a different outcome recorded "
             f"({', '.join(fields)} {'differs' if len(fields) == 1 else 'differ'}); rewards are "

@@ -1025,9 +1025,18 @@ class ScoringService:
         except UnknownDecisionError as exc:
             raise HTTPException(404, str(exc)) from None
         except (RewardConflictError, RewardTimeError) as exc:
-            # the report's own opt-out or complaint, at receipt (its date is in question)
+            # the report's own opt-out or complaint, dated as reported (at receipt when that
+            # date is before the decision) ...
             now = datetime.now(UTC)
-            restrictions = self._restrictions_of(exc.decision, outcome, now, now)
+            at = now if isinstance(exc, RewardTimeError) else outcome.reward_at or now
+            restrictions = self._restrictions_of(exc.decision, outcome, at, now)
+            if isinstance(exc, RewardConflictError):  # ... and the stored one's, whose own
+                # restrictions may never have been written (a failed write, then a retry
+                # with another body)
+                kept, first = exc.stored, exc.received_at
+                restrictions += self._restrictions_of(
+                    exc.decision, kept, kept.reward_at or first, first
+                )
             if restrictions:
                 await asyncio.wrap_future(self.contacts.restrict(restrictions))
             status = 409 if isinstance(exc, RewardConflictError) else 400

@@ -507,3 +507,54 @@ def test_post_consent_bad_input_is_refused_and_names_the_field(
         assert ["body", field] in [e["loc"][:2] for e in response.json()["detail"]]
     with sqlite3.connect(api_settings.state_dir / "contacts.db") as conn:
         assert conn.execute("SELECT count(*) FROM restrictions").fetchone() == (0,)
+
+
+def test_an_opt_out_the_journal_holds_binds_even_if_its_first_write_failed(
+    api_settings: Settings, auth: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal stores the report, storing the opt-out fails (500), and the platform
+    retries with another body (409): the opt-out the journal holds still binds."""
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        decided = _explained(client, auth["decide"], "unlucky")
+        channel = decided["chosen"]["channel"]
+        assert channel is not None
+        store = client.app.state.service.contacts
+        real, calls = store.restrict, []
+
+        def fail_once(restrictions):  # the contact store busy, the worker restarting ...
+            calls.append(restrictions)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database is locked")
+            return real(restrictions)
+
+        monkeypatch.setattr(store, "restrict", fail_once)
+        reward = {"decision_id": decided["decision_id"], "opted_out": True}
+        assert client.post("/v1/rewards", json=reward, headers=auth["reward"]).status_code == 500
+        retry = {"decision_id": decided["decision_id"], "converted": True, "value_cny": 10.0}
+        refused = client.post("/v1/rewards", json=retry, headers=auth["reward"])
+        assert refused.status_code == 409, refused.text
+        after = _explained(client, auth["decide"], "unlucky")
+    assert "channel_opt_out" in _opted_out_rules(after, channel)
+
+
+def test_a_refused_reports_opt_out_keeps_its_date_against_a_consent(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """An opt-out in a refused (409) report dated a few minutes ahead binds against a
+    consent dated before it, as an accepted report's would."""
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        decided = _explained(client, auth["decide"], "refused-ahead")
+        channel = decided["chosen"]["channel"]
+        assert channel is not None
+        first = {"decision_id": decided["decision_id"], "converted": False}
+        assert client.post("/v1/rewards", json=first, headers=auth["reward"]).status_code == 200
+        ahead = {**first, "opted_out": True, "occurred_at": _now(4)}
+        refused = client.post("/v1/rewards", json=ahead, headers=auth["reward"])
+        assert refused.status_code == 409, refused.text
+        consent = {"customer_id": "refused-ahead", "channels": [channel], "given_at": _now(2)}
+        given = client.post("/v1/consents", json=consent, headers=auth["consent"])
+        assert given.status_code == 200 and given.json()["lifted"] == [], given.text
+        after = _explained(client, auth["decide"], "refused-ahead")
+    assert "channel_opt_out" in _opted_out_rules(after, channel)
