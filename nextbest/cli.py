@@ -870,7 +870,12 @@ def train(
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()
         )
-        option = f"--epochs {epochs}" if epochs is not None else "options"
+        given = [
+            f"--{name} {value}"
+            for name, value in (("epochs", epochs), ("since", since), ("until", until))
+            if value is not None
+        ]
+        option = ", ".join(given) or "options"
         console.print(f"[bold red]{option}[/]: {escape(problems)}")
         raise typer.Exit(code=2) from None
     # a SIGTERM ends the run as failed, as Ctrl-C does (it stayed RUNNING for good)

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import zlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +199,10 @@ def _within(
     for name, bound in (("since", since), ("until", until)):
         if bound is not None and bound.tzinfo is None:
             raise ValueError(f"{name} {bound.isoformat()} needs a time zone")
+    if since is not None and until is not None and since >= until:
+        raise ValueError(
+            f"since ({since.isoformat()}) must come before until ({until.isoformat()})"
+        )
     stamps = table.column("timestamp")
     inside = [
         compare(stamps, pa.scalar(bound, stamps.type))
@@ -219,7 +223,8 @@ def _within(
 
 
 def _moment(moment: datetime | None) -> str:
-    return "the start" if moment is None else moment.isoformat(timespec="seconds")
+    """``moment`` to the microsecond (a live journal decides many times a second)."""
+    return "the start" if moment is None else moment.isoformat()
 
 
 def _mixed_versions(table: pa.Table, name: str) -> str:
@@ -234,11 +239,20 @@ def _mixed_versions(table: pa.Table, name: str) -> str:
         f"{_moment(r['timestamp_max'])}"
         for r in rows
     )
-    latest = _moment(rows[-1]["timestamp_min"])
+    # workers move to a new version one by one: the versions overlap in time, and the
+    # window that keeps only the latest starts after every other one's last decision
+    latest = rows[-1][name]
+    start = max(r["timestamp_max"] for r in rows[:-1]) + timedelta(microseconds=1)
+    stamps = table.column("timestamp")
+    early = pc.and_(
+        pc.equal(table.column(name), latest), pc.less(stamps, pa.scalar(start, stamps.type))
+    )
+    lost = pc.sum(early).as_py() or 0
+    caveat = f" ({lost:,} of {latest}'s decisions are earlier and left out)" if lost else ""
     return (
-        f"mixes several versions ({listed}); evaluate each version separately: to keep the "
-        f"latest, data.since: {latest} in a training config, --since {latest} for nextbest "
-        "train and evaluate"
+        f"mixes several versions ({listed}); evaluate each version separately: to keep only "
+        f"{latest}, data.since: {_moment(start)} in a training config, --since "
+        f"{_moment(start)} for nextbest train and evaluate{caveat}"
     )
 
 

@@ -624,7 +624,8 @@ def test_a_log_mixing_versions_names_them_and_a_time_window_keeps_one(
     assert info.value.column == "ruleset_version"
     assert "r1: 4 decisions, 2026-01-05T09:00:00+00:00 to 2026-01-06T15:00:00+00:00" in message
     assert "r2: 2 decisions" in message
-    assert "--since 2026-01-07T09:00:00+00:00" in message
+    assert "--since 2026-01-06T15:00:00.000001+00:00" in message  # after r1's last decision
+    assert "left out" not in message
     latest = load_logged_bandit(path, catalog.n_actions, since=times[4])
     assert latest.n_rounds == 2 and latest.ruleset_version == "r2"
     first_day = load_logged_bandit(path, catalog.n_actions, until=times[2])
@@ -639,6 +640,41 @@ def test_a_log_mixing_versions_names_them_and_a_time_window_keeps_one(
     )
     with pytest.raises(ValueError, match="needs a time zone"):
         load_logged_bandit(path, catalog.n_actions, since=times[4].replace(tzinfo=None))
+    with pytest.raises(ValueError, match="must come before until"):
+        load_logged_bandit(path, catalog.n_actions, since=times[4], until=times[2])
+
+
+def test_the_suggested_window_keeps_only_the_latest_of_overlapping_versions(
+    tmp_path: Path, catalog
+) -> None:
+    """Workers move to a new rule set one by one, within the same second: the suggested
+    ``since`` starts after the older version's last decision (to the microsecond), says how
+    many of the new version's decisions that leaves out, and then loads."""
+    from datetime import datetime, timedelta
+
+    import pyarrow.parquet as pq
+
+    path, times = _versioned_log(tmp_path, catalog)
+    table = pq.read_table(path)
+    base = times[3]
+    stamps = [base + timedelta(microseconds=m) for m in (0, 10, 20, 30, 40, 50)]
+    versions = ["r1", "r1", "r2", "r1", "r2", "r2"]  # the versions interleave
+    table = table.set_column(
+        table.schema.get_field_index("timestamp"),
+        "timestamp",
+        pa.array(stamps, table.schema.field("timestamp").type),
+    ).set_column(
+        table.schema.get_field_index("ruleset_version"), "ruleset_version", pa.array(versions)
+    )
+    pq.write_table(table, path)
+    with pytest.raises(DecisionLogError) as info:
+        load_logged_bandit(path, catalog.n_actions)
+    message = " ".join(str(info.value).split())
+    since = (base + timedelta(microseconds=31)).isoformat()
+    assert f"--since {since}" in message
+    assert "(1 of r2's decisions are earlier and left out)" in message
+    kept = load_logged_bandit(path, catalog.n_actions, since=datetime.fromisoformat(since))
+    assert kept.n_rounds == 2 and kept.ruleset_version == "r2"
 
 
 def test_evaluate_cli_since_keeps_one_version_and_refuses_a_time_without_zone(
