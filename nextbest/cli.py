@@ -98,9 +98,19 @@ def _moment_option(name: str, value: str | None) -> datetime | None:
 
 
 def _load(catalog_dir: Path, rules_path: Path) -> tuple[ActionCatalog, RuleSet]:
+    """The catalogue and rule set; exit 2 naming the file and key at fault."""
+    catalog = _load_catalog(catalog_dir)
     try:
-        catalog = load_catalog(catalog_dir)
         return catalog, load_rules(rules_path, catalog)
+    except ConfigError as exc:
+        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+
+
+def _load_catalog(catalog_dir: Path) -> ActionCatalog:
+    """The catalogue; exit 2 naming the file and key at fault."""
+    try:
+        return load_catalog(catalog_dir)
     except ConfigError as exc:
         console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
@@ -125,11 +135,7 @@ def catalog(
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
 ) -> None:
     """Print the action catalogue: offers with their risk level, eligibility and channels."""
-    try:
-        cat = load_catalog(catalog_dir)
-    except ConfigError as exc:
-        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
+    cat = _load_catalog(catalog_dir)
     table = Table(title=f"{cat.n_actions} actions (catalogue {cat.version})")
     for col in ("offer", "family", "risk", "min AUM", "ages", "value CNY", "channels", "ids"):
         table.add_column(col)
@@ -683,11 +689,7 @@ def evaluate(
     from training.neural_bandit import greedy_policy
     from training.ope import ESTIMATORS, OpeInputError
 
-    try:
-        cat = load_catalog(catalog_dir)
-    except ConfigError as exc:
-        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
+    cat = _load_catalog(catalog_dir)
     names = policy or list(BASELINE_POLICIES)
     unknown = [p for p in names if p not in BASELINE_POLICIES]
     if unknown:
@@ -976,11 +978,7 @@ def export(
     )
     from nextbest.synthetic import random_context_batch
 
-    try:
-        cat = load_catalog(catalog_dir)
-    except ConfigError as exc:
-        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
+    cat = _load_catalog(catalog_dir)
     if out.suffix != ".onnx":
         console.print(f"[bold red]bad --out[/] {escape(str(out))}: must end in .onnx")
         raise typer.Exit(code=2)
@@ -1135,12 +1133,9 @@ def trace(
     from nextbest.decision_journal import JournalSchemaError, decision_trace
     from nextbest.rewards import UnknownDecisionError
 
+    cat = _load_catalog(catalog_dir)
     try:
-        cat = load_catalog(catalog_dir)
         found = decision_trace(journal, decision_id)
-    except ConfigError as exc:
-        console.print(f"[bold red]config error[/]: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
     except (FileNotFoundError, JournalSchemaError) as exc:
         console.print(f"[bold red]bad --journal[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
