@@ -86,11 +86,10 @@ from nextbest.rewards import (
     reward_cny,
 )
 from nextbest.sqlite_writer import (
-    SQLITE_HEADER,
     GroupCommitWriter,
     Synchronous,
-    file_header,
     open_sqlite,
+    sqlite_tables,
 )
 from nextbest.timestamps import epoch_us, from_epoch_us
 
@@ -602,9 +601,12 @@ def journal_file(path: str | Path) -> Path | None:
     path = Path(path)
     if path.is_dir():
         path = path / JOURNAL_FILENAME
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:
         return None
-    return path if file_header(path) == SQLITE_HEADER else None
+    try:
+        return path if sqlite_tables(path) is not None else None
+    except OSError:
+        return None
 
 
 _READ_CHUNK = 100_000

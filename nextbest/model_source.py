@@ -12,13 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nextbest.sqlite_writer import SQLITE_HEADER, file_header
+from nextbest.sqlite_writer import sqlite_tables
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -93,23 +92,11 @@ def not_an_mlflow_store(path: Path) -> str | None:
     if path.is_dir():
         return "is a directory, not a database file"
     try:
-        header = file_header(path)
+        tables = sqlite_tables(path)
     except OSError as exc:
-        return f"cannot be read: {exc.strerror}"
-    if not header:
-        return None
-    if header != SQLITE_HEADER:
+        return f"cannot be read: {exc.strerror or exc}"
+    if tables is None:
         return "is not a SQLite database"
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        return f"cannot be read as a SQLite database: {exc}"
     if tables and not {"experiments", "alembic_version"} <= tables:
         shown = ", ".join(sorted(tables)[:4])
         return f"is a SQLite database but not an MLflow store (its tables: {shown}, ...)"

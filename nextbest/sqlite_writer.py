@@ -22,6 +22,7 @@ processes are forked, never before (a connection must not cross a fork).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -34,21 +35,35 @@ from typing import Any, Generic, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-"""The first bytes of every SQLite database file."""
+def sqlite_tables(path: Path) -> set[str] | None:
+    """The table names of the database file ``path`` (empty for an empty file), or None when
+    it is not a SQLite database.
 
-
-def file_header(path: Path) -> bytes:
-    """The first bytes of the file ``path``, as many as :data:`SQLITE_HEADER` (fewer for a
-    shorter file: ``b""`` for an empty one).
+    Read through SQLite itself, read-only: opening and closing a database with plain
+    ``open()`` releases every POSIX lock this process holds on it, those of its own SQLite
+    connections included (a writer then loses its lock and another process's checkpoint can
+    remove a WAL still in use).
 
     Raises
     ------
     OSError
-        If it cannot be read.
+        If it cannot be read (permissions, a directory).
     """
-    with path.open("rb") as handle:
-        return handle.read(len(SQLITE_HEADER))
+    if not os.access(path, os.R_OK) or path.is_dir():
+        raise PermissionError(13, "cannot be read", str(path))
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            return None
+        raise OSError(str(exc)) from exc
 
 
 SQLITE_MIN_WRITER_VERSION = (3, 38, 0)
