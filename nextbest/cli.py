@@ -1098,6 +1098,8 @@ def archive(
     withdrawals and rule blocks, into an archive journal (whole committed parts, oldest
     first, while the service keeps writing). The archive reads as a journal: nextbest
     train, evaluate and trace take its directory."""
+    import sqlite3
+
     from nextbest.decision_journal import JournalCorruptError, JournalSchemaError
     from nextbest.journal_archive import ArchiveError, archive_journal
 
@@ -1105,7 +1107,7 @@ def archive(
     assert cutoff is not None  # the option is required
     try:
         result = archive_journal(journal, cutoff, out, timedelta(days=attribution_days))
-    except (ArchiveError, JournalSchemaError, JournalCorruptError, OSError) as exc:
+    except (ArchiveError, JournalSchemaError, JournalCorruptError, OSError, sqlite3.Error) as exc:
         console.print(f"[bold red]cannot archive[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     console.print(

@@ -76,6 +76,7 @@ from nextbest.decision_batch import VERSION_FIELDS, DecisionBatch
 from nextbest.decision_log import DECISION_SCHEMA
 from nextbest.packed_rows import PackedRows, int_field, real_field, text_field
 from nextbest.rewards import (
+    ArchivedDecisionError,
     DecidedFor,
     RewardConflictError,
     RewardOutcome,
@@ -98,6 +99,14 @@ JOURNAL_FILENAME = "journal.db"
 JOURNAL_SCHEMA_ID = "nextbest.decision-journal/2"
 
 
+ARCHIVED_DDL = """CREATE TABLE IF NOT EXISTS archived (
+    decision_id TEXT PRIMARY KEY,
+    customer_key TEXT NOT NULL,
+    action INTEGER NOT NULL,
+    catalog_version TEXT NOT NULL
+) WITHOUT ROWID"""
+"""Decisions ``nextbest archive`` moved out (:mod:`nextbest.journal_archive`): whom each was
+for, so an opt-out reported for it later still binds."""
 JOURNAL_DDL = (
     "CREATE TABLE IF NOT EXISTS journal_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     f"INSERT OR IGNORE INTO journal_meta VALUES ('schema', '{JOURNAL_SCHEMA_ID}')",
@@ -146,6 +155,7 @@ JOURNAL_DDL = (
     """CREATE TABLE IF NOT EXISTS withdrawn (
         decision_id TEXT PRIMARY KEY
     ) WITHOUT ROWID""",
+    ARCHIVED_DDL,
     """CREATE TABLE IF NOT EXISTS rule_sets (
         ruleset_version TEXT PRIMARY KEY,
         rule_ids TEXT NOT NULL
@@ -457,6 +467,15 @@ class JournalWriter:
                 (decision_id,),
             ).fetchone()
             if found is None:  # or withdrawn: journalled, never served
+                moved = conn.execute(
+                    "SELECT customer_key, action, catalog_version FROM archived "
+                    "WHERE decision_id = ?",
+                    (decision_id,),
+                ).fetchone()
+                if moved is not None:  # nextbest archive moved it: whom it was for stays
+                    raise ArchivedDecisionError(
+                        decision_id, DecidedFor(moved[0], int(moved[1]), moved[2])
+                    )
                 raise UnknownDecisionError(decision_id)
             seq, decided_us, action, customer_key, catalog_version = found
             decision = DecidedFor(customer_key, int(action), catalog_version)

@@ -14,11 +14,18 @@ same layout, while the service keeps writing:
   first, in steps of about :data:`STEP_DECISIONS` decisions; a step stops at the first chunk
   holding a decision at or after the cutoff, and the newest chunk never moves (SQLite numbers
   new rows after the last one; an empty table would number them from 1 again).
-* Each step copies, checks the copy, and only then deletes, in two transactions: a crash
-  between the two leaves the decisions in both files, and archiving again (to the same
-  archive) finishes the move. Nothing is lost either way.
+* Each step is recorded in the live journal (``journal_meta``), copied and checked, then
+  deleted under the live journal's write lock, in separate transactions. A reward or
+  withdrawal committed meanwhile is found there, missing from the archive, and the step is
+  copied again before anything is deleted. A crash leaves the step recorded: the next run
+  finishes it first, and refuses another archive directory until it has (a decision is
+  never in two archives). Nothing is lost either way.
+* The archive records which journal it is of (a random id in the live journal's
+  ``journal_meta``); another journal's archive is refused.
 * A decision whose outcome may still be reported stays: the cutoff must be at least the
-  attribution window old (a reward for an archived decision would be refused as unknown).
+  attribution window old. For a moved decision the live journal keeps whom it was for
+  (``archived``), so an opt-out or complaint reported later still binds (the service answers
+  410: the outcome itself is not recorded).
 * The live journal's file does not shrink: SQLite reuses the freed pages for new decisions.
 """
 
@@ -26,11 +33,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from nextbest.decision_journal import (
+    ARCHIVED_DDL,
     JOURNAL_DDL,
     JOURNAL_FILENAME,
     JOURNAL_SCHEMA_ID,
@@ -114,23 +123,106 @@ def archive_journal(
     target = Path(archive) / JOURNAL_FILENAME
     if target.resolve() == source.resolve():
         raise ArchiveError(f"{archive}: the archive must be another directory than the journal")
+    _check_existing(target)
     conn = open_sqlite(source, busy_timeout_ms=BUSY_TIMEOUT_MS)
     moved = chunks = 0
     try:
         _check_layout(conn, "main", source)
+        conn.execute(ARCHIVED_DDL)  # a journal last opened by an older service lacks it
+        identity = _identity(conn)
+        pending = _pending(conn)
+        if pending is not None and pending[0] != str(target.resolve()):
+            raise ArchiveError(
+                f"{source}: an archive into {Path(pending[0]).parent} was interrupted: run it "
+                "again with that --out first (a decision must not go to two archives)"
+            )
         _create(target)
         conn.execute("ATTACH DATABASE ? AS archive", (str(target),))
         _check_layout(conn, "archive", target)
+        _claim(conn, identity, target)
         cutoff = epoch_us(before)
-        while (step := _next_step(conn, cutoff, step_decisions, source)) is not None:
+        step = None if pending is None else pending[1]
+        while step is not None or (step := _next_step(conn, cutoff, step_decisions, source)):
+            _record(conn, step, target)
             _copy(conn, step, target)
-            _delete(conn, step)
+            while not _delete(conn, step):  # a reward or withdrawal came meanwhile
+                _copy(conn, step, target)
             moved += step.decisions
             chunks += len(step.chunk_ids)
+            step = None
         (kept,) = conn.execute("SELECT count(*) FROM main.decisions").fetchone()
     finally:
         conn.close()
     return ArchiveResult(moved, chunks, target, kept)
+
+
+def _check_existing(target: Path) -> None:
+    """Refuse an archive file that is not a journal of this layout, before writing to it."""
+    if not target.exists():
+        return
+    if journal_file(target) is None:
+        raise ArchiveError(f"{target}: not a decision journal (an archive must be one)")
+    conn = open_sqlite(target, read_only=True)
+    try:
+        _check_layout(conn, "main", target)
+    finally:
+        conn.close()
+
+
+_IDENTITY = "journal_id"
+_ARCHIVE_OF = "archive_of"
+_PENDING = "archiving"
+
+
+def _identity(conn: sqlite3.Connection) -> str:
+    """The live journal's id (made on its first archive)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO main.journal_meta VALUES (?, ?)", (_IDENTITY, uuid.uuid4().hex)
+    )
+    (found,) = conn.execute(
+        "SELECT value FROM main.journal_meta WHERE key = ?", (_IDENTITY,)
+    ).fetchone()
+    return str(found)
+
+
+def _claim(conn: sqlite3.Connection, identity: str, target: Path) -> None:
+    """Make the archive this journal's, or refuse another journal's."""
+    conn.execute(
+        "INSERT OR IGNORE INTO archive.journal_meta VALUES (?, ?)", (_ARCHIVE_OF, identity)
+    )
+    (owner,) = conn.execute(
+        "SELECT value FROM archive.journal_meta WHERE key = ?", (_ARCHIVE_OF,)
+    ).fetchone()
+    if owner != identity:
+        raise ArchiveError(
+            f"{target}: is the archive of another journal: archive into a new directory"
+        )
+
+
+def _pending(conn: sqlite3.Connection) -> tuple[str, _Step] | None:
+    """The step an interrupted run recorded (its archive file and the step), if any."""
+    found = conn.execute(
+        "SELECT value FROM main.journal_meta WHERE key = ?", (_PENDING,)
+    ).fetchone()
+    if found is None:
+        return None
+    record = json.loads(found[0])
+    step = _Step(record["first"], record["last"], record["chunks"], record["decisions"])
+    return record["archive"], step
+
+
+def _record(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
+    """Record ``step`` in the live journal before any of it is copied."""
+    record = {
+        "archive": str(target.resolve()),
+        "first": step.first_seq,
+        "last": step.last_seq,
+        "chunks": step.chunk_ids,
+        "decisions": step.decisions,
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO main.journal_meta VALUES (?, ?)", (_PENDING, json.dumps(record))
+    )
 
 
 def _create(target: Path) -> None:
@@ -157,7 +249,10 @@ def _next_step(conn: sqlite3.Connection, cutoff_us: int, limit: int, file: Path)
     """The oldest whole chunks (in ``seq`` order) whose decisions were all made before
     ``cutoff_us``, about ``limit`` decisions (at least one chunk); None when the oldest chunk
     is not entirely before the cutoff, or is the newest chunk."""
-    (newest,) = conn.execute("SELECT max(chunk_id) FROM main.decisions").fetchone()
+    newest = conn.execute(
+        "SELECT chunk_id FROM main.decisions ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    newest = None if newest is None else newest[0]
     rows = conn.execute(
         "SELECT seq, chunk_id, timestamp_us FROM main.decisions ORDER BY seq LIMIT ?", (limit,)
     ).fetchall()
@@ -270,11 +365,34 @@ def _copy(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
     conn.execute("COMMIT")
 
 
-def _delete(conn: sqlite3.Connection, step: _Step) -> None:
-    """Delete ``step``'s rows from the live journal, in one transaction."""
+_NOT_COPIED = (
+    f"SELECT count(*) FROM main.rewards AS m WHERE m.{_IN_SEQS} AND NOT EXISTS "
+    "(SELECT 1 FROM archive.rewards AS a WHERE a.decision_id = m.decision_id)",
+    "SELECT count(*) FROM main.withdrawn AS w JOIN main.decisions AS d USING (decision_id) "
+    f"WHERE d.{_IN_SEQS} AND NOT EXISTS "
+    "(SELECT 1 FROM archive.withdrawn AS a WHERE a.decision_id = w.decision_id)",
+)
+"""Rows of a step the archive lacks: a reward or withdrawal committed after its copy."""
+
+
+def _delete(conn: sqlite3.Connection, step: _Step) -> bool:
+    """Delete ``step``'s rows from the live journal, keep whom each served decision was for
+    (``archived``), and clear the step's record, in one transaction under the live
+    journal's write lock; False (nothing deleted) when a reward or withdrawal of the step
+    arrived after its copy."""
     params = {"first": step.first_seq, "last": step.last_seq, "chunks": json.dumps(step.chunk_ids)}
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if any(conn.execute(query, params).fetchone()[0] for query in _NOT_COPIED):
+            conn.execute("ROLLBACK")
+            return False
+        conn.execute(
+            "INSERT OR IGNORE INTO main.archived SELECT d.decision_id, d.customer_key, "
+            "d.action, v.catalog_version FROM main.decisions AS d JOIN main.versions AS v "
+            f"USING (version_id) WHERE d.{_IN_SEQS} AND d.decision_id NOT IN "
+            "(SELECT decision_id FROM main.withdrawn)",
+            params,
+        )
         conn.execute(
             "DELETE FROM main.withdrawn WHERE decision_id IN "
             f"(SELECT decision_id FROM main.decisions WHERE {_IN_SEQS})",
@@ -284,10 +402,12 @@ def _delete(conn: sqlite3.Connection, step: _Step) -> None:
         conn.execute(f"DELETE FROM main.decisions WHERE {_IN_SEQS}", params)
         conn.execute(f"DELETE FROM main.chunk_blocks WHERE {_IN_CHUNKS}", params)
         conn.execute(f"DELETE FROM main.decision_chunks WHERE {_IN_CHUNKS}", params)
+        conn.execute("DELETE FROM main.journal_meta WHERE key = ?", (_PENDING,))
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    return True
 
 
 __all__ = ["STEP_DECISIONS", "ArchiveError", "ArchiveResult", "archive_journal"]

@@ -155,6 +155,20 @@ class UnknownDecisionError(LookupError):
         super().__init__(f"no decision with id {decision_id!r} in the journal")
 
 
+class ArchivedDecisionError(UnknownDecisionError):
+    """A reward names a decision moved out of the live journal by ``nextbest archive`` (HTTP
+    410): its outcome is not recorded, but ``decision`` says whom it was for, so an opt-out
+    or complaint in the report still binds."""
+
+    def __init__(self, decision_id: str, decision: DecidedFor) -> None:
+        super().__init__(decision_id)
+        self.args = (
+            f"decision {decision_id!r} was archived (nextbest archive): its outcome is no "
+            "longer recorded",
+        )
+        self.decision = decision
+
+
 class RewardConflictError(ValueError):
     """A second, different outcome for a decision whose reward is already recorded (HTTP 409).
 

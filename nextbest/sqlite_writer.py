@@ -35,6 +35,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
+
 def sqlite_tables(path: Path) -> set[str] | None:
     """The table names of the database file ``path`` (empty for an empty file), or None when
     it is not a SQLite database.

@@ -42,6 +42,7 @@ from nextbest.decision_journal import JournalWriter
 from nextbest.features import ContextEncoder
 from nextbest.privacy import message_key, pseudonymise, pseudonymise_many
 from nextbest.rewards import (
+    ArchivedDecisionError,
     DecidedFor,
     RewardConflictError,
     RewardOutcome,
@@ -1022,6 +1023,14 @@ class ScoringService:
             result = await asyncio.wrap_future(
                 self.journal.submit_reward(request.decision_id, outcome)
             )
+        except ArchivedDecisionError as exc:  # the outcome has no row; its STOP still binds
+            now = datetime.now(UTC)
+            restrictions = self._restrictions_of(
+                exc.decision, outcome, outcome.reward_at or now, now
+            )
+            if restrictions:
+                await asyncio.wrap_future(self.contacts.restrict(restrictions))
+            raise HTTPException(410, str(exc)) from None
         except UnknownDecisionError as exc:
             raise HTTPException(404, str(exc)) from None
         except (RewardConflictError, RewardTimeError) as exc:

@@ -18,6 +18,8 @@ router = APIRouter(prefix="/v1/rewards", tags=["rewards"])
         {
             400: "Outcome dated before its decision.",
             404: "No decision with this id.",
+            410: "The decision was archived: its outcome is not recorded (an opt-out or "
+            "complaint in it still binds).",
             409: "A different outcome is already stored.",
         },
     ),

@@ -128,7 +128,7 @@ def test_archive_refuses_what_it_cannot_do_safely(tmp_path: Path) -> None:
     other, _ = _journal(tmp_path / "other")
     other.close()
     archive_journal(tmp_path / "other", T0 + 1.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
-    with pytest.raises(ArchiveError, match="another journal's archive"):
+    with pytest.raises(ArchiveError, match="archive of another journal"):
         archive_journal(live, T0 + 1.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
     assert read_journal(live).num_rows == sum(SIZES) - 1  # nothing moved
 
@@ -149,3 +149,92 @@ def test_archive_command(tmp_path: Path) -> None:
     assert recent.exit_code == 2 and "attribution window" in " ".join(recent.output.split())
     naive = CliRunner().invoke(app, [*args, "--before", "2026-11-01T00:00"])
     assert naive.exit_code == 2 and "bad --before" in naive.output
+
+
+def test_a_reward_or_withdrawal_between_copy_and_delete_is_copied_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service writes on while a step is copied: what it commits before the delete
+    takes the write lock is found missing from the archive and copied, not deleted."""
+    writer, days = _journal(tmp_path / "live")
+    real_copy, copies = journal_archive._copy, []
+
+    def copy_then_report(conn, step, target) -> None:
+        real_copy(conn, step, target)
+        copies.append(step)
+        if len(copies) == 1:  # a late outcome and a withdrawal land right after the copy
+            late = RewardOutcome(False, False, True, 0.0)
+            writer.submit_reward(days[0][1], late, T0 + 9 * DAY).result()
+            writer.withdraw([days[0][2]]).result()
+
+    monkeypatch.setattr(journal_archive, "_copy", copy_then_report)
+    before = read_journal(tmp_path / "live")
+    archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "archive", WINDOW, now=NOW)
+    writer.close()
+    assert len(copies) == 2  # the step was copied again before its delete
+    archived = read_journal(tmp_path / "archive")
+    rows = dict(zip(_ids(archived), archived.column("opted_out").to_pylist(), strict=True))
+    assert rows[days[0][1]] is True  # the late opt-out moved with its decision
+    assert days[0][2] not in rows  # and so did the withdrawal
+    assert archived.num_rows == len(days[0]) - 1
+    assert read_journal(tmp_path / "live").num_rows == before.num_rows - len(days[0])
+
+
+def test_an_interrupted_archive_is_finished_before_another_and_only_into_its_own_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    before = read_journal(tmp_path / "live")
+
+    def crash(conn, step) -> bool:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(journal_archive, "_delete", crash)
+        with pytest.raises(KeyboardInterrupt):
+            archive_journal(tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    # another directory would hold the step's decisions a second time
+    with pytest.raises(ArchiveError, match="was interrupted"):
+        archive_journal(tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "b", WINDOW, now=NOW)
+    assert not (tmp_path / "b").exists()
+    # an earlier cutoff still finishes the recorded step first
+    done = archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    archived, live = read_journal(tmp_path / "a"), read_journal(tmp_path / "live")
+    assert done.decisions > 0 and archived.num_rows + live.num_rows == before.num_rows
+    assert set(_ids(archived)).isdisjoint(_ids(live))
+
+
+def test_an_archive_is_checked_before_it_is_written_and_keeps_to_its_journal(
+    tmp_path: Path,
+) -> None:
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    other, _ = _journal(tmp_path / "other")
+    other.close()
+    # another journal's archive, even with none of the same row numbers
+    archive_journal(tmp_path / "other", T0 + 0.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    with pytest.raises(ArchiveError, match="archive of another journal"):
+        archive_journal(tmp_path / "live", T0 + 3.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    # a file that is not a journal is left as it is
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "journal.db").write_bytes(b"not a database at all")
+    with pytest.raises(ArchiveError, match="not a decision journal"):
+        archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "junk", WINDOW, now=NOW)
+    assert (tmp_path / "junk" / "journal.db").read_bytes() == b"not a database at all"
+    assert read_journal(tmp_path / "live").num_rows == sum(SIZES) - 1
+
+
+def test_a_reward_for_an_archived_decision_names_whom_it_was_for(tmp_path: Path) -> None:
+    from nextbest.rewards import ArchivedDecisionError
+
+    writer, days = _journal(tmp_path / "live")
+    archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "archive", WINDOW, now=NOW)
+    moved = read_journal(tmp_path / "archive")
+    with pytest.raises(ArchivedDecisionError) as info:
+        writer.submit_reward(days[0][0], RewardOutcome(False, False, True, 0.0)).result()
+    writer.close()
+    row = _ids(moved).index(days[0][0])
+    assert info.value.decision.customer_key == moved.column("customer_key")[row].as_py()
+    assert info.value.decision.action == moved.column("action")[row].as_py()
+    assert isinstance(info.value, UnknownDecisionError)

@@ -558,3 +558,34 @@ def test_a_refused_reports_opt_out_keeps_its_date_against_a_consent(
         assert given.status_code == 200 and given.json()["lifted"] == [], given.text
         after = _explained(client, auth["decide"], "refused-ahead")
     assert "channel_opt_out" in _opted_out_rules(after, channel)
+
+
+def test_an_opt_out_reported_for_an_archived_decision_is_410_and_binds(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """``nextbest archive`` moved the decision out of the live journal: its outcome cannot
+    be recorded any more (410), but the customer's STOP in it binds."""
+    from nextbest.journal_archive import archive_journal
+
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        old = _explained(client, auth["decide"], "long-ago")
+        channel = old["chosen"]["channel"]
+        assert channel is not None
+        _explained(client, auth["decide"], "bystander")  # the newest part always stays
+        later = datetime.now(UTC) + timedelta(days=40)
+        moved = archive_journal(
+            api_settings.state_dir,
+            datetime.now(UTC),
+            api_settings.state_dir.parent / "archive",
+            timedelta(days=30),
+            now=later,
+        )
+        assert moved.decisions == 1
+        reward = {"decision_id": old["decision_id"], "opted_out": True}
+        gone = client.post("/v1/rewards", json=reward, headers=auth["reward"])
+        assert gone.status_code == 410 and "archived" in gone.json()["detail"], gone.text
+        after = _explained(client, auth["decide"], "long-ago")
+        unknown = {"decision_id": "0" * 32, "opted_out": True}
+        assert client.post("/v1/rewards", json=unknown, headers=auth["reward"]).status_code == 404
+    assert "channel_opt_out" in _opted_out_rules(after, channel)
