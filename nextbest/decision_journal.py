@@ -103,7 +103,8 @@ ARCHIVED_DDL = """CREATE TABLE IF NOT EXISTS archived (
     decision_id TEXT PRIMARY KEY,
     customer_key TEXT NOT NULL,
     action INTEGER NOT NULL,
-    catalog_version TEXT NOT NULL
+    catalog_version TEXT NOT NULL,
+    timestamp_us INTEGER NOT NULL
 ) WITHOUT ROWID"""
 """Decisions ``nextbest archive`` moved out (:mod:`nextbest.journal_archive`): whom each was
 for, so an opt-out reported for it later still binds."""
@@ -468,13 +469,15 @@ class JournalWriter:
             ).fetchone()
             if found is None:  # or withdrawn: journalled, never served
                 moved = conn.execute(
-                    "SELECT customer_key, action, catalog_version FROM archived "
+                    "SELECT customer_key, action, catalog_version, timestamp_us FROM archived "
                     "WHERE decision_id = ?",
                     (decision_id,),
                 ).fetchone()
                 if moved is not None:  # nextbest archive moved it: whom it was for stays
                     raise ArchivedDecisionError(
-                        decision_id, DecidedFor(moved[0], int(moved[1]), moved[2])
+                        decision_id,
+                        DecidedFor(moved[0], int(moved[1]), moved[2]),
+                        from_epoch_us(moved[3]),
                     )
                 raise UnknownDecisionError(decision_id)
             seq, decided_us, action, customer_key, catalog_version = found
@@ -624,8 +627,8 @@ def journal_file(path: str | Path) -> Path | None:
         return None
     try:
         return path if sqlite_tables(path) is not None else None
-    except OSError:
-        return None
+    except OSError:  # a database that cannot be read (damaged, permissions): its reader says why
+        return path
 
 
 _READ_CHUNK = 100_000

@@ -14,12 +14,13 @@ same layout, while the service keeps writing:
   first, in steps of about :data:`STEP_DECISIONS` decisions; a step stops at the first chunk
   holding a decision at or after the cutoff, and the newest chunk never moves (SQLite numbers
   new rows after the last one; an empty table would number them from 1 again).
-* Each step is recorded in the live journal (``journal_meta``), copied and checked, then
-  deleted under the live journal's write lock, in separate transactions. A reward or
-  withdrawal committed meanwhile is found there, missing from the archive, and the step is
-  copied again before anything is deleted. A crash leaves the step recorded: the next run
-  finishes it first, and refuses another archive directory until it has (a decision is
-  never in two archives). Nothing is lost either way.
+* Each step is recorded in the live journal (``journal_meta``); then it takes the live
+  journal's write lock (a second connection), copies and checks the step into the archive
+  and commits it there, deletes it from the live journal and commits, which lets go of the
+  lock. Nothing reaches the live journal between the copy and the delete: a reward sent
+  meanwhile waits, then finds its decision archived. A crash leaves the step recorded: the
+  next run finishes it first, and refuses another archive directory until it has (a
+  decision is never in two archives). Nothing is lost either way.
 * The archive records which journal it is of (a random id in the live journal's
   ``journal_meta``); another journal's archive is refused.
 * A decision whose outcome may still be reported stays: the cutoff must be at least the
@@ -139,21 +140,49 @@ def archive_journal(
         _create(target)
         conn.execute("ATTACH DATABASE ? AS archive", (str(target),))
         _check_layout(conn, "archive", target)
-        _claim(conn, identity, target)
-        cutoff = epoch_us(before)
-        step = None if pending is None else pending[1]
-        while step is not None or (step := _next_step(conn, cutoff, step_decisions, source)):
-            _record(conn, step, target)
-            _copy(conn, step, target)
-            while not _delete(conn, step):  # a reward or withdrawal came meanwhile
-                _copy(conn, step, target)
-            moved += step.decisions
-            chunks += len(step.chunk_ids)
-            step = None
+        lock = open_sqlite(source, busy_timeout_ms=BUSY_TIMEOUT_MS)
+        try:
+            cutoff = epoch_us(before)
+            step = None if pending is None else pending[1]
+            while step is not None or (step := _next_step(conn, cutoff, step_decisions, source)):
+                _move(conn, lock, step, target, identity)
+                moved += step.decisions
+                chunks += len(step.chunk_ids)
+                step = None
+        finally:
+            lock.close()
         (kept,) = conn.execute("SELECT count(*) FROM main.decisions").fetchone()
     finally:
         conn.close()
     return ArchiveResult(moved, chunks, target, kept)
+
+
+def _move(
+    conn: sqlite3.Connection, lock: sqlite3.Connection, step: _Step, target: Path, identity: str
+) -> None:
+    """Move ``step``: record it in the live journal, take the live journal's write lock (on
+    ``lock``, a second connection), copy and check the step into the archive and commit it
+    there (``conn``: nothing can reach the live journal meanwhile), then delete it from the
+    live journal and clear the record in one transaction, and let go of the lock.
+
+    A copy refused by its check (another journal's archive) clears the record again: nothing
+    was copied."""
+    record = _record(conn, step, target)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        try:
+            _copy(conn, step, target, identity)
+        except ArchiveError:
+            lock.execute("ROLLBACK")
+            conn.execute(
+                "DELETE FROM main.journal_meta WHERE key = ? AND value = ?", (_PENDING, record)
+            )
+            raise
+        _delete(lock, step, record)
+    except BaseException:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        raise
 
 
 def _check_existing(target: Path) -> None:
@@ -186,14 +215,21 @@ def _identity(conn: sqlite3.Connection) -> str:
 
 
 def _claim(conn: sqlite3.Connection, identity: str, target: Path) -> None:
-    """Make the archive this journal's, or refuse another journal's."""
-    conn.execute(
-        "INSERT OR IGNORE INTO archive.journal_meta VALUES (?, ?)", (_ARCHIVE_OF, identity)
-    )
-    (owner,) = conn.execute(
+    """Make the archive this journal's, or refuse another journal's (in the copy's
+    transaction: a refused copy claims nothing). An archive that holds decisions but no
+    journal id is refused too: it may be another journal's."""
+    found = conn.execute(
         "SELECT value FROM archive.journal_meta WHERE key = ?", (_ARCHIVE_OF,)
     ).fetchone()
-    if owner != identity:
+    if found is None:
+        (held,) = conn.execute("SELECT count(*) FROM archive.decisions").fetchone()
+        if held:
+            raise ArchiveError(
+                f"{target}: holds {held} decisions but says of no journal whose archive it is: "
+                "archive into a new directory"
+            )
+        conn.execute("INSERT INTO archive.journal_meta VALUES (?, ?)", (_ARCHIVE_OF, identity))
+    elif found[0] != identity:
         raise ArchiveError(
             f"{target}: is the archive of another journal: archive into a new directory"
         )
@@ -211,8 +247,8 @@ def _pending(conn: sqlite3.Connection) -> tuple[str, _Step] | None:
     return record["archive"], step
 
 
-def _record(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
-    """Record ``step`` in the live journal before any of it is copied."""
+def _record(conn: sqlite3.Connection, step: _Step, target: Path) -> str:
+    """Record ``step`` in the live journal before any of it is copied; the record."""
     record = {
         "archive": str(target.resolve()),
         "first": step.first_seq,
@@ -220,9 +256,9 @@ def _record(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
         "chunks": step.chunk_ids,
         "decisions": step.decisions,
     }
-    conn.execute(
-        "INSERT OR REPLACE INTO main.journal_meta VALUES (?, ?)", (_PENDING, json.dumps(record))
-    )
+    text = json.dumps(record)
+    conn.execute("INSERT OR REPLACE INTO main.journal_meta VALUES (?, ?)", (_PENDING, text))
+    return text
 
 
 def _create(target: Path) -> None:
@@ -337,7 +373,7 @@ _DIFFERENT = (
 """After a copy, the rows of the step that the archive does not hold as they are: must be 0."""
 
 
-def _copy(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
+def _copy(conn: sqlite3.Connection, step: _Step, target: Path, identity: str) -> None:
     """Copy ``step``'s rows into the archive and check them there, in one transaction of the
     archive (committed before anything is deleted).
 
@@ -349,6 +385,7 @@ def _copy(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
     params = {"first": step.first_seq, "last": step.last_seq, "chunks": json.dumps(step.chunk_ids)}
     conn.execute("BEGIN")
     try:
+        _claim(conn, identity, target)
         for statement in _COPY:
             conn.execute(statement, params)
         for table, query in _DIFFERENT:
@@ -365,49 +402,30 @@ def _copy(conn: sqlite3.Connection, step: _Step, target: Path) -> None:
     conn.execute("COMMIT")
 
 
-_NOT_COPIED = (
-    f"SELECT count(*) FROM main.rewards AS m WHERE m.{_IN_SEQS} AND NOT EXISTS "
-    "(SELECT 1 FROM archive.rewards AS a WHERE a.decision_id = m.decision_id)",
-    "SELECT count(*) FROM main.withdrawn AS w JOIN main.decisions AS d USING (decision_id) "
-    f"WHERE d.{_IN_SEQS} AND NOT EXISTS "
-    "(SELECT 1 FROM archive.withdrawn AS a WHERE a.decision_id = w.decision_id)",
-)
-"""Rows of a step the archive lacks: a reward or withdrawal committed after its copy."""
-
-
-def _delete(conn: sqlite3.Connection, step: _Step) -> bool:
-    """Delete ``step``'s rows from the live journal, keep whom each served decision was for
-    (``archived``), and clear the step's record, in one transaction under the live
-    journal's write lock; False (nothing deleted) when a reward or withdrawal of the step
-    arrived after its copy."""
+def _delete(lock: sqlite3.Connection, step: _Step, record: str) -> None:
+    """In ``lock``'s transaction (it holds the live journal's write lock since before the
+    step was copied): keep whom each served decision of ``step`` was for (``archived``),
+    delete the step's rows, clear its record (``record``, this run's own: never another
+    run's), and commit."""
     params = {"first": step.first_seq, "last": step.last_seq, "chunks": json.dumps(step.chunk_ids)}
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if any(conn.execute(query, params).fetchone()[0] for query in _NOT_COPIED):
-            conn.execute("ROLLBACK")
-            return False
-        conn.execute(
-            "INSERT OR IGNORE INTO main.archived SELECT d.decision_id, d.customer_key, "
-            "d.action, v.catalog_version FROM main.decisions AS d JOIN main.versions AS v "
-            f"USING (version_id) WHERE d.{_IN_SEQS} AND d.decision_id NOT IN "
-            "(SELECT decision_id FROM main.withdrawn)",
-            params,
-        )
-        conn.execute(
-            "DELETE FROM main.withdrawn WHERE decision_id IN "
-            f"(SELECT decision_id FROM main.decisions WHERE {_IN_SEQS})",
-            params,
-        )
-        conn.execute(f"DELETE FROM main.rewards WHERE {_IN_SEQS}", params)
-        conn.execute(f"DELETE FROM main.decisions WHERE {_IN_SEQS}", params)
-        conn.execute(f"DELETE FROM main.chunk_blocks WHERE {_IN_CHUNKS}", params)
-        conn.execute(f"DELETE FROM main.decision_chunks WHERE {_IN_CHUNKS}", params)
-        conn.execute("DELETE FROM main.journal_meta WHERE key = ?", (_PENDING,))
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return True
+    lock.execute(
+        "INSERT OR IGNORE INTO archived SELECT d.decision_id, d.customer_key, d.action, "
+        "v.catalog_version, d.timestamp_us FROM decisions AS d JOIN versions AS v "
+        f"USING (version_id) WHERE d.{_IN_SEQS} AND d.decision_id NOT IN "
+        "(SELECT decision_id FROM withdrawn)",
+        params,
+    )
+    lock.execute(
+        "DELETE FROM withdrawn WHERE decision_id IN "
+        f"(SELECT decision_id FROM decisions WHERE {_IN_SEQS})",
+        params,
+    )
+    lock.execute(f"DELETE FROM rewards WHERE {_IN_SEQS}", params)
+    lock.execute(f"DELETE FROM decisions WHERE {_IN_SEQS}", params)
+    lock.execute(f"DELETE FROM chunk_blocks WHERE {_IN_CHUNKS}", params)
+    lock.execute(f"DELETE FROM decision_chunks WHERE {_IN_CHUNKS}", params)
+    lock.execute("DELETE FROM journal_meta WHERE key = ? AND value = ?", (_PENDING, record))
+    lock.execute("COMMIT")
 
 
 __all__ = ["STEP_DECISIONS", "ArchiveError", "ArchiveResult", "archive_journal"]

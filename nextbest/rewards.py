@@ -157,16 +157,16 @@ class UnknownDecisionError(LookupError):
 
 class ArchivedDecisionError(UnknownDecisionError):
     """A reward names a decision moved out of the live journal by ``nextbest archive`` (HTTP
-    410): its outcome is not recorded, but ``decision`` says whom it was for, so an opt-out
-    or complaint in the report still binds."""
+    410): its outcome is not recorded, but ``decision`` says whom it was for (and
+    ``decided_at`` when), so an opt-out or complaint in the report still binds."""
 
-    def __init__(self, decision_id: str, decision: DecidedFor) -> None:
+    def __init__(self, decision_id: str, decision: DecidedFor, decided_at: datetime) -> None:
         super().__init__(decision_id)
         self.args = (
             f"decision {decision_id!r} was archived (nextbest archive): its outcome is no "
             "longer recorded",
         )
-        self.decision = decision
+        self.decision, self.decided_at = decision, decided_at
 
 
 class RewardConflictError(ValueError):

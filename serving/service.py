@@ -1025,9 +1025,9 @@ class ScoringService:
             )
         except ArchivedDecisionError as exc:  # the outcome has no row; its STOP still binds
             now = datetime.now(UTC)
-            restrictions = self._restrictions_of(
-                exc.decision, outcome, outcome.reward_at or now, now
-            )
+            at = outcome.reward_at or now
+            at = at if at >= exc.decided_at else now  # dated before its decision: at receipt
+            restrictions = self._restrictions_of(exc.decision, outcome, at, now)
             if restrictions:
                 await asyncio.wrap_future(self.contacts.restrict(restrictions))
             raise HTTPException(410, str(exc)) from None

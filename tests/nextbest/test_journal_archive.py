@@ -3,6 +3,7 @@ the live journal still written to, and a crash between copy and delete finished 
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_the_newest_part_stays_and_a_crash_between_copy_and_delete_is_finished(
     before = read_journal(tmp_path / "live")
     calls = []
 
-    def crash(conn, step) -> None:  # the copy committed, then the process dies
+    def crash(lock, step, record) -> None:  # the copy committed, then the process dies
         calls.append(step)
         raise KeyboardInterrupt
 
@@ -151,31 +152,40 @@ def test_archive_command(tmp_path: Path) -> None:
     assert naive.exit_code == 2 and "bad --before" in naive.output
 
 
-def test_a_reward_or_withdrawal_between_copy_and_delete_is_copied_again(
+def test_what_the_service_writes_during_a_step_is_moved_or_refused_never_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The service writes on while a step is copied: what it commits before the delete
-    takes the write lock is found missing from the archive and copied, not deleted."""
+    """A reward and a withdrawal committed before a step takes the live journal's write
+    lock move with it; a reward sent while the lock is held waits for it, and finds its
+    decision archived (refused: 410 at the service), never acknowledged and then lost."""
+    from nextbest.rewards import ArchivedDecisionError
+
     writer, days = _journal(tmp_path / "live")
-    real_copy, copies = journal_archive._copy, []
+    real_record, real_copy, waiting = journal_archive._record, journal_archive._copy, []
 
-    def copy_then_report(conn, step, target) -> None:
-        real_copy(conn, step, target)
-        copies.append(step)
-        if len(copies) == 1:  # a late outcome and a withdrawal land right after the copy
-            late = RewardOutcome(False, False, True, 0.0)
-            writer.submit_reward(days[0][1], late, T0 + 9 * DAY).result()
-            writer.withdraw([days[0][2]]).result()
+    def record_then_report(conn, step, target) -> str:
+        record = real_record(conn, step, target)
+        late = RewardOutcome(False, False, True, 0.0)
+        writer.submit_reward(days[0][1], late, T0 + 9 * DAY).result()
+        writer.withdraw([days[0][2]]).result()
+        return record
 
-    monkeypatch.setattr(journal_archive, "_copy", copy_then_report)
+    def copy_while_reported(conn, step, target, identity) -> None:
+        waiting.append(writer.submit_reward(days[0][4], RewardOutcome(True, False, False, 5.0)))
+        real_copy(conn, step, target, identity)
+
+    monkeypatch.setattr(journal_archive, "_record", record_then_report)
+    monkeypatch.setattr(journal_archive, "_copy", copy_while_reported)
     before = read_journal(tmp_path / "live")
     archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "archive", WINDOW, now=NOW)
+    with pytest.raises(ArchivedDecisionError):
+        waiting[0].result(timeout=30)
     writer.close()
-    assert len(copies) == 2  # the step was copied again before its delete
     archived = read_journal(tmp_path / "archive")
     rows = dict(zip(_ids(archived), archived.column("opted_out").to_pylist(), strict=True))
     assert rows[days[0][1]] is True  # the late opt-out moved with its decision
     assert days[0][2] not in rows  # and so did the withdrawal
+    assert rows[days[0][4]] is None  # the reward sent under the lock was refused, not stored
     assert archived.num_rows == len(days[0]) - 1
     assert read_journal(tmp_path / "live").num_rows == before.num_rows - len(days[0])
 
@@ -187,7 +197,7 @@ def test_an_interrupted_archive_is_finished_before_another_and_only_into_its_own
     writer.close()
     before = read_journal(tmp_path / "live")
 
-    def crash(conn, step) -> bool:
+    def crash(lock, step, record) -> None:
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
@@ -216,13 +226,21 @@ def test_an_archive_is_checked_before_it_is_written_and_keeps_to_its_journal(
     archive_journal(tmp_path / "other", T0 + 0.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
     with pytest.raises(ArchiveError, match="archive of another journal"):
         archive_journal(tmp_path / "live", T0 + 3.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    # the refusal claimed nothing and left no step behind: both journals archive on
+    assert archive_journal(tmp_path / "other", T0 + 1.5 * DAY, tmp_path / "a", WINDOW, now=NOW)
+    assert archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "b", WINDOW, now=NOW)
+    # an archive that holds decisions but names no journal may be anyone's
+    with sqlite3.connect(tmp_path / "b" / "journal.db") as conn:
+        conn.execute("DELETE FROM journal_meta WHERE key = 'archive_of'")
+    with pytest.raises(ArchiveError, match="says of no journal"):
+        archive_journal(tmp_path / "live", T0 + 1.5 * DAY, tmp_path / "b", WINDOW, now=NOW)
     # a file that is not a journal is left as it is
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "journal.db").write_bytes(b"not a database at all")
     with pytest.raises(ArchiveError, match="not a decision journal"):
         archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "junk", WINDOW, now=NOW)
     assert (tmp_path / "junk" / "journal.db").read_bytes() == b"not a database at all"
-    assert read_journal(tmp_path / "live").num_rows == sum(SIZES) - 1
+    assert read_journal(tmp_path / "live").num_rows == sum(SIZES) - 1 - SIZES[0]
 
 
 def test_a_reward_for_an_archived_decision_names_whom_it_was_for(tmp_path: Path) -> None:
@@ -238,3 +256,21 @@ def test_a_reward_for_an_archived_decision_names_whom_it_was_for(tmp_path: Path)
     assert info.value.decision.customer_key == moved.column("customer_key")[row].as_py()
     assert info.value.decision.action == moved.column("action")[row].as_py()
     assert isinstance(info.value, UnknownDecisionError)
+
+
+def test_a_damaged_journal_is_named_as_damaged_not_as_missing(tmp_path: Path) -> None:
+    """Telling a journal from other files goes through SQLite; a damaged one is still the
+    journal (its readers say what is wrong), where only a file that is no database is not."""
+    from nextbest.decision_journal import journal_file
+
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    file = tmp_path / "live" / "journal.db"
+    damaged = bytearray(file.read_bytes())
+    damaged[100:200] = b"\xff" * 100  # the schema page's tree header
+    file.write_bytes(bytes(damaged))
+    assert journal_file(tmp_path / "live") == file
+    with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+        read_journal(tmp_path / "live")
+    file.write_bytes(b"not a database")
+    assert journal_file(tmp_path / "live") is None

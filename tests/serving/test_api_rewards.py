@@ -582,10 +582,20 @@ def test_an_opt_out_reported_for_an_archived_decision_is_410_and_binds(
             now=later,
         )
         assert moved.decisions == 1
-        reward = {"decision_id": old["decision_id"], "opted_out": True}
+        # dated before its decision (the platform's mistake): the complaint counts from now
+        reward = {
+            "decision_id": old["decision_id"],
+            "opted_out": True,
+            "complaint": True,
+            "occurred_at": "2020-01-01T00:00:00+00:00",
+        }
         gone = client.post("/v1/rewards", json=reward, headers=auth["reward"])
         assert gone.status_code == 410 and "archived" in gone.json()["detail"], gone.text
         after = _explained(client, auth["decide"], "long-ago")
+        assert after["chosen"]["channel"] is None
+        assert "complaint_suppression" in {b["rule"] for b in after["blocked"]}
         unknown = {"decision_id": "0" * 32, "opted_out": True}
         assert client.post("/v1/rewards", json=unknown, headers=auth["reward"]).status_code == 404
-    assert "channel_opt_out" in _opted_out_rules(after, channel)
+    with sqlite3.connect(api_settings.state_dir / "contacts.db") as conn:
+        kinds = sorted(k for (k,) in conn.execute("SELECT kind FROM restrictions"))
+    assert kinds == [0, 1]  # the opt-out (first rule: the complaint's, above) and the complaint
