@@ -145,9 +145,9 @@ def archive_journal(
             cutoff = epoch_us(before)
             step = None if pending is None else pending[1]
             while step is not None or (step := _next_step(conn, cutoff, step_decisions, source)):
-                _move(conn, lock, step, target, identity)
-                moved += step.decisions
-                chunks += len(step.chunk_ids)
+                if _move(conn, lock, step, target, identity):
+                    moved += step.decisions
+                    chunks += len(step.chunk_ids)
                 step = None
         finally:
             lock.close()
@@ -159,17 +159,26 @@ def archive_journal(
 
 def _move(
     conn: sqlite3.Connection, lock: sqlite3.Connection, step: _Step, target: Path, identity: str
-) -> None:
+) -> bool:
     """Move ``step``: record it in the live journal, take the live journal's write lock (on
     ``lock``, a second connection), copy and check the step into the archive and commit it
     there (``conn``: nothing can reach the live journal meanwhile), then delete it from the
     live journal and clear the record in one transaction, and let go of the lock.
 
     A copy refused by its check (another journal's archive) clears the record again: nothing
-    was copied."""
-    record = _record(conn, step, target)
+    was copied. False when the step's decisions were gone by then (another run moved them).
+    """
+    record = _record(lock, step, target)
     lock.execute("BEGIN IMMEDIATE")
     try:
+        (present,) = lock.execute(
+            "SELECT count(*) FROM decisions WHERE seq BETWEEN ? AND ?",
+            (step.first_seq, step.last_seq),
+        ).fetchone()
+        if present == 0:  # moved meanwhile by another run: nothing to copy
+            lock.execute("DELETE FROM journal_meta WHERE key = ? AND value = ?", (_PENDING, record))
+            lock.execute("COMMIT")
+            return False
         try:
             _copy(conn, step, target, identity)
         except ArchiveError:
@@ -183,6 +192,7 @@ def _move(
         if lock.in_transaction:
             lock.execute("ROLLBACK")
         raise
+    return True
 
 
 def _check_existing(target: Path) -> None:
@@ -247,8 +257,15 @@ def _pending(conn: sqlite3.Connection) -> tuple[str, _Step] | None:
     return record["archive"], step
 
 
-def _record(conn: sqlite3.Connection, step: _Step, target: Path) -> str:
-    """Record ``step`` in the live journal before any of it is copied; the record."""
+def _record(lock: sqlite3.Connection, step: _Step, target: Path) -> str:
+    """Record ``step`` in the live journal before any of it is copied; the record. Another
+    run's record (a run at the same time, into another directory) refuses.
+
+    Raises
+    ------
+    ArchiveError
+        The live journal records another step.
+    """
     record = {
         "archive": str(target.resolve()),
         "first": step.first_seq,
@@ -257,7 +274,20 @@ def _record(conn: sqlite3.Connection, step: _Step, target: Path) -> str:
         "decisions": step.decisions,
     }
     text = json.dumps(record)
-    conn.execute("INSERT OR REPLACE INTO main.journal_meta VALUES (?, ?)", (_PENDING, text))
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        found = lock.execute("SELECT value FROM journal_meta WHERE key = ?", (_PENDING,)).fetchone()
+        if found is not None and found[0] != text:
+            raise ArchiveError(
+                f"another archive run is moving part of this journal (into "
+                f"{Path(json.loads(found[0])['archive']).parent}): let it finish, or if it was "
+                "interrupted, run again with its --out"
+            )
+        lock.execute("INSERT OR REPLACE INTO journal_meta VALUES (?, ?)", (_PENDING, text))
+    except BaseException:
+        lock.execute("ROLLBACK")
+        raise
+    lock.execute("COMMIT")
     return text
 
 

@@ -3,6 +3,7 @@ the live journal still written to, and a crash between copy and delete finished 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import replace
 from datetime import timedelta
@@ -163,8 +164,8 @@ def test_what_the_service_writes_during_a_step_is_moved_or_refused_never_lost(
     writer, days = _journal(tmp_path / "live")
     real_record, real_copy, waiting = journal_archive._record, journal_archive._copy, []
 
-    def record_then_report(conn, step, target) -> str:
-        record = real_record(conn, step, target)
+    def record_then_report(lock, step, target) -> str:
+        record = real_record(lock, step, target)
         late = RewardOutcome(False, False, True, 0.0)
         writer.submit_reward(days[0][1], late, T0 + 9 * DAY).result()
         writer.withdraw([days[0][2]]).result()
@@ -274,3 +275,40 @@ def test_a_damaged_journal_is_named_as_damaged_not_as_missing(tmp_path: Path) ->
         read_journal(tmp_path / "live")
     file.write_bytes(b"not a database")
     assert journal_file(tmp_path / "live") is None
+
+
+def test_a_run_finds_another_runs_step_and_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs at once into two directories: a run that finds another's step recorded,
+    at its start or at any step, refuses rather than move decisions into a second archive."""
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    other = json.dumps(
+        {
+            "archive": str(tmp_path / "first" / "journal.db"),
+            "first": 1,
+            "last": 30,
+            "chunks": [1],
+            "decisions": 30,
+        }
+    )
+
+    def record_other() -> None:
+        with sqlite3.connect(tmp_path / "live" / "journal.db") as conn:
+            conn.execute("INSERT OR REPLACE INTO journal_meta VALUES ('archiving', ?)", (other,))
+
+    real_next = journal_archive._next_step
+
+    def other_run_starts(*args):  # the other run records its step after this one started
+        step = real_next(*args)
+        record_other()
+        return step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(journal_archive, "_next_step", other_run_starts)
+        with pytest.raises(ArchiveError, match="another archive run"):
+            archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "second", WINDOW, now=NOW)
+    with pytest.raises(ArchiveError, match="was interrupted"):  # found at the start
+        archive_journal(tmp_path / "live", T0 + 0.5 * DAY, tmp_path / "second", WINDOW, now=NOW)
+    assert read_journal(tmp_path / "live").num_rows == sum(SIZES) - 1
