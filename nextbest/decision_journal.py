@@ -476,12 +476,13 @@ class JournalWriter:
                 if moved is not None:  # nextbest archive moved it: whom it was for stays
                     raise ArchivedDecisionError(
                         decision_id,
-                        DecidedFor(moved[0], int(moved[1]), moved[2]),
-                        from_epoch_us(moved[3]),
+                        DecidedFor(moved[0], int(moved[1]), moved[2], from_epoch_us(moved[3])),
                     )
                 raise UnknownDecisionError(decision_id)
             seq, decided_us, action, customer_key, catalog_version = found
-            decision = DecidedFor(customer_key, int(action), catalog_version)
+            decision = DecidedFor(
+                customer_key, int(action), catalog_version, from_epoch_us(decided_us)
+            )
             stored = conn.execute(
                 "SELECT converted, complaint, opted_out, value_cny, reward, reward_at_us, "
                 "received_at_us, late FROM rewards WHERE decision_id = ?",

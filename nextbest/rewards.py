@@ -115,12 +115,14 @@ class RewardOutcome:
 
 @dataclass(frozen=True)
 class DecidedFor:
-    """Whom a journalled decision was for and what it chose: the pseudonymised customer key,
-    the action index and the catalogue version that index belongs to."""
+    """Whom a journalled decision was for, what it chose and when: the pseudonymised customer
+    key, the action index, the catalogue version that index belongs to, and the decision's
+    time (an outcome dated before it is dated at receipt)."""
 
     customer_key: str
     action: int
     catalog_version: str
+    decided_at: datetime
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,6 @@ class RewardResult:
     duplicate: bool
     decision: DecidedFor | None = None
 
-    @property
-    def happened_at(self) -> datetime:
-        """When the outcome happened: as reported, else when it was received."""
-        return self.outcome.reward_at or self.received_at
-
 
 class UnknownDecisionError(LookupError):
     """A reward names a decision id the journal does not hold (HTTP 404)."""
@@ -157,16 +154,16 @@ class UnknownDecisionError(LookupError):
 
 class ArchivedDecisionError(UnknownDecisionError):
     """A reward names a decision moved out of the live journal by ``nextbest archive`` (HTTP
-    410): its outcome is not recorded, but ``decision`` says whom it was for (and
-    ``decided_at`` when), so an opt-out or complaint in the report still binds."""
+    410): its outcome is not recorded, but ``decision`` says whom it was for, so an opt-out
+    or complaint in the report still binds."""
 
-    def __init__(self, decision_id: str, decision: DecidedFor, decided_at: datetime) -> None:
+    def __init__(self, decision_id: str, decision: DecidedFor) -> None:
         super().__init__(decision_id)
         self.args = (
             f"decision {decision_id!r} was archived (nextbest archive): its outcome is no "
             "longer recorded",
         )
-        self.decision, self.decided_at = decision, decided_at
+        self.decision = decision
 
 
 class RewardConflictError(ValueError):

@@ -1007,11 +1007,13 @@ class ScoringService:
 
     async def record_reward(self, request: RewardRequest) -> RewardResponse:
         """Store the outcome of a decision (idempotent); 404 unknown decision, 409 a
-        different outcome already stored, 400 an outcome dated before its decision.
+        different outcome already stored, 400 an outcome dated before its decision, 410 a
+        decision ``nextbest archive`` moved out of the journal.
 
         An opt-out or complaint in the report binds later decisions whatever the answer:
-        also on a repeat, and on a refused (409, 400) report, since the customer said it
-        whether or not the journal takes the report."""
+        also on a repeat, and on a refused (409, 400, 410) report, since the customer said
+        it whether or not the journal takes the report. On a 409 the stored outcome's bind
+        too: its own write may have failed before the retry with another body."""
         outcome = RewardOutcome(
             converted=request.converted,
             complaint=request.complaint,
@@ -1023,38 +1025,19 @@ class ScoringService:
             result = await asyncio.wrap_future(
                 self.journal.submit_reward(request.decision_id, outcome)
             )
-        except ArchivedDecisionError as exc:  # the outcome has no row; its STOP still binds
-            now = datetime.now(UTC)
-            at = outcome.reward_at or now
-            at = at if at >= exc.decided_at else now  # dated before its decision: at receipt
-            restrictions = self._restrictions_of(exc.decision, outcome, at, now)
-            if restrictions:
-                await asyncio.wrap_future(self.contacts.restrict(restrictions))
-            raise HTTPException(410, str(exc)) from None
+        except (ArchivedDecisionError, RewardConflictError, RewardTimeError) as exc:
+            restrictions = self._restrictions_of(exc.decision, outcome, datetime.now(UTC))
+            if isinstance(exc, RewardConflictError):
+                restrictions += self._restrictions_of(exc.decision, exc.stored, exc.received_at)
+            await self._restrict(restrictions)
+            status = {ArchivedDecisionError: 410, RewardConflictError: 409}.get(type(exc), 400)
+            raise HTTPException(status, str(exc)) from None
         except UnknownDecisionError as exc:
             raise HTTPException(404, str(exc)) from None
-        except (RewardConflictError, RewardTimeError) as exc:
-            # the report's own opt-out or complaint, dated as reported (at receipt when that
-            # date is before the decision) ...
-            now = datetime.now(UTC)
-            at = now if isinstance(exc, RewardTimeError) else outcome.reward_at or now
-            restrictions = self._restrictions_of(exc.decision, outcome, at, now)
-            if isinstance(exc, RewardConflictError):  # ... and the stored one's, whose own
-                # restrictions may never have been written (a failed write, then a retry
-                # with another body)
-                kept, first = exc.stored, exc.received_at
-                restrictions += self._restrictions_of(
-                    exc.decision, kept, kept.reward_at or first, first
-                )
-            if restrictions:
-                await asyncio.wrap_future(self.contacts.restrict(restrictions))
-            status = 409 if isinstance(exc, RewardConflictError) else 400
-            raise HTTPException(status, str(exc)) from None
-        restrictions = self._restrictions_of(
-            result.decision, result.outcome, result.happened_at, result.received_at
+        # again for a duplicate: a retry after a crash in between stores them
+        await self._restrict(
+            self._restrictions_of(result.decision, result.outcome, result.received_at)
         )
-        if restrictions:  # again for a duplicate: a retry after a crash in between stores them
-            await asyncio.wrap_future(self.contacts.restrict(restrictions))
         return RewardResponse(
             decision_id=result.decision_id,
             reward=result.reward,
@@ -1063,21 +1046,26 @@ class ScoringService:
             received_at=result.received_at,
         )
 
+    async def _restrict(self, restrictions: list[Restriction]) -> None:
+        """Store ``restrictions`` (if any) before answering."""
+        if restrictions:
+            await asyncio.wrap_future(self.contacts.restrict(restrictions))
+
     def _restrictions_of(
-        self,
-        decision: DecidedFor | None,
-        outcome: RewardOutcome,
-        at: datetime,
-        received: datetime,
+        self, decision: DecidedFor | None, outcome: RewardOutcome, received: datetime
     ) -> list[Restriction]:
-        """What an outcome (that happened ``at``, first ``received``) asks of later decisions
-        for the decision's customer: an opt-out of the channel that contacted them, dated
-        the later of the two (a consent must come after both to lift it), and a complaint
-        (every channel) from ``at``. The channel is read only from the catalogue the
-        decision was made with: for a decision of another catalogue version (its action ids
-        may have moved), or without a channel, the opt-out is of every channel."""
+        """What an outcome (first ``received`` then) asks of later decisions for the
+        decision's customer: an opt-out of the channel that contacted them, and a complaint
+        (every channel). The outcome happened when it says, or at ``received`` when it says
+        nothing or a time before its decision; a complaint counts from then, an opt-out from
+        the later of then and ``received`` (a consent must come after both to lift it). The
+        channel is read only from the catalogue the decision was made with: for a decision
+        of another catalogue version (its action ids may have moved), or without a channel,
+        the opt-out is of every channel."""
         if decision is None:
             return []
+        at = outcome.reward_at
+        at = received if at is None or at < decision.decided_at else at
         out = []
         if outcome.opted_out:
             same = decision.catalog_version == self.catalog.version

@@ -599,3 +599,20 @@ def test_an_opt_out_reported_for_an_archived_decision_is_410_and_binds(
     with sqlite3.connect(api_settings.state_dir / "contacts.db") as conn:
         kinds = sorted(k for (k,) in conn.execute("SELECT kind FROM restrictions"))
     assert kinds == [0, 1]  # the opt-out (first rule: the complaint's, above) and the complaint
+
+
+def test_a_complaint_in_a_409_dated_before_its_decision_counts_from_receipt(
+    api_settings: Settings, auth: dict[str, dict[str, str]]
+) -> None:
+    """Every refused report is dated by one rule: as reported, unless before its decision."""
+    settings = api_settings.model_copy(update={"count_recommended": False})
+    with TestClient(create_app(settings)) as client:
+        decided = _explained(client, auth["decide"], "conflicting")
+        first = {"decision_id": decided["decision_id"], "converted": False}
+        assert client.post("/v1/rewards", json=first, headers=auth["reward"]).status_code == 200
+        early = {**first, "complaint": True, "occurred_at": "2020-01-01T00:00:00+00:00"}
+        refused = client.post("/v1/rewards", json=early, headers=auth["reward"])
+        assert refused.status_code == 409, refused.text
+        after = _explained(client, auth["decide"], "conflicting")
+    assert after["chosen"]["channel"] is None
+    assert "complaint_suppression" in {b["rule"] for b in after["blocked"]}
