@@ -353,7 +353,7 @@ class JournalWriter:
         if journal_file(self.path) is not None:
             existing = open_sqlite(self.path, read_only=True, busy_timeout_ms=busy_timeout_ms)
             try:
-                _check_schema(existing, self.path)
+                check_journal_layout(existing, self.path)
             finally:
                 existing.close()
         self._writer = GroupCommitWriter(
@@ -676,7 +676,7 @@ def read_journal(
     JournalCorruptError
         If its decisions and their arrays do not line up.
     """
-    conn, file = _open_journal(path)
+    conn, file = open_journal(path)
     try:
         conn.execute("BEGIN")  # one snapshot for the scans
         versions = conn.execute(
@@ -726,7 +726,7 @@ def read_journal(
     return table
 
 
-def _open_journal(path: str | Path) -> tuple[sqlite3.Connection, Path]:
+def open_journal(path: str | Path) -> tuple[sqlite3.Connection, Path]:
     """A read-only connection to the journal at ``path`` (file or state directory), its
     layout checked, and the file.
 
@@ -742,7 +742,7 @@ def _open_journal(path: str | Path) -> tuple[sqlite3.Connection, Path]:
         raise FileNotFoundError(f"{path}: not a decision journal (no {JOURNAL_FILENAME})")
     conn = open_sqlite(file, read_only=True)
     try:
-        _check_schema(conn, file)
+        check_journal_layout(conn, file)
     except BaseException:
         conn.close()
         raise
@@ -826,7 +826,7 @@ def decision_trace(path: str | Path, decision_id: str) -> DecisionTrace:
     UnknownDecisionError
         If the journal has no such decision.
     """
-    conn, _ = _open_journal(path)
+    conn, _ = open_journal(path)
     try:
         conn.execute("BEGIN")  # one snapshot
         found = conn.execute(
@@ -892,14 +892,20 @@ class JournalSchemaError(ValueError):
     """A journal written in another layout than this version's (:data:`JOURNAL_SCHEMA_ID`)."""
 
 
-def _check_schema(conn: sqlite3.Connection, file: Path) -> None:
-    """Refuse a journal of another layout (a file without the table is a new journal)."""
+def check_journal_layout(conn: sqlite3.Connection, file: Path, schema: str = "main") -> None:
+    """Refuse a journal (database ``schema`` of ``conn``: ``main``, or an attached one) of
+    another layout; a file without the table is a new journal.
+
+    Raises
+    ------
+    JournalSchemaError
+    """
     has_meta = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'journal_meta'"
+        f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'journal_meta'"
     ).fetchone()
     if not has_meta:
         return
-    found = conn.execute("SELECT value FROM journal_meta WHERE key = 'schema'").fetchone()
+    found = conn.execute(f"SELECT value FROM {schema}.journal_meta WHERE key = 'schema'").fetchone()
     if found is not None and found[0] != JOURNAL_SCHEMA_ID:
         raise JournalSchemaError(
             f"{file}: decision journal in layout {found[0]!r}; this version reads and writes "

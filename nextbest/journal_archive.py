@@ -43,10 +43,10 @@ from nextbest.decision_journal import (
     ARCHIVED_DDL,
     JOURNAL_DDL,
     JOURNAL_FILENAME,
-    JOURNAL_SCHEMA_ID,
     JournalCorruptError,
-    JournalSchemaError,
+    check_journal_layout,
     journal_file,
+    open_journal,
 )
 from nextbest.sqlite_writer import open_sqlite
 from nextbest.timestamps import epoch_us
@@ -128,7 +128,7 @@ def archive_journal(
     conn = open_sqlite(source, busy_timeout_ms=BUSY_TIMEOUT_MS)
     moved = chunks = 0
     try:
-        _check_layout(conn, "main", source)
+        check_journal_layout(conn, source)
         conn.execute(ARCHIVED_DDL)  # a journal last opened by an older service lacks it
         identity = _identity(conn)
         pending = _pending(conn)
@@ -139,7 +139,7 @@ def archive_journal(
             )
         _create(target)
         conn.execute("ATTACH DATABASE ? AS archive", (str(target),))
-        _check_layout(conn, "archive", target)
+        check_journal_layout(conn, target, "archive")
         lock = open_sqlite(source, busy_timeout_ms=BUSY_TIMEOUT_MS)
         try:
             cutoff = epoch_us(before)
@@ -199,13 +199,11 @@ def _check_existing(target: Path) -> None:
     """Refuse an archive file that is not a journal of this layout, before writing to it."""
     if not target.exists():
         return
-    if journal_file(target) is None:
-        raise ArchiveError(f"{target}: not a decision journal (an archive must be one)")
-    conn = open_sqlite(target, read_only=True)
     try:
-        _check_layout(conn, "main", target)
-    finally:
-        conn.close()
+        conn, _ = open_journal(target)
+    except FileNotFoundError:
+        raise ArchiveError(f"{target}: not a decision journal (an archive must be one)") from None
+    conn.close()
 
 
 _IDENTITY = "journal_id"
@@ -299,16 +297,6 @@ def _create(target: Path) -> None:
             conn.execute(statement)
     finally:
         conn.close()
-
-
-def _check_layout(conn: sqlite3.Connection, schema: str, file: Path) -> None:
-    """Refuse a journal (database ``schema`` of ``conn``) written in another layout."""
-    found = conn.execute(f"SELECT value FROM {schema}.journal_meta WHERE key = 'schema'").fetchone()
-    if found is not None and found[0] != JOURNAL_SCHEMA_ID:
-        raise JournalSchemaError(
-            f"{file}: decision journal in layout {found[0]!r}; this version archives "
-            f"{JOURNAL_SCHEMA_ID!r}"
-        )
 
 
 def _next_step(conn: sqlite3.Connection, cutoff_us: int, limit: int, file: Path) -> _Step | None:
