@@ -75,26 +75,25 @@ def _check_assessment_dates(dates: list[date | None], where: str) -> None:
     Checked here, against the service's clock (its decision time), not in
     :class:`~nextbest.context.CustomerContext`: simulations and replays build contexts at
     other times than now."""
-    latest = datetime.now(UTC).date() + timedelta(days=1)
-    if max(filter(None, dates), default=latest) > latest:
-        row = next(i for i, d in enumerate(dates) if d is not None and d > latest)
-        at = "" if where == "customer" else f" (row {row})"
-        raise ValueError(
-            f"{where}{at}: risk_assessed_on {dates[row]} is in the future (after {latest})"
-        )
+    _refuse_after(dates, datetime.now(UTC).date() + timedelta(days=1), "risk_assessed_on", where)
 
 
 def _check_complaint_times(times: list[datetime | None], where: str) -> None:
     """Refuse a complaint dated after now plus :data:`FUTURE_SKEW`: the complaint rule
     counts its days from it, so a typo in the year would suppress the customer for years.
     (A last contact may lie ahead: a send the platform has scheduled.)"""
-    latest = datetime.now(UTC) + FUTURE_SKEW
-    if max(filter(None, times), default=latest) > latest:
-        row = next(i for i, t in enumerate(times) if t is not None and t > latest)
+    latest = (datetime.now(UTC) + FUTURE_SKEW).replace(microsecond=0)
+    _refuse_after(times, latest, "last_complaint_at", where)
+
+
+def _refuse_after(values: list[Any], latest: Any, field: str, where: str) -> None:
+    """Refuse the first of ``values`` (dates or times, None skipped) after ``latest``, naming
+    ``field`` and, in a batch (``where`` not ``customer``), its row."""
+    if max(filter(None, values), default=latest) > latest:
+        row = next(i for i, v in enumerate(values) if v is not None and v > latest)
         at = "" if where == "customer" else f" (row {row})"
         raise ValueError(
-            f"{where}{at}: last_complaint_at {times[row]} is in the future "
-            f"(after {latest.isoformat(timespec='seconds')})"
+            f"{where}{at}: {field} {values[row]} is in the future (after {latest.isoformat()})"
         )
 
 
