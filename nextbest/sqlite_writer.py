@@ -22,7 +22,6 @@ processes are forked, never before (a connection must not cross a fork).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -48,10 +47,8 @@ def sqlite_tables(path: Path) -> set[str] | None:
     Raises
     ------
     OSError
-        If it cannot be read (permissions, a directory).
+        If it cannot be read (permissions, a directory, a damaged database).
     """
-    if not os.access(path, os.R_OK) or path.is_dir():
-        raise PermissionError(13, "cannot be read", str(path))
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
