@@ -115,8 +115,8 @@ def archive_journal(
         raise ArchiveError(
             f"before {before.isoformat(timespec='seconds')} is within the attribution window "
             f"({attribution_window / timedelta(days=1):g} days) of now: outcomes of those "
-            "decisions may still be "
-            "reported, and a reward for an archived decision is refused as unknown"
+            "decisions may still be reported, and an archived decision's outcome is no longer "
+            "recorded"
         )
     source = journal_file(journal)
     if source is None:
@@ -176,16 +176,14 @@ def _move(
             (step.first_seq, step.last_seq),
         ).fetchone()
         if present == 0:  # moved meanwhile by another run: nothing to copy
-            lock.execute("DELETE FROM journal_meta WHERE key = ? AND value = ?", (_PENDING, record))
+            lock.execute(_CLEAR_RECORD, (_PENDING, record))
             lock.execute("COMMIT")
             return False
         try:
             _copy(conn, step, target, identity)
         except ArchiveError:
             lock.execute("ROLLBACK")
-            conn.execute(
-                "DELETE FROM main.journal_meta WHERE key = ? AND value = ?", (_PENDING, record)
-            )
+            conn.execute(_CLEAR_RECORD, (_PENDING, record))
             raise
         _delete(lock, step, record)
     except BaseException:
@@ -209,6 +207,8 @@ def _check_existing(target: Path) -> None:
 _IDENTITY = "journal_id"
 _ARCHIVE_OF = "archive_of"
 _PENDING = "archiving"
+_CLEAR_RECORD = "DELETE FROM main.journal_meta WHERE key = ? AND value = ?"
+"""Clear a step's record: this run's own only (``?2``), never another run's."""
 
 
 def _identity(conn: sqlite3.Connection) -> str:
@@ -442,7 +442,7 @@ def _delete(lock: sqlite3.Connection, step: _Step, record: str) -> None:
     lock.execute(f"DELETE FROM decisions WHERE {_IN_SEQS}", params)
     lock.execute(f"DELETE FROM chunk_blocks WHERE {_IN_CHUNKS}", params)
     lock.execute(f"DELETE FROM decision_chunks WHERE {_IN_CHUNKS}", params)
-    lock.execute("DELETE FROM journal_meta WHERE key = ? AND value = ?", (_PENDING, record))
+    lock.execute(_CLEAR_RECORD, (_PENDING, record))
     lock.execute("COMMIT")
 
 
