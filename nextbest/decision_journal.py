@@ -369,11 +369,15 @@ class JournalWriter:
         self._rule_sets: set[str] = set()
         """Rule-set versions whose ``rule_sets`` row this writer has seen committed."""
 
-    def submit(self, decisions: DecisionBatch, inline: bool = False) -> Future[int]:
+    def submit(
+        self, decisions: DecisionBatch, inline: bool = False, more: bool = False
+    ) -> Future[int]:
         """Queue a batch of decisions; the future gives the number of rows once committed.
 
         With ``inline``, commit on the calling thread when the writer is idle (see
         :meth:`GroupCommitWriter.submit_inline`): for a request's few decisions, faster.
+        With ``more``, the caller submits more decisions right after these (the next part
+        of a batch), to commit in the same transaction.
         The scalar columns are serialised here, on the caller's thread; the arrays are
         compressed on the writer's. An empty batch resolves to 0 at once (no chunk row).
 
@@ -423,7 +427,7 @@ class JournalWriter:
                 self._rule_sets.add(decisions.ruleset_version)
 
         submit = self._writer.submit_inline if inline else self._writer.submit
-        future = submit(append, rows=len(decisions))
+        future = submit(append, rows=len(decisions), more=more)
         future.add_done_callback(remember)
         return future
 

@@ -67,6 +67,13 @@ def sqlite_tables(path: Path) -> set[str] | None:
 SQLITE_MIN_WRITER_VERSION = (3, 38, 0)
 """Writers need the JSON ``->>`` operator (SQLite 3.38, 2022)."""
 Synchronous = Literal["NORMAL", "FULL"]
+PAGE_SIZE = 8192
+"""Bytes per page of a new file (an existing file keeps its own). A commit writes every page
+it changed, whole, to the WAL, one write per page, and random customer keys change one index
+page per row: 8 KiB pages take 10,000 contacts into a store of 200,000 in 47 ms of the
+writer's CPU against 54.5 ms with SQLite's 4 KiB (medians of 12 interleaved batches), and
+commit one decision as fast (108 against 107 us); 16 KiB pages were no faster for batches
+and slower for one decision (136 us)."""
 
 T = TypeVar("T")
 
@@ -115,12 +122,18 @@ def open_sqlite(
     if read_only:
         conn.execute("PRAGMA query_only = ON")
     else:
+        # stored in a new file: a no-op for an existing one
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         # the mode is stored in the file: a no-op after the first opener set it
         mode = _switch_to_wal(conn, busy_timeout_ms)
         if mode.lower() != "wal":
             conn.close()
             raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # a batch statement in a transaction keeps the pages it changes in a statement
+        # journal (to undo itself alone): in memory, not a temporary file (~25% less CPU per
+        # row in an indexed table)
+        conn.execute("PRAGMA temp_store = MEMORY")
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: bulk appends touch the id index
     return conn
 
@@ -172,11 +185,17 @@ def _retry_while_busy(
         pause = min(2 * pause, max_pause_s)
 
 
+FOLLOW_UP_WAIT_S = 0.25
+"""How long a transaction stays open for the job a ``more=True`` job announced (see
+:meth:`GroupCommitWriter.submit`); then it commits without it."""
+
+
 @dataclass(slots=True)
 class _Job(Generic[T]):
     apply: Callable[[sqlite3.Connection], T]
     rows: int
     future: Future[T]
+    more: bool = False
 
 
 class GroupCommitWriter:
@@ -261,7 +280,9 @@ class GroupCommitWriter:
 
     # -- producer side
 
-    def submit(self, apply: Callable[[sqlite3.Connection], T], rows: int = 1) -> Future[T]:
+    def submit(
+        self, apply: Callable[[sqlite3.Connection], T], rows: int = 1, more: bool = False
+    ) -> Future[T]:
         """Queue ``apply(connection)`` to run in the next group; its future resolves after
         the commit.
 
@@ -271,22 +292,31 @@ class GroupCommitWriter:
             Runs on the writer thread inside a transaction; must not commit or roll back.
         rows : int
             Rows the job writes (counts towards ``max_group_rows``).
+        more : bool
+            The caller submits another job right after this one (the next part of a batch):
+            the transaction stays open for it, up to :data:`FOLLOW_UP_WAIT_S`, so that the
+            parts commit together. A commit writes every page the transaction changed,
+            whole, and random customer keys change an index page per row: parts committed
+            one by one rewrite the same pages once each.
 
         Raises
         ------
         RuntimeError
             If the writer is closed.
         """
-        job = _Job(apply, max(1, rows), Future[T]())
+        job = _Job(apply, max(1, rows), Future[T](), more)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.path}: the writer is closed")
             self._queue.put(job)
         return job.future
 
-    def submit_inline(self, apply: Callable[[sqlite3.Connection], T], rows: int = 1) -> Future[T]:
+    def submit_inline(
+        self, apply: Callable[[sqlite3.Connection], T], rows: int = 1, more: bool = False
+    ) -> Future[T]:
         """Like :meth:`submit`, but commit ``apply`` on the calling thread at once when that
-        cannot wait: the writer is idle (nothing queued, no transaction running) and no other
+        cannot wait (and no job follows: ``more`` queues it as :meth:`submit` does): the
+        writer is idle (nothing queued, no transaction running) and no other
         process holds the write lock. The returned future is then already resolved, after
         the commit, and the caller saved two thread hand-offs (for one small write, several
         times the cost of the write itself). Otherwise the job is queued as by :meth:`submit`.
@@ -300,11 +330,12 @@ class GroupCommitWriter:
             If the writer is closed.
         """
         if (
-            self.synchronous != "NORMAL"
+            more
+            or self.synchronous != "NORMAL"
             or not self._queue.empty()
             or not self._busy.acquire(blocking=False)
         ):
-            return self.submit(apply, rows)
+            return self.submit(apply, rows, more)
         try:
             with self._lock:
                 if self._closed:
@@ -403,7 +434,7 @@ class GroupCommitWriter:
                 group, stop = self._take_group()
                 if group:
                     with self._busy:
-                        self._commit(conn, group)
+                        stop = self._commit(conn, group) or stop
         finally:
             conn.close()
             self._fail_pending()
@@ -435,11 +466,19 @@ class GroupCommitWriter:
         finally:
             conn.close()
 
-    def _take_group(self) -> tuple[list[_Job[Any]], bool]:
-        first = self._queue.get()
+    def _take_group(
+        self, rows: int = 0, wait_s: float | None = None
+    ) -> tuple[list[_Job[Any]], bool]:
+        """The next group: the first job waiting (for at most ``wait_s``; None: for ever)
+        and those queued behind it, until the group (with ``rows`` already taken) holds
+        ``max_group_rows``; and whether the writer is closing."""
+        try:
+            first = self._queue.get(timeout=wait_s)
+        except queue.Empty:
+            return [], False
         if first is None:
             return [], True
-        group, rows = [first], first.rows
+        group, rows = [first], rows + first.rows
         while rows < self.max_group_rows:
             try:
                 job = self._queue.get_nowait()
@@ -466,24 +505,34 @@ class GroupCommitWriter:
         )
         self.transactions += 1
 
-    def _commit(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> None:
+    def _commit(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> bool:
+        """Run ``group`` in one transaction, with the jobs its last job announces (``more``)
+        as they come, and commit; whether the writer was closed meanwhile."""
         done: list[tuple[_Job[Any], Any]] = []
         failed: list[tuple[_Job[Any], BaseException]] = []
+        stop = False
         try:
             self._begin(conn)
-            for job in group:
-                if not job.future.set_running_or_notify_cancel():
-                    continue  # cancelled before it ran
-                conn.execute("SAVEPOINT job")
-                try:
-                    result = job.apply(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    failed.append((job, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    done.append((job, result))
+            taken, rows = group, 0
+            while taken:
+                for job in taken:
+                    rows += job.rows
+                    if not job.future.set_running_or_notify_cancel():
+                        continue  # cancelled before it ran
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        result = job.apply(conn)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                        failed.append((job, exc))
+                    else:
+                        conn.execute("RELEASE job")
+                        done.append((job, result))
+                if not taken[-1].more or stop or rows >= self.max_group_rows:
+                    break
+                taken, stop = self._take_group(rows, FOLLOW_UP_WAIT_S)
+                group = group + taken
             conn.execute("COMMIT")
         except BaseException as exc:
             if conn.in_transaction:
@@ -496,10 +545,11 @@ class GroupCommitWriter:
                     job.future.set_exception(exc)  # never reached (BEGIN failed)
             if not isinstance(exc, Exception):
                 raise
-            return
+            return stop
         self.commits += 1
         self._committed.set()
         for job, result in done:
             job.future.set_result(result)
         for job, error in failed:
             job.future.set_exception(error)
+        return stop

@@ -228,14 +228,20 @@ class ContactStore(Protocol):
         ...
 
     def record_if_unchanged(
-        self, contacts: ContactBatch, position: int | None, inline: bool = False
+        self,
+        contacts: ContactBatch,
+        position: int | None,
+        inline: bool = False,
+        more: bool = False,
     ) -> Future[list[str]]:
         """Store recommended contacts, each only if its customer got no contact in the store
         after ``position`` (:attr:`ContactEvents.position` of the lookup they were decided
         on); the future gives the contact ids refused (nothing stored for them: decide those
         customers again). The check and the write are one transaction, so two workers that
         decided for one customer on the same history cannot both store a contact.
-        ``position`` None: no check (as :meth:`record`)."""
+        ``position`` None: no check (as :meth:`record`). ``more``: a hint that the caller
+        records more contacts right after these (the next part of a batch), which a store
+        may then commit together with them."""
         ...
 
     def contacts(self, customer_keys: Sequence[str], since_us: int) -> ContactEvents:

@@ -215,12 +215,12 @@ class _Writes:
     to the decision ids whose contacts the store refused (:func:`_both_written`)."""
 
 
-def _both_written(journalled: Future[int], recorded: Future[list[str]] | None) -> Future[list[str]]:
+def _both_written(journalled: Future[int], recorded: Future[list[str]]) -> Future[list[str]]:
     """One future for the two writes of a part, resolved on the writers' threads once both
     are done (the event loop is woken once): the contact ids the store refused, or the
     first error."""
     done: Future[list[str]] = Future()
-    waiting = [journalled] if recorded is None else [journalled, recorded]
+    waiting = [journalled, recorded]
     lock = threading.Lock()
 
     def one_done(_: Future[Any]) -> None:
@@ -229,13 +229,11 @@ def _both_written(journalled: Future[int], recorded: Future[list[str]] | None) -
             if waiting:
                 return
         try:
-            error = journalled.exception()
-            if error is None and recorded is not None:
-                error = recorded.exception()
+            error = journalled.exception() or recorded.exception()
             if error is not None:
                 done.set_exception(error)
             else:
-                done.set_result([] if recorded is None else recorded.result())
+                done.set_result(recorded.result())
         except BaseException as exc:  # a cancelled write
             done.set_exception(exc)
 
@@ -783,7 +781,10 @@ class ScoringService:
                 rows = slice(start, start + PIPELINE_ROWS)
                 part = whole if n <= PIPELINE_ROWS else whole.take(rows)
                 one = batch if n <= PIPELINE_ROWS else batch.take(rows)
-                writes.append(self.submit(part, self._engine_decide(one, part), one, position))
+                more = start + PIPELINE_ROWS < n  # the writers hold the transaction for it
+                writes.append(
+                    self.submit(part, self._engine_decide(one, part), one, position, more)
+                )
                 answer.add(writes[-1].result, part.decision_ids)
         except Exception:
             # parts already handed to the writers are committed before the error is
@@ -867,12 +868,18 @@ class ScoringService:
         )
 
     def submit(
-        self, part: _Part, result: Decisions, batch: ContextBatch, position: int | None
+        self,
+        part: _Part,
+        result: Decisions,
+        batch: ContextBatch,
+        position: int | None,
+        more: bool = False,
     ) -> _Writes:
         """Start journalling the decisions (made on ``batch``) and recording the recommended
         contacts (refused for customers another worker contacted since the lookup at
         ``position``); the caller may prepare its answer meanwhile, and must :meth:`settle`
-        before it."""
+        before it. ``more``: the next part of the same batch follows at once (the stores
+        then commit the parts in one transaction each)."""
         decisions = self._journal_batch(part, result)  # everything that can fail, first
         latest = self._schedule.latest_send_us(
             result.action, part.now, batch["local_hour"], batch["local_weekday"]
@@ -883,13 +890,13 @@ class ScoringService:
         # small writes commit inline when the writers are idle (no thread hand-off); under
         # load they queue and commit in groups on the writers' threads
         inline = len(part) <= INLINE_COMMIT_ROWS
-        journalled = self.journal.submit(decisions, inline=inline)
-        recorded = None
-        if len(contacts):
-            try:
-                recorded = self.contacts.record_if_unchanged(contacts, position, inline=inline)
-            except Exception as exc:  # the journal may commit them: settle() withdraws them
-                recorded = _failed(exc)
+        journalled = self.journal.submit(decisions, inline=inline, more=more)
+        try:  # called without contacts too: the part may end a transaction kept open
+            recorded = self.contacts.record_if_unchanged(
+                contacts, position, inline=inline, more=more
+            )
+        except Exception as exc:  # the journal may commit them: settle() withdraws them
+            recorded = _failed(exc)
         return _Writes(part, result, _both_written(journalled, recorded))
 
     def _journal_batch(self, part: _Part, result: Decisions) -> DecisionBatch:

@@ -381,6 +381,13 @@ class _RowRanges:
             return any(a <= lo and hi <= b for a, b in self._ranges)
 
 
+def _resolved(value: T) -> Future[T]:
+    """A future already done with ``value``."""
+    future = Future[T]()
+    future.set_result(value)
+    return future
+
+
 def _log_prune_failure(future: Future[int]) -> None:
     if future.exception() is not None:
         log.warning("pruning the contact store failed: %s", future.exception())
@@ -442,6 +449,9 @@ class SqliteContactStore:
         self._writes = itertools.count()
         self._own_rows = _RowRanges()
         """Row ids this store's committed writes took."""
+        self._open = False
+        """The last recommendations recorded announced more (``more``): the writer keeps
+        its transaction open for them."""
         self._transaction = (-1, 0)
         """(writer's transaction number, last row id when this store's first job in it
         ran); changed by write jobs only, which run one at a time."""
@@ -548,7 +558,11 @@ class SqliteContactStore:
         return self._submit_write(rows, upsert, inline, taken)
 
     def record_if_unchanged(
-        self, contacts: ContactBatch, position: int | None, inline: bool = False
+        self,
+        contacts: ContactBatch,
+        position: int | None,
+        inline: bool = False,
+        more: bool = False,
     ) -> Future[list[str]]:
         """Store recommended contacts whose customers have no contact stored after
         ``position`` (the last row id the lookup saw,
@@ -564,10 +578,17 @@ class SqliteContactStore:
         first (an inline commit can overtake a group the writer thread has taken but not
         begun). When another process did write, this
         store's rows count too (a needless second decision at worst, never a missed
-        contact). ``position`` None: every contact is stored.
+        contact). ``position`` None: every contact is stored. ``more``: the caller records
+        more contacts right after these (the next part of a batch), which then commit in the
+        same transaction (:meth:`~nextbest.sqlite_writer.GroupCommitWriter.submit`).
         """
         if contacts.kind != "recommended":
             raise ValueError(f"only recommendations are decided on a lookup, not {contacts.kind}")
+        if not len(contacts):  # nothing to store; a transaction kept open for it ends
+            ended = self._writer.submit(lambda _conn: [], more=more) if self._open else None
+            self._open = more
+            return ended if ended is not None else _resolved([])
+        self._open = more
         rows = self._rows(contacts)
         packed = rows.packed(self._code_of_index)
 
@@ -587,7 +608,7 @@ class SqliteContactStore:
             self._insert(conn, accepted, 0, last, taken)
             return refused
 
-        return self._submit_write(rows, upsert, inline, taken)
+        return self._submit_write(rows, upsert, inline, taken, more)
 
     def _transaction_start(self, last: int) -> int:
         """The last row id before this store's first job of the running write transaction
@@ -639,6 +660,7 @@ class SqliteContactStore:
         apply: Callable[[sqlite3.Connection], T],
         inline: bool,
         taken: list[tuple[int, int]],
+        more: bool = False,
     ) -> Future[T]:
         """Queue (or commit inline) ``apply`` writing ``rows``, counted by lookups until it
         is committed; prune first when the last prune is older than ``prune_every``. The
@@ -653,7 +675,7 @@ class SqliteContactStore:
             self._pending[write] = rows
         submit = self._writer.submit_inline if inline else self._writer.submit
         try:
-            future = submit(apply, rows=len(rows))
+            future = submit(apply, rows=len(rows), more=more)
         except BaseException:
             self._forget_pending(write)
             raise

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
@@ -913,6 +914,55 @@ def test_group_commit_writer_inline_is_queued_under_synchronous_full(tmp_path: P
     with GroupCommitWriter(tmp_path / "g.db", schema, synchronous="FULL") as writer:
         assert writer.submit_inline(_insert_on(threads, 1)).result(10) == 1
     assert threads and threads[0] != threading.get_ident()  # fsyncs never block the caller
+
+
+def test_group_commit_writer_keeps_the_transaction_open_for_an_announced_job(
+    tmp_path: Path,
+) -> None:
+    """A job submitted with ``more`` holds its transaction for the next one: the parts of a
+    batch submitted 50 ms apart commit once, together, and neither is visible before."""
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    with GroupCommitWriter(tmp_path / "g.db", schema) as writer:
+        before = writer.commits
+        first = writer.submit(_insert_on([], 1), more=True)
+        time.sleep(0.05)
+        reader = open_sqlite(tmp_path / "g.db", read_only=True, check_same_thread=False)
+        assert not first.done()
+        assert reader.execute("SELECT count(*) FROM t").fetchone() == (0,)
+        second = writer.submit_inline(_insert_on([], 2), more=True)  # queued, not inline
+        time.sleep(0.05)
+        last = writer.submit_inline(_insert_on([], 3))  # the writer is busy: queued
+        assert (first.result(10), second.result(10), last.result(10)) == (1, 1, 1)
+        assert writer.commits == before + 1
+        assert reader.execute("SELECT count(*) FROM t").fetchone() == (3,)
+        reader.close()
+
+
+def test_group_commit_writer_commits_when_the_announced_job_does_not_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller failed between two parts: the transaction waits ``FOLLOW_UP_WAIT_S`` for
+    the next, then commits what it has; closing the writer meanwhile commits at once."""
+    from nextbest import sqlite_writer
+
+    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 0.2)
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    with GroupCommitWriter(tmp_path / "g.db", schema) as writer:
+        started = time.monotonic()
+        alone = writer.submit(_insert_on([], 1), more=True)
+        assert alone.result(10) == 1
+        assert 0.15 < time.monotonic() - started < 5
+        assert writer.submit(lambda c: c.execute("SELECT x FROM t").fetchall()).result(10) == [(1,)]
+    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
+    writer = GroupCommitWriter(tmp_path / "g.db", schema)
+    held = writer.submit(_insert_on([], 2), more=True)
+    time.sleep(0.05)
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 5 and held.result(0) == 1
+    check = sqlite3.connect(tmp_path / "g.db")
+    assert check.execute("SELECT x FROM t ORDER BY x").fetchall() == [(1,), (2,)]
+    check.close()
 
 
 def test_group_commit_writer_bad_schema_fails_at_start(tmp_path: Path) -> None:

@@ -359,7 +359,7 @@ def test_post_batch_failing_part_withdraws_the_parts_before_it_once_committed(
         journal = client.app.state.service.journal
         submit = journal.submit
 
-        def slow_submit(decisions: Any, inline: bool = False) -> Future[int]:
+        def slow_submit(decisions: Any, inline: bool = False, more: bool = False) -> Future[int]:
             """The journal commits 0.3 s late: an answer that did not wait for it would
             come before the first part is in the journal."""
             done: Future[int] = Future()
@@ -367,7 +367,7 @@ def test_post_batch_failing_part_withdraws_the_parts_before_it_once_committed(
             def later() -> None:
                 time.sleep(0.3)
                 try:
-                    done.set_result(submit(decisions).result())
+                    done.set_result(submit(decisions, more=more).result())
                 except Exception as exc:
                     done.set_exception(exc)
 
@@ -395,6 +395,34 @@ def test_post_batch_failing_part_withdraws_the_parts_before_it_once_committed(
 
     assert response.status_code == 500
     assert (stored, withdrawn, visible) == (70, 70, 0)
+
+
+def test_post_batch_parts_commit_in_one_transaction_per_store(
+    api_settings: Settings, auth: dict[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parts of a batch, handed to the writers one by one, commit once in each store
+    (a commit rewrites every index page its transaction touched: once, not once a part),
+    and the answer does not wait for a part that never comes."""
+    from nextbest import sqlite_writer
+    from serving import service
+
+    monkeypatch.setattr(service, "PIPELINE_ROWS", 70)
+    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
+    with TestClient(create_app(api_settings)) as client:
+        scoring = client.app.state.service
+        writers = (scoring.journal._writer, scoring.contacts._writer)
+        before = [w.commits for w in writers]
+        started = time.monotonic()
+        customers = [customer(customer_id=f"parts-{i}") for i in range(141)]
+        response = client.post(
+            "/v1/decisions/batch", json={"customers": customers}, headers=auth["decide"]
+        )
+        elapsed = time.monotonic() - started
+        after = [w.commits for w in writers]
+        ids = [d["decision_id"] for d in response.json()["decisions"]]
+    assert response.status_code == 200 and len(set(ids)) == 141
+    assert after == [b + 1 for b in before]
+    assert elapsed < 30
 
 
 def test_post_batch_columns_errors_name_the_field(

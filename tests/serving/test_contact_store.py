@@ -187,6 +187,30 @@ def test_a_refused_batch_stores_the_other_customers(
     assert sorted(events.row.tolist()) == [0, 1]  # d_a, and cust_b's "elsewhere" only
 
 
+def test_parts_announced_with_more_commit_together_and_an_empty_part_ends_them(
+    store: SqliteContactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's parts commit in one transaction; a last part without any contact (every
+    customer got "no contact") still ends it, at once rather than after the wait."""
+    from nextbest import sqlite_writer
+
+    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
+    before = store._writer.commits
+    empty = ContactBatch([], [], [], [], epoch_us(ago()), "recommended")
+    first = store.record_if_unchanged(contacts(["p1"], "sms", ago()), None, more=True)
+    middle = store.record_if_unchanged(empty, None, more=True)
+    second = store.record_if_unchanged(
+        contacts(["p2"], "wechat", ago(), key="cust_b"), None, more=True
+    )
+    last = store.record_if_unchanged(empty, None)
+    assert [f.result(10) for f in (first, middle, second, last)] == [[], [], [], []]
+    assert store._writer.commits == before + 1
+    assert sorted(store.history(["cust_a", "cust_b"], NOW).row.tolist()) == [0, 1]
+    # no transaction open: an empty part is answered at once, without a write
+    assert store.record_if_unchanged(empty, None).done()
+    assert store._writer.commits == before + 1
+
+
 def test_a_delivery_changing_a_stored_contact_since_the_lookup_refuses(
     tmp_path: Path, catalog: ActionCatalog
 ) -> None:
