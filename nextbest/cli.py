@@ -205,7 +205,7 @@ def demo(
     try:
         train(
             config=DEFAULT_TRAINING_CONFIG,
-            logs=run_dir / "logs",
+            logs=[run_dir / "logs"],
             tracking_uri=tracking_uri,
             epochs=None,
             export_dir=run_dir / "models",
@@ -631,7 +631,11 @@ def simulate(
 )
 def evaluate(
     logs: Annotated[
-        Path, typer.Option(help="Decision log: a .parquet file, a directory of parts, or .csv.")
+        list[Path],
+        typer.Option(
+            help="Decision log: a .parquet file, a directory of parts, .csv or a service "
+            "journal; repeat it to evaluate several as one (a journal and its archive)."
+        ),
     ],
     policy: Annotated[
         list[str] | None,
@@ -685,7 +689,7 @@ def evaluate(
         ope_table,
         reasons_left_out,
     )
-    from training.logged_data import load_logged_bandit
+    from training.logged_data import describe_logs, load_logged_bandit
     from training.neural_bandit import greedy_policy
     from training.ope import ESTIMATORS, OpeInputError
 
@@ -714,7 +718,7 @@ def evaluate(
         )
         if log.catalog_version != cat.version:
             raise DecisionLogError(
-                str(logs),
+                describe_logs(logs),
                 "catalog_version",
                 f"the log was made with catalogue {log.catalog_version}, this is {cat.version}",
             )
@@ -805,7 +809,11 @@ def _number(value: object) -> str:
 def train(
     config: Annotated[Path, typer.Option(help="Training config YAML.")] = DEFAULT_TRAINING_CONFIG,
     logs: Annotated[
-        Path | None, typer.Option(help="Decision log to learn from (overrides data.logs).")
+        list[Path] | None,
+        typer.Option(
+            help="Decision log to learn from (overrides data.logs); repeat it to learn from "
+            "several as one (a journal and its archive)."
+        ),
     ] = None,
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking URI (overrides tracking.uri).")
@@ -850,8 +858,8 @@ def train(
         console.print(f"[bold red]config error[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     raw = cfg.model_dump()
-    if logs is not None:
-        raw["data"]["logs"] = logs
+    if logs:
+        raw["data"]["logs"] = logs[0] if len(logs) == 1 else logs
     if tracking_uri is not None:
         raw["tracking"]["uri"] = tracking_uri
     if export_dir is not None:

@@ -26,8 +26,9 @@ class TrainingSection(StrictModel):
 
 
 class DataSpec(TrainingSection):
-    logs: Path
-    """Decision log to learn from: ``.parquet``, a directory of parts, or ``.csv``."""
+    logs: Path | list[Path] = Field(union_mode="left_to_right")
+    """Decision log to learn from: ``.parquet``, a directory of parts, ``.csv`` or a service
+    journal; or a list of them, read as one (a journal and its archive, say)."""
     holdout_share: float = Field(default=0.3, gt=0.0, lt=1.0)
     """Share of decisions kept out of training and used for off-policy evaluation."""
     split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
@@ -39,6 +40,13 @@ class DataSpec(TrainingSection):
     journal spans several model, rule-set or catalogue versions, and grows."""
     until: AwareDatetime | None = None
     """... and before this time."""
+
+    @field_validator("logs")
+    @classmethod
+    def _some_log(cls, value: Path | list[Path]) -> Path | list[Path]:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one decision log")
+        return value
 
     @model_validator(mode="after")
     def _window(self) -> DataSpec:

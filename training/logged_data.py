@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -256,19 +257,80 @@ def _mixed_versions(table: pa.Table, name: str) -> str:
     )
 
 
+LogPaths = str | Path | Sequence[str | Path]
+"""One decision log, or several read as one (a journal and the archive its older decisions
+were moved to, say)."""
+
+
+def log_paths(logs: LogPaths) -> list[Path]:
+    """``logs`` as a list of paths (one or more)."""
+    return [Path(logs)] if isinstance(logs, str | Path) else [Path(p) for p in logs]
+
+
+def describe_logs(logs: LogPaths) -> str:
+    """The logs as messages name them: a path, or the paths joined with `` + ``."""
+    return " + ".join(map(str, log_paths(logs)))
+
+
+def read_logs(logs: LogPaths, n_actions: int) -> pa.Table:
+    """The decisions of one or more logs (``.csv``, ``.parquet``, a directory of parts or a
+    service journal), each validated, as one table in the decision schema.
+
+    Raises
+    ------
+    DecisionLogError
+        Naming the file, for a log that cannot be read, is empty or fails validation; naming
+        every log, for a decision id found twice (a log given twice).
+    """
+    paths = log_paths(logs)
+    if not paths:
+        raise DecisionLogError("<logs>", "*", "no decision log given")
+    tables = []
+    for path in paths:
+        table = (
+            read_csv_decisions(path, n_actions)
+            if path.suffix == ".csv"
+            else read_decisions(path, n_actions=n_actions)
+        )
+        if table.num_rows == 0:
+            raise DecisionLogError(str(path), "*", "the log holds no decisions")
+        tables.append(table)
+    if len(tables) == 1:
+        return tables[0]
+    ids = pa.chunked_array([t.column("decision_id") for t in tables])
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0].as_py()
+        holders = [
+            str(p)
+            for p, t in zip(paths, tables, strict=True)
+            if pc.any(pc.equal(t.column("decision_id"), first)).as_py()
+        ]
+        raise DecisionLogError(
+            describe_logs(paths),
+            "decision_id",
+            f"decision {first!r} is in {' and '.join(holders)}: a log given twice? (an archive "
+            "holds only what it moved out of its journal)",
+        )
+    # the checks across rows (one context width, ...) over the logs together
+    return validate_decisions(pa.concat_tables(tables), n_actions, source=describe_logs(paths))
+
+
 def load_logged_bandit(
-    path: str | Path,
+    path: LogPaths,
     n_actions: int,
     require_reward: bool = True,
     drop_pending: bool = False,
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> LoggedBandit:
-    """Load a decision log (``.csv``, ``.parquet`` or a directory of parts) as arrays.
+    """Load a decision log (``.csv``, ``.parquet``, a directory of parts or a service journal)
+    as arrays; several logs (:func:`read_logs`) are loaded as one.
 
     Parameters
     ----------
-    path : path
+    path : path, or a sequence of paths
     n_actions : int
         Catalogue size (the width of ``candidates`` and ``logging_dist``).
     require_reward : bool
@@ -285,16 +347,9 @@ def load_logged_bandit(
     ------
     DecisionLogError
     """
-    path = Path(path)
-    table = (
-        read_csv_decisions(path, n_actions)
-        if path.suffix == ".csv"
-        else read_decisions(path, n_actions=n_actions)
-    )
-    source = str(path)
+    table = read_logs(path, n_actions)
+    source = describe_logs(path)
     n = table.num_rows
-    if n == 0:
-        raise DecisionLogError(source, "*", "the log holds no decisions")
     if since is not None or until is not None:
         table = _within(table, source, since, until)
         n = table.num_rows

@@ -37,7 +37,14 @@ from training.evidence import (
     EvidenceRow,
     choice_evidence,
 )
-from training.logged_data import LoggedBandit, customer_unit, load_logged_bandit, split_log
+from training.logged_data import (
+    LoggedBandit,
+    customer_unit,
+    describe_logs,
+    load_logged_bandit,
+    log_paths,
+    split_log,
+)
 from training.neural_bandit import (
     Economics,
     NeuralBanditConfig,
@@ -281,7 +288,8 @@ def crossfit_folds(config: TrainingConfig, holdout: LoggedBandit) -> np.ndarray 
             else ""
         )
         raise ValueError(
-            f"{config.data.logs}: the {holdout.n_rounds} held-out decisions{customers} are "
+            f"{describe_logs(config.data.logs)}: the {holdout.n_rounds} held-out "
+            f"decisions{customers} are "
             f"too few for evaluation.crossfit_folds = {folds} (fold sizes {sizes.tolist()}): "
             "use a larger log or data.holdout_share, fewer folds, or crossfit_folds: 0 (a run "
             "valued without cross-fitting cannot be promoted)"
@@ -328,6 +336,7 @@ def run_training(
         registers nothing): a model whose held-out scores are not all finite.
     """
     encoder = ContextEncoder(catalog)
+    logs = describe_logs(config.data.logs)
     windowed = config.data.since is not None or config.data.until is not None
     log = load_logged_bandit(
         config.data.logs,
@@ -338,29 +347,38 @@ def run_training(
     )
     if log.catalog_version != catalog.version:
         raise ValueError(
-            f"{config.data.logs}: made with catalogue {log.catalog_version}, this is "
-            f"{catalog.version}"
+            f"{logs}: made with catalogue {log.catalog_version}, this is {catalog.version}"
         )
     if log.feature_spec_version != encoder.spec.version:
         raise ValueError(
-            f"{config.data.logs}: features {log.feature_spec_version}, this encoder is "
-            f"{encoder.spec.version}"
+            f"{logs}: features {log.feature_spec_version}, this encoder is {encoder.spec.version}"
         )
     # everything that can refuse the log is checked before a run is opened
     if log.pscore is None:  # whatever the learner: its held-out evaluation needs them
         raise ValueError(
-            f"{config.data.logs}: the log has no propensities (pscore): the held-out "
+            f"{logs}: the log has no propensities (pscore): the held-out "
             "evaluation's IPS and DR need them; log the behaviour policy's propensities, or "
             "value an existing model on such a log with the direct method: nextbest "
-            f"evaluate --logs {config.data.logs} --model <.onnx file or models:/name@alias> "
+            f"evaluate {' '.join(f'--logs {p}' for p in log_paths(config.data.logs))} "
+            "--model <.onnx file or models:/name@alias> "
             "(DM only)"
         )
     if config.learner == "vw_bandit":
         check_vw_inputs(log, catalog, config.vw_bandit)
-    recipe = read_recipe(config.data.logs) if config.evaluation.ground_truth else None
+    recipe = None
+    if config.evaluation.ground_truth:
+        paths = log_paths(config.data.logs)
+        recipes = [read_recipe(path) for path in paths]
+        if len(paths) > 1 and any(r is not None for r in recipes):
+            raise ValueError(
+                f"{logs}: the ground-truth replay reruns one "
+                "simulated log, whole: give that log alone, or set evaluation.ground_truth: "
+                "false to learn from these logs together without it"
+            )
+        recipe = recipes[0]
     if recipe is not None and windowed:
         raise ValueError(
-            f"{config.data.logs}: data.since / data.until keep part of a simulated log, and "
+            f"{logs}: data.since / data.until keep part of a simulated log, and "
             "the ground-truth replay needs the whole of it: set evaluation.ground_truth: false "
             "to learn from the window without it"
         )
@@ -705,8 +723,8 @@ catalogue actions for a customer context; the policy acts **{config.policy.kind}
 actions the compliance rules allow. The rules are applied by the rule engine, not by the model.
 
 ## Data
-- Log: `{config.data.logs}` ({log.n_rounds:,} decisions; {holdout.n_rounds:,} held out for
-  evaluation, split by customer when the log names customers).
+- Log: `{describe_logs(config.data.logs)}` ({log.n_rounds:,} decisions;
+  {holdout.n_rounds:,} held out for evaluation, split by customer when the log names customers).
 - Catalogue `{catalog.version}`, rule set `{log.ruleset_version}`,
   features `{encoder.spec.version}`.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from test_decision_journal import N_ACTIONS, RULE, T0, make_batch
 from typer.testing import CliRunner
@@ -87,6 +88,26 @@ def test_archive_moves_whole_old_days_with_outcomes_and_rules(tmp_path: Path) ->
         tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "archive", WINDOW, now=NOW
     )
     assert again.decisions == 0 and read_journal(tmp_path / "archive").equals(archived)
+
+
+def test_a_journal_and_its_archive_are_read_as_one_log(tmp_path: Path) -> None:
+    """After archiving, training and evaluation read the live journal and its archive
+    together: every decision once, as before the move; the same one twice is refused."""
+    from nextbest.decision_log import DecisionLogError
+    from training.logged_data import load_logged_bandit, read_logs
+
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    before = read_journal(tmp_path / "live")
+    archive_journal(tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "archive", WINDOW, now=NOW)
+    both = read_logs([tmp_path / "archive", tmp_path / "live"], N_ACTIONS)
+    assert both.equals(before)
+    log = load_logged_bandit(
+        [tmp_path / "archive", tmp_path / "live"], N_ACTIONS, drop_pending=True
+    )
+    assert log.n_rounds == before.filter(pc.is_valid(before["reward"])).num_rows
+    with pytest.raises(DecisionLogError, match=r"is in .*live.* and .*live.*: a log given twice"):
+        read_logs([tmp_path / "live", tmp_path / "live"], N_ACTIONS)
 
 
 def test_the_newest_part_stays_and_a_crash_between_copy_and_delete_is_finished(

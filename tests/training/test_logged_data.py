@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -281,6 +282,34 @@ def test_evaluate_cli_prints_ope_table(sim_log) -> None:
     result = CliRunner().invoke(app, ["evaluate", "--logs", str(sim_log), "--bootstrap", "50"])
     assert result.exit_code == 0, result.output
     assert "logging" in result.output and "uniform" in result.output and "snips" in result.output
+
+
+def test_several_logs_load_as_one(sim_log, tmp_path: Path, catalog: ActionCatalog) -> None:
+    """A log split in two (Parquet and CSV) loads as the whole did, fingerprint included;
+    ``nextbest evaluate`` takes both; the same log twice is refused, naming it."""
+    whole = read_decisions(sim_log, n_actions=catalog.n_actions)
+    half = whole.num_rows // 2
+    (tmp_path / "first").mkdir()
+    pq.write_table(whole.slice(0, half), tmp_path / "first" / "part.parquet")
+    second = to_csv(whole.slice(half), tmp_path / "second.csv")
+    one = load_logged_bandit(sim_log, catalog.n_actions)
+    two = load_logged_bandit([tmp_path / "first", second], catalog.n_actions)
+    assert two.n_rounds == one.n_rounds
+    for name in ("context", "action", "reward", "pscore", "candidates", "logging_dist"):
+        assert np.array_equal(getattr(two, name), getattr(one, name)), name
+    assert two.fingerprint() == one.fingerprint()
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--logs", str(tmp_path / "first"), "--logs", str(second), "--bootstrap", "50"],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{one.n_rounds:,} logged decisions" in result.output
+    with pytest.raises(DecisionLogError, match=r"second\.csv and .*second\.csv: a log given twice"):
+        load_logged_bandit([second, second], catalog.n_actions)
+    first_again = CliRunner().invoke(
+        app, ["evaluate", "--logs", str(sim_log), "--logs", str(tmp_path / "first")]
+    )
+    assert first_again.exit_code == 2 and "a log given twice" in first_again.output
 
 
 def test_evaluate_cli_missing_log_exits_2(tmp_path: Path) -> None:

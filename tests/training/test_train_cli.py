@@ -231,6 +231,37 @@ def test_train_missing_log_exits_2(tmp_path: Path) -> None:
     assert "no such file" in result.output
 
 
+def test_train_learns_from_several_logs_as_one(sim_log, tmp_path: Path, catalog) -> None:
+    """``data.logs`` may list logs (a journal and its archive): one run over all their
+    decisions, named in its parameters and model card."""
+    import pyarrow.parquet as pq
+
+    from nextbest.decision_log import read_decisions
+
+    whole = read_decisions(sim_log, n_actions=catalog.n_actions)
+    parts = [tmp_path / "older", tmp_path / "newer"]
+    for i, part in enumerate(parts):
+        part.mkdir()
+        half = whole.num_rows // 2
+        rows = whole.slice(0, half) if i == 0 else whole.slice(half)
+        pq.write_table(rows, part / "part.parquet")
+    config = write_config(tmp_path, tmp_path / "unused")
+    config.write_text(
+        config.read_text().replace(
+            f"logs: {tmp_path / 'unused'}", f"logs: [{parts[0]}, {parts[1]}]"
+        )
+    )
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(client.get_model_version_by_alias("nextbest", "challenger").run_id)
+    assert run.data.params["data.logs"] == str([str(parts[0]), str(parts[1])])
+    assert run.data.tags["data.rounds"] == str(whole.num_rows)
+    card = Path(client.download_artifacts(run.info.run_id, "model_card.md", str(tmp_path)))
+    assert f"`{parts[0]} + {parts[1]}` ({whole.num_rows:,} decisions" in card.read_text()
+
+
 @pytest.fixture(scope="module")
 def recipe_log(tmp_path_factory, catalog, engine):
     from simulators.ground_truth import SimulationRecipe, simulate_log
@@ -241,6 +272,23 @@ def recipe_log(tmp_path_factory, catalog, engine):
     )
     simulate_log(recipe, catalog, engine, out)
     return out
+
+
+def test_train_refuses_the_ground_truth_of_a_simulated_log_among_others(
+    recipe_log, sim_log, tmp_path: Path
+) -> None:
+    """The replay reruns one simulated log, whole: with another log beside it, the run is
+    refused before it opens, saying how to go on."""
+    config = str(write_config(tmp_path, recipe_log))
+    result = runner.invoke(
+        app, ["train", "--config", config, "--logs", str(recipe_log), "--logs", str(sim_log)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "reruns one simulated log" in result.output
+    assert "evaluation.ground_truth" in result.output
+    assert not (tmp_path / "mlflow.db").exists() or not MlflowClient(
+        f"sqlite:///{tmp_path}/mlflow.db"
+    ).search_runs(["0"])
 
 
 def test_the_champion_gets_its_true_value_next_to_its_estimates(recipe_log, tmp_path: Path) -> None:

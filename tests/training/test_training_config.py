@@ -255,3 +255,17 @@ def test_load_training_config_time_window_with_zones() -> None:
         config.data.since is not None and config.data.since.utcoffset().total_seconds() == 8 * 3600
     )
     assert config.data.until is None
+
+
+@pytest.mark.parametrize(
+    ("logs", "reason"),
+    [("[]", "at least one decision log"), ("[a.parquet, 3]", "path"), ("{a: b}", "path")],
+)
+def test_data_logs_one_or_a_list_of_paths(tmp_path: Path, logs: str, reason: str) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("learner: neural_bandit\ndata: {logs: [a.parquet, b]}\n")
+    assert load_training_config(path).data.logs == [Path("a.parquet"), Path("b")]
+    path.write_text(f"learner: neural_bandit\ndata: {{logs: {logs}}}\n")
+    with pytest.raises(ConfigError, match=reason) as info:
+        load_training_config(path)
+    assert info.value.key.startswith("data.logs")
