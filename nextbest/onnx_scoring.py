@@ -140,6 +140,9 @@ class OnnxScorer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # idle pool threads sleep rather than spin: a spinning thread takes a core from the
+        # other worker and the writer threads between two calls
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         if content is not None:  # weights kept in files beside the model are found there
             options.add_session_config_entry(

@@ -41,6 +41,22 @@ def test_load_local_file_reports_version(catalog, tmp_path: Path) -> None:
     assert not store.changed()
 
 
+def test_a_scorer_with_several_threads_scores_the_same_and_its_threads_do_not_spin(
+    catalog, tmp_path: Path
+) -> None:
+    """Spinning pool threads took 80 ms more CPU a 10,000-customer batch call (2 threads
+    against 1) from the writers and the other worker; idle ones sleep instead."""
+    from nextbest.onnx_scoring import OnnxScorer
+
+    path = write_model(catalog, tmp_path / "m.onnx")
+    one, two = OnnxScorer(path), OnnxScorer(path, threads=2)
+    options = two.session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    context = np.random.default_rng(0).normal(size=(3000, len(one.spec["context_names"])))
+    assert np.allclose(one.scores(context), two.scores(context), atol=1e-5)
+
+
 def test_load_model_of_other_features_refused(catalog, tmp_path: Path) -> None:
     spec = ContextEncoder(catalog).spec
     stale = type(spec)(spec.context_names[:-1], spec.action_names, spec.catalog_version)
