@@ -67,14 +67,6 @@ def sqlite_tables(path: Path) -> set[str] | None:
 SQLITE_MIN_WRITER_VERSION = (3, 38, 0)
 """Writers need the JSON ``->>`` operator (SQLite 3.38, 2022)."""
 Synchronous = Literal["NORMAL", "FULL"]
-PAGE_SIZE = 8192
-"""Bytes per page of a new file (an existing file keeps its own). A commit writes every page
-it changed, whole, to the WAL, one write per page, and random customer keys change one index
-page per row: 8 KiB pages take 10,000 contacts into a store of 200,000 in 47 ms of the
-writer's CPU against 54.5 ms with SQLite's 4 KiB (medians of 12 interleaved batches), and
-commit one decision as fast (108 against 107 us); 16 KiB pages were no faster for batches
-and slower for one decision (136 us)."""
-
 T = TypeVar("T")
 
 
@@ -122,8 +114,6 @@ def open_sqlite(
     if read_only:
         conn.execute("PRAGMA query_only = ON")
     else:
-        # stored in a new file: a no-op for an existing one
-        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         # the mode is stored in the file: a no-op after the first opener set it
         mode = _switch_to_wal(conn, busy_timeout_ms)
         if mode.lower() != "wal":
