@@ -178,6 +178,10 @@ def _retry_while_busy(
 FOLLOW_UP_WAIT_S = 0.25
 """How long a transaction stays open for the job a ``more=True`` job announced (see
 :meth:`GroupCommitWriter.submit`); then it commits without it."""
+MAX_HOLD_S = 0.05
+"""A transaction kept open for announced jobs commits once it has been open this long (the
+jobs still announced go on in the next): other processes wait for the write lock meanwhile
+(another worker's decisions, outcomes and consents)."""
 
 
 @dataclass(slots=True)
@@ -250,6 +254,9 @@ class GroupCommitWriter:
         self._busy = threading.Lock()
         """Held while a transaction of this writer runs (writer thread or inline)."""
         self._inline_conn: sqlite3.Connection | None = None
+        self._announced = False
+        """The last job submitted announced another (``more``): an inline commit would
+        overtake a transaction waiting for it."""
         self._closed = False
         self._started = Future[None]()
         self.commits = 0
@@ -298,6 +305,7 @@ class GroupCommitWriter:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"{self.path}: the writer is closed")
+            self._announced = more
             self._queue.put(job)
         return job.future
 
@@ -321,6 +329,7 @@ class GroupCommitWriter:
         """
         if (
             more
+            or self._announced  # the job announced before it: its transaction may wait for it
             or self.synchronous != "NORMAL"
             or not self._queue.empty()
             or not self._busy.acquire(blocking=False)
@@ -424,7 +433,7 @@ class GroupCommitWriter:
                 group, stop = self._take_group()
                 if group:
                     with self._busy:
-                        stop = self._commit(conn, group) or stop
+                        stop = self._commit(conn, group, stop)
         finally:
             conn.close()
             self._fail_pending()
@@ -495,14 +504,15 @@ class GroupCommitWriter:
         )
         self.transactions += 1
 
-    def _commit(self, conn: sqlite3.Connection, group: list[_Job[Any]]) -> bool:
-        """Run ``group`` in one transaction, with the jobs its last job announces (``more``)
-        as they come, and commit; whether the writer was closed meanwhile."""
+    def _commit(self, conn: sqlite3.Connection, group: list[_Job[Any]], stop: bool) -> bool:
+        """Run ``group`` in one transaction, with the jobs it announces (``more``) as they
+        come (unless the writer is closing, ``stop``), for :data:`MAX_HOLD_S` at most, and
+        commit; whether the writer is closing."""
         done: list[tuple[_Job[Any], Any]] = []
         failed: list[tuple[_Job[Any], BaseException]] = []
-        stop = False
         try:
             self._begin(conn)
+            held_until = time.monotonic() + MAX_HOLD_S
             taken, rows = group, 0
             while taken:
                 for job in taken:
@@ -519,9 +529,12 @@ class GroupCommitWriter:
                     else:
                         conn.execute("RELEASE job")
                         done.append((job, result))
-                if not taken[-1].more or stop or rows >= self.max_group_rows:
+                # the last job taken announces the next (an unrelated job queued behind a
+                # part ends the wait early: one more commit, nothing else)
+                wait_s = min(FOLLOW_UP_WAIT_S, held_until - time.monotonic())
+                if not taken[-1].more or stop or rows >= self.max_group_rows or wait_s <= 0:
                     break
-                taken, stop = self._take_group(rows, FOLLOW_UP_WAIT_S)
+                taken, stop = self._take_group(rows, wait_s)
                 group = group + taken
             conn.execute("COMMIT")
         except BaseException as exc:

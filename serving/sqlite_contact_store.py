@@ -450,8 +450,8 @@ class SqliteContactStore:
         self._own_rows = _RowRanges()
         """Row ids this store's committed writes took."""
         self._open = False
-        """The last recommendations recorded announced more (``more``): the writer keeps
-        its transaction open for them."""
+        """The last recommendations submitted announced more (``more``): the writer may be
+        keeping its transaction open for them."""
         self._transaction = (-1, 0)
         """(writer's transaction number, last row id when this store's first job in it
         ran); changed by write jobs only, which run one at a time."""
@@ -584,11 +584,12 @@ class SqliteContactStore:
         """
         if contacts.kind != "recommended":
             raise ValueError(f"only recommendations are decided on a lookup, not {contacts.kind}")
-        if not len(contacts):  # nothing to store; a transaction kept open for it ends
-            ended = self._writer.submit(lambda _conn: [], more=more) if self._open else None
+        if not len(contacts):  # nothing to store; a transaction kept open for it goes on or ends
+            if not self._open:
+                return _resolved([])
+            ended = self._writer.submit(lambda _conn: [], more=more)
             self._open = more
-            return ended if ended is not None else _resolved([])
-        self._open = more
+            return ended
         rows = self._rows(contacts)
         packed = rows.packed(self._code_of_index)
 
@@ -608,7 +609,9 @@ class SqliteContactStore:
             self._insert(conn, accepted, 0, last, taken)
             return refused
 
-        return self._submit_write(rows, upsert, inline, taken, more)
+        future = self._submit_write(rows, upsert, inline, taken, more)
+        self._open = more  # a write that could not be submitted leaves it as it was
+        return future
 
     def _transaction_start(self, last: int) -> int:
         """The last row id before this store's first job of the running write transaction

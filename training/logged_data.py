@@ -274,47 +274,80 @@ def describe_logs(logs: LogPaths) -> str:
 
 def read_logs(logs: LogPaths, n_actions: int) -> pa.Table:
     """The decisions of one or more logs (``.csv``, ``.parquet``, a directory of parts or a
-    service journal), each validated, as one table in the decision schema.
+    service journal), each validated, as one table in the decision schema. An empty log
+    among others is left out with a warning (a live journal just started, say).
 
     Raises
     ------
     DecisionLogError
-        Naming the file, for a log that cannot be read, is empty or fails validation; naming
-        every log, for a decision id found twice (a log given twice).
+        Naming the file, for a log that cannot be read or fails validation, or every log
+        being empty; naming the logs, for what they disagree on (a decision id in two of
+        them, context widths, propensities in one and not another).
     """
     paths = log_paths(logs)
     if not paths:
         raise DecisionLogError("<logs>", "*", "no decision log given")
-    tables = []
+    read: list[tuple[Path, pa.Table]] = []
     for path in paths:
         table = (
             read_csv_decisions(path, n_actions)
             if path.suffix == ".csv"
             else read_decisions(path, n_actions=n_actions)
         )
-        if table.num_rows == 0:
-            raise DecisionLogError(str(path), "*", "the log holds no decisions")
-        tables.append(table)
-    if len(tables) == 1:
-        return tables[0]
-    ids = pa.chunked_array([t.column("decision_id") for t in tables])
+        read.append((path, table))
+    kept = [(path, table) for path, table in read if table.num_rows]
+    if not kept:
+        raise DecisionLogError(describe_logs(paths), "*", "the log holds no decisions")
+    for path, table in read:
+        if not table.num_rows:
+            log.warning("%s: holds no decisions; read the other logs alone", path)
+    if len(kept) == 1:
+        return kept[0][1]
+    _check_across_logs(kept)
+    return pa.concat_tables([table for _, table in kept])
+
+
+def _check_across_logs(logs: list[tuple[Path, pa.Table]]) -> None:
+    """What each log's own validation cannot see: one decision id in two logs, two context
+    widths, propensities in one log and not another (each log is all or none).
+
+    Raises
+    ------
+    DecisionLogError
+    """
+    source = describe_logs([path for path, _ in logs])
+    ids = pa.chunked_array([table.column("decision_id") for _, table in logs])
     counts = pc.value_counts(ids)
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(repeated):
         first = repeated[0].as_py()
         holders = [
-            str(p)
-            for p, t in zip(paths, tables, strict=True)
-            if pc.any(pc.equal(t.column("decision_id"), first)).as_py()
+            str(path)
+            for path, table in logs
+            if pc.any(pc.equal(table.column("decision_id"), first)).as_py()
         ]
         raise DecisionLogError(
-            describe_logs(paths),
+            source,
             "decision_id",
-            f"decision {first!r} is in {' and '.join(holders)}: a log given twice? (an archive "
-            "holds only what it moved out of its journal)",
+            f"decision {first!r} is in {' and '.join(holders)}: a log given twice, or an "
+            "archive step interrupted between its copy and its delete (run the same nextbest "
+            "archive command again to finish it)",
         )
-    # the checks across rows (one context width, ...) over the logs together
-    return validate_decisions(pa.concat_tables(tables), n_actions, source=describe_logs(paths))
+    widths = {path: len(table.column("context")[0]) for path, table in logs}
+    if len(set(widths.values())) > 1:
+        described = ", ".join(f"{path}: {width}" for path, width in widths.items())
+        raise DecisionLogError(
+            source, "context", f"the logs' contexts have different widths ({described})"
+        )
+    without = [str(path) for path, table in logs if table.column("pscore").null_count]
+    if without and len(without) < len(logs):
+        raise DecisionLogError(
+            source,
+            "pscore",
+            f"{' and '.join(without)} has no propensities but the other logs have: give every "
+            "decision its propensity, or none (a log without propensities can only be "
+            "evaluated with DM)",
+        )
 
 
 def load_logged_bandit(

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -917,10 +918,13 @@ def test_group_commit_writer_inline_is_queued_under_synchronous_full(tmp_path: P
 
 
 def test_group_commit_writer_keeps_the_transaction_open_for_an_announced_job(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A job submitted with ``more`` holds its transaction for the next one: the parts of a
     batch submitted 50 ms apart commit once, together, and neither is visible before."""
+    from nextbest import sqlite_writer
+
+    monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 60)
     schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
     with GroupCommitWriter(tmp_path / "g.db", schema) as writer:
         before = writer.commits
@@ -946,6 +950,7 @@ def test_group_commit_writer_commits_when_the_announced_job_does_not_come(
     from nextbest import sqlite_writer
 
     monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 0.2)
+    monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 60)
     schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
     with GroupCommitWriter(tmp_path / "g.db", schema) as writer:
         started = time.monotonic()
@@ -963,6 +968,70 @@ def test_group_commit_writer_commits_when_the_announced_job_does_not_come(
     check = sqlite3.connect(tmp_path / "g.db")
     assert check.execute("SELECT x FROM t ORDER BY x").fetchall() == [(1,), (2,)]
     check.close()
+
+
+def test_group_commit_writer_holds_a_transaction_for_max_hold_s_at_most(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other processes wait for the write lock while a transaction is held: it commits after
+    ``MAX_HOLD_S`` even though more was announced, and the next job goes in another."""
+    from nextbest import sqlite_writer
+
+    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
+    monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 0.1)
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    with GroupCommitWriter(tmp_path / "g.db", schema) as writer:
+        before = writer.commits
+        first = writer.submit(_insert_on([], 1), more=True)
+        assert first.result(10) == 1 and writer.commits == before + 1
+        assert writer.submit(_insert_on([], 2)).result(10) == 1
+        assert writer.commits == before + 2
+
+
+def test_group_commit_writer_closing_does_not_wait_for_an_announced_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job announcing more, taken with the writer's stop: committed at once."""
+    from nextbest import sqlite_writer
+
+    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
+    monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 60)
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    writer = GroupCommitWriter(tmp_path / "g.db", schema)
+    started, release = threading.Event(), threading.Event()
+    writer.submit(lambda conn: (started.set(), release.wait(10)))
+    started.wait(10)
+    announced = writer.submit(_insert_on([], 1), more=True)
+    threading.Timer(0.1, release.set).start()
+    begun = time.monotonic()
+    writer.close()  # queued behind the announcing job, taken in its group
+    assert time.monotonic() - begun < 5 and announced.result(0) == 1
+
+
+def test_group_commit_writer_inline_never_overtakes_an_announced_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the writer taking a job that announces more and its transaction starting,
+    the writer looks idle: an inline commit then would overtake the transaction waiting for
+    it. The job after an announcing one is always queued."""
+    schema = ["CREATE TABLE IF NOT EXISTS t (x INTEGER)"]
+    with GroupCommitWriter(tmp_path / "g.db", schema) as writer:
+        take = writer._take_group
+
+        def slow_take(*args: Any, **kwargs: Any) -> Any:
+            taken = take(*args, **kwargs)
+            time.sleep(0.05)  # the gap, widened
+            return taken
+
+        monkeypatch.setattr(writer, "_take_group", slow_take)
+        writer.flush()  # the writer's next wait for a job is the slow one
+        before, threads = writer.commits, []
+        first = writer.submit(_insert_on(threads, 1), more=True)
+        time.sleep(0.02)  # taken, the transaction not begun
+        last = writer.submit_inline(_insert_on(threads, 2))
+        assert (first.result(10), last.result(10)) == (1, 1)
+        assert threading.get_ident() not in threads
+        assert writer.commits == before + 1
 
 
 def test_group_commit_writer_bad_schema_fails_at_start(tmp_path: Path) -> None:

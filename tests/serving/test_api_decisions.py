@@ -408,9 +408,15 @@ def test_post_batch_parts_commit_in_one_transaction_per_store(
 
     monkeypatch.setattr(service, "PIPELINE_ROWS", 70)
     monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
+    monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 60)  # however slow the machine
     with TestClient(create_app(api_settings)) as client:
         scoring = client.app.state.service
         writers = (scoring.journal._writer, scoring.contacts._writer)
+        # the store's first write prunes (a job of its own, which would end a wait early)
+        first = {"customer": customer(customer_id="parts-first")}
+        assert client.post("/v1/decisions", json=first, headers=auth["decide"]).status_code == 200
+        for writer in writers:
+            writer.flush()
         before = [w.commits for w in writers]
         started = time.monotonic()
         customers = [customer(customer_id=f"parts-{i}") for i in range(141)]

@@ -195,6 +195,7 @@ def test_parts_announced_with_more_commit_together_and_an_empty_part_ends_them(
     from nextbest import sqlite_writer
 
     monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
+    monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 60)
     before = store._writer.commits
     empty = ContactBatch([], [], [], [], epoch_us(ago()), "recommended")
     first = store.record_if_unchanged(contacts(["p1"], "sms", ago()), None, more=True)
@@ -206,7 +207,14 @@ def test_parts_announced_with_more_commit_together_and_an_empty_part_ends_them(
     assert [f.result(10) for f in (first, middle, second, last)] == [[], [], [], []]
     assert store._writer.commits == before + 1
     assert sorted(store.history(["cust_a", "cust_b"], NOW).row.tolist()) == [0, 1]
-    # no transaction open: an empty part is answered at once, without a write
+    # no transaction open: an empty part is answered at once, without a write, even one
+    # announcing more (nothing is held for it)
+    assert store.record_if_unchanged(empty, None, more=True).done()
+    assert store.record_if_unchanged(empty, None).done()
+    assert store._writer.commits == before + 1
+    # a part refused before it was submitted leaves nothing announced
+    with pytest.raises(ValueError, match="not among the store's"):
+        store.record_if_unchanged(contacts(["p3"], "pigeon", ago()), None, more=True)
     assert store.record_if_unchanged(empty, None).done()
     assert store._writer.commits == before + 1
 

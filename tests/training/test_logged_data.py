@@ -312,6 +312,39 @@ def test_several_logs_load_as_one(sim_log, tmp_path: Path, catalog: ActionCatalo
     assert first_again.exit_code == 2 and "a log given twice" in first_again.output
 
 
+def test_several_logs_must_agree_and_an_empty_one_is_left_out(
+    sim_log, tmp_path: Path, catalog: ActionCatalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each log is validated alone; what only shows across them is refused naming them:
+    propensities in one log and not the other, two context widths. An empty log (a journal
+    just started) is left out with a warning."""
+    whole = read_decisions(sim_log, n_actions=catalog.n_actions)
+    first, second = whole.slice(0, 200), whole.slice(200, 200)
+    paths = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    pq.write_table(first, paths[0])
+    no_pscore = second.set_column(
+        second.column_names.index("pscore"), "pscore", pa.nulls(200, pa.float64())
+    )
+    pq.write_table(no_pscore.drop_columns(["action_dist"]), paths[1])
+    with pytest.raises(DecisionLogError, match=r"b\.parquet has no propensities but the other"):
+        load_logged_bandit(paths, catalog.n_actions)
+    narrow = [row[:10] for row in second.column("context").to_pylist()]
+    i = second.column_names.index("context")
+    pq.write_table(
+        second.set_column(i, "context", pa.array(narrow, pa.list_(pa.float32()))), paths[1]
+    )
+    with pytest.raises(
+        DecisionLogError, match=r"different widths \(.*a\.parquet: \d+, .*b\.parquet: 10\)"
+    ):
+        load_logged_bandit(paths, catalog.n_actions)
+    pq.write_table(second.slice(0, 0), paths[1])
+    with caplog.at_level("WARNING"):
+        alone = load_logged_bandit(paths, catalog.n_actions)
+    assert alone.n_rounds == 200 and "b.parquet: holds no decisions" in caplog.text
+    with pytest.raises(DecisionLogError, match="holds no decisions"):
+        load_logged_bandit([paths[1], paths[1]], catalog.n_actions)
+
+
 def test_evaluate_cli_missing_log_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "--logs", str(tmp_path / "nope.parquet")])
     assert result.exit_code == 2
