@@ -300,14 +300,19 @@ class _StoredRows:
 
     def packed(self, channel_codes: np.ndarray) -> PackedRows:
         """The rows for :data:`_UPSERT` (``channel_codes``: the code of each channel index;
-        ``latest_us`` NULL where it is ``at_us``, which keeps index entries short)."""
+        ``latest_us`` NULL where it is ``at_us``, which keeps index entries short), in the
+        order of their customers: each insert into the customer index lands beside the last
+        one (a part's 2,500 random keys otherwise jump across the index)."""
+        order = np.argsort(self.customer, kind="stable")
+        ids, offers = self.contact_id, self.offer
+        at_us, latest_us = self.at_us[order], self.latest_us[order]
         return PackedRows.of(
-            contact_id=text_field(self.contact_id),
-            customer=int_field(self.customer),
-            channel=int_field(channel_codes[self.channel]),
-            offer=text_field(self.offer),
-            at_us=int_field(self.at_us),
-            latest_us=int_field(self.latest_us, null=self.latest_us == self.at_us),
+            contact_id=text_field([ids[i] for i in order.tolist()]),
+            customer=int_field(self.customer[order]),
+            channel=int_field(channel_codes[self.channel[order]]),
+            offer=text_field([offers[i] for i in order.tolist()]),
+            at_us=int_field(at_us),
+            latest_us=int_field(latest_us, null=latest_us == at_us),
         )
 
     def without(self, contact_ids: set[str]) -> _StoredRows:
