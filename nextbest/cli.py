@@ -1125,6 +1125,54 @@ def archive(
 
 
 @app.command(
+    "forget-archived",
+    short_help="Forget whom archived decisions made before a time were for (their tombstones).",
+)
+def forget_archived(
+    before: Annotated[
+        str,
+        typer.Option(
+            help="Forget the archived decisions made before this time: ISO 8601 with a time "
+            "zone; at least the attribution window ago."
+        ),
+    ],
+    journal: Annotated[
+        Path, typer.Option(help="The service's state directory or its journal.db.")
+    ] = Path("data/serving"),
+    attribution_days: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="The service's attribution window, in days (NEXTBEST_ATTRIBUTION_WINDOW).",
+        ),
+    ] = ATTRIBUTION_WINDOW / timedelta(days=1),
+) -> None:
+    """Delete the live journal's record of whom each archived decision made before --before
+    was for. It lets an opt-out or complaint reported late for an archived decision bind
+    (410); once forgotten, such a report is answered 404 as an unknown decision, and the
+    platform must carry the opt-out in the customer's own opt-outs. The record otherwise
+    grows with every archived decision."""
+    import sqlite3
+
+    from nextbest.decision_journal import JournalSchemaError
+    from nextbest.journal_archive import ArchiveError
+    from nextbest.journal_archive import forget_archived as forget
+
+    cutoff = _moment_option("--before", before)
+    assert cutoff is not None  # the option is required
+    try:
+        forgotten = forget(journal, cutoff, timedelta(days=attribution_days))
+    except (ArchiveError, JournalSchemaError, OSError, sqlite3.Error) as exc:
+        console.print(f"[bold red]cannot forget[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    console.print(
+        f"forgot whom {forgotten:,} archived decisions made before "
+        f"{escape(cutoff.isoformat())} were for; a reward reported for one of them is now "
+        "answered 404"
+    )
+
+
+@app.command(
     short_help="Which rule blocked which action for one served decision (from the journal).",
 )
 def trace(

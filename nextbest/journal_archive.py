@@ -28,6 +28,8 @@ same layout, while the service keeps writing:
   (``archived``), so an opt-out or complaint reported later still binds (the service answers
   410: the outcome itself is not recorded).
 * The live journal's file does not shrink: SQLite reuses the freed pages for new decisions.
+* Whom each moved decision was for stays until :func:`forget_archived` (``nextbest
+  forget-archived``) deletes it for the decisions made before a later cutoff.
 """
 
 from __future__ import annotations
@@ -108,16 +110,13 @@ def archive_journal(
     JournalCorruptError
         A chunk whose decisions are not as many as its rows.
     """
-    if before.tzinfo is None:
-        raise ArchiveError(f"before {before.isoformat()} needs a time zone")
-    now = now or datetime.now(UTC)
-    if before > now - attribution_window:
-        raise ArchiveError(
-            f"before {before.isoformat(timespec='seconds')} is within the attribution window "
-            f"({attribution_window / timedelta(days=1):g} days) of now: outcomes of those "
-            "decisions may still be reported, and an archived decision's outcome is no longer "
-            "recorded"
-        )
+    _check_cutoff(
+        before,
+        attribution_window,
+        now,
+        "outcomes of those decisions may still be reported, and an archived decision's "
+        "outcome is no longer recorded",
+    )
     source = journal_file(journal)
     if source is None:
         raise ArchiveError(f"{journal}: not a decision journal (no {JOURNAL_FILENAME})")
@@ -155,6 +154,73 @@ def archive_journal(
     finally:
         conn.close()
     return ArchiveResult(moved, chunks, target, kept)
+
+
+def _check_cutoff(
+    before: datetime, attribution_window: timedelta, now: datetime | None, why: str
+) -> None:
+    """Refuse a cutoff without a time zone, or within ``attribution_window`` of ``now``
+    (``why``: what would go wrong)."""
+    if before.tzinfo is None:
+        raise ArchiveError(f"before {before.isoformat()} needs a time zone")
+    now = now or datetime.now(UTC)
+    if before > now - attribution_window:
+        raise ArchiveError(
+            f"before {before.isoformat(timespec='seconds')} is within the attribution window "
+            f"({attribution_window / timedelta(days=1):g} days) of now: {why}"
+        )
+
+
+def forget_archived(
+    journal: str | Path,
+    before: datetime,
+    attribution_window: timedelta,
+    now: datetime | None = None,
+    step_decisions: int = STEP_DECISIONS,
+) -> int:
+    """Forget whom the archived decisions of ``journal`` made before ``before`` were for: the
+    live journal's ``archived`` rows, one per decision moved out, which otherwise stay for
+    ever. A reward reported for one of them is then unknown (404) rather than archived
+    (410), and an opt-out or complaint in it no longer binds through the service (the
+    platform records it in the customer's own opt-outs). Returns the rows deleted, in steps
+    of ``step_decisions`` (each a short write transaction: the service keeps writing).
+
+    Raises
+    ------
+    ArchiveError
+        ``before`` without a time zone or within ``attribution_window`` of ``now``; no
+        journal at ``journal``.
+    JournalSchemaError
+        A journal in another layout.
+    """
+    _check_cutoff(
+        before,
+        attribution_window,
+        now,
+        "outcomes of those decisions may still be reported, and their opt-outs must bind",
+    )
+    source = journal_file(journal)
+    if source is None:
+        raise ArchiveError(f"{journal}: not a decision journal (no {JOURNAL_FILENAME})")
+    conn = open_sqlite(source, busy_timeout_ms=BUSY_TIMEOUT_MS)
+    forgotten = 0
+    try:
+        check_journal_layout(conn, source)
+        conn.execute(ARCHIVED_DDL)  # a journal never archived from has none
+        while True:
+            conn.execute("BEGIN IMMEDIATE")
+            # decision ids are time-ordered: the oldest rows come first in key order
+            deleted = conn.execute(
+                "DELETE FROM archived WHERE decision_id IN (SELECT decision_id FROM archived "
+                "WHERE timestamp_us < ? LIMIT ?)",
+                (epoch_us(before), step_decisions),
+            ).rowcount
+            conn.execute("COMMIT")
+            forgotten += deleted
+            if deleted < step_decisions:
+                return forgotten
+    finally:
+        conn.close()
 
 
 def _move(

@@ -280,6 +280,46 @@ def test_a_reward_for_an_archived_decision_names_whom_it_was_for(tmp_path: Path)
     assert isinstance(info.value, UnknownDecisionError)
 
 
+def test_forgetting_archived_decisions_makes_their_rewards_unknown(tmp_path: Path) -> None:
+    """The live journal's record of whom each archived decision was for is deleted for the
+    decisions made before the cutoff only, in steps; their rewards are then unknown (404),
+    the later ones' still archived (410)."""
+    from nextbest.journal_archive import forget_archived
+    from nextbest.rewards import ArchivedDecisionError
+
+    writer, days = _journal(tmp_path / "live")
+    archive_journal(tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "archive", WINDOW, now=NOW)
+    forgotten = forget_archived(
+        tmp_path / "live", T0 + 1.5 * DAY, WINDOW, now=NOW, step_decisions=7
+    )
+    assert forgotten == SIZES[0] + SIZES[1] - 1  # the withdrawn one was never archived
+    with pytest.raises(UnknownDecisionError) as old:
+        writer.submit_reward(days[0][3], RewardOutcome(False, False, True, 0.0)).result()
+    assert not isinstance(old.value, ArchivedDecisionError)
+    with pytest.raises(ArchivedDecisionError):
+        writer.submit_reward(days[2][3], RewardOutcome(False, False, True, 0.0)).result()
+    writer.close()
+    assert forget_archived(tmp_path / "live", T0 + 1.5 * DAY, WINDOW, now=NOW) == 0
+    with pytest.raises(ArchiveError, match="within the attribution window"):
+        forget_archived(tmp_path / "live", NOW - DAY, WINDOW, now=NOW)
+    with pytest.raises(ArchiveError, match="not a decision journal"):
+        forget_archived(tmp_path / "nowhere", T0, WINDOW, now=NOW)
+
+
+def test_forget_archived_command(tmp_path: Path) -> None:
+    writer, _ = _journal(tmp_path / "live")
+    writer.close()
+    archive_journal(tmp_path / "live", T0 + 2.5 * DAY, tmp_path / "archive", WINDOW, now=NOW)
+    args = ["forget-archived", "--journal", str(tmp_path / "live"), "--attribution-days", "2"]
+    done = CliRunner().invoke(app, [*args, "--before", (T0 + 0.5 * DAY).isoformat()])
+    assert done.exit_code == 0, done.output
+    assert f"forgot whom {SIZES[0]} archived decisions" in " ".join(done.output.split())
+    recent = CliRunner().invoke(app, [*args, "--before", "2999-01-01T00:00:00+00:00"])
+    assert recent.exit_code == 2 and "attribution window" in " ".join(recent.output.split())
+    naive = CliRunner().invoke(app, [*args, "--before", "2026-11-01T00:00"])
+    assert naive.exit_code == 2 and "bad --before" in naive.output
+
+
 def test_a_damaged_journal_is_named_as_damaged_not_as_missing(tmp_path: Path) -> None:
     """Telling a journal from other files goes through SQLite; a damaged one is still the
     journal (its readers say what is wrong), where only a file that is no database is not."""
