@@ -175,13 +175,11 @@ def _retry_while_busy(
         pause = min(2 * pause, max_pause_s)
 
 
-FOLLOW_UP_WAIT_S = 0.25
-"""How long a transaction stays open for the job a ``more=True`` job announced (see
-:meth:`GroupCommitWriter.submit`); then it commits without it."""
 MAX_HOLD_S = 0.05
-"""A transaction kept open for announced jobs commits once it has been open this long (the
-jobs still announced go on in the next): other processes wait for the write lock meanwhile
-(another worker's decisions, outcomes and consents)."""
+"""A transaction kept open for the jobs ``more=True`` jobs announce (see
+:meth:`GroupCommitWriter.submit`) commits once it has been open this long, whether they came
+or not (those still to come go in the next): other processes wait for the write lock
+meanwhile (another worker's decisions, outcomes and consents)."""
 
 
 @dataclass(slots=True)
@@ -291,7 +289,7 @@ class GroupCommitWriter:
             Rows the job writes (counts towards ``max_group_rows``).
         more : bool
             The caller submits another job right after this one (the next part of a batch):
-            the transaction stays open for it, up to :data:`FOLLOW_UP_WAIT_S`, so that the
+            the transaction stays open for it, :data:`MAX_HOLD_S` at most, so that the
             parts commit together. A commit writes every page the transaction changed,
             whole, and random customer keys change an index page per row: parts committed
             one by one rewrite the same pages once each.
@@ -531,7 +529,7 @@ class GroupCommitWriter:
                         done.append((job, result))
                 # the last job taken announces the next (an unrelated job queued behind a
                 # part ends the wait early: one more commit, nothing else)
-                wait_s = min(FOLLOW_UP_WAIT_S, held_until - time.monotonic())
+                wait_s = held_until - time.monotonic()
                 if not taken[-1].more or stop or rows >= self.max_group_rows or wait_s <= 0:
                     break
                 taken, stop = self._take_group(rows, wait_s)

@@ -131,8 +131,8 @@ _OTHER_CUSTOMER = (
     "SELECT e.contact_id FROM packed JOIN contact_events AS e ON e.contact_id = {contact_id} "
     "WHERE e.customer != {customer} LIMIT 1"
 )
-"""The first contact id of a batch (:meth:`_StoredRows.packed`) already stored for another
-customer."""
+"""A contact id of a batch (:meth:`_StoredRows.packed`, in customer order) already stored
+for another customer."""
 
 
 _UPSERT = (

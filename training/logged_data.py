@@ -344,7 +344,8 @@ def _check_across_logs(logs: list[tuple[Path, pa.Table]]) -> None:
         raise DecisionLogError(
             source,
             "pscore",
-            f"{' and '.join(without)} has no propensities but the other logs have: give every "
+            f"{' and '.join(without)} {'has' if len(without) == 1 else 'have'} no propensities "
+            "but the other logs have: give every "
             "decision its propensity, or none (a log without propensities can only be "
             "evaluated with DM)",
         )

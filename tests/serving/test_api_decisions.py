@@ -407,7 +407,6 @@ def test_post_batch_parts_commit_in_one_transaction_per_store(
     from serving import service
 
     monkeypatch.setattr(service, "PIPELINE_ROWS", 70)
-    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
     monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 60)  # however slow the machine
     with TestClient(create_app(api_settings)) as client:
         scoring = client.app.state.service

@@ -194,7 +194,6 @@ def test_parts_announced_with_more_commit_together_and_an_empty_part_ends_them(
     customer got "no contact") still ends it, at once rather than after the wait."""
     from nextbest import sqlite_writer
 
-    monkeypatch.setattr(sqlite_writer, "FOLLOW_UP_WAIT_S", 60)
     monkeypatch.setattr(sqlite_writer, "MAX_HOLD_S", 60)
     before = store._writer.commits
     empty = ContactBatch([], [], [], [], epoch_us(ago()), "recommended")
@@ -217,6 +216,43 @@ def test_parts_announced_with_more_commit_together_and_an_empty_part_ends_them(
         store.record_if_unchanged(contacts(["p3"], "pigeon", ago()), None, more=True)
     assert store.record_if_unchanged(empty, None).done()
     assert store._writer.commits == before + 1
+
+
+@pytest.mark.parametrize("n", [1, 10, 200])  # one row; JSON rows; fixed-width records
+def test_a_batch_goes_in_in_customer_order_each_row_whole(
+    store: SqliteContactStore, n: int
+) -> None:
+    """Rows are sorted by customer before they are packed: every stored row keeps its own
+    customer, channel, offer and times (a column left unsorted would swap them)."""
+    rng = np.random.default_rng(n)
+    ids = [f"sorted-{n}-{i}" for i in range(n)]
+    keys = [f"cust_{k}" for k in rng.permutation(n)]
+    channels = tuple(CHANNELS[int(c)] for c in rng.integers(0, len(CHANNELS), n))
+    offers = [None if i % 3 == 0 else f"offer_{i}" for i in range(n)]
+    at = epoch_us(ago()) + rng.integers(0, 10**9, n)
+    latest = np.where(np.arange(n) % 2 == 0, at, at + 3_600_000_000)
+    batch = ContactBatch(np.array(ids), keys, channels, offers, at, "recommended", latest)
+    assert store.record_if_unchanged(batch, None).result() == []
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute(
+        "SELECT e.contact_id, e.customer, c.name, e.offer, e.at_us, e.latest_us "
+        "FROM contact_events AS e JOIN channel_codes AS c ON c.code = e.channel "
+        "WHERE e.contact_id LIKE ? ORDER BY e.rowid",
+        (f"sorted-{n}-%",),
+    ).fetchall()
+    conn.close()
+    expected = {
+        ids[i]: (
+            store_key(keys[i], store.key_scheme),
+            channels[i],
+            offers[i],
+            int(at[i]),
+            None if latest[i] == at[i] else int(latest[i]),
+        )
+        for i in range(n)
+    }
+    assert {row[0]: row[1:] for row in rows} == expected
+    assert [row[1] for row in rows] == sorted(row[1] for row in rows)  # customer order
 
 
 def test_a_delivery_changing_a_stored_contact_since_the_lookup_refuses(
