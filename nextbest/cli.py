@@ -77,6 +77,18 @@ UntilOption = Annotated[
     str | None,
     typer.Option(help="Only the decisions made before this time (ISO 8601, with a time zone)."),
 ]
+JournalOption = Annotated[
+    Path, typer.Option(help="The service's state directory or its journal.db.")
+]
+DEFAULT_STATE_DIR = Path("data/serving")
+AttributionDaysOption = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="The service's attribution window, in days (NEXTBEST_ATTRIBUTION_WINDOW): "
+        "decisions whose outcome may still be reported are left alone.",
+    ),
+]
 
 
 def _moment_option(name: str, value: str | None) -> datetime | None:
@@ -1090,17 +1102,8 @@ def archive(
             help="The archive's directory: a new one, or an earlier archive of the same journal."
         ),
     ],
-    journal: Annotated[
-        Path, typer.Option(help="The service's state directory or its journal.db.")
-    ] = Path("data/serving"),
-    attribution_days: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            help="The service's attribution window, in days (NEXTBEST_ATTRIBUTION_WINDOW): "
-            "decisions whose outcome may still be reported stay.",
-        ),
-    ] = ATTRIBUTION_WINDOW / timedelta(days=1),
+    journal: JournalOption = DEFAULT_STATE_DIR,
+    attribution_days: AttributionDaysOption = ATTRIBUTION_WINDOW / timedelta(days=1),
 ) -> None:
     """Move the decisions of a service journal made before --before, with their outcomes,
     withdrawals and rule blocks, into an archive journal (whole committed parts, oldest
@@ -1136,16 +1139,8 @@ def forget_archived(
             "zone; at least the attribution window ago."
         ),
     ],
-    journal: Annotated[
-        Path, typer.Option(help="The service's state directory or its journal.db.")
-    ] = Path("data/serving"),
-    attribution_days: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            help="The service's attribution window, in days (NEXTBEST_ATTRIBUTION_WINDOW).",
-        ),
-    ] = ATTRIBUTION_WINDOW / timedelta(days=1),
+    journal: JournalOption = DEFAULT_STATE_DIR,
+    attribution_days: AttributionDaysOption = ATTRIBUTION_WINDOW / timedelta(days=1),
 ) -> None:
     """Delete the live journal's record of whom each archived decision made before --before
     was for. It lets an opt-out or complaint reported late for an archived decision bind
@@ -1177,9 +1172,7 @@ def forget_archived(
 )
 def trace(
     decision_id: Annotated[str, typer.Argument(help="The decision id the service answered.")],
-    journal: Annotated[
-        Path, typer.Option(help="The service's state directory or its journal.db.")
-    ] = Path("data/serving"),
+    journal: JournalOption = DEFAULT_STATE_DIR,
     catalog_dir: CatalogOption = DEFAULT_CATALOG_DIR,
     every: Annotated[
         bool, typer.Option("--all", help="Name every blocked action, not the first few per rule.")
