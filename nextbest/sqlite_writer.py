@@ -67,6 +67,7 @@ def sqlite_tables(path: Path) -> set[str] | None:
 SQLITE_MIN_WRITER_VERSION = (3, 38, 0)
 """Writers need the JSON ``->>`` operator (SQLite 3.38, 2022)."""
 Synchronous = Literal["NORMAL", "FULL"]
+
 T = TypeVar("T")
 
 
@@ -121,8 +122,8 @@ def open_sqlite(
             raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode (got {mode})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         # a batch statement in a transaction keeps the pages it changes in a statement
-        # journal (to undo itself alone): in memory, not a temporary file (~25% less CPU per
-        # row in an indexed table)
+        # journal (to undo itself alone): in memory, not a temporary file (10,000 contacts
+        # into a store of 200,000: the insert's CPU 31 against 43 ms)
         conn.execute("PRAGMA temp_store = MEMORY")
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: bulk appends touch the id index
     return conn
