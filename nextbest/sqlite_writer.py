@@ -308,6 +308,27 @@ class GroupCommitWriter:
             self._queue.put(job)
         return job.future
 
+    def submit_nothing(self, result: T, more: bool = False) -> Future[T]:
+        """For a caller with nothing to write where it announced a job (``more`` on the job
+        before): a job that writes nothing and keeps (``more``) or ends the transaction held
+        for it. Resolved at once with ``result``, and nothing queued, when the last job
+        submitted announced none.
+
+        Raises
+        ------
+        RuntimeError
+            If the writer is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.path}: the writer is closed")
+            announced = self._announced
+        if announced:
+            return self.submit(lambda _conn: result, more=more)
+        done = Future[T]()
+        done.set_result(result)
+        return done
+
     def submit_inline(
         self, apply: Callable[[sqlite3.Connection], T], rows: int = 1, more: bool = False
     ) -> Future[T]:

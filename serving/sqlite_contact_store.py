@@ -386,13 +386,6 @@ class _RowRanges:
             return any(a <= lo and hi <= b for a, b in self._ranges)
 
 
-def _resolved(value: T) -> Future[T]:
-    """A future already done with ``value``."""
-    future = Future[T]()
-    future.set_result(value)
-    return future
-
-
 def _log_prune_failure(future: Future[int]) -> None:
     if future.exception() is not None:
         log.warning("pruning the contact store failed: %s", future.exception())
@@ -454,9 +447,6 @@ class SqliteContactStore:
         self._writes = itertools.count()
         self._own_rows = _RowRanges()
         """Row ids this store's committed writes took."""
-        self._open = False
-        """The last recommendations submitted announced more (``more``): the writer may be
-        keeping its transaction open for them."""
         self._transaction = (-1, 0)
         """(writer's transaction number, last row id when this store's first job in it
         ran); changed by write jobs only, which run one at a time."""
@@ -590,11 +580,7 @@ class SqliteContactStore:
         if contacts.kind != "recommended":
             raise ValueError(f"only recommendations are decided on a lookup, not {contacts.kind}")
         if not len(contacts):  # nothing to store; a transaction kept open for it goes on or ends
-            if not self._open:
-                return _resolved([])
-            ended = self._writer.submit(lambda _conn: [], more=more)
-            self._open = more
-            return ended
+            return self._writer.submit_nothing([], more)
         rows = self._rows(contacts)
         packed = rows.packed(self._code_of_index)
 
@@ -614,9 +600,7 @@ class SqliteContactStore:
             self._insert(conn, accepted, 0, last, taken)
             return refused
 
-        future = self._submit_write(rows, upsert, inline, taken, more)
-        self._open = more  # a write that could not be submitted leaves it as it was
-        return future
+        return self._submit_write(rows, upsert, inline, taken, more)
 
     def _transaction_start(self, last: int) -> int:
         """The last row id before this store's first job of the running write transaction
